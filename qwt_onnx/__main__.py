@@ -1,0 +1,99 @@
+"""Command line: ``python -m qwt_onnx in.onnx out.onnx --calib calib.npz``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from qwt_onnx import api
+from qwt_onnx.errors import InputError
+from qwt_onnx.report import format_summary
+from qwt_onnx.passes.blocks import GRANULARITIES
+from qwt_onnx.passes.qdq import TARGETS
+from qwt_onnx.ranges import METHODS
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+ZOO_PREFIX = "zoo:"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qwt_onnx",
+        description="Quantize an ONNX model to INT8 QDQ and add closed-form QwT compensation branches.",
+    )
+    parser.add_argument("input", help="FP32 ONNX model, or zoo:NAME for a zoo model with its own calibration data")
+    parser.add_argument("output", help="where to write the quantized model")
+    parser.add_argument("--calib", help=".npz keyed by input name (or .npy for one input), samples on axis 0")
+    parser.add_argument("--samples", type=int, default=512, help="calibration samples to use (default 512)")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per onnxruntime run (default 16)")
+    parser.add_argument("--no-qwt", action="store_true", help="write the plain post-training-quantized model")
+    parser.add_argument("--quantized", metavar="Q.onnx", help="apply QwT on top of this QDQ model instead of our Q/DQ pass")
+    parser.add_argument("--calib-method", default="auto", choices=("auto", *METHODS),
+                        help="activation range calibration (default: the best on held-out samples)")
+    parser.add_argument("--target", default="ort", choices=TARGETS,
+                        help="ort: uint8 asymmetric activations; trt: int8 symmetric, zero point 0 (default ort)")
+    parser.add_argument("--blocks", help="override block discovery: boundary tensors T1,T2,... or pairs in:out,...")
+    parser.add_argument("--granularity", default="layer", choices=GRANULARITIES,
+                        help="one compensation per transformer layer or per residual branch (default layer)")
+    parser.add_argument("--report", metavar="FILE.json", help="write per-block figures as JSON")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more detail, tracebacks on errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        model, calib = _resolve_inputs(args)
+        _, report = api.quantize_with_report(
+            model,
+            calib,
+            args.output,
+            quantized=args.quantized,
+            samples=args.samples,
+            batch_size=args.batch_size,
+            qwt=not args.no_qwt,
+            calib_method=args.calib_method,
+            target=args.target,
+            blocks=args.blocks.split(",") if args.blocks else None,
+            granularity=args.granularity,
+            report=args.report,
+            progress=not args.quiet,
+        )
+    except InputError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:  # anything else is our bug: say so, briefly
+        if args.verbose:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    if not args.quiet:
+        print(format_summary(report, args.input))
+    return EXIT_OK
+
+
+def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
+    """The model and calibration paths, preparing a zoo model's data when asked for one."""
+    if args.input.startswith(ZOO_PREFIX):
+        from qwt_onnx import zoo
+
+        prepared = zoo.prepare(args.input[len(ZOO_PREFIX) :], max(zoo.CALIBRATION_SAMPLES, args.samples))
+        return prepared.model, args.calib or prepared.calibration
+    if not args.calib:
+        raise InputError("--calib is required (a .npz keyed by input name), unless the input is zoo:NAME")
+    return args.input, args.calib
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Calibration data: load, validate against the model's inputs, split and batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from qwt_onnx.errors import InputError
+
+HELDOUT_EVERY = 5  # every fifth sample is held out to validate the fits
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What the model expects of one graph input: dtype and shape (None: dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Rows ``indices`` of the calibration set, as feeds for onnxruntime."""
+
+    indices: np.ndarray
+    feeds: dict[str, np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+class CalibrationSet:
+    """Calibration samples, one array per model input with samples on axis 0."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]):
+        self.arrays = dict(arrays)
+        self.specs = list(specs)
+        _validate(self.arrays, self.specs)
+        self.num_samples = len(next(iter(self.arrays.values())))
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> CalibrationSet:
+        """From a ``.npz`` (keys are input names), a ``.npy`` (single input) or a dict."""
+        if isinstance(source, Mapping):
+            return cls(source, specs)
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except Exception as exc:  # numpy raises several types for unreadable files
+            raise InputError(f"cannot read calibration file {path} ({exc}); write it with numpy.savez or numpy.save") from None
+        if isinstance(loaded, np.ndarray):
+            if len(specs) != 1:
+                names = ", ".join(s.name for s in specs)
+                raise InputError(
+                    f"{path} holds one array but the model has {len(specs)} inputs ({names}); "
+                    "save a .npz with one key per input"
+                )
+            return cls({specs[0].name: loaded}, specs)
+        with loaded:
+            return cls({key: loaded[key] for key in loaded.files}, specs)
+
+    def take(self, num_samples: int) -> CalibrationSet:
+        """The first ``num_samples`` samples (all of them if there are fewer)."""
+        n = min(num_samples, self.num_samples)
+        return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.specs)
+
+    @property
+    def heldout_mask(self) -> np.ndarray:
+        """Samples held out to validate fits: every fifth, at least one when there are two or more."""
+        mask = np.arange(self.num_samples) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        if not mask.any() and self.num_samples >= 2:
+            mask[-1] = True
+        return mask
+
+    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[Batch]:
+        """Feeds of ``batch_size`` samples, in order, optionally restricted to ``indices``."""
+        indices = np.arange(self.num_samples) if indices is None else np.asarray(indices)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            feeds = {spec.name: np.ascontiguousarray(self.arrays[spec.name][chunk], dtype=spec.dtype) for spec in self.specs}
+            yield Batch(chunk, feeds)
+
+    def num_batches(self, batch_size: int, indices: np.ndarray | None = None) -> int:
+        count = self.num_samples if indices is None else len(indices)
+        return -(-count // batch_size)
+
+
+def _validate(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> None:
+    expected = {spec.name for spec in specs}
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        raise InputError(
+            f"calibration data has no array for model input(s) {', '.join(missing)}; "
+            f"save one array per input under the keys {', '.join(sorted(expected))}"
+        )
+    extra = sorted(set(arrays) - expected)
+    if extra:
+        raise InputError(
+            f"calibration data has key(s) {', '.join(extra)} that are not model inputs; "
+            f"use the keys {', '.join(sorted(expected))}"
+        )
+    counts = set()
+    for spec in specs:
+        array = arrays[spec.name]
+        _validate_array(spec, array)
+        counts.add(len(array))
+    if len(counts) > 1:
+        raise InputError(
+            f"calibration arrays have different sample counts {sorted(counts)}; give every input the same number of samples on axis 0"
+        )
+
+
+def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray) or array.dtype == object:
+        raise InputError(f"calibration array {spec.name!r} is not a numeric array; save plain numpy arrays")
+    if array.ndim != len(spec.shape):
+        raise InputError(
+            f"calibration array {spec.name!r} has rank {array.ndim} but the model input has rank {len(spec.shape)} "
+            f"(shape {_format_shape(spec.shape)}); put the samples on axis 0 of an array of that shape"
+        )
+    if array.shape[0] == 0:
+        raise InputError(f"calibration array {spec.name!r} is empty; give at least one sample")
+    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+        if want is not None and got != want:
+            raise InputError(
+                f"calibration array {spec.name!r} has shape {array.shape} but the model input is "
+                f"{_format_shape(spec.shape)} (axis {axis}); resize the samples to match"
+            )
+    if array.dtype != spec.dtype:
+        if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+            raise InputError(
+                f"calibration array {spec.name!r} has dtype {array.dtype} but the model input is {spec.dtype}; convert it"
+            )
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")
+
+
+def _format_shape(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"

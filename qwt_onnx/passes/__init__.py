@@ -1,0 +1,1 @@
+"""Graph passes: Q/DQ insertion, block discovery, sub-model extraction, capture, splice."""

@@ -1,0 +1,304 @@
+"""Block discovery: residual and transformer blocks of any exported graph.
+
+The rule, framework-agnostic:
+
+1. The *data path* is every value that depends on the values of the primary
+   input (the graph input that feeds the most weighted ops). Outputs of
+   Shape/Size, and whatever only they and constants compute, are not on it;
+   nor are values computed from side inputs alone (attention masks, position
+   ids), which blocks receive as extra inputs.
+2. The *boundaries* are the data values that every path from the primary
+   input to the outputs must cross: the dominators of the outputs.
+3. Consecutive boundaries delimit *segments*. A segment with more than one
+   node is a fork-join, i.e. a residual connection; one that also holds a
+   weighted op (Conv/MatMul/Gemm with a constant weight) is a *block*.
+   Plain chains (stem, patch embedding, head) are not blocks.
+4. A block absorbs the parameter-free segments right after it while they keep
+   its output shape (the Relu after a ResNet add, the LayerNorm of a post-LN
+   transformer).
+5. With ``granularity="layer"``, runs of blocks that repeat with a period of
+   2 to 4 (attention, MLP, attention, MLP, ...) are grouped, one block per
+   transformer layer. Residual blocks of CNNs repeat with period 1 and stay
+   single.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from qwt_onnx.errors import InputError
+from qwt_onnx.passes import graph as g
+
+GRANULARITIES = ("layer", "residual")
+MAX_PERIOD = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A span of the data path from boundary ``input`` to boundary ``output``."""
+
+    name: str
+    input: str
+    output: str
+    channels_first: bool  # its weighted ops are convolutions: features on axis 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    start: ir.Value
+    end: ir.Value
+    nodes: tuple[ir.Node, ...]
+
+    @property
+    def weighted(self) -> list[ir.Node]:
+        return [n for n in self.nodes if g.is_weighted(n)]
+
+
+@dataclasses.dataclass
+class DataPath:
+    """The data path of a graph and its boundaries (dominators of the outputs)."""
+
+    graph: ir.Graph
+    primary_input: ir.Value
+    values: set[ir.Value]
+    boundaries: list[ir.Value]
+    idom: dict[ir.Value, ir.Value | None]
+
+    @classmethod
+    def analyze(cls, graph: ir.Graph, primary_input: ir.Value | None = None) -> DataPath:
+        primary = primary_input or choose_primary_input(graph)
+        values = _data_values(graph, primary)
+        idom, depth = _dominators(graph, primary, values)
+        outputs = [v for v in graph.outputs if v in values]
+        if not outputs:
+            raise InputError(
+                f"no graph output depends on the values of input {primary.name!r}; "
+                "check that the model computes its outputs from its inputs"
+            )
+        dominator = _lca_all(outputs, idom, depth)
+        chain = []
+        while dominator is not None:
+            chain.append(dominator)
+            dominator = idom[dominator]
+        return cls(graph, primary, values, chain[::-1], idom)
+
+    def segments(self) -> list[_Segment]:
+        """The data nodes between consecutive boundaries, in graph order."""
+        index = {v: i for i, v in enumerate(self.boundaries)}
+        reaching = _reaching_outputs(self.graph, self.values)
+        members: dict[int, list[ir.Node]] = collections.defaultdict(list)
+        nearest: dict[ir.Value, int] = {}
+        for node in self.graph:
+            outputs = [v for v in node.outputs if v in self.values]
+            if not outputs or node not in reaching:
+                continue
+            members[self._enclosing_boundary(self.idom[outputs[0]], index, nearest)].append(node)
+        return [
+            _Segment(self.boundaries[i], self.boundaries[i + 1], tuple(members[i]))
+            for i in range(len(self.boundaries) - 1)
+        ]
+
+    def _enclosing_boundary(self, value: ir.Value, index: dict, nearest: dict) -> int:
+        path = []
+        while value not in index and value not in nearest:
+            path.append(value)
+            value = self.idom[value]
+        found = index[value] if value in index else nearest[value]
+        for v in path:
+            nearest[v] = found
+        return found
+
+
+def choose_primary_input(graph: ir.Graph) -> ir.Value:
+    """The graph input that the most weighted ops depend on (the first on ties)."""
+    if not graph.inputs:
+        raise InputError("the model has no inputs; export it with its inputs as graph inputs")
+    initializers = set(graph.initializers.values())
+    candidates = [v for v in graph.inputs if v not in initializers] or list(graph.inputs)
+
+    def weighted_reach(value: ir.Value) -> int:
+        return sum(1 for n in g.downstream_nodes([value]) if g.is_weighted(n))
+
+    return max(candidates, key=weighted_reach)
+
+
+def find_blocks(model: ir.Model, granularity: str = "layer") -> list[Block]:
+    """The blocks of ``model`` by the rule in this module's docstring."""
+    if granularity not in GRANULARITIES:
+        raise InputError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    path = DataPath.analyze(model.graph)
+    spans = _residual_blocks(path.segments())
+    if granularity == "layer":
+        spans = _group_repeating(spans)
+    return [_make_block(segments) for segments in spans]
+
+
+def blocks_from_boundaries(model: ir.Model, spec: Sequence[str]) -> list[Block]:
+    """Blocks named by the user: ``["a:b", "c:d"]`` pairs or a chain ``["t1", "t2", "t3"]``."""
+    path = DataPath.analyze(model.graph)
+    by_name = g.values_by_name(model.graph)
+    position = {v: i for i, v in enumerate(path.boundaries)}
+    if all(":" in item for item in spec):
+        pairs = [tuple(item.split(":", 1)) for item in spec]
+    elif any(":" in item for item in spec):
+        raise InputError("--blocks mixes 'input:output' pairs and plain names; use one form")
+    else:
+        if len(spec) < 2:
+            raise InputError("--blocks needs at least two boundary tensors (or 'input:output' pairs)")
+        pairs = list(zip(spec[:-1], spec[1:]))
+    segments = {(s.start, s.end): s for s in path.segments()}
+    blocks = []
+    for start_name, end_name in pairs:
+        start, end = (_boundary(name, by_name, position) for name in (start_name, end_name))
+        if position[start] >= position[end]:
+            raise InputError(f"--blocks: {start_name!r} must come before {end_name!r} on the data path")
+        chain = path.boundaries[position[start] : position[end] + 1]
+        blocks.append(_make_block([segments[(a, b)] for a, b in zip(chain[:-1], chain[1:])]))
+    return blocks
+
+
+def _boundary(name: str, by_name: dict[str, ir.Value], position: dict[ir.Value, int]) -> ir.Value:
+    value = by_name.get(name)
+    if value is None:
+        raise InputError(f"--blocks names tensor {name!r}, which is not in the model; use tensor names from the model")
+    if value not in position:
+        raise InputError(
+            f"--blocks names tensor {name!r}, which is not a block boundary (some path from the input bypasses it); "
+            "name tensors that every path crosses, such as the outputs of residual adds"
+        )
+    return value
+
+
+def _data_values(graph: ir.Graph, primary: ir.Value) -> set[ir.Value]:
+    data = {primary}
+    for node in graph:
+        if node.op_type in g.SHAPE_OPS and g.is_default_domain(node):
+            continue
+        if any(v in data for v in node.inputs if v is not None):
+            data.update(node.outputs)
+    return data
+
+
+def _dominators(graph: ir.Graph, source: ir.Value, data: set[ir.Value]):
+    """Immediate dominators on the value DAG, one sweep in topological order."""
+    idom: dict[ir.Value, ir.Value | None] = {source: None}
+    depth = {source: 0}
+    for node in graph:
+        preds = [v for v in node.inputs if v is not None and v in idom]
+        if not preds or (node.op_type in g.SHAPE_OPS and g.is_default_domain(node)):
+            continue
+        dominator = _lca_all(preds, idom, depth)
+        for out in node.outputs:
+            if out in data:
+                idom[out], depth[out] = dominator, depth[dominator] + 1
+    return idom, depth
+
+
+def _lca_all(values: Sequence[ir.Value], idom: dict, depth: dict) -> ir.Value:
+    result = values[0]
+    for value in values[1:]:
+        a, b = result, value
+        while a is not b:
+            if depth[a] >= depth[b]:
+                a = idom[a]
+            else:
+                b = idom[b]
+        result = a
+    return result
+
+
+def _reaching_outputs(graph: ir.Graph, data: set[ir.Value]) -> set[ir.Node]:
+    """Data nodes from which some graph output can be reached."""
+    reaching: set[ir.Node] = set()
+    live = {v for v in graph.outputs if v in data}
+    for node in reversed(list(graph)):
+        if any(v in live for v in node.outputs):
+            reaching.add(node)
+            live.update(v for v in node.inputs if v is not None and v in data)
+    return reaching
+
+
+def _residual_blocks(segments: list[_Segment]) -> list[list[_Segment]]:
+    blocks: list[list[_Segment]] = []
+    for segment in segments:
+        if len(segment.nodes) > 1 and segment.weighted:
+            blocks.append([segment])
+        elif blocks and blocks[-1][-1].end is segment.start and _keeps_shape(blocks[-1][-1], segment):
+            blocks[-1].append(segment)
+    return blocks
+
+
+def _keeps_shape(previous: _Segment, segment: _Segment) -> bool:
+    if segment.weighted or not segment.nodes:
+        return False
+    before, after = previous.end.shape, segment.end.shape
+    return before is not None and after is not None and before == after
+
+
+def _signature(segments: list[_Segment]) -> tuple:
+    ops = collections.Counter(
+        n.op_type for s in segments for n in s.nodes if g.is_weighted(n) or n.op_type == "Softmax"
+    )
+    return tuple(sorted(ops.items()))
+
+
+def _group_repeating(blocks: list[list[_Segment]]) -> list[list[_Segment]]:
+    """Group runs that repeat with the smallest period p in 2..4 (transformer layers)."""
+    signatures = [_signature(b) for b in blocks]
+    n = len(blocks)
+    for period in range(1, MAX_PERIOD + 1):
+        if n < 2 * period:
+            break
+        matches = sum(signatures[i] == signatures[i + period] for i in range(n - period))
+        if matches < 0.75 * (n - period):
+            continue
+        if period == 1:
+            return blocks
+        return _chunk(blocks, signatures, period)
+    return blocks
+
+
+def _chunk(blocks, signatures, period):
+    def chunks(offset):
+        return [list(range(i, min(i + period, len(blocks)))) for i in range(offset, len(blocks), period)]
+
+    def contiguous(idx):
+        return all(blocks[a][-1].end is blocks[b][0].start for a, b in zip(idx[:-1], idx[1:]))
+
+    def score(offset):
+        keys = [tuple(signatures[i] for i in c) for c in chunks(offset) if len(c) == period and contiguous(c)]
+        return max(collections.Counter(keys).values(), default=0), keys
+
+    offset = max(range(period), key=lambda o: (score(o)[0], -o))
+    counts = collections.Counter(score(offset)[1])
+    common = counts.most_common(1)[0][0] if counts else None
+    grouped = [[blocks[i]] for i in range(offset)]
+    for c in chunks(offset):
+        key = tuple(signatures[i] for i in c)
+        if len(c) == period and contiguous(c) and key == common:
+            grouped.append([s for i in c for s in blocks[i]])
+        else:
+            grouped.extend([blocks[i]] for i in c)
+    return grouped
+
+
+def _make_block(segments: list[_Segment]) -> Block:
+    weighted = [n for s in segments for n in s.weighted]
+    scoped = [n.name or "" for s in segments if s.weighted for n in s.nodes]
+    channels_first = bool(weighted) and all(n.op_type == "Conv" for n in weighted)
+    return Block(
+        name=_common_scope(scoped) or segments[-1].end.name,
+        input=segments[0].start.name,
+        output=segments[-1].end.name,
+        channels_first=channels_first,
+    )
+
+
+def _common_scope(names: list[str]) -> str:
+    prefix = os.path.commonprefix(names)
+    return prefix[: prefix.rfind("/") + 1].rstrip("/") if "/" in prefix else prefix.rstrip("._/")

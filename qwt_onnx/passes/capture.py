@@ -1,0 +1,251 @@
+"""Capture and fit, block by block, on the quantized stream.
+
+For block k with input ``a`` and output ``b``, every calibration batch goes
+through the FP32 block and the quantized block on the *same* input: the
+compensated output of block k-1, carried through the quantized graph. The
+residual ``R = f(a) - f_q(a)`` and the branch input ``X`` (``a`` after its
+DequantizeLinear where the quantized graph has one) are folded into normal
+equations in float64, so memory does not grow with the number of samples;
+the per-batch tensors that the next block needs are spilled to a temporary
+folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.compensation import Layout, infer_layout
+from qwt_onnx.errors import InputError
+from qwt_onnx.passes import extract as ex
+from qwt_onnx.passes import graph as g
+from qwt_onnx.passes.blocks import Block
+from qwt_onnx.runtime import Runner
+from qwt_onnx.solver import CompensationFit, NormalEquations, fit_compensation
+
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """What capture found for one block."""
+
+    block: Block
+    branch_input: str
+    quantized_output: str | None = None  # the block's output is only ever read through this DQ
+    quantized_input: bool = False  # likewise its input: the FP32 block then reads the DQ view too
+    layout: Layout | None = None
+    result: CompensationFit | None = None
+    skipped: str = ""
+
+    @property
+    def kept(self) -> bool:
+        return self.result is not None and self.result.kept
+
+    @property
+    def output_in_q(self) -> str:
+        """The quantized graph's tensor that matches the FP32 block output."""
+        return self.quantized_output or self.block.output
+
+
+@dataclasses.dataclass
+class _BlockModels:
+    fp: ex.SubModel
+    q: ex.SubModel
+    lead_in: ex.SubModel | None  # quantized graph from the previous stream value to this block's input
+
+
+class _Stream:
+    """The quantized stream, batch by batch.
+
+    Per-batch tensors stay in memory up to ``memory_budget`` bytes and are
+    spilled to files in ``folder`` beyond it, so one batch at a time is the
+    most that a large calibration set holds in memory.
+    """
+
+    def __init__(self, folder: str, calib: CalibrationSet, batch_size: int, contexts: _ContextSource, memory_budget: int):
+        self.folder, self.calib, self.batch_size = folder, calib, batch_size
+        self.contexts = contexts
+        self.memory_budget = memory_budget
+        self.in_memory: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        self.held_bytes = 0
+
+    def _path(self, key: str, index: int) -> str:
+        return os.path.join(self.folder, f"{key}-{index}.npz")
+
+    def save(self, key: str, index: int, arrays: dict[str, np.ndarray]) -> None:
+        previous = self.in_memory.pop((key, index), None)
+        if previous is not None:
+            self.held_bytes -= sum(a.nbytes for a in previous.values())
+        size = sum(a.nbytes for a in arrays.values())
+        if self.held_bytes + size <= self.memory_budget:
+            self.in_memory[(key, index)] = arrays
+            self.held_bytes += size
+            return
+        # Tensor names may hold '/' and other characters a zip member name should not.
+        members = {f"t{j}": array for j, array in enumerate(arrays.values())}
+        np.savez(self._path(key, index), names=np.array(list(arrays), dtype=str), **members)
+
+    def load(self, key: str, index: int) -> dict[str, np.ndarray]:
+        if (key, index) in self.in_memory:
+            return self.in_memory[(key, index)]
+        with np.load(self._path(key, index)) as data:
+            return {str(name): data[f"t{j}"] for j, name in enumerate(data["names"])}
+
+    def batches(self, description: str, progress: bool):
+        """``(index, batch, pool)``: the pool holds the feeds, the context and the stream value."""
+        batches = self.calib.batches(self.batch_size)
+        total = self.calib.num_batches(self.batch_size)
+        for i, batch in enumerate(_bar(batches, description, progress, total)):
+            yield i, batch, {**batch.feeds, **self.load("context", i), **self.load("stream", i)}
+
+    def start(self, lead_in: ex.SubModel | None, value: str, progress: bool) -> None:
+        """Compute the context and the first block's input on the quantized graph."""
+        runner = Runner(lead_in.proto) if lead_in else None
+        batches = self.calib.batches(self.batch_size)
+        total = self.calib.num_batches(self.batch_size)
+        for i, batch in enumerate(_bar(batches, "entering the stream", progress, total)):
+            context = self.contexts(batch.feeds)
+            self.save("context", i, context)
+            pool = {**batch.feeds, **context}
+            self.save("stream", i, {value: runner(pool)[value] if runner else pool[value]})
+
+    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str, progress: bool) -> None:
+        """The next block's input: this block's compensated output, led through any gap."""
+        runner = Runner(lead_in.proto) if lead_in else None
+        block = result.block
+        for i, _, pool in self.batches("advancing the stream", progress):
+            saved = self.load("block", i)
+            y = saved["y"]
+            if result.kept:
+                x = saved["x"] if "x" in saved else pool[block.input]
+                y = y + result.layout.apply(result.result.fit, x)
+            pool[block.output] = y
+            self.save("stream", i, {value: runner(pool)[value] if runner else y})
+
+
+def fit_blocks(
+    fp: ir.Model,
+    q: ir.Model,
+    blocks: list[Block],
+    calib: CalibrationSet,
+    batch_size: int,
+    progress: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    exact_boundaries: bool = False,
+) -> list[BlockResult]:
+    """Fit one compensation per block, sequentially on the compensated quantized stream.
+
+    ``memory_budget`` bounds the bytes of captured tensors kept in memory; the
+    rest goes to a temporary folder. ``exact_boundaries`` says that ``q`` keeps
+    the FP32 meaning of every block boundary tensor (true of our own Q/DQ
+    pass); otherwise a boundary read only through Q/DQ is compared and
+    compensated after its DequantizeLinear.
+    """
+    results, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries)
+    with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder:
+        stream = _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
+        stream.start(models[0].lead_in, blocks[0].input, progress)
+        for k, result in enumerate(results):
+            _fit_block(stream, models[k], result, calib.heldout_mask, progress)
+            if k + 1 < len(blocks):
+                stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input, progress)
+    return results
+
+
+def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exact_boundaries: bool):
+    q_values = g.values_by_name(q.graph)
+    missing = [name for b in blocks for name in (b.input, b.output) if name not in q_values]
+    if missing:
+        raise InputError(
+            f"the quantized model has no tensor {missing[0]!r} (a block boundary of the FP32 model); "
+            "pass a QDQ model made from the same FP32 model, without renaming its tensors"
+        )
+    results, models, previous = [], [], None
+    for block in blocks:
+        branch = g.dequantized_view(q_values[block.input])
+        result = BlockResult(block, branch.name if branch is not None else block.input)
+        lead_in = None
+        if block.input != previous and block.input not in feeds:
+            lead_in = ex.extract(q, [previous] if previous else feeds, [block.input])
+        # onnxruntime's quantizer folds a Relu into the quantizer after it and gives its
+        # input the Relu's name: where a tensor is only ever read through Q/DQ, only the
+        # dequantized tensor means what the FP32 tensor of that name means
+        if not exact_boundaries:
+            output_view = _quantized_only_view(q_values[block.output])
+            result.quantized_output = output_view.name if output_view is not None else None
+            result.quantized_input = _quantized_only_view(q_values[block.input]) is not None
+        outputs = [result.output_in_q] + ([result.branch_input] if result.branch_input != block.input else [])
+        models.append(
+            _BlockModels(
+                fp=ex.extract(fp, [block.input], [block.output]),
+                q=ex.extract(q, [block.input], outputs),
+                lead_in=lead_in,
+            )
+        )
+        results.append(result)
+        previous = block.output
+    return results, models
+
+
+def _quantized_only_view(value: ir.Value) -> ir.Value | None:
+    view = g.dequantized_view(value)
+    if view is not None and all(c.op_type == "QuantizeLinear" for c in value.consumers()):
+        return view
+    return None
+
+
+def _fit_block(stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, progress: bool) -> None:
+    block = result.block
+    fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
+    train = held = None
+    for i, batch, pool in stream.batches(f"capturing {block.name}", progress):
+        out = q_run(pool)
+        y_q, x = out[result.output_in_q], out.get(result.branch_input, pool[block.input])
+        y_fp = fp_run({**pool, block.input: x} if result.quantized_input else pool)[block.output]
+        stream.save("block", i, {"y": y_q} if result.branch_input == block.input else {"y": y_q, "x": x})
+        if i == 0:
+            result.layout = infer_layout(x.shape, y_q.shape, block.channels_first)
+            if result.layout is None:
+                result.skipped = f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}"
+        if result.layout is None:
+            continue
+        rows_x, rows_r = result.layout.rows(x), result.layout.target_rows(y_fp - y_q)
+        if train is None:  # both sets share one shift, so they can be merged for the final fit
+            shift = rows_x.mean(axis=0, dtype=np.float64).astype(np.float32)
+            train = NormalEquations(rows_x.shape[1], rows_r.shape[1], shift)
+            held = NormalEquations(rows_x.shape[1], rows_r.shape[1], shift)
+        is_held = np.repeat(heldout[batch.indices], rows_x.shape[0] // batch.size)
+        train.update(rows_x[~is_held], rows_r[~is_held])
+        held.update(rows_x[is_held], rows_r[is_held])
+    if train is not None:
+        result.result = fit_compensation(train, held)
+
+
+class _ContextSource:
+    """Values the sub-models need from outside themselves, computed once per batch."""
+
+    def __init__(self, fp: ir.Model, q: ir.Model, models: list[_BlockModels]):
+        needed = {name for m in models for sub in (m.fp, m.q, m.lead_in) if sub for name in sub.context}
+        fp_names = g.values_by_name(fp.graph)
+        from_fp = sorted(n for n in needed if n in fp_names)
+        from_q = sorted(needed - set(from_fp))
+        self.runners = [Runner(ex.context_model(model, names).proto) for model, names in ((fp, from_fp), (q, from_q)) if names]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values: dict[str, np.ndarray] = {}
+        for runner in self.runners:
+            values.update(runner(feeds))
+        return values
+
+
+def _bar(iterable, description: str, enabled: bool, total: int | None = None) -> Iterator:
+    return tqdm(iterable, desc=description, total=total, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -1,0 +1,136 @@
+"""Small queries on an onnx_ir graph shared by the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+#: Ops with a constant weight that the QDQ pass quantizes, and the index of that weight.
+WEIGHTED_OPS = {"Conv": 1, "MatMul": 1, "Gemm": 1}
+
+#: Ops whose output depends only on the shape of their input, never on its values.
+SHAPE_OPS = {"Shape", "Size"}
+
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """An initializer or the output of a Constant node."""
+    if value is None:
+        return False
+    if value.const_value is not None or value.is_initializer():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and is_default_domain(producer)
+
+
+def weight_input(node: ir.Node) -> ir.Value | None:
+    """The constant weight of a Conv / MatMul / Gemm whose other operand is computed, else None."""
+    if not is_default_domain(node) or node.op_type not in WEIGHTED_OPS:
+        return None
+    index = WEIGHTED_OPS[node.op_type]
+    if len(node.inputs) <= index:
+        return None
+    data, weight = node.inputs[0], node.inputs[index]
+    if weight is None or weight.const_value is None or is_constant(data):
+        return None
+    return weight
+
+
+def is_weighted(node: ir.Node) -> bool:
+    return weight_input(node) is not None
+
+
+def static_values(graph: ir.Graph) -> set[ir.Value]:
+    """Values computable from initializers and Constant nodes alone."""
+    static = {v for v in graph.initializers.values()}
+    for node in graph:
+        if all(v is None or v in static or v.const_value is not None for v in node.inputs):
+            static.update(node.outputs)
+    return static
+
+
+def downstream_nodes(values: Iterable[ir.Value]) -> set[ir.Node]:
+    """Every node that reads, directly or not, one of ``values``."""
+    seen: set[ir.Node] = set()
+    frontier = list(values)
+    while frontier:
+        value = frontier.pop()
+        for consumer in value.consumers():
+            if consumer not in seen:
+                seen.add(consumer)
+                frontier.extend(consumer.outputs)
+    return seen
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """All named values of the graph: inputs, initializers and node outputs."""
+    table: dict[str, ir.Value] = {}
+    for value in graph.inputs:
+        table[value.name] = value
+    for name, value in graph.initializers.items():
+        table[name] = value
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                table[value.name] = value
+    return table
+
+
+def is_quantized(graph: ir.Graph) -> bool:
+    """Whether the graph already holds quantization ops (QDQ or QOperator format)."""
+    return any(node.op_type in QDQ_OPS or node.op_type.startswith("QLinear") for node in graph)
+
+
+def dequantized_view(value: ir.Value) -> ir.Value | None:
+    """The output of ``DequantizeLinear(QuantizeLinear(value))`` when the graph has one."""
+    for q in value.consumers():
+        if q.op_type != "QuantizeLinear" or q.inputs[0] is not value:
+            continue
+        for dq in q.outputs[0].consumers():
+            if dq.op_type == "DequantizeLinear":
+                return dq.outputs[0]
+    return None
+
+
+class NameScope:
+    """Hands out value and node names that are not yet taken in a graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.taken = set(values_by_name(graph)) | {n.name for n in graph if n.name}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def initializer(self, base: str, array) -> ir.Value:
+        """Register ``array`` as a new initializer named after ``base``."""
+        name = self.fresh(base)
+        value = ir.val(name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def node(self, op_type: str, inputs, output: str, **attributes) -> ir.Node:
+        """A one-output node named after its output."""
+        out = ir.val(self.fresh(output))
+        return ir.node(op_type, inputs, attributes or None, outputs=[out], name=self.fresh(out.name + "/" + op_type))
+
+
+def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert ``nodes`` where ``value`` becomes available: after its producer, or first."""
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    elif len(graph) > 0:
+        graph.insert_before(graph[0], nodes)
+    else:
+        graph.extend(nodes)

@@ -1,0 +1,167 @@
+"""Q/DQ insertion: int8 per-channel weights, per-tensor activations.
+
+Placement, per target:
+
+* weights of Conv (axis 0), MatMul (last axis) and Gemm (axis 0 with transB,
+  else 1): int8 symmetric per output channel, stored as int8 initializers
+  behind a DequantizeLinear;
+* the data input of each of those ops: per-tensor Q/DQ, shared by all the
+  weighted ops that read the tensor (other readers keep the float tensor);
+* ``ort`` only: the outputs of Conv and Gemm, so that onnxruntime fuses them
+  into QLinearConv / QGemm (MatMul fuses into MatMulIntegerToFloat without
+  it). A Relu that is the sole reader of such an output is absorbed into the
+  quantizer (zero point at 0 clamps exactly like Relu), as onnxruntime's own
+  quantizer does.
+
+``ort`` uses uint8 asymmetric activations; ``trt`` int8 symmetric ones with
+zero point 0 and leaves biases in float, as TensorRT's parser requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qwt_onnx import quantization as qm
+from qwt_onnx.passes import graph as g
+
+TARGETS = ("ort", "trt")
+
+
+@dataclasses.dataclass
+class ActivationSite:
+    """One activation quantizer: ``value`` is quantized, its ``readers`` read the DQ output."""
+
+    value: ir.Value
+    observed: ir.Value  # the tensor whose range is calibrated
+    readers: list[tuple[ir.Node, int]]
+    absorbed: ir.Node | None = None  # a Relu replaced by the quantizer's clamp
+
+
+@dataclasses.dataclass
+class WeightSite:
+    weight: ir.Value
+    axis: int
+    readers: list[tuple[ir.Node, int]]
+
+
+@dataclasses.dataclass
+class Placement:
+    weights: list[WeightSite]
+    activations: list[ActivationSite]
+
+    @property
+    def observed_names(self) -> list[str]:
+        return [site.observed.name for site in self.activations]
+
+
+def weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
+    """The output-channel axis of a weighted op's weight, None where there is none."""
+    rank = len(weight.const_value.shape)
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get_int("transB", 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul" and rank >= 2:
+        return rank - 1
+    return None
+
+
+def place(graph: ir.Graph, target: str) -> Placement:
+    """Where the quantizers go in ``graph`` for ``target``."""
+    weighted = [n for n in graph if g.is_weighted(n)]
+    weights: dict[ir.Value, WeightSite] = {}
+    for node in weighted:
+        weight = g.weight_input(node)
+        axis = weight_axis(node, weight)
+        if axis is None:
+            continue
+        site = weights.setdefault(weight, WeightSite(weight, axis, []))
+        if site.axis == axis:  # a weight shared along another axis stays float for that reader
+            site.readers.append((node, g.WEIGHTED_OPS[node.op_type]))
+
+    sites: dict[ir.Value, ActivationSite] = {}
+    dequantized: set[ir.Value] = set()  # values whose readers will all read a DQ output
+    if target == "ort":
+        for node in weighted:
+            if node.op_type in ("Conv", "Gemm") and not node.outputs[0].is_graph_output():
+                site = _output_site(node.outputs[0])
+                sites[site.value] = site
+                dequantized.add(site.observed)
+    for node in weighted:
+        x = node.inputs[0]
+        producer = x.producer()
+        if x in dequantized or (producer is not None and producer.op_type == "DequantizeLinear"):
+            continue
+        sites.setdefault(x, ActivationSite(x, x, [])).readers.append((node, 0))
+    return Placement(list(weights.values()), list(sites.values()))
+
+
+def _output_site(value: ir.Value) -> ActivationSite:
+    consumers = value.consumers()
+    if len(consumers) == 1 and consumers[0].op_type == "Relu" and g.is_default_domain(consumers[0]):
+        relu = consumers[0]
+        if not relu.outputs[0].is_graph_output():
+            return ActivationSite(value, relu.outputs[0], list(relu.outputs[0].uses()), absorbed=relu)
+    return ActivationSite(value, value, list(value.uses()))
+
+
+class InsertQdqPass(ir.passes.InPlacePass):
+    """Insert QuantizeLinear/DequantizeLinear pairs with calibrated ranges."""
+
+    def __init__(self, ranges: Mapping[str, tuple[float, float]], target: str = "ort"):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        self.ranges = ranges
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        placement = place(graph, self.target)
+        names = g.NameScope(graph)
+        for site in placement.weights:
+            self._quantize_weight(graph, names, site)
+        for site in placement.activations:
+            self._quantize_activation(graph, names, site)
+        modified = bool(placement.weights or placement.activations)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _quantize_weight(self, graph: ir.Graph, names: g.NameScope, site: WeightSite) -> None:
+        array = site.weight.const_value.numpy().astype(np.float32)
+        params = qm.symmetric_weight_params(array, site.axis)
+        base = site.weight.name
+        inputs = [
+            names.initializer(f"{base}_quantized", qm.quantize(array, params, site.axis)),
+            names.initializer(f"{base}_scale", params.scale),
+            names.initializer(f"{base}_zero_point", params.zero_point),
+        ]
+        dq = names.node("DequantizeLinear", inputs, f"{base}_dequantized", axis=site.axis)
+        dq.outputs[0].type, dq.outputs[0].shape = site.weight.type, site.weight.shape
+        graph.insert_before(site.readers[0][0], dq)
+        for node, index in site.readers:
+            node.replace_input_with(index, dq.outputs[0])
+        if not site.weight.uses() and site.weight.name in graph.initializers:
+            graph.initializers.pop(site.weight.name)
+
+    def _quantize_activation(self, graph: ir.Graph, names: g.NameScope, site: ActivationSite) -> None:
+        low, high = self.ranges[site.observed.name]
+        params = qm.activation_params(low, high, symmetric=self.target == "trt")
+        base = site.observed.name
+        scale = names.initializer(f"{base}_scale", params.scale)
+        zero_point = names.initializer(f"{base}_zero_point", params.zero_point)
+        q = names.node("QuantizeLinear", [site.value, scale, zero_point], f"{base}_quantized")
+        dq = names.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{base}_dequantized")
+        q.outputs[0].dtype = ir.DataType.from_numpy(params.zero_point.dtype)
+        q.outputs[0].shape = dq.outputs[0].shape = site.value.shape
+        dq.outputs[0].dtype = site.value.dtype
+        g.insert_after_producer(graph, site.value, [q, dq])
+        for node, index in site.readers:
+            node.replace_input_with(index, dq.outputs[0])
+        if site.absorbed is not None:
+            graph.remove(site.absorbed, safe=True)
+            dq.outputs[0].name = site.observed.name  # the tensor keeps its name, now quantized

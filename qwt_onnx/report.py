@@ -1,0 +1,93 @@
+"""What a run did and measured: the JSON report and the command line's summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+logger = logging.getLogger("qwt_onnx")
+
+
+@dataclasses.dataclass
+class BlockReport:
+    name: str
+    input: str
+    output: str
+    kept: bool
+    r2_train: float | None = None
+    r2_heldout: float | None = None
+    error_ratio_heldout: float | None = None  # ‖R − c(X)‖² / ‖R‖² on held-out samples
+    channels: int = 0
+    channels_kept: int = 0  # output channels whose compensation lowers the held-out error
+    parameters: int = 0
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Report:
+    """What a run did and measured; ``to_json`` writes it for ``--report``."""
+
+    target: str
+    method: str  # the calibration method of the written model
+    samples: int
+    heldout_samples: int
+    method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
+    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method
+    selection_samples: int = 0  # samples the QwT comparison of methods ran on
+    blocks: list[BlockReport] = dataclasses.field(default_factory=list)
+    ptq_method: str | None = None  # what --no-qwt writes
+    sqnr_ptq_db: float | None = None  # ... and its held-out SQNR
+    sqnr_qwt_db: float | None = None
+    qwt_applied: bool = False
+    fp32_parameters: int = 0
+    added_parameters: int = 0
+    seconds: float = 0.0
+    output: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        logger.warning(message)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True)
+
+
+def format_summary(report: Report, source: str) -> str:
+    """A short human summary of a run."""
+    lines = [
+        f"qwt_onnx: {source} -> {report.output} (target {report.target}, "
+        f"{report.samples} samples, {report.heldout_samples} held out)"
+    ]
+    if report.method_sqnr_db:
+        lines.append("PTQ held-out SQNR by calibration: " + _scores(report.method_sqnr_db, report.ptq_method))
+    if report.method_qwt_sqnr_db:
+        lines.append(
+            f"QwT held-out SQNR by calibration ({report.selection_samples} samples): "
+            + _scores(report.method_qwt_sqnr_db, report.method if report.qwt_applied else None)
+        )
+    if report.blocks:
+        lines.append(f"{len(report.blocks)} blocks found; compensation fitted on {report.method} calibration")
+        lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7}  channels kept")
+        for k, b in enumerate(report.blocks):
+            r2 = f"{b.r2_train:7.3f} {b.r2_heldout:8.3f}" if b.r2_train is not None else f"{'-':>7} {'-':>8}"
+            change = f"{(b.error_ratio_heldout - 1) * 100:+6.1f}%" if b.error_ratio_heldout is not None else f"{'-':>7}"
+            name = b.name if len(b.name) <= 40 else "…" + b.name[-39:]
+            kept = f"{b.channels_kept}/{b.channels}" if b.channels else "none"
+            lines.append(f"  {k:>2}  {name:<40} {r2} {change}  {kept} {b.note}".rstrip())
+    if report.sqnr_ptq_db is not None:
+        line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"
+        if report.qwt_applied and report.sqnr_qwt_db is not None:
+            line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - report.sqnr_ptq_db:+.2f} dB)"
+        lines.append(line)
+    if report.added_parameters:
+        share = 100.0 * report.added_parameters / max(report.fp32_parameters, 1)
+        lines.append(f"added parameters: {report.added_parameters:,} ({share:.1f}% of the FP32 model)")
+    written = "QwT" if report.qwt_applied else "PTQ"
+    lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
+    return "\n".join(lines)
+
+
+def _scores(scores: dict[str, float], chosen: str | None) -> str:
+    return ", ".join(f"{m} {s:.1f} dB" + ("*" if m == chosen else "") for m, s in scores.items())

@@ -1,0 +1,44 @@
+"""onnxruntime sessions, as deployment runs them (CPU, all graph optimizations)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def session(model: onnx.ModelProto | bytes | str) -> ort.InferenceSession:
+    """A CPU session with ORT_ENABLE_ALL, so quantized ops run in onnxruntime's INT8 kernels."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+class Runner:
+    """A session that takes its feeds from a pool of named arrays."""
+
+    def __init__(self, model: onnx.ModelProto | bytes | str):
+        self.session = session(model)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, pool: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: pool[name] for name in self.input_names}
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate values ``names``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return copy

@@ -1,0 +1,221 @@
+"""Closed-form ridge regression on streamed normal equations (numpy only).
+
+QwT fits, per block, a linear map ``c(x) = x @ W + b`` to the residual
+``r = f(x) - f_q(x)`` between the full-precision and the quantized block.
+Everything the fit and its evaluation need is a handful of sufficient
+statistics (``n, Σx, Σr, XᵀX, XᵀR, Σr²``), accumulated in float64 batch by
+batch, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+#: Ridge strengths tried, relative to the mean variance of the input features.
+DEFAULT_ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclasses.dataclass
+class NormalEquations:
+    """Sufficient statistics of rows ``x`` (features) and ``r`` (targets).
+
+    The products are taken in float32 on ``x - shift`` and summed in float64:
+    shifting by a typical row (the mean of the first batch unless given)
+    removes the large common offset that would otherwise cost precision.
+    """
+
+    n_features: int
+    n_targets: int
+    shift: np.ndarray | None = None
+    count: int = 0
+    sum_x: np.ndarray = dataclasses.field(init=False)
+    sum_r: np.ndarray = dataclasses.field(init=False)
+    sum_r2: np.ndarray = dataclasses.field(init=False)
+    xtx: np.ndarray = dataclasses.field(init=False)
+    xtr: np.ndarray = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        d, m = self.n_features, self.n_targets
+        self.sum_x = np.zeros(d)
+        self.sum_r = np.zeros(m)
+        self.sum_r2 = np.zeros(m)
+        self.xtx = np.zeros((d, d))
+        self.xtr = np.zeros((d, m))
+
+    def update(self, x: np.ndarray, r: np.ndarray) -> None:
+        """Add rows ``x`` [n, d] and their targets ``r`` [n, m]."""
+        x = np.asarray(x, dtype=np.float32)
+        r = np.asarray(r, dtype=np.float32)
+        if x.ndim != 2 or r.ndim != 2 or x.shape[0] != r.shape[0]:
+            raise ValueError(f"expected rows x [n, d] and r [n, m], got {x.shape} and {r.shape}")
+        if x.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+        xs = x - self.shift
+        self.count += x.shape[0]
+        self.sum_x += xs.sum(axis=0, dtype=np.float64)
+        self.sum_r += r.sum(axis=0, dtype=np.float64)
+        self.sum_r2 += np.square(r).sum(axis=0, dtype=np.float64)
+        self.xtx += xs.T @ xs
+        self.xtr += xs.T @ r
+
+    def merged(self, other: NormalEquations) -> NormalEquations:
+        """The statistics of both sets of rows together (they must share the shift)."""
+        if other.count and self.count and not np.array_equal(self.shift, other.shift):
+            raise ValueError("normal equations with different shifts cannot be merged")
+        total = NormalEquations(self.n_features, self.n_targets, self.shift if self.count else other.shift)
+        for name in ("count", "sum_x", "sum_r", "sum_r2", "xtx", "xtr"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        return total
+
+    @property
+    def offset(self) -> np.ndarray:
+        return np.zeros(self.n_features) if self.shift is None else self.shift.astype(np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearMap:
+    """``c(x) = x @ weight + bias`` with weight [d, m] and bias [m]."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_features: int, n_targets: int) -> LinearMap:
+        return cls(np.zeros((n_features, n_targets)), np.zeros(n_targets))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight + self.bias
+
+    def is_finite(self) -> bool:
+        return bool(np.isfinite(self.weight).all() and np.isfinite(self.bias).all())
+
+
+def fit_ridge(eq: NormalEquations, alpha: float | np.ndarray) -> LinearMap:
+    """Ridge regression with an unpenalised bias.
+
+    The penalty is ``λ = alpha · trace(C) / d`` with ``C`` the centred input
+    covariance, so ``alpha`` does not depend on the scale of the activations.
+    ``alpha`` may also be one value per target.
+    """
+    n = eq.count
+    if n == 0:
+        raise ValueError("no rows were accumulated")
+    mean_x = eq.sum_x / n
+    mean_r = eq.sum_r / n
+    cov = eq.xtx - n * np.outer(mean_x, mean_x)
+    cross = eq.xtr - n * np.outer(mean_x, mean_r)
+    scale = np.trace(cov) / eq.n_features
+    if not np.isfinite(scale) or scale <= 0:  # constant inputs: only the bias can help
+        return LinearMap(np.zeros_like(cross), mean_r)
+    alphas = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (eq.n_targets,))
+    weight = np.zeros_like(cross)
+    for value in np.unique(alphas):
+        columns = alphas == value
+        weight[:, columns] = _solve(cov + (value * scale) * np.eye(eq.n_features), cross[:, columns])
+    return LinearMap(weight, mean_r - (mean_x + eq.offset) @ weight)
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def sum_squared_error(eq: NormalEquations, fit: LinearMap) -> np.ndarray:
+    """Per-target ``Σ (r - c(x))²`` over the rows summarised by ``eq``."""
+    w = fit.weight
+    b = fit.bias + eq.offset @ w  # the same map on shifted rows
+    sse = (
+        eq.sum_r2
+        - 2.0 * np.einsum("dm,dm->m", w, eq.xtr)
+        - 2.0 * b * eq.sum_r
+        + np.einsum("dm,dm->m", w, eq.xtx @ w)
+        + 2.0 * b * (eq.sum_x @ w)
+        + eq.count * b * b
+    )
+    return np.maximum(sse, 0.0)
+
+
+def total_sum_of_squares(eq: NormalEquations) -> np.ndarray:
+    """Per-target ``Σ (r - mean r)²``."""
+    return np.maximum(eq.sum_r2 - eq.sum_r**2 / max(eq.count, 1), 0.0)
+
+
+def r2_score(eq: NormalEquations, fit: LinearMap) -> float:
+    """Coefficient of determination of ``fit`` on the rows of ``eq``, pooled over targets."""
+    sst = total_sum_of_squares(eq).sum()
+    if sst <= 0:
+        return 0.0
+    return float(1.0 - sum_squared_error(eq, fit).sum() / sst)
+
+
+def error_ratio(eq: NormalEquations, fit: LinearMap) -> float:
+    """``‖r - c(x)‖² / ‖r‖²``: below 1 when the compensation reduces the error."""
+    before = eq.sum_r2.sum()
+    if before <= 0:
+        return 1.0
+    return float(sum_squared_error(eq, fit).sum() / before)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensationFit:
+    """The outcome of fitting one block."""
+
+    fit: LinearMap
+    r2_train: float
+    r2_heldout: float
+    error_ratio_heldout: float
+    kept_targets: int  # output channels whose compensation lowers the held-out error
+    alphas: np.ndarray  # the ridge strength chosen per output channel
+
+    @property
+    def kept(self) -> bool:
+        return self.kept_targets > 0
+
+    @property
+    def reason(self) -> str:
+        return "" if self.kept else "no gain on held-out samples"
+
+
+def fit_compensation(
+    train: NormalEquations,
+    heldout: NormalEquations,
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+) -> CompensationFit:
+    """Fit on ``train``, choose per output channel on ``heldout``, refit on both.
+
+    Each output channel gets the ridge strength with the lowest held-out
+    error, and is compensated only where that error is lower than without
+    compensation; the kept channels are then refit on all rows.
+    """
+    fits = [fit_ridge(train, alpha) for alpha in alphas]
+    zero = LinearMap.zeros(train.n_features, train.n_targets)
+    errors = np.stack(
+        [sum_squared_error(heldout, f) if f.is_finite() else np.full(train.n_targets, np.inf) for f in fits]
+        + [sum_squared_error(heldout, zero)]
+    )
+    best = np.argmin(errors, axis=0)  # index len(alphas) means: no compensation
+    keep = best < len(alphas)
+    chosen = np.where(keep, np.asarray(alphas)[np.minimum(best, len(alphas) - 1)], np.nan)
+    validated = _select_columns(fits, best, keep, zero)
+    scores = (r2_score(train, validated), r2_score(heldout, validated), error_ratio(heldout, validated))
+    if not keep.any():
+        return CompensationFit(zero, *scores, 0, chosen)
+    final = fit_ridge(train.merged(heldout), np.where(keep, chosen, 1.0))
+    final = LinearMap(final.weight * keep, final.bias * keep)
+    if not final.is_finite():
+        return CompensationFit(zero, *scores, 0, chosen)
+    return CompensationFit(final, *scores, int(keep.sum()), chosen)
+
+
+def _select_columns(fits: list[LinearMap], best: np.ndarray, keep: np.ndarray, zero: LinearMap) -> LinearMap:
+    weight, bias = zero.weight.copy(), zero.bias.copy()
+    for index, fit in enumerate(fits):
+        columns = keep & (best == index)
+        weight[:, columns], bias[columns] = fit.weight[:, columns], fit.bias[columns]
+    return LinearMap(weight, bias)

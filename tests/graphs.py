@@ -1,0 +1,139 @@
+"""Small synthetic models for the tests, built with onnx.helper and seeded weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphBuilder:
+    """Appends nodes and initializers; names values after the node that makes them."""
+
+    def __init__(self, seed: int = 0):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+
+    def const(self, name: str, array) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
+        self.count += 1
+        out = f"{name}_out"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
+        return out
+
+    def weight(self, name: str, shape, scale: float | None = None) -> str:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 2 else shape[0]
+        scale = scale if scale is not None else 1.0 / np.sqrt(fan_in)
+        return self.const(name, (self.rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def model(self, inputs, outputs, opset: int = 17) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "synthetic", inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
+def _layer_norm(b: GraphBuilder, x: str, dim: int, name: str, outlier_gain: float) -> str:
+    gamma = np.ones(dim, np.float32)
+    gamma[: max(1, dim // 16)] = outlier_gain  # a few outlier channels, as in real transformers
+    return b.op(
+        "LayerNormalization",
+        [x, b.const(f"{name}.gamma", gamma), b.const(f"{name}.beta", np.zeros(dim, np.float32))],
+        name,
+        axis=-1,
+    )
+
+
+def _linear(b: GraphBuilder, x: str, d_in: int, d_out: int, name: str) -> str:
+    y = b.op("MatMul", [x, b.weight(f"{name}.weight", (d_in, d_out))], f"{name}/MatMul")
+    return b.op("Add", [y, b.const(f"{name}.bias", np.zeros(d_out, np.float32) + 0.01)], f"{name}/Add")
+
+
+def _split_heads(b: GraphBuilder, x: str, heads: int, dim: int, name: str) -> str:
+    # The target shape is computed from Shape(x), as PyTorch's TorchScript exporter writes it.
+    shape = b.op("Shape", [x], f"{name}/Shape")
+    leading = b.op("Slice", [shape, b.const(f"{name}/s0", np.array([0])), b.const(f"{name}/s1", np.array([2]))], f"{name}/Slice")
+    target = b.op("Concat", [leading, b.const(f"{name}/hd", np.array([heads, dim // heads]))], f"{name}/Concat", axis=0)
+    split = b.op("Reshape", [x, target], f"{name}/Reshape")
+    return b.op("Transpose", [split], f"{name}/Transpose", perm=[0, 2, 1, 3])
+
+
+def transformer(layers: int = 3, dim: int = 32, heads: int = 4, tokens: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """A pre-LN transformer encoder: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, then a final LN."""
+    b = GraphBuilder(seed)
+    x = "tokens"
+    for i in range(layers):
+        scope = f"/encoder/layer.{i}"
+        h = _layer_norm(b, x, dim, f"{scope}/ln1", outlier_gain=8.0)
+        q = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/attn/q"), heads, dim, f"{scope}/attn/q_heads")
+        k = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/attn/k"), heads, dim, f"{scope}/attn/k_heads")
+        v = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/attn/v"), heads, dim, f"{scope}/attn/v_heads")
+        kt = b.op("Transpose", [k], f"{scope}/attn/kT", perm=[0, 1, 3, 2])
+        scores = b.op("MatMul", [q, kt], f"{scope}/attn/scores")
+        scaled = b.op("Mul", [scores, b.const(f"{scope}/attn/scale", np.float32(1 / np.sqrt(dim // heads)))], f"{scope}/attn/scaled")
+        probs = b.op("Softmax", [scaled], f"{scope}/attn/softmax", axis=-1)
+        context = b.op("MatMul", [probs, v], f"{scope}/attn/context")
+        merged = b.op("Transpose", [context], f"{scope}/attn/merge", perm=[0, 2, 1, 3])
+        flat = b.op("Reshape", [merged, b.const(f"{scope}/attn/flat_shape", np.array([0, 0, dim]))], f"{scope}/attn/flat")
+        x = b.op("Add", [x, _linear(b, flat, dim, dim, f"{scope}/attn/out")], f"{scope}/Add")
+        h = _layer_norm(b, x, dim, f"{scope}/ln2", outlier_gain=8.0)
+        hidden = _linear(b, h, dim, 4 * dim, f"{scope}/mlp/fc1")
+        act = b.op("Relu", [hidden], f"{scope}/mlp/act")
+        x = b.op("Add", [x, _linear(b, act, 4 * dim, dim, f"{scope}/mlp/fc2")], f"{scope}/Add_1")
+    out = _layer_norm(b, x, dim, "/final_ln", outlier_gain=1.0)
+    b.nodes[-1].output[0] = "features"
+    return b.model(
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", tokens, dim])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dim])],
+    )
+
+
+def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1) -> str:
+    pad = kernel // 2
+    return b.op(
+        "Conv",
+        [x, b.weight(f"{name}.weight", (c_out, c_in, kernel, kernel)), b.const(f"{name}.bias", np.full(c_out, 0.05, np.float32))],
+        name,
+        kernel_shape=[kernel, kernel],
+        pads=[pad] * 4,
+        strides=[stride, stride],
+    )
+
+
+def resnet(seed: int = 0, size: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """Stem, a basic block, a downsampling block (strided conv + 1×1 shortcut), a basic block, head."""
+    b = GraphBuilder(seed)
+    x = b.op("Relu", [_conv(b, "image", 3, 16, "/stem/conv")], "/stem/relu")
+
+    def basic(x: str, c: int, name: str) -> str:
+        h = b.op("Relu", [_conv(b, x, c, c, f"{name}/conv1")], f"{name}/relu1")
+        return b.op("Relu", [b.op("Add", [_conv(b, h, c, c, f"{name}/conv2"), x], f"{name}/add")], f"{name}/relu")
+
+    x = basic(x, 16, "/layer1")
+    h = b.op("Relu", [_conv(b, x, 16, 32, "/layer2/conv1", stride=2)], "/layer2/relu1")
+    shortcut = _conv(b, x, 16, 32, "/layer2/downsample", kernel=1, stride=2)
+    x = b.op("Relu", [b.op("Add", [_conv(b, h, 32, 32, "/layer2/conv2"), shortcut], "/layer2/add")], "/layer2/relu")
+    x = basic(x, 32, "/layer3")
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [x], "/pool")], "/flatten")
+    b.op("Gemm", [pooled, b.weight("/fc.weight", (classes, 32)), b.const("/fc.bias", np.zeros(classes, np.float32))], "/fc", transB=1)
+    b.nodes[-1].output[0] = "logits"
+    return b.model(
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+    )
+
+
+def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for every graph input, ``count`` samples."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+        feeds[value.name] = rng.standard_normal((count, *dims)).astype(np.float32)
+    return feeds

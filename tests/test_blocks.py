@@ -1,0 +1,74 @@
+import onnx_ir as ir
+import pytest
+
+from qwt_onnx.errors import InputError
+from qwt_onnx.passes import blocks, prepare
+from tests import graphs
+
+
+def _prepared(proto):
+    return prepare.prepare(ir.serde.deserialize_model(proto))
+
+
+def test_transformer_layers_are_the_blocks():
+    model = _prepared(graphs.transformer(layers=3))
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [
+        ("tokens", "/encoder/layer.0/Add_1_out"),
+        ("/encoder/layer.0/Add_1_out", "/encoder/layer.1/Add_1_out"),
+        ("/encoder/layer.1/Add_1_out", "features"),  # the last layer takes the final LayerNorm with it
+    ]
+    assert [b.name for b in found] == ["/encoder/layer.0", "/encoder/layer.1", "/encoder/layer.2"]
+    assert not any(b.channels_first for b in found)
+
+
+def test_residual_granularity_splits_attention_and_mlp():
+    model = _prepared(graphs.transformer(layers=2))
+    found = blocks.find_blocks(model, granularity="residual")
+    assert [b.output for b in found] == [
+        "/encoder/layer.0/Add_out",
+        "/encoder/layer.0/Add_1_out",
+        "/encoder/layer.1/Add_out",
+        "features",
+    ]
+
+
+def test_residual_cnn_blocks_end_after_their_relu_and_skip_the_stem_and_head():
+    model = _prepared(graphs.resnet())
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [
+        ("/stem/relu_out", "/layer1/relu_out"),
+        ("/layer1/relu_out", "/layer2/relu_out"),
+        ("/layer2/relu_out", "/layer3/relu_out"),
+    ]
+    assert all(b.channels_first for b in found)
+
+
+def test_boundaries_ignore_shape_subgraphs():
+    model = _prepared(graphs.transformer(layers=1))
+    path = blocks.DataPath.analyze(model.graph)
+    names = [v.name for v in path.boundaries]
+    assert names[0] == "tokens" and names[-1] == "features"
+    assert not any("Shape" in n or "Concat" in n for n in names)
+
+
+def test_user_blocks_as_a_chain_and_as_pairs():
+    model = _prepared(graphs.resnet())
+    chain = blocks.blocks_from_boundaries(model, ["/stem/relu_out", "/layer1/relu_out", "/layer3/relu_out"])
+    assert [(b.input, b.output) for b in chain] == [("/stem/relu_out", "/layer1/relu_out"), ("/layer1/relu_out", "/layer3/relu_out")]
+    pairs = blocks.blocks_from_boundaries(model, ["/layer2/relu_out:/layer3/relu_out"])
+    assert [(b.input, b.output) for b in pairs] == [("/layer2/relu_out", "/layer3/relu_out")]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (["/stem/relu_out", "nope"], "not in the model"),
+        (["/stem/relu_out", "/layer1/relu1_out"], "not a block boundary"),
+        (["/layer2/relu_out:/layer1/relu_out"], "must come before"),
+        (["/stem/relu_out"], "at least two"),
+    ],
+)
+def test_user_blocks_are_validated(spec, message):
+    with pytest.raises(InputError, match=message):
+        blocks.blocks_from_boundaries(_prepared(graphs.resnet()), spec)

@@ -1,0 +1,82 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from tests import graphs
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qwt_onnx", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    model = graphs.resnet()
+    onnx.save(model, folder / "model.onnx")
+    np.savez(folder / "calib.npz", **graphs.samples(model, 48, seed=1))
+    return folder
+
+
+def test_quantizes_with_a_summary_and_a_report(files):
+    out, report = files / "out.onnx", files / "report.json"
+    result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--calib-method", "minmax", "--report", report)
+    assert result.returncode == 0, result.stderr
+    assert "3 blocks found" in result.stdout and "held-out output SQNR" in result.stdout and str(out) in result.stdout
+    onnx.checker.check_model(str(out))
+    figures = json.loads(report.read_text())
+    assert len(figures["blocks"]) == 3 and figures["samples"] == 48 and figures["method"] == "minmax"
+
+
+def test_no_qwt_writes_the_plain_ptq_model(files):
+    out = files / "ptq.onnx"
+    result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--no-qwt", "-q")
+    assert result.returncode == 0 and result.stdout == ""
+    assert not any(n.name.startswith("qwt/") for n in onnx.load(str(out)).graph.node)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.onnx", "out.onnx", "--calib", "calib.npz"], "does not exist"),
+        (["calib.npz", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
+        (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
+        (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--samples", "0"], "--samples must be at least 1"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--batch-size", "-1"], "--batch-size must be at least 1"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--blocks", "nope,/layer1/relu_out"], "not in the model"),
+        (["model.onnx", "out.onnx", "--calib", "model.onnx"], "cannot read calibration file"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, args, message):
+    before = sorted(os.listdir(files))
+    result = _cli(*args, cwd=files)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(files)) == before
+
+
+def test_calibration_data_must_match_the_inputs(files, tmp_path):
+    good = dict(np.load(files / "calib.npz"))
+    cases = {
+        "missing": ({}, "no array for model input"),
+        "extra": ({**good, "mask": good["image"]}, "not model inputs"),
+        "rank": ({"image": good["image"][:, 0]}, "rank"),
+        "shape": ({"image": good["image"][:, :, :8]}, "shape"),
+        "dtype": ({"image": good["image"].astype(np.complex64)}, "dtype"),
+        "nan": ({"image": np.where(good["image"] > 2, np.nan, good["image"])}, "NaN"),
+        "empty": ({"image": good["image"][:0]}, "empty"),
+    }
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        result = _cli(files / "model.onnx", tmp_path / "out.onnx", "--calib", path)
+        assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
+        assert not (tmp_path / "out.onnx").exists()

@@ -1,0 +1,73 @@
+"""End to end on small synthetic models: Q/DQ, blocks, capture, fit, splice."""
+
+import numpy as np
+import onnx
+import pytest
+
+from qwt_onnx import quantize, quantize_with_report
+from qwt_onnx.metrics import mean_squared_error
+from qwt_onnx.runtime import session
+from tests import graphs
+
+MODELS = {"transformer": graphs.transformer, "resnet": graphs.resnet}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def case(request):
+    model = MODELS[request.param]()
+    calib = graphs.samples(model, 160, seed=1)
+    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False)
+    return request.param, model, ptq, qwt, report
+
+
+def _outputs(model, feeds):
+    return dict(zip([o.name for o in model.graph.output], session(model).run(None, feeds)))
+
+
+def test_outputs_are_valid_qdq_models(case):
+    _, model, ptq, qwt, _ = case
+    for quantized in (ptq, qwt):
+        onnx.checker.check_model(quantized, full_check=True)
+        ops = {n.op_type for n in quantized.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        assert [o.name for o in quantized.graph.output] == [o.name for o in model.graph.output]
+
+
+def test_ptq_tracks_fp32_and_qwt_tracks_it_closer_on_heldout_inputs(case):
+    name, model, ptq, qwt, report = case
+    test = graphs.samples(model, 64, seed=2)  # never seen in calibration
+    reference = _outputs(model, test)
+    ptq_error = mean_squared_error(reference, _outputs(ptq, test))
+    qwt_error = mean_squared_error(reference, _outputs(qwt, test))
+    signal = np.mean([np.mean(v**2) for v in reference.values()])
+    assert ptq_error < 0.05 * signal, f"{name}: the PTQ model is far from FP32"
+    assert qwt_error < ptq_error, f"{name}: QwT {qwt_error:.3g} is not below PTQ {ptq_error:.3g}"
+    assert report.sqnr_qwt_db > report.sqnr_ptq_db
+
+
+def test_branches_are_named_and_batch_stays_dynamic(case):
+    _, model, _, qwt, report = case
+    spliced = [n for n in qwt.graph.node if n.name.startswith("qwt/")]
+    boundaries = {b.output for b in report.blocks}
+    # new tensors are named qwt/...; a block's output name now holds its compensated value
+    assert spliced and all(n.output[0].startswith("qwt/") or n.output[0] in boundaries for n in spliced)
+    assert sum(n.output[0] in boundaries for n in spliced) == sum(b.kept for b in report.blocks)
+    assert report.added_parameters == sum(b.parameters for b in report.blocks)
+    batch_dim = qwt.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value
+    for count in (1, 5):
+        out = session(qwt).run(None, graphs.samples(model, count, seed=3))[0]
+        assert out.shape[0] == count
+
+
+def test_int8_kernels_are_used_by_onnxruntime(case, tmp_path):
+    import onnxruntime as ort
+
+    _, _, _, qwt, _ = case
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(qwt.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ops & {"QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm"}

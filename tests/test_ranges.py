@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from qwt_onnx import quantization as qm
+from qwt_onnx.ranges import RangeObserver, compute_range
+
+
+def _observe(*chunks):
+    observer = RangeObserver()
+    for chunk in chunks:
+        observer.update(chunk)
+    return observer
+
+
+def test_minmax_is_exact_and_histogram_keeps_every_count_when_the_range_grows():
+    rng = np.random.default_rng(0)
+    small = (rng.standard_normal(10_000) * 0.1).astype(np.float32)
+    large = (rng.standard_normal(10_000) * 50).astype(np.float32)
+    observer = _observe(small, large)
+    assert compute_range(observer, "minmax") == (min(small.min(), large.min()), max(small.max(), large.max()))
+    assert observer.histogram.sum() == 20_000
+    assert observer.extent > np.abs(large).max()
+
+
+def test_percentile_clips_at_the_requested_quantile():
+    x = np.random.default_rng(1).standard_normal(1_000_000)
+    low, high = compute_range(_observe(x), "percentile")
+    expected = np.quantile(np.abs(x), 0.9999)
+    assert high == pytest.approx(expected, rel=0.02) and low == -high
+
+
+def test_entropy_keeps_the_bulk_of_a_gaussian_and_clips_its_outliers():
+    x = np.random.default_rng(2).standard_normal(1_000_000)
+    low, high = compute_range(_observe(x), "entropy")
+    assert 3.0 < high < 4.5 and low == -high
+    # the smallest threshold the 2048-bin histogram can propose is 1/16 of its extent
+    low, high = compute_range(_observe(np.concatenate([x, [20.0, -15.0]])), "entropy")
+    assert 3.0 < high < 5.0 and low == -high
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        compute_range(_observe(np.ones(4)), "mse")
+
+
+def test_weight_quantization_matches_reference_arithmetic():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    params = qm.symmetric_weight_params(w, axis=0)
+    np.testing.assert_allclose(params.scale, np.abs(w).reshape(6, -1).max(axis=1) / 127, rtol=1e-6)
+    q = qm.quantize(w, params, axis=0)
+    reference = np.clip(np.rint(w / params.scale[:, None, None, None]), -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(q, reference)
+    assert np.abs(q).max() == 127
+    back = qm.dequantize(q, params, axis=0)
+    assert np.abs(back - w).max() <= params.scale.max() / 2 + 1e-7
+
+
+def test_activation_parameters_for_both_targets():
+    symmetric = qm.activation_params(-1.0, 3.0, symmetric=True)
+    assert symmetric.zero_point.dtype == np.int8 and symmetric.zero_point == 0
+    assert symmetric.scale == pytest.approx(3.0 / 127)
+    asymmetric = qm.activation_params(-1.0, 3.0, symmetric=False)
+    assert asymmetric.zero_point.dtype == np.uint8
+    assert qm.dequantize(qm.quantize(np.array([0.0], np.float32), asymmetric), asymmetric)[0] == 0.0
+    relu = qm.activation_params(0.0, 6.0, symmetric=False)
+    assert relu.zero_point == 0  # a zero point at 0 clamps negatives exactly like Relu

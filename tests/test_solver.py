@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+
+from qwt_onnx import solver
+
+
+def _noisy_linear(rng, n=4000, d=12, m=5, noise=0.05):
+    w = rng.standard_normal((d, m))
+    b = rng.standard_normal(m)
+    x = rng.standard_normal((n, d)) * rng.uniform(0.1, 10, d)  # features on very different scales
+    return x, x @ w + b + noise * rng.standard_normal((n, m)), w, b
+
+
+def test_ridge_recovers_known_weight_and_bias():
+    rng = np.random.default_rng(0)
+    x, r, w, b = _noisy_linear(rng)
+    eq = solver.NormalEquations(x.shape[1], r.shape[1])
+    eq.update(x, r)
+    fit = solver.fit_ridge(eq, alpha=1e-8)
+    np.testing.assert_allclose(fit.weight, w, atol=5e-3)
+    np.testing.assert_allclose(fit.bias, b, atol=5e-3)
+    assert solver.r2_score(eq, fit) > 0.99
+
+
+def test_streamed_accumulation_equals_one_shot():
+    rng = np.random.default_rng(1)
+    x, r, _, _ = _noisy_linear(rng, n=1000)
+    x += 50.0  # a large common offset, as residual streams have
+    shift = x[:37].mean(axis=0).astype(np.float32)
+    one_shot = solver.NormalEquations(x.shape[1], r.shape[1], shift)
+    one_shot.update(x, r)
+    streamed = solver.NormalEquations(x.shape[1], r.shape[1], shift)
+    for start in range(0, len(x), 37):
+        streamed.update(x[start : start + 37], r[start : start + 37])
+    assert streamed.count == one_shot.count == len(x)
+    for alpha in (1e-6, 1e-2):
+        a, b = solver.fit_ridge(one_shot, alpha), solver.fit_ridge(streamed, alpha)
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.bias, b.bias, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a(x[:5]), b(x[:5]), rtol=1e-5, atol=1e-4)
+
+
+def test_merging_needs_a_common_shift():
+    a, b = solver.NormalEquations(2, 1), solver.NormalEquations(2, 1)
+    a.update(np.ones((3, 2)), np.ones((3, 1)))
+    b.update(np.zeros((3, 2)), np.ones((3, 1)))
+    with pytest.raises(ValueError, match="different shifts"):
+        a.merged(b)
+
+
+def test_statistics_give_the_same_error_as_the_rows():
+    rng = np.random.default_rng(2)
+    x, r, _, _ = _noisy_linear(rng, n=500, noise=1.0)
+    eq = solver.NormalEquations(x.shape[1], r.shape[1])
+    eq.update(x, r)
+    fit = solver.fit_ridge(eq, alpha=1e-3)
+    direct = ((r - fit(x)) ** 2).sum(axis=0)
+    # float32 products: the expanded sum loses a few digits to cancellation, no more
+    np.testing.assert_allclose(solver.sum_squared_error(eq, fit), direct, rtol=1e-3)
+    assert solver.error_ratio(eq, fit) == pytest.approx(direct.sum() / (r**2).sum(), rel=1e-3)
+
+
+def test_compensation_is_dropped_when_it_does_not_help_on_heldout_rows():
+    rng = np.random.default_rng(3)
+    d, m = 40, 6
+    train, held = solver.NormalEquations(d, m), solver.NormalEquations(d, m)
+    train.update(rng.standard_normal((60, d)), rng.standard_normal((60, m)))  # pure noise: no signal to fit
+    held.update(rng.standard_normal((60, d)), rng.standard_normal((60, m)))
+    result = solver.fit_compensation(train, held)
+    assert not result.kept
+    assert not result.fit.weight.any() and not result.fit.bias.any()
+
+
+def test_compensation_is_kept_and_refit_on_all_rows_when_it_helps():
+    rng = np.random.default_rng(4)
+    x, r, w, b = _noisy_linear(rng, n=2000, noise=0.5)
+    shift = x.mean(axis=0).astype(np.float32)
+    train, held = (solver.NormalEquations(x.shape[1], r.shape[1], shift) for _ in range(2))
+    train.update(x[:1600], r[:1600])
+    held.update(x[1600:], r[1600:])
+    result = solver.fit_compensation(train, held)
+    assert result.kept_targets == r.shape[1] and result.error_ratio_heldout < 0.1 and result.r2_heldout > 0.9
+    clean = x @ w + b
+    assert np.sqrt(np.mean((result.fit(x) - clean) ** 2)) < 0.05  # well below the noise of 0.5
+
+
+def test_each_output_channel_is_kept_only_where_it_helps():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3000, 10))
+    r = np.stack([x @ rng.standard_normal(10), rng.standard_normal(3000)], axis=1)  # signal, pure noise
+    train, held = solver.NormalEquations(10, 2, np.zeros(10, np.float32)), solver.NormalEquations(10, 2, np.zeros(10, np.float32))
+    train.update(x[:2400], r[:2400])
+    held.update(x[2400:], r[2400:])
+    result = solver.fit_compensation(train, held)
+    assert result.kept_targets == 1
+    assert result.fit.weight[:, 0].any() and not result.fit.weight[:, 1].any() and result.fit.bias[1] == 0
+
+
+def test_rank_deficient_inputs_give_a_finite_solution():
+    rng = np.random.default_rng(5)
+    x = np.zeros((10, 8))
+    x[:, 0] = rng.standard_normal(10)  # seven constant columns and fewer rows than features
+    r = np.outer(x[:, 0], np.ones(3)) + 2.0
+    eq = solver.NormalEquations(8, 3)
+    eq.update(x, r)
+    fit = solver.fit_ridge(eq, alpha=1e-6)
+    assert fit.is_finite()
+    np.testing.assert_allclose(fit(x), r, atol=1e-3)
+    constant = solver.NormalEquations(8, 3)
+    constant.update(np.ones((10, 8)), r)
+    assert solver.fit_ridge(constant, alpha=1e-6).is_finite()
