@@ -64,10 +64,21 @@ def _split_heads(b: GraphBuilder, x: str, heads: int, dim: int, name: str) -> st
     return b.op("Transpose", [split], f"{name}/Transpose", perm=[0, 2, 1, 3])
 
 
-def transformer(layers: int = 3, dim: int = 32, heads: int = 4, tokens: int = 8, seed: int = 0) -> onnx.ModelProto:
-    """A pre-LN transformer encoder: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, then a final LN."""
+def transformer(
+    layers: int = 3, dim: int = 32, heads: int = 4, tokens: int = 8, seed: int = 0, mask: bool = False
+) -> onnx.ModelProto:
+    """A pre-LN transformer encoder: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, then a final LN.
+
+    With ``mask``, an int64 ``attention_mask`` [batch, tokens] input (1 keep, 0 drop) is
+    turned into an additive bias on every layer's attention scores, as BERT exports do.
+    """
     b = GraphBuilder(seed)
     x = "tokens"
+    if mask:
+        keep = b.op("Cast", ["attention_mask"], "/mask/cast", to=TensorProto.FLOAT)
+        dropped = b.op("Sub", [b.const("/mask/one", np.float32(1.0)), keep], "/mask/invert")
+        bias = b.op("Mul", [dropped, b.const("/mask/large", np.float32(-1e4))], "/mask/scale")
+        mask_bias = b.op("Unsqueeze", [bias, b.const("/mask/axes", np.array([1, 2]))], "/mask/unsqueeze")
     for i in range(layers):
         scope = f"/encoder/layer.{i}"
         h = _layer_norm(b, x, dim, f"{scope}/ln1", outlier_gain=8.0)
@@ -77,6 +88,8 @@ def transformer(layers: int = 3, dim: int = 32, heads: int = 4, tokens: int = 8,
         kt = b.op("Transpose", [k], f"{scope}/attn/kT", perm=[0, 1, 3, 2])
         scores = b.op("MatMul", [q, kt], f"{scope}/attn/scores")
         scaled = b.op("Mul", [scores, b.const(f"{scope}/attn/scale", np.float32(1 / np.sqrt(dim // heads)))], f"{scope}/attn/scaled")
+        if mask:
+            scaled = b.op("Add", [scaled, mask_bias], f"{scope}/attn/masked")
         probs = b.op("Softmax", [scaled], f"{scope}/attn/softmax", axis=-1)
         context = b.op("MatMul", [probs, v], f"{scope}/attn/context")
         merged = b.op("Transpose", [context], f"{scope}/attn/merge", perm=[0, 2, 1, 3])
@@ -88,10 +101,10 @@ def transformer(layers: int = 3, dim: int = 32, heads: int = 4, tokens: int = 8,
         x = b.op("Add", [x, _linear(b, act, 4 * dim, dim, f"{scope}/mlp/fc2")], f"{scope}/Add_1")
     out = _layer_norm(b, x, dim, "/final_ln", outlier_gain=1.0)
     b.nodes[-1].output[0] = "features"
-    return b.model(
-        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", tokens, dim])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dim])],
-    )
+    inputs = [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", tokens, dim])]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", tokens]))
+    return b.model(inputs, [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dim])])
 
 
 def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1) -> str:
@@ -130,10 +143,15 @@ def resnet(seed: int = 0, size: int = 16, classes: int = 10) -> onnx.ModelProto:
 
 
 def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard-normal inputs for every graph input, ``count`` samples."""
+    """Standard-normal inputs for float graph inputs, ``count`` samples; int64 inputs are masks
+    that keep a random-length prefix of the tokens."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in model.graph.input:
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
-        feeds[value.name] = rng.standard_normal((count, *dims)).astype(np.float32)
+        if value.type.tensor_type.elem_type == TensorProto.INT64:
+            lengths = rng.integers(1, dims[-1] + 1, size=count)
+            feeds[value.name] = (np.arange(dims[-1]) < lengths[:, None]).astype(np.int64)
+        else:
+            feeds[value.name] = rng.standard_normal((count, *dims)).astype(np.float32)
     return feeds

@@ -72,3 +72,11 @@ def test_user_blocks_as_a_chain_and_as_pairs():
 def test_user_blocks_are_validated(spec, message):
     with pytest.raises(InputError, match=message):
         blocks.blocks_from_boundaries(_prepared(graphs.resnet()), spec)
+
+
+def test_an_attention_mask_is_a_side_input_not_the_data_path():
+    model = _prepared(graphs.transformer(layers=2, mask=True))
+    path = blocks.DataPath.analyze(model.graph)
+    assert path.primary_input.name == "tokens"
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [("tokens", "/encoder/layer.0/Add_1_out"), ("/encoder/layer.0/Add_1_out", "features")]

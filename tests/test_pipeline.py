@@ -9,15 +9,22 @@ from qwt_onnx.metrics import mean_squared_error
 from qwt_onnx.runtime import session
 from tests import graphs
 
-MODELS = {"transformer": graphs.transformer, "resnet": graphs.resnet}
+# Each model with a calibration that leaves systematic error to compensate: entropy clips the
+# small transformers' activations hard; percentile leaves the CNN the mean shift of its Relus.
+MODELS = {
+    "transformer": (graphs.transformer, "entropy"),
+    "masked-transformer": (lambda: graphs.transformer(layers=2, mask=True), "entropy"),
+    "resnet": (graphs.resnet, "percentile"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def case(request):
-    model = MODELS[request.param]()
+    build, method = MODELS[request.param]
+    model = build()
     calib = graphs.samples(model, 160, seed=1)
-    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
-    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False)
+    ptq = quantize(model, calib, qwt=False, calib_method=method, progress=False)
+    qwt, report = quantize_with_report(model, calib, calib_method=method, progress=False)
     return request.param, model, ptq, qwt, report
 
 
@@ -41,8 +48,8 @@ def test_ptq_tracks_fp32_and_qwt_tracks_it_closer_on_heldout_inputs(case):
     ptq_error = mean_squared_error(reference, _outputs(ptq, test))
     qwt_error = mean_squared_error(reference, _outputs(qwt, test))
     signal = np.mean([np.mean(v**2) for v in reference.values()])
-    assert ptq_error < 0.05 * signal, f"{name}: the PTQ model is far from FP32"
-    assert qwt_error < ptq_error, f"{name}: QwT {qwt_error:.3g} is not below PTQ {ptq_error:.3g}"
+    assert ptq_error < 0.1 * signal, f"{name}: the PTQ model is far from FP32"
+    assert qwt_error < 0.8 * ptq_error, f"{name}: QwT {qwt_error:.3g} is not clearly below PTQ {ptq_error:.3g}"
     assert report.sqnr_qwt_db > report.sqnr_ptq_db
 
 
@@ -71,3 +78,15 @@ def test_int8_kernels_are_used_by_onnxruntime(case, tmp_path):
     ort.InferenceSession(qwt.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert ops & {"QLinearConv", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm"}
+
+
+def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
+    model = graphs.transformer()
+    _, report = quantize_with_report(model, graphs.samples(model, 160, seed=1), progress=False)
+    assert set(report.method_sqnr_db) == {"minmax", "percentile", "entropy"}
+    assert set(report.method_qwt_sqnr_db) == {"minmax", "percentile", "entropy"}
+    if report.qwt_applied:
+        assert report.sqnr_qwt_db > report.sqnr_ptq_db
+    else:
+        assert report.method == report.ptq_method and report.added_parameters == 0
+        assert any("writing the PTQ model" in w for w in report.warnings)

@@ -300,5 +300,6 @@ def _make_block(segments: list[_Segment]) -> Block:
 
 
 def _common_scope(names: list[str]) -> str:
+    """The module path the nodes share (``/encoder/layer.3``), or "" for flat names."""
     prefix = os.path.commonprefix(names)
-    return prefix[: prefix.rfind("/") + 1].rstrip("/") if "/" in prefix else prefix.rstrip("._/")
+    return prefix[: prefix.rfind("/")] if "/" in prefix else ""
