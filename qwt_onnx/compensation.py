@@ -36,8 +36,9 @@ class Layout:
         return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
 
     def apply(self, fit: LinearMap, x: np.ndarray) -> np.ndarray:
-        """The branch output ``c(x)``, shaped like the block output."""
-        out = fit(self.rows(x)).astype(np.float32)
+        """The branch output ``c(x)`` in float32, as the spliced branch computes it, shaped like the block output."""
+        rows = self.rows(x).astype(np.float32, copy=False)
+        out = rows @ fit.weight.astype(np.float32) + fit.bias.astype(np.float32)
         if not self.channels_first:
             return out.reshape(*x.shape[:-1], out.shape[-1])
         spatial = [math.ceil(d / self.stride) for d in x.shape[2:]]

@@ -7,11 +7,13 @@ import tempfile
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from onnx_ir.passes import common
 
 from qwt_onnx.calibration import InputSpec
 from qwt_onnx.errors import InputError
+from qwt_onnx.passes.fold import FoldBatchNormPass
 
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
@@ -27,16 +29,37 @@ def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
     return ir.load(path)
 
 
+MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 13
+
+
 def prepare(model: ir.Model) -> ir.Model:
-    """Constants as initializers, shapes inferred, nodes in topological order."""
+    """At least opset 13, constants as initializers, BatchNorm folded, shapes inferred, sorted."""
+    model = upgrade_opset(model)
     passes = ir.passes.PassManager(
         [
             common.LiftConstantsToInitializersPass(size_limit=0),
+            FoldBatchNormPass(),
+            common.RemoveUnusedNodesPass(),
             common.ShapeInferencePass(strict_mode=False),
             common.TopologicalSortPass(),
         ]
     )
     return passes(model).model
+
+
+def upgrade_opset(model: ir.Model) -> ir.Model:
+    """The model converted to opset 13 when it is older (onnx's version converter)."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", MIN_OPSET))
+    if version >= MIN_OPSET:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), MIN_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError or ValidationError variants
+        raise InputError(
+            f"the model uses opset {version} and could not be converted to opset {MIN_OPSET} ({exc}); "
+            f"re-export it with opset {MIN_OPSET} or newer"
+        ) from None
+    return ir.serde.deserialize_model(converted)
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:

@@ -82,6 +82,12 @@ def split_photos() -> tuple[list[str], list[str]]:
     return [p for p in paths if not is_evaluation_image(p)], evaluation
 
 
+def imagenet_chw(image: np.ndarray) -> np.ndarray:
+    """An HWC image in 0..255 normalised with the ImageNet mean and deviation, as CHW float32."""
+    normalised = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return normalised.transpose(2, 0, 1).astype(np.float32)
+
+
 def load_rgb(path: str) -> np.ndarray:
     from PIL import Image
 

@@ -1,0 +1,45 @@
+import numpy as np
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+from qwt_onnx.passes import prepare
+from qwt_onnx.runtime import session
+from tests.graphs import GraphBuilder
+
+
+def _conv_bn_relu(opset: int):
+    b = GraphBuilder(seed=3)
+    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    stats = [b.const(n, np.random.default_rng(i).uniform(0.5, 1.5, 6).astype(np.float32)) for i, n in enumerate(("gamma", "beta", "mean", "var"))]
+    bn = b.op("BatchNormalization", [conv, *stats], "bn", epsilon=1e-3)
+    b.op("Relu", [bn], "relu")
+    b.nodes[-1].output[0] = "y"
+    return b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])],
+        opset=opset,
+    )
+
+
+def test_batch_norm_is_folded_into_the_conv_and_the_function_kept():
+    proto = _conv_bn_relu(opset=17)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    ops = [n.op_type for n in model.graph]
+    assert ops == ["Conv", "Relu"]
+    conv = model.graph[0]
+    assert conv.outputs[0].name == "bn_out"  # the folded conv takes the BatchNormalization's output name
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    expected = session(proto).run(None, {"x": x})[0]
+    got = session(prepare.to_proto(model)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert "w" not in model.graph.initializers  # the unfolded weight is dropped
+
+
+def test_models_older_than_opset_13_are_converted():
+    proto = _conv_bn_relu(opset=11)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert model.opset_imports[""] == 13
+    x = np.random.default_rng(1).standard_normal((1, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(
+        session(prepare.to_proto(model)).run(None, {"x": x})[0], session(proto).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )

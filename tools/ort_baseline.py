@@ -1,0 +1,73 @@
+"""onnxruntime's own static quantizer, as its users run it: the benchmark's baseline.
+
+    python tools/ort_baseline.py in.onnx out.onnx --calib calib.npz --method minmax
+
+QDQ format, per-channel int8 weights, uint8 activations (onnxruntime's CPU
+defaults), every quantizable op. Calibration data is fed in batches and, with
+onnxruntime's own ``CalibStridedMinMax`` option, collected a few batches at a
+time: without it the histogram calibrators (percentile, entropy) hold every
+intermediate tensor of every sample at once and run out of memory on a ViT
+with 512 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
+BATCHES_PER_CHUNK = 1
+
+
+class NpzReader(CalibrationDataReader):
+    """Batches of the first ``samples`` calibration samples; supports onnxruntime's strided collection."""
+
+    def __init__(self, path: str, samples: int, batch_size: int):
+        with np.load(path) as data:
+            arrays = {k: data[k][:samples] for k in data.files}
+        count = len(next(iter(arrays.values())))
+        self.batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, count, batch_size)]
+        self.set_range(0, len(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.iterator = iter(self.batches[start_index:end_index])
+
+    def get_next(self):
+        return next(self.iterator, None)
+
+
+def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16) -> None:
+    reader = NpzReader(calib, samples, batch_size)
+    stride = max(d for d in range(1, BATCHES_PER_CHUNK + 1) if len(reader) % d == 0)
+    quantize_static(
+        model,
+        output,
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=METHODS[method],
+        extra_options={"CalibStridedMinMax": stride},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="onnxruntime quantize_static, QDQ per-channel")
+    parser.add_argument("model")
+    parser.add_argument("output")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--method", choices=sorted(METHODS), default="minmax")
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    quantize(args.model, args.output, args.calib, args.method, args.samples, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
