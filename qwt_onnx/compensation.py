@@ -23,6 +23,10 @@ class Layout:
     stride: int = 1
     spatial_rank: int = 0
 
+    @property
+    def feature_axis(self) -> int:
+        return 1 if self.channels_first else -1
+
     def rows(self, x: np.ndarray) -> np.ndarray:
         """Block input ``x`` as rows of features, one per token or (strided) pixel."""
         if self.channels_first and self.stride > 1:

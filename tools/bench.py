@@ -1,7 +1,7 @@
 """Benchmark qwt_onnx against onnxruntime's quantize_static on the zoo's real models.
 
     python tools/bench.py            # every zoo model, 512 calibration samples (under 30 minutes)
-    python tools/bench.py --quick    # 64 samples, small evaluation sets, min-max baseline only
+    python tools/bench.py --quick    # 32 samples, 16 evaluation samples, min-max baseline only
 
 For each model, on the same calibration and evaluation data and in one run:
 FP32; onnxruntime quantize_static (QDQ, per-channel) with min-max, percentile
@@ -28,11 +28,12 @@ import numpy as np
 import onnxruntime as ort
 
 from qwt_onnx import zoo
-from qwt_onnx.metrics import sqnr_db
-from qwt_onnx.runtime import Runner, session
+from qwt_onnx.runtime import Runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORT_METHODS = ("minmax", "percentile", "entropy")
+HISTOGRAM_TIMEOUT = 90  # seconds for onnxruntime's percentile / entropy calibration
+QUICK_SAMPLES, QUICK_EVALUATION = 32, 16
 LABELS = {
     "fp32": "FP32",
     "ort-minmax": "ORT quantize_static, min-max",
@@ -54,47 +55,85 @@ class Variant:
     scores: dict = dataclasses.field(default_factory=dict)
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """Run ``command`` to completion: (wall seconds, peak RSS in MiB) of that process alone."""
+class TimedOut(Exception):
+    pass
+
+
+def run_measured(command: list[str], timeout: float | None = None) -> tuple[float, float]:
+    """Run ``command`` to completion: (wall seconds, peak RSS in MiB) of that process alone.
+
+    The peak is the kernel's high-water mark of the process's own memory (VmHWM), polled
+    while it runs: getrusage's maxrss would also count the benchmark's memory at fork time.
+    """
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    stderr = process.stderr.read()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024.0
+    peak_kib = 0
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        while process.poll() is None:
+            peak_kib = max(peak_kib, _high_water_kib(process.pid))
+            if timeout is not None and time.perf_counter() - started > timeout:
+                process.kill()
+                process.wait()
+                raise TimedOut(f"stopped after {timeout:.0f} s")
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+        if process.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed:\n{errors.read()[-2000:]}")
+    return seconds, peak_kib / 1024.0
 
 
-def outputs_of(model: str, feeds: dict[str, np.ndarray], batch_size: int = 16) -> dict[str, np.ndarray]:
+def _high_water_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:  # the process has just exited
+        return 0
+
+
+def outputs_of(model: str, feeds: dict[str, np.ndarray], batch_size: int = 16):
+    """The model's outputs, batch by batch."""
     runner = Runner(model)
     count = len(next(iter(feeds.values())))
-    parts = [runner({k: v[i : i + batch_size] for k, v in feeds.items()}) for i in range(0, count, batch_size)]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    for i in range(0, count, batch_size):
+        yield runner({k: v[i : i + batch_size] for k, v in feeds.items()})
 
 
-def score(entry, reference, outputs, labels) -> dict:
-    """Fidelity to FP32 (SQNR, cosine, top-1 agreement) and the task metric."""
-    first = next(iter(reference))
-    a = np.concatenate([v.astype(np.float64).ravel() for v in reference.values()])
-    b = np.concatenate([outputs[k].astype(np.float64).ravel() for k in reference])
-    result = {"sqnr_db": sqnr_db(reference, outputs), "cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))}
+def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
+    """Fidelity to FP32 (SQNR, cosine, top-1 agreement), summed batch by batch, and the task metric."""
+    signal = noise = dot = norm_test = agree = 0.0
+    first, kept = None, []
+    for ref, out in zip(reference, outputs_of(model, feeds)):
+        first = first or next(iter(ref))
+        for name, y in ref.items():
+            y32, t32 = y.astype(np.float32).ravel(), out[name].astype(np.float32).ravel()
+            signal += float(np.dot(y32, y32))
+            noise += float(np.dot(y32 - t32, y32 - t32))
+            dot += float(np.dot(y32, t32))
+            norm_test += float(np.dot(t32, t32))
+        agree += float(np.sum(ref[first].argmax(-1) == out[first].argmax(-1)))
+        if entry.task_metric is not None and labels is not None:
+            kept.append(out[first])
+    count = sum(len(r[first]) for r in reference)
+    result = {"sqnr_db": 10 * np.log10(signal / noise) if noise > 0 else float("inf"),
+              "cosine": dot / np.sqrt(signal * norm_test)}
     if entry.classifier:
-        result["agreement"] = float(np.mean(reference[first].argmax(-1) == outputs[first].argmax(-1)))
-    if entry.task_metric is not None and labels is not None:
-        result["task"] = float(entry.task_metric(outputs[first], labels))
+        result["agreement"] = agree / count
+    if kept:
+        result["task"] = float(entry.task_metric(np.concatenate(kept), labels))
     return result
 
 
-def latency_ms(model: str, feeds: dict[str, np.ndarray], batch: int, seconds: float) -> float:
-    """Median wall time of one run at ``batch`` samples, onnxruntime CPU, all optimizations."""
-    sess = session(model)
-    inputs = {k: np.ascontiguousarray(v[:batch]) for k, v in feeds.items()}
-    for _ in range(2):
-        sess.run(None, inputs)
-    times, deadline = [], time.perf_counter() + seconds
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+def latency_ms(model: str, feeds: dict[str, np.ndarray], batch: int, runs: int) -> float:
+    """Median wall time of ``runs`` runs at ``batch`` samples: onnxruntime CPU, all optimizations,
+    its default threading (as deployed, unlike the capture's sessions)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    inputs = {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in feeds.items()}
+    sess.run(None, inputs)  # warm-up: memory arenas, lazy kernel setup
+    times = []
+    for _ in range(runs):
         start = time.perf_counter()
         sess.run(None, inputs)
         times.append(time.perf_counter() - start)
@@ -106,8 +145,8 @@ def bench_model(name: str, samples: int, quick: bool, folder: str, log) -> dict:
     prepared = zoo.prepare(name)
     feeds, labels = zoo.load_evaluation(prepared)
     if quick:
-        feeds = {k: v[:32] for k, v in feeds.items()}
-        labels = None if labels is None else labels[:32]
+        feeds = {k: v[:QUICK_EVALUATION] for k, v in feeds.items()}
+        labels = None if labels is None else labels[:QUICK_EVALUATION]
     python = sys.executable
     variants = {"fp32": Variant("fp32", prepared.model)}
 
@@ -120,28 +159,33 @@ def bench_model(name: str, samples: int, quick: bool, folder: str, log) -> dict:
             variants[key] = Variant(key, out, seconds, rss, json.load(f))
         log(f"  {key}: {seconds:.0f} s, {rss:.0f} MiB")
 
+    unfinished = {}
     for method in ORT_METHODS[:1] if quick else ORT_METHODS:
         out = os.path.join(folder, f"{name}-ort-{method}.onnx")
         command = [python, os.path.join(ROOT, "tools", "ort_baseline.py"), prepared.model, out,
                    "--calib", prepared.calibration, "--method", method, "--samples", str(samples)]
-        seconds, rss = run_measured(command)
+        try:  # onnxruntime's histogram calibrators can take far longer than the rest together
+            seconds, rss = run_measured(command, timeout=None if method == "minmax" else HISTOGRAM_TIMEOUT)
+        except TimedOut as stopped:
+            unfinished[f"ort-{method}"] = str(stopped)
+            log(f"  ort-{method}: {stopped}")
+            continue
         variants[f"ort-{method}"] = Variant(f"ort-{method}", out, seconds, rss)
         log(f"  ort-{method}: {seconds:.0f} s, {rss:.0f} MiB")
     ours("qwt-ptq", "--no-qwt")
     ours("qwt")
 
-    reference = outputs_of(prepared.model, feeds)
+    reference = list(outputs_of(prepared.model, feeds))
     for variant in variants.values():
-        variant.scores = score(entry, reference, outputs_of(variant.path, feeds), labels)
+        variant.scores = score(entry, reference, variant.path, feeds, labels)
     ort_keys = [k for k in variants if k.startswith("ort-")]
     best_ort = max(ort_keys, key=lambda k: variants[k].scores["sqnr_db"])
     ours("qwt-on-ort", "--quantized", variants[best_ort].path)
-    variants["qwt-on-ort"].scores = score(entry, reference, outputs_of(variants["qwt-on-ort"].path, feeds), labels)
+    variants["qwt-on-ort"].scores = score(entry, reference, variants["qwt-on-ort"].path, feeds, labels)
 
     for variant in variants.values():
-        budget = 1.0 if quick else 4.0
-        variant.scores["latency_b1_ms"] = latency_ms(variant.path, feeds, 1, budget)
-        variant.scores["latency_b16_ms"] = latency_ms(variant.path, feeds, 16, budget)
+        variant.scores["latency_b1_ms"] = latency_ms(variant.path, feeds, 1, 3 if quick else 20)
+        variant.scores["latency_b16_ms"] = latency_ms(variant.path, feeds, 16, 3 if quick else 5)
     log(f"  evaluated {len(variants)} variants on {len(next(iter(feeds.values())))} samples")
     return {
         "name": name,
@@ -151,14 +195,15 @@ def bench_model(name: str, samples: int, quick: bool, folder: str, log) -> dict:
         "calibration_samples": samples,
         "evaluation_samples": len(next(iter(feeds.values()))),
         "best_ort": best_ort,
+        "unfinished": unfinished,
         "variants": {k: dataclasses.asdict(v) for k, v in variants.items()},
     }
 
 
 def gap_closed(fp32: float, ptq: float, qwt: float) -> float | None:
-    """The share of the FP32-to-PTQ gap that QwT closes (None when there is no gap)."""
+    """The share of the FP32-to-PTQ gap that QwT closes (None when PTQ lost nothing)."""
     gap = fp32 - ptq
-    return None if abs(gap) < 1e-9 else (qwt - ptq) / gap
+    return None if gap <= 1e-9 else (qwt - ptq) / gap
 
 
 def machine() -> str:
@@ -238,11 +283,12 @@ def _target_lines(results: list[dict]) -> list[str]:
 def _model_section(r: dict) -> list[str]:
     v = r["variants"]
     fp32_params = next((x["report"]["fp32_parameters"] for x in v.values() if x["report"]), None)
-    header = "| variant | " + (f"{r['metric']} | " if r["metric"] else "") + "SQNR dB | cosine | " + (
-        "top-1 agreement | " if r["classifier"] else "") + "quantize s | peak RSS MiB | latency b1 ms | b16 ms | b1, b16 vs FP32 | added params |"
+    columns = ["variant"] + ([r["metric"]] if r["metric"] else []) + ["SQNR dB", "cosine"]
+    columns += (["top-1 agreement"] if r["classifier"] else []) + [
+        "quantize s", "peak RSS MiB", "latency b1 ms", "b16 ms", "b1, b16 vs FP32", "added params"]
     lines = ["", f"## {r['name']}", "", f"{r['description']}. {r['calibration_samples']} calibration samples, "
-             f"{r['evaluation_samples']} evaluation samples.", "", header, "|" + "---|" * header.count("|")[:-1] if False else ""]
-    lines[-1] = "|" + "---|" * (header.count("|") - 1)
+             f"{r['evaluation_samples']} evaluation samples.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     fp = v["fp32"]["scores"]
     for key, x in v.items():
         s = x["scores"]
@@ -258,12 +304,12 @@ def _model_section(r: dict) -> list[str]:
                 f"{s['latency_b1_ms'] / fp['latency_b1_ms']:.2f}, {s['latency_b16_ms'] / fp['latency_b16_ms']:.2f}",
                 f"{100 * added:.1f}%" if x["report"] else "—"]
         lines.append("| " + " | ".join(row) + " |")
+    for key, why in r["unfinished"].items():
+        lines.append(f"| {LABELS[key]} | did not finish: {why} |" + " |" * (len(columns) - 2))
     qwt = v["qwt"]["report"]
     if qwt:
-        lines.append("")
-        lines.append(f"QwT: {len(qwt['blocks'])} blocks, calibration {qwt['method']}"
-                     + ("" if qwt["qwt_applied"] else " — QwT did not beat PTQ on held-out samples, so the PTQ model was written")
-                     + ".")
+        outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ on held-out samples, so the PTQ model was written"
+        lines += ["", f"QwT: {len(qwt['blocks'])} blocks, calibration {qwt['method']}{outcome}."]
     return lines
 
 
@@ -291,12 +337,12 @@ def plot(results: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 samples, 32 evaluation samples, min-max baseline only")
+    parser.add_argument("--quick", action="store_true", help="32 samples, 16 evaluation samples, min-max baseline only")
     parser.add_argument("--models", default=",".join(zoo.ENTRIES), help="comma-separated zoo names")
-    parser.add_argument("--samples", type=int, help="calibration samples (default 512, or 64 with --quick)")
+    parser.add_argument("--samples", type=int, help="calibration samples (default 512, or 32 with --quick)")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
     args = parser.parse_args()
-    samples = args.samples or (64 if args.quick else zoo.CALIBRATION_SAMPLES)
+    samples = args.samples or (QUICK_SAMPLES if args.quick else zoo.CALIBRATION_SAMPLES)
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="qwt-bench-") as folder:

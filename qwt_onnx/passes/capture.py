@@ -218,14 +218,16 @@ def _fit_block(stream: _Stream, models: _BlockModels, result: BlockResult, heldo
                 result.skipped = f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}"
         if result.layout is None:
             continue
-        rows_x, rows_r = result.layout.rows(x), result.layout.target_rows(y_fp - y_q)
+        residual = y_fp - y_q
         if train is None:  # both sets share one shift, so they can be merged for the final fit
-            shift = rows_x.mean(axis=0, dtype=np.float64).astype(np.float32)
-            train = NormalEquations(rows_x.shape[1], rows_r.shape[1], shift)
-            held = NormalEquations(rows_x.shape[1], rows_r.shape[1], shift)
-        is_held = np.repeat(heldout[batch.indices], rows_x.shape[0] // batch.size)
-        train.update(rows_x[~is_held], rows_r[~is_held])
-        held.update(rows_x[is_held], rows_r[is_held])
+            rows = result.layout.rows(x[:1])
+            shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+            train = NormalEquations(rows.shape[1], residual.shape[result.layout.feature_axis], shift)
+            held = NormalEquations(rows.shape[1], residual.shape[result.layout.feature_axis], shift)
+        is_held = heldout[batch.indices]
+        for samples, equations in ((~is_held, train), (is_held, held)):
+            if samples.any():
+                equations.update(result.layout.rows(x[samples]), result.layout.target_rows(residual[samples]))
     if train is not None:
         result.result = fit_compensation(train, held)
 
