@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", help="override block discovery: boundary tensors T1,T2,... or pairs in:out,...")
     parser.add_argument("--granularity", default="layer", choices=GRANULARITIES,
                         help="one compensation per transformer layer or per residual branch (default layer)")
+    parser.add_argument("--groups-factor", type=int, default=64, metavar="C",
+                        help="input channels per group of a feature-map branch; 0 for one group (default 64)")
+    parser.add_argument("--kernel-size", type=int, default=1, metavar="K",
+                        help="kernel size of a feature-map branch, odd (default 1: a 1x1 conv)")
     parser.add_argument("--report", metavar="FILE.json", help="write per-block figures as JSON")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             target=args.target,
             blocks=args.blocks.split(",") if args.blocks else None,
             granularity=args.granularity,
+            groups_factor=args.groups_factor,
+            kernel_size=args.kernel_size,
             report=args.report,
             progress=not args.quiet,
         )

@@ -48,6 +48,8 @@ def quantize_with_report(
     target: str = "ort",
     blocks: Sequence[str] | None = None,
     granularity: str = "layer",
+    groups_factor: int = 64,
+    kernel_size: int = 1,
     report: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -64,11 +66,14 @@ def quantize_with_report(
         target: ``ort`` (uint8 asymmetric activations) or ``trt`` (int8 symmetric, zero point 0).
         blocks: boundary tensors overriding block discovery (``a:b`` pairs or a chain).
         granularity: ``layer`` (one block per transformer layer) or ``residual`` (per residual branch).
+        groups_factor: input channels per group of a feature-map branch (0: one group, a full 1×1 conv).
+        kernel_size: odd kernel size of a feature-map branch (1: pointwise).
         report: path of a JSON report to write.
         progress: show progress bars.
     """
     started = time.perf_counter()
     _check_options(samples, batch_size, calib_method, target, granularity, model, output)
+    branch_shape = _branch_shape(groups_factor, kernel_size)
     fp = prepare.prepare(_load(model, "input model"))
     if g.is_quantized(fp.graph):
         raise InputError(
@@ -77,7 +82,7 @@ def quantize_with_report(
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp)).take(samples)
     rep = Report(target, calib_method, calib_set.num_samples, int(calib_set.heldout_mask.sum()))
     rep.fp32_parameters = int(sum(v.const_value.size for v in fp.graph.initializers.values() if v.const_value is not None))
-    run = _Run(fp, calib_set, _effective_batch_size(fp, batch_size), rep, progress)
+    run = _Run(fp, calib_set, _effective_batch_size(fp, batch_size), rep, progress, branch_shape)
     found = _find_blocks(run, blocks, granularity) if qwt else []
 
     candidates = _ptq_candidates(run, quantized, calib_method, target)
@@ -98,7 +103,7 @@ def quantize_with_report(
         raise RuntimeError(f"the written model fails onnx.checker: {exc}") from exc
     rep.seconds = time.perf_counter() - started
     if output is not None:
-        prepare.save_atomically(proto, output)
+        prepare.save_atomically(result, output)
         rep.output = os.fspath(output)
     if report is not None:
         with open(report, "w") as f:
@@ -115,6 +120,7 @@ class _Run:
     batch_size: int
     report: Report
     progress: bool
+    branch_shape: capture.BranchShape
     reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the held-out samples
 
     def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
@@ -149,6 +155,14 @@ def _check_options(samples, batch_size, calib_method, target, granularity, model
         raise InputError(f"output folder {folder} is not writable; choose another output path")
     if isinstance(model, (str, os.PathLike)) and os.path.abspath(os.fspath(model)) == os.path.abspath(os.fspath(output)):
         raise InputError("the output path is the input model; choose another output path so the input is kept")
+
+
+def _branch_shape(groups_factor: int, kernel_size: int) -> capture.BranchShape:
+    if groups_factor < 0:
+        raise InputError(f"--groups-factor must be 0 (one group) or more, got {groups_factor}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise InputError(f"--kernel-size must be a positive odd number, got {kernel_size}")
+    return capture.BranchShape(kernel_size, groups_factor)
 
 
 def _load(model: ModelLike, role: str) -> ir.Model:
@@ -248,7 +262,9 @@ def _compensate(run: _Run, q: ir.Model, found: list[blk.Block], calib: Calibrati
     """``q`` with fitted branches spliced in (a copy; None if no block gained) and the per-block reports."""
     # Our own Q/DQ pass keeps the FP32 meaning of every boundary tensor; a given QDQ model may not.
     exact = run.report.ptq_method != GIVEN
-    results = capture.fit_blocks(run.fp, q, found, calib, run.batch_size, run.progress, exact_boundaries=exact)
+    results = capture.fit_blocks(
+        run.fp, q, found, calib, run.batch_size, run.progress, exact_boundaries=exact, branch_shape=run.branch_shape
+    )
     branches, reports = [], []
     for k, res in enumerate(results):
         entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=res.skipped)

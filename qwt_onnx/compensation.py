@@ -1,10 +1,13 @@
 """How a compensation branch maps a block's input tensor to its output (numpy only).
 
 Tokens ``[..., D_in] -> [..., D_out]``: one ``D_in × D_out`` matrix applied to
-every token. Feature maps ``[N, C_in, *S] -> [N, C_out, *S']``: a 1×1
-convolution, with stride ``s`` when the block shrinks the spatial size
-(``S' = ceil(S / s)``). Either way the solver sees one row per token or per
-output pixel, sample-major.
+every token. Feature maps ``[N, C_in, *S] -> [N, C_out, *S']``: a ``k×k``
+convolution (1×1 by default) padded to keep the size, with stride ``s`` when
+the block shrinks the spatial size (``S' = ceil(S / s)``), and optionally
+grouped: ``groups`` independent maps from ``C_in / groups`` input channels to
+``C_out / groups`` output channels. Either way the solver sees one row per
+token or per output pixel, sample-major, its features ordered as the
+convolution's weight ``[C_out, C_in / groups, k, k]`` flattens them.
 """
 
 from __future__ import annotations
@@ -22,22 +25,49 @@ class Layout:
     channels_first: bool  # features on axis 1 (feature maps) rather than the last axis
     stride: int = 1
     spatial_rank: int = 0
+    kernel: int = 1  # odd; feature maps only
+    groups: int = 1  # feature maps only
 
     @property
     def feature_axis(self) -> int:
         return 1 if self.channels_first else -1
 
+    @property
+    def taps(self) -> int:
+        """Input features per input channel: the kernel's spatial size."""
+        return self.kernel**self.spatial_rank if self.channels_first else 1
+
     def rows(self, x: np.ndarray) -> np.ndarray:
-        """Block input ``x`` as rows of features, one per token or (strided) pixel."""
-        if self.channels_first and self.stride > 1:
+        """Block input ``x`` as rows of features, one per token or output pixel."""
+        if not self.channels_first:
+            return x.reshape(-1, x.shape[-1])
+        if self.kernel > 1:
+            return self._patches(x)
+        if self.stride > 1:
             x = x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
         return self.target_rows(x)
+
+    def _patches(self, x: np.ndarray) -> np.ndarray:
+        """``[rows, C·k^r]``: the zero-padded k×k neighbourhood of every (strided) pixel."""
+        rank, pad = self.spatial_rank, self.kernel // 2
+        padded = np.pad(x, [(0, 0), (0, 0)] + [(pad, pad)] * rank)
+        axes = tuple(range(2, 2 + rank))
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (self.kernel,) * rank, axis=axes)
+        windows = windows[(slice(None), slice(None)) + (slice(None, None, self.stride),) * rank]
+        # [N, C, *S', *k] -> [N, *S', C, *k] -> rows
+        order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
+        return np.ascontiguousarray(windows.transpose(order)).reshape(-1, x.shape[1] * self.taps)
 
     def target_rows(self, y: np.ndarray) -> np.ndarray:
         """Block output ``y`` as rows, in the same order as :meth:`rows` of the input."""
         if not self.channels_first:
             return y.reshape(-1, y.shape[-1])
         return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+
+    def group_slices(self, n_features: int, n_targets: int) -> list[tuple[slice, slice]]:
+        """``(features, targets)`` of each group: contiguous, equal parts."""
+        f, t = n_features // self.groups, n_targets // self.groups
+        return [(slice(i * f, (i + 1) * f), slice(i * t, (i + 1) * t)) for i in range(self.groups)]
 
     def apply(self, fit: LinearMap, x: np.ndarray) -> np.ndarray:
         """The branch output ``c(x)`` in float32, as the spliced branch computes it, shaped like the block output."""
@@ -49,8 +79,19 @@ class Layout:
         return np.moveaxis(out.reshape(x.shape[0], *spatial, out.shape[-1]), -1, 1)
 
 
-def infer_layout(x_shape: tuple[int, ...], y_shape: tuple[int, ...], channels_first: bool) -> Layout | None:
-    """The layout mapping block input ``x_shape`` to output ``y_shape``, None if no linear branch fits."""
+def infer_layout(
+    x_shape: tuple[int, ...],
+    y_shape: tuple[int, ...],
+    channels_first: bool,
+    kernel: int = 1,
+    groups_factor: int = 0,
+) -> Layout | None:
+    """The layout mapping block input ``x_shape`` to output ``y_shape``, None if no linear branch fits.
+
+    Feature maps get a ``kernel``-sized convolution with ``C_in // groups_factor``
+    groups, reduced to the nearest count that divides both channel counts
+    (``groups_factor`` 0: one group).
+    """
     if len(x_shape) != len(y_shape) or len(x_shape) < 2 or x_shape[0] != y_shape[0]:
         return None
     if len(x_shape) == 2:
@@ -61,6 +102,16 @@ def infer_layout(x_shape: tuple[int, ...], y_shape: tuple[int, ...], channels_fi
     if min(spatial_out) <= 0:
         return None
     stride = max(1, round(spatial_in[0] / spatial_out[0]))
-    if all(math.ceil(a / stride) == b for a, b in zip(spatial_in, spatial_out)):
-        return Layout(channels_first=True, stride=stride, spatial_rank=len(spatial_in))
-    return None
+    if not all(math.ceil(a / stride) == b for a, b in zip(spatial_in, spatial_out)):
+        return None
+    groups = _groups(x_shape[1], y_shape[1], groups_factor)
+    return Layout(channels_first=True, stride=stride, spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
+
+
+def _groups(c_in: int, c_out: int, groups_factor: int) -> int:
+    if groups_factor <= 0:
+        return 1
+    groups = max(1, c_in // groups_factor)
+    while c_in % groups or c_out % groups:
+        groups -= 1
+    return groups

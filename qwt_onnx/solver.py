@@ -219,3 +219,41 @@ def _select_columns(fits: list[LinearMap], best: np.ndarray, keep: np.ndarray, z
         columns = keep & (best == index)
         weight[:, columns], bias[columns] = fit.weight[:, columns], fit.bias[columns]
     return LinearMap(weight, bias)
+
+
+def fit_grouped_compensation(
+    groups: list[tuple[NormalEquations, NormalEquations]],
+    slices: list[tuple[slice, slice]],
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+) -> CompensationFit:
+    """:func:`fit_compensation` per group of ``(train, heldout)`` statistics, one block-diagonal map.
+
+    Group ``i`` maps the input features ``slices[i][0]`` to the targets
+    ``slices[i][1]``; the scores are pooled over all targets.
+    """
+    fits = [fit_compensation(train, held, alphas) for train, held in groups]
+    n_features = max(s.stop for s, _ in slices)
+    n_targets = max(t.stop for _, t in slices)
+    weight, bias = np.zeros((n_features, n_targets)), np.zeros(n_targets)
+    for fit, (features, targets) in zip(fits, slices):
+        weight[features, targets], bias[targets] = fit.fit.weight, fit.fit.bias
+    trains = [total_sum_of_squares(train).sum() for train, _ in groups]
+    helds = [total_sum_of_squares(held).sum() for _, held in groups]
+    before = [held.sum_r2.sum() for _, held in groups]
+    return CompensationFit(
+        LinearMap(weight, bias),
+        r2_train=_pooled([1 - f.r2_train for f in fits], trains, complement=True),
+        r2_heldout=_pooled([1 - f.r2_heldout for f in fits], helds, complement=True),
+        error_ratio_heldout=_pooled([f.error_ratio_heldout for f in fits], before, complement=False),
+        kept_targets=sum(f.kept_targets for f in fits),
+        alphas=np.concatenate([f.alphas for f in fits]),
+    )
+
+
+def _pooled(ratios: list[float], totals: list[float], complement: bool) -> float:
+    """Per-group error ratios weighted by each group's total; ``1 -`` that where ``complement``."""
+    total = sum(totals)
+    if total <= 0:
+        return 0.0 if complement else 1.0
+    pooled = sum(r * t for r, t in zip(ratios, totals)) / total
+    return 1.0 - pooled if complement else pooled

@@ -34,7 +34,7 @@ class GraphBuilder:
     def model(self, inputs, outputs, opset: int = 17) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "synthetic", inputs, outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 8
+        model.ir_version = 8 if opset <= 18 else 9 if opset <= 20 else 10  # the oldest IR each opset allows
         onnx.checker.check_model(model)
         return model
 
@@ -107,19 +107,20 @@ def transformer(
     return b.model(inputs, [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dim])])
 
 
-def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1) -> str:
+def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1, group: int = 1) -> str:
     pad = kernel // 2
     return b.op(
         "Conv",
-        [x, b.weight(f"{name}.weight", (c_out, c_in, kernel, kernel)), b.const(f"{name}.bias", np.full(c_out, 0.05, np.float32))],
+        [x, b.weight(f"{name}.weight", (c_out, c_in // group, kernel, kernel)), b.const(f"{name}.bias", np.full(c_out, 0.05, np.float32))],
         name,
         kernel_shape=[kernel, kernel],
         pads=[pad] * 4,
         strides=[stride, stride],
+        group=group,
     )
 
 
-def resnet(seed: int = 0, size: int = 16, classes: int = 10) -> onnx.ModelProto:
+def resnet(seed: int = 0, size: int = 16, classes: int = 10, opset: int = 17) -> onnx.ModelProto:
     """Stem, a basic block, a downsampling block (strided conv + 1×1 shortcut), a basic block, head."""
     b = GraphBuilder(seed)
     x = b.op("Relu", [_conv(b, "image", 3, 16, "/stem/conv")], "/stem/relu")
@@ -133,13 +134,76 @@ def resnet(seed: int = 0, size: int = 16, classes: int = 10) -> onnx.ModelProto:
     shortcut = _conv(b, x, 16, 32, "/layer2/downsample", kernel=1, stride=2)
     x = b.op("Relu", [b.op("Add", [_conv(b, h, 32, 32, "/layer2/conv2"), shortcut], "/layer2/add")], "/layer2/relu")
     x = basic(x, 32, "/layer3")
+    return _classifier(b, x, 32, size, classes, opset)
+
+
+def _classifier(b: GraphBuilder, x: str, channels: int, size: int, classes: int, opset: int = 17) -> onnx.ModelProto:
+    """Global average pool, flatten, Gemm: the head of an NCHW ``image`` model."""
     pooled = b.op("Flatten", [b.op("GlobalAveragePool", [x], "/pool")], "/flatten")
-    b.op("Gemm", [pooled, b.weight("/fc.weight", (classes, 32)), b.const("/fc.bias", np.zeros(classes, np.float32))], "/fc", transB=1)
+    weight, bias = b.weight("/fc.weight", (classes, channels)), b.const("/fc.bias", np.zeros(classes, np.float32))
+    b.op("Gemm", [pooled, weight, bias], "/fc", transB=1)
     b.nodes[-1].output[0] = "logits"
     return b.model(
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        opset,
     )
+
+
+def with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every initializer turned into a Constant node, as some exporters write weights."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    constants = [helper.make_node("Constant", [], [t.name], name=f"{t.name}/Constant", value=t) for t in copy.graph.initializer]
+    del copy.graph.initializer[:]
+    nodes = constants + list(copy.graph.node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    onnx.checker.check_model(copy)
+    return copy
+
+
+def mobilenet(seed: int = 0, size: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """MobileNetV2-style: stem, an inverted residual, a downsampling inverted block *without*
+    a skip (expand, strided depthwise, project), another inverted residual, head."""
+    b = GraphBuilder(seed)
+
+    def relu6(x: str, name: str) -> str:
+        return b.op("Clip", [x, b.const(f"{name}.min", np.float32(0)), b.const(f"{name}.max", np.float32(6))], name)
+
+    def inverted(x: str, c_in: int, c_out: int, stride: int, name: str) -> str:
+        h = relu6(_conv(b, x, c_in, 4 * c_in, f"{name}/expand", kernel=1), f"{name}/relu1")
+        h = relu6(_conv(b, h, 4 * c_in, 4 * c_in, f"{name}/dw", stride=stride, group=4 * c_in), f"{name}/relu2")
+        h = _conv(b, h, 4 * c_in, c_out, f"{name}/project", kernel=1)
+        return b.op("Add", [x, h], f"{name}/add") if stride == 1 and c_in == c_out else h
+
+    x = relu6(_conv(b, "image", 3, 16, "/stem/conv"), "/stem/relu")
+    x = inverted(x, 16, 16, 1, "/block1")
+    x = inverted(x, 16, 32, 2, "/block2")
+    x = inverted(x, 32, 32, 1, "/block3")
+    return _classifier(b, x, 32, size, classes)
+
+
+def nhwc_resnet(seed: int = 0, size: int = 8, channels: int = 16, classes: int = 0) -> onnx.ModelProto:
+    """Residual blocks on NHWC tensors, each conv wrapped in transposes, as TensorFlow exports
+    write them; with ``classes``, a pooled classifier head after them."""
+    b = GraphBuilder(seed)
+    x = "image"
+    for i in range(2):
+        name = f"/block{i}"
+        h = b.op("Transpose", [x], f"{name}/to_nchw", perm=[0, 3, 1, 2])
+        h = b.op("Relu", [_conv(b, h, channels, channels, f"{name}/conv1")], f"{name}/relu1")
+        h = _conv(b, h, channels, channels, f"{name}/conv2")
+        h = b.op("Transpose", [h], f"{name}/to_nhwc", perm=[0, 2, 3, 1])
+        x = b.op("Relu", [b.op("Add", [x, h], f"{name}/add")], f"{name}/relu")
+    inputs = [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", size, size, channels])]
+    if not classes:
+        b.nodes[-1].output[0] = "features"
+        return b.model(inputs, [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", size, size, channels])])
+    pooled = b.op("ReduceMean", [x], "/pool", axes=[1, 2], keepdims=0)
+    b.op("Gemm", [pooled, b.weight("/fc.weight", (classes, channels)), b.const("/fc.bias", np.zeros(classes, np.float32))], "/fc", transB=1)
+    b.nodes[-1].output[0] = "logits"
+    return b.model(inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])])
 
 
 def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:

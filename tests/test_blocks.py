@@ -33,15 +33,36 @@ def test_residual_granularity_splits_attention_and_mlp():
     ]
 
 
-def test_residual_cnn_blocks_end_after_their_relu_and_skip_the_stem_and_head():
+def test_residual_cnn_blocks_end_after_their_relu_and_the_head_is_left_out():
     model = _prepared(graphs.resnet())
     found = blocks.find_blocks(model)
     assert [(b.input, b.output) for b in found] == [
+        ("image", "/stem/relu_out"),  # the stem: a chain block
         ("/stem/relu_out", "/layer1/relu_out"),
         ("/layer1/relu_out", "/layer2/relu_out"),
         ("/layer2/relu_out", "/layer3/relu_out"),
     ]
     assert all(b.channels_first for b in found)
+
+
+def test_chains_between_residual_blocks_are_cut_after_each_dense_conv():
+    model = _prepared(graphs.mobilenet())
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [
+        ("image", "/stem/relu_out"),
+        ("/stem/relu_out", "/block1/add_out"),
+        ("/block1/add_out", "/block2/relu1_out"),  # the expansion conv and its activation
+        ("/block2/relu1_out", "/block2/project_out"),  # strided depthwise conv, then the projection
+        ("/block2/project_out", "/block3/add_out"),
+    ]  # the head (pool, flatten, Gemm) changes rank: no block
+    assert all(b.channels_first for b in found)
+
+
+def test_nhwc_blocks_are_compensated_over_their_last_axis():
+    model = _prepared(graphs.nhwc_resnet())
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [("image", "/block0/relu_out"), ("/block0/relu_out", "features")]
+    assert not any(b.channels_first for b in found)
 
 
 def test_boundaries_ignore_shape_subgraphs():

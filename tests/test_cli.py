@@ -27,10 +27,10 @@ def test_quantizes_with_a_summary_and_a_report(files):
     out, report = files / "out.onnx", files / "report.json"
     result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--calib-method", "minmax", "--report", report)
     assert result.returncode == 0, result.stderr
-    assert "3 blocks found" in result.stdout and "held-out output SQNR" in result.stdout and str(out) in result.stdout
+    assert "4 blocks found" in result.stdout and "held-out output SQNR" in result.stdout and str(out) in result.stdout
     onnx.checker.check_model(str(out))
     figures = json.loads(report.read_text())
-    assert len(figures["blocks"]) == 3 and figures["samples"] == 48 and figures["method"] == "minmax"
+    assert len(figures["blocks"]) == 4 and figures["samples"] == 48 and figures["method"] == "minmax"
 
 
 def test_no_qwt_writes_the_plain_ptq_model(files):
@@ -51,6 +51,8 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--batch-size", "-1"], "--batch-size must be at least 1"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--blocks", "nope,/layer1/relu_out"], "not in the model"),
         (["model.onnx", "out.onnx", "--calib", "model.onnx"], "cannot read calibration file"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--groups-factor", "-8"], "--groups-factor must be"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--kernel-size", "2"], "--kernel-size must be a positive odd"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, args, message):

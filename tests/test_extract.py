@@ -33,12 +33,12 @@ def test_values_computed_before_the_cut_become_context_inputs():
 
 
 def test_a_model_without_blocks_is_written_as_ptq_with_a_warning(caplog):
-    b = GraphBuilder()
-    h = b.op("Relu", [b.op("MatMul", ["x", b.weight("w1", (8, 16))], "fc1")], "act")
-    b.op("MatMul", [h, b.weight("w2", (16, 4))], "fc2")
+    b = GraphBuilder()  # one chain block that changes rank: no linear branch maps its input to its output
+    flat = b.op("Flatten", ["x"], "flatten")
+    b.op("Relu", [b.op("MatMul", [flat, b.weight("w1", (8, 4))], "fc1")], "act")
     b.nodes[-1].output[0] = "y"
     model = b.model(
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
     )
     out, report = quantize_with_report(model, graphs.samples(model, 20, seed=0), calib_method="minmax", progress=False)

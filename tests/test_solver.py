@@ -109,3 +109,24 @@ def test_rank_deficient_inputs_give_a_finite_solution():
     constant = solver.NormalEquations(8, 3)
     constant.update(np.ones((10, 8)), r)
     assert solver.fit_ridge(constant, alpha=1e-6).is_finite()
+
+
+def test_grouped_fit_recovers_a_block_diagonal_map_and_pools_its_scores():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 8))
+    w = np.zeros((8, 6))
+    w[:4, :3], w[4:, 3:] = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    r = x @ w + 0.5 + 0.01 * rng.standard_normal((3000, 6))
+    slices = [(slice(0, 4), slice(0, 3)), (slice(4, 8), slice(3, 6))]
+    groups = []
+    for features, targets in slices:
+        shift = np.zeros(4, np.float32)
+        train, held = solver.NormalEquations(4, 3, shift), solver.NormalEquations(4, 3, shift)
+        train.update(x[:2000, features], r[:2000, targets])
+        held.update(x[2000:, features], r[2000:, targets])
+        groups.append((train, held))
+    result = solver.fit_grouped_compensation(groups, slices)
+    np.testing.assert_allclose(result.fit.weight, w, atol=2e-3)  # zero off the diagonal blocks
+    np.testing.assert_allclose(result.fit.bias, 0.5, atol=2e-3)
+    assert result.kept_targets == 6 and result.alphas.shape == (6,)
+    assert result.r2_heldout > 0.99 and result.error_ratio_heldout < 1e-3

@@ -30,7 +30,8 @@ def test_trt_target_is_int8_symmetric_with_float_bias():
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_qwt_on_top_of_onnxruntime_quantize_static(tmp_path, per_channel):
+@pytest.mark.parametrize("activations", ["QUInt8", "QInt8"])
+def test_qwt_on_top_of_onnxruntime_quantize_static(tmp_path, per_channel, activations):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     model = graphs.resnet()
@@ -50,7 +51,7 @@ def test_qwt_on_top_of_onnxruntime_quantize_static(tmp_path, per_channel):
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=per_channel,
-        activation_type=QuantType.QUInt8,
+        activation_type=getattr(QuantType, activations),
         weight_type=QuantType.QInt8,
     )
     compensated, report = quantize_with_report(

@@ -42,6 +42,7 @@ LABELS = {
     "qwt-ptq": "qwt_onnx --no-qwt (PTQ)",
     "qwt": "qwt_onnx QwT",
     "qwt-on-ort": "QwT on ORT's best QDQ",
+    "qwt-residual": "qwt_onnx QwT, one block per residual branch",
 }
 
 
@@ -106,6 +107,8 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
     for ref, out in zip(reference, outputs_of(model, feeds)):
         first = first or next(iter(ref))
         for name, y in ref.items():
+            if not np.issubdtype(y.dtype, np.floating):  # token ids or masks passed through
+                continue
             y32, t32 = y.astype(np.float32).ravel(), out[name].astype(np.float32).ravel()
             signal += float(np.dot(y32, y32))
             noise += float(np.dot(y32 - t32, y32 - t32))
@@ -174,6 +177,8 @@ def bench_model(name: str, samples: int, quick: bool, folder: str, log) -> dict:
         log(f"  ort-{method}: {seconds:.0f} s, {rss:.0f} MiB")
     ours("qwt-ptq", "--no-qwt")
     ours("qwt")
+    if not quick and granularities_differ(prepared.model):
+        ours("qwt-residual", "--granularity", "residual")
 
     reference = list(outputs_of(prepared.model, feeds))
     for variant in variants.values():
@@ -198,6 +203,14 @@ def bench_model(name: str, samples: int, quick: bool, folder: str, log) -> dict:
         "unfinished": unfinished,
         "variants": {k: dataclasses.asdict(v) for k, v in variants.items()},
     }
+
+
+def granularities_differ(path: str) -> bool:
+    """Whether one block per residual branch differs from one per transformer layer on this model."""
+    from qwt_onnx.passes import blocks, prepare
+
+    model = prepare.prepare(prepare.load_model(path))
+    return blocks.find_blocks(model, "layer") != blocks.find_blocks(model, "residual")
 
 
 def gap_closed(fp32: float, ptq: float, qwt: float) -> float | None:
@@ -257,10 +270,33 @@ def markdown(results: list[dict], args, minutes: float) -> str:
               "the FP32-to-PTQ task-metric gap closed where there is one; QwT quantization within 2× of",
               "quantize_static (min-max) time; QwT latency within 10% of the PTQ model's.", ""]
     lines += _target_lines(results)
+    lines += _granularity_lines(results)
     for r in results:
         lines += _model_section(r)
     lines += ["", "![fidelity versus latency](benchmarks.png)", ""]
     return "\n".join(lines)
+
+
+def _granularity_lines(results: list[dict]) -> list[str]:
+    """One compensation per transformer layer (the default) against one per residual branch."""
+    rows = [r for r in results if "qwt-residual" in r["variants"]]
+    if not rows:
+        return []
+    lines = ["", "## Block granularity", "",
+             "One compensation per transformer layer (`--granularity layer`, the default) against one per",
+             "residual branch (attention, MLP: `--granularity residual`), on the models where they differ.", "",
+             "| model | SQNR per layer | SQNR per residual branch | added params per layer | per residual branch |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        v = r["variants"]
+        fp32_params = v["qwt"]["report"]["fp32_parameters"]
+        cells = []
+        for key in ("qwt", "qwt-residual"):
+            applied = v[key]["report"]["qwt_applied"]
+            cells.append(f"{v[key]['scores']['sqnr_db']:.2f} dB" + ("" if applied else " (PTQ written)"))
+        params = [f"{100 * v[k]['report']['added_parameters'] / fp32_params:.1f}%" for k in ("qwt", "qwt-residual")]
+        lines.append(f"| {r['name']} | {cells[0]} | {cells[1]} | {params[0]} | {params[1]} |")
+    return lines
 
 
 def _target_lines(results: list[dict]) -> list[str]:

@@ -10,16 +10,22 @@ The rule, framework-agnostic:
 2. The *boundaries* are the data values that every path from the primary
    input to the outputs must cross: the dominators of the outputs.
 3. Consecutive boundaries delimit *segments*. A segment with more than one
-   node is a fork-join, i.e. a residual connection; one that also holds a
-   weighted op (Conv/MatMul/Gemm with a constant weight) is a *block*.
-   Plain chains (stem, patch embedding, head) are not blocks.
-4. A block absorbs the parameter-free segments right after it while they keep
-   its output shape (the Relu after a ResNet add, the LayerNorm of a post-LN
-   transformer).
-5. With ``granularity="layer"``, runs of blocks that repeat with a period of
-   2 to 4 (attention, MLP, attention, MLP, ...) are grouped, one block per
-   transformer layer. Residual blocks of CNNs repeat with period 1 and stay
-   single.
+   node is a fork-join, i.e. a residual connection (or a squeeze-excitation
+   gate); one that also holds a weighted op (Conv/MatMul/Gemm with a constant
+   weight) is a *residual block*.
+4. A residual block absorbs the parameter-free segments right after it while
+   they keep its output shape (the Relu after a ResNet add, the LayerNorm of a
+   post-LN transformer).
+5. The single-node segments left between residual blocks form *chains* (a
+   stem, the downsampling blocks of a MobileNet, a whole PP-LCNet). A chain is
+   cut into *chain blocks*, each ending with a dense weighted op (a Conv with
+   one group, a MatMul or Gemm) and the parameter-free ops up to the next
+   weighted op: one depthwise-separable unit, one conv with its activation.
+   A chain block whose input and output differ in rank (a patch embedding, a
+   classifier head) is left out: no linear branch maps one onto the other.
+6. With ``granularity="layer"``, runs of token blocks (not convolutions) that
+   repeat with a period of 2 to 4 (attention, MLP, attention, MLP, ...) are
+   grouped, one block per transformer layer. Convolutional blocks stay single.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ class DataPath:
         primary = primary_input or choose_primary_input(graph)
         values = _data_values(graph, primary)
         idom, depth = _dominators(graph, primary, values)
-        outputs = [v for v in graph.outputs if v in values]
+        outputs = _computed_outputs(graph, primary, values)
         if not outputs:
             raise InputError(
                 f"no graph output depends on the values of input {primary.name!r}; "
@@ -132,9 +138,9 @@ def find_blocks(model: ir.Model, granularity: str = "layer") -> list[Block]:
     if granularity not in GRANULARITIES:
         raise InputError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
     path = DataPath.analyze(model.graph)
-    spans = _residual_blocks(path.segments())
+    spans = _residual_and_chain_blocks(path.segments())
     if granularity == "layer":
-        spans = _group_repeating(spans)
+        spans = _group_token_runs(spans)
     return [_make_block(segments) for segments in spans]
 
 
@@ -172,6 +178,16 @@ def _boundary(name: str, by_name: dict[str, ir.Value], position: dict[ir.Value, 
             "name tensors that every path crosses, such as the outputs of residual adds"
         )
     return value
+
+
+def _computed_outputs(graph: ir.Graph, primary: ir.Value, data: set[ir.Value]) -> list[ir.Value]:
+    """The data outputs that some weighted op computes: token ids or masks passed through have no say."""
+    weighted = [n for n in g.downstream_nodes([primary]) if g.is_weighted(n)]
+    if not weighted:
+        return [v for v in graph.outputs if v in data]
+    nodes = g.downstream_nodes([v for n in weighted for v in n.outputs]) | set(weighted)
+    computed = {v for n in nodes for v in n.outputs}
+    return [v for v in graph.outputs if v in data and v in computed]
 
 
 def _data_values(graph: ir.Graph, primary: ir.Value) -> set[ir.Value]:
@@ -223,21 +239,55 @@ def _reaching_outputs(graph: ir.Graph, data: set[ir.Value]) -> set[ir.Node]:
     return reaching
 
 
-def _residual_blocks(segments: list[_Segment]) -> list[list[_Segment]]:
+def _residual_and_chain_blocks(segments: list[_Segment]) -> list[list[_Segment]]:
     blocks: list[list[_Segment]] = []
+    chain: list[_Segment] = []
     for segment in segments:
         if len(segment.nodes) > 1 and segment.weighted:
+            blocks += _chain_blocks(chain)
+            chain = []
             blocks.append([segment])
-        elif blocks and blocks[-1][-1].end is segment.start and _keeps_shape(blocks[-1][-1], segment):
+        elif not chain and blocks and blocks[-1][-1].end is segment.start and _keeps_shape(blocks[-1][-1], segment):
             blocks[-1].append(segment)
-    return blocks
+        else:
+            chain.append(segment)
+    return blocks + _chain_blocks(chain)
+
+
+def _chain_blocks(chain: list[_Segment]) -> list[list[_Segment]]:
+    """Cut a chain after each dense weighted op and the parameter-free ops that follow it."""
+    pieces: list[list[_Segment]] = []
+    current: list[_Segment] = []
+    closed = False
+    for segment in chain:
+        if closed and segment.weighted:
+            pieces.append(current)
+            current, closed = [], False
+        current.append(segment)
+        closed = closed or any(_is_dense(n) for n in segment.weighted)
+    pieces.append(current)
+    return [p for p in pieces if any(s.weighted for s in p) and _same_rank(p[0].start, p[-1].end)]
+
+
+def _is_dense(node: ir.Node) -> bool:
+    return node.op_type != "Conv" or node.attributes.get_int("group", 1) == 1
+
+
+def _same_rank(a: ir.Value, b: ir.Value) -> bool:
+    return a.shape is None or b.shape is None or len(a.shape) == len(b.shape)
 
 
 def _keeps_shape(previous: _Segment, segment: _Segment) -> bool:
     if segment.weighted or not segment.nodes:
         return False
-    before, after = previous.end.shape, segment.end.shape
-    return before is not None and after is not None and before == after
+    return _same_shape(previous.end.shape, segment.end.shape)
+
+
+def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """Equal ranks, equal static dims; two symbolic dims count as equal (exporters name them apart)."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x == y if isinstance(x, int) or isinstance(y, int) else True for x, y in zip(a, b))
 
 
 def _signature(segments: list[_Segment]) -> tuple:
@@ -245,6 +295,37 @@ def _signature(segments: list[_Segment]) -> tuple:
         n.op_type for s in segments for n in s.nodes if g.is_weighted(n) or n.op_type == "Softmax"
     )
     return tuple(sorted(ops.items()))
+
+
+def _group_token_runs(blocks: list[list[_Segment]]) -> list[list[_Segment]]:
+    """:func:`_group_repeating` on each run of consecutive token blocks; convolutional blocks stay single."""
+    grouped: list[list[_Segment]] = []
+    run: list[list[_Segment]] = []
+    for block in blocks:
+        if _convolutional(block):
+            grouped += _group_repeating(run) + [block]
+            run = []
+        else:
+            run.append(block)
+    return grouped + _group_repeating(run)
+
+
+def _convolutional(segments: list[_Segment]) -> bool:
+    weighted = [n for s in segments for n in s.weighted]
+    return bool(weighted) and all(n.op_type == "Conv" for n in weighted)
+
+
+def _channels_last(segments: list[_Segment]) -> bool:
+    """Whether a convolutional block's input holds its channels last (NHWC, as TensorFlow exports do).
+
+    Its branch is then a MatMul over the last axis, a 1×1 convolution in NHWC.
+    """
+    first = next(n for s in segments for n in s.weighted)
+    shape, weight = segments[0].start.shape, first.inputs[1].const_value
+    if shape is None or weight is None or len(shape) < 3:
+        return False
+    channels = weight.shape[1] * first.attributes.get_int("group", 1)
+    return shape[1] != channels and shape[-1] == channels
 
 
 def _group_repeating(blocks: list[list[_Segment]]) -> list[list[_Segment]]:
@@ -288,14 +369,12 @@ def _chunk(blocks, signatures, period):
 
 
 def _make_block(segments: list[_Segment]) -> Block:
-    weighted = [n for s in segments for n in s.weighted]
     scoped = [n.name or "" for s in segments if s.weighted for n in s.nodes]
-    channels_first = bool(weighted) and all(n.op_type == "Conv" for n in weighted)
     return Block(
         name=_common_scope(scoped) or segments[-1].end.name,
         input=segments[0].start.name,
         output=segments[-1].end.name,
-        channels_first=channels_first,
+        channels_first=_convolutional(segments) and not _channels_last(segments),
     )
 
 

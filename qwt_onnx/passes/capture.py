@@ -28,10 +28,18 @@ from qwt_onnx.passes import extract as ex
 from qwt_onnx.passes import graph as g
 from qwt_onnx.passes.blocks import Block
 from qwt_onnx.runtime import Runner
-from qwt_onnx.solver import CompensationFit, NormalEquations, fit_compensation
+from qwt_onnx.solver import CompensationFit, NormalEquations, fit_grouped_compensation
 
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchShape:
+    """The branch asked for on feature maps: kernel size and input channels per group (0: one group)."""
+
+    kernel: int = 1
+    groups_factor: int = 64
 
 
 @dataclasses.dataclass
@@ -141,6 +149,7 @@ def fit_blocks(
     progress: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     exact_boundaries: bool = False,
+    branch_shape: BranchShape = BranchShape(),
 ) -> list[BlockResult]:
     """Fit one compensation per block, sequentially on the compensated quantized stream.
 
@@ -155,7 +164,7 @@ def fit_blocks(
         stream = _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
         stream.start(models[0].lead_in, blocks[0].input, progress)
         for k, result in enumerate(results):
-            _fit_block(stream, models[k], result, calib.heldout_mask, progress)
+            _fit_block(stream, models[k], result, calib.heldout_mask, branch_shape, progress)
             if k + 1 < len(blocks):
                 stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input, progress)
     return results
@@ -203,33 +212,40 @@ def _quantized_only_view(value: ir.Value) -> ir.Value | None:
     return None
 
 
-def _fit_block(stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, progress: bool) -> None:
+def _fit_block(
+    stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, shape: BranchShape, progress: bool
+) -> None:
     block = result.block
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
-    train = held = None
+    groups = slices = None
     for i, batch, pool in stream.batches(f"capturing {block.name}", progress):
         out = q_run(pool)
         y_q, x = out[result.output_in_q], out.get(result.branch_input, pool[block.input])
         y_fp = fp_run({**pool, block.input: x} if result.quantized_input else pool)[block.output]
         stream.save("block", i, {"y": y_q} if result.branch_input == block.input else {"y": y_q, "x": x})
         if i == 0:
-            result.layout = infer_layout(x.shape, y_q.shape, block.channels_first)
+            result.layout = infer_layout(x.shape, y_q.shape, block.channels_first, shape.kernel, shape.groups_factor)
             if result.layout is None:
                 result.skipped = f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}"
         if result.layout is None:
             continue
-        residual = y_fp - y_q
-        if train is None:  # both sets share one shift, so they can be merged for the final fit
-            rows = result.layout.rows(x[:1])
+        layout, residual = result.layout, y_fp - y_q
+        if groups is None:  # train and held-out share a shift, so they can be merged for the final fit
+            rows = layout.rows(x[:1])
             shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
-            train = NormalEquations(rows.shape[1], residual.shape[result.layout.feature_axis], shift)
-            held = NormalEquations(rows.shape[1], residual.shape[result.layout.feature_axis], shift)
+            slices = layout.group_slices(rows.shape[1], residual.shape[layout.feature_axis])
+            groups = [
+                tuple(NormalEquations(f.stop - f.start, t.stop - t.start, shift[f]) for _ in range(2))
+                for f, t in slices
+            ]
         is_held = heldout[batch.indices]
-        for samples, equations in ((~is_held, train), (is_held, held)):
+        for samples, which in ((~is_held, 0), (is_held, 1)):
             if samples.any():
-                equations.update(result.layout.rows(x[samples]), result.layout.target_rows(residual[samples]))
-    if train is not None:
-        result.result = fit_compensation(train, held)
+                x_rows, r_rows = layout.rows(x[samples]), layout.target_rows(residual[samples])
+                for equations, (f, t) in zip(groups, slices):
+                    equations[which].update(x_rows[:, f], r_rows[:, t])
+    if groups is not None:
+        result.result = fit_grouped_compensation(groups, slices)
 
 
 class _ContextSource:

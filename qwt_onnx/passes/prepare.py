@@ -26,7 +26,41 @@ def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
     except Exception as exc:  # onnx raises ValidationError, DecodeError or OSError variants
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{role} {path} is not a valid ONNX model ({reason}); re-export it") from None
-    return ir.load(path)
+    model = ir.load(path)
+    _load_external_data(model, path, role)
+    return model
+
+
+PROTOBUF_LIMIT = 2**31 - 1  # the pipeline runs sub-models from serialized protobufs
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights beyond this many bytes are written to OUT.onnx.data
+
+
+def _load_external_data(model: ir.Model, path: str, role: str) -> None:
+    """Read weights stored in external data files into memory, refusing what cannot fit."""
+    external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    if not external:
+        return
+    size = sum(t.nbytes for t in external)
+    if size >= PROTOBUF_LIMIT:
+        raise InputError(
+            f"{role} {path} holds {size / 2**30:.1f} GiB of weights; models over 2 GiB are not supported yet, "
+            "quantize a smaller export (for example one part of the model at a time)"
+        )
+    available = _available_memory()
+    if available is not None and 3 * size > available:
+        raise InputError(
+            f"{role} {path} holds {size / 2**30:.1f} GiB of weights in external data, more than a third of the "
+            f"{available / 2**30:.1f} GiB of free memory; free memory or use a larger machine"
+        )
+    ir.external_data.load_to_model(model)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 13
@@ -79,16 +113,20 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def save_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` next to ``path`` and rename it into place, so no partial file is left."""
+def save_atomically(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` through a staging folder beside it, so no partial file is left.
+
+    Weights beyond ``EXTERNAL_DATA_THRESHOLD`` bytes go to ``path + ".data"``,
+    which is moved into place before the model that refers to it.
+    """
     path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qwt-", suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    folder, name = os.path.split(path)
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".qwt-") as staging:
+        staged = os.path.join(staging, name)
+        if weights > EXTERNAL_DATA_THRESHOLD:
+            ir.save(model, staged, external_data=name + ".data")
+            os.replace(staged + ".data", path + ".data")
+        else:
+            ir.save(model, staged)
+        os.replace(staged, path)

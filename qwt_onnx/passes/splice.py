@@ -62,15 +62,18 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     weight = branch.weight.astype(np.float32)
     bias = branch.bias.astype(np.float32)
     if branch.layout.channels_first:
-        rank = branch.layout.spatial_rank
-        kernel = names.initializer(f"{scope}/weight", weight.T.reshape(*weight.T.shape, *([1] * rank)))
+        layout = branch.layout
+        rank, pad = layout.spatial_rank, layout.kernel // 2
+        kernel = names.initializer(f"{scope}/weight", conv_weight(weight, layout))
         nodes = [
             names.node(
                 "Conv",
                 [x, kernel, names.initializer(f"{scope}/bias", bias)],
                 f"{scope}/branch",
-                kernel_shape=[1] * rank,
-                strides=[branch.layout.stride] * rank,
+                kernel_shape=[layout.kernel] * rank,
+                strides=[layout.stride] * rank,
+                pads=[pad] * (2 * rank),
+                group=layout.groups,
             )
         ]
     else:
@@ -103,6 +106,12 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     result.name = original
     if output_index is not None:
         graph.outputs[output_index] = result
+
+
+def conv_weight(weight: np.ndarray, layout: Layout) -> np.ndarray:
+    """The ``[C_out, C_in / groups, k, ...]`` kernel of a block-diagonal ``[C_in · k^r, C_out]`` map."""
+    blocks = [weight[f, t].T for f, t in layout.group_slices(*weight.shape)]
+    return np.concatenate(blocks).reshape(weight.shape[1], -1, *([layout.kernel] * layout.spatial_rank))
 
 
 def _attributes(node: ir.Node) -> dict:

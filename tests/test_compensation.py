@@ -1,0 +1,55 @@
+"""Feature-map branches: the numpy layout the solver fits is the convolution the splice writes."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qwt_onnx.compensation import Layout, infer_layout
+from qwt_onnx.passes.splice import conv_weight
+from qwt_onnx.runtime import session
+from qwt_onnx.solver import LinearMap
+
+
+@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 4), (3, 1, 1), (3, 2, 2)])
+def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups):
+    rng = np.random.default_rng(kernel + stride + groups)
+    c_in, c_out, size = 8, 12, (7, 10)  # odd and even sizes: the output is ceil(size / stride)
+    layout = Layout(channels_first=True, stride=stride, spatial_rank=2, kernel=kernel, groups=groups)
+    weight = np.zeros((c_in * kernel * kernel, c_out), np.float32)
+    for features, targets in layout.group_slices(*weight.shape):
+        weight[features, targets] = rng.standard_normal((features.stop - features.start, targets.stop - targets.start))
+    fit = LinearMap(weight, rng.standard_normal(c_out).astype(np.float32))
+    x = rng.standard_normal((2, c_in, *size)).astype(np.float32)
+
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[kernel // 2] * 4, group=groups
+    )
+    graph = helper.make_graph(
+        [node],
+        "branch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c_in, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c_out, "h2", "w2"])],
+        [numpy_helper.from_array(conv_weight(weight, layout), "w"), numpy_helper.from_array(fit.bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    expected = session(model).run(None, {"x": x})[0]
+    assert expected.shape == (2, c_out, *[-(-s // stride) for s in size])
+    np.testing.assert_allclose(layout.apply(fit, x), expected, rtol=1e-4, atol=1e-4)
+    assert layout.rows(x).shape == (expected.size // c_out, c_in * kernel * kernel)
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, factor, groups",
+    [(128, 256, 64, 2), (512, 512, 64, 8), (32, 64, 64, 1), (96, 40, 32, 2), (128, 128, 0, 1)],
+)
+def test_groups_are_input_channels_over_the_factor_dividing_both_counts(c_in, c_out, factor, groups):
+    layout = infer_layout((2, c_in, 8, 8), (2, c_out, 4, 4), channels_first=True, groups_factor=factor)
+    assert layout.groups == groups and layout.stride == 2
+
+
+def test_no_layout_where_no_linear_branch_fits():
+    assert infer_layout((2, 8, 8, 8), (2, 16), channels_first=True) is None
+    assert infer_layout((2, 8, 9, 8), (2, 8, 4, 8), channels_first=True) is None  # not one stride on every axis
+    assert infer_layout((2, 5, 16), (2, 6, 16), channels_first=False) is None  # tokens must keep their count

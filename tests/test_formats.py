@@ -1,0 +1,107 @@
+"""Models as exporters write them: Constant-node weights, shared weights, external data, opsets 13 to 21."""
+
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from qwt_onnx import quantize, quantize_with_report
+from qwt_onnx.errors import InputError
+from qwt_onnx.metrics import mean_squared_error
+from qwt_onnx.passes import prepare
+from qwt_onnx.runtime import session
+from tests import graphs
+
+
+def _errors(model, quantized_models, seed=2):
+    test = graphs.samples(model, 48, seed=seed)
+    reference = {"y": session(model).run(None, test)[0]}
+    return [mean_squared_error(reference, {"y": session(q).run(None, test)[0]}) for q in quantized_models]
+
+
+def _weight_dequantizers(model):
+    inits = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits and "weight" in n.input[0]]
+
+
+def test_weights_in_constant_nodes_are_quantized_per_channel_and_compensated():
+    model = graphs.with_constant_nodes(graphs.resnet())
+    assert not model.graph.initializer
+    calib = graphs.samples(model, 96, seed=1)
+    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False)
+    dequantizers = _weight_dequantizers(qwt)
+    assert len(dequantizers) == 9  # eight Convs and the Gemm
+    inits = {t.name: numpy_helper.to_array(t) for t in qwt.graph.initializer}
+    assert all(inits[n.input[1]].size > 1 for n in dequantizers)  # one scale per output channel
+    assert report.qwt_applied
+    ptq_error, qwt_error = _errors(model, [ptq, qwt])
+    assert qwt_error < ptq_error
+
+
+def test_a_weight_shared_by_several_nodes_is_quantized_once_and_the_model_runs():
+    model = graphs.transformer(layers=2)
+    renamed = {}
+    for node in model.graph.node:
+        if node.name.startswith("/encoder/layer.1/mlp/fc") and node.op_type == "MatMul":
+            renamed[node.input[1]] = node.input[1].replace("layer.1", "layer.0")
+            node.input[1] = renamed[node.input[1]]
+    kept = [t for t in model.graph.initializer if t.name not in renamed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    calib = graphs.samples(model, 96, seed=1)
+    qwt, report = quantize_with_report(model, calib, calib_method="entropy", progress=False)
+    onnx.checker.check_model(qwt, full_check=True)
+    shared = [n for n in qwt.graph.node if n.op_type == "MatMul" and "mlp/fc1" in n.name]
+    assert len(shared) == 2 and shared[0].input[1] == shared[1].input[1]  # both read one DequantizeLinear
+    assert report.qwt_applied
+    session(qwt).run(None, graphs.samples(model, 3, seed=4))
+
+
+def _digest(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+def test_external_data_is_read_and_written_and_the_input_is_untouched(tmp_path, monkeypatch):
+    source = tmp_path / "in"
+    source.mkdir()
+    model = graphs.resnet()
+    onnx.save_model(model, source / "model.onnx", save_as_external_data=True, location="model.weights", size_threshold=0)
+    before = _digest(source)
+    calib = graphs.samples(model, 64, seed=1)
+    out = tmp_path / "out.onnx"
+    monkeypatch.setattr(prepare, "EXTERNAL_DATA_THRESHOLD", 1024)  # force external data for this small model
+    written, report = quantize_with_report(source / "model.onnx", calib, out, calib_method="percentile", progress=False)
+    assert _digest(source) == before
+    assert sorted(os.listdir(tmp_path)) == ["in", "out.onnx", "out.onnx.data"]  # no staging folder left behind
+    assert os.path.getsize(out) < os.path.getsize(tmp_path / "out.onnx.data")
+    onnx.checker.check_model(str(out))
+    test = graphs.samples(model, 5, seed=2)
+    np.testing.assert_allclose(session(str(out)).run(None, test)[0], session(written).run(None, test)[0], rtol=1e-5, atol=1e-5)
+    assert report.qwt_applied
+
+
+def test_models_over_two_gigabytes_are_refused_with_the_reason(tmp_path, monkeypatch):
+    model = graphs.resnet()
+    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, location="model.weights", size_threshold=0)
+    monkeypatch.setattr(prepare, "PROTOBUF_LIMIT", 1024)
+    with pytest.raises(InputError, match="over 2 GiB are not supported"):
+        quantize(tmp_path / "model.onnx", graphs.samples(model, 8, seed=1), progress=False)
+
+
+@pytest.mark.parametrize("opset", [13, 15, 17, 19, 21])
+def test_opsets_13_to_21(opset):
+    model = graphs.resnet(opset=opset)
+    calib = graphs.samples(model, 64, seed=1)
+    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False)
+    for quantized in (ptq, qwt):
+        onnx.checker.check_model(quantized, full_check=True)
+        assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) == opset
+    assert report.qwt_applied
+    ptq_error, qwt_error = _errors(model, [ptq, qwt])
+    assert qwt_error < ptq_error
