@@ -64,47 +64,91 @@ def _split_heads(b: GraphBuilder, x: str, heads: int, dim: int, name: str) -> st
     return b.op("Transpose", [split], f"{name}/Transpose", perm=[0, 2, 1, 3])
 
 
+def _mask_bias(b: GraphBuilder) -> str:
+    """An int64 ``attention_mask`` [batch, tokens] (1 keep, 0 drop) as an additive score bias, as BERT exports do."""
+    keep = b.op("Cast", ["attention_mask"], "/mask/cast", to=TensorProto.FLOAT)
+    dropped = b.op("Sub", [b.const("/mask/one", np.float32(1.0)), keep], "/mask/invert")
+    bias = b.op("Mul", [dropped, b.const("/mask/large", np.float32(-1e4))], "/mask/scale")
+    return b.op("Unsqueeze", [bias, b.const("/mask/axes", np.array([1, 2]))], "/mask/unsqueeze")
+
+
+def _attention(b: GraphBuilder, h: str, dim: int, heads: int, scope: str, mask_bias: str | None) -> str:
+    q = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/q"), heads, dim, f"{scope}/q_heads")
+    k = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/k"), heads, dim, f"{scope}/k_heads")
+    v = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/v"), heads, dim, f"{scope}/v_heads")
+    kt = b.op("Transpose", [k], f"{scope}/kT", perm=[0, 1, 3, 2])
+    scores = b.op("MatMul", [q, kt], f"{scope}/scores")
+    scaled = b.op("Mul", [scores, b.const(f"{scope}/scale", np.float32(1 / np.sqrt(dim // heads)))], f"{scope}/scaled")
+    if mask_bias is not None:
+        scaled = b.op("Add", [scaled, mask_bias], f"{scope}/masked")
+    probs = b.op("Softmax", [scaled], f"{scope}/softmax", axis=-1)
+    context = b.op("MatMul", [probs, v], f"{scope}/context")
+    merged = b.op("Transpose", [context], f"{scope}/merge", perm=[0, 2, 1, 3])
+    flat = b.op("Reshape", [merged, b.const(f"{scope}/flat_shape", np.array([0, 0, dim]))], f"{scope}/flat")
+    return _linear(b, flat, dim, dim, f"{scope}/out")
+
+
+def _mlp(b: GraphBuilder, h: str, dim: int, scope: str) -> str:
+    act = b.op("Relu", [_linear(b, h, dim, 4 * dim, f"{scope}/fc1")], f"{scope}/act")
+    return _linear(b, act, 4 * dim, dim, f"{scope}/fc2")
+
+
 def transformer(
     layers: int = 3, dim: int = 32, heads: int = 4, tokens: int = 8, seed: int = 0, mask: bool = False
 ) -> onnx.ModelProto:
     """A pre-LN transformer encoder: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``, then a final LN.
 
-    With ``mask``, an int64 ``attention_mask`` [batch, tokens] input (1 keep, 0 drop) is
-    turned into an additive bias on every layer's attention scores, as BERT exports do.
+    With ``mask``, an int64 ``attention_mask`` [batch, tokens] input masks the attention scores.
     """
     b = GraphBuilder(seed)
     x = "tokens"
-    if mask:
-        keep = b.op("Cast", ["attention_mask"], "/mask/cast", to=TensorProto.FLOAT)
-        dropped = b.op("Sub", [b.const("/mask/one", np.float32(1.0)), keep], "/mask/invert")
-        bias = b.op("Mul", [dropped, b.const("/mask/large", np.float32(-1e4))], "/mask/scale")
-        mask_bias = b.op("Unsqueeze", [bias, b.const("/mask/axes", np.array([1, 2]))], "/mask/unsqueeze")
+    mask_bias = _mask_bias(b) if mask else None
     for i in range(layers):
         scope = f"/encoder/layer.{i}"
         h = _layer_norm(b, x, dim, f"{scope}/ln1", outlier_gain=8.0)
-        q = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/attn/q"), heads, dim, f"{scope}/attn/q_heads")
-        k = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/attn/k"), heads, dim, f"{scope}/attn/k_heads")
-        v = _split_heads(b, _linear(b, h, dim, dim, f"{scope}/attn/v"), heads, dim, f"{scope}/attn/v_heads")
-        kt = b.op("Transpose", [k], f"{scope}/attn/kT", perm=[0, 1, 3, 2])
-        scores = b.op("MatMul", [q, kt], f"{scope}/attn/scores")
-        scaled = b.op("Mul", [scores, b.const(f"{scope}/attn/scale", np.float32(1 / np.sqrt(dim // heads)))], f"{scope}/attn/scaled")
-        if mask:
-            scaled = b.op("Add", [scaled, mask_bias], f"{scope}/attn/masked")
-        probs = b.op("Softmax", [scaled], f"{scope}/attn/softmax", axis=-1)
-        context = b.op("MatMul", [probs, v], f"{scope}/attn/context")
-        merged = b.op("Transpose", [context], f"{scope}/attn/merge", perm=[0, 2, 1, 3])
-        flat = b.op("Reshape", [merged, b.const(f"{scope}/attn/flat_shape", np.array([0, 0, dim]))], f"{scope}/attn/flat")
-        x = b.op("Add", [x, _linear(b, flat, dim, dim, f"{scope}/attn/out")], f"{scope}/Add")
+        x = b.op("Add", [x, _attention(b, h, dim, heads, f"{scope}/attn", mask_bias)], f"{scope}/Add")
         h = _layer_norm(b, x, dim, f"{scope}/ln2", outlier_gain=8.0)
-        hidden = _linear(b, h, dim, 4 * dim, f"{scope}/mlp/fc1")
-        act = b.op("Relu", [hidden], f"{scope}/mlp/act")
-        x = b.op("Add", [x, _linear(b, act, 4 * dim, dim, f"{scope}/mlp/fc2")], f"{scope}/Add_1")
-    out = _layer_norm(b, x, dim, "/final_ln", outlier_gain=1.0)
+        x = b.op("Add", [x, _mlp(b, h, dim, f"{scope}/mlp")], f"{scope}/Add_1")
+    _layer_norm(b, x, dim, "/final_ln", outlier_gain=1.0)
     b.nodes[-1].output[0] = "features"
     inputs = [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", tokens, dim])]
     if mask:
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", tokens]))
     return b.model(inputs, [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dim])])
+
+
+VOCABULARY = 50
+
+
+def bert(layers: int = 2, dim: int = 32, heads: int = 4, tokens: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """A post-LN BERT encoder: ``LN(x + Attn(x))``, then ``LN(x + MLP(x))``.
+
+    Int64 inputs ``input_ids`` (through a word embedding table), ``position_ids`` (through a
+    position table: a side input) and ``attention_mask``; two outputs, the token features and
+    their mean (a sentence embedding).
+    """
+    b = GraphBuilder(seed)
+    words = b.op("Gather", [b.weight("/embeddings/word", (VOCABULARY, dim), scale=1.0), "input_ids"], "/embeddings/words")
+    positions = b.op("Gather", [b.weight("/embeddings/position", (tokens, dim), scale=0.5), "position_ids"], "/embeddings/positions")
+    x = _layer_norm(b, b.op("Add", [words, positions], "/embeddings/add"), dim, "/embeddings/ln", outlier_gain=1.0)
+    mask_bias = _mask_bias(b)
+    for i in range(layers):
+        scope = f"/encoder/layer.{i}"
+        x = b.op("Add", [x, _attention(b, x, dim, heads, f"{scope}/attn", mask_bias)], f"{scope}/attn/add")
+        x = _layer_norm(b, x, dim, f"{scope}/attn/ln", outlier_gain=8.0)
+        x = b.op("Add", [x, _mlp(b, x, dim, f"{scope}/mlp")], f"{scope}/mlp/add")
+        x = _layer_norm(b, x, dim, f"{scope}/mlp/ln", outlier_gain=8.0)
+    b.nodes[-1].output[0] = "features"
+    b.op("ReduceMean", ["features"], "/pool", axes=[1], keepdims=0)
+    b.nodes[-1].output[0] = "pooled"
+    ids = ["batch", tokens]
+    return b.model(
+        [helper.make_tensor_value_info(name, TensorProto.INT64, ids) for name in ("input_ids", "position_ids", "attention_mask")],
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dim]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", dim]),
+        ],
+    )
 
 
 def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1, group: int = 1) -> str:
@@ -207,13 +251,17 @@ def nhwc_resnet(seed: int = 0, size: int = 8, channels: int = 16, classes: int =
 
 
 def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard-normal inputs for float graph inputs, ``count`` samples; int64 inputs are masks
-    that keep a random-length prefix of the tokens."""
+    """``count`` samples for every input: standard-normal floats; int64 ``input_ids`` drawn from
+    the vocabulary, ``position_ids`` counting up, masks that keep a random-length prefix."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in model.graph.input:
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
-        if value.type.tensor_type.elem_type == TensorProto.INT64:
+        if value.name == "input_ids":
+            feeds[value.name] = rng.integers(0, VOCABULARY, size=(count, *dims))
+        elif value.name == "position_ids":
+            feeds[value.name] = np.broadcast_to(np.arange(dims[-1]), (count, dims[-1])).copy()
+        elif value.type.tensor_type.elem_type == TensorProto.INT64:
             lengths = rng.integers(1, dims[-1] + 1, size=count)
             feeds[value.name] = (np.arange(dims[-1]) < lengths[:, None]).astype(np.int64)
         else:

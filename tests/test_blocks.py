@@ -65,6 +65,18 @@ def test_nhwc_blocks_are_compensated_over_their_last_axis():
     assert not any(b.channels_first for b in found)
 
 
+def test_post_ln_layers_end_after_their_layer_norm_and_take_side_inputs_as_context():
+    model = _prepared(graphs.bert(layers=2))
+    assert blocks.choose_primary_input(model.graph).name == "input_ids"
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [
+        ("/embeddings/ln_out", "/encoder/layer.0/mlp/ln_out"),
+        ("/encoder/layer.0/mlp/ln_out", "features"),  # both outputs (features, pooled) are past it
+    ]
+    residual = blocks.find_blocks(model, granularity="residual")
+    assert [b.output for b in residual][:2] == ["/encoder/layer.0/attn/ln_out", "/encoder/layer.0/mlp/ln_out"]
+
+
 def test_boundaries_ignore_shape_subgraphs():
     model = _prepared(graphs.transformer(layers=1))
     path = blocks.DataPath.analyze(model.graph)
