@@ -273,6 +273,8 @@ def _compensate(run: _Run, q: ir.Model, found: list[blk.Block], calib: Calibrati
             entry.r2_train, entry.r2_heldout = fit.r2_train, fit.r2_heldout
             entry.error_ratio_heldout, entry.note = fit.error_ratio_heldout, fit.reason
             entry.channels, entry.channels_kept = fit.fit.bias.size, fit.kept_targets
+            if fit.not_finite:
+                run.report.warn(f"block {res.block.name}: NaN or Inf in its statistics or fit; its compensation is dropped")
         if res.kept:
             branch = splice.Branch(
                 f"block{k}",

@@ -47,8 +47,10 @@ class Report:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        logger.warning(message)
+        """Log ``message`` and keep it in the report, once."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logger.warning(message)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True)

@@ -56,11 +56,12 @@ class NormalEquations:
             self.shift = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         xs = x - self.shift
         self.count += x.shape[0]
-        self.sum_x += xs.sum(axis=0, dtype=np.float64)
-        self.sum_r += r.sum(axis=0, dtype=np.float64)
-        self.sum_r2 += np.square(r).sum(axis=0, dtype=np.float64)
-        self.xtx += xs.T @ xs
-        self.xtr += xs.T @ r
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are caught when fitting
+            self.sum_x += xs.sum(axis=0, dtype=np.float64)
+            self.sum_r += r.sum(axis=0, dtype=np.float64)
+            self.sum_r2 += np.square(r).sum(axis=0, dtype=np.float64)
+            self.xtx += xs.T @ xs
+            self.xtr += xs.T @ r
 
     def merged(self, other: NormalEquations) -> NormalEquations:
         """The statistics of both sets of rows together (they must share the shift)."""
@@ -172,6 +173,7 @@ class CompensationFit:
     error_ratio_heldout: float
     kept_targets: int  # output channels whose compensation lowers the held-out error
     alphas: np.ndarray  # the ridge strength chosen per output channel
+    not_finite: bool = False  # the statistics or the solution held NaN or Inf: dropped
 
     @property
     def kept(self) -> bool:
@@ -179,6 +181,8 @@ class CompensationFit:
 
     @property
     def reason(self) -> str:
+        if self.not_finite:
+            return "NaN or Inf in the fit: those channels dropped"
         return "" if self.kept else "no gain on held-out samples"
 
 
@@ -193,8 +197,10 @@ def fit_compensation(
     error, and is compensated only where that error is lower than without
     compensation; the kept channels are then refit on all rows.
     """
-    fits = [fit_ridge(train, alpha) for alpha in alphas]
     zero = LinearMap.zeros(train.n_features, train.n_targets)
+    if not (_finite_statistics(train) and _finite_statistics(heldout)):
+        return CompensationFit(zero, 0.0, 0.0, 1.0, 0, np.full(train.n_targets, np.nan), not_finite=True)
+    fits = [fit_ridge(train, alpha) for alpha in alphas]
     errors = np.stack(
         [sum_squared_error(heldout, f) if f.is_finite() else np.full(train.n_targets, np.inf) for f in fits]
         + [sum_squared_error(heldout, zero)]
@@ -209,8 +215,12 @@ def fit_compensation(
     final = fit_ridge(train.merged(heldout), np.where(keep, chosen, 1.0))
     final = LinearMap(final.weight * keep, final.bias * keep)
     if not final.is_finite():
-        return CompensationFit(zero, *scores, 0, chosen)
+        return CompensationFit(zero, *scores, 0, chosen, not_finite=True)
     return CompensationFit(final, *scores, int(keep.sum()), chosen)
+
+
+def _finite_statistics(eq: NormalEquations) -> bool:
+    return all(np.isfinite(a).all() for a in (eq.sum_x, eq.sum_r, eq.sum_r2, eq.xtx, eq.xtr))
 
 
 def _select_columns(fits: list[LinearMap], best: np.ndarray, keep: np.ndarray, zero: LinearMap) -> LinearMap:
@@ -247,6 +257,7 @@ def fit_grouped_compensation(
         error_ratio_heldout=_pooled([f.error_ratio_heldout for f in fits], before, complement=False),
         kept_targets=sum(f.kept_targets for f in fits),
         alphas=np.concatenate([f.alphas for f in fits]),
+        not_finite=any(f.not_finite for f in fits),
     )
 
 

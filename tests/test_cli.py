@@ -20,6 +20,15 @@ def files(tmp_path_factory):
     model = graphs.resnet()
     onnx.save(model, folder / "model.onnx")
     np.savez(folder / "calib.npz", **graphs.samples(model, 48, seed=1))
+    data = model.SerializeToString()
+    (folder / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].input[0] = "no_such_tensor"  # onnx.checker: input not produced by any node
+    (folder / "broken.onnx").write_bytes(broken.SerializeToString())
+    from qwt_onnx import quantize
+
+    quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
     return folder
 
 
@@ -45,6 +54,9 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
     [
         (["missing.onnx", "out.onnx", "--calib", "calib.npz"], "does not exist"),
         (["calib.npz", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
+        (["truncated.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
+        (["broken.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
+        (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
         (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--samples", "0"], "--samples must be at least 1"),
@@ -74,6 +86,7 @@ def test_calibration_data_must_match_the_inputs(files, tmp_path):
         "shape": ({"image": good["image"][:, :, :8]}, "shape"),
         "dtype": ({"image": good["image"].astype(np.complex64)}, "dtype"),
         "nan": ({"image": np.where(good["image"] > 2, np.nan, good["image"])}, "NaN"),
+        "inf": ({"image": np.where(good["image"] > 2, np.inf, good["image"])}, "Inf"),
         "empty": ({"image": good["image"][:0]}, "empty"),
     }
     for name, (arrays, message) in cases.items():

@@ -130,3 +130,31 @@ def test_grouped_fit_recovers_a_block_diagonal_map_and_pools_its_scores():
     np.testing.assert_allclose(result.fit.bias, 0.5, atol=2e-3)
     assert result.kept_targets == 6 and result.alphas.shape == (6,)
     assert result.r2_heldout > 0.99 and result.error_ratio_heldout < 1e-3
+
+
+def test_non_finite_statistics_drop_the_compensation_and_say_why():
+    rng = np.random.default_rng(6)
+    x, r, _, _ = _noisy_linear(rng, n=600)
+    r[5, 2] = np.inf  # e.g. an overflow in one block output
+    shift = np.zeros(x.shape[1], np.float32)
+    train, held = solver.NormalEquations(x.shape[1], r.shape[1], shift), solver.NormalEquations(x.shape[1], r.shape[1], shift)
+    train.update(x[:500], r[:500])
+    held.update(x[500:], r[500:])
+    result = solver.fit_compensation(train, held)
+    assert not result.kept and result.not_finite and "NaN or Inf" in result.reason
+    assert result.fit.is_finite()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_few_rows_and_constant_channels_give_a_finite_regularised_solution(rows):
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 16))
+    x[:, 3] = 7.0  # a constant channel
+    x[:, 5] = x[:, 4]  # two identical channels
+    r = rng.standard_normal((rows, 4))
+    eq = solver.NormalEquations(16, 4)
+    eq.update(x, r)
+    for alpha in solver.DEFAULT_ALPHAS:
+        fit = solver.fit_ridge(eq, alpha)
+        assert fit.is_finite()
+        assert np.isfinite(solver.sum_squared_error(eq, fit)).all()
