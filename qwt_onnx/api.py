@@ -126,7 +126,7 @@ class _Run:
     def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
         """Output SQNR to FP32 on the held-out samples of ``calib`` (a prefix of the run's set)."""
         calib = calib or self.calib
-        count = int(calib.heldout_mask.sum())
+        count = int(calib.scoring_mask.sum())
         if not count:
             return None
         if self.reference is None:

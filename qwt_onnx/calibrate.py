@@ -25,11 +25,11 @@ def observe(
     batch_size: int,
     progress: bool = True,
 ) -> tuple[dict[str, RangeObserver], dict[str, np.ndarray]]:
-    """Range statistics of ``tensors`` over all samples, and the model outputs on the held-out ones."""
+    """Range statistics of ``tensors`` over all samples, and the model outputs on the scoring samples."""
     output_names = [o.name for o in model.graph.output]
     runner = Runner(with_outputs(model, list(tensors)))
     observers = {name: RangeObserver() for name in tensors}
-    heldout = calib.heldout_mask
+    heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     for batch in _progress(calib, batch_size, None, "calibrating ranges", progress):
         values = {**batch.feeds, **runner(batch.feeds)}
@@ -42,9 +42,9 @@ def observe(
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str, progress: bool = True) -> dict[str, np.ndarray]:
-    """The model's outputs on the held-out calibration samples."""
+    """The model's outputs on the scoring samples (held out from every fit)."""
     runner = Runner(model)
-    indices = np.flatnonzero(calib.heldout_mask)
+    indices = np.flatnonzero(calib.scoring_mask)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in _progress(calib, batch_size, indices, description, progress):
         for name, value in runner(batch.feeds).items():

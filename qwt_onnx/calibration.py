@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -11,6 +13,8 @@ import numpy as np
 from qwt_onnx.errors import InputError
 
 HELDOUT_EVERY = 5  # every fifth sample is held out to validate the fits
+SCORING_SAMPLES = 256  # held-out samples whose outputs are kept to score whole models
+CHECK_ROWS = 64  # samples scanned at a time for NaN / Inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,19 +56,18 @@ class CalibrationSet:
         if not os.path.isfile(path):
             raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
         try:
-            loaded = np.load(path, allow_pickle=False)
-        except Exception as exc:  # numpy raises several types for unreadable files
+            arrays = _map_file(path)
+        except Exception as exc:  # numpy and zipfile raise several types for unreadable files
             raise InputError(f"cannot read calibration file {path} ({exc}); write it with numpy.savez or numpy.save") from None
-        if isinstance(loaded, np.ndarray):
+        if isinstance(arrays, np.ndarray):
             if len(specs) != 1:
                 names = ", ".join(s.name for s in specs)
                 raise InputError(
                     f"{path} holds one array but the model has {len(specs)} inputs ({names}); "
                     "save a .npz with one key per input"
                 )
-            return cls({specs[0].name: loaded}, specs)
-        with loaded:
-            return cls({key: loaded[key] for key in loaded.files}, specs)
+            return cls({specs[0].name: arrays}, specs)
+        return cls(arrays, specs)
 
     def take(self, num_samples: int) -> CalibrationSet:
         """The first ``num_samples`` samples (all of them if there are fewer)."""
@@ -79,12 +82,22 @@ class CalibrationSet:
             mask[-1] = True
         return mask
 
+    @property
+    def scoring_mask(self) -> np.ndarray:
+        """The first ``SCORING_SAMPLES`` held-out samples: whole-model outputs are compared on these,
+        so the outputs kept in memory do not grow with the calibration set."""
+        mask = self.heldout_mask
+        mask[np.flatnonzero(mask)[SCORING_SAMPLES:]] = False
+        return mask
+
     def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[Batch]:
         """Feeds of ``batch_size`` samples, in order, optionally restricted to ``indices``."""
         indices = np.arange(self.num_samples) if indices is None else np.asarray(indices)
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             feeds = {spec.name: np.ascontiguousarray(self.arrays[spec.name][chunk], dtype=spec.dtype) for spec in self.specs}
+            for array in self.arrays.values():
+                _release(array)
             yield Batch(chunk, feeds)
 
     def num_batches(self, batch_size: int, indices: np.ndarray | None = None) -> int:
@@ -138,8 +151,54 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
             raise InputError(
                 f"calibration array {spec.name!r} has dtype {array.dtype} but the model input is {spec.dtype}; convert it"
             )
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")
+    if np.issubdtype(array.dtype, np.floating):
+        for start in range(0, len(array), CHECK_ROWS):
+            finite = np.isfinite(array[start : start + CHECK_ROWS]).all()
+            _release(array)
+            if not finite:
+                raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")
+
+
+def _map_file(path: str) -> np.ndarray | dict[str, np.ndarray]:
+    """A ``.npy`` array, or a ``.npz`` file's arrays, memory-mapped where they are stored uncompressed.
+
+    Samples are then read from disk batch by batch, so a large calibration set
+    costs page cache, not this process's memory.
+    """
+    if not zipfile.is_zipfile(path):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            key = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type == zipfile.ZIP_STORED:
+                arrays[key] = _map_member(path, raw, info)
+            else:  # np.savez_compressed: read it whole
+                with archive.open(info) as member:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
+
+
+def _map_member(path: str, raw, info: zipfile.ZipInfo) -> np.ndarray:
+    raw.seek(info.header_offset)
+    header = raw.read(30)  # the local file header: name and extra field lengths at bytes 26..29
+    raw.seek(info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little"))
+    version = np.lib.format.read_magic(raw)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(raw)
+    if dtype.hasobject:
+        raise ValueError(f"{info.filename} holds Python objects")
+    if 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order="F" if fortran_order else "C")
+
+
+def _release(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process (the OS keeps them cached)."""
+    while isinstance(array, np.ndarray):
+        array = array.base
+    if isinstance(array, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        array.madvise(mmap.MADV_DONTNEED)
 
 
 def _format_shape(shape: tuple[int | None, ...]) -> str:

@@ -1,0 +1,51 @@
+"""Calibration files are read from disk batch by batch, not loaded whole."""
+
+import numpy as np
+import pytest
+
+from qwt_onnx import calibration
+from qwt_onnx.calibration import CalibrationSet, InputSpec
+
+SPECS = [InputSpec("image", np.dtype(np.float32), (None, 3, 4)), InputSpec("ids", np.dtype(np.int64), (None, 5))]
+
+
+def _arrays(count=37):
+    rng = np.random.default_rng(0)
+    return {"image": rng.standard_normal((count, 3, 4)).astype(np.float32), "ids": rng.integers(0, 9, (count, 5))}
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_files_give_the_same_batches_as_numpy_load(tmp_path, save):
+    arrays = _arrays()
+    save(tmp_path / "calib.npz", **arrays)
+    calib = CalibrationSet.load(tmp_path / "calib.npz", SPECS)
+    assert isinstance(calib.arrays["image"], np.memmap) == (save is np.savez)  # stored members are mapped
+    batches = list(calib.batches(8, np.arange(3, 30, 2)))
+    for batch in batches:
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(batch.feeds[name], array[batch.indices])
+            assert batch.feeds[name].flags.c_contiguous and not isinstance(batch.feeds[name], np.memmap)
+
+
+def test_a_npy_file_is_memory_mapped(tmp_path):
+    image = _arrays()["image"]
+    np.save(tmp_path / "calib.npy", image)
+    calib = CalibrationSet.load(tmp_path / "calib.npy", SPECS[:1]).take(20)
+    assert isinstance(calib.arrays["image"], np.memmap) and calib.num_samples == 20
+    np.testing.assert_array_equal(next(calib.batches(20)).feeds["image"], image[:20])
+
+
+def test_nan_is_found_in_any_chunk_of_a_mapped_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "CHECK_ROWS", 4)
+    arrays = _arrays()
+    arrays["image"][33, 1, 2] = np.nan
+    np.savez(tmp_path / "calib.npz", **arrays)
+    with pytest.raises(calibration.InputError, match="NaN or Inf"):
+        CalibrationSet.load(tmp_path / "calib.npz", SPECS)
+
+
+def test_whole_model_scores_use_a_bounded_number_of_heldout_samples(monkeypatch):
+    monkeypatch.setattr(calibration, "SCORING_SAMPLES", 3)
+    calib = CalibrationSet(_arrays(count=40), SPECS)
+    assert calib.heldout_mask.sum() == 8
+    assert np.flatnonzero(calib.scoring_mask).tolist() == [4, 9, 14]
