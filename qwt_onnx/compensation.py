@@ -101,6 +101,8 @@ def infer_layout(
     spatial_in, spatial_out = x_shape[2:], y_shape[2:]
     if min(spatial_out) <= 0:
         return None
+    if max(spatial_out) == 1 < max(spatial_in):  # global pooling: no strided pixel stands for the mean
+        return None
     stride = max(1, round(spatial_in[0] / spatial_out[0]))
     if not all(math.ceil(a / stride) == b for a, b in zip(spatial_in, spatial_out)):
         return None

@@ -1,3 +1,5 @@
+import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -75,6 +77,18 @@ def test_post_ln_layers_end_after_their_layer_norm_and_take_side_inputs_as_conte
     ]
     residual = blocks.find_blocks(model, granularity="residual")
     assert [b.output for b in residual][:2] == ["/encoder/layer.0/attn/ln_out", "/encoder/layer.0/mlp/ln_out"]
+
+
+def test_a_trailing_slice_of_the_tokens_is_not_absorbed_even_with_dynamic_dims():
+    proto = graphs.transformer(layers=2)
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "sequence"  # dynamic token count
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "patches"
+    starts, ends, axes = (onnx.numpy_helper.from_array(np.array([v]), n) for v, n in ((1, "s"), (2**31, "e"), (1, "a")))
+    proto.graph.initializer.extend([starts, ends, axes])
+    proto.graph.node.append(onnx.helper.make_node("Slice", ["features", "s", "e", "a"], ["patches"], name="/drop_cls"))
+    proto.graph.output[0].name = "patches"  # the class token dropped, as ViT saliency and detection heads do
+    found = blocks.find_blocks(_prepared(proto))
+    assert found[-1].output == "features"
 
 
 def test_boundaries_ignore_shape_subgraphs():

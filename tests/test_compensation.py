@@ -53,3 +53,4 @@ def test_no_layout_where_no_linear_branch_fits():
     assert infer_layout((2, 8, 8, 8), (2, 16), channels_first=True) is None
     assert infer_layout((2, 8, 9, 8), (2, 8, 4, 8), channels_first=True) is None  # not one stride on every axis
     assert infer_layout((2, 5, 16), (2, 6, 16), channels_first=False) is None  # tokens must keep their count
+    assert infer_layout((2, 8, 7, 7), (2, 8, 1, 1), channels_first=True) is None  # global pooling

@@ -271,6 +271,7 @@ def markdown(results: list[dict], args, minutes: float) -> str:
               "quantize_static (min-max) time; QwT latency within 10% of the PTQ model's.", ""]
     lines += _target_lines(results)
     lines += _granularity_lines(results)
+    lines += _memory_lines(os.path.join(os.path.dirname(args.out), "memory.json"))
     for r in results:
         lines += _model_section(r)
     lines += ["", "![fidelity versus latency](benchmarks.png)", ""]
@@ -296,6 +297,23 @@ def _granularity_lines(results: list[dict]) -> list[str]:
             cells.append(f"{v[key]['scores']['sqnr_db']:.2f} dB" + ("" if applied else " (PTQ written)"))
         params = [f"{100 * v[k]['report']['added_parameters'] / fp32_params:.1f}%" for k in ("qwt", "qwt-residual")]
         lines.append(f"| {r['name']} | {cells[0]} | {cells[1]} | {params[0]} | {params[1]} |")
+    return lines
+
+
+def _memory_lines(path: str) -> list[str]:
+    """Peak memory against calibration samples, from tools/memory.py's last run."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        m = json.load(f)
+    lines = ["", "## Peak memory versus calibration samples", "",
+             f"`python tools/memory.py` on {m['model']}, {m['date']}, on {m['machine']}: qwt_onnx (percentile, with",
+             "QwT) and quantize_static (min-max), each in its own process, the same samples.", "",
+             "| samples | calibration file MiB | qwt_onnx peak RSS MiB | qwt_onnx s | quantize_static peak RSS MiB | quantize_static s |",
+             "|---|---|---|---|---|---|"]
+    for row in m["rows"]:
+        lines.append(f"| {row['samples']} | {row['calibration_file_mb']:.0f} | {row['qwt_peak_rss_mb']:.0f} | {row['qwt_seconds']:.0f} | "
+                     f"{row['ort_peak_rss_mb']:.0f} | {row['ort_seconds']:.0f} |")
     return lines
 
 

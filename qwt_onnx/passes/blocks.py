@@ -41,6 +41,11 @@ from qwt_onnx.errors import InputError
 from qwt_onnx.passes import graph as g
 
 GRANULARITIES = ("layer", "residual")
+RESHAPING_OPS = {
+    "Slice", "Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Concat", "Split", "Squeeze",
+    "Unsqueeze", "Flatten", "Pad", "Resize", "Upsample", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+}
 MAX_PERIOD = 4
 
 
@@ -278,16 +283,23 @@ def _same_rank(a: ir.Value, b: ir.Value) -> bool:
 
 
 def _keeps_shape(previous: _Segment, segment: _Segment) -> bool:
+    """Whether a parameter-free segment ends with the shape it starts from.
+
+    Static dims must be equal. Exporters name the same dynamic dim apart after
+    some ops (LayerNormalization), so differently named dynamic dims count as
+    equal unless the segment holds an op that can change them (Slice, Reshape, ...).
+    """
     if segment.weighted or not segment.nodes:
         return False
-    return _same_shape(previous.end.shape, segment.end.shape)
-
-
-def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
-    """Equal ranks, equal static dims; two symbolic dims count as equal (exporters name them apart)."""
+    a, b = previous.end.shape, segment.end.shape
     if a is None or b is None or len(a) != len(b):
         return False
-    return all(x == y if isinstance(x, int) or isinstance(y, int) else True for x, y in zip(a, b))
+    reshapes = any(n.op_type in RESHAPING_OPS for n in segment.nodes)
+    for x, y in zip(a, b):
+        if isinstance(x, int) or isinstance(y, int) or reshapes:
+            if x != y:
+                return False
+    return True
 
 
 def _signature(segments: list[_Segment]) -> tuple:
