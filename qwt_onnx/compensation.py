@@ -72,7 +72,11 @@ class Layout:
     def apply(self, fit: LinearMap, x: np.ndarray) -> np.ndarray:
         """The branch output ``c(x)`` in float32, as the spliced branch computes it, shaped like the block output."""
         rows = self.rows(x).astype(np.float32, copy=False)
-        out = rows @ fit.weight.astype(np.float32) + fit.bias.astype(np.float32)
+        weight = fit.weight.astype(np.float32)
+        out = np.empty((rows.shape[0], weight.shape[1]), np.float32)
+        for features, targets in self.group_slices(*weight.shape):  # block-diagonal: one product per group
+            np.matmul(rows[:, features], weight[features, targets], out=out[:, targets])
+        out += fit.bias.astype(np.float32)
         if not self.channels_first:
             return out.reshape(*x.shape[:-1], out.shape[-1])
         spatial = [math.ceil(d / self.stride) for d in x.shape[2:]]
