@@ -1,10 +1,14 @@
-"""Calibration files are read from disk batch by batch, not loaded whole."""
+"""Memory: calibration files are read from disk batch by batch, captured tensors spill to disk."""
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
-from qwt_onnx import calibration
+from qwt_onnx import calibrate, calibration
 from qwt_onnx.calibration import CalibrationSet, InputSpec
+from qwt_onnx.passes import blocks, capture, prepare, qdq
+from qwt_onnx.ranges import compute_range
+from tests import graphs
 
 SPECS = [InputSpec("image", np.dtype(np.float32), (None, 3, 4)), InputSpec("ids", np.dtype(np.int64), (None, 5))]
 
@@ -49,3 +53,19 @@ def test_whole_model_scores_use_a_bounded_number_of_heldout_samples(monkeypatch)
     calib = CalibrationSet(_arrays(count=40), SPECS)
     assert calib.heldout_mask.sum() == 8
     assert np.flatnonzero(calib.scoring_mask).tolist() == [4, 9, 14]
+
+
+def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory():
+    fp = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
+    calib = CalibrationSet(graphs.samples(graphs.resnet(), 40, seed=1), prepare.input_specs(fp))
+    placement = qdq.place(fp.graph, "ort")
+    observers, _ = calibrate.observe(prepare.to_proto(fp), placement.observed_names, calib, 8, progress=False)
+    q = fp.clone()
+    qdq.InsertQdqPass({n: compute_range(o, "percentile") for n, o in observers.items()}, "ort")(q)
+    found = blocks.find_blocks(fp)
+    held = capture.fit_blocks(fp, q, found, calib, 8, progress=False, exact_boundaries=True)
+    spilled = capture.fit_blocks(fp, q, found, calib, 8, progress=False, exact_boundaries=True, memory_budget=0)
+    assert len(held) == len(spilled) == len(found)
+    for a, b in zip(held, spilled):
+        np.testing.assert_array_equal(a.result.fit.weight, b.result.fit.weight)
+        np.testing.assert_array_equal(a.result.fit.bias, b.result.fit.bias)
