@@ -63,3 +63,16 @@ def test_qwt_on_top_of_onnxruntime_quantize_static(tmp_path, per_channel, activa
     ort_error = mean_squared_error({"y": reference}, {"y": session(onnx.load(str(tmp_path / "ort_qdq.onnx"))).run(None, test)[0]})
     qwt_error = mean_squared_error({"y": reference}, {"y": session(compensated).run(None, test)[0]})
     assert qwt_error < ort_error
+
+
+def test_qwt_on_top_of_our_own_qdq_model_fits_against_its_quantization(tmp_path):
+    model = graphs.resnet()
+    calib = graphs.samples(model, 96, seed=1)
+    ours = quantize(model, calib, tmp_path / "ptq.onnx", qwt=False, calib_method="percentile", progress=False)
+    compensated, report = quantize_with_report(model, calib, quantized=tmp_path / "ptq.onnx", progress=False)
+    assert report.method == "given" and report.qwt_applied
+    test = graphs.samples(model, 48, seed=2)
+    reference = {"y": session(model).run(None, test)[0]}
+    ptq_error = mean_squared_error(reference, {"y": session(ours).run(None, test)[0]})
+    qwt_error = mean_squared_error(reference, {"y": session(compensated).run(None, test)[0]})
+    assert qwt_error < ptq_error
