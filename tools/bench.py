@@ -32,12 +32,12 @@ from qwt_onnx.runtime import Runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORT_METHODS = ("minmax", "percentile", "entropy")
-HISTOGRAM_TIMEOUT = 45  # seconds for onnxruntime's percentile / entropy calibration
-# onnxruntime's histogram calibrators took over 45 s on every model whose min-max run took
+HISTOGRAM_TIMEOUT = 40  # seconds for onnxruntime's percentile / entropy calibration
+# onnxruntime's histogram calibrators took over 40 s on every model whose min-max run took
 # over 20 s (over 10 minutes on vit-s); there they are not run, and the table says so.
 HISTOGRAM_SKIP_AFTER = 20.0
 QUICK_SAMPLES, QUICK_EVALUATION = 32, 16
-FULL_EVALUATION = 256  # evaluation samples per model at most
+FULL_EVALUATION = 192  # evaluation samples per model at most
 LABELS = {
     "fp32": "FP32",
     "ort-minmax": "ORT quantize_static, min-max",
@@ -199,8 +199,8 @@ def bench_model(name: str, samples: int, quick: bool, folder: str, log) -> dict:
     variants["qwt-on-ort"].scores = score(entry, reference, variants["qwt-on-ort"].path, feeds, labels)
 
     for variant in variants.values():
-        variant.scores["latency_b1_ms"] = latency_ms(variant.path, feeds, 1, 3 if quick else 15)
-        variant.scores["latency_b16_ms"] = latency_ms(variant.path, feeds, 16, 3 if quick else 4)
+        variant.scores["latency_b1_ms"] = latency_ms(variant.path, feeds, 1, 3 if quick else 12)
+        variant.scores["latency_b16_ms"] = latency_ms(variant.path, feeds, 16, 3 if quick else 3)
     log(f"  evaluated {len(variants)} variants on {len(next(iter(feeds.values())))} samples")
     return {
         "name": name,
