@@ -124,10 +124,10 @@ class _Run:
     report: Report
     progress: bool
     branch_shape: capture.BranchShape
-    reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the held-out samples
+    reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples
 
     def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
-        """Output SQNR to FP32 on the held-out samples of ``calib`` (a prefix of the run's set)."""
+        """Output SQNR to FP32 on the scoring samples of ``calib`` (a prefix of the run's set)."""
         calib = calib or self.calib
         count = int(calib.scoring_mask.sum())
         if not count:

@@ -10,7 +10,7 @@ import numpy as np
 def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> float:
     """Signal-to-quantization-noise ratio ``10·log10(‖ref‖² / ‖ref − test‖²)``, pooled over float outputs."""
     signal = noise = 0.0
-    for name, ref in _float_outputs(reference):
+    for name, ref in float_outputs(reference):
         y = np.ascontiguousarray(ref, dtype=np.float32).ravel()
         diff = y - np.asarray(test[name], dtype=np.float32).ravel()
         signal += _squared_norm(y)
@@ -23,14 +23,14 @@ def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray])
 def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> float:
     """Mean squared error over all elements of all float outputs."""
     total = count = 0.0
-    for name, ref in _float_outputs(reference):
+    for name, ref in float_outputs(reference):
         diff = np.asarray(ref, dtype=np.float32).ravel() - np.asarray(test[name], dtype=np.float32).ravel()
         total += _squared_norm(diff)
         count += diff.size
     return total / max(count, 1)
 
 
-def _float_outputs(reference: Mapping[str, np.ndarray]):
+def float_outputs(reference: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """Outputs that carry values: integer ones (token ids, masks passed through) match trivially."""
     return [(name, ref) for name, ref in reference.items() if np.issubdtype(np.asarray(ref).dtype, np.floating)]
 

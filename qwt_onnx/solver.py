@@ -252,19 +252,16 @@ def fit_grouped_compensation(
     before = [held.sum_r2.sum() for _, held in groups]
     return CompensationFit(
         LinearMap(weight, bias),
-        r2_train=_pooled([1 - f.r2_train for f in fits], trains, complement=True),
-        r2_heldout=_pooled([1 - f.r2_heldout for f in fits], helds, complement=True),
-        error_ratio_heldout=_pooled([f.error_ratio_heldout for f in fits], before, complement=False),
+        r2_train=_weighted_mean([f.r2_train for f in fits], trains, empty=0.0),
+        r2_heldout=_weighted_mean([f.r2_heldout for f in fits], helds, empty=0.0),
+        error_ratio_heldout=_weighted_mean([f.error_ratio_heldout for f in fits], before, empty=1.0),
         kept_targets=sum(f.kept_targets for f in fits),
         alphas=np.concatenate([f.alphas for f in fits]),
         not_finite=any(f.not_finite for f in fits),
     )
 
 
-def _pooled(ratios: list[float], totals: list[float], complement: bool) -> float:
-    """Per-group error ratios weighted by each group's total; ``1 -`` that where ``complement``."""
-    total = sum(totals)
-    if total <= 0:
-        return 0.0 if complement else 1.0
-    pooled = sum(r * t for r, t in zip(ratios, totals)) / total
-    return 1.0 - pooled if complement else pooled
+def _weighted_mean(values: list[float], weights: list[float], empty: float) -> float:
+    """Per-group scores pooled by each group's sum of squares (``empty`` when all are zero)."""
+    total = sum(weights)
+    return empty if total <= 0 else sum(v * w for v, w in zip(values, weights)) / total

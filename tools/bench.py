@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qwt_onnx import zoo
+from qwt_onnx.metrics import float_outputs
 from qwt_onnx.runtime import Runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,9 +111,7 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
     first, kept = None, []
     for ref, out in zip(reference, outputs_of(model, feeds)):
         first = first or next(iter(ref))
-        for name, y in ref.items():
-            if not np.issubdtype(y.dtype, np.floating):  # token ids or masks passed through
-                continue
+        for name, y in float_outputs(ref):  # token ids or masks passed through carry no signal
             y32, t32 = y.astype(np.float32).ravel(), out[name].astype(np.float32).ravel()
             signal += float(np.dot(y32, y32))
             noise += float(np.dot(y32 - t32, y32 - t32))

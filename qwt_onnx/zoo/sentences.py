@@ -11,7 +11,6 @@ mask passed through, which the metrics ignore).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import re
 import zipfile
@@ -43,8 +42,7 @@ def tokenizer():
     from tokenizers import Tokenizer
 
     with zipfile.ZipFile(package_file("all_minilm_l6_v2", "model.zip")) as archive:
-        spec = json.loads(archive.read("tokenizer.json"))
-    tok = Tokenizer.from_str(json.dumps(spec))
+        tok = Tokenizer.from_str(archive.read("tokenizer.json").decode("utf-8"))
     tok.enable_truncation(SEQUENCE_LENGTH)
     tok.enable_padding(length=SEQUENCE_LENGTH)
     return tok
