@@ -41,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input channels per group of a feature-map branch; 0 for one group (default 64)")
     parser.add_argument("--kernel-size", type=int, default=1, metavar="K",
                         help="kernel size of a feature-map branch, odd (default 1: a 1x1 conv)")
+    parser.add_argument("--branch-precision", choices=["int8", "float"], default="int8",
+                        help="int8: branches run in integer kernels (QLinearConv, MatMulIntegerToFloat); "
+                        "float: float MatMul/Conv (default int8)")
+    parser.add_argument("--min-gain", type=float, default=api.MIN_GAIN, metavar="F",
+                        help="keep a branch only if it removes at least this share of its block's "
+                        f"held-out error (default {api.MIN_GAIN})")
+    parser.add_argument("--exclude-nodes", metavar="NAMES", default="",
+                        help="Conv/MatMul/Gemm nodes to leave in float: names or regular expressions "
+                        "(whole-name match), comma-separated")
+    parser.add_argument("--exclude-op-types", metavar="TYPES", default="",
+                        help="op types to leave in float, e.g. Gemm (regular expressions, comma-separated)")
     parser.add_argument("--report", metavar="FILE.json", help="write per-block figures as JSON")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
@@ -68,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             granularity=args.granularity,
             groups_factor=args.groups_factor,
             kernel_size=args.kernel_size,
+            branch_precision=args.branch_precision,
+            min_gain=args.min_gain,
+            exclude_nodes=[p for p in args.exclude_nodes.split(",") if p],
+            exclude_op_types=[p for p in args.exclude_op_types.split(",") if p],
             report=args.report,
             progress=not args.quiet,
         )

@@ -71,3 +71,15 @@ def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
     scale = (high - low) / 255.0 if high > low else 1.0
     zero_point = int(np.clip(np.rint(-low / scale), 0, 255))
     return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
+
+
+def fake_quantize_weight(weight: np.ndarray, axis: int) -> np.ndarray:
+    """``weight`` after int8 per-channel quantization along ``axis`` and back, in its dtype."""
+    params = symmetric_weight_params(weight, axis)
+    return dequantize(quantize(weight, params, axis), params, axis).astype(weight.dtype)
+
+
+def value_range(x: np.ndarray, previous: tuple[float, float] | None = None) -> tuple[float, float]:
+    """``[min, max]`` of ``x``, widened to include ``previous``."""
+    low, high = float(x.min()), float(x.max())
+    return (low, high) if previous is None else (min(low, previous[0]), max(high, previous[1]))

@@ -65,6 +65,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["model.onnx", "out.onnx", "--calib", "model.onnx"], "cannot read calibration file"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--groups-factor", "-8"], "--groups-factor must be"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--kernel-size", "2"], "--kernel-size must be a positive odd"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-nodes", "/stem/(conv"], "not a valid regular expression"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, args, message):
@@ -95,3 +96,16 @@ def test_calibration_data_must_match_the_inputs(files, tmp_path):
         result = _cli(files / "model.onnx", tmp_path / "out.onnx", "--calib", path)
         assert result.returncode == 2 and message in result.stderr, (name, result.stderr)
         assert not (tmp_path / "out.onnx").exists()
+
+
+def test_excluded_op_types_stay_float_and_an_unmatched_exclusion_is_reported(files):
+    out = files / "excluded.onnx"
+    result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--no-qwt",
+                  "--exclude-op-types", "Gemm", "--exclude-nodes", "/no/such/conv")
+    assert result.returncode == 0, result.stderr
+    assert "'/no/such/conv' matches no Conv, MatMul or Gemm node" in result.stdout + result.stderr
+    model = onnx.load(str(out))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] in {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert sum(n.op_type == "Conv" for n in model.graph.node) == 8
+    assert all(n.input[1].endswith("_dequantized") for n in model.graph.node if n.op_type == "Conv")

@@ -31,7 +31,8 @@ def case(request):
     model = build()
     calib = graphs.samples(model, 160, seed=1)
     ptq = quantize(model, calib, qwt=False, calib_method=method, progress=False)
-    qwt, report = quantize_with_report(model, calib, calib_method=method, progress=False)
+    # every branch that helps at all, so that the small models exercise the whole mechanism
+    qwt, report = quantize_with_report(model, calib, calib_method=method, min_gain=0.0, progress=False)
     return request.param, model, ptq, qwt, report
 
 
@@ -63,8 +64,9 @@ def test_ptq_tracks_fp32_and_qwt_tracks_it_closer_on_heldout_inputs(case):
 def test_branches_are_named_and_batch_stays_dynamic(case):
     _, model, _, qwt, report = case
     spliced = [n for n in qwt.graph.node if n.name.startswith("qwt/")]
-    boundaries = {b.output for b in report.blocks}
-    # new tensors are named qwt/...; a block's output name now holds its compensated value
+    # new tensors are named qwt/...; a block's output name now holds its compensated value (or,
+    # for a conv output read only through Q/DQ, the name of its dequantized view does)
+    boundaries = {b.output for b in report.blocks} | {f"{b.output}_dequantized" for b in report.blocks}
     assert spliced and all(n.output[0].startswith("qwt/") or n.output[0] in boundaries for n in spliced)
     assert sum(n.output[0] in boundaries for n in spliced) == sum(b.kept for b in report.blocks)
     assert report.added_parameters == sum(b.parameters for b in report.blocks)
@@ -89,7 +91,7 @@ def test_int8_kernels_are_used_by_onnxruntime(case, tmp_path):
 
 def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     model = graphs.transformer()
-    _, report = quantize_with_report(model, graphs.samples(model, 160, seed=1), progress=False)
+    _, report = quantize_with_report(model, graphs.samples(model, 160, seed=1), min_gain=0.0, progress=False)
     assert set(report.method_sqnr_db) == {"minmax", "percentile", "entropy"}
     best = max(report.method_sqnr_db.values())
     # QwT is tried on every method whose plain PTQ is within the margin of the best
@@ -119,12 +121,15 @@ def test_feature_map_branches_take_the_requested_groups_and_kernel(groups_factor
         for v in [*inferred.value_info, *inferred.input]
         if len(v.type.tensor_type.shape.dim) == 4
     }
+    producers = {o: n for n in qwt.graph.node for o in n.output}
     for conv in branches:
         attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
         c_in = channels[conv.input[0]]
         expected_groups = max(1, c_in // groups_factor) if groups_factor else 1
         assert attrs["group"] == expected_groups and attrs["kernel_shape"] == [kernel_size] * 2
-        assert list(inits[conv.input[1]].dims[1:]) == [c_in // expected_groups, kernel_size, kernel_size]
+        weight = inits[producers[conv.input[1]].input[0]]  # int8, behind its DequantizeLinear
+        assert weight.data_type == onnx.TensorProto.INT8
+        assert list(weight.dims[1:]) == [c_in // expected_groups, kernel_size, kernel_size]
     test = graphs.samples(model, 64, seed=2)
     reference = _outputs(model, test)
     ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
@@ -133,11 +138,61 @@ def test_feature_map_branches_take_the_requested_groups_and_kernel(groups_factor
 
 def test_where_qwt_does_not_help_on_heldout_samples_the_ptq_model_is_written():
     # The NHWC model with a pooled head: its blocks' branches lower their own held-out error a
-    # little, but the output's error is the head's rounding, which the compensation only shifts.
+    # little (under the default --min-gain: kept here to reach the output check), but the
+    # output's error is the head's rounding, which the compensation only shifts.
     model = graphs.nhwc_resnet(classes=10)
     calib = graphs.samples(model, 160, seed=1)
     ptq = quantize(model, calib, qwt=False, calib_method="minmax", progress=False)
-    written, report = quantize_with_report(model, calib, calib_method="minmax", progress=False)
+    written, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
     assert not report.qwt_applied and report.added_parameters == 0
     assert any("no better than PTQ" in w and "writing the PTQ model" in w for w in report.warnings)
     assert written.SerializeToString() == ptq.SerializeToString()
+
+
+def _optimized_ops(model, folder) -> list[str]:
+    """The kernels onnxruntime runs for ``model`` (its optimized graph, all optimizations)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(folder / "optimized.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("name, build, method, integer_kernel", [
+    ("transformer", graphs.transformer, "entropy", "MatMulIntegerToFloat"),
+    ("resnet", graphs.resnet, "percentile", "QLinearConv"),
+])
+def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(name, build, method, integer_kernel, tmp_path):
+    model = build()
+    calib = graphs.samples(model, 160, seed=1)
+    ptq = quantize(model, calib, qwt=False, calib_method=method, progress=False)
+    int8, report = quantize_with_report(model, calib, calib_method=method, progress=False)
+    floating = quantize(model, calib, calib_method=method, branch_precision="float", progress=False)
+    branches = sum(b.kept for b in report.blocks)
+    assert report.qwt_applied and branches
+    # each int8 branch reads int8 weights through a DequantizeLinear, its input through another
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    for node in int8.graph.node:
+        if node.name.startswith("qwt/") and node.op_type in ("MatMul", "Conv"):
+            assert producers[node.input[0]].op_type == producers[node.input[1]].op_type == "DequantizeLinear"
+    counts = [_optimized_ops(m, tmp_path).count(integer_kernel) for m in (ptq, int8, floating)]
+    assert counts[1] == counts[0] + branches and counts[2] == counts[0]
+    test = graphs.samples(model, 64, seed=2)
+    reference = _outputs(model, test)
+    errors = [mean_squared_error(reference, _outputs(m, test)) for m in (ptq, int8, floating)]
+    assert errors[1] < 0.8 * errors[0] and errors[1] < 1.1 * errors[2]
+
+
+def test_branches_that_remove_too_little_of_their_block_error_are_dropped():
+    model = graphs.resnet()
+    calib = graphs.samples(model, 160, seed=1)
+    _, every = quantize_with_report(model, calib, calib_method="percentile", min_gain=0.0, progress=False)
+    gains = sorted(1 - b.error_ratio_heldout for b in every.blocks if b.kept)
+    threshold = (gains[0] + gains[1]) / 2  # between the weakest branch and the next one
+    _, fewer = quantize_with_report(model, calib, calib_method="percentile", min_gain=threshold, progress=False)
+    dropped = [b for b in fewer.blocks if not b.kept and b.error_ratio_heldout > 0]
+    assert len(dropped) >= 1 and all("under --min-gain" in b.note for b in dropped)
+    assert all(1 - b.error_ratio_heldout >= threshold for b in fewer.blocks if b.kept)
+    assert fewer.added_parameters < every.added_parameters

@@ -43,3 +43,39 @@ def test_models_older_than_opset_13_are_converted():
     np.testing.assert_allclose(
         session(prepare.to_proto(model)).run(None, {"x": x})[0], session(proto).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5
     )
+
+
+def _conv_bias_add(constant: np.ndarray, identity: bool = False):
+    b = GraphBuilder(seed=4)
+    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    if identity:
+        conv = b.op("Identity", [conv], "identity")
+    b.op("Add", [b.const("shift", constant), conv], "add")
+    b.nodes[-1].output[0] = "y"
+    return b.model(
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])],
+    )
+
+
+def _same_function(proto, model, shape=(2, 3, 5, 5)):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(session(prepare.to_proto(model)).run(None, {"x": x})[0],
+                               session(proto).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_per_channel_bias_add_is_folded_into_the_conv_through_an_identity():
+    shift = np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1)
+    proto = _conv_bias_add(shift, identity=True)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph] == ["Conv"]
+    assert model.graph[0].outputs[0].name == "y"
+    _same_function(proto, model)
+
+
+def test_an_add_that_is_not_per_channel_stays():
+    for shift in (np.ones((1, 6, 5, 5), np.float32), np.ones((5,), np.float32)):  # per pixel; along the last axis
+        proto = _conv_bias_add(shift)
+        model = prepare.prepare(ir.serde.deserialize_model(proto))
+        assert [n.op_type for n in model.graph] == ["Conv", "Add"]
+        _same_function(proto, model)

@@ -85,3 +85,21 @@ def test_ort_target_quantizes_conv_outputs_and_absorbs_a_following_relu():
     reference = session(proto).run(None, {"x": x})[0]
     quantized = session(ir.serde.serialize_model(model)).run(None, {"x": x})[0]
     assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
+    from tests import graphs
+
+    model = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
+    everything = qdq.place(model.graph, "ort")
+    excluded = qdq.Exclusions(nodes=(r"/stem/.*",), op_types=("Gemm",))
+    placement = qdq.place(model.graph, "ort", excluded)
+    readers = {node.name for site in placement.weights for node, _ in site.readers}
+    assert readers and not any(name.startswith("/stem/") for name in readers)
+    assert all(node.op_type != "Gemm" for site in placement.weights for node, _ in site.readers)
+    assert len(placement.weights) == len(everything.weights) - 2  # the stem conv and the classifier
+    qdq.InsertQdqPass({name: (-2.0, 3.0) for name in placement.observed_names}, "ort", excluded)(model)
+    stem = next(n for n in model.graph if n.name.startswith("/stem/") and n.op_type == "Conv")
+    assert stem.inputs[0].producer() is None and stem.inputs[1].const_value is not None  # float input and weight
+    assert excluded.unmatched(model.graph) == []
+    assert qdq.Exclusions(nodes=("/no/such/node",)).unmatched(model.graph) == ["/no/such/node"]

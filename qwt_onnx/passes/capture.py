@@ -7,7 +7,8 @@ residual ``R = f(a) - f_q(a)`` and the branch input ``X`` (``a`` after its
 DequantizeLinear where the quantized graph has one) are folded into normal
 equations in float64, so memory does not grow with the number of samples;
 the per-batch tensors that the next block needs are spilled to a temporary
-folder.
+folder. The ranges an int8 branch's quantizers need, of its input (where that
+has no quantizer yet) and of its output, are recorded on the way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from qwt_onnx import quantization as qm
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.compensation import Layout, infer_layout
 from qwt_onnx.errors import InputError
@@ -35,11 +37,16 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
-class BranchShape:
-    """The branch asked for on feature maps: kernel size and input channels per group (0: one group)."""
+class BranchOptions:
+    """The branches asked for: on feature maps their kernel size and input channels per group
+    (0: one group); int8 weights (``int8``, quantized as they are fitted, so that later blocks
+    see each branch as it will run) or float ones; and the least share of its block's held-out
+    error a branch must remove to be kept (each one costs latency)."""
 
     kernel: int = 1
     groups_factor: int = 64
+    int8: bool = True
+    min_gain: float = 0.0
 
 
 @dataclasses.dataclass
@@ -53,6 +60,8 @@ class BlockResult:
     layout: Layout | None = None
     result: CompensationFit | None = None
     skipped: str = ""
+    input_range: tuple[float, float] | None = None  # of the branch input, for a quantizer where it has none
+    output_range: tuple[float, float] | None = None  # of the branch output on the calibration samples
 
     @property
     def kept(self) -> bool:
@@ -85,6 +94,11 @@ class _Stream:
         self.memory_budget = memory_budget
         self.in_memory: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.held_bytes = 0
+        self.ranges: dict[str, tuple[float, float]] = {}  # of each block input, over all batches
+
+    def _enter(self, index: int, value: str, array: np.ndarray) -> None:
+        self.save("stream", index, {value: array})
+        self.ranges[value] = qm.value_range(array, self.ranges.get(value))
 
     def _path(self, key: str, index: int) -> str:
         return os.path.join(self.folder, f"{key}-{index}.npz")
@@ -124,20 +138,25 @@ class _Stream:
             context = self.contexts(batch.feeds)
             self.save("context", i, context)
             pool = {**batch.feeds, **context}
-            self.save("stream", i, {value: runner(pool)[value] if runner else pool[value]})
+            self._enter(i, value, runner(pool)[value] if runner else pool[value])
 
-    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str, progress: bool) -> None:
-        """The next block's input: this block's compensated output, led through any gap."""
+    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str | None, progress: bool) -> None:
+        """The next block's input (``value``): this block's compensated output, led through any
+        gap; on the way, the range of the branch output. ``value`` None: the range only."""
         runner = Runner(lead_in.proto) if lead_in else None
         block = result.block
+        if value is None and not result.kept:
+            return
         for i, _, pool in self.batches("advancing the stream", progress):
             saved = self.load("block", i)
             y = saved["y"]
             if result.kept:
-                x = saved["x"] if "x" in saved else pool[block.input]
-                y = y + result.layout.apply(result.result.fit, x)
-            pool[block.output] = y
-            self.save("stream", i, {value: runner(pool)[value] if runner else y})
+                branch = result.layout.apply(result.result.fit, saved["x"] if "x" in saved else pool[block.input])
+                result.output_range = qm.value_range(branch, result.output_range)
+                y = y + branch
+            if value is not None:
+                pool[block.output] = y
+                self._enter(i, value, runner(pool)[value] if runner else y)
 
 
 def fit_blocks(
@@ -149,7 +168,7 @@ def fit_blocks(
     progress: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     exact_boundaries: bool = False,
-    branch_shape: BranchShape = BranchShape(),
+    branch_options: BranchOptions = BranchOptions(),
 ) -> list[BlockResult]:
     """Fit one compensation per block, sequentially on the compensated quantized stream.
 
@@ -164,9 +183,9 @@ def fit_blocks(
         stream = _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
         stream.start(models[0].lead_in, blocks[0].input, progress)
         for k, result in enumerate(results):
-            _fit_block(stream, models[k], result, calib.heldout_mask, branch_shape, progress)
-            if k + 1 < len(blocks):
-                stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input, progress)
+            _fit_block(stream, models[k], result, calib.heldout_mask, branch_options, progress)
+            last = k + 1 == len(blocks)
+            stream.advance(result, None if last else models[k + 1].lead_in, None if last else blocks[k + 1].input, progress)
     return results
 
 
@@ -189,9 +208,9 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         # input the Relu's name: where a tensor is only ever read through Q/DQ, only the
         # dequantized tensor means what the FP32 tensor of that name means
         if not exact_boundaries:
-            output_view = _quantized_only_view(q_values[block.output])
+            output_view = g.quantized_only_view(q_values[block.output])
             result.quantized_output = output_view.name if output_view is not None else None
-            result.quantized_input = _quantized_only_view(q_values[block.input]) is not None
+            result.quantized_input = g.quantized_only_view(q_values[block.input]) is not None
         outputs = [result.output_in_q] + ([result.branch_input] if result.branch_input != block.input else [])
         models.append(
             _BlockModels(
@@ -205,26 +224,20 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
     return results, models
 
 
-def _quantized_only_view(value: ir.Value) -> ir.Value | None:
-    view = g.dequantized_view(value)
-    if view is not None and all(c.op_type == "QuantizeLinear" for c in value.consumers()):
-        return view
-    return None
-
-
 def _fit_block(
-    stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, shape: BranchShape, progress: bool
+    stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, options: BranchOptions, progress: bool
 ) -> None:
     block = result.block
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
     groups = slices = None
+    result.input_range = stream.ranges[block.input]
     for i, batch, pool in stream.batches(f"capturing {block.name}", progress):
         out = q_run(pool)
         y_q, x = out[result.output_in_q], out.get(result.branch_input, pool[block.input])
         y_fp = fp_run({**pool, block.input: x} if result.quantized_input else pool)[block.output]
         stream.save("block", i, {"y": y_q} if result.branch_input == block.input else {"y": y_q, "x": x})
         if i == 0:
-            result.layout = infer_layout(x.shape, y_q.shape, block.channels_first, shape.kernel, shape.groups_factor)
+            result.layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
             if result.layout is None:
                 result.skipped = f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}"
         if result.layout is None:
@@ -244,8 +257,15 @@ def _fit_block(
                 x_rows, r_rows = layout.rows(x[samples]), layout.target_rows(residual[samples])
                 for equations, (f, t) in zip(groups, slices):
                     equations[which].update(x_rows[:, f], r_rows[:, t])
-    if groups is not None:
-        result.result = fit_grouped_compensation(groups, slices)
+    if groups is None:
+        return
+    result.result = fit = fit_grouped_compensation(groups, slices)
+    if fit.kept and 1.0 - fit.error_ratio_heldout < options.min_gain:
+        result.result = dataclasses.replace(fit, kept_targets=0)
+        result.skipped = f"removes {100 * (1 - fit.error_ratio_heldout):.0f}% of its held-out error, under --min-gain"
+    elif options.int8:  # per output channel: the columns of the [d_in, d_out] map
+        quantized = dataclasses.replace(fit.fit, weight=qm.fake_quantize_weight(fit.fit.weight, axis=1))
+        result.result = dataclasses.replace(fit, fit=quantized)
 
 
 class _ContextSource:

@@ -98,6 +98,15 @@ def dequantized_view(value: ir.Value) -> ir.Value | None:
     return None
 
 
+def quantized_only_view(value: ir.Value) -> ir.Value | None:
+    """``dequantized_view(value)`` where quantizers are all that read ``value`` (and it is no
+    graph output), else None."""
+    view = dequantized_view(value)
+    if view is not None and not value.is_graph_output() and all(c.op_type == "QuantizeLinear" for c in value.consumers()):
+        return view
+    return None
+
+
 class NameScope:
     """Hands out value and node names that are not yet taken in a graph."""
 

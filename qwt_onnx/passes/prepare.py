@@ -13,7 +13,7 @@ from onnx_ir.passes import common
 
 from qwt_onnx.calibration import InputSpec
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes.fold import FoldBatchNormPass
+from qwt_onnx.passes.fold import FoldBatchNormPass, FoldBiasAddPass
 
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
@@ -67,12 +67,15 @@ MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """At least opset 13, constants as initializers, BatchNorm folded, shapes inferred, sorted."""
+    """At least opset 13, constants as initializers, Identity dropped, BatchNorm and bias Adds
+    folded into convolutions, shapes inferred, sorted."""
     model = upgrade_opset(model)
     passes = ir.passes.PassManager(
         [
             common.LiftConstantsToInitializersPass(size_limit=0),
+            common.IdentityEliminationPass(),
             FoldBatchNormPass(),
+            FoldBiasAddPass(),
             common.RemoveUnusedNodesPass(),
             common.ShapeInferencePass(strict_mode=False),
             common.TopologicalSortPass(),

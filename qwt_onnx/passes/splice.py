@@ -2,9 +2,21 @@
 
 Each branch reads the block input (after its DequantizeLinear where there is
 one, so the quantized ops around it keep their fusions) and is added to the
-block output; every reader of the block output then reads the sum.
-Tokens get ``MatMul + Add``; feature maps a 1×1 ``Conv`` with the block's
-stride. All names start with ``qwt/``.
+block output; every reader of the block output then reads the sum. Where the
+block output is quantized (a DequantizeLinear output, or a Conv output read
+only through Q/DQ), the branch is added after the DequantizeLinear and the sum
+goes through the same quantizer again, so the INT8 ops on both sides stay
+fused (with an int8 branch the Add itself runs as a QLinearAdd). Tokens get
+``MatMul + Add``; feature maps a (grouped) ``Conv`` with the block's stride.
+All names start with ``qwt/``.
+
+An int8 branch is a QDQ op of its own, so that onnxruntime runs it in its
+integer kernels: int8 per-output-channel weights behind a DequantizeLinear;
+its input read through the block input's DequantizeLinear, or through a new
+quantizer over the input's calibrated range; a feature-map branch's output
+quantized over its calibrated range as well for onnxruntime, whose
+QLinearConv needs it (a token branch fuses into MatMulIntegerToFloat without
+one; TensorRT needs Q/DQ on inputs only).
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qwt_onnx import quantization as qm
 from qwt_onnx.compensation import Layout
 from qwt_onnx.passes import graph as g
 
@@ -30,11 +43,16 @@ class Branch:
     weight: np.ndarray  # [d_in, d_out]
     bias: np.ndarray  # [d_out]
     layout: Layout
-    requantize: bool = False  # the output is only read through Q/DQ: add after the DQ, quantize again
+    int8: bool = False
+    symmetric: bool = False  # int8 activation quantizers with zero point 0 (TensorRT) rather than uint8
+    quantize_output: bool = False  # a feature-map branch's output too (onnxruntime fuses QLinearConv only so)
+    input_range: tuple[float, float] | None = None  # for an input quantizer where the input has none
+    output_range: tuple[float, float] | None = None
 
     @property
     def num_parameters(self) -> int:
-        return self.weight.size + self.bias.size
+        """Stored parameters: a grouped branch stores only its diagonal blocks."""
+        return self.weight.size // self.layout.groups + self.bias.size
 
 
 class SpliceCompensationPass(ir.passes.InPlacePass):
@@ -50,8 +68,9 @@ class SpliceCompensationPass(ir.passes.InPlacePass):
         for branch in self.branches:
             values = g.values_by_name(graph)  # afresh: each splice hands names over to new tensors
             target = values[branch.output]
-            if branch.requantize:
-                target = g.dequantized_view(target)
+            # Read only through Q/DQ (a Conv output that QLinearConv will absorb): the branch is
+            # added after the DQ, so the Conv keeps its quantizer and its fusion.
+            target = g.quantized_only_view(target) or target
             _splice(graph, names, values[branch.input], target, branch)
         ir.passes.common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.branches))
@@ -59,35 +78,44 @@ class SpliceCompensationPass(ir.passes.InPlacePass):
 
 def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branch: Branch) -> None:
     scope = PREFIX + branch.name
-    weight = branch.weight.astype(np.float32)
-    bias = branch.bias.astype(np.float32)
-    if branch.layout.channels_first:
-        layout = branch.layout
+    bias = names.initializer(f"{scope}/bias", branch.bias.astype(np.float32))
+    nodes: list[ir.Node] = []
+    if branch.int8 and not (x.producer() is not None and x.producer().op_type == "DequantizeLinear"):
+        nodes += _quantizer(names, x, branch.input_range, branch.symmetric, f"{scope}/input")
+        x = nodes[-1].outputs[0]
+    layout = branch.layout
+    if layout.channels_first:
         rank, pad = layout.spatial_rank, layout.kernel // 2
-        kernel = names.initializer(f"{scope}/weight", conv_weight(weight, layout))
-        nodes = [
-            names.node(
-                "Conv",
-                [x, kernel, names.initializer(f"{scope}/bias", bias)],
-                f"{scope}/branch",
-                kernel_shape=[layout.kernel] * rank,
-                strides=[layout.stride] * rank,
-                pads=[pad] * (2 * rank),
-                group=layout.groups,
-            )
-        ]
+        weight = _weight(names, conv_weight(branch.weight.astype(np.float32), layout), 0, branch.int8, scope, nodes)
+        conv = names.node(
+            "Conv",
+            [x, weight, bias],
+            f"{scope}/branch",
+            kernel_shape=[layout.kernel] * rank,
+            strides=[layout.stride] * rank,
+            pads=[pad] * (2 * rank),
+            group=layout.groups,
+        )
+        nodes.append(conv)
+        _like(conv.outputs[0], y)
+        if branch.int8 and branch.quantize_output:
+            nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.symmetric, f"{scope}/branch")
     else:
-        matmul = names.node("MatMul", [x, names.initializer(f"{scope}/weight", weight)], f"{scope}/matmul")
-        nodes = [matmul, names.node("Add", [matmul.outputs[0], names.initializer(f"{scope}/bias", bias)], f"{scope}/branch")]
+        weight = _weight(names, branch.weight.astype(np.float32), 1, branch.int8, scope, nodes)
+        matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
+        add = names.node("Add", [matmul.outputs[0], bias], f"{scope}/branch")
+        nodes += [matmul, add]
+        _like(matmul.outputs[0], y)
+        _like(add.outputs[0], y)
 
-    for node in nodes:  # the branch computes a tensor shaped like the block output
-        node.outputs[0].type, node.outputs[0].shape = y.type, y.shape
     readers = list(y.uses())
     total = names.node("Add", [y, nodes[-1].outputs[0]], f"{scope}/output")
     total.outputs[0].type, total.outputs[0].shape = y.type, y.shape
     added = [*nodes, total]
     result = total.outputs[0]
-    if branch.requantize:  # the same quantizer again, so what follows still reads a DQ and stays fused
+    # Where the block output is a DQ output, the sum goes through the same quantizer again, so
+    # that the quantized ops that read it still read a DequantizeLinear and stay fused.
+    if _is_dequantized(y):
         dq = y.producer()
         q = dq.inputs[0].producer()
         again = names.node("QuantizeLinear", [result, *q.inputs[1:]], f"{scope}/requantized", **_attributes(q))
@@ -108,10 +136,51 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         graph.outputs[output_index] = result
 
 
+def _like(value: ir.Value, model: ir.Value) -> None:
+    value.type, value.shape = model.type, model.shape
+
+
+def _weight(names: g.NameScope, weight: np.ndarray, axis: int, int8: bool, scope: str, nodes: list[ir.Node]) -> ir.Value:
+    """The weight as a float initializer, or int8 per channel along ``axis`` behind a
+    DequantizeLinear (appended to ``nodes``)."""
+    if not int8:
+        return names.initializer(f"{scope}/weight", weight)
+    params = qm.symmetric_weight_params(weight, axis)
+    inputs = [
+        names.initializer(f"{scope}/weight_quantized", qm.quantize(weight, params, axis)),
+        names.initializer(f"{scope}/weight_scale", params.scale),
+        names.initializer(f"{scope}/weight_zero_point", params.zero_point),
+    ]
+    dq = names.node("DequantizeLinear", inputs, f"{scope}/weight_dequantized", axis=axis)
+    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(weight.shape)
+    nodes.append(dq)
+    return dq.outputs[0]
+
+
+def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], symmetric: bool,
+               base: str) -> list[ir.Node]:
+    """QuantizeLinear → DequantizeLinear over ``value_range``."""
+    params = qm.activation_params(*value_range, symmetric=symmetric)
+    scale = names.initializer(f"{base}_scale", params.scale)
+    zero_point = names.initializer(f"{base}_zero_point", params.zero_point)
+    q = names.node("QuantizeLinear", [value, scale, zero_point], f"{base}_quantized")
+    dq = names.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{base}_dequantized")
+    q.outputs[0].dtype = ir.DataType.from_numpy(params.zero_point.dtype)
+    q.outputs[0].shape = dq.outputs[0].shape = value.shape
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    return [q, dq]
+
+
 def conv_weight(weight: np.ndarray, layout: Layout) -> np.ndarray:
     """The ``[C_out, C_in / groups, k, ...]`` kernel of a block-diagonal ``[C_in · k^r, C_out]`` map."""
     blocks = [weight[f, t].T for f, t in layout.group_slices(*weight.shape)]
     return np.concatenate(blocks).reshape(weight.shape[1], -1, *([layout.kernel] * layout.spatial_rank))
+
+
+def _is_dequantized(value: ir.Value) -> bool:
+    dq = value.producer()
+    return dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].producer() is not None \
+        and dq.inputs[0].producer().op_type == "QuantizeLinear"
 
 
 def _attributes(node: ir.Node) -> dict:
