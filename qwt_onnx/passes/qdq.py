@@ -18,7 +18,7 @@ Placement, per target:
 Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
 MatMuls (two activations) stay float. Quantizing them is what onnxruntime's
 quantize_static does, and on MiniLM it costs 20 dB of fidelity (4.3 against
-24.5 dB) while running slower (docs/BENCHMARKS.md).
+24.5 dB) and runs no faster (docs/BENCHMARKS.md).
 
 ``ort`` uses uint8 asymmetric activations; ``trt`` int8 symmetric ones with
 zero point 0 and leaves biases in float, as TensorRT's parser requires.
