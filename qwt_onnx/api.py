@@ -321,8 +321,7 @@ def _compensate(run: _Run, q: ir.Model, found: list[blk.Block], calib: Calibrati
                 res.result.fit.bias,
                 res.layout,
                 int8=run.branch_options.int8,
-                symmetric=run.report.target == "trt",
-                quantize_output=run.report.target == "ort",
+                target=run.report.target,
                 input_range=res.input_range,
                 output_range=res.output_range,
             )

@@ -37,14 +37,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             if not _foldable(conv, bn):
                 continue
             weight = conv.inputs[1].const_value.numpy()
-            bias = conv.inputs[2].const_value.numpy() if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
             scale, shift, mean, variance = (v.const_value.numpy() for v in bn.inputs[1:5])
             epsilon = bn.attributes.get_float("epsilon", 1e-5)
-            new_weight, new_bias = folded_conv_parameters(weight, bias, scale, shift, mean, variance, epsilon)
+            new_weight, new_bias = folded_conv_parameters(weight, _bias(conv), scale, shift, mean, variance, epsilon)
             conv.replace_input_with(1, names.initializer(f"{conv.inputs[1].name}_folded", new_weight))
-            if len(conv.inputs) < 3:
-                conv.resize_inputs(3)
-            conv.replace_input_with(2, names.initializer(f"{conv.name or 'conv'}.bias_folded", new_bias))
+            _set_bias(conv, names.initializer(f"{conv.name or 'conv'}.bias_folded", new_bias))
             _take_place(graph, names, conv, bn)
             folded += 1
         return ir.passes.PassResult(model, modified=bool(folded))
@@ -74,11 +71,8 @@ class FoldBiasAddPass(ir.passes.InPlacePass):
                 shift = _per_channel(constant.const_value.numpy(), weight_shape[0], len(weight_shape))
                 if shift is None:
                     continue
-                bias = conv.inputs[2].const_value.numpy() if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
-                if len(conv.inputs) < 3:
-                    conv.resize_inputs(3)
-                new_bias = (bias + shift).astype(conv.inputs[1].const_value.numpy().dtype)
-                conv.replace_input_with(2, names.initializer(f"{conv.name or 'conv'}.bias_added", new_bias))
+                new_bias = (_bias(conv) + shift).astype(conv.inputs[1].const_value.numpy().dtype)
+                _set_bias(conv, names.initializer(f"{conv.name or 'conv'}.bias_added", new_bias))
                 _take_place(graph, names, conv, add)
                 folded += 1
                 break
@@ -93,6 +87,17 @@ def _per_channel(array: np.ndarray, channels: int, rank: int) -> np.ndarray | No
     if any(d != 1 for i, d in enumerate(padded.shape) if i != 1) or padded.shape[1] not in (1, channels):
         return None
     return np.broadcast_to(padded.reshape(-1), (channels,)).copy()
+
+
+def _bias(conv: ir.Node) -> np.ndarray | float:
+    """The convolution's bias, 0 where it has none."""
+    return conv.inputs[2].const_value.numpy() if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
+
+
+def _set_bias(conv: ir.Node, bias: ir.Value) -> None:
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    conv.replace_input_with(2, bias)
 
 
 def _take_place(graph: ir.Graph, names: g.NameScope, conv: ir.Node, folded: ir.Node) -> None:

@@ -164,15 +164,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
 
     def _quantize_weight(self, graph: ir.Graph, names: g.NameScope, site: WeightSite) -> None:
         array = site.weight.const_value.numpy().astype(np.float32)
-        params = qm.symmetric_weight_params(array, site.axis)
-        base = site.weight.name
-        inputs = [
-            names.initializer(f"{base}_quantized", qm.quantize(array, params, site.axis)),
-            names.initializer(f"{base}_scale", params.scale),
-            names.initializer(f"{base}_zero_point", params.zero_point),
-        ]
-        dq = names.node("DequantizeLinear", inputs, f"{base}_dequantized", axis=site.axis)
-        dq.outputs[0].type, dq.outputs[0].shape = site.weight.type, site.weight.shape
+        dq = dequantized_weight(names, array, site.axis, site.weight.name)
         graph.insert_before(site.readers[0][0], dq)
         for node, index in site.readers:
             node.replace_input_with(index, dq.outputs[0])
@@ -182,17 +174,35 @@ class InsertQdqPass(ir.passes.InPlacePass):
     def _quantize_activation(self, graph: ir.Graph, names: g.NameScope, site: ActivationSite) -> None:
         low, high = self.ranges[site.observed.name]
         params = qm.activation_params(low, high, symmetric=self.target == "trt")
-        base = site.observed.name
-        scale = names.initializer(f"{base}_scale", params.scale)
-        zero_point = names.initializer(f"{base}_zero_point", params.zero_point)
-        q = names.node("QuantizeLinear", [site.value, scale, zero_point], f"{base}_quantized")
-        dq = names.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{base}_dequantized")
-        q.outputs[0].dtype = ir.DataType.from_numpy(params.zero_point.dtype)
-        q.outputs[0].shape = dq.outputs[0].shape = site.value.shape
-        dq.outputs[0].dtype = site.value.dtype
+        q, dq = quantize_dequantize(names, site.value, params, site.observed.name)
         g.insert_after_producer(graph, site.value, [q, dq])
         for node, index in site.readers:
             node.replace_input_with(index, dq.outputs[0])
         if site.absorbed is not None:
             graph.remove(site.absorbed, safe=True)
             dq.outputs[0].name = site.observed.name  # the tensor keeps its name, now quantized
+
+
+def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str) -> ir.Node:
+    """A DequantizeLinear of ``array`` stored as int8, symmetric per channel along ``axis``."""
+    params = qm.symmetric_weight_params(array, axis)
+    inputs = [
+        names.initializer(f"{base}_quantized", qm.quantize(array, params, axis)),
+        names.initializer(f"{base}_scale", params.scale),
+        names.initializer(f"{base}_zero_point", params.zero_point),
+    ]
+    dq = names.node("DequantizeLinear", inputs, f"{base}_dequantized", axis=axis)
+    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(array.shape)
+    return dq
+
+
+def quantize_dequantize(names: g.NameScope, value: ir.Value, params: qm.QuantParams, base: str) -> tuple[ir.Node, ir.Node]:
+    """QuantizeLinear → DequantizeLinear of ``value`` with ``params`` (not yet in the graph)."""
+    scale = names.initializer(f"{base}_scale", params.scale)
+    zero_point = names.initializer(f"{base}_zero_point", params.zero_point)
+    q = names.node("QuantizeLinear", [value, scale, zero_point], f"{base}_quantized")
+    dq = names.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{base}_dequantized")
+    q.outputs[0].dtype = ir.DataType.from_numpy(params.zero_point.dtype)
+    q.outputs[0].shape = dq.outputs[0].shape = value.shape
+    dq.outputs[0].dtype = value.dtype
+    return q, dq

@@ -29,6 +29,7 @@ import onnx_ir as ir
 from qwt_onnx import quantization as qm
 from qwt_onnx.compensation import Layout
 from qwt_onnx.passes import graph as g
+from qwt_onnx.passes import qdq
 
 PREFIX = "qwt/"
 
@@ -44,8 +45,7 @@ class Branch:
     bias: np.ndarray  # [d_out]
     layout: Layout
     int8: bool = False
-    symmetric: bool = False  # int8 activation quantizers with zero point 0 (TensorRT) rather than uint8
-    quantize_output: bool = False  # a feature-map branch's output too (onnxruntime fuses QLinearConv only so)
+    target: str = "ort"  # as for the Q/DQ pass: ort quantizes a feature-map branch's output too
     input_range: tuple[float, float] | None = None  # for an input quantizer where the input has none
     output_range: tuple[float, float] | None = None
 
@@ -81,7 +81,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     bias = names.initializer(f"{scope}/bias", branch.bias.astype(np.float32))
     nodes: list[ir.Node] = []
     if branch.int8 and not (x.producer() is not None and x.producer().op_type == "DequantizeLinear"):
-        nodes += _quantizer(names, x, branch.input_range, branch.symmetric, f"{scope}/input")
+        nodes += _quantizer(names, x, branch.input_range, branch.target, f"{scope}/input")
         x = nodes[-1].outputs[0]
     layout = branch.layout
     if layout.channels_first:
@@ -98,8 +98,8 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         )
         nodes.append(conv)
         _like(conv.outputs[0], y)
-        if branch.int8 and branch.quantize_output:
-            nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.symmetric, f"{scope}/branch")
+        if branch.int8 and branch.target == "ort":  # onnxruntime fuses QLinearConv only with it
+            nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.target, f"{scope}/branch")
     else:
         weight = _weight(names, branch.weight.astype(np.float32), 1, branch.int8, scope, nodes)
         matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
@@ -145,30 +145,15 @@ def _weight(names: g.NameScope, weight: np.ndarray, axis: int, int8: bool, scope
     DequantizeLinear (appended to ``nodes``)."""
     if not int8:
         return names.initializer(f"{scope}/weight", weight)
-    params = qm.symmetric_weight_params(weight, axis)
-    inputs = [
-        names.initializer(f"{scope}/weight_quantized", qm.quantize(weight, params, axis)),
-        names.initializer(f"{scope}/weight_scale", params.scale),
-        names.initializer(f"{scope}/weight_zero_point", params.zero_point),
-    ]
-    dq = names.node("DequantizeLinear", inputs, f"{scope}/weight_dequantized", axis=axis)
-    dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(weight.shape)
-    nodes.append(dq)
-    return dq.outputs[0]
+    nodes.append(qdq.dequantized_weight(names, weight, axis, f"{scope}/weight"))
+    return nodes[-1].outputs[0]
 
 
-def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], symmetric: bool,
+def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], target: str,
                base: str) -> list[ir.Node]:
-    """QuantizeLinear → DequantizeLinear over ``value_range``."""
-    params = qm.activation_params(*value_range, symmetric=symmetric)
-    scale = names.initializer(f"{base}_scale", params.scale)
-    zero_point = names.initializer(f"{base}_zero_point", params.zero_point)
-    q = names.node("QuantizeLinear", [value, scale, zero_point], f"{base}_quantized")
-    dq = names.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{base}_dequantized")
-    q.outputs[0].dtype = ir.DataType.from_numpy(params.zero_point.dtype)
-    q.outputs[0].shape = dq.outputs[0].shape = value.shape
-    dq.outputs[0].dtype = ir.DataType.FLOAT
-    return [q, dq]
+    """QuantizeLinear → DequantizeLinear over ``value_range``, as the Q/DQ pass quantizes for ``target``."""
+    params = qm.activation_params(*value_range, symmetric=target == "trt")
+    return list(qdq.quantize_dequantize(names, value, params, base))
 
 
 def conv_weight(weight: np.ndarray, layout: Layout) -> np.ndarray:
@@ -178,9 +163,12 @@ def conv_weight(weight: np.ndarray, layout: Layout) -> np.ndarray:
 
 
 def _is_dequantized(value: ir.Value) -> bool:
+    """``value`` is the output of DequantizeLinear(QuantizeLinear(...))."""
     dq = value.producer()
-    return dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].producer() is not None \
-        and dq.inputs[0].producer().op_type == "QuantizeLinear"
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    q = dq.inputs[0].producer()
+    return q is not None and q.op_type == "QuantizeLinear"
 
 
 def _attributes(node: ir.Node) -> dict:
