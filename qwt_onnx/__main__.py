@@ -11,7 +11,7 @@ from qwt_onnx import api
 from qwt_onnx.errors import InputError
 from qwt_onnx.report import format_summary
 from qwt_onnx.passes.blocks import GRANULARITIES
-from qwt_onnx.passes.qdq import TARGETS
+from qwt_onnx.passes.qdq import TARGETS, WEIGHT_RANGES
 from qwt_onnx.ranges import METHODS
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -21,7 +21,8 @@ ZOO_PREFIX = "zoo:"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qwt_onnx",
-        description="Quantize an ONNX model to INT8 QDQ and add closed-form QwT compensation branches.",
+        description="Quantize an ONNX model to INT8 QDQ and add closed-form QwT compensation branches. "
+        "'python -m qwt_onnx check MODEL' checks any quantized model for int16 saturation and unfused Q/DQ.",
     )
     parser.add_argument("input", help="FP32 ONNX model, or zoo:NAME for a zoo model with its own calibration data")
     parser.add_argument("output", help="where to write the quantized model")
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(whole-name match), comma-separated")
     parser.add_argument("--exclude-op-types", metavar="TYPES", default="",
                         help="op types to leave in float, e.g. Gemm (regular expressions, comma-separated)")
+    parser.add_argument("--weight-range", choices=WEIGHT_RANGES,
+                        help="portable: int8 weights scaled so that onnxruntime's x86 kernels without VNNI "
+                        "(AVX2, AVX-512 without VNNI) cannot saturate (default with --target ort); "
+                        "full: [-127, 127], exact only on VNNI x86, ARM and GPUs (default with --target trt)")
+    parser.add_argument("--no-bias-correction", action="store_true",
+                        help="keep the biases as they are instead of subtracting each weight's mean rounding error")
     parser.add_argument("--report", metavar="FILE.json", help="write per-block figures as JSON")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
@@ -60,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from qwt_onnx import check
+
+        return check.main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -83,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             min_gain=args.min_gain,
             exclude_nodes=[p for p in args.exclude_nodes.split(",") if p],
             exclude_op_types=[p for p in args.exclude_op_types.split(",") if p],
+            weight_range=args.weight_range,
+            bias_correction=not args.no_bias_correction,
             report=args.report,
             progress=not args.quiet,
         )

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qwt_onnx import calibrate, metrics
+from qwt_onnx import calibrate, check, metrics
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.passes import blocks as blk
@@ -60,6 +60,8 @@ def quantize_with_report(
     min_gain: float = MIN_GAIN,
     exclude_nodes: Sequence[str] = (),
     exclude_op_types: Sequence[str] = (),
+    weight_range: str | None = None,
+    bias_correction: bool = True,
     report: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -82,12 +84,16 @@ def quantize_with_report(
         min_gain: the least share of its block's held-out error a branch must remove to be kept.
         exclude_nodes, exclude_op_types: weighted ops to leave in float, by node name or op type
             (regular expressions matching the whole name).
+        weight_range: ``portable`` (int8 weights that no x86 CPU saturates; the default for
+            ``ort``) or ``full`` ([-127, 127]: for VNNI x86, ARM and GPUs; the default for ``trt``).
+        bias_correction: subtract each weight's mean rounding error in its op's bias.
         report: path of a JSON report to write.
         progress: show progress bars.
     """
     started = time.perf_counter()
     _check_options(samples, batch_size, calib_method, target, granularity, model, output)
-    branch_options = _branch_options(groups_factor, kernel_size, branch_precision, min_gain)
+    weight_range = _weight_range(weight_range, target)
+    branch_options = _branch_options(groups_factor, kernel_size, branch_precision, min_gain, weight_range)
     excluded = _exclusions(exclude_nodes, exclude_op_types)
     fp = prepare.prepare(_load(model, "input model"))
     if g.is_quantized(fp.graph):
@@ -95,14 +101,14 @@ def quantize_with_report(
             "the input model is already quantized; pass the FP32 model as input and this one with --quantized"
         )
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp)).take(samples)
-    rep = Report(target, calib_method, calib_set.num_samples, int(calib_set.heldout_mask.sum()))
+    rep = Report(target, calib_method, calib_set.num_samples, int(calib_set.heldout_mask.sum()), weight_range)
     rep.fp32_parameters = int(sum(v.const_value.size for v in fp.graph.initializers.values() if v.const_value is not None))
     run = _Run(fp, calib_set, _effective_batch_size(fp, batch_size), rep, progress, branch_options, excluded)
     for pattern in excluded.unmatched(fp.graph):
         rep.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
     found = _find_blocks(run, blocks, granularity) if qwt else []
 
-    candidates = _ptq_candidates(run, quantized, calib_method, target)
+    candidates = _ptq_candidates(run, quantized, calib_method, target, weight_range, bias_correction)
     for method, model_q in candidates.items():
         score = run.heldout_sqnr(model_q, f"evaluating PTQ ({method})")
         if score is not None:
@@ -185,7 +191,17 @@ def _exclusions(nodes: Sequence[str], op_types: Sequence[str]) -> qdq.Exclusions
     return qdq.Exclusions(tuple(nodes), tuple(op_types))
 
 
-def _branch_options(groups_factor: int, kernel_size: int, precision: str, min_gain: float) -> capture.BranchOptions:
+def _weight_range(weight_range: str | None, target: str) -> str:
+    """The asked-for weight range, or the target's default: portable for onnxruntime, whose x86
+    kernels without VNNI saturate on full-range weights; full for TensorRT, whose never do."""
+    if weight_range is None:
+        return "portable" if target == "ort" else "full"
+    if weight_range not in qdq.WEIGHT_RANGES:
+        raise InputError(f"unknown --weight-range {weight_range!r}; choose from {', '.join(qdq.WEIGHT_RANGES)}")
+    return weight_range
+
+
+def _branch_options(groups_factor: int, kernel_size: int, precision: str, min_gain: float, weight_range: str) -> capture.BranchOptions:
     if groups_factor < 0:
         raise InputError(f"--groups-factor must be 0 (one group) or more, got {groups_factor}")
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -194,7 +210,7 @@ def _branch_options(groups_factor: int, kernel_size: int, precision: str, min_ga
         raise InputError(f"--branch-precision must be one of {', '.join(BRANCH_PRECISIONS)}, got {precision!r}")
     if not 0.0 <= min_gain < 1.0:
         raise InputError(f"--min-gain must be at least 0 and below 1 (a share of a block's error), got {min_gain}")
-    return capture.BranchOptions(kernel_size, groups_factor, precision == "int8", min_gain)
+    return capture.BranchOptions(kernel_size, groups_factor, precision == "int8", min_gain, weight_range == "portable")
 
 
 def _load(model: ModelLike, role: str) -> ir.Model:
@@ -218,17 +234,28 @@ def _effective_batch_size(model: ir.Model, batch_size: int) -> int:
     return batch_size
 
 
-def _ptq_candidates(run: _Run, quantized, calib_method: str, target: str) -> dict[str, ir.Model]:
+def _ptq_candidates(
+    run: _Run, quantized, calib_method: str, target: str, weight_range: str, bias_correction: bool
+) -> dict[str, ir.Model]:
     """The post-training-quantized models to choose from: the user's, or ours per calibration method."""
     if quantized is not None:
         q = prepare.prepare(_load(quantized, "quantized model"))
         if not g.is_quantized(q.graph):
             raise InputError("the --quantized model has no QuantizeLinear/DequantizeLinear nodes; pass a QDQ model")
+        saturating = check.check(prepare.to_proto(q)).of("saturation")
+        if saturating:
+            run.report.warn(
+                f"{len(saturating)} integer kernels of the --quantized model can saturate on x86 CPUs without VNNI "
+                "(its int8 weights are not pair-safe), and so can the written model; "
+                "'python -m qwt_onnx check' lists them"
+            )
         return {GIVEN: q}
     placement = qdq.place(run.fp.graph, target, run.excluded)
-    observers, run.reference = calibrate.observe(
-        prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size, run.progress
+    seen = calibrate.observe(
+        prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size, run.progress,
+        placement.channel_axes() if bias_correction else None,
     )
+    run.reference = seen.reference
     methods = METHODS if calib_method == "auto" else (calib_method,)
     if calib_method == "auto" and not run.report.heldout_samples:
         methods = ("percentile",)
@@ -236,8 +263,8 @@ def _ptq_candidates(run: _Run, quantized, calib_method: str, target: str) -> dic
     candidates = {}
     for method in methods:
         model = run.fp.clone()
-        ranges = {name: compute_range(obs, method) for name, obs in observers.items()}
-        qdq.InsertQdqPass(ranges, target, run.excluded)(model)
+        ranges = {name: compute_range(obs, method) for name, obs in seen.ranges.items()}
+        qdq.InsertQdqPass(ranges, target, run.excluded, weight_range, seen.means)(model)
         candidates[method] = model
     return candidates
 
@@ -320,7 +347,7 @@ def _compensate(run: _Run, q: ir.Model, found: list[blk.Block], calib: Calibrati
                 res.result.fit.weight,
                 res.result.fit.bias,
                 res.layout,
-                int8=run.branch_options.int8,
+                int8_scale=res.int8_scale,
                 target=run.report.target,
                 input_range=res.input_range,
                 output_range=res.output_range,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -18,27 +19,60 @@ def _progress(calib: CalibrationSet, batch_size: int, indices, description: str,
     return tqdm(calib.batches(batch_size, indices), total=total, desc=description, disable=not enabled, leave=False)
 
 
+@dataclasses.dataclass
+class ChannelMean:
+    """Streaming per-channel mean of one tensor, its channels on ``axis``."""
+
+    axis: int
+    total: np.ndarray | None = None
+    count: int = 0
+
+    def update(self, x: np.ndarray) -> None:
+        others = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
+        sums = np.sum(x, axis=others, dtype=np.float64)
+        self.total = sums if self.total is None else self.total + sums
+        self.count += x.size // max(x.shape[self.axis], 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+
+@dataclasses.dataclass
+class Observation:
+    """What one pass of the FP32 model over the calibration data saw."""
+
+    ranges: dict[str, RangeObserver]  # of the tensors to quantize
+    means: dict[str, np.ndarray]  # per channel, of the tensors asked for
+    reference: dict[str, np.ndarray]  # the model's outputs on the scoring samples
+
+
 def observe(
     model: onnx.ModelProto,
     tensors: Sequence[str],
     calib: CalibrationSet,
     batch_size: int,
     progress: bool = True,
-) -> tuple[dict[str, RangeObserver], dict[str, np.ndarray]]:
-    """Range statistics of ``tensors`` over all samples, and the model outputs on the scoring samples."""
+    channel_axes: Mapping[str, int] | None = None,
+) -> Observation:
+    """Range statistics of ``tensors`` and per-channel means of the tensors in ``channel_axes``
+    over all samples, and the model outputs on the scoring samples."""
+    channel_axes = channel_axes or {}
     output_names = [o.name for o in model.graph.output]
-    runner = Runner(with_outputs(model, list(tensors)))
+    runner = Runner(with_outputs(model, [*tensors, *channel_axes]))
     observers = {name: RangeObserver() for name in tensors}
+    means = {name: ChannelMean(axis) for name, axis in channel_axes.items()}
     heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     for batch in _progress(calib, batch_size, None, "calibrating ranges", progress):
         values = {**batch.feeds, **runner(batch.feeds)}
-        for name, observer in observers.items():
-            observer.update(values[name])
+        for name, statistic in [*observers.items(), *means.items()]:
+            statistic.update(values[name])
         rows = heldout[batch.indices]
         for name in output_names:
             kept[name].append(values[name][rows])
-    return observers, {name: np.concatenate(parts) for name, parts in kept.items()}
+    reference = {name: np.concatenate(parts) for name, parts in kept.items()}
+    return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str, progress: bool = True) -> dict[str, np.ndarray]:

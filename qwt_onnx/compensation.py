@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from qwt_onnx import quantization as qm
+from qwt_onnx import saturation
 from qwt_onnx.solver import LinearMap
 
 
@@ -68,6 +70,38 @@ class Layout:
         """``(features, targets)`` of each group: contiguous, equal parts."""
         f, t = n_features // self.groups, n_targets // self.groups
         return [(slice(i * f, (i + 1) * f), slice(i * t, (i + 1) * t)) for i in range(self.groups)]
+
+    @property
+    def op_weight_axis(self) -> int:
+        """The output-channel axis of :meth:`op_weight`: a Conv's 0, a MatMul's 1."""
+        return 0 if self.channels_first else 1
+
+    def op_weight(self, weight: np.ndarray) -> np.ndarray:
+        """The spliced op's weight for a ``[d_in, d_out]`` map: as is for a MatMul; for a Conv the
+        ``[C_out, C_in / groups, k, ...]`` kernel of its block-diagonal groups."""
+        if not self.channels_first:
+            return weight
+        blocks = [weight[f, t].T for f, t in self.group_slices(*weight.shape)]
+        return np.concatenate(blocks).reshape(weight.shape[1], -1, *([self.kernel] * self.spatial_rank))
+
+    def map_of(self, op_weight: np.ndarray) -> np.ndarray:
+        """The ``[d_in, d_out]`` map of a spliced op's weight: the inverse of :meth:`op_weight`."""
+        if not self.channels_first:
+            return op_weight
+        c_out, per_group = op_weight.shape[0], op_weight[0].size
+        weight = np.zeros((per_group * self.groups, c_out), op_weight.dtype)
+        flat = op_weight.reshape(c_out, per_group)
+        for f, t in self.group_slices(*weight.shape):
+            weight[f, t] = flat[t].T
+        return weight
+
+    def int8_rounded(self, weight: np.ndarray, pair_safe: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The map with its op's weight rounded to int8 per output channel (pair-safe where the
+        op's kernel pairs products), and the scales, so that the map is exactly what will run."""
+        op_weight = self.op_weight(weight)
+        pair_safe = pair_safe and saturation.kernel_pairs_products(op_weight.shape, self.groups)
+        rounded, params = qm.fake_quantize_weight(op_weight, self.op_weight_axis, pair_safe)
+        return self.map_of(rounded), params.scale
 
     def apply(self, fit: LinearMap, x: np.ndarray) -> np.ndarray:
         """The branch output ``c(x)`` in float32, as the spliced branch computes it, shaped like the block output."""

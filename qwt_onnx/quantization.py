@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from qwt_onnx import saturation
+
 INT8_MAX = 127
 
 
@@ -49,12 +51,35 @@ def dequantize(q: np.ndarray, params: QuantParams, axis: int | None = None) -> n
     return ((q.astype(np.int32) - zero_point) * scale).astype(np.float32)
 
 
-def symmetric_weight_params(weight: np.ndarray, axis: int) -> QuantParams:
-    """Per-channel symmetric int8 parameters along ``axis``: ``scale = max|w| / 127``."""
-    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+def symmetric_weight_params(weight: np.ndarray, axis: int, pair_safe: bool = False) -> QuantParams:
+    """Per-channel symmetric int8 parameters along ``axis``: ``scale = max|w| / 127``.
+
+    ``pair_safe``: at least ``peak / 127.5`` too, where ``peak`` is the channel's largest
+    same-sign sum of two weights that x86 kernels without VNNI add in int16, so that no
+    rounded pair can overflow (see :mod:`qwt_onnx.saturation`).
+    """
+    axis %= weight.ndim
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
     amax = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    bound = amax / INT8_MAX
+    if pair_safe:
+        bound = np.maximum(bound, saturation.pair_peak(weight, axis) / saturation.PAIR_SCALE_BOUND)
+    scale = np.where(amax > 0, bound, 1.0).astype(np.float32)
     return QuantParams(scale, np.zeros(scale.shape, dtype=np.int8))
+
+
+def rounding_bias(error: np.ndarray, axis: int, input_mean: np.ndarray, group: int = 1) -> np.ndarray:
+    """The mean output error that a weight's rounding ``error`` (float minus rounded) causes,
+    per output channel, for inputs with per-channel means ``input_mean``: what adding to the
+    bias cancels (bias correction). ``error`` is a convolution's ``[C_out, C_in / group, *k]``
+    (zero padding at the borders ignored) or a 2-D ``[K, N]`` / ``[N, K]`` weight with output
+    channels on ``axis``."""
+    if error.ndim > 2:
+        per_input = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=-1)  # [C_out, C_in / group]
+        group_of = np.arange(error.shape[0]) // (error.shape[0] // group)
+        return (per_input * input_mean.reshape(group, -1)[group_of]).sum(axis=1)
+    rows = error if axis == 0 else error.T  # [N, K]
+    return rows @ input_mean
 
 
 def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
@@ -73,10 +98,10 @@ def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
     return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
 
 
-def fake_quantize_weight(weight: np.ndarray, axis: int) -> np.ndarray:
-    """``weight`` after int8 per-channel quantization along ``axis`` and back, in its dtype."""
-    params = symmetric_weight_params(weight, axis)
-    return dequantize(quantize(weight, params, axis), params, axis).astype(weight.dtype)
+def fake_quantize_weight(weight: np.ndarray, axis: int, pair_safe: bool = False) -> tuple[np.ndarray, QuantParams]:
+    """``weight`` after int8 per-channel quantization along ``axis`` and back (float32), and its parameters."""
+    params = symmetric_weight_params(weight, axis, pair_safe)
+    return dequantize(quantize(weight, params, axis), params, axis), params
 
 
 def value_range(x: np.ndarray, previous: tuple[float, float] | None = None) -> tuple[float, float]:

@@ -32,6 +32,7 @@ class Report:
     method: str  # the calibration method of the written model
     samples: int
     heldout_samples: int
+    weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
     method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method
     selection_samples: int = 0  # samples the QwT comparison of methods ran on
@@ -59,7 +60,7 @@ class Report:
 def format_summary(report: Report, source: str) -> str:
     """A short human summary of a run."""
     lines = [
-        f"qwt_onnx: {source} -> {report.output} (target {report.target}, "
+        f"qwt_onnx: {source} -> {report.output} (target {report.target}, {report.weight_range} int8 weights, "
         f"{report.samples} samples, {report.heldout_samples} held out)"
     ]
     if report.method_sqnr_db:

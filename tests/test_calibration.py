@@ -59,7 +59,7 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory():
     fp = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
     calib = CalibrationSet(graphs.samples(graphs.resnet(), 40, seed=1), prepare.input_specs(fp))
     placement = qdq.place(fp.graph, "ort")
-    observers, _ = calibrate.observe(prepare.to_proto(fp), placement.observed_names, calib, 8, progress=False)
+    observers = calibrate.observe(prepare.to_proto(fp), placement.observed_names, calib, 8, progress=False).ranges
     q = fp.clone()
     qdq.InsertQdqPass({n: compute_range(o, "percentile") for n, o in observers.items()}, "ort")(q)
     found = blocks.find_blocks(fp)

@@ -5,8 +5,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qwt_onnx import quantization as qm
+from qwt_onnx import saturation
 from qwt_onnx.compensation import Layout, infer_layout
-from qwt_onnx.passes.splice import conv_weight
 from qwt_onnx.runtime import session
 from qwt_onnx.solver import LinearMap
 
@@ -30,7 +31,7 @@ def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups)
         "branch",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c_in, "h", "w"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c_out, "h2", "w2"])],
-        [numpy_helper.from_array(conv_weight(weight, layout), "w"), numpy_helper.from_array(fit.bias, "b")],
+        [numpy_helper.from_array(layout.op_weight(weight), "w"), numpy_helper.from_array(fit.bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
@@ -38,6 +39,7 @@ def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups)
     assert expected.shape == (2, c_out, *[-(-s // stride) for s in size])
     np.testing.assert_allclose(layout.apply(fit, x), expected, rtol=1e-4, atol=1e-4)
     assert layout.rows(x).shape == (expected.size // c_out, c_in * kernel * kernel)
+    np.testing.assert_array_equal(layout.map_of(layout.op_weight(weight)), weight)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +56,25 @@ def test_no_layout_where_no_linear_branch_fits():
     assert infer_layout((2, 8, 9, 8), (2, 8, 4, 8), channels_first=True) is None  # not one stride on every axis
     assert infer_layout((2, 5, 16), (2, 6, 16), channels_first=False) is None  # tokens must keep their count
     assert infer_layout((2, 8, 7, 7), (2, 8, 1, 1), channels_first=True) is None  # global pooling
+
+
+@pytest.mark.parametrize("layout, shape", [
+    (Layout(channels_first=False), (48, 32)),
+    (Layout(channels_first=True, spatial_rank=2, kernel=3, groups=2), (8 * 9, 12)),
+    (Layout(channels_first=True, spatial_rank=2, groups=8), (8, 8)),  # one channel per group: depthwise
+])
+def test_int8_branch_weights_are_exactly_what_the_splice_stores(layout, shape):
+    rng = np.random.default_rng(0)
+    weight = np.zeros(shape, np.float32)
+    for features, targets in layout.group_slices(*shape):
+        weight[features, targets] = rng.standard_normal((features.stop - features.start, targets.stop - targets.start))
+    rounded, scale = layout.int8_rounded(weight, pair_safe=True)
+    op_weight, axis = layout.op_weight(rounded), layout.op_weight_axis
+    params = qm.QuantParams(scale, np.zeros(scale.shape, np.int8))
+    stored = qm.quantize(op_weight, params, axis)  # what the splice writes, with these scales
+    np.testing.assert_array_equal(qm.dequantize(stored, params, axis), op_weight)
+    depthwise = op_weight.ndim > 2 and not saturation.kernel_pairs_products(op_weight.shape, layout.groups)
+    if depthwise:  # its kernel never pairs products: the full int8 range
+        np.testing.assert_array_equal(np.abs(stored).max(axis=(1, 2, 3)), 127)
+    else:
+        assert not saturation.overflowing_pairs(stored, axis).any()

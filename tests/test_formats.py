@@ -32,8 +32,8 @@ def test_weights_in_constant_nodes_are_quantized_per_channel_and_compensated():
     model = graphs.with_constant_nodes(graphs.resnet())
     assert not model.graph.initializer
     calib = graphs.samples(model, 96, seed=1)
-    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
-    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False)
+    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
     dequantizers = _weight_dequantizers(qwt)
     assert len(dequantizers) == 9  # eight Convs and the Gemm
     inits = {t.name: numpy_helper.to_array(t) for t in qwt.graph.initializer}
@@ -76,7 +76,9 @@ def test_external_data_is_read_and_written_and_the_input_is_untouched(tmp_path, 
     calib = graphs.samples(model, 64, seed=1)
     out = tmp_path / "out.onnx"
     monkeypatch.setattr(prepare, "EXTERNAL_DATA_THRESHOLD", 1024)  # force external data for this small model
-    written, report = quantize_with_report(source / "model.onnx", calib, out, calib_method="percentile", progress=False)
+    written, report = quantize_with_report(
+        source / "model.onnx", calib, out, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR
+    )
     assert _digest(source) == before
     assert sorted(os.listdir(tmp_path)) == ["in", "out.onnx", "out.onnx.data"]  # no staging folder left behind
     assert os.path.getsize(out) < os.path.getsize(tmp_path / "out.onnx.data")
@@ -98,8 +100,8 @@ def test_models_over_two_gigabytes_are_refused_with_the_reason(tmp_path, monkeyp
 def test_opsets_13_to_21(opset):
     model = graphs.resnet(opset=opset)
     calib = graphs.samples(model, 64, seed=1)
-    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False)
-    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False)
+    ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
     for quantized in (ptq, qwt):
         onnx.checker.check_model(quantized, full_check=True)
         assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) == opset

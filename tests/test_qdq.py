@@ -5,6 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qwt_onnx import quantization as qm
+from qwt_onnx import saturation
 from qwt_onnx.passes import prepare, qdq
 from qwt_onnx.runtime import session
 from tests.graphs import GraphBuilder
@@ -41,9 +42,11 @@ def test_weights_are_quantized_per_output_channel_on_the_right_axis(op_type, wei
     w = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "w"))
     scale = inits["w_scale"]
     assert scale.shape == (weight_shape[axis],)
-    expected = qm.symmetric_weight_params(w, axis)
+    # the Q/DQ pass's default weight range is portable; the tests below give it per target
+    expected = qm.symmetric_weight_params(w, axis, pair_safe=True)
     np.testing.assert_allclose(scale, expected.scale)
     assert inits["w_quantized"].dtype == np.int8 and not inits["w_zero_point"].any()
+    assert not saturation.overflowing_pairs(inits["w_quantized"], axis).any()
     assert "w" not in inits  # the float weight is gone
 
     # onnxruntime's DequantizeLinear gives back numpy's reference arithmetic
@@ -103,3 +106,55 @@ def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     assert stem.inputs[0].producer() is None and stem.inputs[1].const_value is not None  # float input and weight
     assert excluded.unmatched(model.graph) == []
     assert qdq.Exclusions(nodes=("/no/such/node",)).unmatched(model.graph) == ["/no/such/node"]
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_rounding_bias_is_the_mean_output_error_of_the_rounded_weight(group):
+    rng = np.random.default_rng(group)
+    error = rng.standard_normal((8, 8 // group, 3, 3)).astype(np.float32)  # [C_out, C_in / group, k, k]
+    mean = rng.standard_normal(8).astype(np.float32)
+    b = GraphBuilder()
+    b.op("Conv", ["x", b.const("w", error)], "conv", group=group)
+    b.nodes[-1].output[0] = "y"
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 3, 3])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 1, 1])])
+    constant_input = np.broadcast_to(mean[None, :, None, None], (1, 8, 3, 3)).astype(np.float32)
+    expected = session(model).run(None, {"x": constant_input})[0].ravel()
+    np.testing.assert_allclose(qm.rounding_bias(error, 0, mean, group), expected, rtol=1e-4, atol=1e-5)
+    matmul_error = rng.standard_normal((5, 3))  # [K, N]
+    np.testing.assert_allclose(qm.rounding_bias(matmul_error, 1, mean[:5]), mean[:5] @ matmul_error)
+    np.testing.assert_allclose(qm.rounding_bias(matmul_error.T, 0, mean[:5]), mean[:5] @ matmul_error)
+
+
+def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
+    b = GraphBuilder(seed=3)
+    h = b.op("Conv", ["x", b.weight("c.weight", (6, 4, 3, 3)), b.const("c.bias", np.ones(6, np.float32))], "conv", pads=[1, 1, 1, 1])
+    h = b.op("Conv", [h, b.weight("nobias.weight", (6, 6, 1, 1))], "nobias")
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h], "pool")], "flatten")
+    h = b.op("Add", [b.op("MatMul", [h, b.weight("mm.weight", (6, 5))], "mm"), b.const("mm.bias", np.zeros(5, np.float32))], "mm_add")
+    b.op("Gemm", [h, b.weight("fc.weight", (3, 5))], "fc", transB=1, beta=2.0)
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    placement = qdq.place(model.graph, "ort")
+    axes = placement.channel_axes()
+    assert axes == {"x": 1, "conv_out": 1, "flatten_out": -1, "mm_add_out": 1}
+    means = {name: np.linspace(-1, 2, 6 if name != "x" else 4)[: 5 if name == "mm_add_out" else None] for name in axes}
+    qdq.InsertQdqPass({n: (-3.0, 3.0) for n in placement.observed_names}, "ort", input_means=means)(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+
+    def error(name, axis):
+        w = weights[name]
+        params = qm.symmetric_weight_params(w, axis, pair_safe=True)
+        return w - qm.dequantize(qm.quantize(w, params, axis), params, axis)
+
+    np.testing.assert_allclose(inits[nodes["conv"].input[2]], 1 + qm.rounding_bias(error("c.weight", 0), 0, means["x"]), rtol=1e-5)
+    np.testing.assert_allclose(inits[nodes["nobias"].input[2]], qm.rounding_bias(error("nobias.weight", 0), 0, means["conv_out"]), rtol=1e-5, atol=1e-7)
+    add_bias = next(i for i in nodes["mm_add"].input if i in inits)
+    np.testing.assert_allclose(inits[add_bias], qm.rounding_bias(error("mm.weight", 1), 1, means["flatten_out"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(inits[nodes["fc"].input[2]], qm.rounding_bias(error("fc.weight", 0), 0, means["mm_add_out"]) / 2, rtol=1e-5, atol=1e-7)
+    assert "c.bias" not in inits and "mm.bias" not in inits  # replaced, not left behind

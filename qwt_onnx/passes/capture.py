@@ -39,14 +39,16 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 @dataclasses.dataclass(frozen=True)
 class BranchOptions:
     """The branches asked for: on feature maps their kernel size and input channels per group
-    (0: one group); int8 weights (``int8``, quantized as they are fitted, so that later blocks
-    see each branch as it will run) or float ones; and the least share of its block's held-out
-    error a branch must remove to be kept (each one costs latency)."""
+    (0: one group); int8 weights (``int8``, rounded as they are fitted, so that later blocks
+    see each branch as it will run; ``pair_safe`` as the portable weight range rounds them) or
+    float ones; and the least share of its block's held-out error a branch must remove to be
+    kept (each one costs latency)."""
 
     kernel: int = 1
     groups_factor: int = 64
     int8: bool = True
     min_gain: float = 0.0
+    pair_safe: bool = True
 
 
 @dataclasses.dataclass
@@ -62,6 +64,7 @@ class BlockResult:
     skipped: str = ""
     input_range: tuple[float, float] | None = None  # of the branch input, for a quantizer where it has none
     output_range: tuple[float, float] | None = None  # of the branch output on the calibration samples
+    int8_scale: np.ndarray | None = None  # an int8 branch's per-output-channel weight scales
 
     @property
     def kept(self) -> bool:
@@ -263,9 +266,9 @@ def _fit_block(
     if fit.kept and 1.0 - fit.error_ratio_heldout < options.min_gain:
         result.result = dataclasses.replace(fit, kept_targets=0)
         result.skipped = f"removes {100 * (1 - fit.error_ratio_heldout):.0f}% of its held-out error, under --min-gain"
-    elif options.int8:  # per output channel: the columns of the [d_in, d_out] map
-        quantized = dataclasses.replace(fit.fit, weight=qm.fake_quantize_weight(fit.fit.weight, axis=1))
-        result.result = dataclasses.replace(fit, fit=quantized)
+    elif options.int8:
+        weight, result.int8_scale = result.layout.int8_rounded(fit.fit.weight, options.pair_safe)
+        result.result = dataclasses.replace(fit, fit=dataclasses.replace(fit.fit, weight=weight))
 
 
 class _ContextSource:

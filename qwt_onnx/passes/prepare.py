@@ -18,6 +18,14 @@ from qwt_onnx.passes.fold import FoldBatchNormPass, FoldBiasAddPass
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
     """Read and check an ONNX file, raising InputError with the fix when it is not usable."""
+    path = check_file(path, role)
+    model = ir.load(path)
+    _load_external_data(model, path, role)
+    return model
+
+
+def check_file(path: str | os.PathLike, role: str) -> str:
+    """``path`` as a string, if it names a valid ONNX file; else InputError with the fix."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{role} {path} does not exist; pass the path of an .onnx file")
@@ -26,9 +34,7 @@ def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
     except Exception as exc:  # onnx raises ValidationError, DecodeError or OSError variants
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{role} {path} is not a valid ONNX model ({reason}); re-export it") from None
-    model = ir.load(path)
-    _load_external_data(model, path, role)
-    return model
+    return path
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # the pipeline runs sub-models from serialized protobufs

@@ -23,6 +23,17 @@ quantize_static does, and on MiniLM it costs 20 dB of fidelity (4.3 against
 ``ort`` uses uint8 asymmetric activations; ``trt`` int8 symmetric ones with
 zero point 0 and leaves biases in float, as TensorRT's parser requires.
 Weighted ops matched by an ``Exclusions`` keep float weights and inputs.
+
+Weight ranges: ``portable`` scales each output channel so that no two weights
+that onnxruntime's x86 kernels without VNNI add in int16 can overflow it (all
+but depthwise convolutions; see :mod:`qwt_onnx.saturation`); ``full`` uses
+[-127, 127], exact only where the kernels accumulate in int32 (x86 with VNNI,
+ARM, GPUs).
+
+Bias correction: given the per-channel means of the weighted ops' inputs, the
+mean output error of each weight's rounding is subtracted in the op's bias (a
+Conv's or Gemm's own, a MatMul's following Add), so rounding adds noise but no
+offset (Nagel et al., "Data-Free Quantization", 2019).
 """
 
 from __future__ import annotations
@@ -35,9 +46,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qwt_onnx import quantization as qm
+from qwt_onnx import saturation
 from qwt_onnx.passes import graph as g
 
 TARGETS = ("ort", "trt")
+WEIGHT_RANGES = ("portable", "full")
 
 
 @dataclasses.dataclass
@@ -55,6 +68,7 @@ class WeightSite:
     weight: ir.Value
     axis: int
     readers: list[tuple[ir.Node, int]]
+    paired: bool = False  # some reader's kernel adds products in int16 pairs (not depthwise)
 
 
 @dataclasses.dataclass
@@ -65,6 +79,17 @@ class Placement:
     @property
     def observed_names(self) -> list[str]:
         return [site.observed.name for site in self.activations]
+
+    def channel_axes(self) -> dict[str, int]:
+        """The data input of every op with a quantized weight, and its channel axis: whose mean
+        bias correction needs."""
+        axes = {}
+        for site in self.weights:
+            for node, _ in site.readers:
+                axis = _input_channel_axis(node)
+                if axis is not None:
+                    axes[node.inputs[0].name] = axis
+        return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +138,8 @@ def place(graph: ir.Graph, target: str, excluded: Exclusions = Exclusions()) -> 
         site = weights.setdefault(weight, WeightSite(weight, axis, []))
         if site.axis == axis:  # a weight shared along another axis stays float for that reader
             site.readers.append((node, g.WEIGHTED_OPS[node.op_type]))
+            group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+            site.paired |= saturation.kernel_pairs_products(weight.const_value.shape, group)
 
     sites: dict[ir.Value, ActivationSite] = {}
     dequantized: set[ir.Value] = set()  # values whose readers will all read a DQ output
@@ -131,6 +158,15 @@ def place(graph: ir.Graph, target: str, excluded: Exclusions = Exclusions()) -> 
     return Placement(list(weights.values()), list(sites.values()))
 
 
+def _input_channel_axis(node: ir.Node) -> int | None:
+    """The axis of ``node``'s data input that its weight reduces over, None for batched weights."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transA", 0) else 1
+    return -1 if g.weight_input(node).const_value.numpy().ndim == 2 else None
+
+
 def _output_site(value: ir.Value) -> ActivationSite:
     consumers = value.consumers()
     if len(consumers) == 1 and consumers[0].op_type == "Relu" and g.is_default_domain(consumers[0]):
@@ -143,13 +179,24 @@ def _output_site(value: ir.Value) -> ActivationSite:
 class InsertQdqPass(ir.passes.InPlacePass):
     """Insert QuantizeLinear/DequantizeLinear pairs with calibrated ranges."""
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]], target: str = "ort", excluded: Exclusions = Exclusions()):
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]],
+        target: str = "ort",
+        excluded: Exclusions = Exclusions(),
+        weight_range: str = "portable",
+        input_means: Mapping[str, np.ndarray] | None = None,
+    ):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+        if weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"unknown weight range {weight_range!r}; choose from {', '.join(WEIGHT_RANGES)}")
         self.ranges = ranges
         self.target = target
         self.excluded = excluded
+        self.portable = weight_range == "portable"
+        self.input_means = input_means or {}  # per-channel means of weighted ops' inputs, for bias correction
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -164,7 +211,14 @@ class InsertQdqPass(ir.passes.InPlacePass):
 
     def _quantize_weight(self, graph: ir.Graph, names: g.NameScope, site: WeightSite) -> None:
         array = site.weight.const_value.numpy().astype(np.float32)
-        dq = dequantized_weight(names, array, site.axis, site.weight.name)
+        params = qm.symmetric_weight_params(array, site.axis, pair_safe=self.portable and site.paired)
+        dq = dequantized_weight(names, array, site.axis, site.weight.name, params)
+        error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), params, site.axis)
+        for node, _ in site.readers:
+            mean = self.input_means.get(node.inputs[0].name)
+            if mean is not None:
+                group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+                _add_to_bias(graph, names, node, qm.rounding_bias(error, site.axis, mean, group))
         graph.insert_before(site.readers[0][0], dq)
         for node, index in site.readers:
             node.replace_input_with(index, dq.outputs[0])
@@ -183,9 +237,33 @@ class InsertQdqPass(ir.passes.InPlacePass):
             dq.outputs[0].name = site.observed.name  # the tensor keeps its name, now quantized
 
 
-def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str) -> ir.Node:
-    """A DequantizeLinear of ``array`` stored as int8, symmetric per channel along ``axis``."""
-    params = qm.symmetric_weight_params(array, axis)
+def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.ndarray) -> bool:
+    """Add the per-output-channel ``delta`` to ``node``'s bias: a Conv's or Gemm's own (given one
+    where it has none), or the constant of the Add that alone reads a MatMul's output. False
+    where there is no such constant."""
+    holder, slot = node, 2
+    if node.op_type == "MatMul":
+        uses = list(node.outputs[0].uses())
+        if len(uses) != 1 or node.outputs[0].is_graph_output() or uses[0][0].op_type != "Add":
+            return False
+        holder, slot = uses[0][0], 1 - uses[0][1]
+    elif node.op_type == "Gemm":
+        delta = delta / node.attributes.get_float("beta", 1.0)
+    bias = holder.inputs[slot] if slot < len(holder.inputs) else None
+    if bias is not None and (bias.const_value is None or bias.const_value.shape[-1:] not in ((), (1,), (delta.size,))):
+        return False
+    base = bias.const_value.numpy() if bias is not None else np.zeros(delta.shape, np.float32)
+    corrected = names.initializer(f"{bias.name if bias is not None else node.name + '_bias'}_corrected", (base + delta).astype(base.dtype))
+    if slot >= len(holder.inputs):
+        holder.resize_inputs(slot + 1)
+    holder.replace_input_with(slot, corrected)
+    if bias is not None and not bias.uses() and bias.name in graph.initializers:
+        graph.initializers.pop(bias.name)
+    return True
+
+
+def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str, params: qm.QuantParams) -> ir.Node:
+    """A DequantizeLinear of ``array`` stored as int8 with per-channel ``params`` along ``axis``."""
     inputs = [
         names.initializer(f"{base}_quantized", qm.quantize(array, params, axis)),
         names.initializer(f"{base}_scale", params.scale),

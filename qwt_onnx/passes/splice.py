@@ -44,10 +44,14 @@ class Branch:
     weight: np.ndarray  # [d_in, d_out]
     bias: np.ndarray  # [d_out]
     layout: Layout
-    int8: bool = False
+    int8_scale: np.ndarray | None = None  # int8 weights: the per-output-channel scales ``weight`` was rounded with
     target: str = "ort"  # as for the Q/DQ pass: ort quantizes a feature-map branch's output too
     input_range: tuple[float, float] | None = None  # for an input quantizer where the input has none
     output_range: tuple[float, float] | None = None
+
+    @property
+    def int8(self) -> bool:
+        return self.int8_scale is not None
 
     @property
     def num_parameters(self) -> int:
@@ -86,7 +90,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     layout = branch.layout
     if layout.channels_first:
         rank, pad = layout.spatial_rank, layout.kernel // 2
-        weight = _weight(names, conv_weight(branch.weight.astype(np.float32), layout), 0, branch.int8, scope, nodes)
+        weight = _weight(names, branch, scope, nodes)
         conv = names.node(
             "Conv",
             [x, weight, bias],
@@ -101,7 +105,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         if branch.int8 and branch.target == "ort":  # onnxruntime fuses QLinearConv only with it
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.target, f"{scope}/branch")
     else:
-        weight = _weight(names, branch.weight.astype(np.float32), 1, branch.int8, scope, nodes)
+        weight = _weight(names, branch, scope, nodes)
         matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
         add = names.node("Add", [matmul.outputs[0], bias], f"{scope}/branch")
         nodes += [matmul, add]
@@ -140,12 +144,15 @@ def _like(value: ir.Value, model: ir.Value) -> None:
     value.type, value.shape = model.type, model.shape
 
 
-def _weight(names: g.NameScope, weight: np.ndarray, axis: int, int8: bool, scope: str, nodes: list[ir.Node]) -> ir.Value:
-    """The weight as a float initializer, or int8 per channel along ``axis`` behind a
-    DequantizeLinear (appended to ``nodes``)."""
-    if not int8:
+def _weight(names: g.NameScope, branch: Branch, scope: str, nodes: list[ir.Node]) -> ir.Value:
+    """The branch op's weight as a float initializer, or as int8 with the branch's scales behind
+    a DequantizeLinear (appended to ``nodes``)."""
+    layout = branch.layout
+    weight = layout.op_weight(branch.weight.astype(np.float32))
+    if not branch.int8:
         return names.initializer(f"{scope}/weight", weight)
-    nodes.append(qdq.dequantized_weight(names, weight, axis, f"{scope}/weight"))
+    params = qm.QuantParams(branch.int8_scale, np.zeros(branch.int8_scale.shape, np.int8))
+    nodes.append(qdq.dequantized_weight(names, weight, layout.op_weight_axis, f"{scope}/weight", params))
     return nodes[-1].outputs[0]
 
 
@@ -154,12 +161,6 @@ def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, fl
     """QuantizeLinear → DequantizeLinear over ``value_range``, as the Q/DQ pass quantizes for ``target``."""
     params = qm.activation_params(*value_range, symmetric=target == "trt")
     return list(qdq.quantize_dequantize(names, value, params, base))
-
-
-def conv_weight(weight: np.ndarray, layout: Layout) -> np.ndarray:
-    """The ``[C_out, C_in / groups, k, ...]`` kernel of a block-diagonal ``[C_in · k^r, C_out]`` map."""
-    blocks = [weight[f, t].T for f, t in layout.group_slices(*weight.shape)]
-    return np.concatenate(blocks).reshape(weight.shape[1], -1, *([layout.kernel] * layout.spatial_rank))
 
 
 def _is_dequantized(value: ir.Value) -> bool:
