@@ -8,7 +8,8 @@ For each model, on the same calibration and evaluation data and in one run:
 FP32; onnxruntime quantize_static (QDQ, per-channel) with min-max, percentile
 and entropy calibration; qwt_onnx --no-qwt; qwt_onnx with QwT, with int8
 branches (the default) and with float ones; both with full-range int8 weights
-(--weight-range full) instead of the portable default; and QwT on top of
+(--weight-range full) instead of the portable default; PTQ without bias
+correction (--no-bias-correction); and QwT on top of
 onnxruntime's best QDQ model (--quantized). Every quantizer runs in its own
 process so its wall time and peak memory (RSS) are its own. Latency, INT8 MAC
 share and kernel profiles come from tools/speed.py. Where qemu-user is
@@ -54,7 +55,7 @@ EMULATED_EVALUATION = {"vit-s": 1, "ocr-det": 8, "ocr-rec": 8}
 EMULATED_DEFAULT, QUICK_EMULATED = 32, 2
 EMULATED = ("qwt-ptq", "qwt", "qwt-full")  # and onnxruntime's best
 TRANSFORMERS = {"vit-s", "minilm"}  # the portable weight range may cost 1 dB on these, 0.5 dB on the rest
-FULL_RANGE = ("qwt-ptq-full", "qwt-full")  # the same kernels as their portable twins: not timed again
+UNTIMED = ("qwt-ptq-full", "qwt-full", "qwt-ptq-no-bc")  # the same kernels as their twins: not timed again
 PROFILED = ("fp32", "qwt-ptq", "qwt")  # variants whose kernel profile the report shows
 LABELS = {
     "fp32": "FP32",
@@ -64,6 +65,7 @@ LABELS = {
     "qwt-ptq": "qwt_onnx --no-qwt (PTQ)",
     "qwt": "qwt_onnx QwT",
     "qwt-ptq-full": "qwt_onnx PTQ, full-range weights",
+    "qwt-ptq-no-bc": "qwt_onnx PTQ, no bias correction",
     "qwt-full": "qwt_onnx QwT, full-range weights",
     "qwt-float": "qwt_onnx QwT, float branches",
     "qwt-on-ort": "QwT on ORT's best QDQ",
@@ -152,7 +154,7 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
 
 def measure_speed(variants: dict[str, Variant], feeds: dict[str, np.ndarray], quick: bool) -> None:
     """Latency at batch 1 and 16 (all variants interleaved), INT8 MAC share and kernel profile."""
-    variants = {key: v for key, v in variants.items() if key not in FULL_RANGE}
+    variants = {key: v for key, v in variants.items() if key not in UNTIMED}
     paths = {key: v.path for key, v in variants.items()}
     for batch, rounds, runs in ((1, 3, 3) if quick else (1, 7, 5), (16, 2, 1) if quick else (16, 3, 1)):
         for key, ms in speed.latencies_ms(paths, feeds, batch, rounds, runs).items():
@@ -205,7 +207,9 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     ours("qwt-ptq", "--no-qwt")
     ours("qwt")
     chosen = variants["qwt"].report["method"]  # the variants below differ from qwt in one option only
-    ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", variants["qwt-ptq"].report["method"])
+    ptq_method = variants["qwt-ptq"].report["method"]
+    ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)
+    ours("qwt-ptq-no-bc", "--no-qwt", "--no-bias-correction", "--calib-method", ptq_method)
     ours("qwt-full", "--weight-range", "full", "--calib-method", chosen)
     if not quick:
         ours("qwt-float", "--branch-precision", "float", "--calib-method", chosen)
@@ -384,23 +388,24 @@ def _portable_lines(results: list[dict]) -> list[str]:
              "SQNR to FP32 (dB) of each model run natively (this machine: " + (vnni() or "no VNNI") + ") and on an",
              "emulated AVX2-only CPU (`qemu-x86_64 -cpu Haswell`: no VNNI, so onnxruntime's uint8 × int8 kernels",
              "add adjacent weight pairs in int16 with saturation), on the first evaluation samples; and what the",
-             "portable weight range (the default) costs against full-range int8 weights, natively on the whole",
-             "evaluation set.", "",
+             "portable weight range (the default) costs against full-range int8 weights, and what bias correction",
+             "(the default) gains on the PTQ model, natively on the whole evaluation set.", "",
              "| model | samples | ORT best: native → AVX2 | qwt PTQ: native → AVX2 | QwT: native → AVX2 | "
-             "QwT, full-range weights: native → AVX2 | portable weights' cost natively: PTQ, QwT |",
-             "|---|---|---|---|---|---|---|"]
+             "QwT, full-range weights: native → AVX2 | portable weights' cost natively: PTQ, QwT | bias correction's gain, PTQ |",
+             "|---|---|---|---|---|---|---|---|"]
     targets = []
     for r in results:
         v = r["variants"]
         cost = [v[f"{key}-full"]["scores"]["sqnr_db"] - v[key]["scores"]["sqnr_db"] for key in ("qwt-ptq", "qwt")]
         budget = 1.0 if r["name"] in TRANSFORMERS else 0.5
         checks = [(f"portable weights cost ≤ {budget} dB on QwT", cost[1] <= budget)]
+        gain = v["qwt-ptq"]["scores"]["sqnr_db"] - v["qwt-ptq-no-bc"]["scores"]["sqnr_db"]
         if "sqnr_db_avx2" not in v["qwt"]["scores"]:
-            lines.append(f"| {r['name']} | not run: qemu-user is not installed |" + " |" * 5)
+            lines.append(f"| {r['name']} | not run: qemu-user is not installed |" + " |" * 4 + f" {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain:+.2f} dB |")
         else:
             pair = lambda key: "{sqnr_db_native_subset:.2f} → {sqnr_db_avx2:.2f}".format(**v[key]["scores"])  # noqa: E731
             lines.append(f"| {r['name']} | {v['qwt']['scores']['avx2_samples']} | {pair(r['best_ort'])} | {pair('qwt-ptq')} | "
-                         f"{pair('qwt')} | {pair('qwt-full')} | {cost[0]:+.2f}, {cost[1]:+.2f} dB |")
+                         f"{pair('qwt')} | {pair('qwt-full')} | {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain:+.2f} dB |")
             drift = max(abs(v[k]["scores"]["sqnr_db_native_subset"] - v[k]["scores"]["sqnr_db_avx2"]) for k in ("qwt-ptq", "qwt"))
             checks.insert(0, ("PTQ and QwT within 0.3 dB on AVX2", drift <= 0.3))
         targets.append(f"- **{r['name']}**: " + "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks))
@@ -534,8 +539,8 @@ def _model_section(r: dict) -> list[str]:
             row += [f"{s['latency_b1_ms']:.1f}", f"{s['latency_b16_ms']:.1f}",
                     f"{s['latency_b1_ms'] / fp['latency_b1_ms']:.2f}, {s['latency_b16_ms'] / fp['latency_b16_ms']:.2f}",
                     f"{100 * s['int8_mac_share']:.0f}%"]
-        else:  # full-range weights: the kernels of the portable twin
-            row += ["as portable"] * 4
+        else:  # the kernels of its twin: full-range weights, or other biases
+            row += ["as qwt_onnx's"] * 4
         row.append(f"{100 * added:.1f}%" if x["report"] else "—")
         lines.append("| " + " | ".join(row) + " |")
     for key, why in r["unfinished"].items():
