@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="portable: int8 weights scaled so that onnxruntime's x86 kernels without VNNI "
                         "(AVX2, AVX-512 without VNNI) cannot saturate (default with --target ort); "
                         "full: [-127, 127], exact only on VNNI x86, ARM and GPUs (default with --target trt)")
-    parser.add_argument("--no-bias-correction", action="store_true",
-                        help="keep the biases as they are instead of subtracting each weight's mean rounding error")
+    parser.add_argument("--bias-correction", choices=api.BIAS_CORRECTION, default="auto",
+                        help="subtract each weight's mean rounding error in its op's bias: auto (where it scores "
+                        "better on held-out samples, the default), on or off")
     parser.add_argument("--report", metavar="FILE.json", help="write per-block figures as JSON")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             exclude_nodes=[p for p in args.exclude_nodes.split(",") if p],
             exclude_op_types=[p for p in args.exclude_op_types.split(",") if p],
             weight_range=args.weight_range,
-            bias_correction=not args.no_bias_correction,
+            bias_correction=args.bias_correction,
             report=args.report,
             progress=not args.quiet,
         )

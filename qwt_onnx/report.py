@@ -35,6 +35,8 @@ class Report:
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
     method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method
+    bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
+    bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
     selection_samples: int = 0  # samples the QwT comparison of methods ran on
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     ptq_method: str | None = None  # what --no-qwt writes
@@ -65,6 +67,11 @@ def format_summary(report: Report, source: str) -> str:
     ]
     if report.method_sqnr_db:
         lines.append("PTQ held-out SQNR by calibration: " + _scores(report.method_sqnr_db, report.ptq_method))
+    if report.bias_correction_gain_db:
+        gains = ", ".join(
+            f"{m} {g:+.2f} dB ({'kept' if report.bias_corrected[m] else 'dropped'})" for m, g in report.bias_correction_gain_db.items()
+        )
+        lines.append(f"bias correction, held-out gain: {gains}")
     if report.method_qwt_sqnr_db:
         lines.append(
             f"QwT held-out SQNR by calibration ({report.selection_samples} samples): "

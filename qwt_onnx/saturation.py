@@ -13,7 +13,9 @@ K axis as stored; a convolution's kernel positions, input channels innermost
 convolutions run in a kernel that widens to int32 first and never saturate.
 Measured on every path (ConvSym, im2col GEMM with odd channel counts, grouped,
 GEMV, QGemm with and without transB) under ``qemu-x86_64 -cpu Haswell``:
-tests/test_portable.py keeps that true for the installed onnxruntime.
+tests/test_portable.py keeps that true for the installed onnxruntime. AVX-512
+without VNNI, which QEMU cannot emulate, swaps only the kernel and keeps the
+AVX2 packing (MLAS's platform.cpp and convsym.cpp), hence the same pairs.
 
 A per-channel scale that maps each channel's largest same-sign pair to at most
 127.5 makes every rounded pair fit (two roundings add at most 1), at a small

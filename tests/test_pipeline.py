@@ -76,16 +76,20 @@ def test_portable_weights_with_bias_correction_cost_little_against_plain_full_ra
 
 
 @pytest.mark.parametrize("build", [graphs.resnet, graphs.mobilenet])
-def test_bias_correction_removes_the_mean_error_of_rounded_weights(build):
+def test_bias_correction_removes_the_mean_error_of_rounded_weights_and_auto_keeps_it_where_it_helps(build):
     model = build()
     calib, test = graphs.samples(model, 160, seed=1), graphs.samples(model, 64, seed=2)
     reference = _outputs(model, test)
-    errors = [
-        mean_squared_error(reference, _outputs(quantize(model, calib, qwt=False, calib_method="percentile",
-                                                        bias_correction=corrected, progress=False), test))
-        for corrected in (False, True)
-    ]
-    assert errors[1] < 0.8 * errors[0]
+    written = {}
+    for choice in ("off", "on", "auto"):
+        written[choice], report = quantize_with_report(model, calib, qwt=False, calib_method="percentile",
+                                                       bias_correction=choice, progress=False)
+    errors = {choice: mean_squared_error(reference, _outputs(m, test)) for choice, m in written.items()}
+    assert errors["on"] < 0.8 * errors["off"]
+    # auto scored both on held-out samples and kept the better one: here, the corrected model
+    gain = report.bias_correction_gain_db["percentile"]
+    assert gain > 0 and report.bias_corrected == {"percentile": True}
+    assert written["auto"].SerializeToString() == written["on"].SerializeToString()
 
 
 def test_branches_are_named_and_batch_stays_dynamic(case):

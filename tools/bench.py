@@ -9,7 +9,7 @@ FP32; onnxruntime quantize_static (QDQ, per-channel) with min-max, percentile
 and entropy calibration; qwt_onnx --no-qwt; qwt_onnx with QwT, with int8
 branches (the default) and with float ones; both with full-range int8 weights
 (--weight-range full) instead of the portable default; PTQ without bias
-correction (--no-bias-correction); and QwT on top of
+correction (--bias-correction off); and QwT on top of
 onnxruntime's best QDQ model (--quantized). Every quantizer runs in its own
 process so its wall time and peak memory (RSS) are its own. Latency, INT8 MAC
 share and kernel profiles come from tools/speed.py. Where qemu-user is
@@ -209,7 +209,7 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     chosen = variants["qwt"].report["method"]  # the variants below differ from qwt in one option only
     ptq_method = variants["qwt-ptq"].report["method"]
     ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)
-    ours("qwt-ptq-no-bc", "--no-qwt", "--no-bias-correction", "--calib-method", ptq_method)
+    ours("qwt-ptq-no-bc", "--no-qwt", "--bias-correction", "off", "--calib-method", ptq_method)
     ours("qwt-full", "--weight-range", "full", "--calib-method", chosen)
     if not quick:
         ours("qwt-float", "--branch-precision", "float", "--calib-method", chosen)
@@ -388,10 +388,12 @@ def _portable_lines(results: list[dict]) -> list[str]:
              "SQNR to FP32 (dB) of each model run natively (this machine: " + (vnni() or "no VNNI") + ") and on an",
              "emulated AVX2-only CPU (`qemu-x86_64 -cpu Haswell`: no VNNI, so onnxruntime's uint8 × int8 kernels",
              "add adjacent weight pairs in int16 with saturation), on the first evaluation samples; and what the",
-             "portable weight range (the default) costs against full-range int8 weights, and what bias correction",
-             "(the default) gains on the PTQ model, natively on the whole evaluation set.", "",
+             "portable weight range (the default) costs against full-range int8 weights, natively on the whole",
+             "evaluation set; and bias correction on the PTQ model: its gain on held-out calibration samples, for",
+             "which `--bias-correction auto` (the default) keeps or drops it, and the written model's difference",
+             "to the uncorrected one on the evaluation set.", "",
              "| model | samples | ORT best: native → AVX2 | qwt PTQ: native → AVX2 | QwT: native → AVX2 | "
-             "QwT, full-range weights: native → AVX2 | portable weights' cost natively: PTQ, QwT | bias correction's gain, PTQ |",
+             "QwT, full-range weights: native → AVX2 | portable weights' cost natively: PTQ, QwT | bias correction: held-out gain; evaluation |",
              "|---|---|---|---|---|---|---|---|"]
     targets = []
     for r in results:
@@ -399,13 +401,18 @@ def _portable_lines(results: list[dict]) -> list[str]:
         cost = [v[f"{key}-full"]["scores"]["sqnr_db"] - v[key]["scores"]["sqnr_db"] for key in ("qwt-ptq", "qwt")]
         budget = 1.0 if r["name"] in TRANSFORMERS else 0.5
         checks = [(f"portable weights cost ≤ {budget} dB on QwT", cost[1] <= budget)]
-        gain = v["qwt-ptq"]["scores"]["sqnr_db"] - v["qwt-ptq-no-bc"]["scores"]["sqnr_db"]
+        report = v["qwt-ptq"]["report"]
+        method = report["method"]
+        kept = "kept" if report["bias_corrected"].get(method) else "dropped"
+        held = report["bias_correction_gain_db"].get(method)
+        effect = v["qwt-ptq"]["scores"]["sqnr_db"] - v["qwt-ptq-no-bc"]["scores"]["sqnr_db"]
+        gain = (f"{held:+.2f} dB, {kept}; " if held is not None else "") + f"{effect:+.2f} dB"
         if "sqnr_db_avx2" not in v["qwt"]["scores"]:
-            lines.append(f"| {r['name']} | not run: qemu-user is not installed |" + " |" * 4 + f" {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain:+.2f} dB |")
+            lines.append(f"| {r['name']} | not run: qemu-user is not installed |" + " |" * 4 + f" {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain} |")
         else:
             pair = lambda key: "{sqnr_db_native_subset:.2f} → {sqnr_db_avx2:.2f}".format(**v[key]["scores"])  # noqa: E731
             lines.append(f"| {r['name']} | {v['qwt']['scores']['avx2_samples']} | {pair(r['best_ort'])} | {pair('qwt-ptq')} | "
-                         f"{pair('qwt')} | {pair('qwt-full')} | {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain:+.2f} dB |")
+                         f"{pair('qwt')} | {pair('qwt-full')} | {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain} |")
             drift = max(abs(v[k]["scores"]["sqnr_db_native_subset"] - v[k]["scores"]["sqnr_db_avx2"]) for k in ("qwt-ptq", "qwt"))
             checks.insert(0, ("PTQ and QwT within 0.3 dB on AVX2", drift <= 0.3))
         targets.append(f"- **{r['name']}**: " + "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks))

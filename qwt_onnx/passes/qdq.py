@@ -164,7 +164,7 @@ def _input_channel_axis(node: ir.Node) -> int | None:
         return 1
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transA", 0) else 1
-    return -1 if g.weight_input(node).const_value.numpy().ndim == 2 else None
+    return -1 if len(g.weight_input(node).const_value.shape) == 2 else None
 
 
 def _output_site(value: ir.Value) -> ActivationSite:
@@ -237,21 +237,21 @@ class InsertQdqPass(ir.passes.InPlacePass):
             dq.outputs[0].name = site.observed.name  # the tensor keeps its name, now quantized
 
 
-def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.ndarray) -> bool:
+def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.ndarray) -> None:
     """Add the per-output-channel ``delta`` to ``node``'s bias: a Conv's or Gemm's own (given one
-    where it has none), or the constant of the Add that alone reads a MatMul's output. False
+    where it has none), or the constant of the Add that alone reads a MatMul's output; nothing
     where there is no such constant."""
     holder, slot = node, 2
     if node.op_type == "MatMul":
         uses = list(node.outputs[0].uses())
         if len(uses) != 1 or node.outputs[0].is_graph_output() or uses[0][0].op_type != "Add":
-            return False
+            return
         holder, slot = uses[0][0], 1 - uses[0][1]
     elif node.op_type == "Gemm":
         delta = delta / node.attributes.get_float("beta", 1.0)
     bias = holder.inputs[slot] if slot < len(holder.inputs) else None
     if bias is not None and (bias.const_value is None or bias.const_value.shape[-1:] not in ((), (1,), (delta.size,))):
-        return False
+        return
     base = bias.const_value.numpy() if bias is not None else np.zeros(delta.shape, np.float32)
     corrected = names.initializer(f"{bias.name if bias is not None else node.name + '_bias'}_corrected", (base + delta).astype(base.dtype))
     if slot >= len(holder.inputs):
@@ -259,7 +259,6 @@ def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.n
     holder.replace_input_with(slot, corrected)
     if bias is not None and not bias.uses() and bias.name in graph.initializers:
         graph.initializers.pop(bias.name)
-    return True
 
 
 def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str, params: qm.QuantParams) -> ir.Node:
