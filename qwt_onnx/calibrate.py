@@ -59,6 +59,7 @@ def observe(
     over all samples, and the model outputs on the scoring samples."""
     channel_axes = channel_axes or {}
     output_names = [o.name for o in model.graph.output]
+    axes = batch_axes(model)
     runner = Runner(with_outputs(model, [*tensors, *channel_axes]))
     observers = {name: RangeObserver() for name in tensors}
     means = {name: ChannelMean(axis) for name, axis in channel_axes.items()}
@@ -70,17 +71,30 @@ def observe(
             statistic.update(values[name])
         rows = heldout[batch.indices]
         for name in output_names:
-            kept[name].append(values[name][rows])
+            kept[name].append(np.moveaxis(values[name], axes[name], 0)[rows])
     reference = {name: np.concatenate(parts) for name, parts in kept.items()}
     return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str, progress: bool = True) -> dict[str, np.ndarray]:
-    """The model's outputs on the scoring samples (held out from every fit)."""
+    """The model's outputs on the scoring samples (held out from every fit), samples on axis 0."""
     runner = Runner(model)
+    axes = batch_axes(model)
     indices = np.flatnonzero(calib.scoring_mask)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in _progress(calib, batch_size, indices, description, progress):
         for name, value in runner(batch.feeds).items():
-            parts.setdefault(name, []).append(value)
+            parts.setdefault(name, []).append(np.moveaxis(value, axes[name], 0))
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """The axis that holds the samples, per graph output: the one named like the inputs' batch
+    dimension (a time-major recurrent model writes [T, batch, C]), else 0."""
+    batch = next((i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input
+                  if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param), None)
+    axes = {}
+    for output in model.graph.output:
+        names = [d.dim_param for d in output.type.tensor_type.shape.dim]
+        axes[output.name] = names.index(batch) if batch and batch in names else 0
+    return axes

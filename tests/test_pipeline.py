@@ -17,25 +17,29 @@ from tests import graphs
 # branch can predict dominates. Under the branches the PTQ is kept plain: full-range int8
 # weights and no bias correction, which would remove part of that error and, on these small
 # random-weight models, most of the CNNs' (the defaults are measured against it below).
+# Full-range weights saturate on x86 CPUs without VNNI; under qemu-x86_64 -cpu Haswell the
+# whole suite passes with them but for the plain transformer, whose PTQ error grows from 0.05
+# to 0.126 of the signal there: it gets the portable weights, which compute alike everywhere.
 PLAIN = {"weight_range": "full", **graphs.SYSTEMATIC_ERROR}
+PORTABLE = {**PLAIN, "weight_range": "portable"}
 MODELS = {
-    "transformer": (graphs.transformer, "entropy", 0.8),
-    "masked-transformer": (lambda: graphs.transformer(layers=2, mask=True), "entropy", 0.8),
-    "post-ln-bert": (graphs.bert, "entropy", 0.95),
-    "resnet": (graphs.resnet, "percentile", 0.8),
-    "mobilenet": (graphs.mobilenet, "percentile", 0.8),
-    "nhwc-resnet": (graphs.nhwc_resnet, "percentile", 0.99),
+    "transformer": (graphs.transformer, "entropy", 0.8, PORTABLE),
+    "masked-transformer": (lambda: graphs.transformer(layers=2, mask=True), "entropy", 0.8, PLAIN),
+    "post-ln-bert": (graphs.bert, "entropy", 0.95, PLAIN),
+    "resnet": (graphs.resnet, "percentile", 0.8, PLAIN),
+    "mobilenet": (graphs.mobilenet, "percentile", 0.8, PLAIN),
+    "nhwc-resnet": (graphs.nhwc_resnet, "percentile", 0.99, PLAIN),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def case(request):
-    build, method, _ = MODELS[request.param]
+    build, method, _, plain = MODELS[request.param]
     model = build()
     calib = graphs.samples(model, 160, seed=1)
-    ptq = quantize(model, calib, qwt=False, calib_method=method, progress=False, **PLAIN)
+    ptq = quantize(model, calib, qwt=False, calib_method=method, progress=False, **plain)
     # every branch that helps at all, so that the small models exercise the whole mechanism
-    qwt, report = quantize_with_report(model, calib, calib_method=method, min_gain=0.0, progress=False, **PLAIN)
+    qwt, report = quantize_with_report(model, calib, calib_method=method, min_gain=0.0, progress=False, **plain)
     return request.param, model, ptq, qwt, report
 
 
@@ -65,13 +69,15 @@ def test_ptq_tracks_fp32_and_qwt_tracks_it_closer_on_heldout_inputs(case):
 
 
 def test_portable_weights_with_bias_correction_cost_little_against_plain_full_range_ones(case):
-    """The defaults (pair-safe weights that no x86 CPU saturates, bias correction) against the
-    plain PTQ, QwT on both: within 1 dB, as the bench requires of real transformers."""
-    name, model, _, plain_qwt, _ = case
+    """The defaults (pair-safe weights that no x86 CPU saturates, bias correction) against plain
+    full-range weights, QwT on both: within 1 dB, as the bench requires of real transformers (on
+    a CPU without VNNI the full-range model saturates and the defaults win outright)."""
+    name, model, _, _, _ = case
     calib, test = graphs.samples(model, 160, seed=1), graphs.samples(model, 64, seed=2)
     default_qwt = quantize(model, calib, calib_method=MODELS[name][1], min_gain=0.0, progress=False)
+    full_qwt = quantize(model, calib, calib_method=MODELS[name][1], min_gain=0.0, progress=False, **PLAIN)
     reference = _outputs(model, test)
-    cost_db = 10 * np.log10(mean_squared_error(reference, _outputs(default_qwt, test)) / mean_squared_error(reference, _outputs(plain_qwt, test)))
+    cost_db = 10 * np.log10(mean_squared_error(reference, _outputs(default_qwt, test)) / mean_squared_error(reference, _outputs(full_qwt, test)))
     assert cost_db < 1.0, f"{name}: the defaults cost {cost_db:.2f} dB"
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from qwt_onnx import quantize
+from qwt_onnx import quantize, quantize_with_report
 from qwt_onnx.errors import InputError
 from qwt_onnx.passes import prepare
 from qwt_onnx.runtime import session
@@ -120,3 +120,28 @@ def test_random_graphs_either_quantize_to_a_runnable_model_or_fail_with_input_er
     test = rng.standard_normal((3, channels, tokens)).astype(np.float32)
     result = session(out).run(None, {"x": test})[0]
     assert result.shape == (3, channels, tokens) and np.isfinite(result).all()
+
+
+def test_a_time_major_output_is_scored_per_sample_and_its_blocks_are_left_alone():
+    # A recurrent model's layout: [batch, T, C] in, [T, batch, C] out (T differs from the batch).
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((24, 24)).astype(np.float32) / 5 for _ in range(2))
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["tm"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["tm", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Add", ["r", "tm"], ["res"]),
+        helper.make_node("MatMul", ["res", "w2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "time_major",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 7, 24])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [7, "batch", 24])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = {"x": rng.standard_normal((40, 7, 24)).astype(np.float32)}
+    written, report = quantize_with_report(model, calib, batch_size=16, min_gain=0.0, progress=False)
+    assert report.sqnr_ptq_db is not None and report.sqnr_ptq_db > 20  # one SQNR per sample, not per time step
+    assert any("not on axis 0" in b.note for b in report.blocks)
+    session(written).run(None, {"x": calib["x"][:3]})

@@ -243,6 +243,8 @@ def _fit_block(
             result.layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
             if result.layout is None:
                 result.skipped = f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}"
+            elif x.shape[0] != batch.size or y_q.shape[0] != batch.size:  # time-major, say: [T, batch, C]
+                result.layout, result.skipped = None, f"the samples are not on axis 0 of {list(x.shape)} or {list(y_q.shape)}"
         if result.layout is None:
             continue
         layout, residual = result.layout, y_fp - y_q
