@@ -1,16 +1,16 @@
 """qwt_onnx: Quantization without Tears as an ONNX graph-rewriting pass."""
 
-import os
-
-# Capture alternates onnxruntime runs with numpy's normal-equation updates on the same cores.
-# OpenBLAS threads otherwise spin for ~0.1 s after each call and slow the next onnxruntime run
-# by a third; a short spin fixes it. Takes effect only if numpy is not imported yet, and never
-# overrides a value the user set.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-from qwt_onnx.api import quantize, quantize_with_report  # noqa: E402
-from qwt_onnx.errors import InputError  # noqa: E402
-from qwt_onnx.report import Report  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["InputError", "Report", "quantize", "quantize_with_report", "__version__"]
+_EXPORTS = {"InputError": "qwt_onnx.errors", "Report": "qwt_onnx.report",
+            "quantize": "qwt_onnx.api", "quantize_with_report": "qwt_onnx.api"}
+
+
+def __getattr__(name: str):
+    # Loaded on first use, so that importing the package imports nothing else and
+    # ``python -m qwt_onnx`` can set up its process before numpy loads.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qwt_onnx' has no attribute {name!r}")

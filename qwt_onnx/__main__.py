@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-import traceback
+import os
 
-from qwt_onnx import api
-from qwt_onnx.errors import InputError
-from qwt_onnx.report import format_summary
-from qwt_onnx.passes.blocks import GRANULARITIES
-from qwt_onnx.passes.qdq import TARGETS, WEIGHT_RANGES
-from qwt_onnx.ranges import METHODS
+# The capture alternates onnxruntime runs with numpy's normal-equation updates on the same
+# cores. OpenBLAS threads otherwise spin for ~0.1 s after each call and slow the next
+# onnxruntime run by a third. It must be set before numpy loads; a user's value is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+from qwt_onnx import api  # noqa: E402
+from qwt_onnx.errors import InputError  # noqa: E402
+from qwt_onnx.passes.blocks import GRANULARITIES  # noqa: E402
+from qwt_onnx.passes.qdq import TARGETS, WEIGHT_RANGES  # noqa: E402
+from qwt_onnx.ranges import METHODS  # noqa: E402
+from qwt_onnx.report import format_summary  # noqa: E402
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 ZOO_PREFIX = "zoo:"

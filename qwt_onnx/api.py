@@ -105,7 +105,7 @@ def quantize_with_report(
         raise InputError(
             "the input model is already quantized; pass the FP32 model as input and this one with --quantized"
         )
-    calib_set = CalibrationSet.load(calib, prepare.input_specs(fp)).take(samples)
+    calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), samples)
     rep = Report(target, calib_method, calib_set.num_samples, int(calib_set.heldout_mask.sum()), weight_range)
     rep.fp32_parameters = int(sum(v.const_value.size for v in fp.graph.initializers.values() if v.const_value is not None))
     run = _Run(fp, calib_set, _effective_batch_size(fp, batch_size), rep, progress, branch_options, excluded)

@@ -48,10 +48,13 @@ class CalibrationSet:
         self.num_samples = len(next(iter(self.arrays.values())))
 
     @classmethod
-    def load(cls, source: str | os.PathLike | Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> CalibrationSet:
-        """From a ``.npz`` (keys are input names), a ``.npy`` (single input) or a dict."""
+    def load(
+        cls, source: str | os.PathLike | Mapping[str, np.ndarray], specs: Sequence[InputSpec], num_samples: int | None = None
+    ) -> CalibrationSet:
+        """The first ``num_samples`` samples (default: all) of a ``.npz`` (keys are input names), a
+        ``.npy`` (single input) or a dict; only those are read and checked for NaN and Inf."""
         if isinstance(source, Mapping):
-            return cls(source, specs)
+            return cls(_first(source, num_samples), specs)
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
@@ -66,8 +69,8 @@ class CalibrationSet:
                     f"{path} holds one array but the model has {len(specs)} inputs ({names}); "
                     "save a .npz with one key per input"
                 )
-            return cls({specs[0].name: arrays}, specs)
-        return cls(arrays, specs)
+            arrays = {specs[0].name: arrays}
+        return cls(_first(arrays, num_samples), specs)
 
     def take(self, num_samples: int) -> CalibrationSet:
         """The first ``num_samples`` samples (all of them if there are fewer)."""
@@ -103,6 +106,10 @@ class CalibrationSet:
     def num_batches(self, batch_size: int, indices: np.ndarray | None = None) -> int:
         count = self.num_samples if indices is None else len(indices)
         return -(-count // batch_size)
+
+
+def _first(arrays: Mapping[str, np.ndarray], num_samples: int | None) -> dict[str, np.ndarray]:
+    return {k: v[:num_samples] if isinstance(v, np.ndarray) and v.ndim else v for k, v in arrays.items()}
 
 
 def _validate(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 
 logger = logging.getLogger("qwt_onnx")
@@ -56,7 +57,8 @@ class Report:
             logger.warning(message)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=True)
+        """Strict JSON: a figure that is not finite (the SQNR of an exact output) is ``null``."""
+        return json.dumps(_finite(dataclasses.asdict(self)), indent=2, allow_nan=False)
 
 
 def format_summary(report: Report, source: str) -> str:
@@ -97,6 +99,16 @@ def format_summary(report: Report, source: str) -> str:
     written = "QwT" if report.qwt_applied else "PTQ"
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
     return "\n".join(lines)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _scores(scores: dict[str, float], chosen: str | None) -> str:

@@ -172,12 +172,17 @@ class CompensationFit:
     r2_heldout: float
     error_ratio_heldout: float
     kept_targets: int  # output channels whose compensation lowers the held-out error
-    alphas: np.ndarray  # the ridge strength chosen per output channel
+    alphas: np.ndarray  # the ridge strength chosen per output channel, NaN where none is kept
     not_finite: bool = False  # the statistics or the solution held NaN or Inf: dropped
+    validated: LinearMap | None = None  # fitted on the training rows alone: what the scores measure
 
     @property
     def kept(self) -> bool:
         return self.kept_targets > 0
+
+    @property
+    def kept_mask(self) -> np.ndarray:
+        return np.isfinite(self.alphas)
 
     @property
     def reason(self) -> str:
@@ -199,7 +204,7 @@ def fit_compensation(
     """
     zero = LinearMap.zeros(train.n_features, train.n_targets)
     if not (_finite_statistics(train) and _finite_statistics(heldout)):
-        return CompensationFit(zero, 0.0, 0.0, 1.0, 0, np.full(train.n_targets, np.nan), not_finite=True)
+        return CompensationFit(zero, 0.0, 0.0, 1.0, 0, np.full(train.n_targets, np.nan), not_finite=True, validated=zero)
     fits = [fit_ridge(train, alpha) for alpha in alphas]
     errors = np.stack(
         [sum_squared_error(heldout, f) if f.is_finite() else np.full(train.n_targets, np.inf) for f in fits]
@@ -211,12 +216,12 @@ def fit_compensation(
     validated = _select_columns(fits, best, keep, zero)
     scores = (r2_score(train, validated), r2_score(heldout, validated), error_ratio(heldout, validated))
     if not keep.any():
-        return CompensationFit(zero, *scores, 0, chosen)
+        return CompensationFit(zero, *scores, 0, chosen, validated=validated)
     final = fit_ridge(train.merged(heldout), np.where(keep, chosen, 1.0))
     final = LinearMap(final.weight * keep, final.bias * keep)
     if not final.is_finite():
-        return CompensationFit(zero, *scores, 0, chosen, not_finite=True)
-    return CompensationFit(final, *scores, int(keep.sum()), chosen)
+        return CompensationFit(zero, *scores, 0, chosen, not_finite=True, validated=zero)
+    return CompensationFit(final, *scores, int(keep.sum()), chosen, validated=validated)
 
 
 def _finite_statistics(eq: NormalEquations) -> bool:
@@ -242,22 +247,75 @@ def fit_grouped_compensation(
     ``slices[i][1]``; the scores are pooled over all targets.
     """
     fits = [fit_compensation(train, held, alphas) for train, held in groups]
-    n_features = max(s.stop for s, _ in slices)
-    n_targets = max(t.stop for _, t in slices)
-    weight, bias = np.zeros((n_features, n_targets)), np.zeros(n_targets)
-    for fit, (features, targets) in zip(fits, slices):
-        weight[features, targets], bias[targets] = fit.fit.weight, fit.fit.bias
-    trains = [total_sum_of_squares(train).sum() for train, _ in groups]
-    helds = [total_sum_of_squares(held).sum() for _, held in groups]
-    before = [held.sum_r2.sum() for _, held in groups]
+    final, validated = (_block_diagonal([getattr(f, which) for f in fits], slices) for which in ("fit", "validated"))
     return CompensationFit(
-        LinearMap(weight, bias),
-        r2_train=_weighted_mean([f.r2_train for f in fits], trains, empty=0.0),
-        r2_heldout=_weighted_mean([f.r2_heldout for f in fits], helds, empty=0.0),
-        error_ratio_heldout=_weighted_mean([f.error_ratio_heldout for f in fits], before, empty=1.0),
+        final,
+        *_pooled_scores(groups, slices, validated),
         kept_targets=sum(f.kept_targets for f in fits),
         alphas=np.concatenate([f.alphas for f in fits]),
         not_finite=any(f.not_finite for f in fits),
+        validated=validated,
+    )
+
+
+def with_stored_weights(
+    fit: CompensationFit,
+    groups: list[tuple[NormalEquations, NormalEquations]],
+    slices: list[tuple[slice, slice]],
+    validated_weight: np.ndarray,
+    final_weight: np.ndarray,
+) -> CompensationFit:
+    """``fit`` restated for its weights as they will be stored (rounded to int8, say), given
+    for its validated and its final map: each kept channel's bias is refit to its stored
+    weights, a channel whose stored weights no longer lower its held-out error is dropped,
+    and the scores are those of the stored weights."""
+    keep = fit.kept_mask.copy()
+    for (train, held), (features, targets) in zip(groups, slices):
+        stored = _refit_bias(train, validated_weight[features, targets], keep[targets])
+        keep[targets] &= sum_squared_error(held, stored) < held.sum_r2
+    validated = _block_diagonal(
+        [_refit_bias(train, validated_weight[f, t], keep[t]) for (train, _), (f, t) in zip(groups, slices)], slices
+    )
+    final = _block_diagonal(
+        [_refit_bias(train.merged(held), final_weight[f, t], keep[t]) for (train, held), (f, t) in zip(groups, slices)],
+        slices,
+    )
+    alphas = np.where(keep, fit.alphas, np.nan)
+    return dataclasses.replace(
+        fit, fit=final, validated=validated, alphas=alphas, kept_targets=int(keep.sum()),
+        **dict(zip(("r2_train", "r2_heldout", "error_ratio_heldout"), _pooled_scores(groups, slices, validated))),
+    )
+
+
+def _refit_bias(eq: NormalEquations, weight: np.ndarray, keep: np.ndarray) -> LinearMap:
+    """``weight`` with the bias that is best for it on ``eq``'s rows, on the ``keep`` columns; zero elsewhere."""
+    bias = (eq.sum_r - (eq.sum_x + eq.count * eq.offset) @ weight) / max(eq.count, 1)
+    return LinearMap(weight * keep, bias * keep)
+
+
+def _block_diagonal(maps: list[LinearMap], slices: list[tuple[slice, slice]]) -> LinearMap:
+    """One map from group ``i``'s map from features ``slices[i][0]`` to targets ``slices[i][1]``."""
+    weight = np.zeros((max(f.stop for f, _ in slices), max(t.stop for _, t in slices)))
+    bias = np.zeros(weight.shape[1])
+    for mapping, (features, targets) in zip(maps, slices):
+        weight[features, targets], bias[targets] = mapping.weight, mapping.bias
+    return LinearMap(weight, bias)
+
+
+def _pooled_scores(
+    groups: list[tuple[NormalEquations, NormalEquations]], slices: list[tuple[slice, slice]], mapping: LinearMap
+) -> tuple[float, float, float]:
+    """R² on the training and the held-out rows and the held-out error ratio of ``mapping``,
+    pooled over the groups by each group's sum of squares."""
+    scores = []
+    for (train, held), (features, targets) in zip(groups, slices):
+        part = LinearMap(mapping.weight[features, targets], mapping.bias[targets])
+        scores.append((r2_score(train, part), r2_score(held, part), error_ratio(held, part)))
+    r2_train, r2_heldout, ratio = zip(*scores)
+    return (
+        _weighted_mean(r2_train, [total_sum_of_squares(train).sum() for train, _ in groups], empty=0.0),
+        _weighted_mean(r2_heldout, [total_sum_of_squares(held).sum() for _, held in groups], empty=0.0),
+        _weighted_mean(ratio, [held.sum_r2.sum() for _, held in groups], empty=1.0),
     )
 
 

@@ -34,7 +34,7 @@ def test_npz_files_give_the_same_batches_as_numpy_load(tmp_path, save):
 def test_a_npy_file_is_memory_mapped(tmp_path):
     image = _arrays()["image"]
     np.save(tmp_path / "calib.npy", image)
-    calib = CalibrationSet.load(tmp_path / "calib.npy", SPECS[:1]).take(20)
+    calib = CalibrationSet.load(tmp_path / "calib.npy", SPECS[:1], 20)
     assert isinstance(calib.arrays["image"], np.memmap) and calib.num_samples == 20
     np.testing.assert_array_equal(next(calib.batches(20)).feeds["image"], image[:20])
 
@@ -46,6 +46,15 @@ def test_nan_is_found_in_any_chunk_of_a_mapped_file(tmp_path, monkeypatch):
     np.savez(tmp_path / "calib.npz", **arrays)
     with pytest.raises(calibration.InputError, match="NaN or Inf"):
         CalibrationSet.load(tmp_path / "calib.npz", SPECS)
+
+
+def test_only_the_samples_taken_are_checked_for_nan(tmp_path):
+    arrays = _arrays()
+    arrays["image"][33, 1, 2] = np.nan
+    np.savez(tmp_path / "calib.npz", **arrays)
+    assert CalibrationSet.load(tmp_path / "calib.npz", SPECS, 33).num_samples == 33
+    with pytest.raises(calibration.InputError, match="NaN or Inf"):
+        CalibrationSet.load(tmp_path / "calib.npz", SPECS, 34)
 
 
 def test_whole_model_scores_use_a_bounded_number_of_heldout_samples(monkeypatch):

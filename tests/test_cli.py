@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from qwt_onnx import Report
 from tests import graphs
 
 
@@ -40,6 +41,19 @@ def test_quantizes_with_a_summary_and_a_report(files):
     onnx.checker.check_model(str(out))
     figures = json.loads(report.read_text())
     assert len(figures["blocks"]) == 4 and figures["samples"] == 48 and figures["method"] == "minmax"
+
+
+def test_the_report_is_strict_json_where_a_figure_is_infinite():
+    report = Report("ort", "minmax", 10, 2, method_sqnr_db={"minmax": float("inf")}, sqnr_ptq_db=float("inf"))
+    strict = json.loads(report.to_json(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert strict["sqnr_ptq_db"] is None and strict["method_sqnr_db"] == {"minmax": None} and strict["samples"] == 10
+
+
+def test_importing_the_library_leaves_the_environment_alone():
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    code = "import os, qwt_onnx; qwt_onnx.quantize; print(sorted(set(os.environ) - set(%r)))" % sorted(env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
 def test_no_qwt_writes_the_plain_ptq_model(files):

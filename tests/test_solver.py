@@ -132,6 +132,50 @@ def test_grouped_fit_recovers_a_block_diagonal_map_and_pools_its_scores():
     assert result.r2_heldout > 0.99 and result.error_ratio_heldout < 1e-3
 
 
+def test_stored_weights_are_judged_as_stored_with_their_bias_refit():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3000, 6)) + 2.0  # an offset, so that rounding shifts the best bias
+    x[:, 1] = x[:, 0] + 0.01 * rng.standard_normal(3000)  # two features nearly collinear
+    w = rng.standard_normal((6, 4))
+    w[:, 3] = [0.63, -0.62, 0, 0, 0, 0]  # a weak channel that coarse rounding makes worse than nothing
+    r = x @ w + [0.3, 0.3, 0.3, 0.0] + 0.01 * rng.standard_normal((3000, 4))
+    shift = np.full(6, 2.0, np.float32)
+    train, held = solver.NormalEquations(6, 4, shift), solver.NormalEquations(6, 4, shift)
+    train.update(x[:2000], r[:2000])
+    held.update(x[2000:], r[2000:])
+    slices = [(slice(0, 6), slice(0, 4))]
+    fit = solver.fit_grouped_compensation([(train, held)], slices)
+    assert fit.kept_targets == 4
+    coarse = lambda weight: np.round(weight * 4) / 4  # noqa: E731  (a grid of 0.25)
+    stored = solver.with_stored_weights(fit, [(train, held)], slices, coarse(fit.validated.weight), coarse(fit.fit.weight))
+
+    assert stored.kept_targets == 3 and stored.kept_mask.tolist() == [True, True, True, False]
+    assert not stored.fit.weight[:, 3].any() and stored.fit.bias[3] == 0
+    np.testing.assert_array_equal(stored.fit.weight[:, :3], coarse(fit.fit.weight)[:, :3])
+    # each kept channel's bias is the best one for its stored weights, on all rows
+    best_bias = (r - x @ stored.fit.weight).mean(axis=0)
+    np.testing.assert_allclose(stored.fit.bias[:3], best_bias[:3], atol=1e-9)
+    # the scores are those of the stored, train-only map on the held-out rows
+    residual = r[2000:] - stored.validated(x[2000:])
+    assert stored.error_ratio_heldout == pytest.approx(np.square(residual).sum() / np.square(r[2000:]).sum(), rel=1e-3)
+    assert stored.error_ratio_heldout > fit.error_ratio_heldout
+
+
+def test_stored_weights_equal_to_the_fitted_ones_change_nothing():
+    rng = np.random.default_rng(7)
+    x, r, _, _ = _noisy_linear(rng, n=2000, d=5, m=3)
+    shift = np.zeros(5, np.float32)
+    train, held = solver.NormalEquations(5, 3, shift), solver.NormalEquations(5, 3, shift)
+    train.update(x[:1500], r[:1500])
+    held.update(x[1500:], r[1500:])
+    slices = [(slice(0, 5), slice(0, 3))]
+    fit = solver.fit_grouped_compensation([(train, held)], slices)
+    same = solver.with_stored_weights(fit, [(train, held)], slices, fit.validated.weight, fit.fit.weight)
+    np.testing.assert_allclose(same.fit.bias, fit.fit.bias, rtol=1e-9, atol=1e-9)
+    assert same.error_ratio_heldout == pytest.approx(fit.error_ratio_heldout, rel=1e-9)
+    assert same.kept_targets == fit.kept_targets
+
+
 def test_non_finite_statistics_drop_the_compensation_and_say_why():
     rng = np.random.default_rng(6)
     x, r, _, _ = _noisy_linear(rng, n=600)

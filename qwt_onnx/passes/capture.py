@@ -30,7 +30,7 @@ from qwt_onnx.passes import extract as ex
 from qwt_onnx.passes import graph as g
 from qwt_onnx.passes.blocks import Block
 from qwt_onnx.runtime import Runner
-from qwt_onnx.solver import CompensationFit, NormalEquations, fit_grouped_compensation
+from qwt_onnx.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
 
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -65,6 +65,9 @@ class BlockResult:
     input_range: tuple[float, float] | None = None  # of the branch input, for a quantizer where it has none
     output_range: tuple[float, float] | None = None  # of the branch output on the calibration samples
     int8_scale: np.ndarray | None = None  # an int8 branch's per-output-channel weight scales
+    # Where the block output is a DequantizeLinear output, the written graph quantizes the
+    # compensated output again with the same quantizer (the splice does): so does the stream.
+    requantized: qm.QuantParams | None = None
 
     @property
     def kept(self) -> bool:
@@ -157,6 +160,8 @@ class _Stream:
                 branch = result.layout.apply(result.result.fit, saved["x"] if "x" in saved else pool[block.input])
                 result.output_range = qm.value_range(branch, result.output_range)
                 y = y + branch
+                if result.requantized is not None:
+                    y = qm.dequantize(qm.quantize(y, result.requantized), result.requantized)
             if value is not None:
                 pool[block.output] = y
                 self._enter(i, value, runner(pool)[value] if runner else y)
@@ -207,13 +212,17 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         lead_in = None
         if block.input != previous and block.input not in feeds:
             lead_in = ex.extract(q, [previous] if previous else feeds, [block.input])
+        # An output read only through Q/DQ is compensated after its DequantizeLinear (the
+        # splice adds the branch there, so that the quantized op keeps its fusion), so the
+        # block is judged there too.
+        output_view = g.quantized_only_view(q_values[block.output])
+        result.quantized_output = output_view.name if output_view is not None else None
         # onnxruntime's quantizer folds a Relu into the quantizer after it and gives its
         # input the Relu's name: where a tensor is only ever read through Q/DQ, only the
         # dequantized tensor means what the FP32 tensor of that name means
         if not exact_boundaries:
-            output_view = g.quantized_only_view(q_values[block.output])
-            result.quantized_output = output_view.name if output_view is not None else None
             result.quantized_input = g.quantized_only_view(q_values[block.input]) is not None
+        result.requantized = g.quantizer_params(g.requantizer(q_values[block.output]))
         outputs = [result.output_in_q] + ([result.branch_input] if result.branch_input != block.input else [])
         models.append(
             _BlockModels(
@@ -264,13 +273,15 @@ def _fit_block(
                     equations[which].update(x_rows[:, f], r_rows[:, t])
     if groups is None:
         return
-    result.result = fit = fit_grouped_compensation(groups, slices)
+    fit = fit_grouped_compensation(groups, slices)
+    if options.int8 and fit.kept:  # judged and written as stored
+        validated, _ = layout.int8_rounded(fit.validated.weight, options.pair_safe)
+        final, result.int8_scale = layout.int8_rounded(fit.fit.weight, options.pair_safe)
+        fit = with_stored_weights(fit, groups, slices, validated, final)
     if fit.kept and 1.0 - fit.error_ratio_heldout < options.min_gain:
-        result.result = dataclasses.replace(fit, kept_targets=0)
+        fit = dataclasses.replace(fit, kept_targets=0)
         result.skipped = f"removes {100 * (1 - fit.error_ratio_heldout):.0f}% of its held-out error, under --min-gain"
-    elif options.int8:
-        weight, result.int8_scale = result.layout.int8_rounded(fit.fit.weight, options.pair_safe)
-        result.result = dataclasses.replace(fit, fit=dataclasses.replace(fit.fit, weight=weight))
+    result.result = fit
 
 
 class _ContextSource:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import onnx_ir as ir
+
+from qwt_onnx import quantization as qm
 
 #: Ops with a constant weight that the QDQ pass quantizes, and the index of that weight.
 WEIGHTED_OPS = {"Conv": 1, "MatMul": 1, "Gemm": 1}
@@ -105,6 +108,26 @@ def quantized_only_view(value: ir.Value) -> ir.Value | None:
     if view is not None and not value.is_graph_output() and all(c.op_type == "QuantizeLinear" for c in value.consumers()):
         return view
     return None
+
+
+def requantizer(value: ir.Value) -> ir.Node | None:
+    """The QuantizeLinear of ``value`` when ``value`` is the output of DequantizeLinear(QuantizeLinear(...))."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].producer()
+    return q if q is not None and q.op_type == "QuantizeLinear" else None
+
+
+def quantizer_params(q: ir.Node | None) -> qm.QuantParams | None:
+    """A per-tensor QuantizeLinear's constant scale and zero point (None for any other)."""
+    if q is None or len(q.inputs) < 3 or q.inputs[2] is None:
+        return None
+    constants = [ir.convenience.get_const_tensor(v) for v in q.inputs[1:3]]
+    if any(c is None or c.size != 1 for c in constants):
+        return None
+    scale, zero_point = (c.numpy().reshape(()) for c in constants)
+    return qm.QuantParams(scale.astype(np.float32), zero_point)
 
 
 class NameScope:

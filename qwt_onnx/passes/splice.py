@@ -119,9 +119,9 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     result = total.outputs[0]
     # Where the block output is a DQ output, the sum goes through the same quantizer again, so
     # that the quantized ops that read it still read a DequantizeLinear and stay fused.
-    if _is_dequantized(y):
+    q = g.requantizer(y)
+    if q is not None:
         dq = y.producer()
-        q = dq.inputs[0].producer()
         again = names.node("QuantizeLinear", [result, *q.inputs[1:]], f"{scope}/requantized", **_attributes(q))
         back = names.node("DequantizeLinear", [again.outputs[0], *dq.inputs[1:]], f"{scope}/dequantized", **_attributes(dq))
         back.outputs[0].type, back.outputs[0].shape = y.type, y.shape
@@ -161,15 +161,6 @@ def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, fl
     """QuantizeLinear → DequantizeLinear over ``value_range``, as the Q/DQ pass quantizes for ``target``."""
     params = qm.activation_params(*value_range, symmetric=target == "trt")
     return list(qdq.quantize_dequantize(names, value, params, base))
-
-
-def _is_dequantized(value: ir.Value) -> bool:
-    """``value`` is the output of DequantizeLinear(QuantizeLinear(...))."""
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear":
-        return False
-    q = dq.inputs[0].producer()
-    return q is not None and q.op_type == "QuantizeLinear"
 
 
 def _attributes(node: ir.Node) -> dict:

