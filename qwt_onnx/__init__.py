@@ -3,8 +3,8 @@
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["InputError", "Report", "quantize", "quantize_with_report", "__version__"]
-_EXPORTS = {"InputError": "qwt_onnx.errors", "Report": "qwt_onnx.report",
+__all__ = ["InputError", "Options", "Report", "quantize", "quantize_with_report", "__version__"]
+_EXPORTS = {"InputError": "qwt_onnx.errors", "Options": "qwt_onnx.options", "Report": "qwt_onnx.report",
             "quantize": "qwt_onnx.api", "quantize_with_report": "qwt_onnx.api"}
 
 

@@ -1,33 +1,44 @@
-"""The QwT pipeline: Q/DQ, block discovery, capture and fit, splice."""
+"""The QwT pipeline, step by step.
+
+1. load the FP32 model and the calibration samples;
+2. observe the activation ranges (and the weighted ops' input means) in one FP32 pass;
+3. build a post-training-quantized (PTQ) model per calibration method, with and without bias
+   correction, and score each on held-out samples (or take the user's QDQ model);
+4. find the residual / transformer blocks;
+5. fit one compensation branch per block on the quantized stream and splice the branches in,
+   for the calibration method that compensates best;
+6. write the QwT model where it beats the best PTQ model on held-out samples, else that one.
+
+Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
+the end.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
 
 from qwt_onnx import calibrate, check, metrics
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
+from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Target, WeightRange
 from qwt_onnx.passes import blocks as blk
 from qwt_onnx.passes import capture, prepare, qdq, splice
 from qwt_onnx.passes import graph as g
-from qwt_onnx.ranges import METHODS, compute_range
+from qwt_onnx.progress import shown as progress_shown
+from qwt_onnx.ranges import compute_range
 from qwt_onnx.report import BlockReport, Report
 
 logger = logging.getLogger("qwt_onnx")
 
-BRANCH_PRECISIONS = ("int8", "float")
-# Bias correction: both ways, kept where it scores better on held-out samples (auto), or forced.
-BIAS_CORRECTION = {"auto": (True, False), "on": (True,), "off": (False,)}
-MIN_GAIN = 0.1  # on ocr-rec (128 samples) dropping the branches under 10% raised SQNR 17.1 -> 17.7 dB and cut latency
 SELECTION_SAMPLES = 64  # samples on which calibration methods are compared with QwT
 # Methods whose plain PTQ is this far below the best are not tried with QwT: on the zoo models
 # none that far behind (5.7 to 13.9 dB) came out best after compensation.
@@ -36,6 +47,44 @@ GIVEN = "given"  # the "method" of a QDQ model passed with --quantized
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 CalibLike = str | os.PathLike | Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A post-training-quantized model, its calibration method and its held-out SQNR to FP32."""
+
+    method: str
+    model: ir.Model
+    sqnr_db: float | None
+    bias_corrected: bool = False
+    bias_correction_gain_db: float | None = None  # held-out, where both were built
+
+
+@dataclasses.dataclass(frozen=True)
+class Compensation:
+    """The compensated model of one calibration method (None where no block gained), per block."""
+
+    method: str
+    model: ir.Model | None
+    blocks: list[BlockReport]
+    sqnr_db: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """QwT's held-out SQNR per calibration method, tried on the first samples."""
+
+    samples: int = 0
+    sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Warnings(list):
+    """The run's warnings, logged as they come, each once."""
+
+    def warn(self, message: str) -> None:
+        if message not in self:
+            self.append(message)
+            logger.warning(message)
 
 
 def quantize(model: ModelLike, calib: CalibLike, output: str | os.PathLike | None = None, **options) -> onnx.ModelProto:
@@ -49,23 +98,10 @@ def quantize_with_report(
     output: str | os.PathLike | None = None,
     *,
     quantized: ModelLike | None = None,
-    samples: int = 512,
-    batch_size: int = 16,
-    qwt: bool = True,
-    calib_method: str = "auto",
-    target: str = "ort",
-    blocks: Sequence[str] | None = None,
-    granularity: str = "layer",
-    groups_factor: int = 64,
-    kernel_size: int = 1,
-    branch_precision: str = "int8",
-    min_gain: float = MIN_GAIN,
-    exclude_nodes: Sequence[str] = (),
-    exclude_op_types: Sequence[str] = (),
-    weight_range: str | None = None,
-    bias_correction: str = "auto",
+    options: Options | None = None,
     report: str | os.PathLike | None = None,
     progress: bool = True,
+    **changes,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize ``model`` and, unless ``qwt=False``, add the fitted compensation branches.
 
@@ -74,82 +110,80 @@ def quantize_with_report(
         calib: ``.npz`` / ``.npy`` path or a dict of arrays, samples on axis 0.
         output: where to write the result (atomically); None to only return it.
         quantized: a QDQ model of ``model`` to compensate instead of running our Q/DQ pass.
-        samples: calibration samples to use (the first ones). batch_size: samples per run.
-        qwt: False writes the plain post-training-quantized model (the baseline).
-        calib_method: ``auto`` (the best on held-out samples), ``minmax``, ``percentile`` or ``entropy``.
-        target: ``ort`` (uint8 asymmetric activations) or ``trt`` (int8 symmetric, zero point 0).
-        blocks: boundary tensors overriding block discovery (``a:b`` pairs or a chain).
-        granularity: ``layer`` (one block per transformer layer) or ``residual`` (per residual branch).
-        groups_factor: input channels per group of a feature-map branch (0: one group, a full 1×1 conv).
-        kernel_size: odd kernel size of a feature-map branch (1: pointwise).
-        branch_precision: ``int8`` (branches run in the runtime's integer kernels) or ``float``.
-        min_gain: the least share of its block's held-out error a branch must remove to be kept.
-        exclude_nodes, exclude_op_types: weighted ops to leave in float, by node name or op type
-            (regular expressions matching the whole name).
-        weight_range: ``portable`` (int8 weights that no x86 CPU saturates; the default for
-            ``ort``) or ``full`` ([-127, 127]: for VNNI x86, ARM and GPUs; the default for ``trt``).
-        bias_correction: ``auto`` (subtract each weight's mean rounding error in its op's bias
-            where that scores better on held-out samples), ``on`` or ``off``.
+        options: an :class:`~qwt_onnx.options.Options`; keyword arguments named like its fields
+            (``samples=256``, ``target="trt"``, ``qwt=False``, ...) change it.
         report: path of a JSON report to write.
         progress: show progress bars.
     """
-    started = time.perf_counter()
-    _check_options(samples, batch_size, calib_method, target, granularity, model, output)
-    if bias_correction not in BIAS_CORRECTION:
-        raise InputError(f"unknown --bias-correction {bias_correction!r}; choose from {', '.join(BIAS_CORRECTION)}")
-    weight_range = _weight_range(weight_range, target)
-    branch_options = _branch_options(groups_factor, kernel_size, branch_precision, min_gain, weight_range)
-    excluded = _exclusions(exclude_nodes, exclude_op_types)
-    fp = prepare.prepare(_load(model, "input model"))
-    if g.is_quantized(fp.graph):
-        raise InputError(
-            "the input model is already quantized; pass the FP32 model as input and this one with --quantized"
-        )
-    calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), samples)
-    rep = Report(target, calib_method, calib_set.num_samples, int(calib_set.heldout_mask.sum()), weight_range)
-    rep.fp32_parameters = int(sum(v.const_value.size for v in fp.graph.initializers.values() if v.const_value is not None))
-    run = _Run(fp, calib_set, _effective_batch_size(fp, batch_size), rep, progress, branch_options, excluded)
-    for pattern in excluded.unmatched(fp.graph):
-        rep.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
-    found = _find_blocks(run, blocks, granularity) if qwt else []
+    options = (options or Options()).replace(**changes)
+    with progress_shown(progress):
+        return _quantize(model, calib, output, quantized, options, report)
 
-    candidates = {
-        method: _better_bias(run, method, variants)
-        for method, variants in _ptq_candidates(run, quantized, calib_method, target, weight_range, bias_correction)
-    }
-    scores = rep.method_sqnr_db
-    rep.ptq_method = rep.method = max(scores, key=scores.get) if scores else next(iter(candidates))
-    rep.sqnr_ptq_db = scores.get(rep.ptq_method)
-    result = candidates[rep.ptq_method]
+
+def _quantize(model, calib, output, quantized, options: Options, report) -> tuple[onnx.ModelProto, Report]:
+    started = time.perf_counter()
+    _check_output(model, output)
+    warnings = Warnings()
+    fp = load_fp32(model)
+    calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
+    run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings)
+    for pattern in run.excluded.unmatched(fp.graph):
+        warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
+    found = find_blocks(run) if options.qwt else []
+
+    candidates = given_candidate(run, quantized) if quantized is not None else ptq_candidates(run)
+    scored = [c for c in candidates if c.sqnr_db is not None]
+    ptq = max(scored, key=lambda c: c.sqnr_db) if scored else candidates[0]
+    selection, compensation = Selection(), None
     if found:
-        result = _qwt(run, candidates, found) or result
-    proto = prepare.to_proto(result)
+        selection, compensation = compensate(run, candidates, ptq, found)
+    applied = compensation is not None and compensation.model is not None and _beats(run, compensation, ptq)
+    written = compensation.model if applied else ptq.model
+
+    proto = prepare.to_proto(written)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not of the input
         raise RuntimeError(f"the written model fails onnx.checker: {exc}") from exc
-    rep.seconds = time.perf_counter() - started
     if output is not None:
-        prepare.save_atomically(result, output)
-        rep.output = os.fspath(output)
+        prepare.save_atomically(written, output)
+    result = _report(run, candidates, ptq, selection, compensation, applied, output, started)
     if report is not None:
         with open(report, "w") as f:
-            f.write(rep.to_json())
-    return proto, rep
+            f.write(result.to_json())
+    return proto, result
 
 
 @dataclasses.dataclass
 class _Run:
-    """What the stages of one run share."""
+    """What the steps of one run share: its inputs, its options and the FP32 reference outputs."""
 
     fp: ir.Model
     calib: CalibrationSet
     batch_size: int
-    report: Report
-    progress: bool
-    branch_options: capture.BranchOptions
-    excluded: qdq.Exclusions
-    reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples
+    options: Options
+    warnings: Warnings
+    _reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples, computed once
+
+    @property
+    def excluded(self) -> qdq.Exclusions:
+        return qdq.Exclusions(self.options.exclude_nodes, self.options.exclude_op_types)
+
+    @property
+    def branch_options(self) -> capture.BranchOptions:
+        o = self.options
+        return capture.BranchOptions(
+            o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
+            o.weights == WeightRange.PORTABLE,
+        )
+
+    def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The FP32 outputs on the scoring samples: ``given`` (from a pass that already ran), or run once."""
+        if self._reference is None:
+            self._reference = given if given is not None else calibrate.heldout_outputs(
+                prepare.to_proto(self.fp), self.calib, self.batch_size, "FP32 reference"
+            )
+        return self._reference
 
     def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
         """Output SQNR to FP32 on the scoring samples of ``calib`` (a prefix of the run's set)."""
@@ -157,23 +191,207 @@ class _Run:
         count = int(calib.scoring_mask.sum())
         if not count:
             return None
-        if self.reference is None:
-            self.reference = calibrate.heldout_outputs(prepare.to_proto(self.fp), self.calib, self.batch_size, "FP32 reference", self.progress)
-        outputs = calibrate.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description, self.progress)
-        return metrics.sqnr_db({k: v[:count] for k, v in self.reference.items()}, outputs)
+        reference = self.reference()
+        outputs = calibrate.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
+        return metrics.sqnr_db({k: v[:count] for k, v in reference.items()}, outputs)
 
 
-def _check_options(samples, batch_size, calib_method, target, granularity, model, output) -> None:
-    if samples < 1:
-        raise InputError(f"--samples must be at least 1, got {samples}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if calib_method not in ("auto", *METHODS):
-        raise InputError(f"unknown --calib-method {calib_method!r}; choose from auto, {', '.join(METHODS)}")
-    if target not in qdq.TARGETS:
-        raise InputError(f"unknown --target {target!r}; choose from {', '.join(qdq.TARGETS)}")
-    if granularity not in blk.GRANULARITIES:
-        raise InputError(f"unknown granularity {granularity!r}; choose from {', '.join(blk.GRANULARITIES)}")
+def load_fp32(model: ModelLike) -> ir.Model:
+    """The FP32 model, prepared for the passes (see :func:`prepare.prepare`)."""
+    fp = prepare.prepare(_load(model, "input model"))
+    if g.is_quantized(fp.graph):
+        raise InputError("the input model is already quantized; pass the FP32 model as input and this one with --quantized")
+    return fp
+
+
+def find_blocks(run: _Run) -> list[blk.Block]:
+    """The blocks to compensate: named by ``--blocks``, or found in the graph."""
+    if run.calib.num_samples < 2:
+        run.warnings.warn("QwT needs at least 2 calibration samples (one to fit, one to validate); writing the PTQ model")
+        return []
+    if run.options.blocks:
+        found = blk.blocks_from_boundaries(run.fp, run.options.blocks)
+    else:
+        found = blk.find_blocks(run.fp, run.options.granularity)
+    if not found:
+        run.warnings.warn("no residual or transformer blocks were found; writing the PTQ model (name them with --blocks)")
+    return found
+
+
+def given_candidate(run: _Run, quantized: ModelLike) -> list[Candidate]:
+    """The user's QDQ model as the only PTQ candidate."""
+    q = prepare.prepare(_load(quantized, "quantized model"))
+    if not g.is_quantized(q.graph):
+        raise InputError("the --quantized model has no QuantizeLinear/DequantizeLinear nodes; pass a QDQ model")
+    saturating = check.check(prepare.to_proto(q)).of("saturation")
+    if saturating:
+        run.warnings.warn(
+            f"{len(saturating)} integer kernels of the --quantized model can saturate on x86 CPUs without VNNI "
+            "(its int8 weights are not pair-safe), and so can the written model; "
+            "'python -m qwt_onnx check' lists them"
+        )
+    return [Candidate(GIVEN, q, run.heldout_sqnr(q, f"evaluating PTQ ({GIVEN})"))]
+
+
+def ptq_candidates(run: _Run) -> list[Candidate]:
+    """Our PTQ model per calibration method, each with or without bias correction, whichever
+    scores better on held-out samples (``--bias-correction auto``)."""
+    o = run.options
+    placement = qdq.place(run.fp.graph, o.target, run.excluded)
+    corrections = {BiasCorrection.AUTO: (True, False), BiasCorrection.ON: (True,), BiasCorrection.OFF: (False,)}[o.bias_correction]
+    seen = calibrate.observe(
+        prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size,
+        placement.channel_axes() if True in corrections else None,
+    )
+    run.reference(seen.reference)
+    methods = CalibMethod.methods() if o.calib_method == CalibMethod.AUTO else (o.calib_method,)
+    if o.calib_method == CalibMethod.AUTO and not run.calib.heldout_mask.any():
+        methods = (CalibMethod.PERCENTILE,)
+        run.warnings.warn("one calibration sample leaves none to compare calibration methods; using percentile")
+    candidates = []
+    for method in methods:
+        ranges = {name: compute_range(obs, method.value) for name, obs in seen.ranges.items()}
+        variants = []
+        for corrected in corrections:
+            model = run.fp.clone()
+            qdq.InsertQdqPass(ranges, o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
+            label = f"{method}{', bias-corrected' if corrected else ''}"
+            variants.append(Candidate(method.value, model, run.heldout_sqnr(model, f"evaluating PTQ ({label})"), corrected))
+        candidates.append(_better_of(variants))
+    return candidates
+
+
+def _better_of(variants: list[Candidate]) -> Candidate:
+    """Of one method's models with and without bias correction, the better on held-out samples
+    (the first where none are held out), with the gain of the correction."""
+    scored = [v for v in variants if v.sqnr_db is not None]
+    chosen = max(scored, key=lambda v: v.sqnr_db) if scored else variants[0]
+    gain = None
+    if len(scored) == 2:
+        by_correction = {v.bias_corrected: v.sqnr_db for v in scored}
+        gain = by_correction[True] - by_correction[False]
+    return dataclasses.replace(chosen, bias_correction_gain_db=gain)
+
+
+def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[blk.Block]) -> tuple[Selection, Compensation]:
+    """QwT on the candidate whose compensation tracks FP32 best (tried on the first samples
+    where there are several), on every calibration sample."""
+    selection = Selection()
+    chosen = candidates[0]
+    if len(candidates) > 1:
+        selection = _select(run, candidates, ptq, found)
+        if selection.sqnr_db:
+            best = max(selection.sqnr_db, key=selection.sqnr_db.get)
+            chosen = next(c for c in candidates if c.method == best)
+        else:
+            chosen = ptq
+    compensation = _compensate(run, chosen, found, run.calib)
+    if compensation.model is None:
+        run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
+        return selection, compensation
+    score = run.heldout_sqnr(compensation.model, f"evaluating QwT ({chosen.method})")
+    return selection, dataclasses.replace(compensation, sqnr_db=score)
+
+
+def _select(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[blk.Block]) -> Selection:
+    """QwT per calibration method on the first samples.
+
+    QwT recovers clipping error far better than rounding noise, so the best
+    method for PTQ is often not the best one to compensate.
+    """
+    subset = run.calib.take(SELECTION_SAMPLES)
+    scores = {}
+    for candidate in candidates:
+        if ptq.sqnr_db is not None and candidate.sqnr_db is not None and candidate.sqnr_db < ptq.sqnr_db - SELECTION_MARGIN_DB:
+            continue
+        compensation = _compensate(run, candidate, found, subset)
+        if compensation.model is not None:
+            scores[candidate.method] = run.heldout_sqnr(compensation.model, f"evaluating QwT ({candidate.method})", subset)
+    return Selection(subset.num_samples, scores)
+
+
+def _beats(run: _Run, compensation: Compensation, ptq: Candidate) -> bool:
+    """The QwT model is written only where it tracks FP32 better than the best PTQ model."""
+    if compensation.sqnr_db is not None and ptq.sqnr_db is not None and compensation.sqnr_db <= ptq.sqnr_db:
+        run.warnings.warn(
+            f"QwT ({compensation.method}) reaches {compensation.sqnr_db:.2f} dB on held-out samples, no better than "
+            f"PTQ ({ptq.method}) at {ptq.sqnr_db:.2f} dB; writing the PTQ model"
+        )
+        return False
+    return True
+
+
+def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: CalibrationSet) -> Compensation:
+    """``candidate``'s model with fitted branches spliced in (a copy; None if no block gained) and the per-block reports."""
+    # Our own Q/DQ pass keeps the FP32 meaning of every boundary tensor; a given QDQ model may not.
+    exact = candidate.method != GIVEN
+    results = capture.fit_blocks(
+        run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
+        branch_options=run.branch_options,
+    )
+    branches, reports = [], []
+    for k, res in enumerate(results):
+        entry = _block_report(res)
+        if res.result is not None and res.result.not_finite:
+            run.warnings.warn(f"block {res.block.name}: NaN or Inf in its statistics or fit; its compensation is dropped")
+        if res.kept:
+            branch = splice.Branch(
+                f"block{k}", res.branch_input, res.block.output, res.result.fit.weight, res.result.fit.bias, res.layout,
+                int8_scale=res.int8_scale, target=run.options.target, input_range=res.input_range,
+                output_range=res.output_range,
+            )
+            branches.append(branch)
+            entry = dataclasses.replace(entry, parameters=branch.num_parameters)
+        reports.append(entry)
+    if not branches:
+        return Compensation(candidate.method, None, reports)
+    compensated = candidate.model.clone()
+    ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(compensated)
+    return Compensation(candidate.method, compensated, reports)
+
+
+def _block_report(res: capture.BlockResult) -> BlockReport:
+    entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=res.skipped)
+    fit = res.result
+    if fit is None:
+        return entry
+    return dataclasses.replace(
+        entry, r2_train=fit.r2_train, r2_heldout=fit.r2_heldout, error_ratio_heldout=fit.error_ratio_heldout,
+        note=res.skipped or fit.reason, channels=fit.fit.bias.size, channels_kept=fit.kept_targets,
+    )
+
+
+def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compensation: Compensation | None,
+            applied: bool, output, started: float) -> Report:
+    """The run's report, from what its steps returned."""
+    fp32_parameters = sum(v.const_value.size for v in run.fp.graph.initializers.values() if v.const_value is not None)
+    blocks = compensation.blocks if compensation is not None else []
+    return Report(
+        target=run.options.target.value,
+        method=compensation.method if applied else ptq.method,
+        samples=run.calib.num_samples,
+        heldout_samples=int(run.calib.heldout_mask.sum()),
+        weight_range=run.options.weights.value,
+        method_sqnr_db={c.method: c.sqnr_db for c in candidates if c.sqnr_db is not None},
+        method_qwt_sqnr_db=dict(selection.sqnr_db),
+        bias_corrected={c.method: c.bias_corrected for c in candidates},
+        bias_correction_gain_db={c.method: c.bias_correction_gain_db for c in candidates if c.bias_correction_gain_db is not None},
+        selection_samples=selection.samples,
+        blocks=blocks,
+        ptq_method=ptq.method,
+        sqnr_ptq_db=ptq.sqnr_db,
+        sqnr_qwt_db=compensation.sqnr_db if compensation is not None else None,
+        qwt_applied=applied,
+        fp32_parameters=int(fp32_parameters),
+        added_parameters=sum(b.parameters for b in blocks) if applied else 0,
+        seconds=time.perf_counter() - started,
+        output=os.fspath(output) if output is not None else None,
+        warnings=list(run.warnings),
+        options=dataclasses.asdict(run.options),
+    )
+
+
+def _check_output(model: ModelLike, output: str | os.PathLike | None) -> None:
     if output is None:
         return
     folder = os.path.dirname(os.path.abspath(os.fspath(output)))
@@ -183,38 +401,6 @@ def _check_options(samples, batch_size, calib_method, target, granularity, model
         raise InputError(f"output folder {folder} is not writable; choose another output path")
     if isinstance(model, (str, os.PathLike)) and os.path.abspath(os.fspath(model)) == os.path.abspath(os.fspath(output)):
         raise InputError("the output path is the input model; choose another output path so the input is kept")
-
-
-def _exclusions(nodes: Sequence[str], op_types: Sequence[str]) -> qdq.Exclusions:
-    for option, patterns in (("--exclude-nodes", nodes), ("--exclude-op-types", op_types)):
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise InputError(f"{option}: {pattern!r} is not a valid regular expression ({exc}); escape it or fix it") from None
-    return qdq.Exclusions(tuple(nodes), tuple(op_types))
-
-
-def _weight_range(weight_range: str | None, target: str) -> str:
-    """The asked-for weight range, or the target's default: portable for onnxruntime, whose x86
-    kernels without VNNI saturate on full-range weights; full for TensorRT, whose never do."""
-    if weight_range is None:
-        return "portable" if target == "ort" else "full"
-    if weight_range not in qdq.WEIGHT_RANGES:
-        raise InputError(f"unknown --weight-range {weight_range!r}; choose from {', '.join(qdq.WEIGHT_RANGES)}")
-    return weight_range
-
-
-def _branch_options(groups_factor: int, kernel_size: int, precision: str, min_gain: float, weight_range: str) -> capture.BranchOptions:
-    if groups_factor < 0:
-        raise InputError(f"--groups-factor must be 0 (one group) or more, got {groups_factor}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise InputError(f"--kernel-size must be a positive odd number, got {kernel_size}")
-    if precision not in BRANCH_PRECISIONS:
-        raise InputError(f"--branch-precision must be one of {', '.join(BRANCH_PRECISIONS)}, got {precision!r}")
-    if not 0.0 <= min_gain < 1.0:
-        raise InputError(f"--min-gain must be at least 0 and below 1 (a share of a block's error), got {min_gain}")
-    return capture.BranchOptions(kernel_size, groups_factor, precision == "int8", min_gain, weight_range == "portable")
 
 
 def _load(model: ModelLike, role: str) -> ir.Model:
@@ -236,149 +422,3 @@ def _effective_batch_size(model: ir.Model, batch_size: int) -> int:
             logger.info("the model's batch dimension is fixed to %d; using batches of %d", only, only)
         return only
     return batch_size
-
-
-def _ptq_candidates(run: _Run, quantized, calib_method: str, target: str, weight_range: str, bias_correction: str):
-    """The post-training-quantized models to choose from, ``(method, {bias corrected: model})``
-    one method at a time: the user's model, or ours per calibration method."""
-    if quantized is not None:
-        q = prepare.prepare(_load(quantized, "quantized model"))
-        if not g.is_quantized(q.graph):
-            raise InputError("the --quantized model has no QuantizeLinear/DequantizeLinear nodes; pass a QDQ model")
-        saturating = check.check(prepare.to_proto(q)).of("saturation")
-        if saturating:
-            run.report.warn(
-                f"{len(saturating)} integer kernels of the --quantized model can saturate on x86 CPUs without VNNI "
-                "(its int8 weights are not pair-safe), and so can the written model; "
-                "'python -m qwt_onnx check' lists them"
-            )
-        yield GIVEN, {False: q}
-        return
-    placement = qdq.place(run.fp.graph, target, run.excluded)
-    corrections = BIAS_CORRECTION[bias_correction]
-    seen = calibrate.observe(
-        prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size, run.progress,
-        placement.channel_axes() if True in corrections else None,
-    )
-    run.reference = seen.reference
-    methods = METHODS if calib_method == "auto" else (calib_method,)
-    if calib_method == "auto" and not run.report.heldout_samples:
-        methods = ("percentile",)
-        run.report.warn("one calibration sample leaves none to compare calibration methods; using percentile")
-    for method in methods:
-        ranges = {name: compute_range(obs, method) for name, obs in seen.ranges.items()}
-        variants = {}
-        for corrected in corrections:
-            variants[corrected] = run.fp.clone()
-            qdq.InsertQdqPass(ranges, target, run.excluded, weight_range, seen.means if corrected else None)(variants[corrected])
-        yield method, variants
-
-
-def _better_bias(run: _Run, method: str, variants: dict[bool, ir.Model]) -> ir.Model:
-    """Of one method's PTQ models with and without bias correction, the one that scores better on
-    held-out samples (the first where none are held out); its score goes into the report."""
-    scores = {}
-    for corrected, model in variants.items():
-        score = run.heldout_sqnr(model, f"evaluating PTQ ({method}{', bias-corrected' if corrected else ''})")
-        if score is not None:
-            scores[corrected] = score
-    chosen = max(scores, key=scores.get) if scores else next(iter(variants))
-    if chosen in scores:
-        run.report.method_sqnr_db[method] = scores[chosen]
-    if len(scores) == 2:
-        run.report.bias_correction_gain_db[method] = scores[True] - scores[False]
-    run.report.bias_corrected[method] = chosen
-    return variants[chosen]
-
-
-def _find_blocks(run: _Run, boundaries, granularity) -> list[blk.Block]:
-    if run.calib.num_samples < 2:
-        run.report.warn("QwT needs at least 2 calibration samples (one to fit, one to validate); writing the PTQ model")
-        return []
-    found = blk.blocks_from_boundaries(run.fp, boundaries) if boundaries else blk.find_blocks(run.fp, granularity)
-    if not found:
-        run.report.warn("no residual or transformer blocks were found; writing the PTQ model (name them with --blocks)")
-    return found
-
-
-def _qwt(run: _Run, candidates: dict[str, ir.Model], found: list[blk.Block]) -> ir.Model | None:
-    """The best compensated model, or None (with a warning) where QwT does not beat PTQ."""
-    rep = run.report
-    method = next(iter(candidates))
-    if len(candidates) > 1:
-        method = _choose_method_for_qwt(run, candidates, found)
-    compensated, rep.blocks = _compensate(run, candidates[method], found, run.calib)
-    if compensated is None:
-        rep.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
-        return None
-    rep.sqnr_qwt_db = run.heldout_sqnr(compensated, f"evaluating QwT ({method})")
-    if rep.sqnr_qwt_db is not None and rep.sqnr_ptq_db is not None and rep.sqnr_qwt_db <= rep.sqnr_ptq_db:
-        rep.warn(
-            f"QwT ({method}) reaches {rep.sqnr_qwt_db:.2f} dB on held-out samples, no better than PTQ "
-            f"({rep.ptq_method}) at {rep.sqnr_ptq_db:.2f} dB; writing the PTQ model"
-        )
-        return None
-    rep.method, rep.qwt_applied = method, True
-    rep.added_parameters = sum(b.parameters for b in rep.blocks)
-    return compensated
-
-
-def _choose_method_for_qwt(run: _Run, candidates: dict[str, ir.Model], found: list[blk.Block]) -> str:
-    """The calibration method whose QwT model tracks FP32 best, tried on a prefix of the samples.
-
-    QwT recovers clipping error far better than rounding noise, so the best
-    method for PTQ is often not the best one to compensate.
-    """
-    subset = run.calib.take(SELECTION_SAMPLES)
-    run.report.selection_samples = subset.num_samples
-    best_ptq = max(run.report.method_sqnr_db.values(), default=None)
-    for method, model in candidates.items():
-        ptq = run.report.method_sqnr_db.get(method)
-        if best_ptq is not None and ptq is not None and ptq < best_ptq - SELECTION_MARGIN_DB:
-            continue
-        compensated, _ = _compensate(run, model, found, subset)
-        if compensated is not None:
-            score = run.heldout_sqnr(compensated, f"evaluating QwT ({method})", subset)
-            run.report.method_qwt_sqnr_db[method] = score
-    scores = run.report.method_qwt_sqnr_db
-    return max(scores, key=scores.get) if scores else run.report.ptq_method
-
-
-def _compensate(run: _Run, q: ir.Model, found: list[blk.Block], calib: CalibrationSet):
-    """``q`` with fitted branches spliced in (a copy; None if no block gained) and the per-block reports."""
-    # Our own Q/DQ pass keeps the FP32 meaning of every boundary tensor; a given QDQ model may not.
-    exact = run.report.ptq_method != GIVEN
-    results = capture.fit_blocks(
-        run.fp, q, found, calib, run.batch_size, run.progress, exact_boundaries=exact, branch_options=run.branch_options
-    )
-    branches, reports = [], []
-    for k, res in enumerate(results):
-        entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=res.skipped)
-        if res.result is not None:
-            fit = res.result
-            entry.r2_train, entry.r2_heldout = fit.r2_train, fit.r2_heldout
-            entry.error_ratio_heldout, entry.note = fit.error_ratio_heldout, res.skipped or fit.reason
-            entry.channels, entry.channels_kept = fit.fit.bias.size, fit.kept_targets
-            if fit.not_finite:
-                run.report.warn(f"block {res.block.name}: NaN or Inf in its statistics or fit; its compensation is dropped")
-        if res.kept:
-            branch = splice.Branch(
-                f"block{k}",
-                res.branch_input,
-                res.block.output,
-                res.result.fit.weight,
-                res.result.fit.bias,
-                res.layout,
-                int8_scale=res.int8_scale,
-                target=run.report.target,
-                input_range=res.input_range,
-                output_range=res.output_range,
-            )
-            branches.append(branch)
-            entry.parameters = branch.num_parameters
-        reports.append(entry)
-    if not branches:
-        return None, reports
-    compensated = q.clone()
-    splice.SpliceCompensationPass(branches)(compensated)
-    return compensated, reports

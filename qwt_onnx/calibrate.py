@@ -7,16 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from tqdm.auto import tqdm
 
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.ranges import RangeObserver
 from qwt_onnx.runtime import Runner, with_outputs
-
-
-def _progress(calib: CalibrationSet, batch_size: int, indices, description: str, enabled: bool):
-    total = calib.num_batches(batch_size, indices)
-    return tqdm(calib.batches(batch_size, indices), total=total, desc=description, disable=not enabled, leave=False)
 
 
 @dataclasses.dataclass
@@ -52,7 +46,6 @@ def observe(
     tensors: Sequence[str],
     calib: CalibrationSet,
     batch_size: int,
-    progress: bool = True,
     channel_axes: Mapping[str, int] | None = None,
 ) -> Observation:
     """Range statistics of ``tensors`` and per-channel means of the tensors in ``channel_axes``
@@ -65,7 +58,7 @@ def observe(
     means = {name: ChannelMean(axis) for name, axis in channel_axes.items()}
     heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    for batch in _progress(calib, batch_size, None, "calibrating ranges", progress):
+    for batch in calib.batches(batch_size, description="calibrating ranges"):
         values = {**batch.feeds, **runner(batch.feeds)}
         for name, statistic in [*observers.items(), *means.items()]:
             statistic.update(values[name])
@@ -76,13 +69,13 @@ def observe(
     return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
 
 
-def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str, progress: bool = True) -> dict[str, np.ndarray]:
+def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:
     """The model's outputs on the scoring samples (held out from every fit), samples on axis 0."""
     runner = Runner(model)
     axes = batch_axes(model)
     indices = np.flatnonzero(calib.scoring_mask)
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in _progress(calib, batch_size, indices, description, progress):
+    for batch in calib.batches(batch_size, indices, description):
         for name, value in runner(batch.feeds).items():
             parts.setdefault(name, []).append(np.moveaxis(value, axes[name], 0))
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}

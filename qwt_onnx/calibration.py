@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from qwt_onnx import progress
 from qwt_onnx.errors import InputError
 
 HELDOUT_EVERY = 5  # every fifth sample is held out to validate the fits
@@ -93,8 +94,12 @@ class CalibrationSet:
         mask[np.flatnonzero(mask)[SCORING_SAMPLES:]] = False
         return mask
 
-    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[Batch]:
-        """Feeds of ``batch_size`` samples, in order, optionally restricted to ``indices``."""
+    def batches(self, batch_size: int, indices: np.ndarray | None = None, description: str | None = None) -> Iterator[Batch]:
+        """Feeds of ``batch_size`` samples, in order, optionally restricted to ``indices``; with a
+        progress bar where a ``description`` is given."""
+        if description is not None:
+            yield from progress.bar(self.batches(batch_size, indices), description, self.num_batches(batch_size, indices))
+            return
         indices = np.arange(self.num_samples) if indices is None else np.asarray(indices)
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]

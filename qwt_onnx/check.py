@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qwt_onnx import saturation
+from qwt_onnx import runtime, saturation
 from qwt_onnx.errors import InputError
 from qwt_onnx.passes import graph as g
 from qwt_onnx.passes.prepare import check_file
@@ -104,19 +104,18 @@ def check(model: str | os.PathLike | onnx.ModelProto) -> CheckReport:
 def optimized_model(source: str | bytes, name: str) -> ir.Model:
     """The graph onnxruntime's CPU provider runs for a model (a path or serialized bytes; ORT_ENABLE_ALL)."""
     with tempfile.TemporaryDirectory(prefix="qwt-check-") as folder:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        path = os.path.join(folder, "optimized.onnx")
         # large weights go to a file beside it, so that models over 2 GiB can be written too
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(1 << 20))
+        config = {
+            "session.optimized_model_external_initializers_file_name": "weights.data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": str(1 << 20),
+        }
         try:
-            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            runtime.session(source, path, **config)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime cannot load {name} ({first}); the model must run on onnxruntime's CPU provider") from None
-        model = ir.load(options.optimized_model_filepath)
+        model = ir.load(path)
         ir.external_data.load_to_model(model)
         return model
 
@@ -183,13 +182,13 @@ def _unfused(graph: ir.Graph) -> list[Finding]:
 
 
 def _is_dequantized_activation(value: ir.Value | None) -> bool:
-    producer = value.producer() if value is not None else None
-    return producer is not None and producer.op_type == "DequantizeLinear" and not g.is_constant(producer.inputs[0])
+    dq = g.dequantizer(value)
+    return dq is not None and not g.is_constant(dq.inputs[0])
 
 
 def _is_dequantized_constant(value: ir.Value | None) -> bool:
-    producer = value.producer() if value is not None else None
-    return producer is not None and producer.op_type == "DequantizeLinear" and g.is_constant(producer.inputs[0])
+    dq = g.dequantizer(value)
+    return dq is not None and g.is_constant(dq.inputs[0])
 
 
 def format_report(report: CheckReport, limit: int = 10) -> str:

@@ -56,15 +56,12 @@ def run(
 
 
 def _run_here(batch_size: int, jobs: list[tuple[str, str, str]]) -> None:
-    import onnxruntime as ort
+    from qwt_onnx import runtime
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     for model, inputs, out in jobs:
         with np.load(inputs) as data:
             feeds = {name: data[name] for name in data.files}
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session = runtime.session(model)
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
         count = len(next(iter(feeds.values())))

@@ -107,8 +107,6 @@ class Options:
         for field in dataclasses.fields(self):
             value = _coerce(getattr(self, field.name), hints[field.name], _flag(field))
             object.__setattr__(self, field.name, value)
-        if self.weight_range is None:  # onnxruntime's x86 kernels without VNNI saturate on full-range weights
-            object.__setattr__(self, "weight_range", WeightRange.PORTABLE if self.target == Target.ORT else WeightRange.FULL)
         _check(self.samples >= 1, f"--samples must be at least 1, got {self.samples}")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _check(self.groups_factor >= 0, f"--groups-factor must be 0 (one group) or more, got {self.groups_factor}")
@@ -120,6 +118,14 @@ class Options:
                     re.compile(pattern)
                 except re.error as exc:
                     raise InputError(f"{flag}: {pattern!r} is not a valid regular expression ({exc}); escape it or fix it") from None
+
+    @property
+    def weights(self) -> WeightRange:
+        """The weight range asked for, or the target's default: portable for onnxruntime, whose
+        x86 kernels without VNNI saturate on full-range weights; full for TensorRT."""
+        if self.weight_range is not None:
+            return self.weight_range
+        return WeightRange.PORTABLE if self.target == Target.ORT else WeightRange.FULL
 
     def replace(self, **changes) -> Options:
         """These options with ``changes`` (field names), validated."""

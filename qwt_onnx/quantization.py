@@ -13,6 +13,7 @@ import numpy as np
 from qwt_onnx import saturation
 
 INT8_MAX = 127
+SMALLEST_SCALE = float(np.finfo(np.float32).tiny)  # below it, x / scale overflows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +91,13 @@ def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
     """
     low, high = min(float(low), 0.0), max(float(high), 0.0)
     if symmetric:
-        amax = max(-low, high)
-        scale = amax / INT8_MAX if amax > 0 else 1.0
+        scale = max(-low, high) / INT8_MAX
+        if scale < SMALLEST_SCALE:
+            scale = 1.0
         return QuantParams(np.array(scale, np.float32), np.array(0, np.int8))
-    scale = (high - low) / 255.0 if high > low else 1.0
+    scale = (high - low) / 255.0
+    if scale < SMALLEST_SCALE:  # a tensor that is practically zero: onnxruntime's rule
+        return QuantParams(np.array(1.0, np.float32), np.array(0, np.uint8))
     zero_point = int(np.clip(np.rint(-low / scale), 0, 255))
     return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
 

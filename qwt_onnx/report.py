@@ -5,10 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import logging
-
-logger = logging.getLogger("qwt_onnx")
-
 
 @dataclasses.dataclass
 class BlockReport:
@@ -49,12 +45,7 @@ class Report:
     seconds: float = 0.0
     output: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
-
-    def warn(self, message: str) -> None:
-        """Log ``message`` and keep it in the report, once."""
-        if message not in self.warnings:
-            self.warnings.append(message)
-            logger.warning(message)
+    options: dict = dataclasses.field(default_factory=dict)  # every option of the run, defaults resolved
 
     def to_json(self) -> str:
         """Strict JSON: a figure that is not finite (the SQNR of an exact output) is ``null``."""

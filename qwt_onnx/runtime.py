@@ -9,14 +9,19 @@ import onnx
 import onnxruntime as ort
 
 
-def session(model: onnx.ModelProto | bytes | str) -> ort.InferenceSession:
-    """A CPU session with ORT_ENABLE_ALL, so quantized ops run in onnxruntime's INT8 kernels."""
+def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, **config: str) -> ort.InferenceSession:
+    """A CPU session with ORT_ENABLE_ALL, so quantized ops run in onnxruntime's INT8 kernels;
+    ``optimized_model``: where to write the graph it runs; ``config``: session config entries."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     # Between runs numpy does the solver's work on the same cores; spinning ORT threads would
     # starve it (and it them): measured 1.7x slower block runs with spinning on 2 cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    if optimized_model is not None:
+        options.optimized_model_filepath = optimized_model
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -68,12 +68,12 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory():
     fp = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
     calib = CalibrationSet(graphs.samples(graphs.resnet(), 40, seed=1), prepare.input_specs(fp))
     placement = qdq.place(fp.graph, "ort")
-    observers = calibrate.observe(prepare.to_proto(fp), placement.observed_names, calib, 8, progress=False).ranges
+    observers = calibrate.observe(prepare.to_proto(fp), placement.observed_names, calib, 8).ranges
     q = fp.clone()
     qdq.InsertQdqPass({n: compute_range(o, "percentile") for n, o in observers.items()}, "ort")(q)
     found = blocks.find_blocks(fp)
-    held = capture.fit_blocks(fp, q, found, calib, 8, progress=False, exact_boundaries=True)
-    spilled = capture.fit_blocks(fp, q, found, calib, 8, progress=False, exact_boundaries=True, memory_budget=0)
+    held = capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True)
+    spilled = capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True, memory_budget=0)
     assert len(held) == len(spilled) == len(found)
     for a, b in zip(held, spilled):
         np.testing.assert_array_equal(a.result.fit.weight, b.result.fit.weight)

@@ -38,9 +38,9 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from qwt_onnx.errors import InputError
+from qwt_onnx.options import Granularity
 from qwt_onnx.passes import graph as g
 
-GRANULARITIES = ("layer", "residual")
 RESHAPING_OPS = {
     "Slice", "Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Concat", "Split", "Squeeze",
     "Unsqueeze", "Flatten", "Pad", "Resize", "Upsample", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
@@ -138,13 +138,11 @@ def choose_primary_input(graph: ir.Graph) -> ir.Value:
     return max(candidates, key=weighted_reach)
 
 
-def find_blocks(model: ir.Model, granularity: str = "layer") -> list[Block]:
+def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER) -> list[Block]:
     """The blocks of ``model`` by the rule in this module's docstring."""
-    if granularity not in GRANULARITIES:
-        raise InputError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
     path = DataPath.analyze(model.graph)
     spans = _residual_and_chain_blocks(path.segments())
-    if granularity == "layer":
+    if granularity == Granularity.LAYER:
         spans = _group_token_runs(spans)
     return [_make_block(segments) for segments in spans]
 

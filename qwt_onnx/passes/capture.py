@@ -16,11 +16,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from qwt_onnx import quantization as qm
 from qwt_onnx.calibration import CalibrationSet
@@ -128,32 +126,28 @@ class _Stream:
         with np.load(self._path(key, index)) as data:
             return {str(name): data[f"t{j}"] for j, name in enumerate(data["names"])}
 
-    def batches(self, description: str, progress: bool):
+    def batches(self, description: str):
         """``(index, batch, pool)``: the pool holds the feeds, the context and the stream value."""
-        batches = self.calib.batches(self.batch_size)
-        total = self.calib.num_batches(self.batch_size)
-        for i, batch in enumerate(_bar(batches, description, progress, total)):
+        for i, batch in enumerate(self.calib.batches(self.batch_size, description=description)):
             yield i, batch, {**batch.feeds, **self.load("context", i), **self.load("stream", i)}
 
-    def start(self, lead_in: ex.SubModel | None, value: str, progress: bool) -> None:
+    def start(self, lead_in: ex.SubModel | None, value: str) -> None:
         """Compute the context and the first block's input on the quantized graph."""
         runner = Runner(lead_in.proto) if lead_in else None
-        batches = self.calib.batches(self.batch_size)
-        total = self.calib.num_batches(self.batch_size)
-        for i, batch in enumerate(_bar(batches, "entering the stream", progress, total)):
+        for i, batch in enumerate(self.calib.batches(self.batch_size, description="entering the stream")):
             context = self.contexts(batch.feeds)
             self.save("context", i, context)
             pool = {**batch.feeds, **context}
             self._enter(i, value, runner(pool)[value] if runner else pool[value])
 
-    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str | None, progress: bool) -> None:
+    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str | None) -> None:
         """The next block's input (``value``): this block's compensated output, led through any
         gap; on the way, the range of the branch output. ``value`` None: the range only."""
         runner = Runner(lead_in.proto) if lead_in else None
         block = result.block
         if value is None and not result.kept:
             return
-        for i, _, pool in self.batches("advancing the stream", progress):
+        for i, _, pool in self.batches("advancing the stream"):
             saved = self.load("block", i)
             y = saved["y"]
             if result.kept:
@@ -173,7 +167,6 @@ def fit_blocks(
     blocks: list[Block],
     calib: CalibrationSet,
     batch_size: int,
-    progress: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     exact_boundaries: bool = False,
     branch_options: BranchOptions = BranchOptions(),
@@ -189,11 +182,11 @@ def fit_blocks(
     results, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries)
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder:
         stream = _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
-        stream.start(models[0].lead_in, blocks[0].input, progress)
+        stream.start(models[0].lead_in, blocks[0].input)
         for k, result in enumerate(results):
-            _fit_block(stream, models[k], result, calib.heldout_mask, branch_options, progress)
+            _fit_block(stream, models[k], result, calib.heldout_mask, branch_options)
             last = k + 1 == len(blocks)
-            stream.advance(result, None if last else models[k + 1].lead_in, None if last else blocks[k + 1].input, progress)
+            stream.advance(result, None if last else models[k + 1].lead_in, None if last else blocks[k + 1].input)
     return results
 
 
@@ -237,13 +230,13 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
 
 
 def _fit_block(
-    stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, options: BranchOptions, progress: bool
+    stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, options: BranchOptions
 ) -> None:
     block = result.block
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
     groups = slices = None
     result.input_range = stream.ranges[block.input]
-    for i, batch, pool in stream.batches(f"capturing {block.name}", progress):
+    for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
         y_q, x = out[result.output_in_q], out.get(result.branch_input, pool[block.input])
         y_fp = fp_run({**pool, block.input: x} if result.quantized_input else pool)[block.output]
@@ -300,6 +293,3 @@ class _ContextSource:
             values.update(runner(feeds))
         return values
 
-
-def _bar(iterable, description: str, enabled: bool, total: int | None = None) -> Iterator:
-    return tqdm(iterable, desc=description, total=total, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -110,10 +110,16 @@ def quantized_only_view(value: ir.Value) -> ir.Value | None:
     return None
 
 
+def dequantizer(value: ir.Value | None) -> ir.Node | None:
+    """The DequantizeLinear that produces ``value``, if one does."""
+    producer = value.producer() if value is not None else None
+    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+
 def requantizer(value: ir.Value) -> ir.Node | None:
     """The QuantizeLinear of ``value`` when ``value`` is the output of DequantizeLinear(QuantizeLinear(...))."""
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear":
+    dq = dequantizer(value)
+    if dq is None:
         return None
     q = dq.inputs[0].producer()
     return q if q is not None and q.op_type == "QuantizeLinear" else None

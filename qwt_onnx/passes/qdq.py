@@ -47,10 +47,8 @@ import onnx_ir as ir
 
 from qwt_onnx import quantization as qm
 from qwt_onnx import saturation
+from qwt_onnx.options import Target, WeightRange
 from qwt_onnx.passes import graph as g
-
-TARGETS = ("ort", "trt")
-WEIGHT_RANGES = ("portable", "full")
 
 
 @dataclasses.dataclass
@@ -126,7 +124,7 @@ def weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
     return None
 
 
-def place(graph: ir.Graph, target: str, excluded: Exclusions = Exclusions()) -> Placement:
+def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) -> Placement:
     """Where the quantizers go in ``graph`` for ``target``."""
     weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
     weights: dict[ir.Value, WeightSite] = {}
@@ -143,7 +141,7 @@ def place(graph: ir.Graph, target: str, excluded: Exclusions = Exclusions()) -> 
 
     sites: dict[ir.Value, ActivationSite] = {}
     dequantized: set[ir.Value] = set()  # values whose readers will all read a DQ output
-    if target == "ort":
+    if target == Target.ORT:
         for node in weighted:
             if node.op_type in ("Conv", "Gemm") and not node.outputs[0].is_graph_output():
                 site = _output_site(node.outputs[0])
@@ -151,8 +149,7 @@ def place(graph: ir.Graph, target: str, excluded: Exclusions = Exclusions()) -> 
                 dequantized.add(site.observed)
     for node in weighted:
         x = node.inputs[0]
-        producer = x.producer()
-        if x in dequantized or (producer is not None and producer.op_type == "DequantizeLinear"):
+        if x in dequantized or g.dequantizer(x) is not None:
             continue
         sites.setdefault(x, ActivationSite(x, x, [])).readers.append((node, 0))
     return Placement(list(weights.values()), list(sites.values()))
@@ -182,21 +179,22 @@ class InsertQdqPass(ir.passes.InPlacePass):
     def __init__(
         self,
         ranges: Mapping[str, tuple[float, float]],
-        target: str = "ort",
+        target: Target = Target.ORT,
         excluded: Exclusions = Exclusions(),
-        weight_range: str = "portable",
+        weight_range: WeightRange = WeightRange.PORTABLE,
         input_means: Mapping[str, np.ndarray] | None = None,
     ):
         super().__init__()
-        if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-        if weight_range not in WEIGHT_RANGES:
-            raise ValueError(f"unknown weight range {weight_range!r}; choose from {', '.join(WEIGHT_RANGES)}")
         self.ranges = ranges
         self.target = target
         self.excluded = excluded
-        self.portable = weight_range == "portable"
+        self.portable = weight_range == WeightRange.PORTABLE
         self.input_means = input_means or {}  # per-channel means of weighted ops' inputs, for bias correction
+
+    def requires(self, model: ir.Model) -> None:
+        missing = sorted(set(place(model.graph, self.target, self.excluded).observed_names) - set(self.ranges))
+        if missing:
+            raise ir.passes.PreconditionError(f"no calibrated range for {len(missing)} tensor(s) to quantize: {', '.join(missing[:3])}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -227,7 +225,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
 
     def _quantize_activation(self, graph: ir.Graph, names: g.NameScope, site: ActivationSite) -> None:
         low, high = self.ranges[site.observed.name]
-        params = qm.activation_params(low, high, symmetric=self.target == "trt")
+        params = qm.activation_params(low, high, symmetric=self.target == Target.TRT)
         q, dq = quantize_dequantize(names, site.value, params, site.observed.name)
         g.insert_after_producer(graph, site.value, [q, dq])
         for node, index in site.readers:

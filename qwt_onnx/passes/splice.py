@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from qwt_onnx import quantization as qm
 from qwt_onnx.compensation import Layout
+from qwt_onnx.options import Target
 from qwt_onnx.passes import graph as g
 from qwt_onnx.passes import qdq
 
@@ -45,7 +46,7 @@ class Branch:
     bias: np.ndarray  # [d_out]
     layout: Layout
     int8_scale: np.ndarray | None = None  # int8 weights: the per-output-channel scales ``weight`` was rounded with
-    target: str = "ort"  # as for the Q/DQ pass: ort quantizes a feature-map branch's output too
+    target: Target = Target.ORT  # as for the Q/DQ pass: ort quantizes a feature-map branch's output too
     input_range: tuple[float, float] | None = None  # for an input quantizer where the input has none
     output_range: tuple[float, float] | None = None
 
@@ -66,6 +67,12 @@ class SpliceCompensationPass(ir.passes.InPlacePass):
         super().__init__()
         self.branches = branches
 
+    def requires(self, model: ir.Model) -> None:
+        values = g.values_by_name(model.graph)
+        missing = sorted({name for b in self.branches for name in (b.input, b.output)} - set(values))
+        if missing:
+            raise ir.passes.PreconditionError(f"the graph has no tensor {', '.join(missing[:3])} that a branch reads or adds to")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = g.NameScope(graph)
@@ -76,7 +83,6 @@ class SpliceCompensationPass(ir.passes.InPlacePass):
             # added after the DQ, so the Conv keeps its quantizer and its fusion.
             target = g.quantized_only_view(target) or target
             _splice(graph, names, values[branch.input], target, branch)
-        ir.passes.common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.branches))
 
 
@@ -84,7 +90,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     scope = PREFIX + branch.name
     bias = names.initializer(f"{scope}/bias", branch.bias.astype(np.float32))
     nodes: list[ir.Node] = []
-    if branch.int8 and not (x.producer() is not None and x.producer().op_type == "DequantizeLinear"):
+    if branch.int8 and g.dequantizer(x) is None:
         nodes += _quantizer(names, x, branch.input_range, branch.target, f"{scope}/input")
         x = nodes[-1].outputs[0]
     layout = branch.layout
@@ -102,7 +108,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         )
         nodes.append(conv)
         _like(conv.outputs[0], y)
-        if branch.int8 and branch.target == "ort":  # onnxruntime fuses QLinearConv only with it
+        if branch.int8 and branch.target == Target.ORT:  # onnxruntime fuses QLinearConv only with it
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.target, f"{scope}/branch")
     else:
         weight = _weight(names, branch, scope, nodes)
@@ -156,10 +162,10 @@ def _weight(names: g.NameScope, branch: Branch, scope: str, nodes: list[ir.Node]
     return nodes[-1].outputs[0]
 
 
-def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], target: str,
+def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], target: Target,
                base: str) -> list[ir.Node]:
     """QuantizeLinear → DequantizeLinear over ``value_range``, as the Q/DQ pass quantizes for ``target``."""
-    params = qm.activation_params(*value_range, symmetric=target == "trt")
+    params = qm.activation_params(*value_range, symmetric=target == Target.TRT)
     return list(qdq.quantize_dequantize(names, value, params, base))
 
 
