@@ -26,15 +26,19 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
-from qwt_onnx import calibrate, check, metrics
+from qwt_onnx import check, observe
+from qwt_onnx.analysis import blocks as blk
+from qwt_onnx.analysis import capture
+from qwt_onnx.analysis.placement import Exclusions, place
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
-from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Target, WeightRange
-from qwt_onnx.passes import blocks as blk
-from qwt_onnx.passes import capture, prepare, qdq, splice
-from qwt_onnx.passes import graph as g
+from qwt_onnx.graph import prepare
+from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import metrics
+from qwt_onnx.numerics.ranges import compute_range
+from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, WeightRange
+from qwt_onnx.passes import qdq, splice
 from qwt_onnx.progress import shown as progress_shown
-from qwt_onnx.ranges import compute_range
 from qwt_onnx.report import BlockReport, Report
 
 logger = logging.getLogger("qwt_onnx")
@@ -166,8 +170,8 @@ class _Run:
     _reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples, computed once
 
     @property
-    def excluded(self) -> qdq.Exclusions:
-        return qdq.Exclusions(self.options.exclude_nodes, self.options.exclude_op_types)
+    def excluded(self) -> Exclusions:
+        return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types)
 
     @property
     def branch_options(self) -> capture.BranchOptions:
@@ -180,7 +184,7 @@ class _Run:
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The FP32 outputs on the scoring samples: ``given`` (from a pass that already ran), or run once."""
         if self._reference is None:
-            self._reference = given if given is not None else calibrate.heldout_outputs(
+            self._reference = given if given is not None else observe.heldout_outputs(
                 prepare.to_proto(self.fp), self.calib, self.batch_size, "FP32 reference"
             )
         return self._reference
@@ -192,7 +196,7 @@ class _Run:
         if not count:
             return None
         reference = self.reference()
-        outputs = calibrate.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
+        outputs = observe.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
         return metrics.sqnr_db({k: v[:count] for k, v in reference.items()}, outputs)
 
 
@@ -237,9 +241,9 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
     """Our PTQ model per calibration method, each with or without bias correction, whichever
     scores better on held-out samples (``--bias-correction auto``)."""
     o = run.options
-    placement = qdq.place(run.fp.graph, o.target, run.excluded)
+    placement = place(run.fp.graph, o.target, run.excluded)
     corrections = {BiasCorrection.AUTO: (True, False), BiasCorrection.ON: (True,), BiasCorrection.OFF: (False,)}[o.bias_correction]
-    seen = calibrate.observe(
+    seen = observe.observe(
         prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size,
         placement.channel_axes() if True in corrections else None,
     )

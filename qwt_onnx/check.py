@@ -6,7 +6,7 @@ Reads the graph onnxruntime really runs (its optimized graph, all
 optimizations, built on this machine) and reports:
 
 * saturation: integer kernels whose int8 weights can overflow int16 on x86
-  CPUs without VNNI (see :mod:`qwt_onnx.saturation`); on those CPUs such a
+  CPUs without VNNI (see :mod:`qwt_onnx.numerics.saturation`); on those CPUs such a
   kernel's output is wrong wherever its inputs are large;
 * unfused: float ops left between a DequantizeLinear and a QuantizeLinear
   (a dequantize, a float op and a requantize where an integer kernel was
@@ -32,10 +32,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qwt_onnx import runtime, saturation
+from qwt_onnx import runtime
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes import graph as g
-from qwt_onnx.passes.prepare import check_file
+from qwt_onnx.graph import query as g
+from qwt_onnx.graph.prepare import check_file
+from qwt_onnx.numerics import saturation
 
 EXIT_RISKS = 3
 CATEGORIES = ("saturation", "unfused")

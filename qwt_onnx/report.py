@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+
 @dataclasses.dataclass
 class BlockReport:
     name: str

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-
 # What tests that need QwT to have error to remove pass: these models' weights are random and
 # their inputs Gaussian, so bias correction alone removes nearly all of the CNNs' systematic
 # error (tests/test_pipeline.py measures by how much), and QwT would find nothing left to fit.

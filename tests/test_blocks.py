@@ -3,8 +3,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from qwt_onnx.analysis import blocks
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes import blocks, prepare
+from qwt_onnx.graph import prepare
 from tests import graphs
 
 

@@ -4,10 +4,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qwt_onnx import calibrate, calibration
+from qwt_onnx import calibration, observe
+from qwt_onnx.analysis import blocks, capture
+from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet, InputSpec
-from qwt_onnx.passes import blocks, capture, prepare, qdq
-from qwt_onnx.ranges import compute_range
+from qwt_onnx.graph import prepare
+from qwt_onnx.numerics.ranges import compute_range
+from qwt_onnx.passes import qdq
 from tests import graphs
 
 SPECS = [InputSpec("image", np.dtype(np.float32), (None, 3, 4)), InputSpec("ids", np.dtype(np.int64), (None, 5))]
@@ -67,8 +70,8 @@ def test_whole_model_scores_use_a_bounded_number_of_heldout_samples(monkeypatch)
 def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory():
     fp = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
     calib = CalibrationSet(graphs.samples(graphs.resnet(), 40, seed=1), prepare.input_specs(fp))
-    placement = qdq.place(fp.graph, "ort")
-    observers = calibrate.observe(prepare.to_proto(fp), placement.observed_names, calib, 8).ranges
+    placement = place(fp.graph, "ort")
+    observers = observe.observe(prepare.to_proto(fp), placement.observed_names, calib, 8).ranges
     q = fp.clone()
     qdq.InsertQdqPass({n: compute_range(o, "percentile") for n, o in observers.items()}, "ort")(q)
     found = blocks.find_blocks(fp)

@@ -2,15 +2,18 @@
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import TopologicalSortPass
 import pytest
+from onnx_ir.passes.common import TopologicalSortPass
 
-from qwt_onnx import calibrate
-from qwt_onnx import quantization as qm
+from qwt_onnx import observe
+from qwt_onnx.analysis import blocks, capture
+from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet
-from qwt_onnx.passes import blocks, capture, prepare, qdq, splice
-from qwt_onnx.passes import graph as g
-from qwt_onnx.ranges import compute_range
+from qwt_onnx.graph import prepare
+from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics.ranges import compute_range
+from qwt_onnx.passes import qdq, splice
 from qwt_onnx.runtime import Runner
 from tests import graphs
 
@@ -20,7 +23,7 @@ def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build
     model = build()
     fp = prepare.prepare(ir.serde.deserialize_model(model))
     calib = CalibrationSet(graphs.samples(model, 24, seed=1), prepare.input_specs(fp))
-    seen = calibrate.observe(prepare.to_proto(fp), qdq.place(fp.graph, "ort").observed_names, calib, 8)
+    seen = observe.observe(prepare.to_proto(fp), place(fp.graph, "ort").observed_names, calib, 8)
     q = fp.clone()
     qdq.InsertQdqPass({n: compute_range(o, "minmax") for n, o in seen.ranges.items()}, "ort")(q)
     found = blocks.find_blocks(fp)

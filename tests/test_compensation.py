@@ -5,11 +5,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qwt_onnx import quantization as qm
-from qwt_onnx import saturation
-from qwt_onnx.compensation import Layout, infer_layout
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics.compensation import Layout, infer_layout
+from qwt_onnx.numerics.solver import LinearMap
 from qwt_onnx.runtime import session
-from qwt_onnx.solver import LinearMap
 
 
 @pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 4), (3, 1, 1), (3, 2, 2)])

@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 
 from qwt_onnx import quantize_with_report
-from qwt_onnx.passes import blocks, prepare
+from qwt_onnx.analysis import blocks
+from qwt_onnx.graph import prepare
 from qwt_onnx.runtime import session
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

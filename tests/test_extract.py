@@ -3,7 +3,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from qwt_onnx import quantize_with_report
-from qwt_onnx.passes import extract, prepare
+from qwt_onnx.graph import extract, prepare
 from qwt_onnx.runtime import Runner, session
 from tests import graphs
 from tests.graphs import GraphBuilder

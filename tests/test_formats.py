@@ -10,8 +10,8 @@ from onnx import numpy_helper
 
 from qwt_onnx import quantize, quantize_with_report
 from qwt_onnx.errors import InputError
-from qwt_onnx.metrics import mean_squared_error
-from qwt_onnx.passes import prepare
+from qwt_onnx.graph import prepare
+from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.runtime import session
 from tests import graphs
 

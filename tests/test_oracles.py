@@ -8,8 +8,8 @@ from onnx import TensorProto
 from onnxruntime.quantization import calibrate as ort_calibrate
 from onnxruntime.quantization import quant_utils
 
-from qwt_onnx import quantization as qm
-from qwt_onnx import ranges
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import ranges
 
 bounds = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
 

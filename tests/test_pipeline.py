@@ -2,11 +2,12 @@
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 import pytest
+from onnx import helper, numpy_helper
 
-from qwt_onnx import api, quantize, quantize_with_report, saturation
-from qwt_onnx.metrics import mean_squared_error
+from qwt_onnx import api, quantize, quantize_with_report
+from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.runtime import session
 from tests import graphs
 

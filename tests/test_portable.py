@@ -12,8 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qwt_onnx import emulation, quantize, quantization as qm, saturation
-from qwt_onnx.metrics import sqnr_db
+from qwt_onnx import emulation, quantize
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics.metrics import sqnr_db
 from tests import graphs
 
 if not emulation.available():

@@ -2,7 +2,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from qwt_onnx.passes import prepare
+from qwt_onnx.graph import prepare
 from qwt_onnx.runtime import session
 from tests.graphs import GraphBuilder
 

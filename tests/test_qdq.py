@@ -4,9 +4,11 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qwt_onnx import quantization as qm
-from qwt_onnx import saturation
-from qwt_onnx.passes import prepare, qdq
+from qwt_onnx.analysis.placement import Exclusions, place
+from qwt_onnx.graph import prepare
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import saturation
+from qwt_onnx.passes import qdq
 from qwt_onnx.runtime import session
 from tests.graphs import GraphBuilder
 
@@ -32,7 +34,7 @@ CASES = [
 def test_weights_are_quantized_per_output_channel_on_the_right_axis(op_type, weight_shape, x_shape, attrs, axis, target):
     proto = _single_op(op_type, weight_shape, x_shape, **attrs)
     model = prepare.prepare(ir.serde.deserialize_model(proto))
-    placement = qdq.place(model.graph, target)
+    placement = place(model.graph, target)
     qdq.InsertQdqPass({name: (-2.0, 3.0) for name in placement.observed_names}, target)(model)
     out = ir.serde.serialize_model(model)
     onnx.checker.check_model(out)
@@ -79,7 +81,7 @@ def test_ort_target_quantizes_conv_outputs_and_absorbs_a_following_relu():
     b.nodes[-1].output[0] = "y"
     proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)])
     model = prepare.prepare(ir.serde.deserialize_model(proto))
-    placement = qdq.place(model.graph, "ort")
+    placement = place(model.graph, "ort")
     assert sorted(placement.observed_names) == ["relu1_out", "x"]
     qdq.InsertQdqPass({"relu1_out": (0.0, 5.0), "x": (-5.0, 5.0)}, "ort")(model)
     ops = [n.op_type for n in model.graph]
@@ -94,9 +96,9 @@ def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     from tests import graphs
 
     model = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
-    everything = qdq.place(model.graph, "ort")
-    excluded = qdq.Exclusions(nodes=(r"/stem/.*",), op_types=("Gemm",))
-    placement = qdq.place(model.graph, "ort", excluded)
+    everything = place(model.graph, "ort")
+    excluded = Exclusions(nodes=(r"/stem/.*",), op_types=("Gemm",))
+    placement = place(model.graph, "ort", excluded)
     readers = {node.name for site in placement.weights for node, _ in site.readers}
     assert readers and not any(name.startswith("/stem/") for name in readers)
     assert all(node.op_type != "Gemm" for site in placement.weights for node, _ in site.readers)
@@ -105,7 +107,7 @@ def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     stem = next(n for n in model.graph if n.name.startswith("/stem/") and n.op_type == "Conv")
     assert stem.inputs[0].producer() is None and stem.inputs[1].const_value is not None  # float input and weight
     assert excluded.unmatched(model.graph) == []
-    assert qdq.Exclusions(nodes=("/no/such/node",)).unmatched(model.graph) == ["/no/such/node"]
+    assert Exclusions(nodes=("/no/such/node",)).unmatched(model.graph) == ["/no/such/node"]
 
 
 @pytest.mark.parametrize("group", [1, 2, 8])
@@ -136,7 +138,7 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
     b.nodes[-1].output[0] = "y"
     proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
     model = prepare.prepare(ir.serde.deserialize_model(proto))
-    placement = qdq.place(model.graph, "ort")
+    placement = place(model.graph, "ort")
     axes = placement.channel_axes()
     assert axes == {"x": 1, "conv_out": 1, "flatten_out": -1, "mm_add_out": 1}
     means = {name: np.linspace(-1, 2, 6 if name != "x" else 4)[: 5 if name == "mm_add_out" else None] for name in axes}

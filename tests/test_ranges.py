@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from qwt_onnx import quantization as qm
-from qwt_onnx.ranges import RangeObserver, compute_range
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics.ranges import RangeObserver, compute_range
 
 
 def _observe(*chunks):

@@ -12,7 +12,6 @@ from onnx import TensorProto, helper
 
 from qwt_onnx import quantize, quantize_with_report
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes import prepare
 from qwt_onnx.runtime import session
 from tests import graphs
 from tests.graphs import GraphBuilder

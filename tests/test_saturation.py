@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwt_onnx import quantization as qm
-from qwt_onnx import saturation
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import saturation
 
 
 def test_reduction_rows_follow_the_kernels_order():

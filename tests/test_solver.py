@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qwt_onnx import solver
+from qwt_onnx.numerics import solver
 
 
 def _noisy_linear(rng, n=4000, d=12, m=5, noise=0.05):

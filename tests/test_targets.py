@@ -6,7 +6,7 @@ import pytest
 from onnx import numpy_helper
 
 from qwt_onnx import quantize, quantize_with_report
-from qwt_onnx.metrics import mean_squared_error
+from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.runtime import session
 from tests import graphs
 

@@ -35,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qwt_onnx import emulation, zoo
-from qwt_onnx.metrics import float_outputs, sqnr_db
+from qwt_onnx.numerics.metrics import float_outputs, sqnr_db
 from qwt_onnx.runtime import Runner
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -266,7 +266,8 @@ def merge(batches) -> dict[str, np.ndarray]:
 
 def granularities_differ(path: str) -> bool:
     """Whether one block per residual branch differs from one per transformer layer on this model."""
-    from qwt_onnx.passes import blocks, prepare
+    from qwt_onnx.analysis import blocks
+    from qwt_onnx.graph import prepare
 
     model = prepare.prepare(prepare.load_model(path))
     return blocks.find_blocks(model, "layer") != blocks.find_blocks(model, "residual")

@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from qwt_onnx import zoo
-from qwt_onnx.metrics import sqnr_db
+from qwt_onnx.numerics.metrics import sqnr_db
 from qwt_onnx.runtime import Runner
 
 

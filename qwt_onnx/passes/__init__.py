@@ -1,1 +1,1 @@
-"""Graph passes: Q/DQ insertion, block discovery, sub-model extraction, capture, splice."""
+"""Graph passes (onnx_ir PassBase): Q/DQ insertion, the compensation splice, BatchNorm and bias folds."""

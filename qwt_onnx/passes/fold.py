@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qwt_onnx.passes import graph as g
+from qwt_onnx.graph import query as g
 
 
 def folded_conv_parameters(weight, bias, scale, shift, mean, variance, epsilon):

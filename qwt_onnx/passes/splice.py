@@ -26,10 +26,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qwt_onnx import quantization as qm
-from qwt_onnx.compensation import Layout
+from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics.compensation import Layout
 from qwt_onnx.options import Target
-from qwt_onnx.passes import graph as g
 from qwt_onnx.passes import qdq
 
 PREFIX = "qwt/"

@@ -53,8 +53,8 @@ def opencv_doc_dir() -> str:
 
 def photo_paths() -> list[str]:
     """Every usable real photo, in a fixed order."""
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
     skimage_dir = os.path.dirname(skimage.data.__file__)
     candidates = sorted(glob.glob(os.path.join(skimage_dir, "*.png")) + glob.glob(os.path.join(skimage_dir, "*.jpg")))

@@ -20,16 +20,16 @@ import tempfile
 import numpy as np
 import onnx_ir as ir
 
-from qwt_onnx import quantization as qm
+from qwt_onnx.analysis.blocks import Block
 from qwt_onnx.calibration import CalibrationSet
-from qwt_onnx.compensation import Layout, infer_layout
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes import extract as ex
-from qwt_onnx.passes import graph as g
-from qwt_onnx.passes.blocks import Block
+from qwt_onnx.graph import extract as ex
+from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics.compensation import Layout, infer_layout
+from qwt_onnx.numerics.ranges import value_range
+from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
 from qwt_onnx.runtime import Runner
-from qwt_onnx.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
-
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
@@ -102,7 +102,7 @@ class _Stream:
 
     def _enter(self, index: int, value: str, array: np.ndarray) -> None:
         self.save("stream", index, {value: array})
-        self.ranges[value] = qm.value_range(array, self.ranges.get(value))
+        self.ranges[value] = value_range(array, self.ranges.get(value))
 
     def _path(self, key: str, index: int) -> str:
         return os.path.join(self.folder, f"{key}-{index}.npz")
@@ -152,7 +152,7 @@ class _Stream:
             y = saved["y"]
             if result.kept:
                 branch = result.layout.apply(result.result.fit, saved["x"] if "x" in saved else pool[block.input])
-                result.output_range = qm.value_range(branch, result.output_range)
+                result.output_range = value_range(branch, result.output_range)
                 y = y + branch
                 if result.requantized is not None:
                     y = qm.dequantize(qm.quantize(y, result.requantized), result.requantized)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from qwt_onnx import quantization as qm
+from qwt_onnx.numerics import quantization as qm
 
 #: Ops with a constant weight that the QDQ pass quantizes, and the index of that weight.
 WEIGHTED_OPS = {"Conv": 1, "MatMul": 1, "Gemm": 1}

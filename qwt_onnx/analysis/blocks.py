@@ -38,8 +38,8 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from qwt_onnx.errors import InputError
+from qwt_onnx.graph import query as g
 from qwt_onnx.options import Granularity
-from qwt_onnx.passes import graph as g
 
 RESHAPING_OPS = {
     "Slice", "Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Concat", "Split", "Squeeze",

@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-from qwt_onnx import quantization as qm
-from qwt_onnx import saturation
-from qwt_onnx.solver import LinearMap
+from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics.solver import LinearMap
 
 
 @dataclasses.dataclass(frozen=True)

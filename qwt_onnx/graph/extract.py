@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes import graph as g
+from qwt_onnx.graph import query as g
 
 
 @dataclasses.dataclass(frozen=True)

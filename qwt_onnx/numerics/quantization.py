@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from qwt_onnx import saturation
+from qwt_onnx.numerics import saturation
 
 INT8_MAX = 127
 SMALLEST_SCALE = float(np.finfo(np.float32).tiny)  # below it, x / scale overflows
@@ -57,7 +57,7 @@ def symmetric_weight_params(weight: np.ndarray, axis: int, pair_safe: bool = Fal
 
     ``pair_safe``: at least ``peak / 127.5`` too, where ``peak`` is the channel's largest
     same-sign sum of two weights that x86 kernels without VNNI add in int16, so that no
-    rounded pair can overflow (see :mod:`qwt_onnx.saturation`).
+    rounded pair can overflow (see :mod:`qwt_onnx.numerics.saturation`).
     """
     axis %= weight.ndim
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
@@ -107,8 +107,3 @@ def fake_quantize_weight(weight: np.ndarray, axis: int, pair_safe: bool = False)
     params = symmetric_weight_params(weight, axis, pair_safe)
     return dequantize(quantize(weight, params, axis), params, axis), params
 
-
-def value_range(x: np.ndarray, previous: tuple[float, float] | None = None) -> tuple[float, float]:
-    """``[min, max]`` of ``x``, widened to include ``previous``."""
-    low, high = float(x.min()), float(x.max())
-    return (low, high) if previous is None else (min(low, previous[0]), max(high, previous[1]))

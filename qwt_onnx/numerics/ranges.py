@@ -58,6 +58,12 @@ class RangeObserver:
         return self.extent / self.bins
 
 
+def value_range(x: np.ndarray, previous: tuple[float, float] | None = None) -> tuple[float, float]:
+    """``[min, max]`` of ``x``, widened to include ``previous``."""
+    low, high = float(x.min()), float(x.max())
+    return (low, high) if previous is None else (min(low, previous[0]), max(high, previous[1]))
+
+
 def clip_range(observer: RangeObserver, threshold: float) -> tuple[float, float]:
     """The observed range clipped to ``[-threshold, threshold]``."""
     return max(observer.low, -threshold), min(observer.high, threshold)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from qwt_onnx.calibration import CalibrationSet
-from qwt_onnx.ranges import RangeObserver
+from qwt_onnx.numerics.ranges import RangeObserver
 from qwt_onnx.runtime import Runner, with_outputs
 
 

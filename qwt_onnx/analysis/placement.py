@@ -1,0 +1,159 @@
+"""Where the Q/DQ pairs go, per target: an analysis that returns plain data (:class:`Placement`).
+
+Placement, per target:
+
+* weights of Conv (axis 0), MatMul (last axis) and Gemm (axis 0 with transB,
+  else 1): int8 symmetric per output channel, stored as int8 initializers
+  behind a DequantizeLinear;
+* the data input of each of those ops: per-tensor Q/DQ, shared by all the
+  weighted ops that read the tensor (other readers keep the float tensor);
+* ``ort`` only: the outputs of Conv and Gemm, so that onnxruntime fuses them
+  into QLinearConv / QGemm (MatMul fuses into MatMulIntegerToFloat without
+  it). A Relu that is the sole reader of such an output is absorbed into the
+  quantizer (zero point at 0 clamps exactly like Relu), as onnxruntime's own
+  quantizer does. Residual Adds, pools and Concats whose inputs are such
+  outputs and whose output feeds a quantizer then fuse into QLinearAdd,
+  QLinearGlobalAveragePool and QLinearConcat without quantizers of their own.
+
+Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
+MatMuls (two activations) stay float. Quantizing them is what onnxruntime's
+quantize_static does, and on MiniLM it costs 20 dB of fidelity (4.3 against
+24.5 dB) and runs no faster (docs/BENCHMARKS.md).
+
+``ort`` uses uint8 asymmetric activations; ``trt`` int8 symmetric ones with
+zero point 0 and leaves biases in float, as TensorRT's parser requires.
+Weighted ops matched by an ``Exclusions`` keep float weights and inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import onnx_ir as ir
+
+from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import saturation
+from qwt_onnx.options import Target
+
+
+@dataclasses.dataclass
+class ActivationSite:
+    """One activation quantizer: ``value`` is quantized, its ``readers`` read the DQ output."""
+
+    value: ir.Value
+    observed: ir.Value  # the tensor whose range is calibrated
+    readers: list[tuple[ir.Node, int]]
+    absorbed: ir.Node | None = None  # a Relu replaced by the quantizer's clamp
+
+
+@dataclasses.dataclass
+class WeightSite:
+    weight: ir.Value
+    axis: int
+    readers: list[tuple[ir.Node, int]]
+    paired: bool = False  # some reader's kernel adds products in int16 pairs (not depthwise)
+
+
+@dataclasses.dataclass
+class Placement:
+    weights: list[WeightSite]
+    activations: list[ActivationSite]
+
+    @property
+    def observed_names(self) -> list[str]:
+        return [site.observed.name for site in self.activations]
+
+    def channel_axes(self) -> dict[str, int]:
+        """The data input of every op with a quantized weight, and its channel axis: whose mean
+        bias correction needs."""
+        axes = {}
+        for site in self.weights:
+            for node, _ in site.readers:
+                axis = _input_channel_axis(node)
+                if axis is not None:
+                    axes[node.inputs[0].name] = axis
+        return axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Exclusions:
+    """Weighted ops to leave in float: node names and op types, each a regular expression
+    that must match the whole name (a plain name matches itself)."""
+
+    nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ()
+
+    def excludes(self, node: ir.Node) -> bool:
+        return any(re.fullmatch(p, node.name or "") for p in self.nodes) or any(
+            re.fullmatch(p, node.op_type) for p in self.op_types
+        )
+
+    def unmatched(self, graph: ir.Graph) -> list[str]:
+        """The patterns that match no weighted op of ``graph`` (most likely typos)."""
+        weighted = [n for n in graph if g.is_weighted(n)]
+        return [p for p in self.nodes if not any(re.fullmatch(p, n.name or "") for n in weighted)] + [
+            p for p in self.op_types if not any(re.fullmatch(p, n.op_type) for n in weighted)
+        ]
+
+
+def weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
+    """The output-channel axis of a weighted op's weight, None where there is none."""
+    rank = len(weight.const_value.shape)
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get_int("transB", 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul" and rank >= 2:
+        return rank - 1
+    return None
+
+
+def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) -> Placement:
+    """Where the quantizers go in ``graph`` for ``target``."""
+    weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
+    weights: dict[ir.Value, WeightSite] = {}
+    for node in weighted:
+        weight = g.weight_input(node)
+        axis = weight_axis(node, weight)
+        if axis is None:
+            continue
+        site = weights.setdefault(weight, WeightSite(weight, axis, []))
+        if site.axis == axis:  # a weight shared along another axis stays float for that reader
+            site.readers.append((node, g.WEIGHTED_OPS[node.op_type]))
+            group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+            site.paired |= saturation.kernel_pairs_products(weight.const_value.shape, group)
+
+    sites: dict[ir.Value, ActivationSite] = {}
+    dequantized: set[ir.Value] = set()  # values whose readers will all read a DQ output
+    if target == Target.ORT:
+        for node in weighted:
+            if node.op_type in ("Conv", "Gemm") and not node.outputs[0].is_graph_output():
+                site = _output_site(node.outputs[0])
+                sites[site.value] = site
+                dequantized.add(site.observed)
+    for node in weighted:
+        x = node.inputs[0]
+        if x in dequantized or g.dequantizer(x) is not None:
+            continue
+        sites.setdefault(x, ActivationSite(x, x, [])).readers.append((node, 0))
+    return Placement(list(weights.values()), list(sites.values()))
+
+
+def _input_channel_axis(node: ir.Node) -> int | None:
+    """The axis of ``node``'s data input that its weight reduces over, None for batched weights."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transA", 0) else 1
+    return -1 if len(g.weight_input(node).const_value.shape) == 2 else None
+
+
+def _output_site(value: ir.Value) -> ActivationSite:
+    consumers = value.consumers()
+    if len(consumers) == 1 and consumers[0].op_type == "Relu" and g.is_default_domain(consumers[0]):
+        relu = consumers[0]
+        if not relu.outputs[0].is_graph_output():
+            return ActivationSite(value, relu.outputs[0], list(relu.outputs[0].uses()), absorbed=relu)
+    return ActivationSite(value, value, list(value.uses()))

@@ -1,0 +1,1 @@
+"""onnx_ir helpers: queries on a graph, sub-model extraction, loading, preparing and saving models."""

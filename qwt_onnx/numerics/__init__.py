@@ -1,0 +1,1 @@
+"""Numerics, numpy only: the solver, quantization grids, ranges, saturation, branch layouts, metrics."""
