@@ -6,7 +6,8 @@ than native: right for checking what a model computes there, meaningless for
 timing it. Debian/Ubuntu: ``apt-get install qemu-user``.
 
 This file runs as a script inside the emulator too, so it imports nothing but
-numpy and onnxruntime there.
+numpy and onnxruntime there (importing qwt_onnx would cost emulated seconds, and
+as a script it would find the installed package, not necessarily this one).
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ def run(
 
 
 def _run_here(batch_size: int, jobs: list[tuple[str, str, str]]) -> None:
-    from qwt_onnx import runtime
+    import onnxruntime as ort  # not qwt_onnx.runtime: see the module docstring
 
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
     for model, inputs, out in jobs:
         with np.load(inputs) as data:
             feeds = {name: data[name] for name in data.files}
-        session = runtime.session(model)
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
         count = len(next(iter(feeds.values())))
@@ -71,7 +75,6 @@ def _run_here(batch_size: int, jobs: list[tuple[str, str, str]]) -> None:
             for name, value in zip(names, session.run(names, batch)):
                 parts[name].append(value)
         np.savez(out, **{name: np.concatenate(chunks) for name, chunks in parts.items()})
-
 
 if __name__ == "__main__":  # inside the emulator: batch_size (model.onnx feeds.npz outputs.npz)...
     arguments = sys.argv[1:]

@@ -40,6 +40,18 @@ class Runner:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
 
+def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """``model``'s outputs on ``feeds`` (samples on axis 0), run ``batch_size`` samples at a time
+    and concatenated on axis 0."""
+    runner = Runner(model)
+    count = len(next(iter(feeds.values())))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, count, batch_size):
+        for name, value in runner({k: v[start : start + batch_size] for k, v in feeds.items()}).items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the intermediate values ``names``."""
     copy = onnx.ModelProto()

@@ -34,7 +34,7 @@ def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build
     results = capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True,
                                  branch_options=capture.BranchOptions(int8=False))
     assert sum(r.kept for r in results) >= 2
-    assert any(r.requantized is not None or r.quantized_output is not None for r in results)
+    assert any(r.plan.requantized is not None or r.plan.quantized_output is not None for r in results)
 
     branches = [
         splice.Branch(f"block{k}", r.branch_input, r.block.output, r.result.fit.weight, r.result.fit.bias, r.layout,

@@ -48,6 +48,7 @@ def models(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet", "transformer"])
 def test_full_range_int8_weights_saturate_and_pair_safe_or_reduced_ones_do_not(models, name):
     full = check.check(models[f"{name}-full"])
@@ -113,6 +114,7 @@ def test_models_already_in_qoperator_form_are_checked(tmp_path):
     assert report.integer_kernels == {"QLinearConv": 1} and len(report.of("saturation")) == 1
 
 
+@pytest.mark.slow
 def test_the_command_line_gates_on_findings(models, tmp_path):
     risky = _cli(models["transformer-full"], "--json", tmp_path / "findings.json")
     assert risky.returncode == check.EXIT_RISKS
@@ -125,6 +127,7 @@ def test_the_command_line_gates_on_findings(models, tmp_path):
     assert _cli(models["mobilenet-portable"], "--fail-on", "saturation", "-q").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a model", "not a valid ONNX model")])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, content, message):
     path = tmp_path / "model.onnx"

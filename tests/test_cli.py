@@ -33,6 +33,7 @@ def files(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_quantizes_with_a_summary_and_a_report(files):
     out, report = files / "out.onnx", files / "report.json"
     result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--calib-method", "minmax", "--report", report)
@@ -49,6 +50,7 @@ def test_the_report_is_strict_json_where_a_figure_is_infinite():
     assert strict["sqnr_ptq_db"] is None and strict["method_sqnr_db"] == {"minmax": None} and strict["samples"] == 10
 
 
+@pytest.mark.slow
 def test_importing_the_library_leaves_the_environment_alone():
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     code = "import os, qwt_onnx; qwt_onnx.quantize; print(sorted(set(os.environ) - set(%r)))" % sorted(env)
@@ -56,6 +58,7 @@ def test_importing_the_library_leaves_the_environment_alone():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
+@pytest.mark.slow
 def test_no_qwt_writes_the_plain_ptq_model(files):
     out = files / "ptq.onnx"
     result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--no-qwt", "-q")
@@ -82,6 +85,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-nodes", "/stem/(conv"], "not a valid regular expression"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, args, message):
     before = sorted(os.listdir(files))
     result = _cli(*args, cwd=files)
@@ -92,6 +96,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(files, args, message
     assert sorted(os.listdir(files)) == before
 
 
+@pytest.mark.slow
 def test_calibration_data_must_match_the_inputs(files, tmp_path):
     good = dict(np.load(files / "calib.npz"))
     cases = {
@@ -112,6 +117,7 @@ def test_calibration_data_must_match_the_inputs(files, tmp_path):
         assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_excluded_op_types_stay_float_and_an_unmatched_exclusion_is_reported(files):
     out = files / "excluded.onnx"
     result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--no-qwt",

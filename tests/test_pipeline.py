@@ -11,6 +11,8 @@ from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.runtime import session
 from tests import graphs
 
+pytestmark = pytest.mark.slow
+
 # Each model with a calibration that leaves systematic error to compensate (entropy clips the
 # small transformers' activations hard; percentile leaves the CNNs the mean shift of their
 # Relus), and the error ratio QwT must reach. The NHWC model's output is its last feature
@@ -129,17 +131,21 @@ def test_int8_kernels_are_used_by_onnxruntime(case, tmp_path):
 
 def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     model = graphs.transformer()
-    _, report = quantize_with_report(model, graphs.samples(model, 160, seed=1), min_gain=0.0, progress=False)
+    calib = graphs.samples(model, 160, seed=1)
+    written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     assert set(report.method_sqnr_db) == {"minmax", "percentile", "entropy"}
     best = max(report.method_sqnr_db.values())
     # QwT is tried on every method whose plain PTQ is within the margin of the best
     assert set(report.method_qwt_sqnr_db) == {
         m for m, db in report.method_sqnr_db.items() if db >= best - api.SELECTION_MARGIN_DB
     }
-    if report.qwt_applied:
-        assert report.sqnr_qwt_db > report.sqnr_ptq_db
-    else:
-        assert report.method == report.ptq_method and report.added_parameters == 0
+    # measured here, not read from the report: on the held-out calibration samples (every
+    # fifth) the written model is at least as close to FP32 as the best plain PTQ model
+    heldout = {name: array[4::5] for name, array in calib.items()}
+    reference = _outputs(model, heldout)
+    ptq = quantize(model, calib, qwt=False, progress=False)
+    assert mean_squared_error(reference, _outputs(written, heldout)) <= mean_squared_error(reference, _outputs(ptq, heldout))
+    if not report.qwt_applied:
         assert any("writing the PTQ model" in w for w in report.warnings)
 
 

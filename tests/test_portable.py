@@ -18,6 +18,8 @@ from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.metrics import sqnr_db
 from tests import graphs
 
+pytestmark = pytest.mark.slow
+
 if not emulation.available():
     if os.environ.get("QWT_REQUIRE_EMULATION") == "1":
         raise RuntimeError("QWT_REQUIRE_EMULATION=1 but qemu-x86_64 is missing: apt-get install qemu-user")

@@ -43,6 +43,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkey
         quantize(model, graphs.samples(model, 8, seed=1), tmp_path / "out.onnx", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [graphs.resnet, graphs.bert])
 def test_the_same_inputs_give_a_byte_identical_model(tmp_path, build):
     model = build()

@@ -14,14 +14,7 @@ import numpy as np
 
 from qwt_onnx import zoo
 from qwt_onnx.numerics.metrics import sqnr_db
-from qwt_onnx.runtime import Runner
-
-
-def outputs(model: str, feeds: dict[str, np.ndarray], batch_size: int = 16) -> dict[str, np.ndarray]:
-    runner = Runner(model)
-    count = len(next(iter(feeds.values())))
-    parts = [runner({k: v[i : i + batch_size] for k, v in feeds.items()}) for i in range(0, count, batch_size)]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+from qwt_onnx.runtime import run_in_batches
 
 
 def cosine(reference: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> float:
@@ -38,10 +31,10 @@ def main() -> None:
     prepared = zoo.prepare(args.zoo_name)
     with np.load(prepared.evaluation) as data:
         feeds = {k: data[k] for k in data.files}
-    reference = outputs(prepared.model, feeds)
+    reference = run_in_batches(prepared.model, feeds, 16)
     print(f"{args.zoo_name}: {len(next(iter(feeds.values())))} evaluation samples")
     for path in args.models:
-        test = outputs(path, feeds)
+        test = run_in_batches(path, feeds, 16)
         print(f"  {path}: SQNR {sqnr_db(reference, test):.2f} dB, cosine {cosine(reference, test):.5f}")
 
 

@@ -49,32 +49,47 @@ class BranchOptions:
     pair_safe: bool = True
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """Where one block is read and compared in the quantized graph."""
+
+    block: Block
+    branch_input: str  # the block input, after its DequantizeLinear where the quantized graph has one
+    quantized_output: str | None = None  # the block's output is only ever read through this DQ
+    quantized_input: bool = False  # likewise its input: the FP32 block then reads the DQ view too
+    # Where the block output is a DequantizeLinear output, the written graph quantizes the
+    # compensated output again with the same quantizer (the splice does): so does the stream.
+    requantized: qm.QuantParams | None = None
+
+    @property
+    def output_in_q(self) -> str:
+        """The quantized graph's tensor that matches the FP32 block output."""
+        return self.quantized_output or self.block.output
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockResult:
     """What capture found for one block."""
 
-    block: Block
-    branch_input: str
-    quantized_output: str | None = None  # the block's output is only ever read through this DQ
-    quantized_input: bool = False  # likewise its input: the FP32 block then reads the DQ view too
+    plan: BlockPlan
     layout: Layout | None = None
     result: CompensationFit | None = None
     skipped: str = ""
     input_range: tuple[float, float] | None = None  # of the branch input, for a quantizer where it has none
     output_range: tuple[float, float] | None = None  # of the branch output on the calibration samples
     int8_scale: np.ndarray | None = None  # an int8 branch's per-output-channel weight scales
-    # Where the block output is a DequantizeLinear output, the written graph quantizes the
-    # compensated output again with the same quantizer (the splice does): so does the stream.
-    requantized: qm.QuantParams | None = None
 
     @property
     def kept(self) -> bool:
         return self.result is not None and self.result.kept
 
     @property
-    def output_in_q(self) -> str:
-        """The quantized graph's tensor that matches the FP32 block output."""
-        return self.quantized_output or self.block.output
+    def block(self) -> Block:
+        return self.plan.block
+
+    @property
+    def branch_input(self) -> str:
+        return self.plan.branch_input
 
 
 @dataclasses.dataclass
@@ -140,25 +155,27 @@ class _Stream:
             pool = {**batch.feeds, **context}
             self._enter(i, value, runner(pool)[value] if runner else pool[value])
 
-    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str | None) -> None:
+    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str | None) -> tuple[float, float] | None:
         """The next block's input (``value``): this block's compensated output, led through any
-        gap; on the way, the range of the branch output. ``value`` None: the range only."""
+        gap; returns the range of the branch output. ``value`` None: the range only."""
         runner = Runner(lead_in.proto) if lead_in else None
-        block = result.block
+        block, requantized = result.block, result.plan.requantized
+        output_range = None
         if value is None and not result.kept:
-            return
+            return output_range
         for i, _, pool in self.batches("advancing the stream"):
             saved = self.load("block", i)
             y = saved["y"]
             if result.kept:
                 branch = result.layout.apply(result.result.fit, saved["x"] if "x" in saved else pool[block.input])
-                result.output_range = value_range(branch, result.output_range)
+                output_range = value_range(branch, output_range)
                 y = y + branch
-                if result.requantized is not None:
-                    y = qm.dequantize(qm.quantize(y, result.requantized), result.requantized)
+                if requantized is not None:
+                    y = qm.dequantize(qm.quantize(y, requantized), requantized)
             if value is not None:
                 pool[block.output] = y
                 self._enter(i, value, runner(pool)[value] if runner else y)
+        return output_range
 
 
 def fit_blocks(
@@ -179,14 +196,16 @@ def fit_blocks(
     pass); otherwise a boundary read only through Q/DQ is compared and
     compensated after its DequantizeLinear.
     """
-    results, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries)
+    plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries)
+    results = []
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder:
         stream = _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
         stream.start(models[0].lead_in, blocks[0].input)
-        for k, result in enumerate(results):
-            _fit_block(stream, models[k], result, calib.heldout_mask, branch_options)
+        for k, plan in enumerate(plans):
+            result = _fit_block(stream, models[k], plan, calib.heldout_mask, branch_options)
             last = k + 1 == len(blocks)
-            stream.advance(result, None if last else models[k + 1].lead_in, None if last else blocks[k + 1].input)
+            output_range = stream.advance(result, None if last else models[k + 1].lead_in, None if last else blocks[k + 1].input)
+            results.append(dataclasses.replace(result, output_range=output_range))
     return results
 
 
@@ -198,10 +217,9 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             f"the quantized model has no tensor {missing[0]!r} (a block boundary of the FP32 model); "
             "pass a QDQ model made from the same FP32 model, without renaming its tensors"
         )
-    results, models, previous = [], [], None
+    plans, models, previous = [], [], None
     for block in blocks:
         branch = g.dequantized_view(q_values[block.input])
-        result = BlockResult(block, branch.name if branch is not None else block.input)
         lead_in = None
         if block.input != previous and block.input not in feeds:
             lead_in = ex.extract(q, [previous] if previous else feeds, [block.input])
@@ -209,14 +227,17 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
         # block is judged there too.
         output_view = g.quantized_only_view(q_values[block.output])
-        result.quantized_output = output_view.name if output_view is not None else None
-        # onnxruntime's quantizer folds a Relu into the quantizer after it and gives its
-        # input the Relu's name: where a tensor is only ever read through Q/DQ, only the
-        # dequantized tensor means what the FP32 tensor of that name means
-        if not exact_boundaries:
-            result.quantized_input = g.quantized_only_view(q_values[block.input]) is not None
-        result.requantized = g.quantizer_params(g.requantizer(q_values[block.output]))
-        outputs = [result.output_in_q] + ([result.branch_input] if result.branch_input != block.input else [])
+        plan = BlockPlan(
+            block,
+            branch.name if branch is not None else block.input,
+            quantized_output=output_view.name if output_view is not None else None,
+            # onnxruntime's quantizer folds a Relu into the quantizer after it and gives its
+            # input the Relu's name: where a tensor is only ever read through Q/DQ, only the
+            # dequantized tensor means what the FP32 tensor of that name means
+            quantized_input=not exact_boundaries and g.quantized_only_view(q_values[block.input]) is not None,
+            requantized=g.quantizer_params(g.requantizer(q_values[block.output])),
+        )
+        outputs = [plan.output_in_q] + ([plan.branch_input] if plan.branch_input != block.input else [])
         models.append(
             _BlockModels(
                 fp=ex.extract(fp, [block.input], [block.output]),
@@ -224,32 +245,32 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 lead_in=lead_in,
             )
         )
-        results.append(result)
+        plans.append(plan)
         previous = block.output
-    return results, models
+    return plans, models
 
 
-def _fit_block(
-    stream: _Stream, models: _BlockModels, result: BlockResult, heldout: np.ndarray, options: BranchOptions
-) -> None:
-    block = result.block
+def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions) -> BlockResult:
+    """Capture the block on every calibration batch of the stream and fit its branch."""
+    block = plan.block
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
-    groups = slices = None
-    result.input_range = stream.ranges[block.input]
+    result = BlockResult(plan, input_range=stream.ranges[block.input])
+    layout = groups = slices = None
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
-        y_q, x = out[result.output_in_q], out.get(result.branch_input, pool[block.input])
-        y_fp = fp_run({**pool, block.input: x} if result.quantized_input else pool)[block.output]
-        stream.save("block", i, {"y": y_q} if result.branch_input == block.input else {"y": y_q, "x": x})
+        y_q, x = out[plan.output_in_q], out.get(plan.branch_input, pool[block.input])
+        y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
+        stream.save("block", i, {"y": y_q} if plan.branch_input == block.input else {"y": y_q, "x": x})
         if i == 0:
-            result.layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
-            if result.layout is None:
-                result.skipped = f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}"
+            layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
+            if layout is None:
+                result = dataclasses.replace(result, skipped=f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}")
             elif x.shape[0] != batch.size or y_q.shape[0] != batch.size:  # time-major, say: [T, batch, C]
-                result.layout, result.skipped = None, f"the samples are not on axis 0 of {list(x.shape)} or {list(y_q.shape)}"
-        if result.layout is None:
+                layout = None
+                result = dataclasses.replace(result, skipped=f"the samples are not on axis 0 of {list(x.shape)} or {list(y_q.shape)}")
+        if layout is None:
             continue
-        layout, residual = result.layout, y_fp - y_q
+        residual = y_fp - y_q
         if groups is None:  # train and held-out share a shift, so they can be merged for the final fit
             rows = layout.rows(x[:1])
             shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -265,16 +286,16 @@ def _fit_block(
                 for equations, (f, t) in zip(groups, slices):
                     equations[which].update(x_rows[:, f], r_rows[:, t])
     if groups is None:
-        return
-    fit = fit_grouped_compensation(groups, slices)
+        return result
+    fit, int8_scale, skipped = fit_grouped_compensation(groups, slices), None, result.skipped
     if options.int8 and fit.kept:  # judged and written as stored
         validated, _ = layout.int8_rounded(fit.validated.weight, options.pair_safe)
-        final, result.int8_scale = layout.int8_rounded(fit.fit.weight, options.pair_safe)
+        final, int8_scale = layout.int8_rounded(fit.fit.weight, options.pair_safe)
         fit = with_stored_weights(fit, groups, slices, validated, final)
     if fit.kept and 1.0 - fit.error_ratio_heldout < options.min_gain:
         fit = dataclasses.replace(fit, kept_targets=0)
-        result.skipped = f"removes {100 * (1 - fit.error_ratio_heldout):.0f}% of its held-out error, under --min-gain"
-    result.result = fit
+        skipped = f"removes {100 * (1 - fit.error_ratio_heldout):.0f}% of its held-out error, under --min-gain"
+    return dataclasses.replace(result, layout=layout, result=fit, skipped=skipped, int8_scale=int8_scale)
 
 
 class _ContextSource:

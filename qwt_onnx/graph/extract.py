@@ -94,6 +94,7 @@ def context_model(model: ir.Model, values: Sequence[str]) -> SubModel:
 
 def _drop_io_shapes(proto: onnx.ModelProto) -> None:
     # Shapes inferred inside a graph may be fixed where the sub-model is fed other batch sizes.
+    # Cleared in the proto: the view shares its values with the full model, whose shapes stay.
     for info in (*proto.graph.input, *proto.graph.output):
         if info.type.HasField("tensor_type"):
             info.type.tensor_type.ClearField("shape")

@@ -23,7 +23,8 @@ def is_default_domain(node: ir.Node) -> bool:
 
 
 def is_constant(value: ir.Value | None) -> bool:
-    """An initializer or the output of a Constant node."""
+    """An initializer or the output of a Constant node (not evaluated: ``ir.convenience.get_const_tensor``
+    would, and raises on a malformed Constant in a user's model)."""
     if value is None:
         return False
     if value.const_value is not None or value.is_initializer():
@@ -72,17 +73,8 @@ def downstream_nodes(values: Iterable[ir.Value]) -> set[ir.Node]:
 
 
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    """All named values of the graph: inputs, initializers and node outputs."""
-    table: dict[str, ir.Value] = {}
-    for value in graph.inputs:
-        table[value.name] = value
-    for name, value in graph.initializers.items():
-        table[name] = value
-    for node in graph:
-        for value in node.outputs:
-            if value.name:
-                table[value.name] = value
-    return table
+    """All named values of the main graph: inputs, initializers and node outputs."""
+    return ir.convenience.create_value_mapping(graph, include_subgraphs=False)
 
 
 def is_quantized(graph: ir.Graph) -> bool:
