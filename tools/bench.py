@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from qwt_onnx import emulation, zoo
 from qwt_onnx.numerics.metrics import float_outputs, sqnr_db
-from qwt_onnx.runtime import Runner
+from qwt_onnx.runtime import Runner, run_in_batches
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (tools/speed.py)
@@ -49,6 +49,7 @@ HISTOGRAM_TIMEOUT = 40  # seconds for onnxruntime's percentile / entropy calibra
 HISTOGRAM_SKIP_AFTER = 20.0
 QUICK_SAMPLES, QUICK_EVALUATION = 32, 16
 FULL_EVALUATION = 192  # evaluation samples per model at most
+EVALUATION_BATCH = 16  # samples per onnxruntime run when scoring
 # Evaluation samples run on the emulated AVX2 CPU, which computes float ops in software: a ViT-S
 # image with its float decoder takes over 3 minutes per model there, a PP-OCR sample 8 s.
 EMULATED_EVALUATION = {"vit-s": 1, "ocr-det": 8, "ocr-rec": 8}
@@ -119,7 +120,7 @@ def _high_water_kib(pid: int) -> int:
         return 0
 
 
-def outputs_of(model: str, feeds: dict[str, np.ndarray], batch_size: int = 16):
+def outputs_of(model: str, feeds: dict[str, np.ndarray], batch_size: int = EVALUATION_BATCH):
     """The model's outputs, batch by batch."""
     runner = Runner(model)
     count = len(next(iter(feeds.values())))
@@ -248,20 +249,12 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
 def score_emulated(fp32: str, variants: dict[str, Variant], feeds: dict[str, np.ndarray]) -> None:
     """SQNR to FP32 on ``feeds`` of each variant, run natively and on an emulated AVX2-only CPU
     (no VNNI: onnxruntime's uint8 × int8 kernels saturate there)."""
-    reference = merge(outputs_of(fp32, feeds))
+    reference = run_in_batches(fp32, feeds, EVALUATION_BATCH)
     emulated = emulation.run([v.path for v in variants.values()], feeds)
     for key, outputs in zip(variants, emulated):
-        variants[key].scores["sqnr_db_native_subset"] = sqnr_db(reference, merge(outputs_of(variants[key].path, feeds)))
+        variants[key].scores["sqnr_db_native_subset"] = sqnr_db(reference, run_in_batches(variants[key].path, feeds, EVALUATION_BATCH))
         variants[key].scores["sqnr_db_avx2"] = sqnr_db(reference, outputs)
         variants[key].scores["avx2_samples"] = len(next(iter(feeds.values())))
-
-
-def merge(batches) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        for name, value in batch.items():
-            parts.setdefault(name, []).append(value)
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
 def granularities_differ(path: str) -> bool:

@@ -191,10 +191,11 @@ def fit_blocks(
     """Fit one compensation per block, sequentially on the compensated quantized stream.
 
     ``memory_budget`` bounds the bytes of captured tensors kept in memory; the
-    rest goes to a temporary folder. ``exact_boundaries`` says that ``q`` keeps
-    the FP32 meaning of every block boundary tensor (true of our own Q/DQ
-    pass); otherwise a boundary read only through Q/DQ is compared and
-    compensated after its DequantizeLinear.
+    rest goes to a temporary folder. A block output read only through Q/DQ is
+    compared and compensated after its DequantizeLinear. ``exact_boundaries``
+    says that ``q`` keeps the FP32 meaning of every block boundary tensor (true
+    of our own Q/DQ pass); otherwise the FP32 block too reads an input that
+    ``q`` reads only through Q/DQ after its DequantizeLinear.
     """
     plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries)
     results = []

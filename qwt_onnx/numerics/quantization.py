@@ -106,4 +106,3 @@ def fake_quantize_weight(weight: np.ndarray, axis: int, pair_safe: bool = False)
     """``weight`` after int8 per-channel quantization along ``axis`` and back (float32), and its parameters."""
     params = symmetric_weight_params(weight, axis, pair_safe)
     return dequantize(quantize(weight, params, axis), params, axis), params
-
