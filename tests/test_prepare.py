@@ -1,5 +1,6 @@
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
 from qwt_onnx.graph import prepare
@@ -7,32 +8,46 @@ from qwt_onnx.runtime import session
 from tests.graphs import GraphBuilder
 
 
-def _conv_bn_relu(opset: int):
+def _conv_bn_relu(opset: int, op_type: str = "Conv", shared_weight: bool = False):
     b = GraphBuilder(seed=3)
-    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    if op_type == "Gemm":
+        x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+        conv = b.op("Gemm", ["x", b.weight("w", (6, 3))], "conv", transB=1)
+    else:
+        x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])
+        shape = (3, 6, 1, 1) if op_type == "ConvTranspose" else (6, 3, 3, 3)
+        conv = b.op(op_type, ["x", b.weight("w", shape)], "conv", pads=[1, 1, 1, 1] if op_type == "Conv" else [0, 0, 0, 0])
     stats = [b.const(n, np.random.default_rng(i).uniform(0.5, 1.5, 6).astype(np.float32)) for i, n in enumerate(("gamma", "beta", "mean", "var"))]
     bn = b.op("BatchNormalization", [conv, *stats], "bn", epsilon=1e-3)
     b.op("Relu", [bn], "relu")
     b.nodes[-1].output[0] = "y"
-    return b.model(
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])],
-        opset=opset,
-    )
+    dims = ["N", 6] if op_type == "Gemm" else ["N", 6, "H", "W"]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)]
+    if shared_weight:  # a second reader of the weight: folding would change its function too
+        b.op("Gemm" if op_type == "Gemm" else op_type, ["x", "w"], "other", **({"transB": 1} if op_type == "Gemm" else {}))
+        outputs.append(helper.make_tensor_value_info("other_out", TensorProto.FLOAT, dims))
+    return b.model([x_info], outputs, opset=opset)
 
 
-def test_batch_norm_is_folded_into_the_conv_and_the_function_kept():
-    proto = _conv_bn_relu(opset=17)
+@pytest.mark.parametrize("op_type", ["Conv", "ConvTranspose", "Gemm"])
+def test_batch_norm_is_folded_into_the_op_before_it_and_the_function_kept(op_type):
+    proto = _conv_bn_relu(opset=17, op_type=op_type)
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     ops = [n.op_type for n in model.graph]
-    assert ops == ["Conv", "Relu"]
+    assert ops == [op_type, "Relu"]
     conv = model.graph[0]
-    assert conv.outputs[0].name == "bn_out"  # the folded conv takes the BatchNormalization's output name
-    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    assert conv.outputs[0].name == "bn_out"  # the folded op takes the BatchNormalization's output name
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5) if op_type != "Gemm" else (2, 3)).astype(np.float32)
     expected = session(proto).run(None, {"x": x})[0]
     got = session(prepare.to_proto(model)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert "w" not in model.graph.initializers  # the unfolded weight is dropped
+    assert len(model.graph.initializers) == 2  # the folded weight and bias; the statistics are dropped
+
+
+def test_batch_norm_after_an_op_whose_weight_is_shared_stays():
+    proto = _conv_bn_relu(opset=17, shared_weight=True)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert "BatchNormalization" in [n.op_type for n in model.graph]
 
 
 def test_models_older_than_opset_13_are_converted():

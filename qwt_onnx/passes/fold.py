@@ -1,13 +1,11 @@
-"""Fold per-channel affine ops into the convolution before them.
+"""Fold a per-channel bias Add into the convolution before it.
 
-Quantizing a convolution whose output a BatchNormalization rescales per
-channel wastes the quantizer's range and keeps onnxruntime from fusing the
-convolution; folding first is what every PTQ tool does. A bias exported as a
-separate Add (Paddle exports do this for every conv) is folded for the same
-reason: left alone, each QLinearConv is followed by a dequantize, a float Add
-and a requantize (measured on PP-OCRv6 det: 75 such Adds, a quarter of the
-INT8 model's time at batch 1). The results compute the same function up to
-float rounding.
+A bias exported as a separate Add (Paddle exports do this for every conv) keeps
+onnxruntime from fusing the quantized convolution: left alone, each QLinearConv
+is followed by a dequantize, a float Add and a requantize (measured on PP-OCRv6 det: 75 such Adds, a quarter of the
+INT8 model's time at batch 1). The result computes the same function up to
+float rounding. (BatchNormalization is folded by onnxscript's rewriter rules,
+see :func:`qwt_onnx.graph.prepare.prepare`.)
 """
 
 from __future__ import annotations
@@ -16,35 +14,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qwt_onnx.graph import query as g
-
-
-def folded_conv_parameters(weight, bias, scale, shift, mean, variance, epsilon):
-    """``W' = W·s`` and ``b' = (b − μ)·s + β`` with ``s = γ / sqrt(σ² + ε)`` per output channel."""
-    factor = scale / np.sqrt(variance + epsilon)
-    new_weight = weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))
-    return new_weight.astype(weight.dtype), ((bias - mean) * factor + shift).astype(weight.dtype)
-
-
-class FoldBatchNormPass(ir.passes.InPlacePass):
-    """Conv → BatchNormalization (its only reader, one output) becomes one Conv."""
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        names = g.NameScope(graph)
-        folded = 0
-        for bn in [n for n in graph if n.op_type == "BatchNormalization" and g.is_default_domain(n)]:
-            conv = bn.inputs[0].producer()
-            if not _foldable(conv, bn):
-                continue
-            weight = conv.inputs[1].const_value.numpy()
-            scale, shift, mean, variance = (v.const_value.numpy() for v in bn.inputs[1:5])
-            epsilon = bn.attributes.get_float("epsilon", 1e-5)
-            new_weight, new_bias = folded_conv_parameters(weight, _bias(conv), scale, shift, mean, variance, epsilon)
-            conv.replace_input_with(1, names.initializer(f"{conv.inputs[1].name}_folded", new_weight))
-            _set_bias(conv, names.initializer(f"{conv.name or 'conv'}.bias_folded", new_bias))
-            _take_place(graph, names, conv, bn)
-            folded += 1
-        return ir.passes.PassResult(model, modified=bool(folded))
 
 
 class FoldBiasAddPass(ir.passes.InPlacePass):
@@ -109,13 +78,13 @@ def _take_place(graph: ir.Graph, names: g.NameScope, conv: ir.Node, folded: ir.N
     graph.remove(folded, safe=True)
 
 
-def _foldable(conv: ir.Node | None, folded: ir.Node, constants: list[ir.Value | None] | None = None) -> bool:
+def _foldable(conv: ir.Node | None, folded: ir.Node, constants: list[ir.Value | None]) -> bool:
     """``conv`` is a plain Conv with constant weights whose only reader is ``folded``."""
     if conv is None or conv.op_type != "Conv" or not g.is_default_domain(conv):
         return False
     if len(folded.outputs) != 1 or len(conv.outputs[0].uses()) != 1 or conv.outputs[0].is_graph_output():
         return False
-    constants = [conv.inputs[1], *(folded.inputs[1:5] if constants is None else constants)]
+    constants = [conv.inputs[1], *constants]
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         constants.append(conv.inputs[2])
     return all(v is not None and v.const_value is not None for v in constants)
