@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import ranges
 from qwt_onnx.numerics.ranges import RangeObserver, compute_range
 
 
@@ -36,6 +37,37 @@ def test_entropy_keeps_the_bulk_of_a_gaussian_and_clips_its_outliers():
     # the smallest threshold the 2048-bin histogram can propose is 1/16 of its extent
     low, high = compute_range(_observe(np.concatenate([x, [20.0, -15.0]])), "entropy")
     assert 3.0 < high < 5.0 and low == -high
+
+
+def _kl_by_definition(hist: np.ndarray, end: int, levels: int = 128, eps: float = 1e-4) -> float:
+    """TensorRT's KL for one threshold, bin by bin, as its reference code computes it."""
+    p = hist[:end].copy()
+    p[-1] += hist[end:].sum()
+    edges = np.linspace(0, end, levels + 1).astype(int)
+    q = np.zeros(end)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        nonzero = hist[lo:hi] > 0
+        if nonzero.any():
+            q[lo:hi][nonzero] = hist[lo:hi].sum() / nonzero.sum()
+
+    def smooth(d):
+        d = d / d.sum()
+        zeros = d == 0
+        return np.where(zeros, eps, d * (1 - eps * zeros.sum()))
+
+    p, q = smooth(p), smooth(q)
+    return float(np.sum(p * np.log(p / q)))
+
+
+@pytest.mark.parametrize("shape", ["heavy tail", "relu with gaps", "few values"])
+def test_entropy_scores_every_threshold_as_the_definition_does(shape):
+    rng = np.random.default_rng(7)
+    x = {"heavy tail": rng.standard_t(3, 200_000), "relu with gaps": np.maximum(rng.standard_normal(50_000), 0) ** 3,
+         "few values": rng.integers(0, 6, 50_000).astype(float)}[shape]
+    hist = _observe(x.astype(np.float32)).histogram.astype(np.float64)
+    ends = np.arange(128, int(np.flatnonzero(hist)[-1]) + 2, 7)
+    expected = [_kl_by_definition(hist, end) for end in ends]
+    np.testing.assert_allclose(ranges._kl_divergences(hist, ends, 128), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_unknown_method_is_refused():

@@ -94,47 +94,50 @@ def entropy_range(observer: RangeObserver, levels: int = ENTROPY_LEVELS) -> tupl
     last = int(np.flatnonzero(hist)[-1]) + 1 if hist.any() else 0
     if last <= levels:
         return minmax_range(observer)
-    tail = np.cumsum(hist[::-1])[::-1]  # tail[i] = sum(hist[i:])
-    best_kl, best_end = np.inf, last
     step = max(1, (last - levels) // ENTROPY_CANDIDATES)  # the KL curve is smooth: a few hundred thresholds suffice
-    for end in range(levels, last + 1, step):
-        sliced = hist[:end]
-        p = sliced.copy()
-        if end < hist.size:
-            p[-1] += tail[end]
-        kl = _kl_divergence(p, _quantized(sliced, levels))
-        if kl < best_kl:
-            best_kl, best_end = kl, end
-    return clip_range(observer, best_end * observer.bin_width)
+    ends = np.arange(levels, last + 1, step)
+    kl = _kl_divergences(hist, ends, levels)
+    return clip_range(observer, ends[int(np.argmin(kl))] * observer.bin_width)
 
 
-def _quantized(sliced: np.ndarray, levels: int) -> np.ndarray:
-    """``sliced`` merged into ``levels`` chunks, each chunk's mass spread over its non-empty bins."""
-    edges = np.linspace(0, sliced.size, levels + 1).astype(np.int64)
-    nonzero = sliced > 0
-    mass = np.add.reduceat(sliced, edges[:-1])
-    support = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
-    per_bin = np.divide(mass, support, out=np.zeros_like(mass), where=support > 0)
-    return np.repeat(per_bin, np.diff(edges)) * nonzero
+def _kl_divergences(hist: np.ndarray, ends: np.ndarray, levels: int, eps: float = 1e-4) -> np.ndarray:
+    """KL(P ‖ Q) for each threshold in ``ends`` (P and Q as in :func:`entropy_range`), after
+    moving ``eps`` of mass onto empty bins as TensorRT's reference code does.
 
+    Computed from prefix sums in O(levels) per threshold. A bin empty in both P and Q adds
+    nothing (both hold ``eps``); a non-empty bin i of chunk j adds ``p_i·log(p_i/q_i)`` with
+    ``p_i = a·h_i/H`` and ``q_i = b·m_j/(s_j·S)`` (H: all mass, S: mass below the threshold,
+    m_j and s_j: chunk j's mass and non-empty bins, a and b the smoothing factors), so the
+    non-empty bins below the last sum to ``(a/H)·[Σ h log h + W·log(a/H) − Σ_j m'_j log(m_j/s_j) − W·log(b/S)]``,
+    W and m'_j their mass; the last bin, which holds the outliers in P, is added on its own.
+    """
+    prefix = np.concatenate([[0.0], np.cumsum(hist)])
+    prefix_hlogh = np.concatenate([[0.0], np.cumsum(hist * np.log(np.where(hist > 0, hist, 1.0)))])
+    prefix_nonzero = np.concatenate([[0], np.cumsum(hist > 0)])
+    total = prefix[-1]
+    below = prefix[ends]  # S
+    last_bin = hist[ends - 1]
+    outliers = total - below
+    tail = last_bin + outliers  # P's last bin
+    empty_q = ends - prefix_nonzero[ends]  # Q is empty exactly where the histogram is
+    empty_p = empty_q - ((last_bin == 0) & (tail > 0))
+    a, b = 1.0 - eps * empty_p, 1.0 - eps * empty_q
 
-def _kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
-    """KL(P ‖ Q) after moving ``eps`` of mass onto empty bins, as TensorRT's reference code does."""
-    p, q = _smooth(p, eps), _smooth(q, eps)
-    if p is None or q is None:
-        return np.inf
-    keep = p > 0
-    return float(np.sum(p[keep] * np.log(p[keep] / q[keep])))
-
-
-def _smooth(distribution: np.ndarray, eps: float) -> np.ndarray | None:
-    """Normalise, then give each empty bin ``eps``, taken proportionally from the others."""
-    total = distribution.sum()
-    if total <= 0:
-        return None
-    d = distribution / total
-    zeros = d == 0
-    return np.where(zeros, eps, d * (1.0 - eps * zeros.sum()))
+    edges = (np.arange(levels + 1) * ends[:, None]) // levels  # [threshold, chunk edge]
+    mass = np.diff(prefix[edges], axis=1)
+    support = np.diff(prefix_nonzero[edges], axis=1)
+    density = np.divide(mass, support, out=np.ones_like(mass), where=support > 0)  # m_j / s_j, 1 where empty
+    mass_log_density = (mass * np.log(density)).sum(axis=1)
+    last_density = density[:, -1]
+    kept = below - last_bin  # W: the non-empty bins below the last
+    with np.errstate(divide="ignore", invalid="ignore"):  # thresholds with no mass below are infinite
+        body = (a / total) * (
+            prefix_hlogh[ends - 1] + kept * np.log(a / total)
+            - (mass_log_density - last_bin * np.log(last_density)) - kept * np.log(b / below)
+        )
+        p_last = np.where(tail > 0, a * tail / total, eps)
+        q_last = np.where(last_bin > 0, b * last_density / below, eps)
+        return np.where(below > 0, body + p_last * np.log(p_last / q_last), np.inf)
 
 
 def compute_range(observer: RangeObserver, method: str) -> tuple[float, float]:
