@@ -211,12 +211,12 @@ def format_report(report: CheckReport, limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+DESCRIPTION = ("Check a quantized ONNX model for int16 saturation on x86 CPUs without VNNI and for Q/DQ "
+               "that onnxruntime does not fuse. Exit codes: 0 no risk, 3 risks found, 2 bad input.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m qwt_onnx check",
-        description="Check a quantized ONNX model for int16 saturation on x86 CPUs without VNNI and for Q/DQ "
-        "that onnxruntime does not fuse. Exit codes: 0 no risk, 3 risks found, 2 bad input.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m qwt_onnx check", description=DESCRIPTION)
     parser.add_argument("model", help="a quantized ONNX model (QDQ or QOperator), from any tool")
     parser.add_argument("--fail-on", choices=("any", *CATEGORIES), default="any",
                         help="which findings make the exit code 3 (default any)")

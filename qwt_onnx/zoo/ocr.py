@@ -162,21 +162,13 @@ def detection_f1(outputs: np.ndarray, boxes: np.ndarray) -> float:
 
 
 REC = ZooEntry(
-    name="ocr-rec",
-    description="rapidocr PP-OCRv6 text recogniser (SVTR-style, 18 710 classes); rendered license-text lines",
-    locate_model=_rec_model,
-    calibration=rec_calibration,
-    evaluation=rec_evaluation,
-    task_metric=character_accuracy,
-    metric_name="character accuracy",
+    name="ocr-rec", description="rapidocr PP-OCRv6 text recogniser (SVTR-style, 18 710 classes); rendered license-text lines",
+    locate_model=_rec_model, calibration=rec_calibration, evaluation=rec_evaluation,
+    task_metric=character_accuracy, metric_name="character accuracy",
 )
 
 DET = ZooEntry(
-    name="ocr-det",
-    description="rapidocr PP-OCRv6 text detector (DBNet); rendered license-text pages, 320×320",
-    locate_model=_det_model,
-    calibration=det_calibration,
-    evaluation=det_evaluation,
-    task_metric=detection_f1,
-    metric_name="detection F1",
+    name="ocr-det", description="rapidocr PP-OCRv6 text detector (DBNet); rendered license-text pages, 320×320",
+    locate_model=_det_model, calibration=det_calibration, evaluation=det_evaluation,
+    task_metric=detection_f1, metric_name="detection F1",
 )

