@@ -31,7 +31,7 @@ from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
 from qwt_onnx.runtime import Runner
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
+DEFAULT_MEMORY_BUDGET = 1 << 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +113,15 @@ class _Stream:
         self.memory_budget = memory_budget
         self.in_memory: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.held_bytes = 0
+        self.spilled: dict[tuple[str, int], list[str]] = {}  # the names of the arrays written to files
         self.ranges: dict[str, tuple[float, float]] = {}  # of each block input, over all batches
 
     def _enter(self, index: int, value: str, array: np.ndarray) -> None:
         self.save("stream", index, {value: array})
         self.ranges[value] = value_range(array, self.ranges.get(value))
 
-    def _path(self, key: str, index: int) -> str:
-        return os.path.join(self.folder, f"{key}-{index}.npz")
+    def _path(self, key: str, index: int, member: int) -> str:
+        return os.path.join(self.folder, f"{key}-{index}-{member}.npy")
 
     def save(self, key: str, index: int, arrays: dict[str, np.ndarray]) -> None:
         previous = self.in_memory.pop((key, index), None)
@@ -131,15 +132,16 @@ class _Stream:
             self.in_memory[(key, index)] = arrays
             self.held_bytes += size
             return
-        # Tensor names may hold '/' and other characters a zip member name should not.
-        members = {f"t{j}": array for j, array in enumerate(arrays.values())}
-        np.savez(self._path(key, index), names=np.array(list(arrays), dtype=str), **members)
+        # Plain .npy files, one per array (a zip archive's checksums cost more than the write);
+        # tensor names may hold '/' and other characters a file name should not, so they are kept here.
+        self.spilled[(key, index)] = list(arrays)
+        for member, array in enumerate(arrays.values()):
+            np.save(self._path(key, index, member), array, allow_pickle=False)
 
     def load(self, key: str, index: int) -> dict[str, np.ndarray]:
         if (key, index) in self.in_memory:
             return self.in_memory[(key, index)]
-        with np.load(self._path(key, index)) as data:
-            return {str(name): data[f"t{j}"] for j, name in enumerate(data["names"])}
+        return {name: np.load(self._path(key, index, member)) for member, name in enumerate(self.spilled[(key, index)])}
 
     def batches(self, description: str):
         """``(index, batch, pool)``: the pool holds the feeds, the context and the stream value."""
@@ -260,7 +262,6 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
         y_q, x = out[plan.output_in_q], out.get(plan.branch_input, pool[block.input])
-        y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
         stream.save("block", i, {"y": y_q} if plan.branch_input == block.input else {"y": y_q, "x": x})
         if i == 0:
             layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
@@ -269,8 +270,9 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
             elif x.shape[0] != batch.size or y_q.shape[0] != batch.size:  # time-major, say: [T, batch, C]
                 layout = None
                 result = dataclasses.replace(result, skipped=f"the samples are not on axis 0 of {list(x.shape)} or {list(y_q.shape)}")
-        if layout is None:
+        if layout is None:  # no branch: the stream needs only the quantized output
             continue
+        y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
         residual = y_fp - y_q
         if groups is None:  # train and held-out share a shift, so they can be merged for the final fit
             rows = layout.rows(x[:1])
