@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        model, calib = _resolve_inputs(args)
+        model, calib = resolve_inputs(args)
         settings = {k: v for k, v in vars(args).items() if k in OPTION_NAMES}
         _, report = api.quantize_with_report(
             model, calib, args.output, quantized=args.quantized, options=options.Options(**settings),
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
+def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
     """The model and calibration paths, preparing a zoo model's data when asked for one."""
     if args.input.startswith(ZOO_PREFIX):
         from qwt_onnx import zoo

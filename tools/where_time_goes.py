@@ -1,6 +1,7 @@
 """Where a qwt_onnx run's time goes: onnxruntime runs, session builds, numpy, I/O.
 
-    python tools/where_time_goes.py zoo:orientation [--samples 512] [qwt_onnx options...]
+    python tools/where_time_goes.py zoo:orientation [--samples 512] [--no-qwt] [--top 20]
+    python tools/where_time_goes.py model.onnx --calib calib.npz
 
 Runs ``qwt_onnx.quantize_with_report`` under cProfile and prints the wall time of the whole run,
 the time inside each of the pipeline's steps, and the time inside each category of calls, so
@@ -54,12 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-qwt", action="store_true")
     args = parser.parse_args(argv)
 
-    from qwt_onnx import quantize_with_report, zoo
+    from qwt_onnx import quantize_with_report
+    from qwt_onnx.__main__ import resolve_inputs
 
-    model, calib = args.model, args.calib
-    if model.startswith("zoo:"):
-        prepared = zoo.prepare(model[4:], args.samples)
-        model, calib = prepared.model, prepared.calibration
+    model, calib = resolve_inputs(argparse.Namespace(input=args.model, calib=args.calib, samples=args.samples))
     profiler = cProfile.Profile()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:

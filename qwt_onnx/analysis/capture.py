@@ -31,6 +31,8 @@ from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
 from qwt_onnx.runtime import Runner
 
+# Captured batches held in memory before the rest is spilled to files: 1 GiB doubled PP-LCNet's
+# peak RSS (2.74 against 1.36 GB at 512 samples) for 3% less time.
 DEFAULT_MEMORY_BUDGET = 1 << 28
 
 

@@ -2,10 +2,10 @@
 
 A bias exported as a separate Add (Paddle exports do this for every conv) keeps
 onnxruntime from fusing the quantized convolution: left alone, each QLinearConv
-is followed by a dequantize, a float Add and a requantize (measured on PP-OCRv6 det: 75 such Adds, a quarter of the
-INT8 model's time at batch 1). The result computes the same function up to
-float rounding. (BatchNormalization is folded by onnxscript's rewriter rules,
-see :func:`qwt_onnx.graph.prepare.prepare`.)
+is followed by a dequantize, a float Add and a requantize (measured on PP-OCRv6
+det: 75 such Adds, a quarter of the INT8 model's time at batch 1). The result
+computes the same function up to float rounding. (BatchNormalization is folded
+by onnxscript's rewriter rules, see :func:`qwt_onnx.graph.prepare.prepare`.)
 """
 
 from __future__ import annotations
