@@ -419,7 +419,7 @@ def _load(model: ModelLike, role: str) -> ir.Model:
 
 def _effective_batch_size(model: ir.Model, batch_size: int) -> int:
     """Models exported with a fixed batch dimension are fed that many samples at a time."""
-    fixed = {v.shape[0] for v in model.graph.inputs if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
+    fixed = {spec.shape[0] for spec in prepare.input_specs(model) if spec.shape and spec.shape[0] is not None}
     if len(fixed) == 1:
         only = fixed.pop()
         if only != batch_size:

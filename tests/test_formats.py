@@ -108,3 +108,15 @@ def test_opsets_13_to_21(opset):
     assert report.qwt_applied
     ptq_error, qwt_error = _errors(model, [ptq, qwt])
     assert qwt_error < ptq_error
+
+
+def test_dimensions_written_as_minus_one_are_dynamic():
+    # Paddle's exporter writes dynamic dimensions as -1 (PP-OCR's cls model: [-1, 3, -1, -1]);
+    # read as a fixed batch of -1 they made the calibration pass see no batch at all.
+    model = graphs.resnet()
+    for axis in (0, 2, 3):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = -1
+    calib = graphs.samples(graphs.resnet(), 24, seed=1)
+    quantized, report = quantize_with_report(model, calib, qwt=False, progress=False)
+    assert report.sqnr_ptq_db is not None and report.sqnr_ptq_db > 10
+    session(quantized).run(None, graphs.samples(graphs.resnet(), 3, seed=2))

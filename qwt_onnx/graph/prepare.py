@@ -122,7 +122,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             continue
         if value.dtype is None:
             raise InputError(f"model input {value.name!r} has no element type; re-export the model with typed inputs")
-        dims = tuple(d if isinstance(d, int) else None for d in (value.shape or ()))
+        # Paddle's exporter writes a dynamic dimension as -1: only a positive size is fixed.
+        dims = tuple(d if isinstance(d, int) and d > 0 else None for d in (value.shape or ()))
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
     return specs
 
