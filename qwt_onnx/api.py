@@ -47,6 +47,9 @@ SELECTION_SAMPLES = 64  # samples on which calibration methods are compared with
 # Methods whose plain PTQ is this far below the best are not tried with QwT: on the zoo models
 # none that far behind (5.7 to 13.9 dB) came out best after compensation.
 SELECTION_MARGIN_DB = 6.0
+# QwT is fitted on all samples only where its best fit on the first ones comes within this much of
+# PTQ on the same held-out samples: eight times the samples gain a fit a fraction of a dB.
+PAYS_MARGIN_DB = 1.0
 GIVEN = "given"  # the "method" of a QDQ model passed with --quantized
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -71,6 +74,7 @@ class Compensation:
     method: str
     model: ir.Model | None
     blocks: list[BlockReport]
+    samples: int  # the fits were made on the first this many
     sqnr_db: float | None = None
 
 
@@ -80,6 +84,15 @@ class Selection:
 
     samples: int = 0
     sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
+    ptq_sqnr_db: float | None = None  # the best PTQ model's, on the same held-out samples
+    blocks: list[BlockReport] = dataclasses.field(default_factory=list)  # the best QwT model's fits
+
+    @property
+    def shortfall_db(self) -> float | None:
+        """How far the best QwT model falls below PTQ (negative where it is above), if both were scored."""
+        if not self.sqnr_db or self.ptq_sqnr_db is None:
+            return None
+        return self.ptq_sqnr_db - max(self.sqnr_db.values())
 
 
 class Warnings(list):
@@ -289,6 +302,13 @@ def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: li
             chosen = next(c for c in candidates if c.method == best)
         else:
             chosen = ptq
+        if selection.shortfall_db is not None and selection.shortfall_db > PAYS_MARGIN_DB:
+            run.warnings.warn(
+                f"QwT ({chosen.method}) reaches {selection.sqnr_db[chosen.method]:.2f} dB on the held-out samples of the first "
+                f"{selection.samples}, {selection.shortfall_db:.2f} dB below PTQ ({ptq.method}); not fitting it on all samples, "
+                "writing the PTQ model"
+            )
+            return selection, Compensation(chosen.method, None, selection.blocks, selection.samples)
     compensation = _compensate(run, chosen, found, run.calib)
     if compensation.model is None:
         run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
@@ -304,14 +324,18 @@ def _select(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[
     method for PTQ is often not the best one to compensate.
     """
     subset = run.calib.take(SELECTION_SAMPLES)
-    scores = {}
+    scores, blocks = {}, {}
     for candidate in candidates:
         if ptq.sqnr_db is not None and candidate.sqnr_db is not None and candidate.sqnr_db < ptq.sqnr_db - SELECTION_MARGIN_DB:
             continue
         compensation = _compensate(run, candidate, found, subset)
         if compensation.model is not None:
             scores[candidate.method] = run.heldout_sqnr(compensation.model, f"evaluating QwT ({candidate.method})", subset)
-    return Selection(subset.num_samples, scores)
+            blocks[candidate.method] = compensation.blocks
+    if not scores:
+        return Selection(subset.num_samples)
+    ptq_score = run.heldout_sqnr(ptq.model, f"evaluating PTQ ({ptq.method})", subset)
+    return Selection(subset.num_samples, scores, ptq_score, blocks[max(scores, key=scores.get)])
 
 
 def _beats(run: _Run, compensation: Compensation, ptq: Candidate) -> bool:
@@ -348,10 +372,10 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
             entry = dataclasses.replace(entry, parameters=branch.num_parameters)
         reports.append(entry)
     if not branches:
-        return Compensation(candidate.method, None, reports)
+        return Compensation(candidate.method, None, reports, calib.num_samples)
     compensated = candidate.model.clone()
     ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(compensated)
-    return Compensation(candidate.method, compensated, reports)
+    return Compensation(candidate.method, compensated, reports, calib.num_samples)
 
 
 def _block_report(res: capture.BlockResult) -> BlockReport:
@@ -373,6 +397,8 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
     return Report(
         target=run.options.target.value,
         method=compensation.method if applied else ptq.method,
+        qwt_method=compensation.method if compensation is not None else None,
+        fit_samples=compensation.samples if compensation is not None else 0,
         samples=run.calib.num_samples,
         heldout_samples=int(run.calib.heldout_mask.sum()),
         weight_range=run.options.weights.value,
@@ -381,6 +407,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         bias_corrected={c.method: c.bias_corrected for c in candidates},
         bias_correction_gain_db={c.method: c.bias_correction_gain_db for c in candidates if c.bias_correction_gain_db is not None},
         selection_samples=selection.samples,
+        selection_ptq_sqnr_db=selection.ptq_sqnr_db,
         blocks=blocks,
         ptq_method=ptq.method,
         sqnr_ptq_db=ptq.sqnr_db,

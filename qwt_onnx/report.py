@@ -30,13 +30,16 @@ class Report:
     method: str  # the calibration method of the written model
     samples: int
     heldout_samples: int
+    qwt_method: str | None = None  # the one the compensation was fitted on (written or not)
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
     method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
     selection_samples: int = 0  # samples the QwT comparison of methods ran on
+    selection_ptq_sqnr_db: float | None = None  # the best PTQ model's SQNR on those samples' held-out ones
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
+    fit_samples: int = 0  # samples the blocks' fits were made on
     ptq_method: str | None = None  # what --no-qwt writes
     sqnr_ptq_db: float | None = None  # ... and its held-out SQNR
     sqnr_qwt_db: float | None = None
@@ -67,12 +70,17 @@ def format_summary(report: Report, source: str) -> str:
         )
         lines.append(f"bias correction, held-out gain: {gains}")
     if report.method_qwt_sqnr_db:
-        lines.append(
-            f"QwT held-out SQNR by calibration ({report.selection_samples} samples): "
-            + _scores(report.method_qwt_sqnr_db, report.method if report.qwt_applied else None)
+        line = f"QwT held-out SQNR by calibration ({report.selection_samples} samples): " + _scores(
+            report.method_qwt_sqnr_db, report.method if report.qwt_applied else None
         )
+        if report.selection_ptq_sqnr_db is not None:
+            line += f"; PTQ ({report.ptq_method}) {report.selection_ptq_sqnr_db:.1f} dB there"
+        lines.append(line)
     if report.blocks:
-        lines.append(f"{len(report.blocks)} blocks found; compensation fitted on {report.method} calibration")
+        lines.append(
+            f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration, "
+            f"{report.fit_samples} samples"
+        )
         lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7}  channels kept")
         for k, b in enumerate(report.blocks):
             r2 = f"{b.r2_train:7.3f} {b.r2_heldout:8.3f}" if b.r2_train is not None else f"{'-':>7} {'-':>8}"

@@ -67,7 +67,8 @@ def test_whole_model_scores_use_a_bounded_number_of_heldout_samples(monkeypatch)
     assert np.flatnonzero(calib.scoring_mask).tolist() == [4, 9, 14]
 
 
-def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory():
+@pytest.mark.parametrize("memory_budget", [0, 1 << 14])  # all spilled; some held, some spilled, slots moving
+def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory(memory_budget):
     fp = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
     calib = CalibrationSet(graphs.samples(graphs.resnet(), 40, seed=1), prepare.input_specs(fp))
     placement = place(fp.graph, "ort")
@@ -76,7 +77,7 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory():
     qdq.InsertQdqPass({n: compute_range(o, "percentile") for n, o in observers.items()}, "ort")(q)
     found = blocks.find_blocks(fp)
     held = capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True)
-    spilled = capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True, memory_budget=0)
+    spilled = capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True, memory_budget=memory_budget)
     assert len(held) == len(spilled) == len(found)
     for a, b in zip(held, spilled):
         np.testing.assert_array_equal(a.result.fit.weight, b.result.fit.weight)

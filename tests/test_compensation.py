@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.compensation import Layout, infer_layout
-from qwt_onnx.numerics.solver import LinearMap
+from qwt_onnx.numerics.solver import LinearMap, NormalEquations
 from qwt_onnx.runtime import session
 
 
@@ -78,3 +78,25 @@ def test_int8_branch_weights_are_exactly_what_the_splice_stores(layout, shape):
         np.testing.assert_array_equal(np.abs(stored).max(axis=(1, 2, 3)), 127)
     else:
         assert not saturation.overflowing_pairs(stored, axis).any()
+
+
+@pytest.mark.parametrize("layout, x_shape, y_shape", [
+    (Layout(channels_first=True, stride=2, spatial_rank=2, groups=2), (3, 4, 7, 6), (3, 6, 4, 3)),
+    (Layout(channels_first=True, spatial_rank=1, kernel=3), (2, 3, 9), (2, 5, 9)),
+    (Layout(channels_first=False), (2, 7, 5), (2, 7, 3)),
+])
+def test_accumulated_statistics_are_those_of_the_rows(layout, x_shape, y_shape):
+    """Feature maps are added to the normal equations without their transposed rows; the
+    statistics are those of the rows the branch maps."""
+    rng = np.random.default_rng(3)
+    x, r = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(y_shape).astype(np.float32)
+    x_rows, r_rows = layout.rows(x), layout.target_rows(r)
+    slices = layout.group_slices(x_rows.shape[1], r_rows.shape[1])
+    accumulated = [NormalEquations(f.stop - f.start, t.stop - t.start, np.zeros(f.stop - f.start, np.float32)) for f, t in slices]
+    layout.accumulate(accumulated, x, r)
+    for equations, (f, t) in zip(accumulated, slices):
+        expected = NormalEquations(f.stop - f.start, t.stop - t.start, np.zeros(f.stop - f.start, np.float32))
+        expected.update(x_rows[:, f], r_rows[:, t])
+        assert equations.count == expected.count
+        for name in ("sum_x", "sum_r", "sum_r2", "xtx", "xtr"):
+            np.testing.assert_allclose(getattr(equations, name), getattr(expected, name), rtol=1e-5, atol=1e-4)

@@ -193,6 +193,27 @@ def test_where_qwt_does_not_help_on_heldout_samples_the_ptq_model_is_written():
     assert written.SerializeToString() == ptq.SerializeToString()
 
 
+def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay(monkeypatch):
+    model = graphs.transformer()
+    calib = graphs.samples(model, 160, seed=1)
+    fitted_on = []
+    fit_blocks = api.capture.fit_blocks
+    monkeypatch.setattr(api.capture, "fit_blocks", lambda *a, **k: fitted_on.append(a[3].num_samples) or fit_blocks(*a, **k))
+    _, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
+    # the first samples say QwT may pay (within the margin of PTQ there): it is fitted on all of them
+    assert report.selection_ptq_sqnr_db - max(report.method_qwt_sqnr_db.values()) <= api.PAYS_MARGIN_DB
+    assert report.fit_samples == 160 and fitted_on[-1] == 160
+
+    # a margin no fit can meet: QwT stops after the methods' trial on the first samples
+    monkeypatch.setattr(api, "PAYS_MARGIN_DB", -1e9)
+    fitted_on.clear()
+    written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
+    assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
+    assert not report.qwt_applied and report.blocks and report.qwt_method in report.method_qwt_sqnr_db
+    assert any("not fitting it on all samples" in w for w in report.warnings)
+    assert written.SerializeToString() == quantize(model, calib, qwt=False, progress=False).SerializeToString()
+
+
 def _optimized_ops(model, folder) -> list[str]:
     """The kernels onnxruntime runs for ``model`` (its optimized graph, all optimizations)."""
     import onnxruntime as ort

@@ -48,6 +48,36 @@ def test_merging_needs_a_common_shift():
         a.merged(b)
 
 
+def _same_statistics(a: solver.NormalEquations, b: solver.NormalEquations, rtol=1e-5) -> None:
+    assert a.count == b.count
+    for name in ("sum_x", "sum_r", "sum_r2", "xtx", "xtr"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=rtol * np.abs(getattr(b, name)).max())
+
+
+def test_features_first_items_give_the_statistics_of_their_rows():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 4, 30)).astype(np.float32) + 20.0  # [items, features, positions]
+    r = rng.standard_normal((6, 3, 30)).astype(np.float32)
+    shift = np.full(4, 20.0, np.float32)
+    rows, columns = solver.NormalEquations(4, 3, shift), solver.NormalEquations(4, 3, shift)
+    rows.update(x.transpose(0, 2, 1).reshape(-1, 4), r.transpose(0, 2, 1).reshape(-1, 3))
+    columns.update_columns(x, r)
+    _same_statistics(columns, rows)
+
+
+def test_the_training_rows_are_all_rows_without_the_held_out_ones():
+    rng = np.random.default_rng(6)
+    x, r, _, _ = _noisy_linear(rng, n=300)
+    held = np.arange(len(x)) % 5 == 4
+    shift = x[:1].mean(axis=0).astype(np.float32)
+    every, heldout, train = (solver.NormalEquations(x.shape[1], r.shape[1], shift) for _ in range(3))
+    every.update(x, r)
+    heldout.update(x[held], r[held])
+    train.update(x[~held], r[~held])
+    _same_statistics(every.without(heldout), train)
+    _same_statistics(every.without(heldout).merged(heldout), every)
+
+
 def test_statistics_give_the_same_error_as_the_rows():
     rng = np.random.default_rng(2)
     x, r, _, _ = _noisy_linear(rng, n=500, noise=1.0)

@@ -26,7 +26,7 @@ CATEGORIES = [
     ("serialise / copy models", [("serde.py", "serialize_model"), ("serde.py", "deserialize_model"),
                                  ("_core.py", "clone"), ("runtime.py", "with_outputs")]),
     ("spills and saves (file I/O)", [("capture.py", "save"), ("capture.py", "load"), ("prepare.py", "save_atomically")]),
-    ("normal equations (numpy)", [("solver.py", "update")]),
+    ("normal equations (numpy)", [("solver.py", "update"), ("solver.py", "update_columns")]),
     ("solver (numpy)", [("solver.py", "fit_grouped_compensation"), ("solver.py", "with_stored_weights")]),
     ("branch application (numpy)", [("compensation.py", "apply")]),
     ("range statistics (numpy)", [("ranges.py", "update"), ("observe.py", "update")]),

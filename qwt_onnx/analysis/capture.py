@@ -13,7 +13,10 @@ has no quantizer yet) and of its output, are recorded on the way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import math
 import os
 import tempfile
 
@@ -101,6 +104,42 @@ class _BlockModels:
     lead_in: ex.SubModel | None  # quantized graph from the previous stream value to this block's input
 
 
+class _SpillFiles:
+    """Arrays spilled to disk: one file per slot, opened once and rewritten in place (on some
+    file systems creating a file costs more than writing it), raw bytes with their shapes kept
+    here (tensor names may hold characters a file name should not)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: dict[tuple[str, int], io.BufferedRandom] = {}
+        self.contents: dict[tuple[str, int], list[tuple[str, np.dtype, tuple[int, ...]]]] = {}
+
+    def write(self, slot: tuple[str, int], arrays: dict[str, np.ndarray]) -> None:
+        file = self.files.get(slot)
+        if file is None:
+            file = self.files[slot] = open(os.path.join(self.folder, f"{slot[0]}-{slot[1]}.bin"), "w+b")
+        file.seek(0)
+        for array in arrays.values():
+            np.ascontiguousarray(array).tofile(file)
+        file.truncate()
+        self.contents[slot] = [(name, a.dtype, a.shape) for name, a in arrays.items()]
+
+    def read(self, slot: tuple[str, int]) -> dict[str, np.ndarray]:
+        file = self.files[slot]
+        file.seek(0)
+        return {name: np.fromfile(file, dtype, math.prod(shape)).reshape(shape) for name, dtype, shape in self.contents[slot]}
+
+    def __contains__(self, slot: tuple[str, int]) -> bool:
+        return slot in self.contents
+
+    def discard(self, slot: tuple[str, int]) -> None:
+        self.contents.pop(slot, None)
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+
+
 class _Stream:
     """The quantized stream, batch by batch.
 
@@ -110,40 +149,37 @@ class _Stream:
     """
 
     def __init__(self, folder: str, calib: CalibrationSet, batch_size: int, contexts: _ContextSource, memory_budget: int):
-        self.folder, self.calib, self.batch_size = folder, calib, batch_size
+        self.calib, self.batch_size = calib, batch_size
         self.contexts = contexts
         self.memory_budget = memory_budget
         self.in_memory: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.held_bytes = 0
-        self.spilled: dict[tuple[str, int], list[str]] = {}  # the names of the arrays written to files
+        self.spilled = _SpillFiles(folder)
         self.ranges: dict[str, tuple[float, float]] = {}  # of each block input, over all batches
 
     def _enter(self, index: int, value: str, array: np.ndarray) -> None:
         self.save("stream", index, {value: array})
         self.ranges[value] = value_range(array, self.ranges.get(value))
 
-    def _path(self, key: str, index: int, member: int) -> str:
-        return os.path.join(self.folder, f"{key}-{index}-{member}.npy")
-
     def save(self, key: str, index: int, arrays: dict[str, np.ndarray]) -> None:
         previous = self.in_memory.pop((key, index), None)
         if previous is not None:
             self.held_bytes -= sum(a.nbytes for a in previous.values())
+        self.spilled.discard((key, index))
         size = sum(a.nbytes for a in arrays.values())
         if self.held_bytes + size <= self.memory_budget:
             self.in_memory[(key, index)] = arrays
             self.held_bytes += size
-            return
-        # Plain .npy files, one per array (a zip archive's checksums cost more than the write);
-        # tensor names may hold '/' and other characters a file name should not, so they are kept here.
-        self.spilled[(key, index)] = list(arrays)
-        for member, array in enumerate(arrays.values()):
-            np.save(self._path(key, index, member), array, allow_pickle=False)
+        else:
+            self.spilled.write((key, index), arrays)
 
     def load(self, key: str, index: int) -> dict[str, np.ndarray]:
         if (key, index) in self.in_memory:
             return self.in_memory[(key, index)]
-        return {name: np.load(self._path(key, index, member)) for member, name in enumerate(self.spilled[(key, index)])}
+        return self.spilled.read((key, index))
+
+    def close(self) -> None:
+        self.spilled.close()
 
     def batches(self, description: str):
         """``(index, batch, pool)``: the pool holds the feeds, the context and the stream value."""
@@ -203,8 +239,9 @@ def fit_blocks(
     """
     plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries)
     results = []
-    with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder:
-        stream = _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
+    with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder, contextlib.closing(
+        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget)
+    ) as stream:
         stream.start(models[0].lead_in, blocks[0].input)
         for k, plan in enumerate(plans):
             result = _fit_block(stream, models[k], plan, calib.heldout_mask, branch_options)
@@ -276,7 +313,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
             continue
         y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
         residual = y_fp - y_q
-        if groups is None:  # train and held-out share a shift, so they can be merged for the final fit
+        if groups is None:  # all rows and the held-out ones share a shift, so one can be taken from the other
             rows = layout.rows(x[:1])
             shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
             slices = layout.group_slices(rows.shape[1], residual.shape[layout.feature_axis])
@@ -284,14 +321,15 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
                 tuple(NormalEquations(f.stop - f.start, t.stop - t.start, shift[f]) for _ in range(2))
                 for f, t in slices
             ]
+        # every row, and the held-out ones again (a fifth): the training rows are the difference,
+        # which spares copying the other four fifths out of the batch
+        layout.accumulate([every for every, _ in groups], x, residual)
         is_held = heldout[batch.indices]
-        for samples, which in ((~is_held, 0), (is_held, 1)):
-            if samples.any():
-                x_rows, r_rows = layout.rows(x[samples]), layout.target_rows(residual[samples])
-                for equations, (f, t) in zip(groups, slices):
-                    equations[which].update(x_rows[:, f], r_rows[:, t])
+        if is_held.any():
+            layout.accumulate([held for _, held in groups], x[is_held], residual[is_held])
     if groups is None:
         return result
+    groups = [(every.without(held), held) for every, held in groups]
     fit, int8_scale, skipped = fit_grouped_compensation(groups, slices), None, result.skipped
     if options.int8 and fit.kept:  # judged and written as stored
         validated, _ = layout.int8_rounded(fit.validated.weight, options.pair_safe)

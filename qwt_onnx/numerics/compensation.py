@@ -19,7 +19,7 @@ import numpy as np
 
 from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics import saturation
-from qwt_onnx.numerics.solver import LinearMap
+from qwt_onnx.numerics.solver import LinearMap, NormalEquations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,22 @@ class Layout:
         if not self.channels_first:
             return y.reshape(-1, y.shape[-1])
         return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+
+    def accumulate(self, groups: list[NormalEquations], x: np.ndarray, residual: np.ndarray) -> None:
+        """Add block input ``x`` and the ``residual`` (shaped like the block output) to the normal
+        equations of each group."""
+        slices = self.group_slices(groups[0].n_features * len(groups), residual.shape[self.feature_axis])
+        if self.channels_first and self.kernel == 1:  # a feature map is features-first already
+            if self.stride > 1:
+                x = x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
+            x_cols = x.reshape(*x.shape[:2], -1)
+            r_cols = residual.reshape(*residual.shape[:2], -1)
+            for equations, (f, t) in zip(groups, slices):
+                equations.update_columns(x_cols[:, f], r_cols[:, t])
+            return
+        x_rows, r_rows = self.rows(x), self.target_rows(residual)
+        for equations, (f, t) in zip(groups, slices):
+            equations.update(x_rows[:, f], r_rows[:, t])
 
     def group_slices(self, n_features: int, n_targets: int) -> list[tuple[slice, slice]]:
         """``(features, targets)`` of each group: contiguous, equal parts."""

@@ -63,13 +63,44 @@ class NormalEquations:
             self.xtx += xs.T @ xs
             self.xtr += xs.T @ r
 
+    def update_columns(self, x: np.ndarray, r: np.ndarray) -> None:
+        """Add the rows of ``b`` items stored features-first, ``x`` [b, d, p] and ``r`` [b, m, p]:
+        one row per item and position, as a feature map [N, C, H·W] holds them, so that no
+        transposed copy is made."""
+        x = np.asarray(x, dtype=np.float32)
+        r = np.asarray(r, dtype=np.float32)
+        if x.ndim != 3 or r.ndim != 3 or x.shape[0] != r.shape[0] or x.shape[2] != r.shape[2]:
+            raise ValueError(f"expected x [b, d, p] and r [b, m, p], got {x.shape} and {r.shape}")
+        if x.shape[0] * x.shape[2] == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(axis=(0, 2), dtype=np.float64).astype(np.float32)
+        xs = x - self.shift[:, None]
+        self.count += x.shape[0] * x.shape[2]
+        # float32 within an item (pairwise along the positions), float64 across items and batches
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are caught when fitting
+            self.sum_x += xs.sum(axis=2).sum(axis=0, dtype=np.float64)
+            self.sum_r += r.sum(axis=2).sum(axis=0, dtype=np.float64)
+            self.sum_r2 += np.einsum("bmp,bmp->bm", r, r).sum(axis=0, dtype=np.float64)
+            self.xtx += np.matmul(xs, xs.transpose(0, 2, 1)).sum(axis=0, dtype=np.float64)
+            self.xtr += np.matmul(xs, r.transpose(0, 2, 1)).sum(axis=0, dtype=np.float64)
+
     def merged(self, other: NormalEquations) -> NormalEquations:
         """The statistics of both sets of rows together (they must share the shift)."""
+        return self._combined(other, 1.0)
+
+    def without(self, other: NormalEquations) -> NormalEquations:
+        """The statistics of these rows less ``other``'s, a subset of them with the same shift
+        (the training rows of a batch are its rows less its held-out ones)."""
+        return self._combined(other, -1.0)
+
+    def _combined(self, other: NormalEquations, sign: float) -> NormalEquations:
         if other.count and self.count and not np.array_equal(self.shift, other.shift):
-            raise ValueError("normal equations with different shifts cannot be merged")
+            raise ValueError("normal equations with different shifts cannot be combined")
         total = NormalEquations(self.n_features, self.n_targets, self.shift if self.count else other.shift)
         for name in ("count", "sum_x", "sum_r", "sum_r2", "xtx", "xtr"):
-            setattr(total, name, getattr(self, name) + getattr(other, name))
+            setattr(total, name, getattr(self, name) + sign * getattr(other, name))
+        total.count = int(total.count)
         return total
 
     @property
