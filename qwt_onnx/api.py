@@ -30,7 +30,7 @@ from qwt_onnx import check, observe
 from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import capture
 from qwt_onnx.analysis.placement import Exclusions, place
-from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
@@ -51,20 +51,40 @@ SELECTION_MARGIN_DB = 6.0
 # PTQ on the same held-out samples: eight times the samples gain a fit a fraction of a dB.
 PAYS_MARGIN_DB = 1.0
 GIVEN = "given"  # the "method" of a QDQ model passed with --quantized
+# Below this many held-out samples a choice between models made on them may be noise.
+MIN_HELDOUT_SAMPLES = 32
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 CalibLike = str | os.PathLike | Mapping[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
+class Score:
+    """Held-out SQNR to FP32 of each float output; a model counts as good as its worst chosen
+    output, so that no output gets worse unseen (a detector's scores beside its boxes)."""
+
+    outputs_db: dict[str, float]
+    chosen: tuple[str, ...] = ()  # every output where empty
+
+    @property
+    def db(self) -> float:
+        scores = [db for name, db in self.outputs_db.items() if not self.chosen or name in self.chosen]
+        return min(scores) if scores else float("inf")
+
+
+@dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A post-training-quantized model, its calibration method and its held-out SQNR to FP32."""
+    """A post-training-quantized model, its calibration method and its held-out score."""
 
     method: str
     model: ir.Model
-    sqnr_db: float | None
+    score: Score | None
     bias_corrected: bool = False
     bias_correction_gain_db: float | None = None  # held-out, where both were built
+
+    @property
+    def sqnr_db(self) -> float | None:
+        return self.score.db if self.score is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +95,11 @@ class Compensation:
     model: ir.Model | None
     blocks: list[BlockReport]
     samples: int  # the fits were made on the first this many
-    sqnr_db: float | None = None
+    score: Score | None = None
+
+    @property
+    def sqnr_db(self) -> float | None:
+        return self.score.db if self.score is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +166,13 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     _check_output(model, output)
     warnings = Warnings()
     fp = load_fp32(model)
+    _check_outputs(fp, options.outputs)
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
     run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings)
     for pattern in run.excluded.unmatched(fp.graph):
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
     found = find_blocks(run) if options.qwt else []
+    _warn_of_few_heldout_samples(run, quantized is not None)
 
     candidates = given_candidate(run, quantized) if quantized is not None else ptq_candidates(run)
     scored = [c for c in candidates if c.sqnr_db is not None]
@@ -202,15 +228,34 @@ class _Run:
             )
         return self._reference
 
-    def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
-        """Output SQNR to FP32 on the scoring samples of ``calib`` (a prefix of the run's set)."""
+    def heldout_score(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> Score | None:
+        """SQNR to FP32 per output on the scoring samples of ``calib`` (a prefix of the run's set)."""
         calib = calib or self.calib
         count = int(calib.scoring_mask.sum())
         if not count:
             return None
         reference = self.reference()
         outputs = observe.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
-        return metrics.sqnr_db({k: v[:count] for k, v in reference.items()}, outputs)
+        return Score(metrics.sqnr_db_per_output({k: v[:count] for k, v in reference.items()}, outputs), self.options.outputs)
+
+    def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
+        """The held-out score's decisive figure: the worst chosen output's SQNR."""
+        score = self.heldout_score(model, description, calib)
+        return score.db if score is not None else None
+
+
+def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
+    o, held = run.options, int(run.calib.heldout_mask.sum())
+    choices = [name for name, made in (
+        ("calibration method", o.calib_method == CalibMethod.AUTO and not given),
+        ("bias correction", o.bias_correction == BiasCorrection.AUTO and not given),
+        ("QwT or PTQ", o.qwt),
+    ) if made]
+    if choices and 0 < held < MIN_HELDOUT_SAMPLES:
+        run.warnings.warn(
+            f"only {held} held-out calibration samples decide the {', '.join(choices)}: below {MIN_HELDOUT_SAMPLES} "
+            f"the choice may be noise; give at least {MIN_HELDOUT_SAMPLES * HELDOUT_EVERY} calibration samples"
+        )
 
 
 def load_fp32(model: ModelLike) -> ir.Model:
@@ -247,7 +292,7 @@ def given_candidate(run: _Run, quantized: ModelLike) -> list[Candidate]:
             "(its int8 weights are not pair-safe), and so can the written model; "
             "'python -m qwt_onnx check' lists them"
         )
-    return [Candidate(GIVEN, q, run.heldout_sqnr(q, f"evaluating PTQ ({GIVEN})"))]
+    return [Candidate(GIVEN, q, run.heldout_score(q, f"evaluating PTQ ({GIVEN})"))]
 
 
 def ptq_candidates(run: _Run) -> list[Candidate]:
@@ -273,7 +318,7 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
             model = run.fp.clone()
             qdq.InsertQdqPass(ranges, o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
             label = f"{method}{', bias-corrected' if corrected else ''}"
-            variants.append(Candidate(method.value, model, run.heldout_sqnr(model, f"evaluating PTQ ({label})"), corrected))
+            variants.append(Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected))
         candidates.append(_better_of(variants))
     return candidates
 
@@ -313,8 +358,8 @@ def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: li
     if compensation.model is None:
         run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
         return selection, compensation
-    score = run.heldout_sqnr(compensation.model, f"evaluating QwT ({chosen.method})")
-    return selection, dataclasses.replace(compensation, sqnr_db=score)
+    score = run.heldout_score(compensation.model, f"evaluating QwT ({chosen.method})")
+    return selection, dataclasses.replace(compensation, score=score)
 
 
 def _select(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[blk.Block]) -> Selection:
@@ -412,6 +457,9 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         ptq_method=ptq.method,
         sqnr_ptq_db=ptq.sqnr_db,
         sqnr_qwt_db=compensation.sqnr_db if compensation is not None else None,
+        outputs=list(run.options.outputs),
+        output_sqnr_ptq_db=dict(ptq.score.outputs_db) if ptq.score is not None else {},
+        output_sqnr_qwt_db=dict(compensation.score.outputs_db) if compensation is not None and compensation.score else {},
         qwt_applied=applied,
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,
@@ -420,6 +468,13 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         warnings=list(run.warnings),
         options=dataclasses.asdict(run.options),
     )
+
+
+def _check_outputs(fp: ir.Model, chosen: tuple[str, ...]) -> None:
+    floats = [v.name for v in fp.graph.outputs if v.dtype is not None and v.dtype.is_floating_point()]
+    for name in chosen:
+        if name not in floats:
+            raise InputError(f"--outputs: the model has no float output {name!r}; choose from {', '.join(floats)}")
 
 
 def _check_output(model: ModelLike, output: str | os.PathLike | None) -> None:

@@ -96,6 +96,10 @@ class Options:
         "cannot saturate (the default with --target ort); full: [-127, 127], exact only on VNNI x86, ARM and GPUs "
         "(the default with --target trt)",
     )
+    outputs: tuple[str, ...] = _option(
+        (), "graph outputs whose held-out SQNR to FP32 decides (the worst of them), comma-separated; "
+        "default: every float output", metavar="NAMES",
+    )
     bias_correction: BiasCorrection = _option(
         BiasCorrection.AUTO,
         "subtract each weight's mean rounding error in its op's bias: auto (where it scores better on held-out "

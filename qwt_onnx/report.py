@@ -41,8 +41,11 @@ class Report:
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     fit_samples: int = 0  # samples the blocks' fits were made on
     ptq_method: str | None = None  # what --no-qwt writes
-    sqnr_ptq_db: float | None = None  # ... and its held-out SQNR
+    sqnr_ptq_db: float | None = None  # ... and its held-out SQNR (of the worst chosen output)
     sqnr_qwt_db: float | None = None
+    outputs: list[str] = dataclasses.field(default_factory=list)  # the chosen outputs; empty: all
+    output_sqnr_ptq_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per output
+    output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_applied: bool = False
     fp32_parameters: int = 0
     added_parameters: int = 0
@@ -92,6 +95,12 @@ def format_summary(report: Report, source: str) -> str:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"
         if report.qwt_applied and report.sqnr_qwt_db is not None:
             line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - report.sqnr_ptq_db:+.2f} dB)"
+        lines.append(line)
+    if len(report.output_sqnr_ptq_db) > 1:
+        chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"
+        line = f"held-out SQNR per output ({chosen} decides): PTQ " + _scores(report.output_sqnr_ptq_db, None)
+        if report.output_sqnr_qwt_db:
+            line += "; QwT " + _scores(report.output_sqnr_qwt_db, None)
         lines.append(line)
     if report.added_parameters:
         share = 100.0 * report.added_parameters / max(report.fp32_parameters, 1)

@@ -4,7 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qwt_onnx import calibration, observe
+from qwt_onnx import calibration, observe, quantize_with_report
 from qwt_onnx.analysis import blocks, capture
 from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet, InputSpec
@@ -82,3 +82,15 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory(memory
     for a, b in zip(held, spilled):
         np.testing.assert_array_equal(a.result.fit.weight, b.result.fit.weight)
         np.testing.assert_array_equal(a.result.fit.bias, b.result.fit.bias)
+
+
+def test_a_choice_made_on_fewer_than_32_held_out_samples_is_flagged():
+    model = graphs.resnet()
+    few = graphs.samples(model, 20, seed=1)  # every fifth held out: 4
+    _, report = quantize_with_report(model, few, qwt=False, progress=False)
+    assert any("only 4 held-out calibration samples decide the calibration method, bias correction" in w
+               and "at least 160 calibration samples" in w for w in report.warnings)
+    _, report = quantize_with_report(model, few, qwt=False, calib_method="minmax", bias_correction="off", progress=False)
+    assert not any("held-out calibration samples decide" in w for w in report.warnings)  # nothing was chosen
+    _, report = quantize_with_report(model, graphs.samples(model, 160, seed=1), qwt=False, progress=False)
+    assert not any("held-out calibration samples decide" in w for w in report.warnings)

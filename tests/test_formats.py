@@ -1,4 +1,5 @@
-"""Models as exporters write them: Constant-node weights, shared weights, external data, opsets 13 to 21."""
+"""Models as exporters write them: Constant-node weights, shared weights, external data, opsets 9 to 21,
+weights listed among the graph inputs."""
 
 import hashlib
 import os
@@ -120,3 +121,27 @@ def test_dimensions_written_as_minus_one_are_dynamic():
     quantized, report = quantize_with_report(model, calib, qwt=False, progress=False)
     assert report.sqnr_ptq_db is not None and report.sqnr_ptq_db > 10
     session(quantized).run(None, graphs.samples(graphs.resnet(), 3, seed=2))
+
+
+@pytest.mark.parametrize("opset", [9, 11])
+def test_old_exports_that_list_their_weights_among_the_graph_inputs(opset):
+    # Exporters before IR version 4 list every initializer as a graph input too; the quantized
+    # weights replaced the float ones and left inputs no one fed (a KeyError on a weight name).
+    model = graphs.resnet(opset=opset)
+    model.ir_version = 4
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
+    onnx.checker.check_model(model)
+    before = model.SerializeToString()
+    calib = graphs.samples(graphs.resnet(), 64, seed=1)
+    options = dict(calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
+    ptq = quantize(model, calib, qwt=False, **options)
+    qwt, report = quantize_with_report(model, calib, **options)
+    assert model.SerializeToString() == before
+    for quantized in (ptq, qwt):
+        onnx.checker.check_model(quantized, full_check=True)
+        assert [i.name for i in quantized.graph.input] == ["image"]
+    assert report.qwt_applied
+    ptq_error, qwt_error = _errors(graphs.resnet(), [ptq, qwt])
+    assert qwt_error < ptq_error

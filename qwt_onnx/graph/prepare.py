@@ -82,11 +82,15 @@ MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """At least opset 13, constants as initializers, Identity dropped, BatchNorm and bias Adds
-    folded into convolutions, shapes inferred, sorted."""
+    """At least opset 13, weights no longer listed among the graph inputs, constants as
+    initializers, Identity dropped, BatchNorm and bias Adds folded into convolutions, shapes
+    inferred, sorted."""
     model = upgrade_opset(model)
     passes = ir.passes.PassManager(
         [
+            # Exporters before IR version 4 list every weight as a graph input too (a default a
+            # caller could override): a quantizer takes the weights as the constants they are.
+            common.RemoveInitializersFromInputsPass(),
             common.LiftConstantsToInitializersPass(size_limit=0),
             common.IdentityEliminationPass(),
             RewritePass(FOLD_BATCH_NORM),

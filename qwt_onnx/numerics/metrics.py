@@ -19,6 +19,18 @@ def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray])
     return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
 
 
+def sqnr_db_per_output(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each float output's own SQNR (an output whose reference is all zeros has none)."""
+    scores = {}
+    for name, ref in float_outputs(reference):
+        y = np.ascontiguousarray(ref, dtype=np.float32).ravel()
+        signal = _squared_distance(y)
+        if signal > 0:
+            noise = _squared_distance(y, np.ascontiguousarray(test[name], dtype=np.float32).ravel())
+            scores[name] = 10.0 * float(np.log10(signal / noise)) if noise > 0 else float("inf")
+    return scores
+
+
 def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> float:
     """Mean squared error over all elements of all float outputs."""
     total = count = 0.0
