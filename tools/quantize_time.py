@@ -1,13 +1,13 @@
 """Quantization time and peak memory against onnxruntime's quantize_static, side by side.
 
     python tools/quantize_time.py                      # every zoo model, 512 samples (about 25 minutes)
-    python tools/quantize_time.py --models minilm,orientation --samples 256
+    python tools/quantize_time.py --models minilm,orientation --samples 256 --out -
 
 For each zoo model, in one run and on the same calibration samples, each in its own process
 (tools/bench.py's ``run_measured``: its wall time and its own peak RSS): quantize_static with
 min-max calibration (QDQ, per-channel), ``qwt_onnx --no-qwt`` and ``qwt_onnx``; then the
 written models' SQNR to FP32 on the model's evaluation samples, so that a faster run can be
-seen not to cost fidelity. The full benchmark (tools/bench.py) reports the same columns among
+seen not to cost fidelity. Writes docs/QUANTIZE_TIME.md (``--out -``: prints it only). The full benchmark (tools/bench.py) reports the same columns among
 many others; this is the quick loop for work on speed. Where the time goes inside one run:
 tools/where_time_goes.py.
 """
@@ -15,10 +15,12 @@ tools/where_time_goes.py.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (tools/bench.py)
@@ -62,8 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(zoo.ENTRIES), help="comma-separated zoo names")
     parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--out", default=os.path.join(bench.ROOT, "docs", "QUANTIZE_TIME.md"), help="markdown file, or - for none")
     args = parser.parse_args()
-    print(f"{bench.machine()}; {args.samples} calibration samples, SQNR on {EVALUATION_SAMPLES} evaluation samples\n")
+    started = time.perf_counter()
     table = ["| model | quantizer | time s | × quantize_static | peak RSS MiB | × quantize_static | SQNR dB | written |",
              "|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as folder:
@@ -73,7 +76,21 @@ def main() -> None:
             for label, seconds, rss, sqnr, written in rows:
                 table.append(f"| {name} | {label} | {seconds:.1f} | {seconds / base_seconds:.2f} | {rss:.0f} | "
                              f"{rss / base_rss:.2f} | {sqnr:.2f} | {written} |")
-    print("\n".join(table))
+    minutes = (time.perf_counter() - started) / 60
+    text = "\n".join([
+        "# Quantization time and memory",
+        "",
+        f"From `python tools/quantize_time.py` on {datetime.date.today()}, {minutes:.0f} minutes: {bench.machine()}; "
+        f"{args.samples} calibration samples, SQNR to FP32 on {EVALUATION_SAMPLES} evaluation samples. Each quantizer "
+        "runs in its own process, one after the other; time is its wall time, memory its own peak RSS.",
+        "",
+        *table,
+        "",
+    ])
+    print(text)
+    if args.out != "-":
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
