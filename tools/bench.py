@@ -207,7 +207,8 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
         log(f"  {key}: {seconds:.0f} s, {rss:.0f} MiB")
     ours("qwt-ptq", "--no-qwt")
     ours("qwt")
-    chosen = variants["qwt"].report["method"]  # the variants below differ from qwt in one option only
+    # the variants below differ from qwt in one option only (the method QwT was fitted on, written or not)
+    chosen = variants["qwt"].report.get("qwt_method") or variants["qwt"].report["method"]
     ptq_method = variants["qwt-ptq"].report["method"]
     ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)
     ours("qwt-ptq-no-bc", "--no-qwt", "--bias-correction", "off", "--calib-method", ptq_method)
@@ -549,7 +550,8 @@ def _model_section(r: dict) -> list[str]:
     qwt = v["qwt"]["report"]
     if qwt:
         outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ on held-out samples, so the PTQ model was written"
-        lines += ["", f"QwT: {len(qwt['blocks'])} blocks, calibration {qwt['method']}{outcome}."]
+        fitted = f"fitted on {qwt.get('qwt_method') or qwt['method']} calibration, {qwt.get('fit_samples', qwt['samples'])} samples"
+        lines += ["", f"QwT: {len(qwt['blocks'])} blocks, {fitted}{outcome}."]
     return lines + _kernel_lines(r)
 
 
