@@ -156,8 +156,9 @@ def bert(layers: int = 2, dim: int = 32, heads: int = 4, tokens: int = 8, seed: 
     )
 
 
-def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1, group: int = 1) -> str:
-    pad = kernel // 2
+def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1, group: int = 1,
+          pad: int | None = None) -> str:
+    pad = kernel // 2 if pad is None else pad
     return b.op(
         "Conv",
         [x, b.weight(f"{name}.weight", (c_out, c_in // group, kernel, kernel)), b.const(f"{name}.bias", np.full(c_out, 0.05, np.float32))],
@@ -197,6 +198,17 @@ def _classifier(b: GraphBuilder, x: str, channels: int, size: int, classes: int,
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         opset,
     )
+
+
+def valid_cnn(seed: int = 0, size: int = 24, classes: int = 10) -> onnx.ModelProto:
+    """A plain CNN of unpadded ("valid") convolutions, as Keras and TensorFlow export them: every
+    layer shrinks H and W by kernel - 1 (a 3×3 / 2 one to floor((S - 3) / 2) + 1)."""
+    b = GraphBuilder(seed)
+    x = b.op("Relu", [_conv(b, "image", 3, 16, "/conv1", pad=0)], "/relu1")  # 24 -> 22
+    x = b.op("Relu", [_conv(b, x, 16, 32, "/conv2", stride=2, pad=0)], "/relu2")  # 22 -> 10
+    x = b.op("Relu", [_conv(b, x, 32, 32, "/conv3", kernel=5, pad=0)], "/relu3")  # 10 -> 6
+    x = b.op("Relu", [_conv(b, x, 32, 32, "/conv4", pad=0)], "/relu4")  # 6 -> 4
+    return _classifier(b, x, 32, size, classes)
 
 
 def with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ from qwt_onnx.runtime import Runner
 from tests import graphs
 
 
-@pytest.mark.parametrize("build", [graphs.resnet, graphs.mobilenet])
+@pytest.mark.parametrize("build", [graphs.resnet, graphs.mobilenet, graphs.valid_cnn])
 def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, monkeypatch):
     model = build()
     fp = prepare.prepare(ir.serde.deserialize_model(model))
@@ -66,3 +66,38 @@ def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build
             # step, and later blocks carry the flips on (before the requantization was modelled, a
             # sixth to most of the elements differed)
             assert np.mean(difference > 1e-5) < 0.05, name
+
+
+def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer_kernels(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model = graphs.valid_cnn()
+    fp = prepare.prepare(ir.serde.deserialize_model(model))
+    calib = CalibrationSet(graphs.samples(model, 24, seed=1), prepare.input_specs(fp))
+    seen = observe.observe(prepare.to_proto(fp), place(fp.graph, "ort").observed_names, calib, 8)
+    q = fp.clone()
+    qdq.InsertQdqPass({n: compute_range(o, "minmax") for n, o in seen.ranges.items()}, "ort")(q)
+    results = capture.fit_blocks(fp, q, blocks.find_blocks(fp), calib, 8, exact_boundaries=True)
+    cropped = [r for r in results if r.kept and r.layout.crop != (0, 0)]
+    assert len(cropped) >= 2 and not any(r.skipped for r in results)
+    branches = [
+        splice.Branch(f"block{k}", r.branch_input, r.block.output, r.result.fit.weight, r.result.fit.bias, r.layout,
+                      int8_scale=r.int8_scale, input_range=r.input_range, output_range=r.output_range)
+        for k, r in enumerate(results) if r.kept
+    ]
+    written = q.clone()
+    ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(written)
+    crops = [n for n in written.graph if n.op_type == "Slice" and n.name.startswith("qwt/")]
+    assert len(crops) == len(cropped)
+    assert all(n.inputs[0].producer().op_type == "QuantizeLinear" for n in crops)  # the quantized tensor is cropped
+
+    def kernels(model):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(prepare.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+    ptq, compensated = kernels(q), kernels(written)
+    assert "Conv" not in compensated  # every branch convolution fused, its cropped input included
+    assert compensated.count("QLinearConv") == ptq.count("QLinearConv") + sum(b.layout.channels_first for b in branches)

@@ -12,31 +12,37 @@ from qwt_onnx.numerics.solver import LinearMap, NormalEquations
 from qwt_onnx.runtime import session
 
 
-@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (1, 2, 4), (3, 1, 1), (3, 2, 2)])
-def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups):
+@pytest.mark.parametrize("kernel, stride, groups, crop", [
+    (1, 1, 1, (0, 0)), (1, 2, 4, (0, 0)), (3, 1, 1, (0, 0)), (3, 2, 2, (0, 0)),
+    (1, 1, 1, (1, 1)), (1, 2, 2, (1, 1)), (3, 2, 1, (0, 1)),  # after an unpadded 3×3 (or 2×2) block
+])
+def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups, crop):
     rng = np.random.default_rng(kernel + stride + groups)
-    c_in, c_out, size = 8, 12, (7, 10)  # odd and even sizes: the output is ceil(size / stride)
-    layout = Layout(channels_first=True, stride=stride, spatial_rank=2, kernel=kernel, groups=groups)
+    c_in, c_out, size = 8, 12, (7, 10)  # odd and even sizes: the output is ceil((size - crop) / stride)
+    layout = Layout(channels_first=True, stride=stride, spatial_rank=2, kernel=kernel, groups=groups, crop=crop)
     weight = np.zeros((c_in * kernel * kernel, c_out), np.float32)
     for features, targets in layout.group_slices(*weight.shape):
         weight[features, targets] = rng.standard_normal((features.stop - features.start, targets.stop - targets.start))
     fit = LinearMap(weight, rng.standard_normal(c_out).astype(np.float32))
     x = rng.standard_normal((2, c_in, *size)).astype(np.float32)
 
+    cropping = helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["cropped"])
     node = helper.make_node(
-        "Conv", ["x", "w", "b"], ["y"], kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[kernel // 2] * 4, group=groups
+        "Conv", ["cropped", "w", "b"], ["y"], kernel_shape=[kernel] * 2, strides=[stride] * 2, pads=[kernel // 2] * 4, group=groups
     )
+    bounds = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("starts", [crop[0]] * 2), ("ends", [size[0] - crop[1], size[1] - crop[1]]), ("axes", [2, 3]))]
     graph = helper.make_graph(
-        [node],
+        [cropping, node],
         "branch",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c_in, "h", "w"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c_out, "h2", "w2"])],
-        [numpy_helper.from_array(layout.op_weight(weight), "w"), numpy_helper.from_array(fit.bias, "b")],
+        [numpy_helper.from_array(layout.op_weight(weight), "w"), numpy_helper.from_array(fit.bias, "b"), *bounds],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     expected = session(model).run(None, {"x": x})[0]
-    assert expected.shape == (2, c_out, *[-(-s // stride) for s in size])
+    assert expected.shape == (2, c_out, *[-(-(s - sum(crop)) // stride) for s in size])
     np.testing.assert_allclose(layout.apply(fit, x), expected, rtol=1e-4, atol=1e-4)
     assert layout.rows(x).shape == (expected.size // c_out, c_in * kernel * kernel)
     np.testing.assert_array_equal(layout.map_of(layout.op_weight(weight)), weight)
@@ -49,6 +55,20 @@ def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups)
 def test_groups_are_input_channels_over_the_factor_dividing_both_counts(c_in, c_out, factor, groups):
     layout = infer_layout((2, c_in, 8, 8), (2, c_out, 4, 4), channels_first=True, groups_factor=factor)
     assert layout.groups == groups and layout.stride == 2
+
+
+@pytest.mark.parametrize("x_shape, y_shape, stride, crop", [
+    ((2, 3, 48, 48), (2, 32, 23, 23), 2, (1, 1)),  # a Keras 3×3 / 2 convolution, valid padding
+    ((2, 8, 9, 9), (2, 8, 7, 7), 1, (1, 1)),
+    ((2, 8, 9, 12), (2, 16, 5, 8), 1, (2, 2)),  # 5×5
+    ((2, 8, 7, 7), (2, 8, 3, 3), 2, (1, 1)),  # an unpadded 3×3 / 2 pool on an odd size
+    ((2, 8, 9, 9), (2, 8, 8, 8), 1, (0, 1)),  # 2×2
+])
+def test_blocks_of_unpadded_convolutions_get_a_branch_on_the_window_centres(x_shape, y_shape, stride, crop):
+    layout = infer_layout(x_shape, y_shape, channels_first=True, groups_factor=0)
+    assert (layout.stride, layout.crop, layout.kernel) == (stride, crop, 1)
+    fit = LinearMap.zeros(x_shape[1], y_shape[1])
+    assert layout.apply(fit, np.zeros(x_shape, np.float32)).shape == y_shape
 
 
 def test_no_layout_where_no_linear_branch_fits():

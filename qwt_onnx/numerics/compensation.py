@@ -3,8 +3,11 @@
 Tokens ``[..., D_in] -> [..., D_out]``: one ``D_in × D_out`` matrix applied to
 every token. Feature maps ``[N, C_in, *S] -> [N, C_out, *S']``: a ``k×k``
 convolution (1×1 by default) padded to keep the size, with stride ``s`` when
-the block shrinks the spatial size (``S' = ceil(S / s)``), and optionally
-grouped: ``groups`` independent maps from ``C_in / groups`` input channels to
+the block shrinks the spatial size (``S' = ceil(S / s)``). Where the block's own
+convolutions are unpadded ("valid", as Keras and TensorFlow export them:
+``S' = floor((S - k) / s) + 1``), the input is first cropped by the ``k - 1``
+border pixels, so that each output pixel reads the pixel at the centre of the
+block's window. Optionally grouped: ``groups`` independent maps from ``C_in / groups`` input channels to
 ``C_out / groups`` output channels. Either way the solver sees one row per
 token or per output pixel, sample-major, its features ordered as the
 convolution's weight ``[C_out, C_in / groups, k, k]`` flattens them.
@@ -13,7 +16,6 @@ convolution's weight ``[C_out, C_in / groups, k, k]`` flattens them.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -29,6 +31,11 @@ class Layout:
     spatial_rank: int = 0
     kernel: int = 1  # odd; feature maps only
     groups: int = 1  # feature maps only
+    crop: tuple[int, int] = (0, 0)  # feature maps: border pixels dropped before and after, on every spatial axis
+
+    def output_size(self, size: int) -> int:
+        """A spatial size of the block output: the input's, cropped and strided."""
+        return -(-(size - sum(self.crop)) // self.stride)
 
     @property
     def feature_axis(self) -> int:
@@ -43,11 +50,19 @@ class Layout:
         """Block input ``x`` as rows of features, one per token or output pixel."""
         if not self.channels_first:
             return x.reshape(-1, x.shape[-1])
+        x = self.cropped(x)
         if self.kernel > 1:
             return self._patches(x)
         if self.stride > 1:
             x = x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
         return self.target_rows(x)
+
+    def cropped(self, x: np.ndarray) -> np.ndarray:
+        """A feature map without its cropped border (a view)."""
+        if self.crop == (0, 0):
+            return x
+        before, after = self.crop
+        return x[(slice(None), slice(None)) + tuple(slice(before, size - after) for size in x.shape[2:])]
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
         """``[rows, C·k^r]``: the zero-padded k×k neighbourhood of every (strided) pixel."""
@@ -71,6 +86,7 @@ class Layout:
         equations of each group."""
         slices = self.group_slices(groups[0].n_features * len(groups), residual.shape[self.feature_axis])
         if self.channels_first and self.kernel == 1:  # a feature map is features-first already
+            x = self.cropped(x)
             if self.stride > 1:
                 x = x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
             x_cols = x.reshape(*x.shape[:2], -1)
@@ -129,7 +145,7 @@ class Layout:
         out += fit.bias.astype(np.float32)
         if not self.channels_first:
             return out.reshape(*x.shape[:-1], out.shape[-1])
-        spatial = [math.ceil(d / self.stride) for d in x.shape[2:]]
+        spatial = [self.output_size(d) for d in x.shape[2:]]
         return np.moveaxis(out.reshape(x.shape[0], *spatial, out.shape[-1]), -1, 1)
 
 
@@ -157,11 +173,22 @@ def infer_layout(
         return None
     if max(spatial_out) == 1 < max(spatial_in):  # global pooling: no strided pixel stands for the mean
         return None
-    stride = max(1, round(spatial_in[0] / spatial_out[0]))
-    if not all(math.ceil(a / stride) == b for a, b in zip(spatial_in, spatial_out)):
-        return None
+    ratio = spatial_in[0] / spatial_out[0]
     groups = _groups(x_shape[1], y_shape[1], groups_factor)
-    return Layout(channels_first=True, stride=stride, spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
+    same = Layout(channels_first=True, stride=max(1, round(ratio)), spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
+    # Else an unpadded k×k window every s pixels: the stride nearest the size ratio first (7 -> 3
+    # is a 3×3 window every 2 pixels, not a 5×5 one every pixel), then the smallest window, odd
+    # ones (convolutions) before even ones (pools), which the sizes alone cannot tell apart.
+    strides = sorted(range(1, MAX_VALID_STRIDE + 1), key=lambda s: abs(s - ratio))
+    windows = sorted(range(2, MAX_VALID_WINDOW + 1), key=lambda k: (k % 2 == 0, k))
+    candidates = [same] + [
+        dataclasses.replace(same, stride=stride, crop=((window - 1) // 2, window // 2))
+        for stride in strides for window in windows
+    ]
+    return next((c for c in candidates if all(c.output_size(a) == b for a, b in zip(spatial_in, spatial_out))), None)
+
+
+MAX_VALID_WINDOW, MAX_VALID_STRIDE = 7, 4  # the unpadded block windows a branch is aligned to
 
 
 def _groups(c_in: int, c_out: int, groups_factor: int) -> int:

@@ -7,7 +7,9 @@ block output is quantized (a DequantizeLinear output, or a Conv output read
 only through Q/DQ), the branch is added after the DequantizeLinear and the sum
 goes through the same quantizer again, so the INT8 ops on both sides stay
 fused (with an int8 branch the Add itself runs as a QLinearAdd). Tokens get
-``MatMul + Add``; feature maps a (grouped) ``Conv`` with the block's stride.
+``MatMul + Add``; feature maps a (grouped) ``Conv`` with the block's stride,
+after a ``Slice`` of the border where the block's own convolutions are unpadded
+(of the quantized tensor, dequantized again, so that the Conv stays fused).
 All names start with ``qwt/``.
 
 An int8 branch is a QDQ op of its own, so that onnxruntime runs it in its
@@ -95,6 +97,8 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         x = nodes[-1].outputs[0]
     layout = branch.layout
     if layout.channels_first:
+        if layout.crop != (0, 0):
+            x = _cropped(names, x, layout, f"{scope}/crop", nodes)
         rank, pad = layout.spatial_rank, layout.kernel // 2
         weight = _weight(names, branch, scope, nodes)
         conv = names.node(
@@ -129,6 +133,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     if q is not None:
         dq = y.producer()
         again = names.node("QuantizeLinear", [result, *q.inputs[1:]], f"{scope}/requantized", **_attributes(q))
+        again.outputs[0].dtype = q.outputs[0].dtype
         back = names.node("DequantizeLinear", [again.outputs[0], *dq.inputs[1:]], f"{scope}/dequantized", **_attributes(dq))
         back.outputs[0].type, back.outputs[0].shape = y.type, y.shape
         added += [again, back]
@@ -144,6 +149,28 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     result.name = original
     if output_index is not None:
         graph.outputs[output_index] = result
+
+
+def _cropped(names: g.NameScope, x: ir.Value, layout: Layout, base: str, nodes: list[ir.Node]) -> ir.Value:
+    """``x`` without the layout's border (nodes appended to ``nodes``): the slice is taken of the
+    quantized tensor behind ``x``'s DequantizeLinear, so that the branch still reads a DQ output."""
+    rank, (before, after) = layout.spatial_rank, layout.crop
+    dq = g.dequantizer(x)
+    source = dq.inputs[0] if dq is not None else x
+    if dq in nodes:  # the branch's own input quantizer: its DQ is replaced by the one after the slice
+        nodes.remove(dq)
+    bounds = [
+        names.initializer(f"{base}/starts", np.full(rank, before, np.int64)),
+        names.initializer(f"{base}/ends", np.full(rank, -after if after else np.iinfo(np.int64).max, np.int64)),
+        names.initializer(f"{base}/axes", np.arange(2, 2 + rank, dtype=np.int64)),
+    ]
+    crop = names.node("Slice", [source, *bounds], base)
+    nodes.append(crop)
+    if dq is None:
+        return crop.outputs[0]
+    again = names.node("DequantizeLinear", [crop.outputs[0], *dq.inputs[1:]], f"{base}/dequantized", **_attributes(dq))
+    nodes.append(again)
+    return again.outputs[0]
 
 
 def _like(value: ir.Value, model: ir.Value) -> None:
