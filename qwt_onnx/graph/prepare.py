@@ -79,6 +79,7 @@ def _available_memory() -> int | None:
 # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
 FOLD_BATCH_NORM = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 13
+MIN_IR_VERSION = 7  # opset 13's; before 4 every initializer had to be listed among the inputs too
 
 
 def prepare(model: ir.Model) -> ir.Model:
@@ -86,6 +87,7 @@ def prepare(model: ir.Model) -> ir.Model:
     initializers, Identity dropped, BatchNorm and bias Adds folded into convolutions, shapes
     inferred, sorted."""
     model = upgrade_opset(model)
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     passes = ir.passes.PassManager(
         [
             # Exporters before IR version 4 list every weight as a graph input too (a default a
