@@ -18,14 +18,31 @@ from qwt_onnx.runtime import Runner
 from tests import graphs
 
 
-@pytest.mark.parametrize("build", [graphs.resnet, graphs.mobilenet, graphs.valid_cnn])
-def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, monkeypatch):
-    model = build()
+def _min_max_quantized(model):
+    """The prepared FP32 model, our Q/DQ model of it with min-max ranges, and 24 samples."""
     fp = prepare.prepare(ir.serde.deserialize_model(model))
     calib = CalibrationSet(graphs.samples(model, 24, seed=1), prepare.input_specs(fp))
     seen = observe.observe(prepare.to_proto(fp), place(fp.graph, "ort").observed_names, calib, 8)
     q = fp.clone()
     qdq.InsertQdqPass({n: compute_range(o, "minmax") for n, o in seen.ranges.items()}, "ort")(q)
+    return fp, q, calib
+
+
+def _spliced(q, results):
+    """``q`` with the kept blocks' branches spliced in (a copy), and those branches."""
+    branches = [
+        splice.Branch(f"block{k}", r.branch_input, r.block.output, r.result.fit.weight, r.result.fit.bias, r.layout,
+                      int8_scale=r.int8_scale, input_range=r.input_range, output_range=r.output_range)
+        for k, r in enumerate(results) if r.kept
+    ]
+    written = q.clone()
+    ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(written)
+    return written, branches
+
+
+@pytest.mark.parametrize("build", [graphs.resnet, graphs.mobilenet, graphs.valid_cnn])
+def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, monkeypatch):
+    fp, q, calib = _min_max_quantized(build())
     found = blocks.find_blocks(fp)
     entered = {}
     record = capture._Stream._enter
@@ -36,13 +53,7 @@ def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build
     assert sum(r.kept for r in results) >= 2
     assert any(r.plan.requantized is not None or r.plan.quantized_output is not None for r in results)
 
-    branches = [
-        splice.Branch(f"block{k}", r.branch_input, r.block.output, r.result.fit.weight, r.result.fit.bias, r.layout,
-                      int8_scale=r.int8_scale, input_range=r.input_range, output_range=r.output_range)
-        for k, r in enumerate(results) if r.kept
-    ]
-    written = q.clone()
-    ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(written)
+    written, branches = _spliced(q, results)
     inputs = [b.input for b in found[1:]]
     for value in written.graph.outputs[:]:
         written.graph.outputs.remove(value)
@@ -72,22 +83,11 @@ def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer
     import onnx
     import onnxruntime as ort
 
-    model = graphs.valid_cnn()
-    fp = prepare.prepare(ir.serde.deserialize_model(model))
-    calib = CalibrationSet(graphs.samples(model, 24, seed=1), prepare.input_specs(fp))
-    seen = observe.observe(prepare.to_proto(fp), place(fp.graph, "ort").observed_names, calib, 8)
-    q = fp.clone()
-    qdq.InsertQdqPass({n: compute_range(o, "minmax") for n, o in seen.ranges.items()}, "ort")(q)
+    fp, q, calib = _min_max_quantized(graphs.valid_cnn())
     results = capture.fit_blocks(fp, q, blocks.find_blocks(fp), calib, 8, exact_boundaries=True)
     cropped = [r for r in results if r.kept and r.layout.crop != (0, 0)]
     assert len(cropped) >= 2 and not any(r.skipped for r in results)
-    branches = [
-        splice.Branch(f"block{k}", r.branch_input, r.block.output, r.result.fit.weight, r.result.fit.bias, r.layout,
-                      int8_scale=r.int8_scale, input_range=r.input_range, output_range=r.output_range)
-        for k, r in enumerate(results) if r.kept
-    ]
-    written = q.clone()
-    ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(written)
+    written, branches = _spliced(q, results)
     crops = [n for n in written.graph if n.op_type == "Slice" and n.name.startswith("qwt/")]
     assert len(crops) == len(cropped)
     assert all(n.inputs[0].producer().op_type == "QuantizeLinear" for n in crops)  # the quantized tensor is cropped

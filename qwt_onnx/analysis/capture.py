@@ -129,9 +129,6 @@ class _SpillFiles:
         file.seek(0)
         return {name: np.fromfile(file, dtype, math.prod(shape)).reshape(shape) for name, dtype, shape in self.contents[slot]}
 
-    def __contains__(self, slot: tuple[str, int]) -> bool:
-        return slot in self.contents
-
     def discard(self, slot: tuple[str, int]) -> None:
         self.contents.pop(slot, None)
 

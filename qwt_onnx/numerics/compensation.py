@@ -53,9 +53,13 @@ class Layout:
         x = self.cropped(x)
         if self.kernel > 1:
             return self._patches(x)
-        if self.stride > 1:
-            x = x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
-        return self.target_rows(x)
+        return self.target_rows(self._strided(x))
+
+    def _strided(self, x: np.ndarray) -> np.ndarray:
+        """Every stride-th pixel of a feature map, on every spatial axis (a view)."""
+        if self.stride == 1:
+            return x
+        return x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
 
     def cropped(self, x: np.ndarray) -> np.ndarray:
         """A feature map without its cropped border (a view)."""
@@ -70,7 +74,7 @@ class Layout:
         padded = np.pad(x, [(0, 0), (0, 0)] + [(pad, pad)] * rank)
         axes = tuple(range(2, 2 + rank))
         windows = np.lib.stride_tricks.sliding_window_view(padded, (self.kernel,) * rank, axis=axes)
-        windows = windows[(slice(None), slice(None)) + (slice(None, None, self.stride),) * rank]
+        windows = self._strided(windows)
         # [N, C, *S', *k] -> [N, *S', C, *k] -> rows
         order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
         return np.ascontiguousarray(windows.transpose(order)).reshape(-1, x.shape[1] * self.taps)
@@ -86,9 +90,7 @@ class Layout:
         equations of each group."""
         slices = self.group_slices(groups[0].n_features * len(groups), residual.shape[self.feature_axis])
         if self.channels_first and self.kernel == 1:  # a feature map is features-first already
-            x = self.cropped(x)
-            if self.stride > 1:
-                x = x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
+            x = self._strided(self.cropped(x))
             x_cols = x.reshape(*x.shape[:2], -1)
             r_cols = residual.reshape(*residual.shape[:2], -1)
             for equations, (f, t) in zip(groups, slices):

@@ -11,9 +11,9 @@ def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray])
     """Signal-to-quantization-noise ratio ``10·log10(‖ref‖² / ‖ref − test‖²)``, pooled over float outputs."""
     signal = noise = 0.0
     for name, ref in float_outputs(reference):
-        y = np.ascontiguousarray(ref, dtype=np.float32).ravel()
+        y = _flat(ref)
         signal += _squared_distance(y)
-        noise += _squared_distance(y, np.ascontiguousarray(test[name], dtype=np.float32).ravel())
+        noise += _squared_distance(y, _flat(test[name]))
     if noise == 0.0:
         return float("inf")
     return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
@@ -23,10 +23,10 @@ def sqnr_db_per_output(reference: Mapping[str, np.ndarray], test: Mapping[str, n
     """Each float output's own SQNR (an output whose reference is all zeros has none)."""
     scores = {}
     for name, ref in float_outputs(reference):
-        y = np.ascontiguousarray(ref, dtype=np.float32).ravel()
+        y = _flat(ref)
         signal = _squared_distance(y)
         if signal > 0:
-            noise = _squared_distance(y, np.ascontiguousarray(test[name], dtype=np.float32).ravel())
+            noise = _squared_distance(y, _flat(test[name]))
             scores[name] = 10.0 * float(np.log10(signal / noise)) if noise > 0 else float("inf")
     return scores
 
@@ -35,8 +35,8 @@ def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, n
     """Mean squared error over all elements of all float outputs."""
     total = count = 0.0
     for name, ref in float_outputs(reference):
-        y = np.ascontiguousarray(ref, dtype=np.float32).ravel()
-        total += _squared_distance(y, np.ascontiguousarray(test[name], dtype=np.float32).ravel())
+        y = _flat(ref)
+        total += _squared_distance(y, _flat(test[name]))
         count += y.size
     return total / max(count, 1)
 
@@ -44,6 +44,10 @@ def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, n
 def float_outputs(reference: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """Outputs that carry values: integer ones (token ids, masks passed through) match trivially."""
     return [(name, ref) for name, ref in reference.items() if np.issubdtype(np.asarray(ref).dtype, np.floating)]
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32).ravel()
 
 
 def _squared_distance(x: np.ndarray, y: np.ndarray | None = None, chunk: int = 1 << 16) -> float:
