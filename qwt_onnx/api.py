@@ -35,8 +35,9 @@ from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics
+from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.numerics.ranges import compute_range
-from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, WeightRange
+from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Target, WeightRange
 from qwt_onnx.passes import qdq, splice
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.report import BlockReport, Report
@@ -57,20 +58,6 @@ MIN_HELDOUT_SAMPLES = 32
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 CalibLike = str | os.PathLike | Mapping[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class Score:
-    """Held-out SQNR to FP32 of each float output; a model counts as good as its worst chosen
-    output, so that no output gets worse unseen (a detector's scores beside its boxes)."""
-
-    outputs_db: dict[str, float]
-    chosen: tuple[str, ...] = ()  # every output where empty
-
-    @property
-    def db(self) -> float:
-        scores = [db for name, db in self.outputs_db.items() if not self.chosen or name in self.chosen]
-        return min(scores) if scores else float("inf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +195,7 @@ class _Run:
     options: Options
     warnings: Warnings
     _reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples, computed once
+    _batch_axes: dict[str, int] | None = None
 
     @property
     def excluded(self) -> Exclusions:
@@ -218,7 +206,7 @@ class _Run:
         o = self.options
         return capture.BranchOptions(
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
-            o.weights == WeightRange.PORTABLE,
+            o.weights == WeightRange.PORTABLE, o.target == Target.TRT,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -228,6 +216,17 @@ class _Run:
                 prepare.to_proto(self.fp), self.calib, self.batch_size, "FP32 reference"
             )
         return self._reference
+
+    def output_check(self, calib: CalibrationSet) -> capture.OutputCheck | None:
+        """With ``--check-outputs``, what each branch fitted on ``calib`` (a prefix of the run's set)
+        is checked against at the outputs."""
+        count = int(calib.scoring_mask.sum())
+        if not self.options.check_outputs or not count:
+            return None
+        if self._batch_axes is None:
+            self._batch_axes = observe.batch_axes(prepare.to_proto(self.fp))
+        reference = {k: v[:count] for k, v in self.reference().items()}
+        return capture.OutputCheck(reference, calib.scoring_mask, self._batch_axes, self.options.outputs)
 
     def heldout_score(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> Score | None:
         """SQNR to FP32 per output on the scoring samples of ``calib`` (a prefix of the run's set)."""
@@ -343,11 +342,14 @@ def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: li
     chosen = candidates[0]
     if len(candidates) > 1:
         selection = _select(run, candidates, ptq, found)
-        if selection.sqnr_db:
-            best = max(selection.sqnr_db, key=selection.sqnr_db.get)
-            chosen = next(c for c in candidates if c.method == best)
-        else:
-            chosen = ptq
+        if not selection.sqnr_db:
+            run.warnings.warn(
+                f"QwT kept no branch on the held-out samples of the first {selection.samples} with any calibration method; "
+                "not fitting it on all samples, writing the PTQ model"
+            )
+            return selection, Compensation(ptq.method, None, selection.blocks, selection.samples)
+        best = max(selection.sqnr_db, key=selection.sqnr_db.get)
+        chosen = next(c for c in candidates if c.method == best)
         if selection.shortfall_db is not None and selection.shortfall_db > PAYS_MARGIN_DB:
             run.warnings.warn(
                 f"QwT ({chosen.method}) reaches {selection.sqnr_db[chosen.method]:.2f} dB on the held-out samples of the first "
@@ -375,11 +377,11 @@ def _select(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[
         if ptq.sqnr_db is not None and candidate.sqnr_db is not None and candidate.sqnr_db < ptq.sqnr_db - SELECTION_MARGIN_DB:
             continue
         compensation = _compensate(run, candidate, found, subset)
+        blocks[candidate.method] = compensation.blocks
         if compensation.model is not None:
             scores[candidate.method] = run.heldout_sqnr(compensation.model, f"evaluating QwT ({candidate.method})", subset)
-            blocks[candidate.method] = compensation.blocks
-    if not scores:
-        return Selection(subset.num_samples)
+    if not scores:  # the PTQ model's fits say why
+        return Selection(subset.num_samples, blocks=blocks.get(ptq.method, []))
     ptq_score = run.heldout_sqnr(ptq.model, f"evaluating PTQ ({ptq.method})", subset)
     return Selection(subset.num_samples, scores, ptq_score, blocks[max(scores, key=scores.get)])
 
@@ -401,7 +403,7 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
     exact = candidate.method != GIVEN
     results = capture.fit_blocks(
         run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
-        branch_options=run.branch_options,
+        branch_options=run.branch_options, check=run.output_check(calib),
     )
     branches, reports = [], []
     for k, res in enumerate(results):
@@ -432,6 +434,7 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
     return dataclasses.replace(
         entry, r2_train=fit.r2_train, r2_heldout=fit.r2_heldout, error_ratio_heldout=fit.error_ratio_heldout,
         note=res.skipped or fit.reason, channels=fit.fit.bias.size, channels_kept=fit.kept_targets,
+        output_gain_db=res.output_gain_db,
     )
 
 

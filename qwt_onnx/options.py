@@ -100,6 +100,10 @@ class Options:
         (), "graph outputs whose held-out SQNR to FP32 decides (the worst of them), comma-separated; "
         "default: every float output", metavar="NAMES",
     )
+    check_outputs: bool = _option(
+        False, "experimental: keep a branch only where it also brings the held-out outputs closer to FP32 (each "
+        "block's check runs the rest of the network on the held-out samples)",
+    )
     bias_correction: BiasCorrection = _option(
         BiasCorrection.AUTO,
         "subtract each weight's mean rounding error in its op's bias: auto (where it scores better on held-out "

@@ -19,6 +19,7 @@ class BlockReport:
     channels: int = 0
     channels_kept: int = 0  # output channels whose compensation lowers the held-out error
     parameters: int = 0
+    output_gain_db: float | None = None  # of the worst model output it reaches, held-out, where checked
     note: str = ""
 
 
@@ -84,13 +85,14 @@ def format_summary(report: Report, source: str) -> str:
             f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration, "
             f"{report.fit_samples} samples"
         )
-        lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7}  channels kept")
+        lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7} {'outputs':>8}  channels kept")
         for k, b in enumerate(report.blocks):
             r2 = f"{b.r2_train:7.3f} {b.r2_heldout:8.3f}" if b.r2_train is not None else f"{'-':>7} {'-':>8}"
             change = f"{(b.error_ratio_heldout - 1) * 100:+6.1f}%" if b.error_ratio_heldout is not None else f"{'-':>7}"
+            gain = f"{b.output_gain_db:+6.2f}dB" if b.output_gain_db is not None else f"{'-':>8}"
             name = b.name if len(b.name) <= 40 else "…" + b.name[-39:]
             kept = f"{b.channels_kept}/{b.channels}" if b.channels else "none"
-            lines.append(f"  {k:>2}  {name:<40} {r2} {change}  {kept} {b.note}".rstrip())
+            lines.append(f"  {k:>2}  {name:<40} {r2} {change} {gain}  {kept} {b.note}".rstrip())
     if report.sqnr_ptq_db is not None:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"
         if report.qwt_applied and report.sqnr_qwt_db is not None:

@@ -1,5 +1,7 @@
 """End to end on small synthetic models: Q/DQ, blocks, capture, fit, splice."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -135,8 +137,9 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     assert set(report.method_sqnr_db) == {"minmax", "percentile", "entropy"}
     best = max(report.method_sqnr_db.values())
-    # QwT is tried on every method whose plain PTQ is within the margin of the best
-    assert set(report.method_qwt_sqnr_db) == {
+    # QwT is tried on the methods whose plain PTQ is within the margin of the best (and scored
+    # where it kept a branch)
+    assert report.method_qwt_sqnr_db and set(report.method_qwt_sqnr_db) <= {
         m for m, db in report.method_sqnr_db.items() if db >= best - api.SELECTION_MARGIN_DB
     }
     # measured here, not read from the report: on the held-out calibration samples (every
@@ -180,10 +183,23 @@ def test_feature_map_branches_take_the_requested_groups_and_kernel(groups_factor
     assert mean_squared_error(reference, _outputs(qwt, test)) < 0.8 * mean_squared_error(reference, _outputs(ptq, test))
 
 
+def test_with_check_outputs_a_branch_that_does_not_help_at_the_output_is_dropped_and_the_rest_add_up():
+    # The NHWC model with a pooled head: both blocks' branches lower their own held-out error a
+    # little (under the default --min-gain: kept here to reach the output check), but only the
+    # first one's brings the output closer to FP32.
+    model = graphs.nhwc_resnet(classes=10)
+    calib = graphs.samples(model, 160, seed=1)
+    _, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, check_outputs=True,
+                                     progress=False, **PLAIN)
+    kept, dropped = report.blocks
+    assert kept.kept and kept.output_gain_db > 0
+    assert not dropped.kept and dropped.output_gain_db < 0 and dropped.note.startswith("dropped")
+    assert report.qwt_applied and report.added_parameters == kept.parameters
+    assert report.sqnr_qwt_db - report.sqnr_ptq_db == pytest.approx(kept.output_gain_db, abs=0.2)
+
+
 def test_where_qwt_does_not_help_on_heldout_samples_the_ptq_model_is_written():
-    # The NHWC model with a pooled head: its blocks' branches lower their own held-out error a
-    # little (under the default --min-gain: kept here to reach the output check), but the
-    # output's error is the head's rounding, which the compensation only shifts.
+    # without the check at the outputs both branches are kept, and the model is no better than PTQ
     model = graphs.nhwc_resnet(classes=10)
     calib = graphs.samples(model, 160, seed=1)
     ptq = quantize(model, calib, qwt=False, calib_method="minmax", progress=False, **PLAIN)
@@ -193,12 +209,18 @@ def test_where_qwt_does_not_help_on_heldout_samples_the_ptq_model_is_written():
     assert written.SerializeToString() == ptq.SerializeToString()
 
 
-def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay(monkeypatch):
-    model = graphs.transformer()
-    calib = graphs.samples(model, 160, seed=1)
+def _record_fit_samples(monkeypatch) -> list[int]:
+    """The number of samples of each capture's fits, as the run goes."""
     fitted_on = []
     fit_blocks = api.capture.fit_blocks
     monkeypatch.setattr(api.capture, "fit_blocks", lambda *a, **k: fitted_on.append(a[3].num_samples) or fit_blocks(*a, **k))
+    return fitted_on
+
+
+def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay(monkeypatch):
+    model = graphs.transformer()
+    calib = graphs.samples(model, 160, seed=1)
+    fitted_on = _record_fit_samples(monkeypatch)
     _, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     # the first samples say QwT may pay (within the margin of PTQ there): it is fitted on all of them
     assert report.selection_ptq_sqnr_db - max(report.method_qwt_sqnr_db.values()) <= api.PAYS_MARGIN_DB
@@ -211,6 +233,21 @@ def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay
     assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
     assert not report.qwt_applied and report.blocks and report.qwt_method in report.method_qwt_sqnr_db
     assert any("not fitting it on all samples" in w for w in report.warnings)
+    assert written.SerializeToString() == quantize(model, calib, qwt=False, progress=False).SerializeToString()
+
+
+def test_qwt_stops_after_the_trial_where_it_keeps_no_branch(monkeypatch):
+    model = graphs.transformer()
+    calib = graphs.samples(model, 160, seed=1)
+    fitted_on = _record_fit_samples(monkeypatch)
+    monkeypatch.setattr(api.capture, "_checked_at_outputs",
+                        lambda stream, result, *_: dataclasses.replace(
+                            result, output_gain_db=-0.1, kept_at_outputs=False, skipped="dropped"))
+    written, report = quantize_with_report(model, calib, min_gain=0.0, check_outputs=True, progress=False)
+    assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
+    assert not report.qwt_applied and report.blocks and not any(b.kept for b in report.blocks)
+    assert all(b.note == "dropped" for b in report.blocks if b.output_gain_db is not None)
+    assert any("kept no branch" in w for w in report.warnings)
     assert written.SerializeToString() == quantize(model, calib, qwt=False, progress=False).SerializeToString()
 
 
@@ -262,7 +299,7 @@ def test_branches_that_remove_too_little_of_their_block_error_are_dropped():
     gains = sorted(1 - b.error_ratio_heldout for b in every.blocks if b.kept)
     threshold = (gains[0] + gains[1]) / 2  # between the weakest branch and the next one
     _, fewer = quantize_with_report(model, calib, calib_method="percentile", min_gain=threshold, progress=False)
-    dropped = [b for b in fewer.blocks if not b.kept and b.error_ratio_heldout > 0]
-    assert len(dropped) >= 1 and all("under --min-gain" in b.note for b in dropped)
+    under = [b for b in fewer.blocks if "under --min-gain" in b.note]
+    assert len(under) >= 1 and all(1 - b.error_ratio_heldout < threshold for b in under)
     assert all(1 - b.error_ratio_heldout >= threshold for b in fewer.blocks if b.kept)
     assert fewer.added_parameters < every.added_parameters

@@ -72,6 +72,12 @@ def downstream_nodes(values: Iterable[ir.Value]) -> set[ir.Node]:
     return seen
 
 
+def outputs_reached(graph: ir.Graph, value: ir.Value) -> list[str]:
+    """The names of the graph outputs that ``value`` is, or that are computed from it."""
+    downstream = downstream_nodes([value])
+    return [o.name for o in graph.outputs if o is value or o.producer() in downstream]
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """All named values of the main graph: inputs, initializers and node outputs."""
     return ir.convenience.create_value_mapping(graph, include_subgraphs=False)

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """Held-out SQNR to FP32 of each float output; a model counts as good as its worst chosen
+    output, so that no output gets worse unseen (a detector's scores beside its boxes)."""
+
+    outputs_db: dict[str, float]
+    chosen: tuple[str, ...] = ()  # every output where empty
+
+    @property
+    def db(self) -> float:
+        scores = [db for name, db in self.outputs_db.items() if not self.chosen or name in self.chosen]
+        return min(scores) if scores else float("inf")
 
 
 def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> float:
@@ -21,14 +36,23 @@ def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray])
 
 def sqnr_db_per_output(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Each float output's own SQNR (an output whose reference is all zeros has none)."""
-    scores = {}
-    for name, ref in float_outputs(reference):
-        y = _flat(ref)
-        signal = _squared_distance(y)
-        if signal > 0:
-            noise = _squared_distance(y, _flat(test[name]))
-            scores[name] = 10.0 * float(np.log10(signal / noise)) if noise > 0 else float("inf")
-    return scores
+    return sqnr_db_over_batches([(reference, test)])
+
+
+def sqnr_db_over_batches(batches: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]) -> dict[str, float]:
+    """:func:`sqnr_db_per_output` over ``(reference, test)`` batches, without keeping them."""
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for reference, test in batches:
+        for name, ref in float_outputs(reference):
+            y = _flat(ref)
+            signal[name] = signal.get(name, 0.0) + _squared_distance(y)
+            noise[name] = noise.get(name, 0.0) + _squared_distance(y, _flat(test[name]))
+    return {name: _db(total, noise[name]) for name, total in signal.items() if total > 0}
+
+
+def _db(signal: float, noise: float) -> float:
+    return 10.0 * float(np.log10(signal / noise)) if noise > 0 else float("inf")
 
 
 def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> float:
