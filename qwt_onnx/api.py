@@ -220,23 +220,26 @@ class _Run:
     def output_check(self, calib: CalibrationSet) -> capture.OutputCheck | None:
         """With ``--check-outputs``, what each branch fitted on ``calib`` (a prefix of the run's set)
         is checked against at the outputs."""
-        count = int(calib.scoring_mask.sum())
-        if not self.options.check_outputs or not count:
+        if not self.options.check_outputs or not calib.scoring_mask.any():
             return None
         if self._batch_axes is None:
             self._batch_axes = observe.batch_axes(prepare.to_proto(self.fp))
-        reference = {k: v[:count] for k, v in self.reference().items()}
-        return capture.OutputCheck(reference, calib.scoring_mask, self._batch_axes, self.options.outputs)
+        return capture.OutputCheck(self._scoring_reference(calib), calib.scoring_mask, self._batch_axes, self.options.outputs)
+
+    def _scoring_reference(self, calib: CalibrationSet) -> dict[str, np.ndarray]:
+        """The FP32 outputs on the scoring samples of ``calib``, a prefix of the run's set (whose
+        scoring samples are the first of the run's)."""
+        count = int(calib.scoring_mask.sum())
+        return {k: v[:count] for k, v in self.reference().items()}
 
     def heldout_score(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> Score | None:
         """SQNR to FP32 per output on the scoring samples of ``calib`` (a prefix of the run's set)."""
         calib = calib or self.calib
-        count = int(calib.scoring_mask.sum())
-        if not count:
+        if not calib.scoring_mask.any():
             return None
-        reference = self.reference()
+        reference = self._scoring_reference(calib)
         outputs = observe.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
-        return Score(metrics.sqnr_db_per_output({k: v[:count] for k, v in reference.items()}, outputs), self.options.outputs)
+        return Score(metrics.sqnr_db_per_output(reference, outputs), self.options.outputs)
 
     def heldout_sqnr(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> float | None:
         """The held-out score's decisive figure: the worst chosen output's SQNR."""

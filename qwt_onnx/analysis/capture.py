@@ -270,10 +270,10 @@ class _Stream:
         saved = self.load("block", i)
         x = saved["x"] if "x" in saved else pool[result.block.input]
         if result.input_quantizer is not None:
-            x = qm.dequantize(qm.quantize(x, result.input_quantizer), result.input_quantizer)
+            x = qm.fake_quantize(x, result.input_quantizer)
         branch = result.layout.apply(result.result.fit, x)
         if quantized and result.output_quantizer is not None:
-            branch = qm.dequantize(qm.quantize(branch, result.output_quantizer), result.output_quantizer)
+            branch = qm.fake_quantize(branch, result.output_quantizer)
         return branch
 
     def block_output(self, result: BlockResult, i: int, pool: dict[str, np.ndarray], compensated: bool,
@@ -285,7 +285,7 @@ class _Stream:
             return y
         y = y + self.branch_output(result, i, pool)
         requantized = result.plan.requantized
-        return qm.dequantize(qm.quantize(y, requantized), requantized) if requantize and requantized is not None else y
+        return qm.fake_quantize(y, requantized) if requantize and requantized is not None else y
 
     def output_sqnr(self, result: BlockResult, tail: ex.SubModel | None, check: OutputCheck, compensated: bool) -> dict[str, float]:
         """Held-out SQNR of the outputs the block reaches, its branch added or not, the stream as it is."""

@@ -52,6 +52,11 @@ def dequantize(q: np.ndarray, params: QuantParams, axis: int | None = None) -> n
     return ((q.astype(np.int32) - zero_point) * scale).astype(np.float32)
 
 
+def fake_quantize(x: np.ndarray, params: QuantParams, axis: int | None = None) -> np.ndarray:
+    """``x`` through QuantizeLinear and DequantizeLinear with ``params``."""
+    return dequantize(quantize(x, params, axis), params, axis)
+
+
 def symmetric_weight_params(weight: np.ndarray, axis: int, pair_safe: bool = False) -> QuantParams:
     """Per-channel symmetric int8 parameters along ``axis``: ``scale = max|w| / 127``.
 
@@ -105,4 +110,4 @@ def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
 def fake_quantize_weight(weight: np.ndarray, axis: int, pair_safe: bool = False) -> tuple[np.ndarray, QuantParams]:
     """``weight`` after int8 per-channel quantization along ``axis`` and back (float32), and its parameters."""
     params = symmetric_weight_params(weight, axis, pair_safe)
-    return dequantize(quantize(weight, params, axis), params, axis), params
+    return fake_quantize(weight, params, axis), params
