@@ -37,8 +37,7 @@ class Report:
     method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
-    selection_samples: int = 0  # samples the QwT comparison of methods ran on
-    selection_ptq_sqnr_db: float | None = None  # the best PTQ model's SQNR on those samples' held-out ones
+    selection_samples: int = 0  # the QwT comparison of methods fitted on the first this many samples
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     fit_samples: int = 0  # samples the blocks' fits were made on
     ptq_method: str | None = None  # what --no-qwt writes
@@ -47,6 +46,7 @@ class Report:
     outputs: list[str] = dataclasses.field(default_factory=list)  # the chosen outputs; empty: all
     output_sqnr_ptq_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per output
     output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
+    qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain over PTQ
     qwt_applied: bool = False
     fp32_parameters: int = 0
     added_parameters: int = 0
@@ -74,12 +74,9 @@ def format_summary(report: Report, source: str) -> str:
         )
         lines.append(f"bias correction, held-out gain: {gains}")
     if report.method_qwt_sqnr_db:
-        line = f"QwT held-out SQNR by calibration ({report.selection_samples} samples): " + _scores(
-            report.method_qwt_sqnr_db, report.method if report.qwt_applied else None
-        )
-        if report.selection_ptq_sqnr_db is not None:
-            line += f"; PTQ ({report.ptq_method}) {report.selection_ptq_sqnr_db:.1f} dB there"
-        lines.append(line)
+        lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + _scores(
+            report.method_qwt_sqnr_db, report.qwt_method
+        ))
     if report.blocks:
         lines.append(
             f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration, "
@@ -96,7 +93,10 @@ def format_summary(report: Report, source: str) -> str:
     if report.sqnr_ptq_db is not None:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"
         if report.qwt_applied and report.sqnr_qwt_db is not None:
-            line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - report.sqnr_ptq_db:+.2f} dB)"
+            line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - report.sqnr_ptq_db:+.2f} dB"
+            if report.qwt_gain_interval_db is not None:
+                line += ", 95% interval {:+.2f} to {:+.2f} dB".format(*report.qwt_gain_interval_db)
+            line += ")"
         lines.append(line)
     if len(report.output_sqnr_ptq_db) > 1:
         chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"

@@ -150,6 +150,10 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     assert mean_squared_error(reference, _outputs(written, heldout)) <= mean_squared_error(reference, _outputs(ptq, heldout))
     if not report.qwt_applied:
         assert any("writing the PTQ model" in w for w in report.warnings)
+    # the noise of that choice: a paired interval of QwT's gain, and a warning where it holds zero
+    low, high = report.qwt_gain_interval_db
+    assert low < report.sqnr_qwt_db - report.sqnr_ptq_db < high
+    assert any("within the noise" in w for w in report.warnings) == (low < 0 < high)
 
 
 @pytest.mark.parametrize("groups_factor, kernel_size", [(16, 1), (0, 3)])
@@ -223,7 +227,7 @@ def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay
     fitted_on = _record_fit_samples(monkeypatch)
     _, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     # the first samples say QwT may pay (within the margin of PTQ there): it is fitted on all of them
-    assert report.selection_ptq_sqnr_db - max(report.method_qwt_sqnr_db.values()) <= api.PAYS_MARGIN_DB
+    assert report.sqnr_ptq_db - max(report.method_qwt_sqnr_db.values()) <= api.PAYS_MARGIN_DB
     assert report.fit_samples == 160 and fitted_on[-1] == 160
 
     # a margin no fit can meet: QwT stops after the methods' trial on the first samples
