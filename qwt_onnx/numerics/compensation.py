@@ -3,7 +3,8 @@
 Tokens ``[..., D_in] -> [..., D_out]``: one ``D_in × D_out`` matrix applied to
 every token. Feature maps ``[N, C_in, *S] -> [N, C_out, *S']``: a ``k×k``
 convolution (1×1 by default) padded to keep the size, with stride ``s`` when
-the block shrinks the spatial size (``S' = ceil(S / s)``). Where the block's own
+the block shrinks the spatial size (``S' = ceil(S / s)``, ``s`` per axis where the
+block shrinks one axis only, as text recognisers do). Where the block's own
 convolutions are unpadded ("valid", as Keras and TensorFlow export them:
 ``S' = floor((S - k) / s) + 1``), the input is first cropped by the ``k - 1``
 border pixels, so that each output pixel reads the pixel at the centre of the
@@ -27,15 +28,23 @@ from qwt_onnx.numerics.solver import LinearMap, NormalEquations
 @dataclasses.dataclass(frozen=True)
 class Layout:
     channels_first: bool  # features on axis 1 (feature maps) rather than the last axis
-    stride: int = 1
+    stride: int | tuple[int, ...] = 1  # feature maps: one for every spatial axis, or one per axis
     spatial_rank: int = 0
     kernel: int = 1  # odd; feature maps only
     groups: int = 1  # feature maps only
     crop: tuple[int, int] = (0, 0)  # feature maps: border pixels dropped before and after, on every spatial axis
 
-    def output_size(self, size: int) -> int:
-        """A spatial size of the block output: the input's, cropped and strided."""
-        return -(-(size - sum(self.crop)) // self.stride)
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return self.stride if isinstance(self.stride, tuple) else (self.stride,) * self.spatial_rank
+
+    def output_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """The block output's spatial sizes: the input's, cropped and strided."""
+        return tuple(-(-(size - sum(self.crop)) // stride) for size, stride in zip(spatial, self.strides))
+
+    def _strided(self, x: np.ndarray) -> np.ndarray:
+        """Every stride-th pixel of a feature map (a view)."""
+        return x[(slice(None), slice(None)) + tuple(slice(None, None, stride) for stride in self.strides)]
 
     @property
     def feature_axis(self) -> int:
@@ -54,12 +63,6 @@ class Layout:
         if self.kernel > 1:
             return self._patches(x)
         return self.target_rows(self._strided(x))
-
-    def _strided(self, x: np.ndarray) -> np.ndarray:
-        """Every stride-th pixel of a feature map, on every spatial axis (a view)."""
-        if self.stride == 1:
-            return x
-        return x[(slice(None), slice(None)) + (slice(None, None, self.stride),) * self.spatial_rank]
 
     def cropped(self, x: np.ndarray) -> np.ndarray:
         """A feature map without its cropped border (a view)."""
@@ -147,7 +150,7 @@ class Layout:
         out += fit.bias.astype(np.float32)
         if not self.channels_first:
             return out.reshape(*x.shape[:-1], out.shape[-1])
-        spatial = [self.output_size(d) for d in x.shape[2:]]
+        spatial = self.output_shape(x.shape[2:])
         return np.moveaxis(out.reshape(x.shape[0], *spatial, out.shape[-1]), -1, 1)
 
 
@@ -175,19 +178,29 @@ def infer_layout(
         return None
     if max(spatial_out) == 1 < max(spatial_in):  # global pooling: no strided pixel stands for the mean
         return None
-    ratio = spatial_in[0] / spatial_out[0]
     groups = _groups(x_shape[1], y_shape[1], groups_factor)
-    same = Layout(channels_first=True, stride=max(1, round(ratio)), spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
-    # Else an unpadded k×k window every s pixels: the stride nearest the size ratio first (7 -> 3
-    # is a 3×3 window every 2 pixels, not a 5×5 one every pixel), then the smallest window, odd
-    # ones (convolutions) before even ones (pools), which the sizes alone cannot tell apart.
-    strides = sorted(range(1, MAX_VALID_STRIDE + 1), key=lambda s: abs(s - ratio))
+    same = Layout(channels_first=True, spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
+    # Else an unpadded k×k window: the smallest window, odd ones (convolutions) before even ones
+    # (pools), which the sizes alone cannot tell apart; per axis the stride nearest the size ratio
+    # (7 -> 3 is a 3×3 window every 2 pixels, not a 5×5 one every pixel).
     windows = sorted(range(2, MAX_VALID_WINDOW + 1), key=lambda k: (k % 2 == 0, k))
-    candidates = [same] + [
-        dataclasses.replace(same, stride=stride, crop=((window - 1) // 2, window // 2))
-        for stride in strides for window in windows
-    ]
-    return next((c for c in candidates if all(c.output_size(a) == b for a, b in zip(spatial_in, spatial_out))), None)
+    for crop in [(0, 0)] + [((k - 1) // 2, k // 2) for k in windows]:
+        strides = [_stride(a - sum(crop), b, padded=crop == (0, 0)) for a, b in zip(spatial_in, spatial_out)]
+        if None not in strides:
+            stride = strides[0] if len(set(strides)) == 1 else tuple(strides)
+            return dataclasses.replace(same, stride=stride, crop=crop)
+    return None
+
+
+def _stride(size: int, target: int, padded: bool) -> int | None:
+    """The stride that takes ``size`` pixels to ``target`` (ceil(size / s)): a padded block's is
+    the size ratio (a ViT's 16×16 patches: 16); an unpadded window's the one of 1 to
+    MAX_VALID_STRIDE nearest the ratio."""
+    if target < 1 or size < target:
+        return None
+    ratio = size / target
+    candidates = [max(1, round(ratio))] if padded else sorted(range(1, MAX_VALID_STRIDE + 1), key=lambda s: abs(s - ratio))
+    return next((s for s in candidates if -(-size // s) == target), None)
 
 
 MAX_VALID_WINDOW, MAX_VALID_STRIDE = 7, 4  # the unpadded block windows a branch is aligned to

@@ -106,7 +106,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
             [x, weight, bias],
             f"{scope}/branch",
             kernel_shape=[layout.kernel] * rank,
-            strides=[layout.stride] * rank,
+            strides=list(layout.strides),
             pads=[pad] * (2 * rank),
             group=layout.groups,
         )
