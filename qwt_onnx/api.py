@@ -276,7 +276,7 @@ def find_blocks(run: _Run) -> list[blk.Block]:
     if run.options.blocks:
         found = blk.blocks_from_boundaries(run.fp, run.options.blocks)
     else:
-        found = blk.find_blocks(run.fp, run.options.granularity)
+        found = blk.find_blocks(run.fp, run.options.granularity, run.options.units)
     if not found:
         run.warnings.warn("no residual or transformer blocks were found; writing the PTQ model (name them with --blocks)")
     return found
@@ -456,7 +456,10 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
 
 
 def _block_report(res: capture.BlockResult) -> BlockReport:
-    entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=res.skipped)
+    note = res.skipped
+    if res.skipped.startswith("no linear branch maps") and res.block.divisible:
+        note += " (--units gives its weighted units branches)"
+    entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=note)
     fit = res.result
     if fit is None:
         return entry

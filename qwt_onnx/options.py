@@ -75,6 +75,10 @@ class Options:
     target: Target = _option(Target.ORT, "ort: uint8 asymmetric activations; trt: int8 symmetric, zero point 0")
     blocks: tuple[str, ...] = _option((), "override block discovery: boundary tensors T1,T2,... or pairs in:out,...")
     granularity: Granularity = _option(Granularity.LAYER, "one compensation per transformer layer or per residual branch")
+    units: bool = _option(
+        False, "experimental: cut a block that no linear branch maps (a detector's neck flattened into its head, an "
+        "upsampling head) into its weighted units, one branch per weighted op with its activation",
+    )
     groups_factor: int = _option(64, "input channels per group of a feature-map branch; 0 for one group", metavar="C")
     kernel_size: int = _option(1, "kernel size of a feature-map branch, odd (1: a 1x1 conv)", metavar="K")
     branch_precision: BranchPrecision = _option(

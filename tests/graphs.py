@@ -245,6 +245,33 @@ def mobilenet(seed: int = 0, size: int = 16, classes: int = 10) -> onnx.ModelPro
     return _classifier(b, x, 32, size, classes)
 
 
+def detector_neck(seed: int = 0, size: int = 16) -> onnx.ModelProto:
+    """A YOLO-style detector in miniature: a stem, a coarser scale, the coarse map upsampled and
+    joined to the fine one in a neck, and one head conv per scale, flattened and concatenated
+    along the anchors into ``[batch, 8, S² + (S/2)²]``; activations are SiLU written as Sigmoid
+    and Mul. No linear branch maps the stem's output onto that: the span after it is divisible."""
+    b = GraphBuilder(seed)
+
+    def silu(x: str, name: str) -> str:
+        return b.op("Mul", [x, b.op("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/act")
+
+    fine = silu(_conv(b, "image", 3, 8, "/stem/conv"), "/stem")
+    coarse = silu(_conv(b, fine, 8, 16, "/down/conv", stride=2), "/down")
+    up = b.op("Resize", [coarse, "", b.const("/up.scales", np.array([1, 1, 2, 2], np.float32))], "/up", mode="nearest")
+    neck = silu(_conv(b, b.op("Concat", [up, fine], "/neck/concat", axis=1), 24, 8, "/neck/conv"), "/neck")
+    heads = [
+        b.op("Reshape", [_conv(b, x, c, 8, f"{name}/conv", kernel=1), b.const(f"{name}.shape", np.array([0, 8, -1], np.int64))],
+             f"{name}/flatten")
+        for name, x, c in (("/head.0", neck, 8), ("/head.1", coarse, 16))
+    ]
+    b.op("Concat", heads, "/detect", axis=2)
+    b.nodes[-1].output[0] = "output0"
+    return b.model(
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 8, size * size + (size // 2) ** 2])],
+    )
+
+
 def nhwc_resnet(seed: int = 0, size: int = 8, channels: int = 16, classes: int = 0) -> onnx.ModelProto:
     """Residual blocks on NHWC tensors, each conv wrapped in transposes, as TensorFlow exports
     write them; with ``classes``, a pooled classifier head after them."""

@@ -61,6 +61,25 @@ def test_chains_between_residual_blocks_are_cut_after_each_dense_conv():
     assert all(b.channels_first for b in found)
 
 
+def test_a_neck_that_no_branch_maps_is_one_divisible_block_or_with_units_its_weighted_units():
+    model = _prepared(graphs.detector_neck())
+    stem, neck = blocks.find_blocks(model)
+    assert (neck.input, neck.output, neck.divisible) == ("/stem/act_out", "output0", True) and not stem.divisible
+    units = blocks.find_blocks(model, units=True)
+    # each conv with its SiLU (Sigmoid and Mul), in graph order; a unit may read an earlier unit's
+    # output (the coarse head reads the downsampling unit, not the neck before it)
+    assert [(b.input, b.output) for b in units[1:]] == [
+        ("/stem/act_out", "/down/act_out"),
+        ("/neck/concat_out", "/neck/act_out"),
+        ("/neck/act_out", "/head.0/conv_out"),
+        ("/down/act_out", "/head.1/conv_out"),
+    ]
+    assert units[0] == stem and all(b.channels_first and not b.divisible for b in units)
+    # a residual CNN's blocks are mappable: units change nothing there
+    resnet = _prepared(graphs.resnet())
+    assert blocks.find_blocks(resnet, units=True) == blocks.find_blocks(resnet)
+
+
 def test_nhwc_blocks_are_compensated_over_their_last_axis():
     model = _prepared(graphs.nhwc_resnet())
     found = blocks.find_blocks(model)

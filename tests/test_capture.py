@@ -42,13 +42,17 @@ def _spliced(q, results):
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-@pytest.mark.parametrize("build", [graphs.resnet, graphs.mobilenet, graphs.valid_cnn])
-def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, int8, monkeypatch):
+@pytest.mark.parametrize("build, units", [(graphs.resnet, False), (graphs.mobilenet, False), (graphs.valid_cnn, False),
+                                          (graphs.detector_neck, True)], ids=["resnet", "mobilenet", "valid_cnn", "neck-units"])
+def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, units, int8, monkeypatch):
+    # with units, a later unit's input is led from several compensated outputs, not the last one only
     fp, q, calib = _min_max_quantized(build())
-    found = blocks.find_blocks(fp)
+    found = blocks.find_blocks(fp, units=units)
     entered = {}
     record = capture._Stream._enter
-    monkeypatch.setattr(capture._Stream, "_enter", lambda s, i, name, a: (entered.setdefault(name, {}).update({i: a}), record(s, i, name, a)))
+    monkeypatch.setattr(
+        capture._Stream, "_enter", lambda s, i, name, live: (entered.setdefault(name, {}).update({i: live[name]}), record(s, i, name, live))
+    )
     # an int8 branch's quantizers and stored weights are in the stream as in the written graph
     # where branches are checked at the outputs (here by a check that keeps every branch)
     check = _output_check(fp, calib)
@@ -82,6 +86,23 @@ def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build
             # step, and later blocks carry the flips on (before the requantization was modelled, a
             # sixth to most of the elements differed)
             assert np.mean(difference > 1e-5) < 0.05, name
+
+
+def test_a_unit_whose_input_joins_several_earlier_outputs_is_led_from_their_compensated_values():
+    fp, q, calib = _min_max_quantized(graphs.detector_neck())
+    found = blocks.find_blocks(fp, units=True)
+    _, models = capture._plan(fp, q, found, ["image"], True, None)
+    names = [b.name for b in found]
+    neck, coarse_head = models[names.index("/neck/conv")], names.index("/head.1/conv")
+    # the neck's input joins the upsampled coarse map and the fine one, both stream values (taken
+    # as context they would come from the FP32 model)
+    assert set(neck.lead_in.inputs) == {"/stem/act_out", "/down/act_out"} and not neck.lead_in.context
+    assert found[coarse_head].input == "/down/act_out" and models[coarse_head].lead_in is None
+    # each stream value is kept until the last lead-in or input that reads it, and no longer (the
+    # lead-in of block j runs as the stream advances past block j - 1)
+    kept = [set(m.kept_after) for m in models]
+    assert "/stem/act_out" in kept[0] and "/stem/act_out" not in kept[1]
+    assert "/down/act_out" in kept[1] & kept[2] and "/down/act_out" not in kept[3]
 
 
 def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer_kernels(tmp_path):

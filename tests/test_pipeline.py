@@ -307,3 +307,18 @@ def test_branches_that_remove_too_little_of_their_block_error_are_dropped():
     assert len(under) >= 1 and all(1 - b.error_ratio_heldout < threshold for b in under)
     assert all(1 - b.error_ratio_heldout >= threshold for b in fewer.blocks if b.kept)
     assert fewer.added_parameters < every.added_parameters
+
+
+def test_a_neck_no_branch_maps_is_reported_with_the_fix_and_with_units_its_units_get_branches():
+    model = graphs.detector_neck()
+    calib = graphs.samples(model, 80, seed=1)
+    _, whole = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
+    neck = whole.blocks[-1]
+    assert not neck.kept and "no linear branch maps" in neck.note and "--units" in neck.note
+    written, units = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, units=True, progress=False)
+    assert [b.name for b in units.blocks][1:] == ["/down/conv", "/neck/conv", "/head.0/conv", "/head.1/conv"]
+    assert sum(b.kept for b in units.blocks[1:]) >= 2
+    if units.qwt_applied:
+        assert any(n.name.startswith("qwt/") for n in written.graph.node)
+        feeds = {k: v[:4] for k, v in calib.items()}
+        assert _outputs(written, feeds)["output0"].shape == _outputs(model, feeds)["output0"].shape

@@ -26,6 +26,13 @@ The rule, framework-agnostic:
 6. With ``granularity="layer"``, runs of token blocks (not convolutions) that
    repeat with a period of 2 to 4 (attention, MLP, attention, MLP, ...) are
    grouped, one block per transformer layer. Convolutional blocks stay single.
+7. With ``units``, a block whose output no linear branch can map from its input (of another
+   rank: a detector's multi-scale neck flattened into its head; or grown by
+   upsampling: a segmentation head) is cut into its *weighted units* instead:
+   each weighted op with the elementwise ops after it that read nothing else
+   (its activation), whose input dominates its output by construction. The
+   units of one span need not follow each other: the capture carries every
+   compensated unit output that a later unit's input is computed from.
 """
 
 from __future__ import annotations
@@ -47,6 +54,14 @@ RESHAPING_OPS = {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
 }
 MAX_PERIOD = 4
+UPSAMPLING_OPS = {"Resize", "Upsample", "ConvTranspose", "DepthToSpace"}
+# Ops that map each element on its own (given constants or values of the same unit): an
+# activation after a weighted op, however the exporter spells it (SiLU as Sigmoid and Mul).
+ELEMENTWISE_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+    "Gelu", "Erf", "Clip", "Mul", "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Pow", "Identity",
+    "BatchNormalization",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +72,7 @@ class Block:
     input: str
     output: str
     channels_first: bool  # its weighted ops are convolutions: features on axis 1
+    divisible: bool = False  # no linear branch maps it, and rule 7 would cut it into weighted units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +154,17 @@ def choose_primary_input(graph: ir.Graph) -> ir.Value:
     return max(candidates, key=weighted_reach)
 
 
-def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER) -> list[Block]:
-    """The blocks of ``model`` by the rule in this module's docstring."""
+def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER, units: bool = False) -> list[Block]:
+    """The blocks of ``model`` by the rules in this module's docstring (rule 7 only with ``units``)."""
     path = DataPath.analyze(model.graph)
     spans = _residual_and_chain_blocks(path.segments())
     if granularity == Granularity.LAYER:
         spans = _group_token_runs(spans)
-    return [_make_block(segments) for segments in spans]
+    found = []
+    for segments in spans:
+        divisible = _unmappable(segments) and bool(_weighted_units(segments))
+        found += _weighted_units(segments) if units and divisible else [_make_block(segments, divisible)]
+    return found
 
 
 def blocks_from_boundaries(model: ir.Model, spec: Sequence[str]) -> list[Block]:
@@ -325,13 +345,13 @@ def _convolutional(segments: list[_Segment]) -> bool:
     return bool(weighted) and all(n.op_type == "Conv" for n in weighted)
 
 
-def _channels_last(segments: list[_Segment]) -> bool:
-    """Whether a convolutional block's input holds its channels last (NHWC, as TensorFlow exports do).
+def _channels_last(first: ir.Node, start: ir.Value) -> bool:
+    """Whether the input ``start`` of a convolutional block whose first weighted op is ``first``
+    holds its channels last (NHWC, as TensorFlow exports do).
 
     Its branch is then a MatMul over the last axis, a 1×1 convolution in NHWC.
     """
-    first = next(n for s in segments for n in s.weighted)
-    shape, weight = segments[0].start.shape, first.inputs[1].const_value
+    shape, weight = start.shape, first.inputs[1].const_value
     if shape is None or weight is None or len(shape) < 3:
         return False
     channels = weight.shape[1] * first.attributes.get_int("group", 1)
@@ -378,13 +398,55 @@ def _chunk(blocks, signatures, period):
     return grouped
 
 
-def _make_block(segments: list[_Segment]) -> Block:
+def _unmappable(segments: list[_Segment]) -> bool:
+    """Whether the span's output has another rank than its input, or other spatial sizes after an upsampling op."""
+    a, b = segments[0].start.shape, segments[-1].end.shape
+    if a is None or b is None:
+        return False
+    if len(a) != len(b):
+        return True
+    grows = any(n.op_type in UPSAMPLING_OPS for s in segments for n in s.nodes)
+    return grows and list(a)[2:] != list(b)[2:]
+
+
+def _weighted_units(segments: list[_Segment]) -> list[Block]:
+    """Rule 7: a block per weighted op of the span, with its activation, in graph order."""
+    units = []
+    for node in (n for s in segments for n in s.weighted):
+        x, y = node.inputs[0], _activation_end(node)
+        if _same_rank(x, y):
+            units.append(Block(node.name or y.name, x.name, y.name, node.op_type == "Conv" and not _channels_last(node, x)))
+    return units
+
+
+def _activation_end(node: ir.Node) -> ir.Value:
+    """The output of the elementwise ops after ``node`` that read only its output, each other and
+    constants, where that is the one of their values read elsewhere; else ``node``'s own output."""
+    start = node.outputs[0]
+    values, absorbed = {start}, set()
+    changed = True
+    while changed:
+        changed = False
+        for value in list(values):
+            for reader in value.consumers():
+                if reader in absorbed or reader.op_type not in ELEMENTWISE_OPS or not g.is_default_domain(reader):
+                    continue
+                if all(v is None or v in values or g.is_constant(v) for v in reader.inputs):
+                    absorbed.add(reader)
+                    values.update(reader.outputs)
+                    changed = True
+    read_elsewhere = [v for v in values if v.is_graph_output() or any(c not in absorbed for c in v.consumers())]
+    return read_elsewhere[0] if len(read_elsewhere) == 1 else start
+
+
+def _make_block(segments: list[_Segment], divisible: bool = False) -> Block:
     scoped = [n.name or "" for s in segments if s.weighted for n in s.nodes]
     return Block(
         name=_common_scope(scoped) or segments[-1].end.name,
         input=segments[0].start.name,
         output=segments[-1].end.name,
-        channels_first=_convolutional(segments) and not _channels_last(segments),
+        channels_first=_convolutional(segments) and not _channels_last(next(n for s in segments for n in s.weighted), segments[0].start),
+        divisible=divisible,
     )
 
 

@@ -142,8 +142,12 @@ class BlockResult:
 class _BlockModels:
     fp: ex.SubModel
     q: ex.SubModel
-    lead_in: ex.SubModel | None  # quantized graph from the previous stream value to this block's input
+    lead_in: ex.SubModel | None  # quantized graph from earlier stream values to this block's input
     tail: ex.SubModel | None = None  # quantized graph from this block's output to the outputs it reaches
+    # the stream values to keep after this block: the earlier block outputs that later lead-ins
+    # (or tails) read, and the next block's input (a block of a span cut into units need not
+    # read the output of the one before it)
+    kept_after: tuple[str, ...] = ()
 
 
 class _SpillFiles:
@@ -207,9 +211,10 @@ class _Stream:
         self.spilled = _SpillFiles(folder)
         self.ranges: dict[str, tuple[float, float]] = {}  # of each block input, over all batches
 
-    def _enter(self, index: int, value: str, array: np.ndarray) -> None:
-        self.save("stream", index, {value: array})
-        self.ranges[value] = value_range(array, self.ranges.get(value))
+    def _enter(self, index: int, value: str, live: dict[str, np.ndarray]) -> None:
+        """Batch ``index``'s stream values from here on: ``live``, which holds the next block's input ``value``."""
+        self.save("stream", index, live)
+        self.ranges[value] = value_range(live[value], self.ranges.get(value))
 
     def save(self, key: str, index: int, arrays: dict[str, np.ndarray]) -> None:
         previous = self.in_memory.pop((key, index), None)
@@ -248,14 +253,17 @@ class _Stream:
             context = self.contexts(batch.feeds)
             self.save("context", i, context)
             pool = {**batch.feeds, **context}
-            self._enter(i, value, runner(pool)[value] if runner else pool[value])
+            self._enter(i, value, {value: runner(pool)[value] if runner else pool[value]})
 
-    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str) -> None:
-        """The next block's input (``value``): this block's compensated output, led through any gap."""
+    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str, kept: tuple[str, ...]) -> None:
+        """The next block's input (``value``), led from this block's compensated output and the
+        other stream values through any gap; of the stream values, those ``kept`` stay."""
         runner = Runner(lead_in.proto) if lead_in else None
         for i, _, pool in self.batches("advancing the stream"):
-            pool[result.block.output] = y = self.block_output(result, i, pool, result.kept)
-            self._enter(i, value, runner(pool)[value] if runner else y)
+            pool[result.block.output] = self.block_output(result, i, pool, result.kept)
+            if runner:
+                pool[value] = runner(pool)[value]
+            self._enter(i, value, {name: pool[name] for name in {*kept, value}})
 
     def branch_range(self, result: BlockResult) -> tuple[float, float]:
         """The range of the branch output over all batches (before any output quantizer)."""
@@ -340,7 +348,7 @@ def fit_blocks(
             if check is not None and result.kept:
                 result = _checked_at_outputs(stream, result, models[k].tail, check, so_far)
             if k + 1 < len(blocks):
-                stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input)
+                stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input, models[k].kept_after)
             results.append(result)
     return results
 
@@ -392,13 +400,13 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             f"the quantized model has no tensor {missing[0]!r} (a block boundary of the FP32 model); "
             "pass a QDQ model made from the same FP32 model, without renaming its tensors"
         )
-    plans, models, previous = [], [], None
+    plans, models, produced = [], [], []  # produced: the block outputs so far, the stream's values
     for block in blocks:
         branch = g.dequantized_view(q_values[block.input])
         branch_input = branch if branch is not None else q_values[block.input]
         lead_in = None
-        if block.input != previous and block.input not in feeds:
-            lead_in = ex.extract(q, [previous] if previous else feeds, [block.input])
+        if block.input not in produced and block.input not in feeds:
+            lead_in = _cut(q, produced or feeds, [block.input])
         # An output read only through Q/DQ is compensated after its DequantizeLinear (the
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
         # block is judged there too.
@@ -418,17 +426,49 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         )
         outputs = [plan.output_in_q] + ([plan.branch_input] if plan.branch_input != block.input else [])
         after = [name for name in plan.outputs_reached if name != block.output]
+        earlier = [name for name in produced if name != block.output]
         models.append(
             _BlockModels(
                 fp=ex.extract(fp, [block.input], [block.output]),
                 q=ex.extract(q, [block.input], outputs),
                 lead_in=lead_in,
-                tail=ex.extract(q, [plan.tail_input], after) if after else None,
+                tail=_cut(q, [plan.tail_input, *earlier], after, first=True) if after else None,
             )
         )
         plans.append(plan)
-        previous = block.output
+        produced.append(block.output)
+    _mark_kept_values(blocks, models)
     return plans, models
+
+
+def _cut(q: ir.Model, sources: list[str], outputs: list[str], first: bool = False) -> ex.SubModel:
+    """The quantized graph from those of the stream values ``sources`` that ``outputs`` are
+    computed from (and the ``first`` one, fed by the caller) to ``outputs``."""
+    full = ex.extract(q, sources, outputs)
+    read = {name for node in full.proto.graph.node for name in node.input}
+    kept = [name for i, name in enumerate(sources) if name in read or (first and i == 0)]
+    return ex.extract(q, kept or sources[:1], outputs)
+
+
+def _mark_kept_values(blocks: list[Block], models: list[_BlockModels]) -> None:
+    """Each block's ``kept_after``: the block outputs so far that are read later. Block ``j``'s
+    lead-in (or its input, where that is a block output) runs as the stream advances past block
+    ``j - 1``, whose fresh output is at hand; its tail runs while block ``j`` is checked."""
+    produced_at = {b.output: k for k, b in enumerate(blocks)}
+    last_needed: dict[str, int] = {}
+
+    def needed(name: str, until: int) -> None:
+        if name in produced_at and until >= produced_at[name]:
+            last_needed[name] = max(last_needed.get(name, until), until)
+
+    for j, (block, m) in enumerate(zip(blocks, models)):
+        for name in m.lead_in.inputs if m.lead_in else (block.input,):
+            if j == 0 or name != blocks[j - 1].output:
+                needed(name, j - 2)
+        for name in m.tail.inputs[1:] if m.tail else ():
+            needed(name, j - 1)
+    for k, m in enumerate(models):
+        m.kept_after = tuple(name for name, until in last_needed.items() if produced_at[name] <= k <= until)
 
 
 def _before_quantizer(value: ir.Value) -> ir.Value:
