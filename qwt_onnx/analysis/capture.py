@@ -144,9 +144,9 @@ class _BlockModels:
     q: ex.SubModel
     lead_in: ex.SubModel | None  # quantized graph from earlier stream values to this block's input
     tail: ex.SubModel | None = None  # quantized graph from this block's output to the outputs it reaches
-    # the stream values to keep after this block: the earlier block outputs that later lead-ins
-    # (or tails) read, and the next block's input (a block of a span cut into units need not
-    # read the output of the one before it)
+    # the block outputs so far that the stream keeps after this block, besides the next block's
+    # input, because a later lead-in, input or tail reads them (a block of a span cut into units
+    # need not read the output of the one before it)
     kept_after: tuple[str, ...] = ()
 
 
