@@ -245,7 +245,6 @@ class _Run:
         return metrics.score(reference, outputs, self.options.outputs)
 
 
-
 def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
     o, held = run.options, int(run.calib.heldout_mask.sum())
     choices = [name for name, made in (

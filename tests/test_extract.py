@@ -32,6 +32,16 @@ def test_values_computed_before_the_cut_become_context_inputs():
     np.testing.assert_array_equal(out["y"], np.zeros((3, 4), np.float32))
 
 
+def test_only_the_cut_values_the_outputs_are_computed_from_are_fed_where_asked():
+    model = prepare.prepare(ir.serde.deserialize_model(_model_with_a_shape_taken_before_the_cut()))
+    assert extract.extract(model, ["x", "pre_out"], ["y"]).inputs == ("x", "pre_out")
+    # y reads pre_out, and x only through the shape, which the cut at pre_out does not stop
+    assert extract.extract(model, ["x", "pre_out"], ["y"], only_read=True).inputs == ("x", "pre_out")
+    assert extract.extract(model, ["pre_out", "x"], ["mul_out"], only_read=True).inputs == ("pre_out",)
+    assert extract.extract(model, ["mul_out", "pre_out"], ["mul_out"], only_read=True).inputs == ("mul_out",)  # an output cut
+    assert extract.extract(model, ["y", "pre_out"], ["shape_of_x_out"], only_read=True).inputs == ("y",)  # none: the first
+
+
 def test_a_model_without_blocks_is_written_as_ptq_with_a_warning(caplog):
     b = GraphBuilder()  # one chain block that changes rank: no linear branch maps its input to its output
     flat = b.op("Flatten", ["x"], "flatten")

@@ -162,8 +162,8 @@ def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER, u
         spans = _group_token_runs(spans)
     found = []
     for segments in spans:
-        divisible = _unmappable(segments) and bool(_weighted_units(segments))
-        found += _weighted_units(segments) if units and divisible else [_make_block(segments, divisible)]
+        pieces = _weighted_units(segments) if _unmappable(segments) else []
+        found += pieces if units and pieces else [_make_block(segments, divisible=bool(pieces))]
     return found
 
 
@@ -441,11 +441,12 @@ def _activation_end(node: ir.Node) -> ir.Value:
 
 def _make_block(segments: list[_Segment], divisible: bool = False) -> Block:
     scoped = [n.name or "" for s in segments if s.weighted for n in s.nodes]
+    first_weighted = next((n for s in segments for n in s.weighted), None)
     return Block(
         name=_common_scope(scoped) or segments[-1].end.name,
         input=segments[0].start.name,
         output=segments[-1].end.name,
-        channels_first=_convolutional(segments) and not _channels_last(next(n for s in segments for n in s.weighted), segments[0].start),
+        channels_first=_convolutional(segments) and not _channels_last(first_weighted, segments[0].start),
         divisible=divisible,
     )
 

@@ -406,7 +406,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         branch_input = branch if branch is not None else q_values[block.input]
         lead_in = None
         if block.input not in produced and block.input not in feeds:
-            lead_in = _cut(q, produced or feeds, [block.input])
+            lead_in = ex.extract(q, produced or feeds, [block.input], only_read=True)
         # An output read only through Q/DQ is compensated after its DequantizeLinear (the
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
         # block is judged there too.
@@ -432,22 +432,13 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 fp=ex.extract(fp, [block.input], [block.output]),
                 q=ex.extract(q, [block.input], outputs),
                 lead_in=lead_in,
-                tail=_cut(q, [plan.tail_input, *earlier], after, first=True) if after else None,
+                tail=ex.extract(q, [plan.tail_input, *earlier], after, only_read=True) if after else None,
             )
         )
         plans.append(plan)
         produced.append(block.output)
     _mark_kept_values(blocks, models)
     return plans, models
-
-
-def _cut(q: ir.Model, sources: list[str], outputs: list[str], first: bool = False) -> ex.SubModel:
-    """The quantized graph from those of the stream values ``sources`` that ``outputs`` are
-    computed from (and the ``first`` one, fed by the caller) to ``outputs``."""
-    full = ex.extract(q, sources, outputs)
-    read = {name for node in full.proto.graph.node for name in node.input}
-    kept = [name for i, name in enumerate(sources) if name in read or (first and i == 0)]
-    return ex.extract(q, kept or sources[:1], outputs)
 
 
 def _mark_kept_values(blocks: list[Block], models: list[_BlockModels]) -> None:

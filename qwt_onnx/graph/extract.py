@@ -23,14 +23,15 @@ class SubModel:
     outputs: tuple[str, ...]
 
 
-def extract(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> SubModel:
+def extract(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str], only_read: bool = False) -> SubModel:
     """The nodes that compute ``outputs`` from ``inputs``.
 
     Walking back from the outputs, a value is computed inside when its producer
     reads (directly or not) one of ``inputs`` or only constants. Graph inputs it
     reaches are fed as they are; any other value computed outside (for example
     a shape taken before the cut) becomes a *context* input, supplied by
-    :func:`context_model`.
+    :func:`context_model`. With ``only_read``, only the ``inputs`` that the walk
+    reaches are fed (the first one where it reaches none).
     """
     graph = model.graph
     by_name = g.values_by_name(graph)
@@ -46,10 +47,14 @@ def extract(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> S
     graph_inputs: list[ir.Value] = []
     context: list[ir.Value] = []
     seen: set[ir.Value] = set()
+    reached: set[ir.Value] = set()  # of the cut values
     frontier = [by_name[n] for n in outputs]
     while frontier:
         value = frontier.pop()
-        if value in seen or value in cut:
+        if value in cut:
+            reached.add(value)
+            continue
+        if value in seen:
             continue
         seen.add(value)
         producer = value.producer()
@@ -63,6 +68,8 @@ def extract(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> S
         else:
             context.append(value)
 
+    if only_read:
+        inputs = [n for n in inputs if by_name[n] in reached] or list(inputs[:1])
     ordered = [n for n in graph if n in nodes]
     feeds = [by_name[n] for n in inputs] + graph_inputs + context
     view = ir.GraphView(
