@@ -3,6 +3,7 @@
     python tools/bench.py                 # every zoo model, 512 calibration samples (about 50 minutes)
     python tools/bench.py --quick         # 32 samples, 16 evaluation samples, min-max baseline only
     python tools/bench.py --granularity   # also one block per residual branch, where that differs
+    python tools/bench.py --models yolov8n --merge   # re-run one model, keep the others' rows
 
 For each model, on the same calibration and evaluation data and in one run:
 FP32; onnxruntime quantize_static (QDQ, per-channel) with min-max, percentile
@@ -52,7 +53,7 @@ FULL_EVALUATION = 192  # evaluation samples per model at most
 EVALUATION_BATCH = 16  # samples per onnxruntime run when scoring
 # Evaluation samples run on the emulated AVX2 CPU, which computes float ops in software: a ViT-S
 # image with its float decoder takes over 3 minutes per model there, a PP-OCR sample 8 s.
-EMULATED_EVALUATION = {"vit-s": 1, "ocr-det": 8, "ocr-rec": 8}
+EMULATED_EVALUATION = {"vit-s": 1, "ocr-det": 8, "ocr-rec": 8, "yolov8n": 8}
 EMULATED_DEFAULT, QUICK_EMULATED = 32, 2
 EMULATED = ("qwt-ptq", "qwt", "qwt-full")  # and onnxruntime's best
 TRANSFORMERS = {"vit-s", "minilm"}  # the portable weight range may cost 1 dB on these, 0.5 dB on the rest
@@ -236,6 +237,7 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
         log(f"  ran {len(keys)} variants on {emulated} samples on an emulated AVX2 CPU in {time.perf_counter() - started:.0f} s")
     return {
         "name": name,
+        "run": run_label(quick),
         "description": entry.description,
         "metric": entry.metric_name,
         "classifier": entry.classifier,
@@ -283,6 +285,11 @@ def machine() -> str:
     return f"{cpu} ({vnni() or 'no VNNI'}), {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {ort.__version__}"
 
 
+def run_label(quick: bool) -> str:
+    """When, how and where a model was measured: its row's provenance once runs are merged."""
+    return f"{'quick' if quick else 'full'} run, {datetime.date.today().isoformat()}, on {machine()}"
+
+
 def vnni() -> str:
     """The VNNI extensions this CPU has ("avx512_vnni, avx_vnni"), or "" where it has none."""
     try:
@@ -294,12 +301,16 @@ def vnni() -> str:
 
 
 def markdown(results: list[dict], args, minutes: float) -> str:
-    today = datetime.date.today().isoformat()
-    mode = "quick" if args.quick else "full"
+    runs = {r["run"]: [x["name"] for x in results if x["run"] == r["run"]] for r in results}
+    if len(runs) == 1:
+        provenance = [f"`python tools/bench.py` ({next(iter(runs))}; {minutes:.0f} minutes)."]
+    else:  # rows merged from several runs (--merge): each says where it was measured
+        provenance = ["`python tools/bench.py`, rows from several runs:", ""]
+        provenance += [f"- {', '.join(names)}: {run}" for run, names in runs.items()]
     lines = [
         "# Benchmarks",
         "",
-        f"`python tools/bench.py{' --quick' if args.quick else ''}` ({mode} run, {minutes:.0f} minutes), {today}, on {machine()}.",
+        *provenance,
         "",
         "Every variant is quantized from the same FP32 model with the same calibration samples and",
         "evaluated on the same evaluation samples, which calibration never sees. Fidelity is measured",
@@ -380,7 +391,7 @@ The kernel tables in each model's section (one profiled batch-1 run per model) s
 def _portable_lines(results: list[dict]) -> list[str]:
     """Issue 11: the same models on an emulated AVX2-only CPU, and what the portable weight range costs."""
     lines = ["", "## Portable INT8: the same models on an AVX2-only CPU", "",
-             "SQNR to FP32 (dB) of each model run natively (this machine: " + (vnni() or "no VNNI") + ") and on an",
+             "SQNR to FP32 (dB) of each model run natively (on its run's CPU, named above with its VNNI extensions) and on an",
              "emulated AVX2-only CPU (`qemu-x86_64 -cpu Haswell`: no VNNI, so onnxruntime's uint8 × int8 kernels",
              "add adjacent weight pairs in int16 with saturation), on the first evaluation samples; and what the",
              "portable weight range (the default) costs against full-range int8 weights, natively on the whole",
@@ -585,18 +596,29 @@ def main() -> None:
     parser.add_argument("--granularity", action="store_true",
                         help="also one block per residual branch (--granularity residual) where it differs")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of models not run from the existing results (each row names its run)")
     args = parser.parse_args()
     samples = args.samples or (QUICK_SAMPLES if args.quick else zoo.CALIBRATION_SAMPLES)
     started = time.perf_counter()
-    results = []
+    results = earlier_results(args.out) if args.merge else []
     with tempfile.TemporaryDirectory(prefix="qwt-bench-") as folder:
         for name in args.models.split(","):
             print(f"{name}:", flush=True)
-            results.append(bench_model(name, samples, args.quick, args.granularity, folder, lambda m: print(m, flush=True)))
+            result = bench_model(name, samples, args.quick, args.granularity, folder, lambda m: print(m, flush=True))
+            results = [r for r in results if r["name"] != name] + [result]
             write(results, args, (time.perf_counter() - started) / 60)  # after each model: a crash keeps the rest
     minutes = (time.perf_counter() - started) / 60
     write(results, args, minutes)
     print(f"wrote {args.out} in {minutes:.1f} minutes")
+
+
+def earlier_results(out: str) -> list[dict]:
+    path = os.path.splitext(out)[0] + ".json"
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
 
 
 def write(results: list[dict], args, minutes: float) -> None:

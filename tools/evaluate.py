@@ -2,8 +2,8 @@
 
     python tools/evaluate.py vit-s out-ptq.onnx out-qwt.onnx
 
-prints, per model, the output SQNR (dB) and cosine similarity to the FP32
-model on the zoo entry's evaluation set, which no calibration ever sees, and
+prints, per model, the output SQNR (dB), cosine similarity to the FP32
+model and the entry's task metric on the zoo entry's evaluation set, which no calibration ever sees, and
 for every model after the first its SQNR gain over the first with a 95%
 paired-bootstrap interval (how much the gain depends on which samples were
 drawn: output errors are heavy-tailed, so a few tenths of a dB can be noise).
@@ -31,16 +31,19 @@ def main() -> None:
     parser.add_argument("zoo_name", choices=sorted(zoo.ENTRIES))
     parser.add_argument("models", nargs="+", help="quantized models of that zoo entry")
     args = parser.parse_args()
-    prepared = zoo.prepare(args.zoo_name)
-    with np.load(prepared.evaluation) as data:
-        feeds = {k: data[k] for k in data.files}
+    entry, prepared = zoo.get(args.zoo_name), zoo.prepare(args.zoo_name)
+    feeds, labels = zoo.load_evaluation(prepared)
     reference = run_in_batches(prepared.model, feeds, 16)
     print(f"{args.zoo_name}: {len(next(iter(feeds.values())))} evaluation samples")
+    if entry.task_metric is not None and labels is not None:
+        print(f"  FP32: {entry.metric_name} {entry.task_metric(next(iter(reference.values())), labels):.4f}")
     first = None
     for path in args.models:
         test = run_in_batches(path, feeds, 16)
         score = metrics.score(reference, test)
         line = f"  {path}: SQNR {metrics.sqnr_db(reference, test):.2f} dB, cosine {cosine(reference, test):.5f}"
+        if entry.task_metric is not None and labels is not None:
+            line += f", {entry.metric_name} {entry.task_metric(next(iter(test.values())), labels):.4f}"
         if first is None:
             first = score
         else:

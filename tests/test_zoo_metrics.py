@@ -1,0 +1,42 @@
+"""The zoo's task metrics on hand-made outputs (no model, no data)."""
+
+import numpy as np
+
+from qwt_onnx.zoo import detector
+
+
+def _yolo_output(anchors: list[tuple[float, float, float, float, int, float]], classes: int = 18) -> np.ndarray:
+    """One image's [4 + classes, anchors] output from (cx, cy, w, h, class, score) rows."""
+    output = np.zeros((4 + classes, len(anchors)), dtype=np.float32)
+    for i, (cx, cy, w, h, cls, score) in enumerate(anchors):
+        output[:4, i] = cx, cy, w, h
+        output[4 + cls, i] = score
+    return output
+
+
+FACE, FEET = 1, 7
+REFERENCE = np.stack([
+    _yolo_output([(50, 50, 20, 20, FACE, 0.9), (52, 50, 20, 20, FACE, 0.6), (200, 200, 40, 30, FEET, 0.5)]),
+    _yolo_output([(100, 80, 30, 30, FACE, 0.8), (300, 300, 10, 10, FACE, 0.1), (0, 0, 0, 0, FACE, 0.0)]),
+])
+
+
+def test_detections_are_nms_survivors_above_the_score_threshold():
+    found = detector.detections(REFERENCE)
+    # image 0: the two overlapping faces become one, the feet stay; image 1: the 0.1 face is dropped
+    np.testing.assert_array_equal(found[:, :2], [[0, FACE], [0, FEET], [1, FACE]])
+    np.testing.assert_allclose(found[0, 3:], [40, 40, 60, 60])
+
+
+def test_detection_f1_counts_missed_moved_and_relabelled_boxes():
+    labels = detector.detections(REFERENCE)
+    assert detector.detection_f1(REFERENCE, labels) == 1.0
+    moved = REFERENCE.copy()
+    moved[0, 0, :2] += 15  # the face's surviving anchors move by 15 px on a 20 px box: IoU below 0.5
+    assert detector.detection_f1(moved, labels) == 2 * 2 / (3 + 3)
+    relabelled = REFERENCE.copy()
+    relabelled[1, 4 + FEET, 0], relabelled[1, 4 + FACE, 0] = 0.8, 0.0
+    assert detector.detection_f1(relabelled, labels) == 2 * 2 / (3 + 3)
+    missed = REFERENCE.copy()
+    missed[0, 4 + FEET, 2] = 0.1
+    assert detector.detection_f1(missed, labels) == 2 * 2 / (2 + 3)
