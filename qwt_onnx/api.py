@@ -68,6 +68,9 @@ class Candidate:
     score: Score | None
     bias_corrected: bool = False
     bias_correction_gain_db: float | None = None  # held-out, where both were built
+    # The same ranges with bias correction the other way, where both were built: which of the
+    # two QwT compensates better is tried apart from which PTQ prefers.
+    other_correction: Candidate | None = None
 
     @property
     def sqnr_db(self) -> float | None:
@@ -83,6 +86,7 @@ class Compensation:
     blocks: list[BlockReport]
     samples: int  # the fits were made on the first this many
     score: Score | None = None
+    bias_corrected: bool = False
 
     @property
     def sqnr_db(self) -> float | None:
@@ -94,9 +98,10 @@ class Selection:
     """QwT's held-out SQNR per calibration method, tried on the first samples."""
 
     samples: int = 0  # QwT was fitted on the first this many (and scored on every scoring sample)
-    scores: dict[str, Score] = dataclasses.field(default_factory=dict)
+    scores: dict[str, Score] = dataclasses.field(default_factory=dict)  # by trial label (see _trial_labels)
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)  # the chosen QwT model's fits
-    chosen: str | None = None  # the method QwT is fitted on
+    chosen: str | None = None  # the label of the PTQ model QwT is fitted on
+    candidate: Candidate | None = None  # ... and that model
 
     @property
     def sqnr_db(self) -> dict[str, float]:
@@ -167,6 +172,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     candidates = given_candidate(run, quantized) if quantized is not None else ptq_candidates(run)
     scored = [c for c in candidates if c.sqnr_db is not None]
     ptq = max(scored, key=lambda c: c.sqnr_db) if scored else candidates[0]
+    candidates = [c if c is ptq else dataclasses.replace(c, other_correction=None) for c in candidates]  # only PTQ's is tried
     selection, compensation = Selection(), None
     if found:
         selection, compensation = compensate(run, candidates, ptq, found)
@@ -326,14 +332,15 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
 
 def _better_of(variants: list[Candidate]) -> Candidate:
     """Of one method's models with and without bias correction, the better on held-out samples
-    (the first where none are held out), with the gain of the correction."""
+    (the first where none are held out), with the gain of the correction and the other model."""
     scored = [v for v in variants if v.sqnr_db is not None]
     chosen = max(scored, key=lambda v: v.sqnr_db) if scored else variants[0]
     gain = None
     if len(scored) == 2:
         by_correction = {v.bias_corrected: v.sqnr_db for v in scored}
         gain = by_correction[True] - by_correction[False]
-    return dataclasses.replace(chosen, bias_correction_gain_db=gain)
+    other = next((v for v in variants if v is not chosen), None)
+    return dataclasses.replace(chosen, bias_correction_gain_db=gain, other_correction=other)
 
 
 def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[blk.Block]) -> tuple[Selection, Compensation]:
@@ -341,22 +348,22 @@ def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: li
     where there are several), on every calibration sample."""
     selection = Selection()
     chosen = candidates[0]
-    if len(candidates) > 1:
+    if len(candidates) > 1 or ptq.other_correction is not None:
         selection = _select(run, candidates, ptq, found)
         if not selection.sqnr_db:
             run.warnings.warn(
                 f"QwT kept no branch on the held-out samples of the first {selection.samples} with any calibration method; "
                 "not fitting it on all samples, writing the PTQ model"
             )
-            return selection, Compensation(ptq.method, None, selection.blocks, selection.samples)
-        chosen = next(c for c in candidates if c.method == selection.chosen)
+            return selection, Compensation(ptq.method, None, selection.blocks, selection.samples, bias_corrected=ptq.bias_corrected)
+        chosen = selection.candidate
         shortfall = selection.shortfall_db(ptq)
         if shortfall is not None and shortfall > PAYS_MARGIN_DB:
             run.warnings.warn(
                 f"QwT fitted on the first {selection.samples} samples reaches at best {ptq.sqnr_db - shortfall:.2f} dB on held-out "
                 f"samples, {shortfall:.2f} dB below PTQ ({ptq.method}); not fitting it on all samples, writing the PTQ model"
             )
-            return selection, Compensation(chosen.method, None, selection.blocks, selection.samples)
+            return selection, Compensation(chosen.method, None, selection.blocks, selection.samples, bias_corrected=chosen.bias_corrected)
     compensation = _compensate(run, chosen, found, run.calib)
     if compensation.model is None:
         run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
@@ -366,26 +373,43 @@ def compensate(run: _Run, candidates: list[Candidate], ptq: Candidate, found: li
 
 
 def _select(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[blk.Block]) -> Selection:
-    """QwT per calibration method on the first samples.
+    """QwT per calibration method, and on the best method's weights with bias correction the
+    other way, on the first samples.
 
     QwT recovers clipping error far better than rounding noise, so the best
-    method for PTQ is often not the best one to compensate.
+    method for PTQ is often not the best one to compensate; and a branch's bias
+    absorbs its block's mean error itself, so whether bias correction still
+    helps is a question for the compensated model (on YOLOv8n it cost QwT 1.5 dB
+    that it gave PTQ 3.9 dB).
     """
     subset = run.calib.take(SELECTION_SAMPLES)
+    trials = _trial_labels(candidates, ptq)
     scores, blocks = {}, {}
-    for candidate in candidates:
-        if ptq.sqnr_db is not None and candidate.sqnr_db is not None and candidate.sqnr_db < ptq.sqnr_db - SELECTION_MARGIN_DB:
-            continue
+    for label, candidate in trials.items():
         compensation = _compensate(run, candidate, found, subset)
-        blocks[candidate.method] = compensation.blocks
+        blocks[label] = compensation.blocks
         if compensation.model is not None:
             # Scored on every scoring sample, not only the subset's dozen held-out ones (no fit saw
             # any of them): output errors are heavy-tailed, and a dozen samples decide by noise.
-            scores[candidate.method] = run.heldout_score(compensation.model, f"evaluating QwT ({candidate.method})")
+            scores[label] = run.heldout_score(compensation.model, f"evaluating QwT ({label})")
     if not scores:  # the PTQ model's fits say why
         return Selection(subset.num_samples, blocks=blocks.get(ptq.method, []))
     best = _trial_choice(scores, ptq.method)
-    return Selection(subset.num_samples, scores, blocks[best], best)
+    return Selection(subset.num_samples, scores, blocks[best], best, trials[best])
+
+
+def _trial_labels(candidates: list[Candidate], ptq: Candidate) -> dict[str, Candidate]:
+    """The PTQ models QwT is tried on, by label: each method's (the PTQ model's label is its
+    method), less those far below the best, and the best method's with bias correction the
+    other way."""
+    trials = {
+        c.method: c for c in candidates
+        if ptq.sqnr_db is None or c.sqnr_db is None or c.sqnr_db >= ptq.sqnr_db - SELECTION_MARGIN_DB
+    }
+    other = ptq.other_correction
+    if other is not None:
+        trials[f"{other.method} {'with' if other.bias_corrected else 'without'} bias correction"] = other
+    return trials
 
 
 def _trial_choice(scores: dict[str, Score], ptq_method: str) -> str:
@@ -448,10 +472,10 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
             entry = dataclasses.replace(entry, parameters=branch.num_parameters)
         reports.append(entry)
     if not branches:
-        return Compensation(candidate.method, None, reports, calib.num_samples)
+        return Compensation(candidate.method, None, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
     compensated = candidate.model.clone()
     ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(compensated)
-    return Compensation(candidate.method, compensated, reports, calib.num_samples)
+    return Compensation(candidate.method, compensated, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
 
 
 def _block_report(res: capture.BlockResult) -> BlockReport:
@@ -478,12 +502,14 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         target=run.options.target.value,
         method=compensation.method if applied else ptq.method,
         qwt_method=compensation.method if compensation is not None else None,
+        qwt_bias_corrected=compensation.bias_corrected if compensation is not None else None,
         fit_samples=compensation.samples if compensation is not None else 0,
         samples=run.calib.num_samples,
         heldout_samples=int(run.calib.heldout_mask.sum()),
         weight_range=run.options.weights.value,
         method_sqnr_db={c.method: c.sqnr_db for c in candidates if c.sqnr_db is not None},
         method_qwt_sqnr_db=dict(selection.sqnr_db),
+        qwt_trial=selection.chosen,
         bias_corrected={c.method: c.bias_corrected for c in candidates},
         bias_correction_gain_db={c.method: c.bias_correction_gain_db for c in candidates if c.bias_correction_gain_db is not None},
         selection_samples=selection.samples,

@@ -111,7 +111,7 @@ class Options:
     bias_correction: BiasCorrection = _option(
         BiasCorrection.AUTO,
         "subtract each weight's mean rounding error in its op's bias: auto (where it scores better on held-out "
-        "samples), on or off",
+        "samples, decided apart for PTQ and for QwT), on or off",
     )
 
     def __post_init__(self) -> None:

@@ -32,9 +32,11 @@ class Report:
     samples: int
     heldout_samples: int
     qwt_method: str | None = None  # the one the compensation was fitted on (written or not)
+    qwt_bias_corrected: bool | None = None  # whether the weights it was fitted on are bias-corrected
+    qwt_trial: str | None = None  # the label, in method_qwt_sqnr_db, of the PTQ model QwT was fitted on
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
-    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method
+    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method (and bias correction)
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
     selection_samples: int = 0  # the QwT comparison of methods fitted on the first this many samples
@@ -75,12 +77,12 @@ def format_summary(report: Report, source: str) -> str:
         lines.append(f"bias correction, held-out gain: {gains}")
     if report.method_qwt_sqnr_db:
         lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + _scores(
-            report.method_qwt_sqnr_db, report.qwt_method
+            report.method_qwt_sqnr_db, report.qwt_trial
         ))
     if report.blocks:
         lines.append(
-            f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration, "
-            f"{report.fit_samples} samples"
+            f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration"
+            f"{', bias-corrected weights' if report.qwt_bias_corrected else ''}, {report.fit_samples} samples"
         )
         lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7} {'outputs':>8}  channels kept")
         for k, b in enumerate(report.blocks):

@@ -103,6 +103,21 @@ def test_bias_correction_removes_the_mean_error_of_rounded_weights_and_auto_keep
     assert written["auto"].SerializeToString() == written["on"].SerializeToString()
 
 
+def test_qwt_is_tried_on_the_ptq_weights_with_bias_correction_the_other_way():
+    # PTQ keeps bias correction on this CNN (see above); whether QwT, whose branches fit each
+    # block's mean error themselves, is better on the corrected weights is tried apart
+    model = graphs.resnet()
+    calib = graphs.samples(model, 160, seed=1)
+    written, report = quantize_with_report(model, calib, calib_method="percentile", min_gain=0.0, progress=False)
+    assert report.bias_corrected == {"percentile": True}
+    assert set(report.method_qwt_sqnr_db) == {"percentile", "percentile without bias correction"}
+    assert report.qwt_bias_corrected == (report.qwt_trial == "percentile")
+    ptq_weights = quantize(model, calib, qwt=False, calib_method="percentile",
+                           bias_correction="on" if report.qwt_bias_corrected else "off", progress=False)
+    biases = lambda m: {t.name: t.raw_data for t in m.graph.initializer if "bias" in t.name and not t.name.startswith("qwt/")}  # noqa: E731
+    assert report.qwt_applied and biases(written) == biases(ptq_weights)
+
+
 def test_branches_are_named_and_batch_stays_dynamic(case):
     _, model, _, qwt, report = case
     spliced = [n for n in qwt.graph.node if n.name.startswith("qwt/")]
@@ -137,11 +152,12 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     assert set(report.method_sqnr_db) == {"minmax", "percentile", "entropy"}
     best = max(report.method_sqnr_db.values())
-    # QwT is tried on the methods whose plain PTQ is within the margin of the best (and scored
-    # where it kept a branch)
+    # QwT is tried on the methods whose plain PTQ is within the margin of the best, and on the
+    # best's weights with bias correction the other way (and scored where it kept a branch)
+    other = f"{report.ptq_method} {'without' if report.bias_corrected[report.ptq_method] else 'with'} bias correction"
     assert report.method_qwt_sqnr_db and set(report.method_qwt_sqnr_db) <= {
         m for m, db in report.method_sqnr_db.items() if db >= best - api.SELECTION_MARGIN_DB
-    }
+    } | {other}
     # measured here, not read from the report: on the held-out calibration samples (every
     # fifth) the written model is at least as close to FP32 as the best plain PTQ model
     heldout = {name: array[4::5] for name, array in calib.items()}
@@ -235,7 +251,7 @@ def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay
     fitted_on.clear()
     written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
-    assert not report.qwt_applied and report.blocks and report.qwt_method in report.method_qwt_sqnr_db
+    assert not report.qwt_applied and report.blocks and report.qwt_trial in report.method_qwt_sqnr_db
     assert any("not fitting it on all samples" in w for w in report.warnings)
     assert written.SerializeToString() == quantize(model, calib, qwt=False, progress=False).SerializeToString()
 

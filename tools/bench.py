@@ -210,14 +210,16 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     ours("qwt")
     # the variants below differ from qwt in one option only (the method QwT was fitted on, written or not)
     chosen = variants["qwt"].report.get("qwt_method") or variants["qwt"].report["method"]
+    corrected = variants["qwt"].report.get("qwt_bias_corrected")
+    same_weights = ("--calib-method", chosen) + (("--bias-correction", "on" if corrected else "off") if corrected is not None else ())
     ptq_method = variants["qwt-ptq"].report["method"]
     ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)
     ours("qwt-ptq-no-bc", "--no-qwt", "--bias-correction", "off", "--calib-method", ptq_method)
-    ours("qwt-full", "--weight-range", "full", "--calib-method", chosen)
+    ours("qwt-full", "--weight-range", "full", *same_weights)
     if not quick:
-        ours("qwt-float", "--branch-precision", "float", "--calib-method", chosen)
+        ours("qwt-float", "--branch-precision", "float", *same_weights)
     if granularity and granularities_differ(prepared.model):
-        ours("qwt-residual", "--granularity", "residual", "--calib-method", chosen)
+        ours("qwt-residual", "--granularity", "residual", *same_weights)
 
     reference = list(outputs_of(prepared.model, feeds))
     for variant in variants.values():
@@ -561,7 +563,8 @@ def _model_section(r: dict) -> list[str]:
     qwt = v["qwt"]["report"]
     if qwt:
         outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ on held-out samples, so the PTQ model was written"
-        fitted = f"fitted on {qwt.get('qwt_method') or qwt['method']} calibration, {qwt.get('fit_samples', qwt['samples'])} samples"
+        weights = ", bias-corrected weights" if qwt.get("qwt_bias_corrected") else ""
+        fitted = f"fitted on {qwt.get('qwt_method') or qwt['method']} calibration{weights}, {qwt.get('fit_samples', qwt['samples'])} samples"
         lines += ["", f"QwT: {len(qwt['blocks'])} blocks, {fitted}{outcome}."]
     return lines + _kernel_lines(r)
 
