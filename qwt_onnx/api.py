@@ -532,10 +532,22 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
 
 
 def _check_outputs(fp: ir.Model, chosen: tuple[str, ...]) -> None:
-    floats = [v.name for v in fp.graph.outputs if v.dtype is not None and v.dtype.is_floating_point()]
-    for name in chosen:
+    floats = {v.name: v for v in fp.graph.outputs if v.dtype is not None and v.dtype.is_floating_point()}
+    for label in chosen:
+        try:
+            name, index = metrics.part_of(label)
+        except ValueError as exc:
+            raise InputError(f"--outputs: {exc}; write a part of an output as NAME[:, START:STOP]") from None
         if name not in floats:
             raise InputError(f"--outputs: the model has no float output {name!r}; choose from {', '.join(floats)}")
+        shape = floats[name].shape
+        if index is None or shape is None:
+            continue
+        if len(index) > len(shape):
+            raise InputError(f"--outputs: {label!r} indexes {len(index)} axes of {name}, which has {len(shape)}; index fewer")
+        for axis, (item, dim) in enumerate(zip(index, shape)):
+            if isinstance(dim, int) and (not -dim <= item < dim if isinstance(item, int) else not range(dim)[item]):
+                raise InputError(f"--outputs: {label!r} selects nothing of axis {axis} of {name}, which has {dim}; fix the index")
 
 
 def _check_output(model: ModelLike, output: str | os.PathLike | None) -> None:

@@ -101,7 +101,8 @@ class Options:
         "(the default with --target trt)",
     )
     outputs: tuple[str, ...] = _option(
-        (), "graph outputs whose held-out SQNR to FP32 decides (the worst of them), comma-separated; "
+        (), "graph outputs whose held-out SQNR to FP32 decides (the worst of them), comma-separated; a part of "
+        "one as NAME[INDEX], numpy-style with the samples' axis first (a detector's class scores: output0[:, 4:]); "
         "default: every float output", metavar="NAMES",
     )
     check_outputs: bool = _option(
@@ -180,7 +181,8 @@ def _coerce(value, kind, flag: str):
         except ValueError:
             raise InputError(f"unknown {flag} {value!r}; choose from {', '.join(c.value for c in choices)}") from None
     if _is_tuple(kind):
-        items = value.split(",") if isinstance(value, str) else (value or ())
+        # commas inside brackets belong to an item (an output part's index, a character class)
+        items = re.split(r",(?![^\[]*\])", value) if isinstance(value, str) else (value or ())
         return tuple(str(item) for item in items if item)
     if kind is bool:
         return bool(value)

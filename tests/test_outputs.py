@@ -100,3 +100,63 @@ def test_an_unknown_output_is_named_with_the_valid_ones():
     model = _two_scales()
     with pytest.raises(InputError, match=r"no float output 'scores'; choose from logits, features"):
         quantize_with_report(model, graphs.samples(model, 20, seed=1), outputs="scores", progress=False)
+
+
+def _concatenated() -> onnx.ModelProto:
+    """The two scales of :func:`_two_scales` in one output, as detectors write boxes and class
+    scores: ``joined`` [batch, 10 + 32], the logits first."""
+    model = _two_scales()
+    model.graph.node.append(helper.make_node("Concat", ["logits", "features"], ["joined"], axis=1))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("joined", TensorProto.FLOAT, ["batch", 42]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_part_of_an_output_decides_and_is_scored_on_its_own():
+    model = _concatenated()
+    calib = graphs.samples(model, 60, seed=1)
+    _, whole = quantize_with_report(model, calib, qwt=False, progress=False)
+    written, part = quantize_with_report(model, calib, qwt=False, outputs="joined[:, :10]", progress=False)
+    assert set(part.output_sqnr_ptq_db) == {"joined", "joined[:, :10]"}
+    # the features x 1000 swamp the whole; the logits part alone is worse, and it decides
+    assert part.sqnr_ptq_db == part.output_sqnr_ptq_db["joined[:, :10]"] < part.output_sqnr_ptq_db["joined"]
+    assert whole.sqnr_ptq_db == whole.output_sqnr_ptq_db["joined"]
+    # an oracle: onnxruntime on the held-out samples (every fifth), the logits columns alone
+    heldout = {k: v[4::5] for k, v in calib.items()}
+    reference, test = session(model).run(None, heldout)[0][:, :10], session(written).run(None, heldout)[0][:, :10]
+    assert part.sqnr_ptq_db == pytest.approx(sqnr_db_per_output({"y": reference}, {"y": test})["y"], abs=1e-3)
+
+
+@pytest.mark.parametrize("label, message", [
+    ("joined[4:]", r"must keep every sample: begin its index with ':'"),
+    ("joined[:, a:b]", r"no float output 'joined\[:, a:b\]'"),
+    ("joined[:, :, 1]", r"indexes 3 axes of joined, which has 2"),
+    ("joined[:, 50:]", r"selects nothing of axis 1 of joined, which has 42"),
+])
+def test_a_bad_part_is_named_with_the_fix(label, message):
+    model = _concatenated()
+    with pytest.raises(InputError, match=message):
+        quantize_with_report(model, graphs.samples(model, 20, seed=1), outputs=label, progress=False)
+
+
+def test_parts_are_split_from_a_list_of_outputs_at_commas_outside_brackets():
+    from qwt_onnx.options import Options
+
+    assert Options(outputs="output0[:, 4:],states").outputs == ("output0[:, 4:]", "states")
+    assert metrics.part_of("output0[:, 4:]") == ("output0", (slice(None), slice(4, None)))
+    assert metrics.part_of("y[:, ::2, -1]") == ("y", (slice(None), slice(None, None, 2), -1))
+
+
+def test_branches_checked_at_the_outputs_are_checked_on_the_chosen_part():
+    model = _concatenated()
+    calib = graphs.samples(model, 160, seed=1)
+    _, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, check_outputs=True,
+                                     outputs="joined[:, :10]", progress=False, **graphs.SYSTEMATIC_ERROR)
+    checked = [b for b in report.blocks if b.output_gain_db is not None]
+    assert checked and all(b.kept == (b.output_gain_db > 0) for b in checked)
+    assert report.sqnr_ptq_db == report.output_sqnr_ptq_db["joined[:, :10]"]
+    # the kept branches' gains at the part add up to about the written model's (the stream they
+    # were checked on does not requantize as the written graph does)
+    assert report.qwt_applied
+    assert report.sqnr_qwt_db - report.sqnr_ptq_db == pytest.approx(sum(b.output_gain_db for b in checked if b.kept), abs=1.0)

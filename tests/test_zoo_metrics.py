@@ -23,9 +23,11 @@ REFERENCE = np.stack([
 
 def test_detections_are_nms_survivors_above_the_score_threshold():
     found = detector.detections(REFERENCE)
-    # image 0: the two overlapping faces become one, the feet stay; image 1: the 0.1 face is dropped
-    np.testing.assert_array_equal(found[:, :2], [[0, FACE], [0, FEET], [1, FACE]])
-    np.testing.assert_allclose(found[0, 3:], [40, 40, 60, 60])
+    # image 0: the two overlapping faces become one, the feet stay; image 1: the 0.1 face is
+    # dropped, and its second row is padding
+    np.testing.assert_array_equal(found[:, :, 0], [[FACE, FEET], [FACE, -1]])
+    np.testing.assert_allclose(found[0, 0, 2:], [40, 40, 60, 60])
+    assert detector.detection_f1(REFERENCE[1:], found[1:]) == 1.0  # samples and their labels slice together
 
 
 def test_detection_f1_counts_missed_moved_and_relabelled_boxes():

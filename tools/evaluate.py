@@ -3,7 +3,7 @@
     python tools/evaluate.py vit-s out-ptq.onnx out-qwt.onnx
 
 prints, per model, the output SQNR (dB), cosine similarity to the FP32
-model and the entry's task metric on the zoo entry's evaluation set, which no calibration ever sees, and
+model (and of each part of an output the entry's task needs) and its task metric on the zoo entry's evaluation set, which no calibration ever sees, and
 for every model after the first its SQNR gain over the first with a 95%
 paired-bootstrap interval (how much the gain depends on which samples were
 drawn: output errors are heavy-tailed, so a few tenths of a dB can be noise).
@@ -40,15 +40,17 @@ def main() -> None:
     first = None
     for path in args.models:
         test = run_in_batches(path, feeds, 16)
-        score = metrics.score(reference, test)
+        score = metrics.score(reference, test, entry.outputs)
         line = f"  {path}: SQNR {metrics.sqnr_db(reference, test):.2f} dB, cosine {cosine(reference, test):.5f}"
+        if entry.outputs:
+            line += "".join(f", {label} {score.outputs_db[label]:.2f} dB" for label in entry.outputs)
         if entry.task_metric is not None and labels is not None:
             line += f", {entry.metric_name} {entry.task_metric(next(iter(test.values())), labels):.4f}"
         if first is None:
             first = score
         else:
             interval = metrics.gain_interval(score, first)
-            line += f", {score.db - first.db:+.2f} dB over the first"
+            line += f", {score.db - first.db:+.2f} dB over the first{' (worst part)' if entry.outputs else ''}"
             if interval is not None:
                 line += " (95% interval {:+.2f} to {:+.2f})".format(*interval)
         print(line)

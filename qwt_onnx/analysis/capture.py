@@ -70,12 +70,17 @@ class OutputCheck:
     reference: dict[str, np.ndarray]  # samples on axis 0, in the order of their indices
     scoring: np.ndarray  # mask of the calibration samples that ``reference`` holds
     batch_axes: dict[str, int]  # where each model output holds its samples
-    chosen: tuple[str, ...] = ()  # the outputs that decide; every float one where empty
+    chosen: tuple[str, ...] = ()  # the outputs (or parts of them) that decide; every float one where empty
 
     def decisive(self, names: list[str]) -> tuple[str, ...]:
-        """Of the output ``names``, those that decide: chosen and float."""
+        """Of the output ``names``, those that decide: float, and chosen or holding a chosen part."""
         floats = {name for name, _ in metrics.float_outputs(self.reference)}
-        return tuple(n for n in names if n in floats and (not self.chosen or n in self.chosen))
+        wanted = {metrics.part_of(label)[0] for label in self.chosen}
+        return tuple(n for n in names if n in floats and (not self.chosen or n in wanted))
+
+    def labels(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """What is scored of the decisive outputs ``names``: each whole, or its chosen parts."""
+        return tuple(label for label in self.chosen if metrics.part_of(label)[0] in names) if self.chosen else names
 
     def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Of a batch's sample ``indices``: which ones are scored, and their rows in ``reference``."""
@@ -307,8 +312,9 @@ class _Stream:
                 y = self.block_output(result, i, pool, compensated, requantize=fed == block.output)
                 values = runner({**pool, fed: y}) if runner else {fed: y}
                 scored, rows = check.rows(batch.indices)
-                yield ({name: check.reference[name][rows] for name in reached},
-                       {name: np.moveaxis(values[name], check.batch_axes[name], 0)[scored] for name in reached})
+                yield (metrics.parts({name: check.reference[name][rows] for name in reached}, check.labels(reached)),
+                       metrics.parts({name: np.moveaxis(values[name], check.batch_axes[name], 0)[scored] for name in reached},
+                                     check.labels(reached)))
 
         return metrics.sqnr_db_over_batches(batches())
 
@@ -378,7 +384,7 @@ def _checked_at_outputs(
 ) -> BlockResult:
     """``result``, its branch dropped unless it raises the held-out SQNR of the worst output it
     reaches; ``so_far`` (each output's SQNR with the branches kept so far) is brought up to date."""
-    reached = result.plan.outputs_reached
+    reached = check.labels(result.plan.outputs_reached)
     if not reached:
         return dataclasses.replace(result, kept_at_outputs=False, skipped="dropped: reaches none of the chosen outputs")
     if any(name not in so_far for name in reached):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -36,7 +37,9 @@ class Score:
 
 
 def score(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], chosen: tuple[str, ...] = ()) -> Score:
-    """The :class:`Score` of ``test`` (samples on axis 0, as in ``reference``), with its per-sample energies."""
+    """The :class:`Score` of ``test`` (samples on axis 0, as in ``reference``), with its per-sample
+    energies; a chosen part of an output (:func:`parts`) is scored beside the whole."""
+    reference, test = parts(reference, (*reference, *chosen)), parts(test, (*reference, *chosen))
     energies = {name: _sample_energies(ref, test[name]) for name, ref in float_outputs(reference)}
     outputs_db = {name: _db(e.signal.sum(), e.noise.sum()) for name, e in energies.items() if e.signal.sum() > 0}
     return Score(outputs_db, chosen, {name: energies[name] for name in outputs_db})
@@ -117,6 +120,38 @@ def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, n
         total += _squared_distance(y, _flat(test[name]))
         count += y.size
     return total / max(count, 1)
+
+
+def part_of(label: str) -> tuple[str, tuple[slice | int, ...] | None]:
+    """``NAME[INDEX]`` as the output's name and a numpy basic index (integers and slices, the
+    samples' axis first: ``output0[:, 4:]``); a plain name as itself and None."""
+    match = re.fullmatch(r"(.+)\[([-\d:, ]*)\]", label)
+    if match is None:
+        return label, None
+
+    def axis(text: str) -> slice | int:
+        bounds = [int(b) if b.strip() else None for b in text.split(":")]
+        if len(bounds) == 1 and bounds[0] is not None:
+            return bounds[0]
+        if len(bounds) in (2, 3) and bounds[2:] != [0]:
+            return slice(*bounds)
+        raise ValueError(f"{text!r} in {label!r} is neither an integer nor a slice start:stop[:step]")
+
+    index = tuple(axis(text) for text in match.group(2).split(","))
+    if index[0] != slice(None):
+        raise ValueError(f"{label!r} must keep every sample: begin its index with ':' (the samples' axis)")
+    return match.group(1), index
+
+
+def parts(outputs: Mapping[str, np.ndarray], labels: Iterable[str]) -> dict[str, np.ndarray]:
+    """``outputs`` by label: an output's own name, or :func:`part_of` one (a detector's class
+    scores beside its boxes in one tensor). Labels of absent outputs are left out."""
+    found = {}
+    for label in labels:
+        name, index = part_of(label)
+        if name in outputs:
+            found[label] = outputs[name] if index is None else outputs[name][index]
+    return found
 
 
 def float_outputs(reference: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:

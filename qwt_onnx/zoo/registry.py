@@ -28,6 +28,7 @@ class ZooEntry:
     task_metric: Callable[[np.ndarray, np.ndarray], float] | None = None  # (first output, labels), higher is better
     metric_name: str = ""
     classifier: bool = False
+    outputs: tuple[str, ...] = ()  # what decides (--outputs with zoo:NAME): the parts its task needs; all where empty
 
 
 @dataclasses.dataclass(frozen=True)
