@@ -380,9 +380,11 @@ The kernel tables in each model's section (one profiled batch-1 run per model) s
 
 - **Activations that onnxruntime cannot run on uint8.** Its CPU provider fuses a QDQ Conv only
   into QLinearConv with a quantized output, absorbing at most a Relu. HardSwish (PP-LCNet, in
-  `orientation` and the recogniser) and GELU run in float between a DequantizeLinear and a
-  QuantizeLinear: three or four element-wise passes over each feature map that the FP32 model
-  fuses into its convolutions for free (its Conv rows have no such kernels). The INT8
+  `orientation` and the recogniser), GELU and SiLU (YOLOv8n: a Sigmoid and a Mul after each of
+  its 57 convolutions, 7 ms of its PTQ model's 20 at batch 1) run in float between a
+  DequantizeLinear and a QuantizeLinear: three or four element-wise passes over each feature
+  map that the FP32 model fuses into its convolutions for free (its Conv rows have no such
+  kernels). The INT8
   convolutions themselves take a third (batch 16) to two thirds (batch 1) of the FP32 ones'
   time, and the element-wise passes eat that up. A portable QDQ graph cannot avoid this (a uint8 lookup table via Gather measured 6×
   slower than DequantizeLinear → HardSwish → QuantizeLinear on a 16×32×112×112 map); the fix is
