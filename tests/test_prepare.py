@@ -37,6 +37,7 @@ def test_batch_norm_is_folded_into_the_op_before_it_and_the_function_kept(op_typ
     assert ops == [op_type, "Relu"]
     conv = model.graph[0]
     assert conv.outputs[0].name == "bn_out"  # the folded op takes the BatchNormalization's output name
+    assert conv.name == "conv"  # and keeps its own: --exclude-nodes names what the user sees
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 5) if op_type != "Gemm" else (2, 3)).astype(np.float32)
     expected = session(proto).run(None, {"x": x})[0]
     got = session(prepare.to_proto(model)).run(None, {"x": x})[0]
@@ -94,3 +95,15 @@ def test_an_add_that_is_not_per_channel_stays():
         model = prepare.prepare(ir.serde.deserialize_model(proto))
         assert [n.op_type for n in model.graph] == ["Conv", "Add"]
         _same_function(proto, model)
+
+
+def test_a_conv_folded_with_its_batch_norm_is_excluded_by_its_own_name():
+    from qwt_onnx import quantize_with_report
+
+    proto = _conv_bn_relu(opset=17)
+    calib = {"x": np.random.default_rng(1).standard_normal((20, 3, 5, 5)).astype(np.float32)}
+    written, report = quantize_with_report(proto, calib, qwt=False, exclude_nodes="conv", progress=False)
+    assert not any("exclusion" in w for w in report.warnings)
+    conv = next(n for n in written.graph.node if n.op_type == "Conv")
+    weights = {t.name for t in written.graph.initializer}
+    assert conv.name == "conv" and conv.input[1] in weights  # a float weight, no DequantizeLinear

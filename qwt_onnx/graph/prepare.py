@@ -10,16 +10,10 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 from onnx_ir.passes import common
-from onnxscript.rewriter import RewritePass
-from onnxscript.rewriter.rules.common import (
-    fuse_batchnorm_into_conv_rule,
-    fuse_batchnorm_into_conv_transpose_rule,
-    fuse_batchnorm_into_gemm_rule,
-)
 
 from qwt_onnx.calibration import InputSpec
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes.fold import FoldBiasAddPass
+from qwt_onnx.passes.fold import FoldBatchNormPass, FoldBiasAddPass
 
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
@@ -75,9 +69,6 @@ def _available_memory() -> int | None:
         return None
 
 
-# Quantizing an op whose output a BatchNormalization rescales per channel wastes the
-# quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
-FOLD_BATCH_NORM = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 13
 MIN_IR_VERSION = 7  # opset 13's; before 4 every initializer had to be listed among the inputs too
 
@@ -95,7 +86,9 @@ def prepare(model: ir.Model) -> ir.Model:
             common.RemoveInitializersFromInputsPass(),
             common.LiftConstantsToInitializersPass(size_limit=0),
             common.IdentityEliminationPass(),
-            RewritePass(FOLD_BATCH_NORM),
+            # Quantizing an op whose output a BatchNormalization rescales per channel wastes the
+            # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
+            FoldBatchNormPass(),
             FoldBiasAddPass(),
             common.RemoveUnusedNodesPass(),
             common.ShapeInferencePass(strict_mode=False),

@@ -4,16 +4,44 @@ A bias exported as a separate Add (Paddle exports do this for every conv) keeps
 onnxruntime from fusing the quantized convolution: left alone, each QLinearConv
 is followed by a dequantize, a float Add and a requantize (measured on PP-OCRv6
 det: 75 such Adds, a quarter of the INT8 model's time at batch 1). The result
-computes the same function up to float rounding. (BatchNormalization is folded
-by onnxscript's rewriter rules, see :func:`qwt_onnx.graph.prepare.prepare`.)
+computes the same function up to float rounding. BatchNormalization is folded
+by onnxscript's rewriter rules, wrapped so that the folded op keeps its name.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import RewritePass
+from onnxscript.rewriter.rules.common import (
+    fuse_batchnorm_into_conv_rule,
+    fuse_batchnorm_into_conv_transpose_rule,
+    fuse_batchnorm_into_gemm_rule,
+)
 
 from qwt_onnx.graph import query as g
+
+FOLDS_BATCH_NORM = ("Conv", "ConvTranspose", "Gemm")
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """BatchNormalization folded into the Conv, ConvTranspose or Gemm before it (onnxscript's
+    rules), the folded op keeping the name it had: ``--exclude-nodes`` and the reports name
+    the ops the user sees in the model, not the rewriter's ``node_Conv_0``."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # the folded op takes the BatchNormalization's output, whose name the rewriter keeps
+        names = {}
+        for node in model.graph:
+            producer = node.inputs[0].producer() if node.op_type == "BatchNormalization" and node.inputs else None
+            if producer is not None and producer.op_type in FOLDS_BATCH_NORM and producer.name:
+                names[node.outputs[0].name] = producer.name
+        result = RewritePass([fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule,
+                              fuse_batchnorm_into_gemm_rule])(model)
+        for node in model.graph:
+            if node.op_type in FOLDS_BATCH_NORM and node.outputs and node.outputs[0].name in names:
+                node.name = names[node.outputs[0].name]
+        return ir.passes.PassResult(result.model, modified=result.modified)
 
 
 class FoldBiasAddPass(ir.passes.InPlacePass):
