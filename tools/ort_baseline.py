@@ -45,7 +45,7 @@ class NpzReader(CalibrationDataReader):
 
 def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16) -> None:
     model = _at_least_opset_13(model, output)
-    reader = NpzReader(calib, samples, batch_size)
+    reader = NpzReader(calib, samples, _fixed_batch(model) or batch_size)
     stride = max(d for d in range(1, BATCHES_PER_CHUNK + 1) if len(reader) % d == 0)
     quantize_static(
         model,
@@ -58,6 +58,15 @@ def quantize(model: str, output: str, calib: str, method: str, samples: int = 51
         calibrate_method=METHODS[method],
         extra_options={"CalibStridedMinMax": stride},
     )
+
+
+def _fixed_batch(model: str) -> int | None:
+    """The batch size a model's first fed input is exported with, where it is fixed (PicoDet: 1)."""
+    graph = onnx.load(model, load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    fed = next(v for v in graph.input if v.name not in weights)
+    dims = fed.type.tensor_type.shape.dim
+    return (dims[0].dim_value or None) if dims else None
 
 
 def _at_least_opset_13(model: str, output: str) -> str:
@@ -78,7 +87,7 @@ def main() -> None:
     parser.add_argument("--calib", required=True)
     parser.add_argument("--method", choices=sorted(METHODS), default="minmax")
     parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per run, unless the model fixes its batch")
     args = parser.parse_args()
     quantize(args.model, args.output, args.calib, args.method, args.samples, args.batch_size)
 
