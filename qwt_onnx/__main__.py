@@ -82,9 +82,9 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
         from qwt_onnx import zoo
 
         name, samples = args.input[len(ZOO_PREFIX) :], getattr(args, "samples", zoo.CALIBRATION_SAMPLES)
-        prepared = zoo.prepare(name, max(zoo.CALIBRATION_SAMPLES, samples))
-        if zoo.get(name).outputs and not hasattr(args, "outputs"):  # what its task needs, unless told otherwise
-            args.outputs = ",".join(zoo.get(name).outputs)
+        prepared, entry = zoo.prepare(name, max(zoo.CALIBRATION_SAMPLES, samples)), zoo.get(name)
+        if entry.outputs and not hasattr(args, "outputs"):  # what its task needs, unless told otherwise
+            args.outputs = ",".join(entry.outputs)
         return prepared.model, args.calib or prepared.calibration
     if not args.calib:
         raise InputError("--calib is required (a .npz keyed by input name), unless the input is zoo:NAME")

@@ -304,6 +304,7 @@ class _Stream:
         """Held-out SQNR of the outputs the block reaches, its branch added or not, the stream as it is."""
         runner = Runner(tail.proto) if tail else None
         block, reached = result.block, result.plan.outputs_reached
+        labels = check.labels(reached)
 
         def batches():
             description = f"checking {block.name} at the outputs" if compensated else "scoring the outputs so far"
@@ -312,9 +313,8 @@ class _Stream:
                 y = self.block_output(result, i, pool, compensated, requantize=fed == block.output)
                 values = runner({**pool, fed: y}) if runner else {fed: y}
                 scored, rows = check.rows(batch.indices)
-                yield (metrics.parts({name: check.reference[name][rows] for name in reached}, check.labels(reached)),
-                       metrics.parts({name: np.moveaxis(values[name], check.batch_axes[name], 0)[scored] for name in reached},
-                                     check.labels(reached)))
+                yield (metrics.parts({name: check.reference[name][rows] for name in reached}, labels),
+                       metrics.parts({name: np.moveaxis(values[name], check.batch_axes[name], 0)[scored] for name in reached}, labels))
 
         return metrics.sqnr_db_over_batches(batches())
 

@@ -39,7 +39,8 @@ class Score:
 def score(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], chosen: tuple[str, ...] = ()) -> Score:
     """The :class:`Score` of ``test`` (samples on axis 0, as in ``reference``), with its per-sample
     energies; a chosen part of an output (:func:`parts`) is scored beside the whole."""
-    reference, test = parts(reference, (*reference, *chosen)), parts(test, (*reference, *chosen))
+    labels = (*reference, *chosen)
+    reference, test = parts(reference, labels), parts(test, labels)
     energies = {name: _sample_energies(ref, test[name]) for name, ref in float_outputs(reference)}
     outputs_db = {name: _db(e.signal.sum(), e.noise.sum()) for name, e in energies.items() if e.signal.sum() > 0}
     return Score(outputs_db, chosen, {name: energies[name] for name in outputs_db})
