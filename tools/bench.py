@@ -626,7 +626,8 @@ def main() -> None:
         for name in args.models.split(","):
             print(f"{name}:", flush=True)
             result = bench_model(name, samples, args.quick, args.granularity, folder, lambda m: print(m, flush=True))
-            results = [r for r in results if r["name"] != name] + [result]
+            names = [r["name"] for r in results]  # a re-run model keeps its row's place
+            results = [result if r["name"] == name else r for r in results] if name in names else [*results, result]
             write(results, args, (time.perf_counter() - started) / 60)  # after each model: a crash keeps the rest
     minutes = (time.perf_counter() - started) / 60
     write(results, args, minutes)
