@@ -539,7 +539,9 @@ def _check_outputs(fp: ir.Model, chosen: tuple[str, ...]) -> None:
         except ValueError as exc:
             raise InputError(f"--outputs: {exc}; write a part of an output as NAME[:, START:STOP]") from None
         if name not in floats:
-            raise InputError(f"--outputs: the model has no float output {name!r}; choose from {', '.join(floats)}")
+            looks_like_part = "[" in name and name.endswith("]")  # but its index did not parse
+            hint = " (a part's index takes integers and slices: NAME[:, 4:])" if looks_like_part else ""
+            raise InputError(f"--outputs: the model has no float output {name!r}{hint}; choose from {', '.join(floats)}")
         shape = floats[name].shape
         if index is None or shape is None:
             continue

@@ -130,7 +130,7 @@ def test_a_part_of_an_output_decides_and_is_scored_on_its_own():
 
 @pytest.mark.parametrize("label, message", [
     ("joined[4:]", r"must keep every sample: begin its index with ':'"),
-    ("joined[:, a:b]", r"no float output 'joined\[:, a:b\]'"),
+    ("joined[:, a:b]", r"no float output 'joined\[:, a:b\]' \(a part's index takes integers and slices"),
     ("joined[:, :, 1]", r"indexes 3 axes of joined, which has 2"),
     ("joined[:, 50:]", r"selects nothing of axis 1 of joined, which has 42"),
 ])
