@@ -211,6 +211,28 @@ def valid_cnn(seed: int = 0, size: int = 24, classes: int = 10) -> onnx.ModelPro
     return _classifier(b, x, 32, size, classes)
 
 
+def keras_cnn(seed: int = 0, size: int = 24) -> onnx.ModelProto:
+    """A Keras export as keras2onnx writes it (MTCNN's ONet): an NHWC input transposed once to
+    NCHW, unpadded convolutions with PReLU, a Transpose back and a Flatten before the dense
+    layers, and two heads of different scales (box offsets, face probabilities)."""
+    b = GraphBuilder(seed)
+    prelu = lambda x, c, name: b.op("PRelu", [x, b.const(f"{name}.slope", np.full((c, 1, 1), 0.25, np.float32))], name)  # noqa: E731
+    x = b.op("Transpose", ["image"], "/to_nchw", perm=[0, 3, 1, 2])
+    x = prelu(_conv(b, x, 3, 16, "/conv1", pad=0), 16, "/prelu1")  # 24 -> 22
+    x = b.op("MaxPool", [x], "/pool1", kernel_shape=[3, 3], strides=[2, 2])  # 22 -> 10
+    x = prelu(_conv(b, x, 16, 32, "/conv2", pad=0), 32, "/prelu2")  # 10 -> 8
+    x = b.op("Flatten", [b.op("Transpose", [x], "/to_nhwc", perm=[0, 2, 3, 1])], "/flatten")
+    x = b.op("Relu", [_linear(b, x, 8 * 8 * 32, 64, "/dense")], "/dense/relu")
+    b.op("MatMul", [x, b.weight("/boxes.weight", (64, 4))], "/boxes")
+    b.nodes[-1].output[0] = "boxes"
+    b.op("Softmax", [b.op("MatMul", [x, b.weight("/faces.weight", (64, 2))], "/faces")], "/faces/softmax", axis=-1)
+    b.nodes[-1].output[0] = "faces"
+    return b.model(
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n]) for name, n in (("boxes", 4), ("faces", 2))],
+    )
+
+
 def with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every initializer turned into a Constant node, as some exporters write weights."""
     copy = onnx.ModelProto()

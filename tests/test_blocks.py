@@ -87,6 +87,18 @@ def test_nhwc_blocks_are_compensated_over_their_last_axis():
     assert not any(b.channels_first for b in found)
 
 
+def test_layout_ops_at_the_ends_of_chain_blocks_are_left_outside():
+    # keras2onnx's Transpose from NHWC opens the first block and the Transpose and Flatten before
+    # the dense layers close the last conv one: outside them, each block maps one layout
+    model = _prepared(graphs.keras_cnn())
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output, b.channels_first) for b in found] == [
+        ("/to_nchw_out", "/pool1_out", True),
+        ("/pool1_out", "/prelu2_out", True),
+        ("/flatten_out", "/dense/relu_out", False),
+    ]
+
+
 def test_post_ln_layers_end_after_their_layer_norm_and_take_side_inputs_as_context():
     model = _prepared(graphs.bert(layers=2))
     assert blocks.choose_primary_input(model.graph).name == "input_ids"

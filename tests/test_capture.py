@@ -43,7 +43,8 @@ def _spliced(q, results):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("build, units", [(graphs.resnet, False), (graphs.mobilenet, False), (graphs.valid_cnn, False),
-                                          (graphs.detector_neck, True)], ids=["resnet", "mobilenet", "valid_cnn", "neck-units"])
+                                          (graphs.keras_cnn, False), (graphs.detector_neck, True)],
+                         ids=["resnet", "mobilenet", "valid_cnn", "keras", "neck-units"])
 def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, units, int8, monkeypatch):
     # with units, a later unit's input is led from several compensated outputs, not the last one only
     fp, q, calib = _min_max_quantized(build())

@@ -44,8 +44,8 @@ def test_only_the_cut_values_the_outputs_are_computed_from_are_fed_where_asked()
 
 def test_a_model_without_blocks_is_written_as_ptq_with_a_warning(caplog):
     b = GraphBuilder()  # one chain block that changes rank: no linear branch maps its input to its output
-    flat = b.op("Flatten", ["x"], "flatten")
-    b.op("Relu", [b.op("MatMul", [flat, b.weight("w1", (8, 4))], "fc1")], "act")
+    fc = b.op("MatMul", ["x", b.weight("w1", (4, 4))], "fc1")
+    b.op("Relu", [b.op("ReduceMean", [fc], "pool", axes=[1], keepdims=0)], "act")
     b.nodes[-1].output[0] = "y"
     model = b.model(
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4])],

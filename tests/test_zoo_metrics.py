@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from qwt_onnx.zoo import detector
+from qwt_onnx.zoo import detector, faces
 
 
 def _yolo_output(anchors: list[tuple[float, float, float, float, int, float]], classes: int = 18) -> np.ndarray:
@@ -42,3 +42,12 @@ def test_detection_f1_counts_missed_moved_and_relabelled_boxes():
     missed = REFERENCE.copy()
     missed[0, 4 + FEET, 2] = 0.1
     assert detector.detection_f1(missed, labels) == 2 * 2 / (2 + 3)
+
+
+def test_face_f1_compares_the_faces_accepted_at_mtcnns_threshold():
+    reference = np.array([0.95, 0.75, 0.2, 0.69])  # the FP32 ONet accepts the first two
+    probabilities = lambda face: np.column_stack([1 - np.asarray(face), face])  # noqa: E731 (softmax_2: [not face, face])
+    assert faces.face_f1(probabilities([0.9, 0.8, 0.1, 0.5]), reference) == 1.0
+    # one face lost (0.75 -> 0.65), one non-face accepted (0.69 -> 0.71): 1 matched of 2 + 2
+    assert faces.face_f1(probabilities([0.9, 0.65, 0.1, 0.71]), reference) == 0.5
+    assert faces.face_f1(probabilities([0.1, 0.1]), np.array([0.2, 0.3])) == 1.0  # nothing to accept, nothing accepted

@@ -137,7 +137,7 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
     first, kept = None, []
     part_batches = []
     for ref, out in zip(reference, outputs_of(model, feeds)):
-        first = first or next(iter(ref))
+        first = first or entry.metric_output or next(iter(ref))
         for name, y in float_outputs(ref):  # token ids or masks passed through carry no signal
             y32, t32 = y.astype(np.float32).ravel(), out[name].astype(np.float32).ravel()
             signal += float(np.dot(y32, y32))
@@ -218,9 +218,11 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
         log(f"  {key}: {seconds:.0f} s, {rss:.0f} MiB")
     ours("qwt-ptq", "--no-qwt")
     ours("qwt")
-    # the variants below differ from qwt in one option only (the method QwT was fitted on, written or not)
-    chosen = variants["qwt"].report.get("qwt_method") or variants["qwt"].report["method"]
-    corrected = variants["qwt"].report.get("qwt_bias_corrected")
+    # the variants below differ from the written model in one option only: same calibration method
+    # and bias correction (QwT's where it was written, PTQ's where it was not)
+    report = variants["qwt"].report
+    chosen = report["qwt_method"] if report.get("qwt_applied") else report["method"]
+    corrected = report["qwt_bias_corrected"] if report.get("qwt_applied") else report["bias_corrected"].get(chosen)
     same_weights = ("--calib-method", chosen) + (("--bias-correction", "on" if corrected else "off") if corrected is not None else ())
     ptq_method = variants["qwt-ptq"].report["method"]
     ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)

@@ -36,7 +36,7 @@ def main() -> None:
     reference = run_in_batches(prepared.model, feeds, 16)
     print(f"{args.zoo_name}: {len(next(iter(feeds.values())))} evaluation samples")
     if entry.task_metric is not None and labels is not None:
-        print(f"  FP32: {entry.metric_name} {entry.task_metric(next(iter(reference.values())), labels):.4f}")
+        print(f"  FP32: {entry.metric_name} {entry.task_metric(entry.metric_input(reference), labels):.4f}")
     first = None
     for path in args.models:
         test = run_in_batches(path, feeds, 16)
@@ -45,7 +45,7 @@ def main() -> None:
         if entry.outputs:
             line += "".join(f", {label} {score.outputs_db[label]:.2f} dB" for label in entry.outputs)
         if entry.task_metric is not None and labels is not None:
-            line += f", {entry.metric_name} {entry.task_metric(next(iter(test.values())), labels):.4f}"
+            line += f", {entry.metric_name} {entry.task_metric(entry.metric_input(test), labels):.4f}"
         if first is None:
             first = score
         else:

@@ -21,7 +21,12 @@ The rule, framework-agnostic:
    cut into *chain blocks*, each ending with a dense weighted op (a Conv with
    one group, a MatMul or Gemm) and the parameter-free ops up to the next
    weighted op: one depthwise-separable unit, one conv with its activation.
-   A chain block whose input and output differ in rank (a patch embedding, a
+   Layout ops at either end of a chain block (the Transpose from NHWC that Keras
+   and TensorFlow exports start with, the Transpose and Flatten before a dense
+   head), and a global pool at its end, are left outside it: they carry the
+   block's correction along, and the branch maps the layout its weighted ops
+   read and write, at a size it can map. A chain
+   block whose input and output still differ in rank (a patch embedding, a
    classifier head) is left out: no linear branch maps one onto the other.
 6. With ``granularity="layer"``, runs of token blocks (not convolutions) that
    repeat with a period of 2 to 4 (attention, MLP, attention, MLP, ...) are
@@ -53,6 +58,9 @@ RESHAPING_OPS = {
     "Unsqueeze", "Flatten", "Pad", "Resize", "Upsample", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
 }
+# Ops that only move elements: a correction added before them is carried through unchanged.
+LAYOUT_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
 MAX_PERIOD = 4
 UPSAMPLING_OPS = {"Resize", "Upsample", "ConvTranspose", "DepthToSpace"}
 # Ops that map each element on its own (given constants or values of the same unit): an
@@ -289,7 +297,19 @@ def _chain_blocks(chain: list[_Segment]) -> list[list[_Segment]]:
         current.append(segment)
         closed = closed or any(_is_dense(n) for n in segment.weighted)
     pieces.append(current)
-    return [p for p in pieces if any(s.weighted for s in p) and _same_rank(p[0].start, p[-1].end)]
+    pieces = [_without_layout_ends(p) for p in pieces if any(s.weighted for s in p)]
+    return [p for p in pieces if _same_rank(p[0].start, p[-1].end)]
+
+
+def _without_layout_ends(piece: list[_Segment]) -> list[_Segment]:
+    """``piece`` without the segments of layout ops at its start, and of layout ops and global
+    pools at its end."""
+    def only(ops: set[str], segment: _Segment) -> bool:
+        return all(n.op_type in ops and g.is_default_domain(n) for n in segment.nodes)
+
+    first = next(i for i, s in enumerate(piece) if not only(LAYOUT_OPS, s))
+    last = max(i for i, s in enumerate(piece) if not only(LAYOUT_OPS | GLOBAL_POOLS, s))
+    return piece[first : last + 1]
 
 
 def _is_dense(node: ir.Node) -> bool:

@@ -25,10 +25,15 @@ class ZooEntry:
     locate_model: Callable[[], str]
     calibration: Callable[[int], dict[str, np.ndarray]]
     evaluation: Callable[[], tuple[dict[str, np.ndarray], np.ndarray | None]]
-    task_metric: Callable[[np.ndarray, np.ndarray], float] | None = None  # (first output, labels), higher is better
+    task_metric: Callable[[np.ndarray, np.ndarray], float] | None = None  # (metric output, labels), higher is better
     metric_name: str = ""
     classifier: bool = False
     outputs: tuple[str, ...] = ()  # what decides (--outputs with zoo:NAME): the parts its task needs; all where empty
+    metric_output: str = ""  # the output the task metric and top-1 agreement read; the first where empty
+
+    def metric_input(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The output of ``outputs`` (by name, in graph order) that the task metric reads."""
+        return outputs[self.metric_output] if self.metric_output else next(iter(outputs.values()))
 
 
 @dataclasses.dataclass(frozen=True)
