@@ -233,6 +233,23 @@ def keras_cnn(seed: int = 0, size: int = 24) -> onnx.ModelProto:
     )
 
 
+def tensordot_mlp(seed: int = 0, tokens: int = 6, dims: tuple[int, ...] = (8, 16, 8)) -> onnx.ModelProto:
+    """Dense layers on tokens as tf2onnx writes Keras's Tensordot: each MatMul between a Reshape
+    to [samples × tokens, D_in] and one back to [samples, tokens, D_out]."""
+    b = GraphBuilder(seed)
+    x = "tokens"
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        rows = b.op("Reshape", [x, b.const(f"/dense{i}/rows", np.array([-1, d_in], np.int64))], f"/dense{i}/to_rows")
+        y = b.op("MatMul", [rows, b.weight(f"/dense{i}/weight", (d_in, d_out))], f"/dense{i}/MatMul")
+        y = b.op("Reshape", [y, b.const(f"/dense{i}/tokens", np.array([-1, tokens, d_out], np.int64))], f"/dense{i}/to_tokens")
+        x = b.op("Relu", [b.op("Add", [y, b.const(f"/dense{i}/bias", np.full(d_out, 0.05, np.float32))], f"/dense{i}/Add")], f"/dense{i}/relu")
+    b.nodes[-1].output[0] = "features"
+    return b.model(
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", tokens, dims[0]])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", tokens, dims[-1]])],
+    )
+
+
 def with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every initializer turned into a Constant node, as some exporters write weights."""
     copy = onnx.ModelProto()

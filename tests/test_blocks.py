@@ -99,6 +99,16 @@ def test_layout_ops_at_the_ends_of_chain_blocks_are_left_outside():
     ]
 
 
+def test_reshapes_that_keep_a_blocks_rank_stay_in_it():
+    # tf2onnx's Tensordot: the Reshape to rows opens each dense block, whose input then has
+    # samples on axis 0 and the rank of its output
+    found = blocks.find_blocks(_prepared(graphs.tensordot_mlp()))
+    assert [(b.input, b.output, b.channels_first) for b in found] == [
+        ("tokens", "/dense0/relu_out", False),
+        ("/dense0/relu_out", "features", False),
+    ]
+
+
 def test_post_ln_layers_end_after_their_layer_norm_and_take_side_inputs_as_context():
     model = _prepared(graphs.bert(layers=2))
     assert blocks.choose_primary_input(model.graph).name == "input_ids"

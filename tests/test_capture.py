@@ -13,6 +13,7 @@ from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics.compensation import Layout
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.passes import qdq, splice
 from qwt_onnx.runtime import Runner
@@ -104,6 +105,12 @@ def test_a_unit_whose_input_joins_several_earlier_outputs_is_led_from_their_comp
     kept = [set(m.kept_after) for m in models]
     assert "/stem/act_out" in kept[0] and "/stem/act_out" not in kept[1]
     assert "/down/act_out" in kept[1] & kept[2] and "/down/act_out" not in kept[3]
+
+
+def test_tf2onnx_dense_layers_get_token_branches():
+    fp, q, calib = _min_max_quantized(graphs.tensordot_mlp())
+    results = capture.fit_blocks(fp, q, blocks.find_blocks(fp), calib, 8, exact_boundaries=True)
+    assert [r.layout for r in results] == [Layout(channels_first=False)] * 2 and not any(r.skipped.startswith("no") for r in results)
 
 
 def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer_kernels(tmp_path):

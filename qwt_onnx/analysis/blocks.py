@@ -21,11 +21,13 @@ The rule, framework-agnostic:
    cut into *chain blocks*, each ending with a dense weighted op (a Conv with
    one group, a MatMul or Gemm) and the parameter-free ops up to the next
    weighted op: one depthwise-separable unit, one conv with its activation.
-   Layout ops at either end of a chain block (the Transpose from NHWC that Keras
-   and TensorFlow exports start with, the Transpose and Flatten before a dense
-   head), and a global pool at its end, are left outside it: they carry the
-   block's correction along, and the branch maps the layout its weighted ops
-   read and write, at a size it can map. A chain
+   Layout ops between two weighted ops open the block of the second. A
+   Transpose at either end of a chain block (the one from NHWC that Keras and
+   TensorFlow exports start with, the one back before a Flatten), a global pool
+   at its end, and the layout ops at its ends that keep its input and output at
+   different ranks (a Flatten before dense layers) are left outside it: they
+   carry the block's correction along, and the branch maps the layout its
+   weighted ops read and write, at a size it can map. A chain
    block whose input and output still differ in rank (a patch embedding, a
    classifier head) is left out: no linear branch maps one onto the other.
 6. With ``granularity="layer"``, runs of token blocks (not convolutions) that
@@ -286,30 +288,42 @@ def _residual_and_chain_blocks(segments: list[_Segment]) -> list[list[_Segment]]
 
 
 def _chain_blocks(chain: list[_Segment]) -> list[list[_Segment]]:
-    """Cut a chain after each dense weighted op and the parameter-free ops that follow it."""
+    """Cut a chain after each dense weighted op and the parameter-free ops that follow it, less
+    the layout ops right before the next weighted op, which open its piece."""
     pieces: list[list[_Segment]] = []
     current: list[_Segment] = []
     closed = False
     for segment in chain:
         if closed and segment.weighted:
-            pieces.append(current)
-            current, closed = [], False
+            opening = len(current)
+            while _only(LAYOUT_OPS, current[opening - 1]):
+                opening -= 1
+            pieces.append(current[:opening])
+            current, closed = current[opening:], False
         current.append(segment)
         closed = closed or any(_is_dense(n) for n in segment.weighted)
     pieces.append(current)
-    pieces = [_without_layout_ends(p) for p in pieces if any(s.weighted for s in p)]
+    pieces = [_trimmed(p) for p in pieces if any(s.weighted for s in p)]
     return [p for p in pieces if _same_rank(p[0].start, p[-1].end)]
 
 
-def _without_layout_ends(piece: list[_Segment]) -> list[_Segment]:
-    """``piece`` without the segments of layout ops at its start, and of layout ops and global
-    pools at its end."""
-    def only(ops: set[str], segment: _Segment) -> bool:
-        return all(n.op_type in ops and g.is_default_domain(n) for n in segment.nodes)
+def _trimmed(piece: list[_Segment]) -> list[_Segment]:
+    """``piece`` without a Transpose at either end or a global pool at its end, and without the
+    layout ops at its ends that keep its input and output at different ranks (a Flatten before
+    dense layers; tf2onnx's reshapes around each MatMul keep the rank, and stay)."""
+    first, last = 0, len(piece) - 1
+    while True:  # a weighted segment stops both ends
+        ranks_differ = not _same_rank(piece[first].start, piece[last].end)
+        if _only({"Transpose"}, piece[first]) or (ranks_differ and _only(LAYOUT_OPS, piece[first])):
+            first += 1
+        elif _only({"Transpose"} | GLOBAL_POOLS, piece[last]) or (ranks_differ and _only(LAYOUT_OPS, piece[last])):
+            last -= 1
+        else:
+            return piece[first : last + 1]
 
-    first = next(i for i, s in enumerate(piece) if not only(LAYOUT_OPS, s))
-    last = max(i for i, s in enumerate(piece) if not only(LAYOUT_OPS | GLOBAL_POOLS, s))
-    return piece[first : last + 1]
+
+def _only(ops: set[str], segment: _Segment) -> bool:
+    return all(n.op_type in ops and g.is_default_domain(n) for n in segment.nodes)
 
 
 def _is_dense(node: ir.Node) -> bool:
