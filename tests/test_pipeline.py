@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 # small transformers' activations hard; percentile leaves the CNNs the mean shift of their
 # Relus), and the error ratio QwT must reach. The NHWC model's output is its last feature
 # map, and the BERT model's outputs follow a LayerNorm: there, rounding noise that no linear
-# branch can predict dominates. Under the branches the PTQ is kept plain: full-range int8
+# branch can predict dominates, and on the BERT model QwT's held-out gain is within the noise
+# of its held-out samples, so the PTQ model is written (None). Under the branches the PTQ is kept plain: full-range int8
 # weights and no bias correction, which would remove part of that error and, on these small
 # random-weight models, most of the CNNs' (the defaults are measured against it below).
 # Full-range weights saturate on x86 CPUs without VNNI; under qemu-x86_64 -cpu Haswell the
@@ -30,7 +31,7 @@ PORTABLE = {**PLAIN, "weight_range": "portable"}
 MODELS = {
     "transformer": (graphs.transformer, "entropy", 0.8, PORTABLE),
     "masked-transformer": (lambda: graphs.transformer(layers=2, mask=True), "entropy", 0.8, PLAIN),
-    "post-ln-bert": (graphs.bert, "entropy", 0.95, PLAIN),
+    "post-ln-bert": (graphs.bert, "entropy", None, PLAIN),
     "resnet": (graphs.resnet, "percentile", 0.8, PLAIN),
     "mobilenet": (graphs.mobilenet, "percentile", 0.8, PLAIN),
     "nhwc-resnet": (graphs.nhwc_resnet, "percentile", 0.99, PLAIN),
@@ -69,8 +70,12 @@ def test_ptq_tracks_fp32_and_qwt_tracks_it_closer_on_heldout_inputs(case):
     qwt_error = mean_squared_error(reference, _outputs(qwt, test))
     signal = np.mean([np.mean(v**2) for v in reference.values()])
     assert ptq_error < 0.1 * signal, f"{name}: the PTQ model is far from FP32"
+    if MODELS[name][2] is None:
+        assert not report.qwt_applied and qwt_error == ptq_error
+        assert any("within the noise" in w and "writing the PTQ model" in w for w in report.warnings)
+        return
     assert qwt_error < MODELS[name][2] * ptq_error, f"{name}: QwT {qwt_error:.3g} is not clearly below PTQ {ptq_error:.3g}"
-    assert report.sqnr_qwt_db > report.sqnr_ptq_db
+    assert report.sqnr_qwt_db > report.sqnr_ptq_db and report.qwt_gain_interval_db[0] > 0
 
 
 def test_portable_weights_with_bias_correction_cost_little_against_plain_full_range_ones(case):
@@ -108,11 +113,11 @@ def test_qwt_is_tried_on_the_ptq_weights_with_bias_correction_the_other_way():
     # block's mean error themselves, is better on the corrected weights is tried apart
     model = graphs.resnet()
     calib = graphs.samples(model, 160, seed=1)
-    written, report = quantize_with_report(model, calib, calib_method="percentile", min_gain=0.0, progress=False)
-    assert report.bias_corrected == {"percentile": True}
-    assert set(report.method_qwt_sqnr_db) == {"percentile", "percentile without bias correction"}
-    assert report.qwt_bias_corrected == (report.qwt_trial == "percentile")
-    ptq_weights = quantize(model, calib, qwt=False, calib_method="percentile",
+    written, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
+    assert report.bias_corrected == {"minmax": True}
+    assert set(report.method_qwt_sqnr_db) == {"minmax", "minmax without bias correction"}
+    assert report.qwt_bias_corrected == (report.qwt_trial == "minmax")
+    ptq_weights = quantize(model, calib, qwt=False, calib_method="minmax",
                            bias_correction="on" if report.qwt_bias_corrected else "off", progress=False)
     biases = lambda m: {t.name: t.raw_data for t in m.graph.initializer if "bias" in t.name and not t.name.startswith("qwt/")}  # noqa: E731
     assert report.qwt_applied and biases(written) == biases(ptq_weights)
@@ -121,6 +126,9 @@ def test_qwt_is_tried_on_the_ptq_weights_with_bias_correction_the_other_way():
 def test_branches_are_named_and_batch_stays_dynamic(case):
     _, model, _, qwt, report = case
     spliced = [n for n in qwt.graph.node if n.name.startswith("qwt/")]
+    if not report.qwt_applied:
+        assert not spliced
+        return
     # new tensors are named qwt/...; a block's output name now holds its compensated value (or,
     # for a conv output read only through Q/DQ, the name of its dequantized view does)
     boundaries = {b.output for b in report.blocks} | {f"{b.output}_dequantized" for b in report.blocks}
@@ -315,14 +323,14 @@ def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(nam
 def test_branches_that_remove_too_little_of_their_block_error_are_dropped():
     model = graphs.resnet()
     calib = graphs.samples(model, 160, seed=1)
-    _, every = quantize_with_report(model, calib, calib_method="percentile", min_gain=0.0, progress=False)
+    _, every = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
     gains = sorted(1 - b.error_ratio_heldout for b in every.blocks if b.kept)
     threshold = (gains[0] + gains[1]) / 2  # between the weakest branch and the next one
-    _, fewer = quantize_with_report(model, calib, calib_method="percentile", min_gain=threshold, progress=False)
+    _, fewer = quantize_with_report(model, calib, calib_method="minmax", min_gain=threshold, progress=False)
     under = [b for b in fewer.blocks if "under --min-gain" in b.note]
     assert len(under) >= 1 and all(1 - b.error_ratio_heldout < threshold for b in under)
     assert all(1 - b.error_ratio_heldout >= threshold for b in fewer.blocks if b.kept)
-    assert fewer.added_parameters < every.added_parameters
+    assert every.qwt_applied and sum(b.parameters for b in fewer.blocks) < every.added_parameters
 
 
 def test_a_neck_no_branch_maps_is_reported_with_the_fix_and_with_units_its_units_get_branches():
