@@ -581,7 +581,7 @@ def _model_section(r: dict) -> list[str]:
         lines.append(f"| {LABELS[key]} | {why} |" + " |" * (len(columns) - 2))
     qwt = v["qwt"]["report"]
     if qwt:
-        outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ on held-out samples, so the PTQ model was written"
+        outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ beyond the noise of the held-out samples, so the PTQ model was written"
         weights = ", bias-corrected weights" if qwt.get("qwt_bias_corrected") else ""
         fitted = f"fitted on {qwt.get('qwt_method') or qwt['method']} calibration{weights}, {qwt.get('fit_samples', qwt['samples'])} samples"
         lines += ["", f"QwT: {len(qwt['blocks'])} blocks, {fitted}{outcome}."]
