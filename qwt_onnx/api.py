@@ -582,7 +582,8 @@ def _load(model: ModelLike, role: str) -> ir.Model:
 
 def _effective_batch_size(model: ir.Model, batch_size: int) -> int:
     """Models exported with a fixed batch dimension are fed that many samples at a time."""
-    fixed = {spec.shape[0] for spec in prepare.input_specs(model) if spec.shape and spec.shape[0] is not None}
+    specs = [spec for spec in prepare.input_specs(model) if spec.samples_axis is not None]
+    fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
     if len(fixed) == 1:
         only = fixed.pop()
         if only != batch_size:

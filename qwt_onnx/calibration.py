@@ -20,11 +20,43 @@ CHECK_ROWS = 64  # samples scanned at a time for NaN / Inf
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """What the model expects of one graph input: dtype and shape (None: dynamic)."""
+    """What the model expects of one graph input: dtype and shape (None: dynamic), and the axis
+    that holds the samples (None: one value fed with every batch, such as a sample rate)."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    samples_axis: int | None = 0
+
+    def rows(self, array: np.ndarray, indices: np.ndarray | slice) -> np.ndarray:
+        """The samples ``indices`` of ``array`` (all of it where the input has no samples axis)."""
+        if self.samples_axis is None:
+            return array
+        if self.samples_axis == 0:
+            return array[indices]
+        if isinstance(indices, slice):
+            return array[(slice(None),) * self.samples_axis + (indices,)]
+        return np.take(array, indices, axis=self.samples_axis)
+
+
+Dims = Sequence[int | str | None]  # a shape: static sizes, names of dynamic ones, None for unnamed dynamic ones
+
+
+def leading_batch(input_shapes: Sequence[Dims]) -> int | str | None:
+    """The batch dimension that leads the model's inputs: the first that starts with a named
+    dynamic dimension or a static 1."""
+    return next((dims[0] for dims in input_shapes if dims and (isinstance(dims[0], str) or dims[0] == 1)), None)
+
+
+def samples_axis(dims: Dims, batch: int | str | None) -> int | None:
+    """Where a tensor of shape ``dims`` holds its samples, given the :func:`leading_batch`: the
+    axis of that name, or where the batch is a static 1 the first axis of size 1 (a recurrent
+    state [layers, batch, C] holds them on axis 1); else axis 0; none for a scalar (a sample rate)."""
+    if not dims:
+        return None
+    if batch is None or not any(d == batch for d in dims):
+        return 0
+    return list(dims).index(batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +72,13 @@ class Batch:
 
 
 class CalibrationSet:
-    """Calibration samples, one array per model input with samples on axis 0."""
+    """Calibration samples, one array per model input with the samples on its samples axis
+    (axis 0, or where the model's batch dimension is: a recurrent state's [layers, batch, C])."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]):
         self.arrays = dict(arrays)
         self.specs = list(specs)
-        _validate(self.arrays, self.specs)
-        self.num_samples = len(next(iter(self.arrays.values())))
+        self.num_samples = _validate(self.arrays, self.specs)
 
     @classmethod
     def load(
@@ -55,7 +87,7 @@ class CalibrationSet:
         """The first ``num_samples`` samples (default: all) of a ``.npz`` (keys are input names), a
         ``.npy`` (single input) or a dict; only those are read and checked for NaN and Inf."""
         if isinstance(source, Mapping):
-            return cls(_first(source, num_samples), specs)
+            return cls(_first(source, num_samples, specs), specs)
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
@@ -71,12 +103,11 @@ class CalibrationSet:
                     "save a .npz with one key per input"
                 )
             arrays = {specs[0].name: arrays}
-        return cls(_first(arrays, num_samples), specs)
+        return cls(_first(arrays, num_samples, specs), specs)
 
     def take(self, num_samples: int) -> CalibrationSet:
         """The first ``num_samples`` samples (all of them if there are fewer)."""
-        n = min(num_samples, self.num_samples)
-        return CalibrationSet({k: v[:n] for k, v in self.arrays.items()}, self.specs)
+        return CalibrationSet(_first(self.arrays, min(num_samples, self.num_samples), self.specs), self.specs)
 
     @property
     def heldout_mask(self) -> np.ndarray:
@@ -103,7 +134,7 @@ class CalibrationSet:
         indices = np.arange(self.num_samples) if indices is None else np.asarray(indices)
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            feeds = {spec.name: np.ascontiguousarray(self.arrays[spec.name][chunk], dtype=spec.dtype) for spec in self.specs}
+            feeds = {spec.name: np.asarray(spec.rows(self.arrays[spec.name], chunk), dtype=spec.dtype, order="C") for spec in self.specs}
             for array in self.arrays.values():
                 _release(array)
             yield Batch(chunk, feeds)
@@ -113,11 +144,19 @@ class CalibrationSet:
         return -(-count // batch_size)
 
 
-def _first(arrays: Mapping[str, np.ndarray], num_samples: int | None) -> dict[str, np.ndarray]:
-    return {k: v[:num_samples] if isinstance(v, np.ndarray) and v.ndim else v for k, v in arrays.items()}
+def _first(arrays: Mapping[str, np.ndarray], num_samples: int | None, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """The first ``num_samples`` of each array that has its input's samples axis (the rest as given, for validation)."""
+    spec_of = {spec.name: spec for spec in specs}
+    first = {}
+    for name, array in arrays.items():
+        spec = spec_of.get(name)
+        has_axis = spec is not None and spec.samples_axis is not None and isinstance(array, np.ndarray) and array.ndim > spec.samples_axis
+        first[name] = spec.rows(array, slice(None, num_samples)) if has_axis else array
+    return first
 
 
-def _validate(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> None:
+def _validate(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> int:
+    """Check the arrays against the model's inputs; the number of samples."""
     expected = {spec.name for spec in specs}
     missing = [spec.name for spec in specs if spec.name not in arrays]
     if missing:
@@ -131,29 +170,35 @@ def _validate(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> None
             f"calibration data has key(s) {', '.join(extra)} that are not model inputs; "
             f"use the keys {', '.join(sorted(expected))}"
         )
-    counts = set()
+    counts = {}
     for spec in specs:
         array = arrays[spec.name]
         _validate_array(spec, array)
-        counts.add(len(array))
-    if len(counts) > 1:
+        if spec.samples_axis is not None:
+            counts[spec.name] = array.shape[spec.samples_axis]
+    if not counts:
+        raise InputError("every model input is a scalar, so no calibration array holds samples; export the model with a batch axis")
+    if len(set(counts.values())) > 1:
         raise InputError(
-            f"calibration arrays have different sample counts {sorted(counts)}; give every input the same number of samples on axis 0"
+            f"calibration arrays have different sample counts ({', '.join(f'{k}: {n}' for k, n in counts.items())}); "
+            "give every input the same number of samples on its samples axis"
         )
+    return next(iter(counts.values()))
 
 
 def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
     if not isinstance(array, np.ndarray) or array.dtype == object:
         raise InputError(f"calibration array {spec.name!r} is not a numeric array; save plain numpy arrays")
     if array.ndim != len(spec.shape):
+        where = "as the value fed with every batch" if spec.samples_axis is None else f"with the samples on axis {spec.samples_axis}"
         raise InputError(
             f"calibration array {spec.name!r} has rank {array.ndim} but the model input has rank {len(spec.shape)} "
-            f"(shape {_format_shape(spec.shape)}); put the samples on axis 0 of an array of that shape"
+            f"(shape {_format_shape(spec.shape)}); save an array of that shape {where}"
         )
-    if array.shape[0] == 0:
+    if spec.samples_axis is not None and array.shape[spec.samples_axis] == 0:
         raise InputError(f"calibration array {spec.name!r} is empty; give at least one sample")
-    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
-        if want is not None and got != want:
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+        if axis != spec.samples_axis and want is not None and got != want:
             raise InputError(
                 f"calibration array {spec.name!r} has shape {array.shape} but the model input is "
                 f"{_format_shape(spec.shape)} (axis {axis}); resize the samples to match"
@@ -164,8 +209,8 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
                 f"calibration array {spec.name!r} has dtype {array.dtype} but the model input is {spec.dtype}; convert it"
             )
     if np.issubdtype(array.dtype, np.floating):
-        for start in range(0, len(array), CHECK_ROWS):
-            finite = np.isfinite(array[start : start + CHECK_ROWS]).all()
+        for start in range(0, max(1, len(array) if array.ndim else 1), CHECK_ROWS):
+            finite = np.isfinite(array[start : start + CHECK_ROWS] if array.ndim else array).all()
             _release(array)
             if not finite:
                 raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")
@@ -214,4 +259,4 @@ def _release(array: np.ndarray) -> None:
 
 
 def _format_shape(shape: tuple[int | None, ...]) -> str:
-    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.calibration import CalibrationSet, leading_batch, samples_axis
 from qwt_onnx.numerics.ranges import RangeObserver
 from qwt_onnx.runtime import Runner, with_outputs
 
@@ -82,12 +82,11 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
 
 
 def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
-    """The axis that holds the samples, per graph output: the one named like the inputs' batch
-    dimension (a time-major recurrent model writes [T, batch, C]), else 0."""
-    batch = next((i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input
-                  if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param), None)
-    axes = {}
-    for output in model.graph.output:
-        names = [d.dim_param for d in output.type.tensor_type.shape.dim]
-        axes[output.name] = names.index(batch) if batch and batch in names else 0
-    return axes
+    """The axis that holds the samples, per graph output (a time-major recurrent model writes
+    [T, batch, C]; :func:`qwt_onnx.calibration.samples_axis`)."""
+    def dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+        return [d.dim_value or d.dim_param or None for d in value.type.tensor_type.shape.dim]
+
+    weights = {t.name for t in model.graph.initializer}
+    batch = leading_batch([dims(i) for i in model.graph.input if i.name not in weights])
+    return {output.name: samples_axis(dims(output), batch) or 0 for output in model.graph.output}

@@ -250,6 +250,37 @@ def tensordot_mlp(seed: int = 0, tokens: int = 6, dims: tuple[int, ...] = (8, 16
     )
 
 
+def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8) -> onnx.ModelProto:
+    """A streaming voice-activity model as silero-vad exports it: an audio frame, a recurrent
+    state with the samples on axis 1 ([2, batch, C]) and a scalar sample rate as inputs; 1-D
+    convolutions; the recurrent step's result passed through If branches on the sample rate,
+    both an Identity of a value of the main graph; a speech probability and the next state out."""
+    b = GraphBuilder(seed)
+    x = b.op("Unsqueeze", ["audio", b.const("/axis1", np.array([1], np.int64))], "/to_channels")
+    for i, c_in in enumerate((1, channels)):
+        weight = b.weight(f"/conv{i}.weight", (channels, c_in, 3))
+        x = b.op("Relu", [b.op("Conv", [x, weight], f"/conv{i}", pads=[1, 1])], f"/relu{i}")
+    pooled = b.op("ReduceMean", [x], "/pool", axes=[2], keepdims=0)
+    previous = b.op("Gather", ["state", b.const("/first", np.array(0, np.int64))], "/previous", axis=0)
+    h = b.op("Tanh", [b.op("Add", [pooled, previous], "/step")], "/h")
+    b.op("Add", [b.op("Mul", ["state", b.const("/decay", np.float32(0.5))], "/decayed"),
+                 b.op("Unsqueeze", [h, b.const("/axis0", np.array([0], np.int64))], "/h_as_state")], "/next_state")
+    b.nodes[-1].output[0] = "stateN"
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Identity", [h], [f"{name}_h"])], name, [], [helper.make_tensor_value_info(f"{name}_h", TensorProto.FLOAT, None)])
+    is_16k = b.op("Equal", ["sr", b.const("/16k", np.array(16000, np.int64))], "/is_16k")
+    chosen = b.op("If", [is_16k], "/rate", then_branch=branch("then"), else_branch=branch("else"))
+    b.op("Sigmoid", [b.op("MatMul", [chosen, b.weight("/head.weight", (channels, 1))], "/head")], "/prob")
+    b.nodes[-1].output[0] = "prob"
+    return b.model(
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", frame]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", channels]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", channels])],
+    )
+
+
 def with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every initializer turned into a Constant node, as some exporters write weights."""
     copy = onnx.ModelProto()

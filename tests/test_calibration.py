@@ -8,6 +8,7 @@ from qwt_onnx import calibration, observe, quantize_with_report
 from qwt_onnx.analysis import blocks, capture
 from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet, InputSpec
+from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.passes import qdq
@@ -94,3 +95,31 @@ def test_a_choice_made_on_fewer_than_32_held_out_samples_is_flagged():
     assert not any("held-out calibration samples decide" in w for w in report.warnings)  # nothing was chosen
     _, report = quantize_with_report(model, graphs.samples(model, 160, seed=1), qwt=False, progress=False)
     assert not any("held-out calibration samples decide" in w for w in report.warnings)
+
+
+def test_inputs_with_samples_on_another_axis_or_none_are_batched_along_it():
+    # a recurrent state [layers, batch, C] holds its samples on axis 1; a sample rate is one
+    # scalar fed with every batch
+    specs = [InputSpec("audio", np.dtype(np.float32), (None, 4)), InputSpec("state", np.dtype(np.float32), (2, None, 3), 1),
+             InputSpec("sr", np.dtype(np.int64), (), None)]
+    rng = np.random.default_rng(0)
+    arrays = {"audio": rng.standard_normal((10, 4)).astype(np.float32), "state": rng.standard_normal((2, 10, 3)).astype(np.float32),
+              "sr": np.array(16000)}
+    calib = CalibrationSet.load(arrays, specs, num_samples=7)
+    assert calib.num_samples == 7 and calib.take(5).num_samples == 5
+    batch = list(calib.batches(4, np.array([1, 3, 6])))[0]
+    np.testing.assert_array_equal(batch.feeds["state"], arrays["state"][:, [1, 3, 6]])
+    np.testing.assert_array_equal(batch.feeds["audio"], arrays["audio"][[1, 3, 6]])
+    assert batch.feeds["sr"].shape == () and batch.feeds["sr"] == 16000
+    with pytest.raises(InputError, match="sample counts .*audio: 10, state: 9"):
+        CalibrationSet({**arrays, "state": arrays["state"][:, :9]}, specs)
+    with pytest.raises(InputError, match="rank 1 .* as the value fed with every batch"):
+        CalibrationSet({**arrays, "sr": np.array([16000])}, specs)
+    with pytest.raises(InputError, match="rank 2 .* with the samples on axis 1"):
+        CalibrationSet({**arrays, "state": arrays["state"][0]}, specs)
+
+
+def test_the_samples_axis_of_each_input_follows_the_batch_dimension_that_leads_the_inputs():
+    assert calibration.leading_batch([[], ["N", 4]]) == "N" and calibration.leading_batch([[1, 576], [2, 1, 128]]) == 1
+    assert [calibration.samples_axis(dims, "N") for dims in (["N", 4], [2, "N", 128], [], [3, 4])] == [0, 1, None, 0]
+    assert [calibration.samples_axis(dims, 1) for dims in ([1, 576], [2, 1, 128])] == [0, 1]

@@ -145,3 +145,25 @@ def test_old_exports_that_list_their_weights_among_the_graph_inputs(opset):
     assert report.qwt_applied
     ptq_error, qwt_error = _errors(graphs.resnet(), [ptq, qwt])
     assert qwt_error < ptq_error
+
+
+def test_a_streaming_model_with_its_state_on_axis_1_a_scalar_input_and_if_branches():
+    # silero-vad's exports: a state input [2, batch, C] holds the samples on axis 1, the sample
+    # rate is one scalar for every batch, and If branches read a main-graph value (onnx_ir's
+    # Identity elimination failed on them, and the data path ended at the If)
+    model = graphs.streaming_vad()
+    specs = prepare.input_specs(prepare.prepare(prepare.ir.serde.deserialize_model(model)))
+    assert [(s.name, s.samples_axis) for s in specs] == [("audio", 0), ("state", 1), ("sr", None)]
+    rng = np.random.default_rng(1)
+    calib = {"audio": rng.standard_normal((96, 32)).astype(np.float32),
+             "state": rng.standard_normal((2, 96, 8)).astype(np.float32), "sr": np.array(16000)}
+    quantized, report = quantize_with_report(model, calib, calib_method="minmax", progress=False)
+    assert [(b.input, b.output) for b in report.blocks] == [("/to_channels_out", "/relu0_out")]
+    assert {"prob", "stateN"} == set(report.output_sqnr_ptq_db) and min(report.output_sqnr_ptq_db.values()) > 30
+    dequantized = {n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    # every weighted op is quantized, the head after the If too, on the If's output
+    assert {"/conv0.weight_quantized", "/conv1.weight_quantized", "/head.weight_quantized", "/rate_out_quantized"} <= dequantized
+    test = {"audio": calib["audio"][:5], "state": calib["state"][:, :5], "sr": np.array(16000)}
+    reference, written = session(model).run(None, test), session(quantized).run(None, test)
+    assert [w.shape for w in written] == [(5, 1), (2, 5, 8)]
+    assert all(np.allclose(r, w, atol=0.1) for r, w in zip(reference, written))

@@ -228,7 +228,7 @@ def _data_values(graph: ir.Graph, primary: ir.Value) -> set[ir.Value]:
     for node in graph:
         if node.op_type in g.SHAPE_OPS and g.is_default_domain(node):
             continue
-        if any(v in data for v in node.inputs if v is not None):
+        if any(v in data for v in g.reads(node)):
             data.update(node.outputs)
     return data
 
@@ -238,7 +238,7 @@ def _dominators(graph: ir.Graph, source: ir.Value, data: set[ir.Value]):
     idom: dict[ir.Value, ir.Value | None] = {source: None}
     depth = {source: 0}
     for node in graph:
-        preds = [v for v in node.inputs if v is not None and v in idom]
+        preds = [v for v in g.reads(node) if v in idom]
         if not preds or (node.op_type in g.SHAPE_OPS and g.is_default_domain(node)):
             continue
         dominator = _lca_all(preds, idom, depth)
@@ -268,7 +268,7 @@ def _reaching_outputs(graph: ir.Graph, data: set[ir.Value]) -> set[ir.Node]:
     for node in reversed(list(graph)):
         if any(v in live for v in node.outputs):
             reaching.add(node)
-            live.update(v for v in node.inputs if v is not None and v in data)
+            live.update(v for v in g.reads(node) if v in data)
     return reaching
 
 

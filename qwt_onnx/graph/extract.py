@@ -64,7 +64,7 @@ def extract(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str], only
             graph_inputs.append(value)
         elif producer is not None and (producer in inside or value in static):
             nodes.add(producer)
-            frontier.extend(v for v in producer.inputs if v is not None)
+            frontier.extend(g.reads(producer))
         else:
             context.append(value)
 

@@ -11,7 +11,7 @@ import onnx.version_converter
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from qwt_onnx.calibration import InputSpec
+from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
 from qwt_onnx.passes.fold import FoldBatchNormPass, FoldBiasAddPass
 
@@ -35,6 +35,19 @@ def check_file(path: str | os.PathLike, role: str) -> str:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{role} {path} is not a valid ONNX model ({reason}); re-export it") from None
     return path
+
+
+class _IdentityEliminationPass(common.IdentityEliminationPass):
+    """onnx_ir's, less the Identity nodes that give a graph an output that is already an output
+    of another graph or is computed in an enclosing one (as in the If branches of silero-vad's
+    exports): onnx_ir 1.1 cannot move such a value and fails on the whole model."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source, result = node.inputs[0] if node.inputs else None, node.outputs[0] if node.outputs else None
+        if source is not None and result is not None and result.is_graph_output():
+            if source.is_graph_output() or source.graph is not node.graph:
+                return False
+        return super()._try_eliminate_identity_node(node)
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # the pipeline runs sub-models from serialized protobufs
@@ -85,7 +98,7 @@ def prepare(model: ir.Model) -> ir.Model:
             # caller could override): a quantizer takes the weights as the constants they are.
             common.RemoveInitializersFromInputsPass(),
             common.LiftConstantsToInitializersPass(size_limit=0),
-            common.IdentityEliminationPass(),
+            _IdentityEliminationPass(),
             # Quantizing an op whose output a BatchNormalization rescales per channel wastes the
             # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
             FoldBatchNormPass(),
@@ -114,17 +127,23 @@ def upgrade_opset(model: ir.Model) -> ir.Model:
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The graph inputs that must be fed (initializers listed as inputs excluded)."""
+    """The graph inputs that must be fed (initializers listed as inputs excluded), each with its
+    samples axis (:func:`qwt_onnx.calibration.samples_axis`)."""
+    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    batch = leading_batch([dims(v) for v in inputs])
     specs = []
-    for value in model.graph.inputs:
-        if value.name in model.graph.initializers:
-            continue
+    for value in inputs:
         if value.dtype is None:
             raise InputError(f"model input {value.name!r} has no element type; re-export the model with typed inputs")
-        # Paddle's exporter writes a dynamic dimension as -1: only a positive size is fixed.
-        dims = tuple(d if isinstance(d, int) and d > 0 else None for d in (value.shape or ()))
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), dims))
+        fixed = tuple(d if isinstance(d, int) else None for d in dims(value))
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), fixed, samples_axis(dims(value), batch)))
     return specs
+
+
+def dims(value: ir.Value) -> list[int | str | None]:
+    """``value``'s shape: static sizes, names of dynamic dimensions, None for unnamed ones.
+    Paddle's exporter writes a dynamic dimension as -1: only a positive size is fixed."""
+    return [d if isinstance(d, int) and d > 0 else d.value if isinstance(d, ir.SymbolicDim) else None for d in value.shape or ()]
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

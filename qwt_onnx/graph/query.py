@@ -54,18 +54,41 @@ def static_values(graph: ir.Graph) -> set[ir.Value]:
     """Values computable from initializers and Constant nodes alone."""
     static = {v for v in graph.initializers.values()}
     for node in graph:
-        if all(v is None or v in static or v.const_value is not None for v in node.inputs):
+        if all(v in static or v.const_value is not None for v in reads(node)):
             static.update(node.outputs)
     return static
 
 
+def reads(node: ir.Node) -> list[ir.Value]:
+    """The values ``node`` reads: its inputs and, for If, Loop and Scan, the values of its own
+    graph that its subgraphs read (they take them by name, not as inputs)."""
+    captured = [v for inner in _nested_nodes(node) for v in inner.inputs if v is not None and v.graph is node.graph]
+    return [v for v in node.inputs if v is not None] + captured
+
+
+def _nested_nodes(node: ir.Node) -> list[ir.Node]:
+    subgraphs = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            subgraphs.append(attribute.value)
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            subgraphs.extend(attribute.value)
+    return [inner for sub in subgraphs for inner in ir.traversal.RecursiveGraphIterator(sub)]
+
+
 def downstream_nodes(values: Iterable[ir.Value]) -> set[ir.Node]:
-    """Every node that reads, directly or not, one of ``values``."""
+    """Every node that reads, directly or not, one of ``values`` (an If, Loop or Scan whose
+    subgraphs read it counts as reading it)."""
     seen: set[ir.Node] = set()
+    owners: dict[ir.Node, ir.Node] = {}  # nested nodes -> the node of an outer graph that holds them
     frontier = list(values)
     while frontier:
         value = frontier.pop()
         for consumer in value.consumers():
+            if consumer.graph is not value.graph and value.graph is not None:
+                if consumer not in owners:
+                    owners.update({inner: n for n in value.graph for inner in _nested_nodes(n)})
+                consumer = owners.get(consumer, consumer)
             if consumer not in seen:
                 seen.add(consumer)
                 frontier.extend(consumer.outputs)
