@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from qwt_onnx.calibration import CalibrationSet, leading_batch, samples_axis
+from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics.ranges import RangeObserver
-from qwt_onnx.runtime import Runner, with_outputs
+from qwt_onnx.runtime import Runner, samples_axes, with_outputs
 
 
 @dataclasses.dataclass
@@ -83,10 +83,5 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
 
 def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
     """The axis that holds the samples, per graph output (a time-major recurrent model writes
-    [T, batch, C]; :func:`qwt_onnx.calibration.samples_axis`)."""
-    def dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
-        return [d.dim_value or d.dim_param or None for d in value.type.tensor_type.shape.dim]
-
-    weights = {t.name for t in model.graph.initializer}
-    batch = leading_batch([dims(i) for i in model.graph.input if i.name not in weights])
-    return {output.name: samples_axis(dims(output), batch) or 0 for output in model.graph.output}
+    [T, batch, C]; :func:`qwt_onnx.runtime.samples_axes`)."""
+    return samples_axes(model)[1]

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
+
 
 def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, **config: str) -> ort.InferenceSession:
     """A CPU session with ORT_ENABLE_ALL, so quantized ops run in onnxruntime's INT8 kernels;
@@ -40,16 +42,40 @@ class Runner:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
 
+def samples_axes(model: onnx.ModelProto) -> tuple[dict[str, int | None], dict[str, int]]:
+    """Where each graph input and output holds its samples (:func:`qwt_onnx.calibration.samples_axis`:
+    axis 1 of a recurrent state [layers, batch, C], none for a scalar input)."""
+    def dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+        return [d.dim_value or d.dim_param or None for d in value.type.tensor_type.shape.dim]
+
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    batch = leading_batch([dims(i) for i in inputs])
+    return ({i.name: samples_axis(dims(i), batch) for i in inputs},
+            {o.name: samples_axis(dims(o), batch) or 0 for o in model.graph.output})
+
+
+def take(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], indices: np.ndarray | slice) -> dict[str, np.ndarray]:
+    """Samples ``indices`` of every feed, on its samples axis (``axes``; 0 for names it lacks)."""
+    return {name: InputSpec(name, array.dtype, array.shape, axes.get(name, 0)).rows(array, indices) for name, array in feeds.items()}
+
+
+def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> int:
+    return next(array.shape[axes.get(name, 0)] for name, array in feeds.items() if axes.get(name, 0) is not None)
+
+
 def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """``model``'s outputs on ``feeds`` (samples on axis 0), run ``batch_size`` samples at a time
-    and concatenated on axis 0."""
+    """``model``'s outputs on ``feeds``, run ``batch_size`` samples at a time and concatenated,
+    every input and output on its samples axis (:func:`samples_axes`)."""
+    proto = onnx.load(model, load_external_data=False) if isinstance(model, str) else (
+        model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model))
+    inputs, outputs = samples_axes(proto)
     runner = Runner(model)
-    count = len(next(iter(feeds.values())))
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, count, batch_size):
-        for name, value in runner({k: v[start : start + batch_size] for k, v in feeds.items()}).items():
+    for start in range(0, count_samples(feeds, inputs), batch_size):
+        for name, value in runner(take(feeds, inputs, slice(start, start + batch_size))).items():
             parts.setdefault(name, []).append(value)
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    return {name: np.concatenate(chunks, axis=outputs[name]) for name, chunks in parts.items()}
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from qwt_onnx.zoo import detector, faces
+from qwt_onnx.zoo import detector, faces, speech
 
 
 def _yolo_output(anchors: list[tuple[float, float, float, float, int, float]], classes: int = 18) -> np.ndarray:
@@ -51,3 +51,9 @@ def test_face_f1_compares_the_faces_accepted_at_mtcnns_threshold():
     # one face lost (0.75 -> 0.65), one non-face accepted (0.69 -> 0.71): 1 matched of 2 + 2
     assert faces.face_f1(probabilities([0.9, 0.65, 0.1, 0.71]), reference) == 0.5
     assert faces.face_f1(probabilities([0.1, 0.1]), np.array([0.2, 0.3])) == 1.0  # nothing to accept, nothing accepted
+
+
+def test_speech_f1_compares_the_frames_called_speech_at_silero_vads_threshold():
+    reference = np.array([0.9, 0.6, 0.1, 0.45])  # FP32 calls the first two speech
+    assert speech.speech_f1(np.array([[0.8], [0.55], [0.2], [0.3]]), reference) == 1.0
+    assert speech.speech_f1(np.array([[0.8], [0.4], [0.2], [0.5]]), reference) == 0.5  # one lost, one added

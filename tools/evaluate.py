@@ -34,7 +34,7 @@ def main() -> None:
     entry, prepared = zoo.get(args.zoo_name), zoo.prepare(args.zoo_name)
     feeds, labels = zoo.load_evaluation(prepared)
     reference = run_in_batches(prepared.model, feeds, 16)
-    print(f"{args.zoo_name}: {len(next(iter(feeds.values())))} evaluation samples")
+    print(f"{args.zoo_name}: {len(next(iter(reference.values())))} evaluation samples")
     if entry.task_metric is not None and labels is not None:
         print(f"  FP32: {entry.metric_name} {entry.task_metric(entry.metric_input(reference), labels):.4f}")
     first = None

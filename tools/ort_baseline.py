@@ -19,6 +19,8 @@ import onnx
 import onnx.version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from qwt_onnx.runtime import count_samples, samples_axes, take
+
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
 BATCHES_PER_CHUNK = 1
 
@@ -26,11 +28,11 @@ BATCHES_PER_CHUNK = 1
 class NpzReader(CalibrationDataReader):
     """Batches of the first ``samples`` calibration samples; supports onnxruntime's strided collection."""
 
-    def __init__(self, path: str, samples: int, batch_size: int):
+    def __init__(self, path: str, samples: int, batch_size: int, axes: dict[str, int | None]):
         with np.load(path) as data:
-            arrays = {k: data[k][:samples] for k in data.files}
-        count = len(next(iter(arrays.values())))
-        self.batches = [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, count, batch_size)]
+            arrays = take({k: data[k] for k in data.files}, axes, slice(None, samples))
+        starts = range(0, count_samples(arrays, axes), batch_size)
+        self.batches = [take(arrays, axes, slice(i, i + batch_size)) for i in starts]
         self.set_range(0, len(self.batches))
 
     def __len__(self) -> int:
@@ -45,7 +47,8 @@ class NpzReader(CalibrationDataReader):
 
 def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16) -> None:
     model = _at_least_opset_13(model, output)
-    reader = NpzReader(calib, samples, _fixed_batch(model) or batch_size)
+    axes = samples_axes(onnx.load(model, load_external_data=False))[0]
+    reader = NpzReader(calib, samples, _fixed_batch(model) or batch_size, axes)
     stride = max(d for d in range(1, BATCHES_PER_CHUNK + 1) if len(reader) % d == 0)
     quantize_static(
         model,

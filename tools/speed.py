@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qwt_onnx.runtime import count_samples, samples_axes, take
+
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
                    "MatMulInteger", "DynamicQuantizeMatMul"}
 # Where each matrix kernel's weight (or second operand) sits among its inputs.
@@ -47,17 +49,23 @@ def session(model: str, profile_in: str | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def batch_of(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """The session's inputs, ``batch`` samples each (repeating the given ones if fewer)."""
-    names = [i.name for i in sess.get_inputs()]
-    return {k: np.ascontiguousarray(np.resize(feeds[k], (batch, *feeds[k].shape[1:]))) for k in names}
+def batch_of(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int, axes: dict[str, int | None]) -> dict[str, np.ndarray]:
+    """The session's inputs, ``batch`` samples each on their samples axis (``axes``), repeating
+    the given ones if fewer."""
+    wanted = {i.name: feeds[i.name] for i in sess.get_inputs()}
+    repeated = take(wanted, axes, np.arange(batch) % count_samples(wanted, axes))
+    return {k: np.ascontiguousarray(v) if v.ndim else v for k, v in repeated.items()}
+
+
+def _input_axes(model: str) -> dict[str, int | None]:
+    return samples_axes(onnx.load(model, load_external_data=False))[0]
 
 
 def latencies_ms(models: dict[str, str], feeds: dict[str, np.ndarray], batch: int, rounds: int,
                  runs: int) -> dict[str, float]:
     """Median latency per model: ``rounds`` interleaved rounds of ``runs`` runs each."""
     sessions = {key: session(path) for key, path in models.items()}
-    inputs = {key: batch_of(sess, feeds, batch) for key, sess in sessions.items()}
+    inputs = {key: batch_of(sess, feeds, batch, _input_axes(models[key])) for key, sess in sessions.items()}
     for key, sess in sessions.items():
         sess.run(None, inputs[key])  # warm-up: memory arenas, lazy kernel set-up
     per_round = collections.defaultdict(list)
@@ -101,7 +109,7 @@ def profile(model: str, feeds: dict[str, np.ndarray], batch: int = 1, runs: int 
     (the least of ``runs`` runs after a warm-up one, so that a busy moment does not count)."""
     with tempfile.TemporaryDirectory() as folder:
         sess = session(model, folder)
-        inputs = batch_of(sess, feeds, batch)
+        inputs = batch_of(sess, feeds, batch, _input_axes(model))
         for _ in range(1 + runs):
             sess.run(None, inputs)
         with open(sess.end_profiling()) as f:
@@ -157,14 +165,14 @@ def summary(kernels: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--calib", required=True, help=".npz of model inputs (samples on axis 0)")
+    parser.add_argument("--calib", required=True, help=".npz of model inputs (samples on each input's samples axis)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--kernels", action="store_true", help="print each model's kernel summary")
     args = parser.parse_args()
     with np.load(args.calib) as data:
-        feeds = {k: data[k][:16] for k in data.files}
+        feeds = take({k: data[k] for k in data.files}, _input_axes(args.models[0]), slice(None, 16))
     times = latencies_ms({m: m for m in args.models}, feeds, args.batch, args.rounds, args.runs)
     base = times[args.models[0]]
     for model in args.models:

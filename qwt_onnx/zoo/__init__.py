@@ -9,11 +9,11 @@ calibration and evaluation draw from disjoint sources.
 from __future__ import annotations
 
 from qwt_onnx.errors import InputError
-from qwt_onnx.zoo import detector, faces, ocr, orientation, saliency, sentences
+from qwt_onnx.zoo import detector, faces, ocr, orientation, saliency, sentences, speech
 from qwt_onnx.zoo.registry import CALIBRATION_SAMPLES, Prepared, ZooEntry, load_evaluation
 from qwt_onnx.zoo.registry import prepare as _prepare
 
-ENTRIES = {entry.name: entry for entry in (saliency.ENTRY, orientation.ENTRY, ocr.REC, ocr.DET, sentences.ENTRY, detector.ENTRY, faces.ENTRY)}
+ENTRIES = {entry.name: entry for entry in (saliency.ENTRY, orientation.ENTRY, ocr.REC, ocr.DET, sentences.ENTRY, detector.ENTRY, faces.ENTRY, speech.ENTRY)}
 
 __all__ = ["CALIBRATION_SAMPLES", "ENTRIES", "Prepared", "ZooEntry", "get", "load_evaluation", "prepare"]
 

@@ -18,7 +18,7 @@ import io
 import numpy as np
 
 from qwt_onnx.zoo import images
-from qwt_onnx.zoo.registry import ZooEntry, package_file
+from qwt_onnx.zoo.registry import ZooEntry, decision_f1, package_file
 
 ACCEPT = 0.7  # MTCNN's third-stage threshold
 
@@ -67,9 +67,7 @@ def evaluation() -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def face_f1(probabilities: np.ndarray, reference: np.ndarray) -> float:
     """F1 of the candidates accepted as faces against those the reference accepts."""
-    ours, theirs = probabilities[:, 1] >= ACCEPT, reference >= ACCEPT
-    total = int(ours.sum() + theirs.sum())
-    return 2 * int((ours & theirs).sum()) / total if total else 1.0
+    return decision_f1(probabilities[:, 1] >= ACCEPT, reference >= ACCEPT)
 
 
 ENTRY = ZooEntry(

@@ -31,21 +31,27 @@ def cache_dir() -> str:
 
 def opencv_doc_dir() -> str:
     """Debian's opencv-doc unpacked in the cache (fetched with ``apt-get download`` once)."""
-    target = os.path.join(cache_dir(), "opencv-doc")
+    return debian_files("opencv-doc", "usr/share/doc/opencv-doc", "**/*.jp*g")
+
+
+def debian_files(package: str, root: str, pattern: str) -> str:
+    """A folder in the cache holding the files of Debian package ``package`` under ``root`` that
+    match ``pattern``, flattened (``a/b.jpg`` -> ``a__b.jpg``); fetched with ``apt-get download`` once."""
+    target = os.path.join(cache_dir(), package)
     if os.path.isdir(target):
         return target
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise InputError("the zoo's real photos come from Debian's opencv-doc package; run on Debian/Ubuntu with apt-get")
+        raise InputError(f"the zoo's data comes from Debian's {package} package; run on Debian/Ubuntu with apt-get")
     with tempfile.TemporaryDirectory() as tmp:
-        fetched = subprocess.run(["apt-get", "download", "opencv-doc"], cwd=tmp, capture_output=True, text=True)
-        debs = glob.glob(os.path.join(tmp, "opencv-doc_*.deb"))
+        fetched = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = glob.glob(os.path.join(tmp, f"{package}_*.deb"))
         if fetched.returncode != 0 or not debs:
-            raise InputError(f"apt-get download opencv-doc failed ({fetched.stderr.strip()[:200]}); check the Debian mirror")
+            raise InputError(f"apt-get download {package} failed ({fetched.stderr.strip()[:200]}); check the Debian mirror")
         unpacked = os.path.join(tmp, "x")
         subprocess.run(["dpkg-deb", "-x", debs[0], unpacked], check=True)
         os.makedirs(target + ".part", exist_ok=True)
-        for path in glob.glob(os.path.join(unpacked, "usr/share/doc/opencv-doc/**/*.jp*g"), recursive=True):
-            name = os.path.relpath(path, os.path.join(unpacked, "usr/share/doc/opencv-doc")).replace(os.sep, "__")
+        for path in glob.glob(os.path.join(unpacked, root, pattern), recursive=True):
+            name = os.path.relpath(path, os.path.join(unpacked, root)).replace(os.sep, "__")
             shutil.copyfile(path, os.path.join(target + ".part", name))
         os.replace(target + ".part", target)
     return target

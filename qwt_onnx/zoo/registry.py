@@ -43,6 +43,13 @@ class Prepared:
     evaluation: str
 
 
+def decision_f1(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """F1 of the samples a model decides for (``ours``, booleans) against those the reference
+    decides for: 1 where neither decides for any."""
+    total = int(ours.sum() + theirs.sum())
+    return 2 * int((ours & theirs).sum()) / total if total else 1.0
+
+
 def package_file(package: str, relative: str) -> str:
     """A data file shipped inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
