@@ -109,6 +109,26 @@ def test_reshapes_that_keep_a_blocks_rank_stay_in_it():
     ]
 
 
+def test_an_if_ends_a_chain_block_and_belongs_to_none():
+    # silero-vad: the last encoder conv's activation goes into If branches (its LSTM); the
+    # branch maps the conv block, the control flow stays float outside it
+    b = graphs.GraphBuilder()
+    x = b.op("Relu", [b.op("Conv", ["audio", b.weight("/conv.weight", (8, 4, 3))], "/conv", pads=[1, 1])], "/relu")
+    branch = lambda name: onnx.helper.make_graph(  # noqa: E731
+        [onnx.helper.make_node("Identity", [x], [f"{name}_out"])], name, [],
+        [onnx.helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, None)])
+    flag = b.op("Greater", ["rate", b.const("/8k", np.array(8000, np.int64))], "/is_16k")
+    b.op("If", [flag], "/rate", then_branch=branch("then"), else_branch=branch("else"))
+    b.nodes[-1].output[0] = "features"
+    model = b.model(
+        [onnx.helper.make_tensor_value_info("audio", onnx.TensorProto.FLOAT, ["batch", 4, 16]),
+         onnx.helper.make_tensor_value_info("rate", onnx.TensorProto.INT64, [])],
+        [onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["batch", 8, 16])],
+    )
+    found = blocks.find_blocks(_prepared(model))
+    assert [(b.input, b.output, b.channels_first) for b in found] == [("audio", "/relu_out", True)]
+
+
 def test_post_ln_layers_end_after_their_layer_norm_and_take_side_inputs_as_context():
     model = _prepared(graphs.bert(layers=2))
     assert blocks.choose_primary_input(model.graph).name == "input_ids"

@@ -67,6 +67,7 @@ def test_groups_are_input_channels_over_the_factor_dividing_both_counts(c_in, c_
     ((2, 8, 9, 9), (2, 8, 8, 8), 1, (0, 1)),  # 2×2
     ((2, 8, 24, 96), (2, 8, 12, 96), (2, 1), (0, 0)),  # a text recogniser's stride (2, 1), padded
     ((2, 8, 25, 96), (2, 8, 12, 94), (2, 1), (1, 1)),  # ... and unpadded
+    ((2, 64, 2), (2, 64, 1), 2, (0, 0)),  # silero-vad's last encoder conv: stride 2 on a length of 2
 ])
 def test_blocks_of_unpadded_or_unevenly_strided_convolutions_get_a_branch_on_the_window_centres(x_shape, y_shape, stride, crop):
     layout = infer_layout(x_shape, y_shape, channels_first=True, groups_factor=0)

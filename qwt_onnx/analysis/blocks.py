@@ -21,7 +21,8 @@ The rule, framework-agnostic:
    cut into *chain blocks*, each ending with a dense weighted op (a Conv with
    one group, a MatMul or Gemm) and the parameter-free ops up to the next
    weighted op: one depthwise-separable unit, one conv with its activation.
-   Layout ops between two weighted ops open the block of the second. A
+   Layout ops between two weighted ops open the block of the second; an If,
+   Loop or Scan node ends one and belongs to none. A
    Transpose at either end of a chain block (the one from NHWC that Keras and
    TensorFlow exports start with, the one back before a Flatten), a global pool
    at its end, and the layout ops at its ends that keep its input and output at
@@ -294,6 +295,10 @@ def _chain_blocks(chain: list[_Segment]) -> list[list[_Segment]]:
     current: list[_Segment] = []
     closed = False
     for segment in chain:
+        if any(g.subgraphs(n) for n in segment.nodes):  # control flow ends a block: its ops stay float, outside any
+            pieces.append(current)
+            current, closed = [], False
+            continue
         if closed and segment.weighted:
             opening = len(current)
             while _only(LAYOUT_OPS, current[opening - 1]):

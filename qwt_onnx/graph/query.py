@@ -66,14 +66,19 @@ def reads(node: ir.Node) -> list[ir.Value]:
     return [v for v in node.inputs if v is not None] + captured
 
 
-def _nested_nodes(node: ir.Node) -> list[ir.Node]:
-    subgraphs = []
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs of an If, Loop or Scan node's attributes (none for other ops)."""
+    found = []
     for attribute in node.attributes.values():
         if attribute.type == ir.AttributeType.GRAPH:
-            subgraphs.append(attribute.value)
+            found.append(attribute.value)
         elif attribute.type == ir.AttributeType.GRAPHS:
-            subgraphs.extend(attribute.value)
-    return [inner for sub in subgraphs for inner in ir.traversal.RecursiveGraphIterator(sub)]
+            found.extend(attribute.value)
+    return found
+
+
+def _nested_nodes(node: ir.Node) -> list[ir.Node]:
+    return [inner for sub in subgraphs(node) for inner in ir.traversal.RecursiveGraphIterator(sub)]
 
 
 def downstream_nodes(values: Iterable[ir.Value]) -> set[ir.Node]:

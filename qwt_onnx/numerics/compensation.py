@@ -176,8 +176,8 @@ def infer_layout(
     spatial_in, spatial_out = x_shape[2:], y_shape[2:]
     if min(spatial_out) <= 0:
         return None
-    if max(spatial_out) == 1 < max(spatial_in):  # global pooling: no strided pixel stands for the mean
-        return None
+    if max(spatial_out) == 1 < max(spatial_in) and max(spatial_in) > MAX_VALID_STRIDE:
+        return None  # global pooling: no strided pixel stands for the mean (a stride-2 conv from 2 to 1 is no pool)
     groups = _groups(x_shape[1], y_shape[1], groups_factor)
     same = Layout(channels_first=True, spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
     # Else an unpadded k×k window: the smallest window, odd ones (convolutions) before even ones
