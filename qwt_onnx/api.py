@@ -41,6 +41,7 @@ from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Optio
 from qwt_onnx.passes import qdq, splice
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.report import BlockReport, Report
+from qwt_onnx.runtime import samples_axes
 
 logger = logging.getLogger("qwt_onnx")
 
@@ -232,7 +233,7 @@ class _Run:
         if not self.options.check_outputs or not calib.scoring_mask.any():
             return None
         if self._batch_axes is None:
-            self._batch_axes = observe.batch_axes(prepare.to_proto(self.fp))
+            self._batch_axes = samples_axes(prepare.to_proto(self.fp))[1]
         return capture.OutputCheck(self._scoring_reference(calib), calib.scoring_mask, self._batch_axes, self.options.outputs)
 
     def _scoring_reference(self, calib: CalibrationSet) -> dict[str, np.ndarray]:

@@ -29,14 +29,18 @@ class InputSpec:
     samples_axis: int | None = 0
 
     def rows(self, array: np.ndarray, indices: np.ndarray | slice) -> np.ndarray:
-        """The samples ``indices`` of ``array`` (all of it where the input has no samples axis)."""
-        if self.samples_axis is None:
-            return array
-        if self.samples_axis == 0:
-            return array[indices]
-        if isinstance(indices, slice):
-            return array[(slice(None),) * self.samples_axis + (indices,)]
-        return np.take(array, indices, axis=self.samples_axis)
+        return samples_of(array, self.samples_axis, indices)
+
+
+def samples_of(array: np.ndarray, axis: int | None, indices: np.ndarray | slice) -> np.ndarray:
+    """The samples ``indices`` of ``array``, whose samples are on ``axis`` (all of it where None)."""
+    if axis is None:
+        return array
+    if axis == 0:
+        return array[indices]
+    if isinstance(indices, slice):
+        return array[(slice(None),) * axis + (indices,)]
+    return np.take(array, indices, axis=axis)
 
 
 Dims = Sequence[int | str | None]  # a shape: static sizes, names of dynamic ones, None for unnamed dynamic ones
@@ -209,8 +213,9 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
                 f"calibration array {spec.name!r} has dtype {array.dtype} but the model input is {spec.dtype}; convert it"
             )
     if np.issubdtype(array.dtype, np.floating):
-        for start in range(0, max(1, len(array) if array.ndim else 1), CHECK_ROWS):
-            finite = np.isfinite(array[start : start + CHECK_ROWS] if array.ndim else array).all()
+        chunks = (array[start : start + CHECK_ROWS] for start in range(0, len(array), CHECK_ROWS)) if array.ndim else (array,)
+        for chunk in chunks:
+            finite = np.isfinite(chunk).all()
             _release(array)
             if not finite:
                 raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")

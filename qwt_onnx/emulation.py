@@ -36,8 +36,6 @@ def run(
     """Each model's outputs (all optimizations, CPU provider) computed on an emulated Haswell, on
     ``feeds``: one set for all models, or one per model. One emulator process runs them all; the
     batches are cut here, each input on its samples axis, and the outputs joined here on theirs."""
-    import onnx
-
     from qwt_onnx.runtime import count_samples, samples_axes, take
 
     if not available():
@@ -48,7 +46,7 @@ def run(
         outputs = []
         for k, (model, model_feeds) in enumerate(zip(models, per_model, strict=True)):
             inputs, out = os.path.join(folder, f"feeds-{k}.npz"), os.path.join(folder, f"outputs-{k}.npz")
-            input_axes, output_axes = samples_axes(onnx.load(model, load_external_data=False))
+            input_axes, output_axes = samples_axes(model)
             starts = range(0, count_samples(model_feeds, input_axes), batch_size)
             batches = [take(model_feeds, input_axes, slice(start, start + batch_size)) for start in starts]
             np.savez(inputs, **{f"{b}/{name}": array for b, batch in enumerate(batches) for name, array in batch.items()})

@@ -52,7 +52,7 @@ def observe(
     over all samples, and the model outputs on the scoring samples."""
     channel_axes = channel_axes or {}
     output_names = [o.name for o in model.graph.output]
-    axes = batch_axes(model)
+    axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
     runner = Runner(with_outputs(model, [*tensors, *channel_axes]))
     observers = {name: RangeObserver() for name in tensors}
     means = {name: ChannelMean(axis) for name, axis in channel_axes.items()}
@@ -72,16 +72,10 @@ def observe(
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:
     """The model's outputs on the scoring samples (held out from every fit), samples on axis 0."""
     runner = Runner(model)
-    axes = batch_axes(model)
+    axes = samples_axes(model)[1]
     indices = np.flatnonzero(calib.scoring_mask)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in calib.batches(batch_size, indices, description):
         for name, value in runner(batch.feeds).items():
             parts.setdefault(name, []).append(np.moveaxis(value, axes[name], 0))
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
-
-
-def batch_axes(model: onnx.ModelProto) -> dict[str, int]:
-    """The axis that holds the samples, per graph output (a time-major recurrent model writes
-    [T, batch, C]; :func:`qwt_onnx.runtime.samples_axes`)."""
-    return samples_axes(model)[1]

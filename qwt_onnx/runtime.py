@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
+from qwt_onnx.calibration import leading_batch, samples_axis, samples_of
 
 
 def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, **config: str) -> ort.InferenceSession:
@@ -42,9 +42,15 @@ class Runner:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
 
-def samples_axes(model: onnx.ModelProto) -> tuple[dict[str, int | None], dict[str, int]]:
+def samples_axes(model: onnx.ModelProto | bytes | str) -> tuple[dict[str, int | None], dict[str, int]]:
     """Where each graph input and output holds its samples (:func:`qwt_onnx.calibration.samples_axis`:
-    axis 1 of a recurrent state [layers, batch, C], none for a scalar input)."""
+    axis 1 of a recurrent state [layers, batch, C], none for a scalar input); ``model`` a proto,
+    its bytes or its path (read without its external data)."""
+    if isinstance(model, str):
+        model = onnx.load(model, load_external_data=False)
+    elif isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+
     def dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
         return [d.dim_value or d.dim_param or None for d in value.type.tensor_type.shape.dim]
 
@@ -57,7 +63,7 @@ def samples_axes(model: onnx.ModelProto) -> tuple[dict[str, int | None], dict[st
 
 def take(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], indices: np.ndarray | slice) -> dict[str, np.ndarray]:
     """Samples ``indices`` of every feed, on its samples axis (``axes``; 0 for names it lacks)."""
-    return {name: InputSpec(name, array.dtype, array.shape, axes.get(name, 0)).rows(array, indices) for name, array in feeds.items()}
+    return {name: samples_of(array, axes.get(name, 0), indices) for name, array in feeds.items()}
 
 
 def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> int:
@@ -67,9 +73,7 @@ def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None
 def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """``model``'s outputs on ``feeds``, run ``batch_size`` samples at a time and concatenated,
     every input and output on its samples axis (:func:`samples_axes`)."""
-    proto = onnx.load(model, load_external_data=False) if isinstance(model, str) else (
-        model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model))
-    inputs, outputs = samples_axes(proto)
+    inputs, outputs = samples_axes(model)
     runner = Runner(model)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, count_samples(feeds, inputs), batch_size):

@@ -16,7 +16,7 @@ from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics.compensation import Layout
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.passes import qdq, splice
-from qwt_onnx.runtime import Runner
+from qwt_onnx.runtime import Runner, samples_axes
 from tests import graphs
 
 
@@ -140,7 +140,7 @@ def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer
 def _output_check(reference_model, calib):
     """What the capture checks branches against: ``reference_model``'s outputs on the scoring samples."""
     proto = prepare.to_proto(reference_model)
-    return capture.OutputCheck(observe.heldout_outputs(proto, calib, 8, "reference"), calib.scoring_mask, observe.batch_axes(proto))
+    return capture.OutputCheck(observe.heldout_outputs(proto, calib, 8, "reference"), calib.scoring_mask, samples_axes(proto)[1])
 
 
 def _heldout_sqnr(model, check, calib):

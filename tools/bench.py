@@ -33,7 +33,6 @@ import tempfile
 import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from qwt_onnx import emulation, zoo
@@ -124,7 +123,7 @@ def _high_water_kib(pid: int) -> int:
 
 def outputs_of(model: str, feeds: dict[str, np.ndarray], batch_size: int = EVALUATION_BATCH):
     """The model's outputs, batch by batch (each input cut on its samples axis)."""
-    runner, axes = Runner(model), samples_axes(onnx.load(model, load_external_data=False))[0]
+    runner, axes = Runner(model), samples_axes(model)[0]
     for i in range(0, count_samples(feeds, axes), batch_size):
         yield runner(take(feeds, axes, slice(i, i + batch_size)))
 
@@ -181,7 +180,7 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     prepared = zoo.prepare(name)
     feeds, labels = zoo.load_evaluation(prepared)
     count = QUICK_EVALUATION if quick else FULL_EVALUATION
-    input_axes = samples_axes(onnx.load(prepared.model, load_external_data=False))[0]
+    input_axes = samples_axes(prepared.model)[0]
     feeds = take(feeds, input_axes, slice(None, count))
     labels = None if labels is None else labels[:count]
     python = sys.executable
@@ -276,7 +275,7 @@ def score_emulated(fp32: str, variants: dict[str, Variant], feeds: dict[str, np.
     for key, outputs in zip(variants, emulated):
         variants[key].scores["sqnr_db_native_subset"] = sqnr_db(reference, run_in_batches(variants[key].path, feeds, EVALUATION_BATCH))
         variants[key].scores["sqnr_db_avx2"] = sqnr_db(reference, outputs)
-        variants[key].scores["avx2_samples"] = count_samples(feeds, samples_axes(onnx.load(fp32, load_external_data=False))[0])
+        variants[key].scores["avx2_samples"] = count_samples(feeds, samples_axes(fp32)[0])
 
 
 def granularities_differ(path: str) -> bool:

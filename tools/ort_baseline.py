@@ -47,7 +47,7 @@ class NpzReader(CalibrationDataReader):
 
 def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16) -> None:
     model = _at_least_opset_13(model, output)
-    axes = samples_axes(onnx.load(model, load_external_data=False))[0]
+    axes = samples_axes(model)[0]
     reader = NpzReader(calib, samples, _fixed_batch(model) or batch_size, axes)
     stride = max(d for d in range(1, BATCHES_PER_CHUNK + 1) if len(reader) % d == 0)
     quantize_static(

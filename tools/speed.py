@@ -57,15 +57,11 @@ def batch_of(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: in
     return {k: np.ascontiguousarray(v) if v.ndim else v for k, v in repeated.items()}
 
 
-def _input_axes(model: str) -> dict[str, int | None]:
-    return samples_axes(onnx.load(model, load_external_data=False))[0]
-
-
 def latencies_ms(models: dict[str, str], feeds: dict[str, np.ndarray], batch: int, rounds: int,
                  runs: int) -> dict[str, float]:
     """Median latency per model: ``rounds`` interleaved rounds of ``runs`` runs each."""
     sessions = {key: session(path) for key, path in models.items()}
-    inputs = {key: batch_of(sess, feeds, batch, _input_axes(models[key])) for key, sess in sessions.items()}
+    inputs = {key: batch_of(sess, feeds, batch, samples_axes(models[key])[0]) for key, sess in sessions.items()}
     for key, sess in sessions.items():
         sess.run(None, inputs[key])  # warm-up: memory arenas, lazy kernel set-up
     per_round = collections.defaultdict(list)
@@ -109,7 +105,7 @@ def profile(model: str, feeds: dict[str, np.ndarray], batch: int = 1, runs: int 
     (the least of ``runs`` runs after a warm-up one, so that a busy moment does not count)."""
     with tempfile.TemporaryDirectory() as folder:
         sess = session(model, folder)
-        inputs = batch_of(sess, feeds, batch, _input_axes(model))
+        inputs = batch_of(sess, feeds, batch, samples_axes(model)[0])
         for _ in range(1 + runs):
             sess.run(None, inputs)
         with open(sess.end_profiling()) as f:
@@ -172,7 +168,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="print each model's kernel summary")
     args = parser.parse_args()
     with np.load(args.calib) as data:
-        feeds = take({k: data[k] for k in data.files}, _input_axes(args.models[0]), slice(None, 16))
+        feeds = take({k: data[k] for k in data.files}, samples_axes(args.models[0])[0], slice(None, 16))
     times = latencies_ms({m: m for m in args.models}, feeds, args.batch, args.rounds, args.runs)
     base = times[args.models[0]]
     for model in args.models:
