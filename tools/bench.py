@@ -133,22 +133,20 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
     Where the entry names the parts of its outputs that its task needs, the SQNR is the worst
     part's, as it is for the quantizer's choices, and each part's is kept too."""
     signal = noise = dot = norm_test = agree = 0.0
-    first, kept = None, []
-    part_batches = []
+    kept, part_batches = [], []
     for ref, out in zip(reference, outputs_of(model, feeds)):
-        first = first or entry.metric_output or next(iter(ref))
         for name, y in float_outputs(ref):  # token ids or masks passed through carry no signal
             y32, t32 = y.astype(np.float32).ravel(), out[name].astype(np.float32).ravel()
             signal += float(np.dot(y32, y32))
             noise += float(np.dot(y32 - t32, y32 - t32))
             dot += float(np.dot(y32, t32))
             norm_test += float(np.dot(t32, t32))
-        agree += float(np.sum(ref[first].argmax(-1) == out[first].argmax(-1)))
+        agree += float(np.sum(entry.metric_input(ref).argmax(-1) == entry.metric_input(out).argmax(-1)))
         if entry.task_metric is not None and labels is not None:
-            kept.append(out[first])
+            kept.append(entry.metric_input(out))
         if entry.outputs:
             part_batches.append((parts(ref, entry.outputs), parts(out, entry.outputs)))
-    count = sum(len(r[first]) for r in reference)
+    count = sum(len(entry.metric_input(r)) for r in reference)
     result = {"sqnr_db": 10 * np.log10(signal / noise) if noise > 0 else float("inf"),
               "cosine": dot / np.sqrt(signal * norm_test)}
     if part_batches:
