@@ -17,7 +17,7 @@ import numpy as np
 
 from qwt_onnx import zoo
 from qwt_onnx.numerics import metrics
-from qwt_onnx.runtime import run_in_batches
+from qwt_onnx.runtime import run_in_batches, samples_axes
 
 
 def cosine(reference: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> float:
@@ -33,13 +33,18 @@ def main() -> None:
     args = parser.parse_args()
     entry, prepared = zoo.get(args.zoo_name), zoo.prepare(args.zoo_name)
     feeds, labels = zoo.load_evaluation(prepared)
-    reference = run_in_batches(prepared.model, feeds, 16)
+    axes = samples_axes(prepared.model)[1]
+
+    def outputs_of(model: str) -> dict[str, np.ndarray]:  # samples on axis 0, as metrics.score takes them
+        return {name: np.moveaxis(value, axes[name], 0) for name, value in run_in_batches(model, feeds, 16).items()}
+
+    reference = outputs_of(prepared.model)
     print(f"{args.zoo_name}: {len(next(iter(reference.values())))} evaluation samples")
     if entry.task_metric is not None and labels is not None:
         print(f"  FP32: {entry.metric_name} {entry.task_metric(entry.metric_input(reference), labels):.4f}")
     first = None
     for path in args.models:
-        test = run_in_batches(path, feeds, 16)
+        test = outputs_of(path)
         score = metrics.score(reference, test, entry.outputs)
         line = f"  {path}: SQNR {metrics.sqnr_db(reference, test):.2f} dB, cosine {cosine(reference, test):.5f}"
         if entry.outputs:
