@@ -304,30 +304,38 @@ def given_candidate(run: _Run, quantized: ModelLike) -> list[Candidate]:
 
 
 def ptq_candidates(run: _Run) -> list[Candidate]:
-    """Our PTQ model per calibration method, each with or without bias correction, whichever
-    scores better on held-out samples (``--bias-correction auto``)."""
+    """Our PTQ model per calibration method; with ``--bias-correction auto``, the best method's
+    with and without bias correction, whichever scores better on held-out samples.
+
+    The correction is decided once, on the best method: it adds to each bias the mean error of
+    its op's rounded weights on the FP32 inputs, which no activation range changes, so every
+    method gets the same one (the methods are ranked with it, as most models keep it)."""
     o = run.options
     placement = place(run.fp.graph, o.target, run.excluded)
-    corrections = {BiasCorrection.AUTO: (True, False), BiasCorrection.ON: (True,), BiasCorrection.OFF: (False,)}[o.bias_correction]
+    corrected = o.bias_correction != BiasCorrection.OFF
     seen = observe.observe(
         prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size,
-        placement.channel_axes() if True in corrections else None,
+        placement.channel_axes() if corrected else None,
     )
     run.reference(seen.reference)
     methods = CalibMethod.methods() if o.calib_method == CalibMethod.AUTO else (o.calib_method,)
     if o.calib_method == CalibMethod.AUTO and not run.calib.heldout_mask.any():
         methods = (CalibMethod.PERCENTILE,)
         run.warnings.warn("one calibration sample leaves none to compare calibration methods; using percentile")
-    candidates = []
-    for method in methods:
+
+    def candidate(method: CalibMethod, corrected: bool) -> Candidate:
         ranges = {name: compute_range(obs, method.value) for name, obs in seen.ranges.items()}
-        variants = []
-        for corrected in corrections:
-            model = run.fp.clone()
-            qdq.InsertQdqPass(ranges, o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
-            label = f"{method}{', bias-corrected' if corrected else ''}"
-            variants.append(Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected))
-        candidates.append(_better_of(variants))
+        model = run.fp.clone()
+        qdq.InsertQdqPass(ranges, o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
+        label = f"{method}{', bias-corrected' if corrected else ''}"
+        return Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected)
+
+    candidates = [candidate(method, corrected) for method in methods]
+    if o.bias_correction == BiasCorrection.AUTO:
+        scored = [c for c in candidates if c.sqnr_db is not None]
+        best = max(scored, key=lambda c: c.sqnr_db) if scored else candidates[0]
+        pair = _better_of([best, candidate(CalibMethod(best.method), False)])
+        candidates = [pair if c is best else c for c in candidates]
     return candidates
 
 

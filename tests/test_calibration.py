@@ -1,10 +1,12 @@
 """Memory: calibration files are read from disk batch by batch, captured tensors spill to disk."""
 
+import sys
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qwt_onnx import calibration, observe, quantize_with_report
+from qwt_onnx import calibration, memory, observe, quantize_with_report
 from qwt_onnx.analysis import blocks, capture
 from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet, InputSpec
@@ -83,6 +85,16 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory(memory
     for a, b in zip(held, spilled):
         np.testing.assert_array_equal(a.result.fit.weight, b.result.fit.weight)
         np.testing.assert_array_equal(a.result.fit.bias, b.result.fit.bias)
+
+
+def test_memory_given_back_since_the_peak_is_counted_and_becomes_the_capture_budget():
+    if not sys.platform.startswith("linux"):  # the resident set is read from /proc
+        assert memory.unused_peak() == 0
+        return
+    block = np.ones(1 << 28, dtype=np.uint8)  # 256 MiB, touched so that it is resident
+    del block  # numpy gives a block this large back to the system at once
+    assert memory.unused_peak() >= 200 << 20
+    assert capture.default_memory_budget() >= max(capture.DEFAULT_MEMORY_BUDGET, 150 << 20)
 
 
 def test_a_choice_made_on_fewer_than_32_held_out_samples_is_flagged():

@@ -29,6 +29,7 @@ import tempfile
 import numpy as np
 import onnx_ir as ir
 
+from qwt_onnx import memory
 from qwt_onnx.analysis.blocks import Block
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
@@ -41,9 +42,18 @@ from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
 from qwt_onnx.runtime import Runner
 
-# Captured batches held in memory before the rest is spilled to files: 1 GiB doubled PP-LCNet's
-# peak RSS (2.74 against 1.36 GB at 512 samples) for 3% less time.
+# Captured batches held in memory before the rest is spilled to files, at least: 1 GiB doubled
+# PP-LCNet's peak RSS (2.74 against 1.36 GB at 512 samples) for 3% less time. Beyond it, three
+# quarters of what the process held at its peak (the FP32 pass that observes every activation)
+# and has given back since: that costs no peak memory, and spilled to disk PP-OCRv6 rec's stream
+# cost a fifth of its run (250 against 198 s, both at 4.3 GB). The last quarter is left to the
+# capture's own batches and sessions.
 DEFAULT_MEMORY_BUDGET = 1 << 28
+
+
+def default_memory_budget() -> int:
+    """Bytes of captured tensors to hold in memory now."""
+    return max(DEFAULT_MEMORY_BUDGET, memory.unused_peak() * 3 // 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,16 +335,17 @@ def fit_blocks(
     blocks: list[Block],
     calib: CalibrationSet,
     batch_size: int,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     exact_boundaries: bool = False,
     branch_options: BranchOptions = BranchOptions(),
     check: OutputCheck | None = None,
 ) -> list[BlockResult]:
     """Fit one compensation per block, sequentially on the compensated quantized stream.
 
-    ``memory_budget`` bounds the bytes of captured tensors kept in memory; the
-    rest goes to a temporary folder. A block output read only through Q/DQ is
-    compared and compensated after its DequantizeLinear. ``exact_boundaries``
+    ``memory_budget`` bounds the bytes of captured tensors kept in memory (by
+    default :func:`default_memory_budget`); the rest goes to a temporary
+    folder. A block output read only through Q/DQ is compared and compensated
+    after its DequantizeLinear. ``exact_boundaries``
     says that ``q`` keeps the FP32 meaning of every block boundary tensor (true
     of our own Q/DQ pass); otherwise the FP32 block too reads an input that
     ``q`` reads only through Q/DQ after its DequantizeLinear. With a ``check``,
@@ -342,8 +353,9 @@ def fit_blocks(
     """
     plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check)
     results = []
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder, contextlib.closing(
-        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), memory_budget, checked=check is not None)
+        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, checked=check is not None)
     ) as stream:
         stream.start(models[0].lead_in, blocks[0].input)
         so_far: dict[str, float] = {}  # each output's held-out SQNR with the branches kept so far
