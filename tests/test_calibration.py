@@ -87,14 +87,23 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory(memory
         np.testing.assert_array_equal(a.result.fit.bias, b.result.fit.bias)
 
 
-def test_memory_given_back_since_the_peak_is_counted_and_becomes_the_capture_budget():
-    if not sys.platform.startswith("linux"):  # the resident set is read from /proc
-        assert memory.unused_peak() == 0
+def test_the_process_peak_and_resident_set_are_read_on_linux():
+    if not sys.platform.startswith("linux"):  # read from /proc and getrusage
+        assert memory.resident() is None and memory.peak() is None
         return
     block = np.ones(1 << 28, dtype=np.uint8)  # 256 MiB, touched so that it is resident
     del block  # numpy gives a block this large back to the system at once
-    assert memory.unused_peak() >= 200 << 20
-    assert capture.default_memory_budget() >= max(capture.DEFAULT_MEMORY_BUDGET, 150 << 20)
+    assert memory.peak() - memory.resident() >= 200 << 20
+
+
+@pytest.mark.parametrize("ceiling, held", [(None, False), (0, False), (1 << 50, True)])
+def test_the_stream_holds_batches_beyond_its_budget_only_below_the_memory_ceiling(tmp_path, ceiling, held):
+    calib = CalibrationSet(_arrays(), SPECS)
+    stream = capture._Stream(str(tmp_path), calib, 8, contexts=None, memory_budget=0, ceiling=ceiling)
+    stream.save("stream", 0, {"x": np.ones((8, 4), np.float32)})
+    assert bool(stream.in_memory) == (held and memory.resident() is not None)
+    np.testing.assert_array_equal(stream.load("stream", 0)["x"], np.ones((8, 4), np.float32))
+    stream.close()
 
 
 def test_a_choice_made_on_fewer_than_32_held_out_samples_is_flagged():

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (tools/bench.py)
 
 from qwt_onnx import zoo  # noqa: E402
+from qwt_onnx.runtime import samples_axes, take  # noqa: E402
 
 EVALUATION_SAMPLES = 64
 
@@ -35,7 +36,7 @@ def measure(name: str, samples: int, folder: str) -> list[tuple[str, float, floa
     prepared = zoo.prepare(name)
     entry = zoo.get(name)
     feeds, _ = zoo.load_evaluation(prepared)
-    feeds = {k: v[:EVALUATION_SAMPLES] for k, v in feeds.items()}
+    feeds = take(feeds, samples_axes(prepared.model)[0], slice(None, EVALUATION_SAMPLES))  # a state's on axis 1
     python, rows = sys.executable, []
     runs = [
         ("quantize_static min-max", [python, os.path.join(bench.ROOT, "tools", "ort_baseline.py"), "--method", "minmax"], False),

@@ -43,17 +43,14 @@ from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_group
 from qwt_onnx.runtime import Runner
 
 # Captured batches held in memory before the rest is spilled to files, at least: 1 GiB doubled
-# PP-LCNet's peak RSS (2.74 against 1.36 GB at 512 samples) for 3% less time. Beyond it, three
-# quarters of what the process held at its peak (the FP32 pass that observes every activation)
-# and has given back since: that costs no peak memory, and spilled to disk PP-OCRv6 rec's stream
-# cost a fifth of its run (250 against 198 s, both at 4.3 GB). The last quarter is left to the
-# capture's own batches and sessions.
+# PP-LCNet's peak RSS (2.74 against 1.36 GB at 512 samples) for 3% less time.
 DEFAULT_MEMORY_BUDGET = 1 << 28
-
-
-def default_memory_budget() -> int:
-    """Bytes of captured tensors to hold in memory now."""
-    return max(DEFAULT_MEMORY_BUDGET, memory.unused_peak() * 3 // 4)
+# Beyond that, batches are held while the process stays this far below the peak it had reached
+# when the capture began (the FP32 pass that observes every activation): holding them then
+# costs no peak memory, and spilled to disk PP-OCRv6 rec's stream cost a fifth of its run (250
+# against 198 s, both at 4.3 GB). The margin is for what the capture allocates after a batch is
+# held: a fixed share of the peak overshot it by 0.8 GB on YOLOv8n.
+PEAK_MARGIN = 1 << 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,17 +207,18 @@ def stream_order(calib: CalibrationSet, checked: bool) -> np.ndarray:
 class _Stream:
     """The quantized stream, batch by batch.
 
-    Per-batch tensors stay in memory up to ``memory_budget`` bytes and are
-    spilled to files in ``folder`` beyond it, so one batch at a time is the
-    most that a large calibration set holds in memory.
+    Per-batch tensors stay in memory up to ``memory_budget`` bytes, and beyond
+    that while the process's resident set stays :data:`PEAK_MARGIN` below
+    ``ceiling`` (where given); the rest is spilled to files in ``folder``, so one
+    batch at a time is the most that a large calibration set needs in memory.
     """
 
     def __init__(self, folder: str, calib: CalibrationSet, batch_size: int, contexts: _ContextSource, memory_budget: int,
-                 checked: bool = False):
+                 ceiling: int | None = None, checked: bool = False):
         self.calib, self.batch_size = calib, batch_size
         self.order = stream_order(calib, checked)
         self.contexts = contexts
-        self.memory_budget = memory_budget
+        self.memory_budget, self.ceiling = memory_budget, ceiling
         self.in_memory: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.held_bytes = 0
         self.spilled = _SpillFiles(folder)
@@ -237,11 +235,15 @@ class _Stream:
             self.held_bytes -= sum(a.nbytes for a in previous.values())
         self.spilled.discard((key, index))
         size = sum(a.nbytes for a in arrays.values())
-        if self.held_bytes + size <= self.memory_budget:
+        if self.held_bytes + size <= self.memory_budget or self._below_ceiling():
             self.in_memory[(key, index)] = arrays
             self.held_bytes += size
         else:
             self.spilled.write((key, index), arrays)
+
+    def _below_ceiling(self) -> bool:
+        resident = memory.resident() if self.ceiling is not None else None
+        return resident is not None and resident + PEAK_MARGIN <= self.ceiling
 
     def load(self, key: str, index: int) -> dict[str, np.ndarray]:
         if (key, index) in self.in_memory:
@@ -342,10 +344,11 @@ def fit_blocks(
 ) -> list[BlockResult]:
     """Fit one compensation per block, sequentially on the compensated quantized stream.
 
-    ``memory_budget`` bounds the bytes of captured tensors kept in memory (by
-    default :func:`default_memory_budget`); the rest goes to a temporary
-    folder. A block output read only through Q/DQ is compared and compensated
-    after its DequantizeLinear. ``exact_boundaries``
+    ``memory_budget`` bounds the bytes of captured tensors kept in memory; the
+    rest goes to a temporary folder. By default (None) it is
+    :data:`DEFAULT_MEMORY_BUDGET`, and more is held while the process stays
+    below the peak it had reached when the capture began. A block output read
+    only through Q/DQ is compared and compensated after its DequantizeLinear. ``exact_boundaries``
     says that ``q`` keeps the FP32 meaning of every block boundary tensor (true
     of our own Q/DQ pass); otherwise the FP32 block too reads an input that
     ``q`` reads only through Q/DQ after its DequantizeLinear. With a ``check``,
@@ -353,9 +356,9 @@ def fit_blocks(
     """
     plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check)
     results = []
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    budget, ceiling = (DEFAULT_MEMORY_BUDGET, memory.peak()) if memory_budget is None else (memory_budget, None)
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder, contextlib.closing(
-        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, checked=check is not None)
+        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, ceiling, checked=check is not None)
     ) as stream:
         stream.start(models[0].lead_in, blocks[0].input)
         so_far: dict[str, float] = {}  # each output's held-out SQNR with the branches kept so far
