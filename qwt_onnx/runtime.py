@@ -61,6 +61,15 @@ def samples_axes(model: onnx.ModelProto | bytes | str) -> tuple[dict[str, int | 
             {o.name: samples_axis(dims(o), batch) or 0 for o in model.graph.output})
 
 
+def output_samples_axis(array: np.ndarray, declared: int, count: int) -> int:
+    """Where ``array``, an output of a run on ``count`` samples, holds them: on its ``declared``
+    axis where that has ``count`` entries, else on its first axis that has. Exports do not always
+    declare what they write: ddddocr's recogniser declares [1, seqlen] and writes [T, 1, C]."""
+    if declared < array.ndim and array.shape[declared] == count:
+        return declared
+    return next((axis for axis, size in enumerate(array.shape) if size == count), declared)
+
+
 def take(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], indices: np.ndarray | slice) -> dict[str, np.ndarray]:
     """Samples ``indices`` of every feed, on its samples axis (``axes``; 0 for names it lacks)."""
     return {name: samples_of(array, axes.get(name, 0), indices) for name, array in feeds.items()}
@@ -77,8 +86,11 @@ def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.
     runner = Runner(model)
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, count_samples(feeds, inputs), batch_size):
-        for name, value in runner(take(feeds, inputs, slice(start, start + batch_size))).items():
-            parts.setdefault(name, []).append(value)
+        batch = take(feeds, inputs, slice(start, start + batch_size))
+        count = count_samples(batch, inputs)
+        for name, value in runner(batch).items():
+            axis = output_samples_axis(value, outputs[name], count)
+            parts.setdefault(name, []).append(np.moveaxis(value, axis, outputs[name]))
     return {name: np.concatenate(chunks, axis=outputs[name]) for name, chunks in parts.items()}
 
 

@@ -160,3 +160,18 @@ def test_branches_checked_at_the_outputs_are_checked_on_the_chosen_part():
     # were checked on does not requantize as the written graph does)
     assert report.qwt_applied
     assert report.sqnr_qwt_db - report.sqnr_ptq_db == pytest.approx(sum(b.output_gain_db for b in checked if b.kept), abs=1.0)
+
+
+def test_an_output_written_time_major_under_a_wrong_declared_shape_is_scored_on_its_samples():
+    # ddddocr's recogniser declares its output [1, seqlen] and writes [T, 1, classes]
+    model = graphs.resnet()
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "steps_shape"))
+    model.graph.node.append(helper.make_node("Reshape", ["/flatten_out", "steps_shape"], ["steps"]))
+    model.graph.node.append(helper.make_node("Transpose", ["steps"], ["time_major"], perm=[1, 0, 2]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("time_major", TensorProto.FLOAT, ["batch", "seqlen"]))
+    calib = graphs.samples(model, 40, seed=1)
+    written, report = quantize_with_report(model, calib, qwt=False, calib_method="minmax", bias_correction="off", progress=False)
+    heldout = {k: v[4::5] for k, v in calib.items()}
+    reference, test = (np.moveaxis(session(m).run(None, heldout)[0], 1, 0) for m in (model, written))
+    assert report.sqnr_ptq_db == pytest.approx(sqnr_db_per_output({"y": reference}, {"y": test})["y"], abs=1e-3)
