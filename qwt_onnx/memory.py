@@ -14,7 +14,7 @@ def resident() -> int | None:
     """Bytes of this process's resident set now."""
     try:
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * _page_size()
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
 
@@ -24,7 +24,3 @@ def peak() -> int | None:
     if resource is None or resident() is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _page_size() -> int:
-    return os.sysconf("SC_PAGE_SIZE")

@@ -352,11 +352,12 @@ def fit_blocks(
     rest goes to a temporary folder. By default (None) it is
     :data:`DEFAULT_MEMORY_BUDGET`, and more is held while the process stays
     below the peak it had reached when the capture began. A block output read
-    only through Q/DQ is compared and compensated after its DequantizeLinear. ``exact_boundaries``
-    says that ``q`` keeps the FP32 meaning of every block boundary tensor (true
-    of our own Q/DQ pass); otherwise the FP32 block too reads an input that
-    ``q`` reads only through Q/DQ after its DequantizeLinear. With a ``check``,
-    a branch is kept only where it also brings the model outputs closer to FP32.
+    only through Q/DQ is compared and compensated after its DequantizeLinear.
+    ``exact_boundaries`` says that ``q`` keeps the FP32 meaning of every block
+    boundary tensor (true of our own Q/DQ pass); otherwise the FP32 block too
+    reads an input that ``q`` reads only through Q/DQ after its
+    DequantizeLinear. With a ``check``, a branch is kept only where it also
+    brings the model outputs closer to FP32.
     """
     plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check)
     results = []
