@@ -10,7 +10,7 @@ import onnx
 
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics.ranges import RangeObserver
-from qwt_onnx.runtime import Runner, output_samples_axis, samples_axes, with_outputs
+from qwt_onnx.runtime import Runner, move_samples, samples_axes, with_outputs
 
 
 @dataclasses.dataclass
@@ -64,8 +64,7 @@ def observe(
             statistic.update(values[name])
         rows = heldout[batch.indices]
         for name in output_names:
-            value = values[name]
-            kept[name].append(np.moveaxis(value, output_samples_axis(value, axes[name], batch.size), 0)[rows])
+            kept[name].append(move_samples(values[name], axes[name], batch.size)[rows])
     reference = {name: np.concatenate(parts) for name, parts in kept.items()}
     return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
 
@@ -78,5 +77,5 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
     parts: dict[str, list[np.ndarray]] = {}
     for batch in calib.batches(batch_size, indices, description):
         for name, value in runner(batch.feeds).items():
-            parts.setdefault(name, []).append(np.moveaxis(value, output_samples_axis(value, axes[name], batch.size), 0))
+            parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}

@@ -61,13 +61,15 @@ def samples_axes(model: onnx.ModelProto | bytes | str) -> tuple[dict[str, int | 
             {o.name: samples_axis(dims(o), batch) or 0 for o in model.graph.output})
 
 
-def output_samples_axis(array: np.ndarray, declared: int, count: int) -> int:
-    """Where ``array``, an output of a run on ``count`` samples, holds them: on its ``declared``
-    axis where that has ``count`` entries, else on its first axis that has. Exports do not always
-    declare what they write: ddddocr's recogniser declares [1, seqlen] and writes [T, 1, C]."""
-    if declared < array.ndim and array.shape[declared] == count:
-        return declared
-    return next((axis for axis, size in enumerate(array.shape) if size == count), declared)
+def move_samples(array: np.ndarray, declared: int, count: int, to: int = 0) -> np.ndarray:
+    """``array``, an output of a run on ``count`` samples, with its samples moved to axis ``to``.
+    They are on its ``declared`` axis where that has ``count`` entries, else on its first axis that
+    has: exports do not always declare what they write (ddddocr's recogniser declares
+    [1, seqlen] and writes [T, 1, C])."""
+    axis = declared
+    if not (declared < array.ndim and array.shape[declared] == count):
+        axis = next((a for a, size in enumerate(array.shape) if size == count), declared)
+    return np.moveaxis(array, axis, to)
 
 
 def take(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], indices: np.ndarray | slice) -> dict[str, np.ndarray]:
@@ -89,8 +91,7 @@ def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.
         batch = take(feeds, inputs, slice(start, start + batch_size))
         count = count_samples(batch, inputs)
         for name, value in runner(batch).items():
-            axis = output_samples_axis(value, outputs[name], count)
-            parts.setdefault(name, []).append(np.moveaxis(value, axis, outputs[name]))
+            parts.setdefault(name, []).append(move_samples(value, outputs[name], count, to=outputs[name]))
     return {name: np.concatenate(chunks, axis=outputs[name]) for name, chunks in parts.items()}
 
 

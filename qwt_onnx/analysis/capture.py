@@ -40,7 +40,7 @@ from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics.compensation import Layout, infer_layout
 from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
-from qwt_onnx.runtime import Runner, output_samples_axis
+from qwt_onnx.runtime import Runner, move_samples
 
 # Captured batches held in memory before the rest is spilled to files, at least: 1 GiB doubled
 # PP-LCNet's peak RSS (2.74 against 1.36 GB at 512 samples) for 3% less time.
@@ -88,10 +88,6 @@ class OutputCheck:
     def labels(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """What is scored of the decisive outputs ``names``: each whole, or its chosen parts."""
         return tuple(label for label in self.chosen if metrics.part_of(label)[0] in names) if self.chosen else names
-
-    def samples_first(self, value: np.ndarray, name: str, count: int) -> np.ndarray:
-        """Output ``name`` of a run on ``count`` samples, its samples moved to axis 0."""
-        return np.moveaxis(value, output_samples_axis(value, self.batch_axes[name], count), 0)
 
     def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Of a batch's sample ``indices``: which ones are scored, and their rows in ``reference``."""
@@ -330,7 +326,7 @@ class _Stream:
                 values = runner({**pool, fed: y}) if runner else {fed: y}
                 scored, rows = check.rows(batch.indices)
                 yield (metrics.parts({name: check.reference[name][rows] for name in reached}, labels),
-                       metrics.parts({name: check.samples_first(values[name], name, batch.size)[scored] for name in reached}, labels))
+                       metrics.parts({name: move_samples(values[name], check.batch_axes[name], batch.size)[scored] for name in reached}, labels))
 
         return metrics.sqnr_db_over_batches(batches())
 
