@@ -324,7 +324,8 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
         run.warnings.warn("one calibration sample leaves none to compare calibration methods; using percentile")
 
     def candidate(method: CalibMethod, corrected: bool) -> Candidate:
-        ranges = {name: compute_range(obs, method.value) for name, obs in seen.ranges.items()}
+        symmetric = o.target == Target.TRT
+        ranges = {name: compute_range(obs, method.value, symmetric) for name, obs in seen.ranges.items()}
         model = run.fp.clone()
         qdq.InsertQdqPass(ranges, o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
         label = f"{method}{', bias-corrected' if corrected else ''}"

@@ -24,15 +24,18 @@ class Target(Choice):
 
 
 class CalibMethod(Choice):
-    AUTO = "auto"  # each of the others, the best on held-out samples
+    AUTO = "auto"  # min-max, percentile and MSE, the best on held-out samples
     MINMAX = "minmax"
     PERCENTILE = "percentile"
-    ENTROPY = "entropy"
+    MSE = "mse"  # per tensor, the clipping with the least squared quantization error
+    ENTROPY = "entropy"  # TensorRT's KL threshold
 
     @classmethod
     def methods(cls) -> tuple[CalibMethod, ...]:
-        """The methods ``auto`` chooses from."""
-        return tuple(m for m in cls if m is not cls.AUTO)
+        """The methods ``auto`` chooses from. Not entropy: its PTQ was the furthest from FP32 of
+        the four on every zoo model (3.5 dB against 17.6 for MSE on PP-OCRv6 rec), and it never
+        gave the best QwT either; MSE, which aims at the error that SQNR measures, took its place."""
+        return (cls.MINMAX, cls.PERCENTILE, cls.MSE)
 
 
 class Granularity(Choice):

@@ -70,9 +70,32 @@ def test_entropy_scores_every_threshold_as_the_definition_does(shape):
     np.testing.assert_allclose(ranges._kl_divergences(hist, ends, 128), expected, rtol=1e-9, atol=1e-12)
 
 
+def _quantization_mse(x: np.ndarray, low: float, high: float, symmetric: bool) -> float:
+    params = qm.activation_params(low, high, symmetric)
+    return float(np.mean((qm.fake_quantize(x, params) - x) ** 2))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", ["gaussian", "heavy tail", "relu", "uniform"])
+def test_mse_range_is_as_good_as_the_best_clipping_found_by_trying(shape, symmetric):
+    rng = np.random.default_rng(11)
+    x = {"gaussian": rng.standard_normal(400_000), "heavy tail": rng.standard_t(2, 400_000),
+         "relu": np.maximum(rng.standard_normal(400_000), 0.0), "uniform": rng.uniform(-1, 3, 400_000)}[shape]
+    x = x.astype(np.float32)
+    observer = _observe(x)
+    low, high = compute_range(observer, "mse", symmetric)
+    amax = float(np.abs(x).max())
+    tried = [_quantization_mse(x, *ranges.clip_range(observer, t), symmetric) for t in np.geomspace(amax / 64, amax, 200)]
+    assert _quantization_mse(x, low, high, symmetric) <= 1.02 * min(tried)
+    if shape == "uniform":  # nothing worth clipping
+        assert (low, high) == pytest.approx((x.min(), x.max()), rel=0.01)
+    if shape == "heavy tail":  # min-max would spend the steps on a few outliers
+        assert high < x.max() and _quantization_mse(x, low, high, symmetric) < 0.9 * _quantization_mse(x, x.min(), x.max(), symmetric)
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown calibration method"):
-        compute_range(_observe(np.ones(4)), "mse")
+        compute_range(_observe(np.ones(4)), "kl")
 
 
 def test_weight_quantization_matches_reference_arithmetic():

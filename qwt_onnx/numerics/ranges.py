@@ -1,8 +1,8 @@
-"""Activation range calibration: min-max, percentile and entropy (numpy only).
+"""Activation range calibration: min-max, percentile, entropy and MSE (numpy only).
 
 One streaming observer per tensor keeps its minimum, maximum and a
 histogram of ``|x|``. The histogram's range grows by doubling (merging bins
-pairwise), so one pass over the calibration data serves all three methods.
+pairwise), so one pass over the calibration data serves every method.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import dataclasses
 
 import numpy as np
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 HISTOGRAM_BINS = 2048
 HISTOGRAM_SAMPLE = 1 << 20  # elements of each batch that enter the histogram; min and max see all
 ENTROPY_LEVELS = 128  # positive int8 levels the distribution is quantized to
 ENTROPY_CANDIDATES = 480  # thresholds tried at most
+MSE_CANDIDATES = 256  # thresholds tried at most, spaced geometrically
 
 
 @dataclasses.dataclass
@@ -140,10 +141,51 @@ def _kl_divergences(hist: np.ndarray, ends: np.ndarray, levels: int, eps: float 
         return np.where(below > 0, body + p_last * np.log(p_last / q_last), np.inf)
 
 
-def compute_range(observer: RangeObserver, method: str) -> tuple[float, float]:
-    """The ``[low, high]`` range ``method`` chooses for the observed tensor."""
+def mse_range(observer: RangeObserver, symmetric: bool = False, candidates: int = MSE_CANDIDATES) -> tuple[float, float]:
+    """Clip ``|x|`` where the tensor's expected squared quantization error is smallest.
+
+    Per threshold ``t`` the error is the clipping error of ``|x| > t`` plus the
+    rounding error of the rest on the grid of the int8 (``symmetric``) or uint8
+    quantizer that :func:`~qwt_onnx.numerics.quantization.activation_params`
+    makes of the clipped range, both exact for values spread evenly within each
+    histogram bin (a step of a few bins is common at 8 bits where outliers set
+    the range, so ``step²/12`` would not do). Thresholds from one bin up to the
+    maximum are tried, min-max among them.
+    """
+    hist = observer.histogram.astype(np.float64)
+    if not hist.any():
+        return minmax_range(observer)
+    width = observer.bin_width
+    last = int(np.flatnonzero(hist)[-1]) + 1
+    hist = hist[:last]
+    ends = np.unique(np.rint(np.geomspace(1, last, candidates)).astype(np.intp))  # bins kept below each threshold
+    thresholds = ends * width
+    thresholds[-1] = max(-observer.low, observer.high)  # the last bin's edge may lie beyond the maximum
+    low = np.minimum(np.maximum(observer.low, -thresholds), 0.0)
+    high = np.maximum(np.minimum(observer.high, thresholds), 0.0)
+    step = np.maximum(-low, high) / 127.0 if symmetric else (high - low) / 255.0
+    step = np.maximum(step, np.finfo(np.float32).tiny)[:, None]
+
+    # ∫ (x - round(x/step)·step)² dx from -step/2 to each bin edge, per threshold
+    u = np.arange(last + 1) * width / step + 0.5
+    whole = np.floor(u)
+    integral = step**3 * (whole / 12.0 + ((u - whole - 0.5) ** 3 + 0.125) / 3.0)
+    per_bin = hist * np.diff(integral, axis=1) / width  # each bin's count times its mean rounding error
+    rounding = np.take_along_axis(np.cumsum(per_bin, axis=1), ends[:, None] - 1, axis=1)[:, 0]
+
+    centers = (np.arange(last) + 0.5) * width
+    beyond = [np.concatenate([np.cumsum((hist * centers**p)[::-1])[::-1], [0.0]])[ends] for p in range(3)]
+    clipping = beyond[2] - 2.0 * thresholds * beyond[1] + (thresholds**2 + width**2 / 12.0) * beyond[0]
+    return clip_range(observer, float(thresholds[int(np.argmin(rounding + clipping))]))
+
+
+def compute_range(observer: RangeObserver, method: str, symmetric: bool = False) -> tuple[float, float]:
+    """The ``[low, high]`` range ``method`` chooses for the observed tensor (``symmetric``: for
+    an int8 quantizer with zero point 0, which only the MSE method takes into account)."""
     if observer.histogram is None:
         raise ValueError("the observer has seen no data")
+    if method == "mse":
+        return mse_range(observer, symmetric)
     if method == "minmax":
         return minmax_range(observer)
     if method == "percentile":
