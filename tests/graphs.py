@@ -157,14 +157,16 @@ def bert(layers: int = 2, dim: int = 32, heads: int = 4, tokens: int = 8, seed: 
 
 
 def _conv(b: GraphBuilder, x: str, c_in: int, c_out: int, name: str, kernel: int = 3, stride: int = 1, group: int = 1,
-          pad: int | None = None) -> str:
+          pad: int | None = None, pad_width: int | None = None) -> str:
+    """A square convolution; ``pad_width`` pads the last axis otherwise than ``pad`` the first."""
     pad = kernel // 2 if pad is None else pad
+    pad_width = pad if pad_width is None else pad_width
     return b.op(
         "Conv",
         [x, b.weight(f"{name}.weight", (c_out, c_in // group, kernel, kernel)), b.const(f"{name}.bias", np.full(c_out, 0.05, np.float32))],
         name,
         kernel_shape=[kernel, kernel],
-        pads=[pad] * 4,
+        pads=[pad, pad_width] * 2,
         strides=[stride, stride],
         group=group,
     )
@@ -200,14 +202,18 @@ def _classifier(b: GraphBuilder, x: str, channels: int, size: int, classes: int,
     )
 
 
-def valid_cnn(seed: int = 0, size: int = 24, classes: int = 10) -> onnx.ModelProto:
+def valid_cnn(seed: int = 0, size: int = 24, classes: int = 10, same_width: bool = False) -> onnx.ModelProto:
     """A plain CNN of unpadded ("valid") convolutions, as Keras and TensorFlow export them: every
-    layer shrinks H and W by kernel - 1 (a 3×3 / 2 one to floor((S - 3) / 2) + 1)."""
+    layer shrinks H and W by kernel - 1 (a 3×3 / 2 one to floor((S - 3) / 2) + 1); with
+    ``same_width``, H only, W padded to keep its size (or halve it), as in a TensorFlow speech
+    model valid in time and same in frequency."""
     b = GraphBuilder(seed)
-    x = b.op("Relu", [_conv(b, "image", 3, 16, "/conv1", pad=0)], "/relu1")  # 24 -> 22
-    x = b.op("Relu", [_conv(b, x, 16, 32, "/conv2", stride=2, pad=0)], "/relu2")  # 22 -> 10
-    x = b.op("Relu", [_conv(b, x, 32, 32, "/conv3", kernel=5, pad=0)], "/relu3")  # 10 -> 6
-    x = b.op("Relu", [_conv(b, x, 32, 32, "/conv4", pad=0)], "/relu4")  # 6 -> 4
+    conv = lambda x, c_in, c_out, name, kernel=3, stride=1: _conv(  # noqa: E731
+        b, x, c_in, c_out, name, kernel, stride, pad=0, pad_width=kernel // 2 if same_width else 0)
+    x = b.op("Relu", [conv("image", 3, 16, "/conv1")], "/relu1")  # 24 -> 22
+    x = b.op("Relu", [conv(x, 16, 32, "/conv2", stride=2)], "/relu2")  # 22 -> 10
+    x = b.op("Relu", [conv(x, 32, 32, "/conv3", kernel=5)], "/relu3")  # 10 -> 6
+    x = b.op("Relu", [conv(x, 32, 32, "/conv4")], "/relu4")  # 6 -> 4
     return _classifier(b, x, 32, size, classes)
 
 

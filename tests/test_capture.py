@@ -113,14 +113,17 @@ def test_tf2onnx_dense_layers_get_token_branches():
     assert [r.layout for r in results] == [Layout(channels_first=False)] * 2 and not any(r.skipped.startswith("no") for r in results)
 
 
-def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer_kernels(tmp_path):
+@pytest.mark.parametrize("same_width", [False, True])
+def test_branches_of_unpadded_blocks_crop_the_quantized_input_and_run_in_integer_kernels(tmp_path, same_width):
     import onnx
     import onnxruntime as ort
 
-    fp, q, calib = _min_max_quantized(graphs.valid_cnn())
+    fp, q, calib = _min_max_quantized(graphs.valid_cnn(same_width=same_width))
     results = capture.fit_blocks(fp, q, blocks.find_blocks(fp), calib, 8, exact_boundaries=True)
-    cropped = [r for r in results if r.kept and r.layout.crop != (0, 0)]
+    cropped = [r for r in results if r.kept and r.layout.cropping]
     assert len(cropped) >= 2 and not any(r.skipped for r in results)
+    if same_width:  # cropped in height only
+        assert all(r.layout.crops[1] == (0, 0) != r.layout.crops[0] for r in cropped)
     written, branches = _spliced(q, results)
     crops = [n for n in written.graph if n.op_type == "Slice" and n.name.startswith("qwt/")]
     assert len(crops) == len(cropped)

@@ -16,9 +16,10 @@ from qwt_onnx.runtime import session
     (1, 1, 1, (0, 0)), (1, 2, 4, (0, 0)), (3, 1, 1, (0, 0)), (3, 2, 2, (0, 0)),
     (1, 1, 1, (1, 1)), (1, 2, 2, (1, 1)), (3, 2, 1, (0, 1)),  # after an unpadded 3×3 (or 2×2) block
     (1, (2, 1), 1, (0, 0)), (3, (1, 2), 2, (1, 1)),  # a stride per axis
+    (1, 1, 1, ((1, 1), (0, 0))), (1, 2, 2, ((0, 0), (2, 2))),  # a crop per axis
 ])
 def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups, crop):
-    rng = np.random.default_rng(kernel + groups + sum(crop))
+    rng = np.random.default_rng(kernel + groups)
     c_in, c_out, size = 8, 12, (7, 10)  # odd and even sizes: the output is ceil((size - crop) / stride)
     layout = Layout(channels_first=True, stride=stride, spatial_rank=2, kernel=kernel, groups=groups, crop=crop)
     weight = np.zeros((c_in * kernel * kernel, c_out), np.float32)
@@ -32,8 +33,9 @@ def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups,
         "Conv", ["cropped", "w", "b"], ["y"], kernel_shape=[kernel] * 2, strides=list(layout.strides), pads=[kernel // 2] * 4,
         group=groups,
     )
+    crops = layout.crops
     bounds = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
-              (("starts", [crop[0]] * 2), ("ends", [size[0] - crop[1], size[1] - crop[1]]), ("axes", [2, 3]))]
+              (("starts", [c[0] for c in crops]), ("ends", [s - c[1] for s, c in zip(size, crops)]), ("axes", [2, 3]))]
     graph = helper.make_graph(
         [cropping, node],
         "branch",
@@ -44,7 +46,7 @@ def test_the_spliced_convolution_computes_the_fitted_map(kernel, stride, groups,
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     expected = session(model).run(None, {"x": x})[0]
-    assert expected.shape == (2, c_out, *[-(-(s - sum(crop)) // step) for s, step in zip(size, layout.strides)])
+    assert expected.shape == (2, c_out, *[-(-(s - sum(c)) // step) for s, c, step in zip(size, crops, layout.strides)])
     np.testing.assert_allclose(layout.apply(fit, x), expected, rtol=1e-4, atol=1e-4)
     assert layout.rows(x).shape == (expected.size // c_out, c_in * kernel * kernel)
     np.testing.assert_array_equal(layout.map_of(layout.op_weight(weight)), weight)
@@ -68,6 +70,10 @@ def test_groups_are_input_channels_over_the_factor_dividing_both_counts(c_in, c_
     ((2, 8, 24, 96), (2, 8, 12, 96), (2, 1), (0, 0)),  # a text recogniser's stride (2, 1), padded
     ((2, 8, 25, 96), (2, 8, 12, 94), (2, 1), (1, 1)),  # ... and unpadded
     ((2, 64, 2), (2, 64, 1), 2, (0, 0)),  # silero-vad's last encoder conv: stride 2 on a length of 2
+    # a TensorFlow export's 3×3 convolution, valid in time and same in frequency (openWakeWord's
+    # speech embedding), and the 3×3 / 2 pool after one
+    ((2, 48, 36, 16), (2, 48, 34, 16), 1, ((1, 1), (0, 0))),
+    ((2, 24, 74, 32), (2, 24, 36, 16), 2, ((1, 1), (0, 0))),
 ])
 def test_blocks_of_unpadded_or_unevenly_strided_convolutions_get_a_branch_on_the_window_centres(x_shape, y_shape, stride, crop):
     layout = infer_layout(x_shape, y_shape, channels_first=True, groups_factor=0)
@@ -78,7 +84,7 @@ def test_blocks_of_unpadded_or_unevenly_strided_convolutions_get_a_branch_on_the
 
 def test_no_layout_where_no_linear_branch_fits():
     assert infer_layout((2, 8, 8, 8), (2, 16), channels_first=True) is None
-    assert infer_layout((2, 8, 9, 8), (2, 8, 4, 8), channels_first=True) is None  # no window maps both axes
+    assert infer_layout((2, 8, 9, 8), (2, 8, 4, 10), channels_first=True) is None  # no window grows an axis
     assert infer_layout((2, 5, 16), (2, 6, 16), channels_first=False) is None  # tokens must keep their count
     assert infer_layout((2, 8, 7, 7), (2, 8, 1, 1), channels_first=True) is None  # global pooling
 

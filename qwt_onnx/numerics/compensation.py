@@ -8,7 +8,8 @@ block shrinks one axis only, as text recognisers do). Where the block's own
 convolutions are unpadded ("valid", as Keras and TensorFlow export them:
 ``S' = floor((S - k) / s) + 1``), the input is first cropped by the ``k - 1``
 border pixels, so that each output pixel reads the pixel at the centre of the
-block's window. Optionally grouped: ``groups`` independent maps from ``C_in / groups`` input channels to
+block's window; on the axes that shrink so only, where a block pads one axis and
+not the other (a TensorFlow export's valid convolution in time, same in frequency). Optionally grouped: ``groups`` independent maps from ``C_in / groups`` input channels to
 ``C_out / groups`` output channels. Either way the solver sees one row per
 token or per output pixel, sample-major, its features ordered as the
 convolution's weight ``[C_out, C_in / groups, k, k]`` flattens them.
@@ -32,15 +33,25 @@ class Layout:
     spatial_rank: int = 0
     kernel: int = 1  # odd; feature maps only
     groups: int = 1  # feature maps only
-    crop: tuple[int, int] = (0, 0)  # feature maps: border pixels dropped before and after, on every spatial axis
+    # feature maps: border pixels dropped before and after, on every spatial axis or per axis
+    crop: tuple[int, int] | tuple[tuple[int, int], ...] = (0, 0)
 
     @property
     def strides(self) -> tuple[int, ...]:
         return self.stride if isinstance(self.stride, tuple) else (self.stride,) * self.spatial_rank
 
+    @property
+    def crops(self) -> tuple[tuple[int, int], ...]:
+        """``(before, after)`` per spatial axis."""
+        return self.crop if isinstance(self.crop[0], tuple) else (self.crop,) * self.spatial_rank
+
+    @property
+    def cropping(self) -> bool:
+        return any(before or after for before, after in self.crops)
+
     def output_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """The block output's spatial sizes: the input's, cropped and strided."""
-        return tuple(-(-(size - sum(self.crop)) // stride) for size, stride in zip(spatial, self.strides))
+        return tuple(-(-(size - sum(crop)) // stride) for size, crop, stride in zip(spatial, self.crops, self.strides))
 
     def _strided(self, x: np.ndarray) -> np.ndarray:
         """Every stride-th pixel of a feature map (a view)."""
@@ -66,10 +77,9 @@ class Layout:
 
     def cropped(self, x: np.ndarray) -> np.ndarray:
         """A feature map without its cropped border (a view)."""
-        if self.crop == (0, 0):
+        if not self.cropping:
             return x
-        before, after = self.crop
-        return x[(slice(None), slice(None)) + tuple(slice(before, size - after) for size in x.shape[2:])]
+        return x[(slice(None), slice(None)) + tuple(slice(before, size - after) for size, (before, after) in zip(x.shape[2:], self.crops))]
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
         """``[rows, C·k^r]``: the zero-padded k×k neighbourhood of every (strided) pixel."""
@@ -183,13 +193,23 @@ def infer_layout(
     # Else an unpadded k×k window: the smallest window, odd ones (convolutions) before even ones
     # (pools), which the sizes alone cannot tell apart; per axis the stride nearest the size ratio
     # (7 -> 3 is a 3×3 window every 2 pixels, not a 5×5 one every pixel).
+    # The same window on every axis where one fits them all; else one per axis (a block padded
+    # on one axis only).
     windows = sorted(range(2, MAX_VALID_WINDOW + 1), key=lambda k: (k % 2 == 0, k))
-    for crop in [(0, 0)] + [((k - 1) // 2, k // 2) for k in windows]:
+    crops = [(0, 0)] + [((k - 1) // 2, k // 2) for k in windows]
+    for crop in crops:
         strides = [_stride(a - sum(crop), b, padded=crop == (0, 0)) for a, b in zip(spatial_in, spatial_out)]
         if None not in strides:
-            stride = strides[0] if len(set(strides)) == 1 else tuple(strides)
-            return dataclasses.replace(same, stride=stride, crop=crop)
-    return None
+            return dataclasses.replace(same, stride=_one_or_each(strides), crop=crop)
+    per_axis = [next(((c, s) for c in crops if (s := _stride(a - sum(c), b, padded=c == (0, 0)))), None)
+                for a, b in zip(spatial_in, spatial_out)]
+    if None in per_axis:
+        return None
+    return dataclasses.replace(same, stride=_one_or_each([s for _, s in per_axis]), crop=tuple(c for c, _ in per_axis))
+
+
+def _one_or_each(values: list[int]) -> int | tuple[int, ...]:
+    return values[0] if len(set(values)) == 1 else tuple(values)
 
 
 def _stride(size: int, target: int, padded: bool) -> int | None:

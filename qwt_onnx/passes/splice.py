@@ -97,7 +97,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         x = nodes[-1].outputs[0]
     layout = branch.layout
     if layout.channels_first:
-        if layout.crop != (0, 0):
+        if layout.cropping:
             x = _cropped(names, x, layout, f"{scope}/crop", nodes)
         rank, pad = layout.spatial_rank, layout.kernel // 2
         weight = _weight(names, branch, scope, nodes)
@@ -154,15 +154,17 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
 def _cropped(names: g.NameScope, x: ir.Value, layout: Layout, base: str, nodes: list[ir.Node]) -> ir.Value:
     """``x`` without the layout's border (nodes appended to ``nodes``): the slice is taken of the
     quantized tensor behind ``x``'s DequantizeLinear, so that the branch still reads a DQ output."""
-    rank, (before, after) = layout.spatial_rank, layout.crop
+    axes = [axis for axis, crop in enumerate(layout.crops, start=2) if any(crop)]
+    before = [layout.crops[axis - 2][0] for axis in axes]
+    after = [layout.crops[axis - 2][1] for axis in axes]
     dq = g.dequantizer(x)
     source = dq.inputs[0] if dq is not None else x
     if dq in nodes:  # the branch's own input quantizer: its DQ is replaced by the one after the slice
         nodes.remove(dq)
     bounds = [
-        names.initializer(f"{base}/starts", np.full(rank, before, np.int64)),
-        names.initializer(f"{base}/ends", np.full(rank, -after if after else np.iinfo(np.int64).max, np.int64)),
-        names.initializer(f"{base}/axes", np.arange(2, 2 + rank, dtype=np.int64)),
+        names.initializer(f"{base}/starts", np.array(before, np.int64)),
+        names.initializer(f"{base}/ends", np.array([-n if n else np.iinfo(np.int64).max for n in after], np.int64)),
+        names.initializer(f"{base}/axes", np.array(axes, np.int64)),
     ]
     crop = names.node("Slice", [source, *bounds], base)
     nodes.append(crop)
