@@ -82,6 +82,13 @@ def test_blocks_of_unpadded_or_unevenly_strided_convolutions_get_a_branch_on_the
     assert layout.apply(fit, np.zeros(x_shape, np.float32)).shape == y_shape
 
 
+def test_feature_maps_around_a_block_that_is_not_convolutional_get_a_pixelwise_branch():
+    # PP-OCRv6 rec's SVTR neck: a transformer between Reshapes, NCHW maps in and out
+    layout = infer_layout((2, 384, 1, 60), (2, 120, 1, 60), channels_first=False, kernel=3)
+    assert layout.channels_first and layout.kernel == 1 and layout.stride == 1 and not layout.cropping
+    assert infer_layout((2, 384, 1, 60), (2, 120, 1, 30), channels_first=False) is None  # no guessing at strides there
+
+
 def test_no_layout_where_no_linear_branch_fits():
     assert infer_layout((2, 8, 8, 8), (2, 16), channels_first=True) is None
     assert infer_layout((2, 8, 9, 8), (2, 8, 4, 10), channels_first=True) is None  # no window grows an axis

@@ -182,7 +182,14 @@ def infer_layout(
     if len(x_shape) == 2:
         return Layout(channels_first=False)
     if not channels_first:
-        return Layout(channels_first=False) if x_shape[:-1] == y_shape[:-1] else None
+        if x_shape[:-1] == y_shape[:-1]:
+            return Layout(channels_first=False)
+        if len(x_shape) < 4 or x_shape[2:] != y_shape[2:]:
+            return None
+        # Feature maps in and out of a block that is not convolutional (an SVTR mixer between
+        # Reshapes, say): the branch maps the channels at each pixel, a 1×1 convolution. Not
+        # for [N, T, D]: there axis 1 holds tokens, which a branch must not mix.
+        channels_first, kernel = True, 1
     spatial_in, spatial_out = x_shape[2:], y_shape[2:]
     if min(spatial_out) <= 0:
         return None
