@@ -180,6 +180,24 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     assert any("within the noise" in w for w in report.warnings) == (low < 0 < high)
 
 
+@pytest.mark.parametrize("qwt_db, interval, written, warning", [
+    (24.0, (1.0, 3.0), True, None),
+    (22.5, (-0.5, 1.5), False, "within the noise"),
+    (22.004, (0.003, 0.005), False, "too little to pay"),  # beyond noise, but not worth a branch
+    (21.9, (-0.2, 0.0), False, "no better than PTQ"),
+])
+def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(qwt_db, interval, written, warning):
+    from types import SimpleNamespace
+
+    from qwt_onnx.numerics.metrics import Score
+
+    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
+    ptq = api.Candidate("mse", None, Score({"y": 22.0}))
+    compensation = api.Compensation("mse", None, [], 512, Score({"y": qwt_db}))
+    assert api._beats(run, compensation, ptq, interval) is written
+    assert [warning in w for w in run.warnings] == ([True] if warning else [])
+
+
 @pytest.mark.parametrize("groups_factor, kernel_size", [(16, 1), (0, 3)])
 def test_feature_map_branches_take_the_requested_groups_and_kernel(groups_factor, kernel_size):
     model = graphs.mobilenet()
