@@ -106,6 +106,7 @@ class Selection:
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)  # the chosen QwT model's fits
     chosen: str | None = None  # the label of the PTQ model QwT is fitted on
     candidate: Candidate | None = None  # ... and that model
+    without_branch: list[str] = dataclasses.field(default_factory=list)  # trial labels where no block kept a branch
 
     @property
     def sqnr_db(self) -> dict[str, float]:
@@ -405,10 +406,11 @@ def _select(run: _Run, candidates: list[Candidate], ptq: Candidate, found: list[
             # Scored on every scoring sample, not only the subset's dozen held-out ones (no fit saw
             # any of them): output errors are heavy-tailed, and a dozen samples decide by noise.
             scores[label] = run.heldout_score(compensation.model, f"evaluating QwT ({label})")
+    without_branch = [label for label in trials if label not in scores]
     if not scores:  # the PTQ model's fits say why
-        return Selection(subset.num_samples, blocks=blocks.get(ptq.method, []))
+        return Selection(subset.num_samples, blocks=blocks.get(ptq.method, []), without_branch=without_branch)
     best = _trial_choice(scores, ptq.method)
-    return Selection(subset.num_samples, scores, blocks[best], best, trials[best])
+    return Selection(subset.num_samples, scores, blocks[best], best, trials[best], without_branch)
 
 
 def _trial_labels(candidates: list[Candidate], ptq: Candidate) -> dict[str, Candidate]:
@@ -535,6 +537,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         method_sqnr_db={c.method: c.sqnr_db for c in candidates if c.sqnr_db is not None},
         method_qwt_sqnr_db=dict(selection.sqnr_db),
         qwt_trial=selection.chosen,
+        qwt_trials_without_branch=list(selection.without_branch),
         bias_corrected={c.method: c.bias_corrected for c in candidates},
         bias_correction_gain_db={c.method: c.bias_correction_gain_db for c in candidates if c.bias_correction_gain_db is not None},
         selection_samples=selection.samples,

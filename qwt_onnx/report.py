@@ -37,6 +37,7 @@ class Report:
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
     method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method (and bias correction)
+    qwt_trials_without_branch: list[str] = dataclasses.field(default_factory=list)  # tried, but no block kept one
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
     selection_samples: int = 0  # the QwT comparison of methods fitted on the first this many samples
@@ -75,10 +76,10 @@ def format_summary(report: Report, source: str) -> str:
             f"{m} {g:+.2f} dB ({'kept' if report.bias_corrected[m] else 'dropped'})" for m, g in report.bias_correction_gain_db.items()
         )
         lines.append(f"bias correction, held-out gain: {gains}")
-    if report.method_qwt_sqnr_db:
-        lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + _scores(
-            report.method_qwt_sqnr_db, report.qwt_trial
-        ))
+    if report.method_qwt_sqnr_db or report.qwt_trials_without_branch:
+        lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + ", ".join([
+            _scores(report.method_qwt_sqnr_db, report.qwt_trial), *(f"{m} no branch kept" for m in report.qwt_trials_without_branch)
+        ]).strip(", "))
     if report.blocks:
         lines.append(
             f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration"

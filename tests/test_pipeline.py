@@ -198,6 +198,16 @@ def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(
     assert [warning in w for w in run.warnings] == ([True] if warning else [])
 
 
+def test_the_summary_names_the_qwt_trials_that_kept_no_branch():
+    from qwt_onnx.report import Report, format_summary
+
+    report = Report("ort", "mse", 512, 102, method_qwt_sqnr_db={"minmax": 24.8}, qwt_trial="minmax",
+                    qwt_trials_without_branch=["mse"], selection_samples=64)
+    assert "fitted on the first 64 samples: minmax 24.8 dB*, mse no branch kept" in format_summary(report, "m.onnx")
+    report = dataclasses.replace(report, method_qwt_sqnr_db={}, qwt_trial=None)
+    assert "fitted on the first 64 samples: mse no branch kept" in format_summary(report, "m.onnx")
+
+
 @pytest.mark.parametrize("groups_factor, kernel_size", [(16, 1), (0, 3)])
 def test_feature_map_branches_take_the_requested_groups_and_kernel(groups_factor, kernel_size):
     model = graphs.mobilenet()
