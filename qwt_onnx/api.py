@@ -313,7 +313,9 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
 
     The correction is decided once, on the best method: it adds to each bias the mean error of
     its op's rounded weights on the FP32 inputs, which no activation range changes, so every
-    method gets the same one (the methods are ranked with it, as most models keep it)."""
+    method gets the same one (the methods are ranked with it, as most models keep it). Whether
+    it helps can depend on the ranges, though: on ddddocr's YOLOX detector it gives percentile
+    +5.9 dB and costs MSE 5.9; ranking all six models would cost two more evaluations."""
     o = run.options
     placement = place(run.fp.graph, o.target, run.excluded)
     corrected = o.bias_correction != BiasCorrection.OFF

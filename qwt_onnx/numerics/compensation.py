@@ -189,7 +189,7 @@ def infer_layout(
         # Feature maps in and out of a block that is not convolutional (an SVTR mixer between
         # Reshapes, say): the branch maps the channels at each pixel, a 1×1 convolution. Not
         # for [N, T, D]: there axis 1 holds tokens, which a branch must not mix.
-        channels_first, kernel = True, 1
+        kernel = 1
     spatial_in, spatial_out = x_shape[2:], y_shape[2:]
     if min(spatial_out) <= 0:
         return None
@@ -197,11 +197,11 @@ def infer_layout(
         return None  # global pooling: no strided pixel stands for the mean (a stride-2 conv from 2 to 1 is no pool)
     groups = _groups(x_shape[1], y_shape[1], groups_factor)
     same = Layout(channels_first=True, spatial_rank=len(spatial_in), kernel=kernel, groups=groups)
-    # Else an unpadded k×k window: the smallest window, odd ones (convolutions) before even ones
-    # (pools), which the sizes alone cannot tell apart; per axis the stride nearest the size ratio
-    # (7 -> 3 is a 3×3 window every 2 pixels, not a 5×5 one every pixel).
-    # The same window on every axis where one fits them all; else one per axis (a block padded
-    # on one axis only).
+    # Padded, or else an unpadded k×k window: the smallest window, odd ones (convolutions) before
+    # even ones (pools), which the sizes alone cannot tell apart; per axis the stride nearest the
+    # size ratio (7 -> 3 is a 3×3 window every 2 pixels, not a 5×5 one every pixel). The same
+    # window on every axis where one fits them all; else one per axis (a block padded on one
+    # axis only).
     windows = sorted(range(2, MAX_VALID_WINDOW + 1), key=lambda k: (k % 2 == 0, k))
     crops = [(0, 0)] + [((k - 1) // 2, k // 2) for k in windows]
     for crop in crops:
