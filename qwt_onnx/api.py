@@ -329,11 +329,12 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
         methods = (CalibMethod.PERCENTILE,)
         run.warnings.warn("one calibration sample leaves none to compare calibration methods; using percentile")
 
+    symmetric = o.target == Target.TRT
+    ranges = {method: {name: compute_range(obs, method.value, symmetric) for name, obs in seen.ranges.items()} for method in methods}
+
     def candidate(method: CalibMethod, corrected: bool) -> Candidate:
-        symmetric = o.target == Target.TRT
-        ranges = {name: compute_range(obs, method.value, symmetric) for name, obs in seen.ranges.items()}
         model = run.fp.clone()
-        qdq.InsertQdqPass(ranges, o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
+        qdq.InsertQdqPass(ranges[method], o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
         label = f"{method}{', bias-corrected' if corrected else ''}"
         return Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected)
 

@@ -76,10 +76,10 @@ def format_summary(report: Report, source: str) -> str:
             f"{m} {g:+.2f} dB ({'kept' if report.bias_corrected[m] else 'dropped'})" for m, g in report.bias_correction_gain_db.items()
         )
         lines.append(f"bias correction, held-out gain: {gains}")
-    if report.method_qwt_sqnr_db or report.qwt_trials_without_branch:
-        lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + ", ".join([
-            _scores(report.method_qwt_sqnr_db, report.qwt_trial), *(f"{m} no branch kept" for m in report.qwt_trials_without_branch)
-        ]).strip(", "))
+    trials = [_scores(report.method_qwt_sqnr_db, report.qwt_trial)] if report.method_qwt_sqnr_db else []
+    trials += [f"{m} no branch kept" for m in report.qwt_trials_without_branch]
+    if trials:
+        lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + ", ".join(trials))
     if report.blocks:
         lines.append(
             f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration"

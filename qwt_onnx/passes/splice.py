@@ -154,17 +154,15 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
 def _cropped(names: g.NameScope, x: ir.Value, layout: Layout, base: str, nodes: list[ir.Node]) -> ir.Value:
     """``x`` without the layout's border (nodes appended to ``nodes``): the slice is taken of the
     quantized tensor behind ``x``'s DequantizeLinear, so that the branch still reads a DQ output."""
-    axes = [axis for axis, crop in enumerate(layout.crops, start=2) if any(crop)]
-    before = [layout.crops[axis - 2][0] for axis in axes]
-    after = [layout.crops[axis - 2][1] for axis in axes]
+    cut = [(axis, before, after) for axis, (before, after) in enumerate(layout.crops, start=2) if before or after]
     dq = g.dequantizer(x)
     source = dq.inputs[0] if dq is not None else x
     if dq in nodes:  # the branch's own input quantizer: its DQ is replaced by the one after the slice
         nodes.remove(dq)
     bounds = [
-        names.initializer(f"{base}/starts", np.array(before, np.int64)),
-        names.initializer(f"{base}/ends", np.array([-n if n else np.iinfo(np.int64).max for n in after], np.int64)),
-        names.initializer(f"{base}/axes", np.array(axes, np.int64)),
+        names.initializer(f"{base}/starts", np.array([before for _, before, _ in cut], np.int64)),
+        names.initializer(f"{base}/ends", np.array([-after if after else np.iinfo(np.int64).max for *_, after in cut], np.int64)),
+        names.initializer(f"{base}/axes", np.array([axis for axis, *_ in cut], np.int64)),
     ]
     crop = names.node("Slice", [source, *bounds], base)
     nodes.append(crop)
