@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -11,6 +13,8 @@ import onnx
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics.ranges import RangeObserver
 from qwt_onnx.runtime import Runner, move_samples, samples_axes, with_outputs
+
+STATISTICS_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
@@ -58,13 +62,16 @@ def observe(
     means = {name: ChannelMean(axis) for name, axis in channel_axes.items()}
     heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    for batch in calib.batches(batch_size, description="calibrating ranges"):
-        values = {**batch.feeds, **runner(batch.feeds)}
-        for name, statistic in [*observers.items(), *means.items()]:
-            statistic.update(values[name])
-        rows = heldout[batch.indices]
-        for name in output_names:
-            kept[name].append(move_samples(values[name], axes[name], batch.size)[rows])
+    statistics = [*observers.items(), *means.items()]
+    with ThreadPoolExecutor(STATISTICS_THREADS) as pool:
+        for batch in calib.batches(batch_size, description="calibrating ranges"):
+            values = {**batch.feeds, **runner(batch.feeds)}
+            # numpy's reductions let go of the GIL: the tensors' statistics are updated side by side
+            for _ in pool.map(lambda item: item[1].update(values[item[0]]), statistics):
+                pass
+            rows = heldout[batch.indices]
+            for name in output_names:
+                kept[name].append(move_samples(values[name], axes[name], batch.size)[rows])
     reference = {name: np.concatenate(parts) for name, parts in kept.items()}
     return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
 

@@ -30,6 +30,18 @@ def test_percentile_clips_at_the_requested_quantile():
     assert high == pytest.approx(expected, rel=0.02) and low == -high
 
 
+def test_histogram_sample_sees_every_channel_of_a_hidden_vector(monkeypatch):
+    # Tokens of width 384 sampled with a stride of 12 would only ever see every twelfth channel;
+    # channel 5 holds the outliers (0.26% of the values) that the 99.99th percentile must keep.
+    monkeypatch.setattr(ranges, "HISTOGRAM_SAMPLE", 1 << 16)
+    x = np.random.default_rng(0).normal(size=(16, 128, 384)).astype(np.float32)
+    x[..., 5] = 100.0
+    observer = RangeObserver()
+    observer.update(x)
+    assert observer.histogram.sum() < x.size // 8  # sampled
+    assert compute_range(observer, "percentile")[1] >= 99.0
+
+
 def test_entropy_keeps_the_bulk_of_a_gaussian_and_clips_its_outliers():
     x = np.random.default_rng(2).standard_normal(1_000_000)
     low, high = compute_range(_observe(x), "entropy")
