@@ -36,7 +36,7 @@ class Report:
     qwt_trial: str | None = None  # the label, in method_qwt_sqnr_db, of the PTQ model QwT was fitted on
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
-    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT, per method (and bias correction)
+    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT trials: PTQ's method (and bias correction the other way)
     qwt_trials_without_branch: list[str] = dataclasses.field(default_factory=list)  # tried, but no block kept one
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
@@ -79,7 +79,7 @@ def format_summary(report: Report, source: str) -> str:
     trials = [_scores(report.method_qwt_sqnr_db, report.qwt_trial)] if report.method_qwt_sqnr_db else []
     trials += [f"{m} no branch kept" for m in report.qwt_trials_without_branch]
     if trials:
-        lines.append(f"QwT held-out SQNR by calibration, fitted on the first {report.selection_samples} samples: " + ", ".join(trials))
+        lines.append(f"QwT trial, fitted on the first {report.selection_samples} samples, held-out SQNR: " + ", ".join(trials))
     if report.blocks:
         lines.append(
             f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration"

@@ -159,13 +159,11 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     calib = graphs.samples(model, 160, seed=1)
     written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     assert set(report.method_sqnr_db) == {"minmax", "percentile", "mse"}
-    best = max(report.method_sqnr_db.values())
-    # QwT is tried on the methods whose plain PTQ is within the margin of the best, and on the
-    # best's weights with bias correction the other way (and scored where it kept a branch)
+    # QwT is tried on the best PTQ model and on its weights with bias correction the other way
+    # (and scored where it kept a branch)
+    assert report.method_sqnr_db[report.ptq_method] == max(report.method_sqnr_db.values())
     other = f"{report.ptq_method} {'without' if report.bias_corrected[report.ptq_method] else 'with'} bias correction"
-    assert report.method_qwt_sqnr_db and set(report.method_qwt_sqnr_db) <= {
-        m for m, db in report.method_sqnr_db.items() if db >= best - api.SELECTION_MARGIN_DB
-    } | {other}
+    assert report.method_qwt_sqnr_db and set(report.method_qwt_sqnr_db) <= {report.ptq_method, other}
     # measured here, not read from the report: on the held-out calibration samples (every
     # fifth) the written model is at least as close to FP32 as the best plain PTQ model
     heldout = {name: array[4::5] for name, array in calib.items()}
@@ -201,11 +199,12 @@ def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(
 def test_the_summary_names_the_qwt_trials_that_kept_no_branch():
     from qwt_onnx.report import Report, format_summary
 
-    report = Report("ort", "mse", 512, 102, method_qwt_sqnr_db={"minmax": 24.8}, qwt_trial="minmax",
-                    qwt_trials_without_branch=["mse"], selection_samples=64)
-    assert "fitted on the first 64 samples: minmax 24.8 dB*, mse no branch kept" in format_summary(report, "m.onnx")
+    report = Report("ort", "mse", 512, 102, method_qwt_sqnr_db={"mse": 24.8}, qwt_trial="mse",
+                    qwt_trials_without_branch=["mse without bias correction"], selection_samples=64)
+    summary = format_summary(report, "m.onnx")
+    assert "first 64 samples, held-out SQNR: mse 24.8 dB*, mse without bias correction no branch kept" in summary
     report = dataclasses.replace(report, method_qwt_sqnr_db={}, qwt_trial=None)
-    assert "fitted on the first 64 samples: mse no branch kept" in format_summary(report, "m.onnx")
+    assert "held-out SQNR: mse without bias correction no branch kept" in format_summary(report, "m.onnx")
 
 
 @pytest.mark.parametrize("groups_factor, kernel_size", [(16, 1), (0, 3)])
