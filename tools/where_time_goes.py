@@ -40,7 +40,7 @@ STEPS = [
     ("observe ranges (FP32 pass)", [("observe.py", "observe")]),
     ("evaluate on held-out samples", [("observe.py", "heldout_outputs")]),
     ("PTQ candidates, evaluation included", [("api.py", "ptq_candidates")]),
-    ("QwT per method on a subset", [("api.py", "_select")]),
+    ("QwT trial on the first samples", [("api.py", "_select")]),
     ("capture and fit (all runs)", [("capture.py", "fit_blocks")]),
     ("write", [("prepare.py", "save_atomically")]),
 ]

@@ -15,7 +15,7 @@ import numpy as np
 METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 HISTOGRAM_BINS = 2048
-HISTOGRAM_SAMPLE = 1 << 18  # elements of each batch that enter the histogram; min and max see all
+HISTOGRAM_SAMPLE = 1 << 20  # elements of each batch that enter the histogram; min and max see all
 ENTROPY_LEVELS = 128  # positive int8 levels the distribution is quantized to
 ENTROPY_CANDIDATES = 480  # thresholds tried at most
 MSE_CANDIDATES = 256  # thresholds tried at most, spaced geometrically
