@@ -152,8 +152,16 @@ class Layout:
 
     def apply(self, fit: LinearMap, x: np.ndarray) -> np.ndarray:
         """The branch output ``c(x)`` in float32, as the spliced branch computes it, shaped like the block output."""
-        rows = self.rows(x).astype(np.float32, copy=False)
         weight = fit.weight.astype(np.float32)
+        if self.channels_first and self.kernel == 1:  # a feature map is features-first already: no transposes
+            x = self._strided(self.cropped(x))
+            cols = x.reshape(*x.shape[:2], -1).astype(np.float32, copy=False)
+            out = np.empty((x.shape[0], weight.shape[1], cols.shape[2]), np.float32)
+            for features, targets in self.group_slices(*weight.shape):
+                np.matmul(weight[features, targets].T, cols[:, features], out=out[:, targets])
+            out += fit.bias.astype(np.float32)[:, None]
+            return out.reshape(x.shape[0], weight.shape[1], *x.shape[2:])
+        rows = self.rows(x).astype(np.float32, copy=False)
         out = np.empty((rows.shape[0], weight.shape[1]), np.float32)
         for features, targets in self.group_slices(*weight.shape):  # block-diagonal: one product per group
             np.matmul(rows[:, features], weight[features, targets], out=out[:, targets])
