@@ -385,12 +385,12 @@ def compensate(run: _Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Selec
 
 def _why_the_trial_cannot_pay(trial: Score, ptq: Candidate) -> str | None:
     """Why QwT fitted on every sample would not be written, judged from its trial on the first
-    ones: its held-out gain over PTQ, or the lower end of the gain's 95% interval, more than
-    :data:`PAYS_MARGIN_DB` below zero. None where it may pay."""
+    ones: its held-out gain over PTQ, or the lower end of the gain's 95% interval,
+    :data:`PAYS_MARGIN_DB` or more below zero. None where it may pay."""
     if ptq.score is None:
         return None
     gain = trial.db - ptq.score.db
-    if gain < -PAYS_MARGIN_DB:
+    if gain <= -PAYS_MARGIN_DB:
         return f"reaches {trial.db:.2f} dB on held-out samples, {-gain:.2f} dB below PTQ ({ptq.method})"
     interval = metrics.gain_interval(trial, ptq.score)
     if interval is not None and interval[0] <= -PAYS_MARGIN_DB:
