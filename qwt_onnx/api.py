@@ -531,6 +531,16 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
     )
 
 
+def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] | None:
+    """The 95% interval of the best PTQ model's held-out lead over the next best method's: where
+    it holds zero, which of the two is closer to FP32 on other data is a toss-up."""
+    others = [c for c in candidates if c.method != ptq.method and c.score is not None]
+    if ptq.score is None or not others:
+        return None
+    interval = metrics.gain_interval(ptq.score, max(others, key=lambda c: c.sqnr_db).score)
+    return list(interval) if interval is not None else None
+
+
 def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compensation: Compensation | None,
             applied: bool, gain_interval: tuple[float, float] | None, output, started: float) -> Report:
     """The run's report, from what its steps returned."""
@@ -546,6 +556,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         heldout_samples=int(run.calib.heldout_mask.sum()),
         weight_range=run.options.weights.value,
         method_sqnr_db={c.method: c.sqnr_db for c in candidates if c.sqnr_db is not None},
+        method_lead_interval_db=_lead_interval(candidates, ptq),
         method_qwt_sqnr_db=dict(selection.sqnr_db),
         qwt_trial=selection.chosen,
         qwt_trials_without_branch=list(selection.without_branch),

@@ -36,11 +36,13 @@ class Report:
     qwt_trial: str | None = None  # the label, in method_qwt_sqnr_db, of the PTQ model QwT was fitted on
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
+    # 95% paired-bootstrap interval of the chosen method's held-out lead over the next best
+    method_lead_interval_db: list[float] | None = None
     method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT trials: PTQ's method (and bias correction the other way)
     qwt_trials_without_branch: list[str] = dataclasses.field(default_factory=list)  # tried, but no block kept one
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
-    selection_samples: int = 0  # the QwT comparison of methods fitted on the first this many samples
+    selection_samples: int = 0  # QwT's trial was fitted on the first this many samples
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     fit_samples: int = 0  # samples the blocks' fits were made on
     ptq_method: str | None = None  # what --no-qwt writes
@@ -70,7 +72,11 @@ def format_summary(report: Report, source: str) -> str:
         f"{report.samples} samples, {report.heldout_samples} held out)"
     ]
     if report.method_sqnr_db:
-        lines.append("PTQ held-out SQNR by calibration: " + _scores(report.method_sqnr_db, report.ptq_method))
+        line = "PTQ held-out SQNR by calibration: " + _scores(report.method_sqnr_db, report.ptq_method)
+        if report.method_lead_interval_db is not None:
+            low, high = report.method_lead_interval_db
+            line += f" (lead over the next, 95% interval {low:+.2f} to {high:+.2f} dB{': within noise' if low <= 0 else ''})"
+        lines.append(line)
     if report.bias_correction_gain_db:
         gains = ", ".join(
             f"{m} {g:+.2f} dB ({'kept' if report.bias_corrected[m] else 'dropped'})" for m, g in report.bias_correction_gain_db.items()

@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 from qwt_onnx import api, quantize, quantize_with_report
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.metrics import mean_squared_error
+from qwt_onnx.report import format_summary
 from qwt_onnx.runtime import session
 from tests import graphs
 
@@ -164,6 +165,11 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     assert report.method_sqnr_db[report.ptq_method] == max(report.method_sqnr_db.values())
     other = f"{report.ptq_method} {'without' if report.bias_corrected[report.ptq_method] else 'with'} bias correction"
     assert report.method_qwt_sqnr_db and set(report.method_qwt_sqnr_db) <= {report.ptq_method, other}
+    # how far the chosen method's lead over the next is from noise
+    lead = report.sqnr_ptq_db - max(db for m, db in report.method_sqnr_db.items() if m != report.ptq_method)
+    low, high = report.method_lead_interval_db
+    assert low <= lead <= high
+    assert f"lead over the next, 95% interval {low:+.2f} to {high:+.2f} dB" in format_summary(report, "m.onnx")
     # measured here, not read from the report: on the held-out calibration samples (every
     # fifth) the written model is at least as close to FP32 as the best plain PTQ model
     heldout = {name: array[4::5] for name, array in calib.items()}
@@ -218,7 +224,7 @@ def test_the_trial_says_whether_qwt_on_all_samples_can_pay(noise_scale, pays):
 
 
 def test_the_summary_names_the_qwt_trials_that_kept_no_branch():
-    from qwt_onnx.report import Report, format_summary
+    from qwt_onnx.report import Report
 
     report = Report("ort", "mse", 512, 102, method_qwt_sqnr_db={"mse": 24.8}, qwt_trial="mse",
                     qwt_trials_without_branch=["mse without bias correction"], selection_samples=64)
