@@ -103,15 +103,19 @@ class Selection:
 
     samples: int = 0  # QwT was fitted on the first this many (and scored on every scoring sample)
     scores: dict[str, Score] = dataclasses.field(default_factory=dict)  # by trial label (see _trial_labels)
-    blocks: list[BlockReport] = dataclasses.field(default_factory=list)  # the chosen QwT model's fits
     chosen: str | None = None  # the label of the PTQ model QwT is fitted on
     candidate: Candidate | None = None  # ... and that model
     without_branch: list[str] = dataclasses.field(default_factory=list)  # trial labels where no block kept a branch
-    compensation: Compensation | None = None  # the chosen trial's, scored
+    # The chosen trial's compensation, scored; where no trial kept a branch, the PTQ model's (no model)
+    compensation: Compensation | None = None
 
     @property
     def sqnr_db(self) -> dict[str, float]:
         return {method: score.db for method, score in self.scores.items()}
+
+    @property
+    def blocks(self) -> list[BlockReport]:
+        return self.compensation.blocks if self.compensation is not None else []
 
 
 class Warnings(list):
@@ -365,7 +369,7 @@ def compensate(run: _Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Selec
             f"QwT kept no branch on the held-out samples of the first {selection.samples}; "
             "not fitting it on all samples, writing the PTQ model"
         )
-        return selection, Compensation(ptq.method, None, selection.blocks, selection.samples, bias_corrected=ptq.bias_corrected)
+        return selection, selection.compensation
     if selection.compensation.samples == run.calib.num_samples:  # the trial saw every sample: it is the fit
         return selection, selection.compensation
     chosen = selection.candidate
@@ -374,7 +378,7 @@ def compensate(run: _Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Selec
         run.warnings.warn(
             f"QwT fitted on the first {selection.samples} samples {why_not}; not fitting it on all samples, writing the PTQ model"
         )
-        return selection, Compensation(chosen.method, None, selection.blocks, selection.samples, bias_corrected=chosen.bias_corrected)
+        return selection, dataclasses.replace(selection.compensation, model=None, score=None)
     compensation = _compensate(run, chosen, found, run.calib)
     if compensation.model is None:
         run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
@@ -423,9 +427,9 @@ def _select(run: _Run, ptq: Candidate, found: list[blk.Block]) -> Selection:
     scores = {label: c.score for label, c in compensations.items() if c.model is not None}
     without_branch = [label for label in trials if label not in scores]
     if not scores:  # the PTQ model's fits say why
-        return Selection(subset.num_samples, blocks=compensations[ptq.method].blocks, without_branch=without_branch)
+        return Selection(subset.num_samples, without_branch=without_branch, compensation=compensations[ptq.method])
     best = _trial_choice(scores, ptq.method)
-    return Selection(subset.num_samples, scores, compensations[best].blocks, best, trials[best], without_branch, compensations[best])
+    return Selection(subset.num_samples, scores, best, trials[best], without_branch, compensations[best])
 
 
 def _trial_labels(ptq: Candidate) -> dict[str, Candidate]:

@@ -75,6 +75,12 @@ class Layout:
             return self._patches(x)
         return self.target_rows(self._strided(x))
 
+    def columns(self, x: np.ndarray) -> np.ndarray:
+        """Feature map ``x`` as ``[N, C, pixels]``, the cropped and strided pixels that a 1×1
+        branch reads: features-first already, so no transposed copy is made."""
+        x = self._strided(self.cropped(x))
+        return x.reshape(*x.shape[:2], -1)
+
     def cropped(self, x: np.ndarray) -> np.ndarray:
         """A feature map without its cropped border (a view)."""
         if not self.cropping:
@@ -102,9 +108,8 @@ class Layout:
         """Add block input ``x`` and the ``residual`` (shaped like the block output) to the normal
         equations of each group."""
         slices = self.group_slices(groups[0].n_features * len(groups), residual.shape[self.feature_axis])
-        if self.channels_first and self.kernel == 1:  # a feature map is features-first already
-            x = self._strided(self.cropped(x))
-            x_cols = x.reshape(*x.shape[:2], -1)
+        if self.channels_first and self.kernel == 1:
+            x_cols = self.columns(x)
             r_cols = residual.reshape(*residual.shape[:2], -1)
             for equations, (f, t) in zip(groups, slices):
                 equations.update_columns(x_cols[:, f], r_cols[:, t])
@@ -153,14 +158,13 @@ class Layout:
     def apply(self, fit: LinearMap, x: np.ndarray) -> np.ndarray:
         """The branch output ``c(x)`` in float32, as the spliced branch computes it, shaped like the block output."""
         weight = fit.weight.astype(np.float32)
-        if self.channels_first and self.kernel == 1:  # a feature map is features-first already: no transposes
-            x = self._strided(self.cropped(x))
-            cols = x.reshape(*x.shape[:2], -1).astype(np.float32, copy=False)
+        if self.channels_first and self.kernel == 1:  # written channels-first, as the block output is
+            cols = self.columns(x).astype(np.float32, copy=False)
             out = np.empty((x.shape[0], weight.shape[1], cols.shape[2]), np.float32)
             for features, targets in self.group_slices(*weight.shape):
                 np.matmul(weight[features, targets].T, cols[:, features], out=out[:, targets])
             out += fit.bias.astype(np.float32)[:, None]
-            return out.reshape(x.shape[0], weight.shape[1], *x.shape[2:])
+            return out.reshape(x.shape[0], weight.shape[1], *self.output_shape(x.shape[2:]))
         rows = self.rows(x).astype(np.float32, copy=False)
         out = np.empty((rows.shape[0], weight.shape[1]), np.float32)
         for features, targets in self.group_slices(*weight.shape):  # block-diagonal: one product per group
