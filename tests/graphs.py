@@ -348,6 +348,30 @@ def detector_neck(seed: int = 0, size: int = 16) -> onnx.ModelProto:
     )
 
 
+def two_scale_detector(seed: int = 0, size: int = 16, pan: bool = False) -> onnx.ModelProto:
+    """A detector with an output per scale, as PicoDet and the YOLOs before v8 export them: a stem,
+    a coarser scale, a neck joining the upsampled coarse map to the fine one, and per scale a
+    head (a 3×3 conv with its Relu, then a 1×1 conv) transposed to channels last into its own
+    output. Every block boundary past the stem leads to one output only. With ``pan`` the coarse
+    head reads the neck too, downsampled by a conv and joined to the coarse map (a PAN)."""
+    b = GraphBuilder(seed)
+    fine = b.op("Relu", [_conv(b, "image", 3, 8, "/stem/conv")], "/stem/relu")
+    coarse = b.op("Relu", [_conv(b, fine, 8, 16, "/down/conv", stride=2)], "/down/relu")
+    up = b.op("Resize", [coarse, "", b.const("/up.scales", np.array([1, 1, 2, 2], np.float32))], "/up", mode="nearest")
+    neck = b.op("Relu", [_conv(b, b.op("Concat", [up, fine], "/neck/concat", axis=1), 24, 8, "/neck/conv")], "/neck/relu")
+    coarse_channels = 16
+    if pan:
+        down = b.op("Relu", [_conv(b, neck, 8, 8, "/pan/conv", stride=2)], "/pan/relu")
+        coarse, coarse_channels = b.op("Concat", [down, coarse], "/pan/concat", axis=1), 24
+    outputs = []
+    for name, x, c, s in (("fine", neck, 8, size), ("coarse", coarse, coarse_channels, size // 2)):
+        h = b.op("Relu", [_conv(b, x, c, c, f"/head.{name}/conv")], f"/head.{name}/relu")
+        b.op("Transpose", [_conv(b, h, c, 6, f"/head.{name}/pred", kernel=1)], f"/head.{name}/nhwc", perm=[0, 2, 3, 1])
+        b.nodes[-1].output[0] = name
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", s, s, 6]))
+    return b.model([helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])], outputs)
+
+
 def nhwc_resnet(seed: int = 0, size: int = 8, channels: int = 16, classes: int = 0) -> onnx.ModelProto:
     """Residual blocks on NHWC tensors, each conv wrapped in transposes, as TensorFlow exports
     write them; with ``classes``, a pooled classifier head after them."""

@@ -80,6 +80,45 @@ def test_a_neck_that_no_branch_maps_is_one_divisible_block_or_with_units_its_wei
     assert blocks.find_blocks(resnet, units=True) == blocks.find_blocks(resnet)
 
 
+def test_where_the_outputs_part_ways_each_path_gets_its_blocks_and_the_joins_none():
+    model = _prepared(graphs.two_scale_detector())
+    found = blocks.find_blocks(model)
+    # the stem is the last value every output depends on; past it each head is a chain of its
+    # own: the coarse one from the stem (its downsampling conv reads the stem alone, though its
+    # Relu also feeds the neck), the fine one from where the upsampled coarse map joins the fine
+    # map, which reads two paths and so opens no block
+    assert [(b.input, b.output) for b in found] == [
+        ("image", "/stem/relu_out"),
+        ("/stem/relu_out", "/down/relu_out"),
+        ("/neck/concat_out", "/neck/relu_out"),
+        ("/neck/relu_out", "/head.fine/relu_out"),
+        ("/head.fine/relu_out", "/head.fine/pred_out"),
+        ("/down/relu_out", "/head.coarse/relu_out"),
+        ("/head.coarse/relu_out", "/head.coarse/pred_out"),
+    ]
+    assert all(b.channels_first and not b.divisible for b in found)
+    assert blocks.find_blocks(model, units=True) == found  # the joins hold no weighted op
+
+
+def test_the_weighted_ops_that_join_paths_are_units_with_units():
+    # with a PAN the downsampling convs feed both scales' paths: they lie on neither
+    model = _prepared(graphs.two_scale_detector(pan=True))
+    found = blocks.find_blocks(model)
+    assert [(b.input, b.output) for b in found] == [
+        ("image", "/stem/relu_out"),
+        ("/neck/concat_out", "/neck/relu_out"),
+        ("/neck/relu_out", "/head.fine/relu_out"),
+        ("/head.fine/relu_out", "/head.fine/pred_out"),
+        ("/pan/concat_out", "/head.coarse/relu_out"),
+        ("/head.coarse/relu_out", "/head.coarse/pred_out"),
+    ]
+    units = blocks.find_blocks(model, units=True)
+    assert [(b.input, b.output) for b in units if b not in found] == [
+        ("/stem/relu_out", "/down/relu_out"), ("/neck/relu_out", "/pan/relu_out")
+    ]
+    assert [b.output for b in units] == sorted((b.output for b in units), key=[v.name for n in model.graph for v in n.outputs].index)
+
+
 def test_nhwc_blocks_are_compensated_over_their_last_axis():
     model = _prepared(graphs.nhwc_resnet())
     found = blocks.find_blocks(model)
@@ -89,13 +128,16 @@ def test_nhwc_blocks_are_compensated_over_their_last_axis():
 
 def test_layout_ops_at_the_ends_of_chain_blocks_are_left_outside():
     # keras2onnx's Transpose from NHWC opens the first block and the Transpose and Flatten before
-    # the dense layers close the last conv one: outside them, each block maps one layout
+    # the dense layers close the last conv one: outside them, each block maps one layout (and
+    # past the dense layer, each output's head is a block of its own)
     model = _prepared(graphs.keras_cnn())
     found = blocks.find_blocks(model)
     assert [(b.input, b.output, b.channels_first) for b in found] == [
         ("/to_nchw_out", "/pool1_out", True),
         ("/pool1_out", "/prelu2_out", True),
         ("/flatten_out", "/dense/relu_out", False),
+        ("/dense/relu_out", "boxes", False),
+        ("/dense/relu_out", "faces", False),
     ]
 
 

@@ -1,5 +1,7 @@
 """The capture fits each block on the stream the written model really computes."""
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -44,8 +46,10 @@ def _spliced(q, results):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("build, units", [(graphs.resnet, False), (graphs.mobilenet, False), (graphs.valid_cnn, False),
-                                          (graphs.keras_cnn, False), (graphs.detector_neck, True)],
-                         ids=["resnet", "mobilenet", "valid_cnn", "keras", "neck-units"])
+                                          (graphs.keras_cnn, False), (graphs.detector_neck, True),
+                                          (graphs.two_scale_detector, False),
+                                          (functools.partial(graphs.two_scale_detector, pan=True), True)],
+                         ids=["resnet", "mobilenet", "valid_cnn", "keras", "neck-units", "heads", "pan-units"])
 def test_each_block_input_in_the_stream_is_what_the_written_model_computes(build, units, int8, monkeypatch):
     # with units, a later unit's input is led from several compensated outputs, not the last one only
     fp, q, calib = _min_max_quantized(build())

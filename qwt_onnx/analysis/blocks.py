@@ -41,6 +41,13 @@ The rule, framework-agnostic:
    (its activation), whose input dominates its output by construction. The
    units of one span need not follow each other: the capture carries every
    compensated unit output that a later unit's input is computed from.
+8. Past the last boundary, where the outputs part ways (a detector's output per scale, a
+   state output beside a prediction), each output's own dominators delimit segments as in
+   rule 3, and each path from where paths part to its output (or to where it parts again) is
+   cut into blocks by rules 3-6: a head per scale. A segment holds only the nodes its end is
+   computed from: a value on one path may also feed another (a coarse map upsampled into the
+   neck of a finer scale). The nodes on no single path, the joins between paths (a
+   multi-scale neck), get no block; with ``units``, their weighted units.
 """
 
 from __future__ import annotations
@@ -106,6 +113,7 @@ class DataPath:
     values: set[ir.Value]
     boundaries: list[ir.Value]
     idom: dict[ir.Value, ir.Value | None]
+    outputs: list[ir.Value]  # the data outputs that some weighted op computes
 
     @classmethod
     def analyze(cls, graph: ir.Graph, primary_input: ir.Value | None = None) -> DataPath:
@@ -123,30 +131,87 @@ class DataPath:
         while dominator is not None:
             chain.append(dominator)
             dominator = idom[dominator]
-        return cls(graph, primary, values, chain[::-1], idom)
+        return cls(graph, primary, values, chain[::-1], idom, outputs)
 
     def segments(self) -> list[_Segment]:
         """The data nodes between consecutive boundaries, in graph order."""
-        index = {v: i for i, v in enumerate(self.boundaries)}
+        members = self._members(set(self.boundaries))
+        return [_Segment(a, b, tuple(members[a])) for a, b in zip(self.boundaries[:-1], self.boundaries[1:])]
+
+    def branches(self) -> tuple[list[list[_Segment]], list[ir.Node]]:
+        """Past the last boundary, where the outputs part ways (rule 8): the runs of segments
+        between consecutive dominators of some outputs, each from where paths part to the next
+        parting or an output; and the nodes on none of them (the joins between paths: a
+        detector's neck), in graph order."""
+        last = self.boundaries[-1]
+        children: dict[ir.Value, list[ir.Value]] = collections.defaultdict(list)
+        for output in self.outputs:
+            value = output
+            while value is not last:
+                parent = self.idom[value]
+                if value in children[parent]:
+                    break  # its dominators from here on are in already
+                children[parent].append(value)
+                value = parent
+        past_last = {last, *(c for cs in children.values() for c in cs)}  # the dominators of some outputs
+        members = self._members({*self.boundaries, *past_last})
+        runs: list[list[_Segment]] = []
+        stack: list[tuple[ir.Value, list[_Segment]]] = [(last, [])]
+        while stack:
+            value, run = stack.pop()
+            while len(children[value]) == 1:
+                run.append(self._segment(value, children[value][0], members))
+                value = children[value][0]
+            runs += [run] if run else []
+            stack += self._openings(value, children[value], members)  # where paths part, each starts a run
+        on_runs = {n for run in runs for s in run for n in s.nodes}
+        joins = {n for value in past_last for n in members[value]} - on_runs
+        return runs, [n for n in self.graph if n in joins]
+
+    def _openings(self, parting: ir.Value, paths: list[ir.Value], members) -> list[tuple[ir.Value, list[_Segment]]]:
+        """Each path from ``parting`` with the segment that leads to its first value, where that
+        reads ``parting`` alone and shares no node with another path (a head's first conv);
+        else without it: those nodes join paths."""
+        segments = [self._segment(parting, first, members) for first in paths]
+        shared = collections.Counter(n for s in segments for n in s.nodes)
+
+        def own(segment: _Segment) -> bool:
+            inside = set(segment.nodes)
+            reads = [v for n in segment.nodes for v in g.reads(n) if v in self.values]
+            return all(shared[n] == 1 for n in inside) and all(v is parting or v.producer() in inside for v in reads)
+
+        return [(first, [s] if own(s) else []) for first, s in zip(paths, segments)]
+
+    def _segment(self, start: ir.Value, end: ir.Value, members: dict[ir.Value, list[ir.Node]]) -> _Segment:
+        """The nodes dominated by ``start`` (and by no nearer boundary) that ``end`` is computed
+        from: past the last boundary ``start`` may also lead to paths that ``end`` is not on."""
+        region, kept, stack = set(members[start]), set(), [end.producer()]
+        while stack:
+            node = stack.pop()
+            if node in region and node not in kept:
+                kept.add(node)
+                stack += [v.producer() for v in g.reads(node) if v in self.values]
+        return _Segment(start, end, tuple(n for n in members[start] if n in kept))
+
+    def _members(self, boundaries: set[ir.Value]) -> dict[ir.Value, list[ir.Node]]:
+        """The data nodes from which an output can be reached, by the nearest of ``boundaries``
+        that dominates them, in graph order."""
         reaching = _reaching_outputs(self.graph, self.values)
-        members: dict[int, list[ir.Node]] = collections.defaultdict(list)
-        nearest: dict[ir.Value, int] = {}
+        members: dict[ir.Value, list[ir.Node]] = collections.defaultdict(list)
+        nearest: dict[ir.Value, ir.Value] = {}
         for node in self.graph:
             outputs = [v for v in node.outputs if v in self.values]
             if not outputs or node not in reaching:
                 continue
-            members[self._enclosing_boundary(self.idom[outputs[0]], index, nearest)].append(node)
-        return [
-            _Segment(self.boundaries[i], self.boundaries[i + 1], tuple(members[i]))
-            for i in range(len(self.boundaries) - 1)
-        ]
+            members[self._enclosing_boundary(self.idom[outputs[0]], boundaries, nearest)].append(node)
+        return members
 
-    def _enclosing_boundary(self, value: ir.Value, index: dict, nearest: dict) -> int:
+    def _enclosing_boundary(self, value: ir.Value, boundaries: set[ir.Value], nearest: dict) -> ir.Value:
         path = []
-        while value not in index and value not in nearest:
+        while value not in boundaries and value not in nearest:
             path.append(value)
             value = self.idom[value]
-        found = index[value] if value in index else nearest[value]
+        found = value if value in boundaries else nearest[value]
         for v in path:
             nearest[v] = found
         return found
@@ -168,14 +233,18 @@ def choose_primary_input(graph: ir.Graph) -> ir.Value:
 def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER, units: bool = False) -> list[Block]:
     """The blocks of ``model`` by the rules in this module's docstring (rule 7 only with ``units``)."""
     path = DataPath.analyze(model.graph)
-    spans = _residual_and_chain_blocks(path.segments())
-    if granularity == Granularity.LAYER:
-        spans = _group_token_runs(spans)
+    runs, joins = path.branches()
+    spans = []
+    for run in [path.segments(), *runs]:
+        run_spans = _residual_and_chain_blocks(run)
+        spans += _group_token_runs(run_spans) if granularity == Granularity.LAYER else run_spans
     found = []
     for segments in spans:
-        pieces = _weighted_units(segments) if _unmappable(segments) else []
+        pieces = _weighted_units([n for s in segments for n in s.nodes]) if _unmappable(segments) else []
         found += pieces if units and pieces else [_make_block(segments, divisible=bool(pieces))]
-    return found
+    found += _weighted_units(joins) if units else []
+    position = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
+    return sorted(found, key=lambda b: position.get(b.output, -1))
 
 
 def blocks_from_boundaries(model: ir.Model, spec: Sequence[str]) -> list[Block]:
@@ -448,19 +517,20 @@ def _unmappable(segments: list[_Segment]) -> bool:
     return grows and list(a)[2:] != list(b)[2:]
 
 
-def _weighted_units(segments: list[_Segment]) -> list[Block]:
-    """Rule 7: a block per weighted op of the span, with its activation, in graph order."""
-    units = []
-    for node in (n for s in segments for n in s.weighted):
-        x, y = node.inputs[0], _activation_end(node)
+def _weighted_units(nodes: list[ir.Node]) -> list[Block]:
+    """Rule 7: a block per weighted op of ``nodes``, with its activation, in graph order."""
+    units, within = [], set(nodes)
+    for node in (n for n in nodes if g.is_weighted(n)):
+        x, y = node.inputs[0], _activation_end(node, within)
         if _same_rank(x, y):
             units.append(Block(node.name or y.name, x.name, y.name, node.op_type == "Conv" and not _channels_last(node, x)))
     return units
 
 
-def _activation_end(node: ir.Node) -> ir.Value:
-    """The output of the elementwise ops after ``node`` that read only its output, each other and
-    constants, where that is the one of their values read elsewhere; else ``node``'s own output."""
+def _activation_end(node: ir.Node, within: set[ir.Node]) -> ir.Value:
+    """The output of the elementwise ops of ``within`` after ``node`` that read only its output,
+    each other and constants, where that is the one of their values read elsewhere; else
+    ``node``'s own output."""
     start = node.outputs[0]
     values, absorbed = {start}, set()
     changed = True
@@ -468,7 +538,8 @@ def _activation_end(node: ir.Node) -> ir.Value:
         changed = False
         for value in list(values):
             for reader in value.consumers():
-                if reader in absorbed or reader.op_type not in ELEMENTWISE_OPS or not g.is_default_domain(reader):
+                elementwise = reader.op_type in ELEMENTWISE_OPS and g.is_default_domain(reader)
+                if reader in absorbed or reader not in within or not elementwise:
                     continue
                 if all(v is None or v in values or g.is_constant(v) for v in reader.inputs):
                     absorbed.add(reader)
