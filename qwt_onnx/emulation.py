@@ -36,7 +36,7 @@ def run(
     """Each model's outputs (all optimizations, CPU provider) computed on an emulated Haswell, on
     ``feeds``: one set for all models, or one per model. One emulator process runs them all; the
     batches are cut here, each input on its samples axis, and the outputs joined here on theirs."""
-    from qwt_onnx.runtime import count_samples, samples_axes, take
+    from qwt_onnx.runtime import concatenate_samples, count_samples, samples_axes, take
 
     if not available():
         raise RuntimeError(f"{QEMU} is not installed (Debian/Ubuntu: apt-get install qemu-user)")
@@ -58,7 +58,7 @@ def run(
         results = []
         for out, count, axes in outputs:
             with np.load(out) as data:
-                results.append({name: np.concatenate([data[f"{b}/{name}"] for b in range(count)], axis=axis) for name, axis in axes.items()})
+                results.append({name: concatenate_samples([data[f"{b}/{name}"] for b in range(count)], axis) for name, axis in axes.items()})
         return results
 
 

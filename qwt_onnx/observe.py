@@ -12,7 +12,7 @@ import onnx
 
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics.ranges import RangeObserver
-from qwt_onnx.runtime import Runner, move_samples, samples_axes, with_outputs
+from qwt_onnx.runtime import Runner, concatenate_samples, move_samples, samples_axes, with_outputs
 
 STATISTICS_THREADS = min(4, os.cpu_count() or 1)
 
@@ -42,7 +42,7 @@ class Observation:
 
     ranges: dict[str, RangeObserver]  # of the tensors to quantize
     means: dict[str, np.ndarray]  # per channel, of the tensors asked for
-    reference: dict[str, np.ndarray]  # the model's outputs on the scoring samples
+    reference: dict[str, np.ndarray] | None  # the model's outputs on the scoring samples, where batches do not change them
 
 
 def observe(
@@ -53,7 +53,8 @@ def observe(
     channel_axes: Mapping[str, int] | None = None,
 ) -> Observation:
     """Range statistics of ``tensors`` and per-channel means of the tensors in ``channel_axes``
-    over all samples, and the model outputs on the scoring samples."""
+    over all samples, and the model outputs on the scoring samples (None where their shapes
+    depend on the batch)."""
     channel_axes = channel_axes or {}
     output_names = [o.name for o in model.graph.output]
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
@@ -72,7 +73,10 @@ def observe(
             rows = heldout[batch.indices]
             for name in output_names:
                 kept[name].append(move_samples(values[name], axes[name], batch.size)[rows])
-    reference = {name: np.concatenate(parts) for name, parts in kept.items()}
+    # Outputs whose shape depends on their batch (a decoder that runs until every sequence of its
+    # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
+    batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
+    reference = None if batch_dependent else {name: np.concatenate(parts) for name, parts in kept.items()}
     return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
 
 
@@ -85,4 +89,4 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
     for batch in calib.batches(batch_size, indices, description):
         for name, value in runner(batch.feeds).items():
             parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    return {name: concatenate_samples(chunks) for name, chunks in parts.items()}

@@ -81,6 +81,16 @@ def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None
     return next(array.shape[axes.get(name, 0)] for name, array in feeds.items() if axes.get(name, 0) is not None)
 
 
+def concatenate_samples(chunks: list[np.ndarray], axis: int = 0) -> np.ndarray:
+    """Per-batch outputs joined along their samples ``axis``. Where their other axes differ (a
+    decoder that runs until every sequence of its batch has ended writes as many steps as the
+    batch's longest), each is zero-padded at the end of those axes to the largest."""
+    if len({c.shape[:axis] + c.shape[axis + 1 :] for c in chunks}) > 1:
+        largest = np.max([c.shape for c in chunks], axis=0)
+        chunks = [np.pad(c, [(0, 0 if a == axis else int(largest[a]) - n) for a, n in enumerate(c.shape)]) for c in chunks]
+    return np.concatenate(chunks, axis=axis)
+
+
 def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """``model``'s outputs on ``feeds``, run ``batch_size`` samples at a time and concatenated,
     every input and output on its samples axis (:func:`samples_axes`)."""
@@ -92,7 +102,7 @@ def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.
         count = count_samples(batch, inputs)
         for name, value in runner(batch).items():
             parts.setdefault(name, []).append(move_samples(value, outputs[name], count, to=outputs[name]))
-    return {name: np.concatenate(chunks, axis=outputs[name]) for name, chunks in parts.items()}
+    return {name: concatenate_samples(chunks, axis=outputs[name]) for name, chunks in parts.items()}
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

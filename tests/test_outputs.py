@@ -175,3 +175,41 @@ def test_an_output_written_time_major_under_a_wrong_declared_shape_is_scored_on_
     heldout = {k: v[4::5] for k, v in calib.items()}
     reference, test = (np.moveaxis(session(m).run(None, heldout)[0], 1, 0) for m in (model, written))
     assert report.sqnr_ptq_db == pytest.approx(sqnr_db_per_output({"y": reference}, {"y": test})["y"], abs=1e-3)
+
+
+def test_an_output_whose_length_depends_on_the_batch_is_scored_zero_padded():
+    # a decoder that runs until every sequence of its batch has ended (SLANet's table decoder, in
+    # a Loop) writes as many steps as the batch needs: batches differ, and so may FP32 and INT8
+    model = graphs.resnet()
+    g = model.graph
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "steps_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "least"),
+        numpy_helper.from_array(np.array(4.0, np.float32), "most"),
+        numpy_helper.from_array(np.array([0, 0, 0], np.int64), "corner_starts"),
+        numpy_helper.from_array(np.array([1, 1, 1], np.int64), "corner_ends"),
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "corner_axes"),
+    ])
+    g.node.extend([
+        helper.make_node("Reshape", ["/flatten_out", "steps_shape"], ["steps"]),
+        helper.make_node("Slice", ["image", "corner_starts", "corner_ends", "corner_axes"], ["corner"]),
+        helper.make_node("ReduceMax", ["corner"], ["batch_max"], keepdims=0),
+        helper.make_node("Clip", ["batch_max", "least", "most"], ["clipped"]),
+        helper.make_node("Ceil", ["clipped"], ["ceiled"]),
+        helper.make_node("Cast", ["ceiled"], ["count"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["count", "one"], ["ends"]),
+        helper.make_node("Slice", ["steps", "zero", "ends", "one"], ["decoded"]),
+    ])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("decoded", TensorProto.FLOAT, ["batch", "steps", 8]))
+    calib = graphs.samples(model, 64, seed=1)
+    lengths = {session(model).run(None, {"image": calib["image"][i : i + 16]})[0].shape[1] for i in range(0, 64, 16)}
+    assert len(lengths) > 1  # the batches differ
+    written, report = quantize_with_report(model, calib, qwt=False, calib_method="minmax", progress=False)
+    assert np.isfinite(report.sqnr_ptq_db) and report.sqnr_ptq_db > 10
+    # steps one side computes and the other does not count as error against zeros
+    reference, test = np.ones((2, 3, 4), np.float32), np.ones((2, 2, 4), np.float32)
+    assert metrics.sqnr_db({"y": reference}, {"y": test}) == pytest.approx(10 * np.log10(24 / 8))
+    assert metrics.score({"y": test}, {"y": reference}).db == pytest.approx(10 * np.log10(16 / 8))

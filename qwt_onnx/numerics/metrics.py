@@ -84,9 +84,10 @@ def sqnr_db(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray])
     """Signal-to-quantization-noise ratio ``10·log10(‖ref‖² / ‖ref − test‖²)``, pooled over float outputs."""
     signal = noise = 0.0
     for name, ref in float_outputs(reference):
+        ref, out = aligned(ref, test[name])
         y = _flat(ref)
         signal += _squared_distance(y)
-        noise += _squared_distance(y, _flat(test[name]))
+        noise += _squared_distance(y, _flat(out))
     if noise == 0.0:
         return float("inf")
     return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
@@ -103,9 +104,10 @@ def sqnr_db_over_batches(batches: Iterable[tuple[Mapping[str, np.ndarray], Mappi
     noise: dict[str, float] = {}
     for reference, test in batches:
         for name, ref in float_outputs(reference):
+            ref, out = aligned(ref, test[name])
             y = _flat(ref)
             signal[name] = signal.get(name, 0.0) + _squared_distance(y)
-            noise[name] = noise.get(name, 0.0) + _squared_distance(y, _flat(test[name]))
+            noise[name] = noise.get(name, 0.0) + _squared_distance(y, _flat(out))
     return {name: _db(total, noise[name]) for name, total in signal.items() if total > 0}
 
 
@@ -117,8 +119,9 @@ def mean_squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, n
     """Mean squared error over all elements of all float outputs."""
     total = count = 0.0
     for name, ref in float_outputs(reference):
+        ref, out = aligned(ref, test[name])
         y = _flat(ref)
-        total += _squared_distance(y, _flat(test[name]))
+        total += _squared_distance(y, _flat(out))
         count += y.size
     return total / max(count, 1)
 
@@ -160,7 +163,18 @@ def float_outputs(reference: Mapping[str, np.ndarray]) -> list[tuple[str, np.nda
     return [(name, ref) for name, ref in reference.items() if np.issubdtype(np.asarray(ref).dtype, np.floating)]
 
 
+def aligned(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``reference`` and ``test`` zero-padded at the end of each axis to the larger of the two,
+    where their shapes differ (a quantized decoder that ran more or fewer steps than the FP32
+    one): what one computes and the other does not counts as error against zeros."""
+    if reference.shape == test.shape or reference.ndim != test.ndim:
+        return reference, test
+    shape = np.maximum(reference.shape, test.shape)
+    return tuple(np.pad(a, [(0, int(n) - size) for n, size in zip(shape, a.shape)]) for a in (reference, test))
+
+
 def _sample_energies(reference: np.ndarray, test: np.ndarray) -> SampleEnergies:
+    reference, test = aligned(reference, test)
     rows = len(reference)
     ref, out = np.reshape(reference, (rows, -1)), np.reshape(test, (rows, -1))
     signal = np.array([_squared_distance(_flat(ref[i])) for i in range(rows)])
