@@ -256,11 +256,14 @@ def tensordot_mlp(seed: int = 0, tokens: int = 6, dims: tuple[int, ...] = (8, 16
     )
 
 
-def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8) -> onnx.ModelProto:
+def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8, conv_head: bool = False) -> onnx.ModelProto:
     """A streaming voice-activity model as silero-vad exports it: an audio frame, a recurrent
     state with the samples on axis 1 ([2, batch, C]) and a scalar sample rate as inputs; 1-D
     convolutions; the recurrent step's result passed through If branches on the sample rate,
-    both an Identity of a value of the main graph; a speech probability and the next state out."""
+    both an Identity of a value of the main graph; a speech probability and the next state out.
+    With ``conv_head`` the probability comes from a 1×1 Conv1d on the If's output unsqueezed, as
+    silero-vad 5's decoder computes it ([batch, 1, 1]), and the else branch reshapes to a shape
+    known only when it runs, so that no shape of the If's output is inferred."""
     b = GraphBuilder(seed)
     x = b.op("Unsqueeze", ["audio", b.const("/axis1", np.array([1], np.int64))], "/to_channels")
     for i, c_in in enumerate((1, channels)):
@@ -275,14 +278,29 @@ def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8) -> onnx.Mod
     branch = lambda name: helper.make_graph(  # noqa: E731
         [helper.make_node("Identity", [h], [f"{name}_h"])], name, [], [helper.make_tensor_value_info(f"{name}_h", TensorProto.FLOAT, None)])
     is_16k = b.op("Equal", ["sr", b.const("/16k", np.array(16000, np.int64))], "/is_16k")
-    chosen = b.op("If", [is_16k], "/rate", then_branch=branch("then"), else_branch=branch("else"))
-    b.op("Sigmoid", [b.op("MatMul", [chosen, b.weight("/head.weight", (channels, 1))], "/head")], "/prob")
+    else_branch = branch("else")
+    if conv_head:  # Reshape(h, Shape(h)[0:n]) with n = 2 from the sample rate: of unknown rank until it runs
+        one = b.op("Cast", [b.op("Equal", ["sr", "sr"], "/always")], "/one", to=TensorProto.INT64)
+        n = b.op("Unsqueeze", [b.op("Add", [one, one], "/two"), b.const("/axis0_n", np.array([0], np.int64))], "/n")
+        start = b.const("/start", np.array([0], np.int64))
+        else_branch = helper.make_graph(
+            [helper.make_node("Shape", [h], ["else_shape"]), helper.make_node("Slice", ["else_shape", start, n], ["else_dims"]),
+             helper.make_node("Reshape", [h, "else_dims"], ["else_h"])],
+            "else", [], [helper.make_tensor_value_info("else_h", TensorProto.FLOAT, None)],
+        )
+    chosen = b.op("If", [is_16k], "/rate", then_branch=branch("then"), else_branch=else_branch)
+    if conv_head:
+        x = b.op("Unsqueeze", [chosen, b.const("/axis2", np.array([2], np.int64))], "/to_frames")
+        head = b.op("Conv", [x, b.weight("/head.weight", (1, channels, 1))], "/head")
+    else:
+        head = b.op("MatMul", [chosen, b.weight("/head.weight", (channels, 1))], "/head")
+    b.op("Sigmoid", [head], "/prob")
     b.nodes[-1].output[0] = "prob"
     return b.model(
         [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", frame]),
          helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", channels]),
          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1]),
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1, 1] if conv_head else ["batch", 1]),
          helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", channels])],
     )
 

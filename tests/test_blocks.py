@@ -119,6 +119,13 @@ def test_the_weighted_ops_that_join_paths_are_units_with_units():
     assert [b.output for b in units] == sorted((b.output for b in units), key=[v.name for n in model.graph for v in n.outputs].index)
 
 
+def test_a_head_after_an_if_opens_after_the_unsqueeze_that_gives_its_input_frames():
+    # the If's output has no declared shape, so the ranks of the head's ends are unknown: the
+    # Unsqueeze at its start is left outside all the same, and a 1x1 conv branch maps the rest
+    found = blocks.find_blocks(_prepared(graphs.streaming_vad(conv_head=True)))
+    assert [(b.input, b.output, b.channels_first) for b in found][-1] == ("/to_frames_out", "prob", True)
+
+
 def test_nhwc_blocks_are_compensated_over_their_last_axis():
     model = _prepared(graphs.nhwc_resnet())
     found = blocks.find_blocks(model)

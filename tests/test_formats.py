@@ -169,3 +169,14 @@ def test_a_streaming_model_with_its_state_on_axis_1_a_scalar_input_and_if_branch
     assert {k: v.shape for k, v in written.items()} == {"prob": (10, 1), "stateN": (2, 10, 8)}
     np.testing.assert_array_equal(reference["stateN"], session(model).run(["stateN"], test)[0])
     assert all(np.allclose(reference[k], written[k], atol=0.1) for k in reference)
+
+
+def test_a_conv_head_after_an_if_of_unknown_output_shape_gets_its_branch():
+    # silero-vad 5's decoder: no shape of the If's output is inferred, and a 1x1 Conv1d reads it unsqueezed
+    model = graphs.streaming_vad(conv_head=True)
+    rng = np.random.default_rng(1)
+    calib = {"audio": rng.standard_normal((96, 32)).astype(np.float32),
+             "state": rng.standard_normal((2, 96, 8)).astype(np.float32), "sr": np.array(16000)}
+    _, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
+    head = report.blocks[-1]
+    assert (head.input, head.output) == ("/to_frames_out", "prob") and head.r2_heldout is not None, head.note

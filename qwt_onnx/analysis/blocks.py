@@ -71,6 +71,7 @@ RESHAPING_OPS = {
 # Ops that only move elements: a correction added before them is carried through unchanged.
 LAYOUT_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
+RANK_OPS = {"Squeeze", "Unsqueeze", "Flatten"}  # layout ops that add or remove axes
 MAX_PERIOD = 4
 UPSAMPLING_OPS = {"Resize", "Upsample", "ConvTranspose", "DepthToSpace"}
 # Ops that map each element on its own (given constants or values of the same unit): an
@@ -388,12 +389,20 @@ def _trimmed(piece: list[_Segment]) -> list[_Segment]:
     first, last = 0, len(piece) - 1
     while True:  # a weighted segment stops both ends
         ranks_differ = not _same_rank(piece[first].start, piece[last].end)
-        if _only({"Transpose"}, piece[first]) or (ranks_differ and _only(LAYOUT_OPS, piece[first])):
+        if _only({"Transpose"}, piece[first]) or _changes_rank(piece[first], ranks_differ):
             first += 1
-        elif _only({"Transpose"} | GLOBAL_POOLS, piece[last]) or (ranks_differ and _only(LAYOUT_OPS, piece[last])):
+        elif _only({"Transpose"} | GLOBAL_POOLS, piece[last]) or _changes_rank(piece[last], ranks_differ):
             last -= 1
         else:
             return piece[first : last + 1]
+
+
+def _changes_rank(segment: _Segment, ranks_differ: bool) -> bool:
+    """Whether ``segment``, at an end of a piece whose ends have ``ranks_differ``, moves elements
+    only and is where the rank changes: so when its ops are layout ops, or, where a shape at
+    either end is unknown (the output of an If), when they add or remove axes."""
+    unknown = segment.start.shape is None or segment.end.shape is None
+    return _only(LAYOUT_OPS, segment) and (ranks_differ or (unknown and _only(RANK_OPS, segment)))
 
 
 def _only(ops: set[str], segment: _Segment) -> bool:
