@@ -48,8 +48,10 @@ class RangeObserver:
             x = x[:: sampling_stride(x.size // HISTOGRAM_SAMPLE, shape)]
         position = np.abs(x)
         position *= self.bins / self.extent
-        np.minimum(position, self.bins - 1, out=position)
-        self.histogram += np.bincount(position.astype(np.intp), minlength=self.bins)
+        # |x| < extent, but the product can round up to the bins' end: one more bin takes those
+        counts = np.bincount(position.astype(np.intp), minlength=self.bins + 1)
+        counts[self.bins - 1] += counts[self.bins]
+        self.histogram += counts[: self.bins]
 
     def _double_extent(self) -> None:
         merged = self.histogram.reshape(-1, 2).sum(axis=1)
