@@ -317,7 +317,9 @@ def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay
     written, report = quantize_with_report(model, calib, min_gain=0.0, progress=False)
     assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
     assert not report.qwt_applied and report.blocks and report.qwt_trial in report.method_qwt_sqnr_db
-    assert any("not fitting it on all samples" in w for w in report.warnings)
+    # nor is QwT tried on the other bias correction, after the trial on PTQ's best cannot pay
+    assert len(fitted_on) == 1 and list(report.method_qwt_sqnr_db) == [report.ptq_method]
+    assert any("not fitting it on all samples" in w and "not tried: QwT on" in w for w in report.warnings)
     assert written.SerializeToString() == quantize(model, calib, qwt=False, progress=False).SerializeToString()
 
 
