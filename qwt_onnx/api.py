@@ -108,6 +108,7 @@ class Selection:
     without_branch: list[str] = dataclasses.field(default_factory=list)  # trial labels where no block kept a branch
     # The chosen trial's compensation, scored; where no trial kept a branch, the PTQ model's (no model)
     compensation: Compensation | None = None
+    cannot_pay: str | None = None  # why the chosen trial says QwT on all samples would not be written
 
     @property
     def sqnr_db(self) -> dict[str, float]:
@@ -373,11 +374,11 @@ def compensate(run: _Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Selec
     if selection.compensation.samples == run.calib.num_samples:  # the trial saw every sample: it is the fit
         return selection, selection.compensation
     chosen = selection.candidate
-    why_not = _why_the_trial_cannot_pay(selection.scores[selection.chosen], ptq)
-    if why_not:
+    if selection.cannot_pay:
         untried = [label for label in _trial_labels(ptq) if label not in selection.scores and label not in selection.without_branch]
         run.warnings.warn(
-            f"QwT fitted on the first {selection.samples} samples {why_not}; not fitting it on all samples, writing the PTQ model"
+            f"QwT fitted on the first {selection.samples} samples {selection.cannot_pay}; not fitting it on all samples, "
+            "writing the PTQ model"
             + "".join(f" (not tried: QwT on {label})" for label in untried)
         )
         return selection, dataclasses.replace(selection.compensation, model=None, score=None)
@@ -421,22 +422,23 @@ def _select(run: _Run, ptq: Candidate, found: list[blk.Block]) -> Selection:
     """
     subset = run.calib.take(SELECTION_SAMPLES)
     trials = _trial_labels(ptq)
-    compensations = {}
+    compensations, cannot_pay = {}, {}
     for label, candidate in trials.items():
         compensation = _compensate(run, candidate, found, subset)
         if compensation.model is not None:
             # Scored on every scoring sample, not only the subset's dozen held-out ones (no fit saw
             # any of them): output errors are heavy-tailed, and a dozen samples decide by noise.
             compensation = dataclasses.replace(compensation, score=run.heldout_score(compensation.model, f"evaluating QwT ({label})"))
+            cannot_pay[label] = _why_the_trial_cannot_pay(compensation.score, ptq) if compensation.score is not None else None
         compensations[label] = compensation
-        if candidate is ptq and compensation.score is not None and _why_the_trial_cannot_pay(compensation.score, ptq):
+        if candidate is ptq and cannot_pay.get(label):
             break
     scores = {label: c.score for label, c in compensations.items() if c.model is not None}
     without_branch = [label for label in compensations if label not in scores]
     if not scores:  # the PTQ model's fits say why
         return Selection(subset.num_samples, without_branch=without_branch, compensation=compensations[ptq.method])
     best = _trial_choice(scores, ptq.method)
-    return Selection(subset.num_samples, scores, best, trials[best], without_branch, compensations[best])
+    return Selection(subset.num_samples, scores, best, trials[best], without_branch, compensations[best], cannot_pay[best])
 
 
 def _trial_labels(ptq: Candidate) -> dict[str, Candidate]:

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 
 from qwt_onnx.calibration import leading_batch, samples_axis, samples_of
+from qwt_onnx.numerics.metrics import zero_padded
 
 
 def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, **config: str) -> ort.InferenceSession:
@@ -87,7 +88,7 @@ def concatenate_samples(chunks: list[np.ndarray], axis: int = 0) -> np.ndarray:
     batch's longest), each is zero-padded at the end of those axes to the largest."""
     if len({c.shape[:axis] + c.shape[axis + 1 :] for c in chunks}) > 1:
         largest = np.max([c.shape for c in chunks], axis=0)
-        chunks = [np.pad(c, [(0, 0 if a == axis else int(largest[a]) - n) for a, n in enumerate(c.shape)]) for c in chunks]
+        chunks = [zero_padded(c, [*largest[:axis], c.shape[axis], *largest[axis + 1 :]]) for c in chunks]
     return np.concatenate(chunks, axis=axis)
 
 

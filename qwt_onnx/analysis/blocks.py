@@ -134,16 +134,17 @@ class DataPath:
             dominator = idom[dominator]
         return cls(graph, primary, values, chain[::-1], idom, outputs)
 
-    def segments(self) -> list[_Segment]:
+    def segments(self, members: dict[ir.Value, list[ir.Node]] | None = None) -> list[_Segment]:
         """The data nodes between consecutive boundaries, in graph order."""
-        members = self._members(set(self.boundaries))
+        members = members or self._members(set(self.boundaries))
         return [_Segment(a, b, tuple(members[a])) for a, b in zip(self.boundaries[:-1], self.boundaries[1:])]
 
-    def branches(self) -> tuple[list[list[_Segment]], list[ir.Node]]:
-        """Past the last boundary, where the outputs part ways (rule 8): the runs of segments
-        between consecutive dominators of some outputs, each from where paths part to the next
-        parting or an output; and the nodes on none of them (the joins between paths: a
-        detector's neck), in graph order."""
+    def runs(self) -> tuple[list[list[_Segment]], list[ir.Node]]:
+        """The runs of segments to cut into blocks: :meth:`segments`, then past the last
+        boundary, where the outputs part ways (rule 8), the segments between consecutive
+        dominators of some outputs, a run from where paths part to the next parting or an
+        output; and the nodes on none of them (the joins between paths: a detector's neck), in
+        graph order."""
         last = self.boundaries[-1]
         children: dict[ir.Value, list[ir.Value]] = collections.defaultdict(list)
         for output in self.outputs:
@@ -155,8 +156,9 @@ class DataPath:
                 children[parent].append(value)
                 value = parent
         past_last = {last, *(c for cs in children.values() for c in cs)}  # the dominators of some outputs
+        # past_last lies past every boundary: it takes no node from between two of them
         members = self._members({*self.boundaries, *past_last})
-        runs: list[list[_Segment]] = []
+        runs = [self.segments(members)]
         stack: list[tuple[ir.Value, list[_Segment]]] = [(last, [])]
         while stack:
             value, run = stack.pop()
@@ -165,7 +167,7 @@ class DataPath:
                 value = children[value][0]
             runs += [run] if run else []
             stack += self._openings(value, children[value], members)  # where paths part, each starts a run
-        on_runs = {n for run in runs for s in run for n in s.nodes}
+        on_runs = {n for run in runs[1:] for s in run for n in s.nodes}
         joins = {n for value in past_last for n in members[value]} - on_runs
         return runs, [n for n in self.graph if n in joins]
 
@@ -234,9 +236,9 @@ def choose_primary_input(graph: ir.Graph) -> ir.Value:
 def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER, units: bool = False) -> list[Block]:
     """The blocks of ``model`` by the rules in this module's docstring (rule 7 only with ``units``)."""
     path = DataPath.analyze(model.graph)
-    runs, joins = path.branches()
+    runs, joins = path.runs()
     spans = []
-    for run in [path.segments(), *runs]:
+    for run in runs:
         run_spans = _residual_and_chain_blocks(run)
         spans += _group_token_runs(run_spans) if granularity == Granularity.LAYER else run_spans
     found = []

@@ -170,7 +170,12 @@ def aligned(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
     if reference.shape == test.shape or reference.ndim != test.ndim:
         return reference, test
     shape = np.maximum(reference.shape, test.shape)
-    return tuple(np.pad(a, [(0, int(n) - size) for n, size in zip(shape, a.shape)]) for a in (reference, test))
+    return zero_padded(reference, shape), zero_padded(test, shape)
+
+
+def zero_padded(array: np.ndarray, shape) -> np.ndarray:
+    """``array`` zero-padded at the end of each axis to ``shape`` (no smaller than its own)."""
+    return np.pad(array, [(0, int(n) - size) for n, size in zip(shape, array.shape)])
 
 
 def _sample_energies(reference: np.ndarray, test: np.ndarray) -> SampleEnergies:
