@@ -107,3 +107,37 @@ def test_a_conv_folded_with_its_batch_norm_is_excluded_by_its_own_name():
     conv = next(n for n in written.graph.node if n.op_type == "Conv")
     weights = {t.name for t in written.graph.initializer}
     assert conv.name == "conv" and conv.input[1] in weights  # a float weight, no DequantizeLinear
+
+
+def _dense(input_dims: list, bias: np.ndarray, second_reader: bool = False):
+    """x @ w + bias, as Keras and TensorFlow export a dense layer."""
+    b = GraphBuilder(seed=5)
+    y = b.op("MatMul", ["x", b.weight("w", (3, 4))], "dense")
+    b.op("Add", [y, b.const("bias", bias)], "add")
+    b.nodes[-1].output[0] = "y"
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*input_dims[:-1], 4])]
+    if second_reader:
+        b.op("Relu", [y], "relu")
+        b.nodes[-1].output[0] = "r"
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [*input_dims[:-1], 4]))
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, input_dims)], outputs)
+
+
+@pytest.mark.parametrize("bias", [np.arange(4, dtype=np.float32), np.float32(0.5), np.ones((1, 4), np.float32)])
+def test_a_dense_layer_becomes_one_gemm_named_as_its_matmul(bias):
+    proto = _dense(["N", 3], bias)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [(n.op_type, n.name) for n in model.graph] == [("Gemm", "dense")]
+    assert model.graph[0].outputs[0].name == "y"
+    _same_function(proto, model, shape=(2, 3))
+
+
+def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_and_one_on_tokens_stays():
+    proto = _dense(["N", 3], np.arange(4, dtype=np.float32), second_reader=True)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Gemm", "Relu"]
+    _same_function(proto, model, shape=(2, 3))
+    proto = _dense(["N", 5, 3], np.arange(4, dtype=np.float32))
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add"]
+    _same_function(proto, model, shape=(2, 5, 3))

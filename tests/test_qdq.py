@@ -140,7 +140,7 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     placement = place(model.graph, "ort")
     axes = placement.channel_axes()
-    assert axes == {"x": 1, "conv_out": 1, "flatten_out": -1, "mm_add_out": 1}
+    assert axes == {"x": 1, "conv_out": 1, "flatten_out": 1, "mm_add_out": 1}  # the MatMul and its Add are a Gemm now
     means = {name: np.linspace(-1, 2, 6 if name != "x" else 4)[: 5 if name == "mm_add_out" else None] for name in axes}
     qdq.InsertQdqPass({n: (-3.0, 3.0) for n in placement.observed_names}, "ort", input_means=means)(model)
     out = ir.serde.serialize_model(model)
@@ -154,9 +154,18 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
         params = qm.symmetric_weight_params(w, axis, pair_safe=True)
         return w - qm.dequantize(qm.quantize(w, params, axis), params, axis)
 
+    producers = {o: n for n in out.graph.node for o in n.output}
+
+    def int32_bias(gemm):  # a Gemm's bias is int32 for onnxruntime's QGemm: its value and its rounding step
+        dq = producers[nodes[gemm].input[2]]
+        assert inits[dq.input[0]].dtype == np.int32
+        return inits[dq.input[0]] * inits[dq.input[1]], inits[dq.input[1]]
+
     np.testing.assert_allclose(inits[nodes["conv"].input[2]], 1 + qm.rounding_bias(error("c.weight", 0), 0, means["x"]), rtol=1e-5)
     np.testing.assert_allclose(inits[nodes["nobias"].input[2]], qm.rounding_bias(error("nobias.weight", 0), 0, means["conv_out"]), rtol=1e-5, atol=1e-7)
-    add_bias = next(i for i in nodes["mm_add"].input if i in inits)
-    np.testing.assert_allclose(inits[add_bias], qm.rounding_bias(error("mm.weight", 1), 1, means["flatten_out"]), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(inits[nodes["fc"].input[2]], qm.rounding_bias(error("fc.weight", 0), 0, means["mm_add_out"]) / 2, rtol=1e-5, atol=1e-7)
+    for gemm, expected in (("mm", qm.rounding_bias(error("mm.weight", 1), 1, means["flatten_out"])),
+                           ("fc", qm.rounding_bias(error("fc.weight", 0), 0, means["mm_add_out"]))):  # beta 2 folded in
+        bias, step = int32_bias(gemm)
+        assert np.all(np.abs(bias - expected) <= step / 2 + 1e-7) and np.abs(expected).max() > 10 * step.max()
+        assert helper.get_attribute_value(next(a for a in nodes[gemm].attribute if a.name == "beta")) == 1.0
     assert "c.bias" not in inits and "mm.bias" not in inits  # replaced, not left behind

@@ -7,13 +7,15 @@ Placement, per target:
   behind a DequantizeLinear;
 * the data input of each of those ops: per-tensor Q/DQ, shared by all the
   weighted ops that read the tensor (other readers keep the float tensor);
-* ``ort`` only: the outputs of Conv and Gemm, so that onnxruntime fuses them
-  into QLinearConv / QGemm (MatMul fuses into MatMulIntegerToFloat without
-  it). A Relu that is the sole reader of such an output is absorbed into the
-  quantizer (zero point at 0 clamps exactly like Relu), as onnxruntime's own
-  quantizer does. Residual Adds, pools and Concats whose inputs are such
-  outputs and whose output feeds a quantizer then fuse into QLinearAdd,
-  QLinearGlobalAveragePool and QLinearConcat without quantizers of their own.
+* ``ort`` only: the outputs of Conv, so that onnxruntime fuses them into
+  QLinearConv (MatMul fuses into MatMulIntegerToFloat without one, and Gemm
+  into QGemm with a float output once its bias is int32, which the Q/DQ pass
+  writes). A Relu or a Clip from 0 (ReLU6) that is the sole reader of such an
+  output is absorbed into the quantizer (zero point at 0 clamps exactly like
+  them), as onnxruntime's own quantizer does. Residual Adds, pools and Concats
+  whose inputs are such outputs and whose output feeds a quantizer then fuse
+  into QLinearAdd, QLinearGlobalAveragePool and QLinearConcat without
+  quantizers of their own.
 
 Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
 MatMuls (two activations) stay float. Quantizing them is what onnxruntime's
@@ -44,7 +46,7 @@ class ActivationSite:
     value: ir.Value
     observed: ir.Value  # the tensor whose range is calibrated
     readers: list[tuple[ir.Node, int]]
-    absorbed: ir.Node | None = None  # a Relu replaced by the quantizer's clamp
+    absorbed: ir.Node | None = None  # a Relu or Clip replaced by the quantizer's clamp
 
 
 @dataclasses.dataclass
@@ -129,7 +131,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) 
     dequantized: set[ir.Value] = set()  # values whose readers will all read a DQ output
     if target == Target.ORT:
         for node in weighted:
-            if node.op_type in ("Conv", "Gemm") and not node.outputs[0].is_graph_output():
+            if node.op_type == "Conv" and not node.outputs[0].is_graph_output():
                 site = _output_site(node.outputs[0])
                 sites[site.value] = site
                 dequantized.add(site.observed)
@@ -152,8 +154,23 @@ def _input_channel_axis(node: ir.Node) -> int | None:
 
 def _output_site(value: ir.Value) -> ActivationSite:
     consumers = value.consumers()
-    if len(consumers) == 1 and consumers[0].op_type == "Relu" and g.is_default_domain(consumers[0]):
-        relu = consumers[0]
-        if not relu.outputs[0].is_graph_output():
-            return ActivationSite(value, relu.outputs[0], list(relu.outputs[0].uses()), absorbed=relu)
+    if len(consumers) == 1 and _clamps_at_zero(consumers[0]) and not consumers[0].outputs[0].is_graph_output():
+        clamp = consumers[0]
+        return ActivationSite(value, clamp.outputs[0], list(clamp.outputs[0].uses()), absorbed=clamp)
     return ActivationSite(value, value, list(value.uses()))
+
+
+def _clamps_at_zero(node: ir.Node) -> bool:
+    """A Relu, or a Clip from 0 (ReLU6 and the like): a uint8 quantizer of its output's range
+    clamps exactly like it, zero point 0 at the bottom and the range's top at or below the
+    Clip's maximum."""
+    if not g.is_default_domain(node):
+        return False
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    low = ir.convenience.get_const_tensor(node.inputs[1])
+    high = ir.convenience.get_const_tensor(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    constant_high = len(node.inputs) < 3 or node.inputs[2] is None or high is not None
+    return low is not None and low.size == 1 and float(low.numpy().reshape(())) == 0.0 and constant_high

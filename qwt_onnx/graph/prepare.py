@@ -13,7 +13,7 @@ from onnx_ir.passes import common
 
 from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes.fold import FoldBatchNormPass, FoldBiasAddPass
+from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldBiasAddPass
 
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
@@ -88,7 +88,7 @@ MIN_IR_VERSION = 7  # opset 13's; before 4 every initializer had to be listed am
 
 def prepare(model: ir.Model) -> ir.Model:
     """At least opset 13, weights no longer listed among the graph inputs, constants as
-    initializers, Identity dropped, BatchNorm and bias Adds folded into convolutions, shapes
+    initializers, Identity dropped, BatchNorm and bias Adds folded into convolutions and dense layers, shapes
     inferred, sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
@@ -103,8 +103,9 @@ def prepare(model: ir.Model) -> ir.Model:
             # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
             FoldBatchNormPass(),
             FoldBiasAddPass(),
-            common.RemoveUnusedNodesPass(),
             common.ShapeInferencePass(strict_mode=False),
+            DenseAsGemmPass(),  # after shape inference: it needs the rank of a MatMul's input
+            common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
         ]
     )

@@ -107,6 +107,18 @@ def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
     return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
 
 
+def int32_bias(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray) -> tuple[np.ndarray, QuantParams]:
+    """``bias`` as int32 with the scale ``input_scale * weight_scale`` (per output channel), the
+    integer kernels' accumulator scale, and its parameters: what a quantized Gemm or Conv adds
+    to its int32 accumulator. Saturated at the int32 range, which only a bias 2^31 steps of the
+    accumulator large reaches."""
+    scale = np.broadcast_to(np.asarray(input_scale, np.float32) * np.asarray(weight_scale, np.float32), bias.shape)
+    scale = np.maximum(scale, SMALLEST_SCALE).astype(np.float32)
+    info = np.iinfo(np.int32)
+    quantized = np.clip(np.rint(bias.astype(np.float64) / scale), info.min, info.max).astype(np.int32)
+    return quantized, QuantParams(scale, np.zeros(scale.shape, np.int32))
+
+
 def fake_quantize_weight(weight: np.ndarray, axis: int, pair_safe: bool = False) -> tuple[np.ndarray, QuantParams]:
     """``weight`` after int8 per-channel quantization along ``axis`` and back (float32), and its parameters."""
     params = symmetric_weight_params(weight, axis, pair_safe)

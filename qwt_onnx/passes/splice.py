@@ -7,7 +7,9 @@ block output is quantized (a DequantizeLinear output, or a Conv output read
 only through Q/DQ), the branch is added after the DequantizeLinear and the sum
 goes through the same quantizer again, so the INT8 ops on both sides stay
 fused (with an int8 branch the Add itself runs as a QLinearAdd). Tokens get
-``MatMul + Add``; feature maps a (grouped) ``Conv`` with the block's stride,
+``MatMul + Add``, or a ``Gemm`` where they are rows of a 2-D tensor (a dense
+layer's output: onnxruntime would make that Gemm itself and fuse it into QGemm
+only with an int32 bias, which an int8 branch gets); feature maps a (grouped) ``Conv`` with the block's stride,
 after a ``Slice`` of the border where the block's own convolutions are unpadded
 (of the quantized tensor, dequantized again, so that the Conv stays fused).
 All names start with ``qwt/``.
@@ -114,6 +116,13 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         _like(conv.outputs[0], y)
         if branch.int8 and branch.target == Target.ORT:  # onnxruntime fuses QLinearConv only with it
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.target, f"{scope}/branch")
+    elif y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
+        weight = _weight(names, branch, scope, nodes)
+        gemm = names.node("Gemm", [x, weight, bias], f"{scope}/branch")
+        if branch.int8 and branch.target == Target.ORT:
+            nodes += [n for n in [qdq.int32_bias_dequantizer(graph, names, gemm)] if n is not None]
+        nodes.append(gemm)
+        _like(gemm.outputs[0], y)
     else:
         weight = _weight(names, branch, scope, nodes)
         matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
