@@ -305,6 +305,27 @@ def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8, conv_head: 
     )
 
 
+def time_major_tagger(seed: int = 0, steps: int = 12, features: int = 16, hidden: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """A recurrent tagger as PyTorch exports one without ``batch_first`` (a CRNN's head): the
+    input [batch, T, C] transposed to time-major [T, batch, C], a float LSTM, then two dense
+    layers on [T, batch, H] whose logits [T, batch, K] stay time-major."""
+    b = GraphBuilder(seed)
+    x = b.op("Relu", [_linear(b, "features", features, features, "/embed")], "/embed/relu")
+    x = b.op("Transpose", [x], "/time_major", perm=[1, 0, 2])
+    weights = [b.weight("/lstm.W", (1, 4 * hidden, features)), b.weight("/lstm.R", (1, 4 * hidden, hidden)),
+               b.const("/lstm.B", np.zeros((1, 8 * hidden), np.float32))]
+    node = helper.make_node("LSTM", [x, *weights], ["/lstm_Y"], name="/lstm", hidden_size=hidden)
+    b.nodes.append(node)
+    x = b.op("Squeeze", ["/lstm_Y", b.const("/directions", np.array([1], np.int64))], "/squeeze")
+    x = b.op("Relu", [_linear(b, x, hidden, hidden, "/dense")], "/dense/relu")
+    _linear(b, x, hidden, classes, "/classifier")
+    b.nodes[-1].output[0] = "logits"
+    return b.model(
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", steps, features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [steps, "batch", classes])],
+    )
+
+
 def with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every initializer turned into a Constant node, as some exporters write weights."""
     copy = onnx.ModelProto()

@@ -450,3 +450,18 @@ def test_relu6_is_absorbed_into_its_quantizer_and_the_residual_add_runs_in_int8(
     test = graphs.samples(model, 32, seed=2)
     reference = _outputs(model, test)
     assert mean_squared_error(reference, _outputs(ptq, test)) < 1e-3 * np.mean([np.mean(v**2) for v in reference.values()])
+
+
+def test_blocks_after_a_recurrent_layer_on_time_major_tensors_get_branches():
+    """[T, batch, H] after an LSTM (PyTorch's default layout): the samples are on axis 1, which
+    the fit holds out along; a token branch maps each row alike, so the model runs at any batch."""
+    model = graphs.time_major_tagger()
+    calib = graphs.samples(model, 160, seed=1)
+    ptq = quantize(model, calib, qwt=False, progress=False, **graphs.SYSTEMATIC_ERROR)
+    qwt, report = quantize_with_report(model, calib, min_gain=0.0, progress=False, **graphs.SYSTEMATIC_ERROR)
+    after = [b for b in report.blocks if b.name in ("/dense", "/classifier")]
+    assert len(after) == 2 and all(b.r2_heldout is not None for b in after) and any(b.kept for b in after)
+    test = graphs.samples(model, 40, seed=2)  # another batch size than the steps and the calibration batches
+    reference = _outputs(model, test)
+    if report.qwt_applied:
+        assert mean_squared_error(reference, _outputs(qwt, test)) < mean_squared_error(reference, _outputs(ptq, test))

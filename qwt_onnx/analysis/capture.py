@@ -204,6 +204,14 @@ def stream_order(calib: CalibrationSet, checked: bool) -> np.ndarray:
     return np.concatenate([np.flatnonzero(~held), np.flatnonzero(held)])
 
 
+def _samples_axis(x_shape: tuple[int, ...], y_shape: tuple[int, ...], count: int, layout: Layout) -> int | None:
+    """The axis of a block's input and output that holds the batch's ``count`` samples: the
+    first, or for a branch on tokens any but the features (a recurrent layer's time-major
+    [T, batch, C]); None where no such axis is common to both."""
+    candidates = range(len(x_shape) - 1) if not layout.channels_first else range(1)
+    return next((a for a in candidates if x_shape[a] == y_shape[a] == count), None)
+
+
 class _Stream:
     """The quantized stream, batch by batch.
 
@@ -499,22 +507,24 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
     block = plan.block
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
     result = BlockResult(plan, input_range=stream.ranges[block.input])
-    layout = groups = slices = None
+    layout = groups = slices = samples = None
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
         y_q, x = out[plan.output_in_q], out.get(plan.branch_input, pool[block.input])
         stream.save("block", i, {"y": y_q} if plan.branch_input == block.input else {"y": y_q, "x": x})
         if i == 0:
             layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
+            samples = _samples_axis(x.shape, y_q.shape, batch.size, layout) if layout is not None else None
             if layout is None:
                 result = dataclasses.replace(result, skipped=f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}")
-            elif x.shape[0] != batch.size or y_q.shape[0] != batch.size:  # time-major, say: [T, batch, C]
+            elif samples is None:
                 layout = None
-                result = dataclasses.replace(result, skipped=f"the samples are not on axis 0 of {list(x.shape)} or {list(y_q.shape)}")
+                result = dataclasses.replace(result, skipped=f"the samples are on no common axis of {list(x.shape)} and {list(y_q.shape)}")
         if layout is None:  # no branch: the stream needs only the quantized output
             continue
         y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
-        residual = y_fp - y_q
+        # the fit takes rows and holds samples out along axis 0; a token branch maps each row alike
+        x, residual = np.moveaxis(x, samples, 0), np.moveaxis(y_fp - y_q, samples, 0)
         if groups is None:  # all rows and the held-out ones share a shift, so one can be taken from the other
             rows = layout.rows(x[:1])
             shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
