@@ -1,4 +1,5 @@
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
@@ -141,3 +142,23 @@ def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     assert [n.op_type for n in model.graph] == ["MatMul", "Add"]
     _same_function(proto, model, shape=(2, 5, 3))
+
+
+def test_a_batch_norm_exported_as_a_per_channel_mul_and_add_is_folded_into_the_conv():
+    b = GraphBuilder(seed=6)
+    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3)), b.const("b", np.linspace(-1, 1, 6).astype(np.float32))], "conv",
+                pads=[1, 1, 1, 1])
+    scaled = b.op("Mul", [b.const("scale", np.linspace(-2, 2, 6).astype(np.float32).reshape(6, 1, 1)), conv], "scale")
+    b.op("Relu", [b.op("Add", [scaled, b.const("shift", np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1))], "shift")], "relu")
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
+    _same_function(proto, model)
+    # a scale along the last axis (per pixel column) is no per-channel one
+    proto.graph.initializer[[t.name for t in proto.graph.initializer].index("scale")].CopyFrom(
+        onnx.numpy_helper.from_array(np.linspace(-2, 2, 5).astype(np.float32), "scale"))
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph] == ["Conv", "Mul", "Add", "Relu"]
+    _same_function(proto, model)

@@ -15,7 +15,11 @@ Placement, per target:
   them), as onnxruntime's own quantizer does. Residual Adds, pools and Concats
   whose inputs are such outputs and whose output feeds a quantizer then fuse
   into QLinearAdd, QLinearGlobalAveragePool and QLinearConcat without
-  quantizers of their own.
+  quantizers of their own. A residual Add whose output some reader takes in
+  float (the next block's shortcut) stays float: quantized for every reader,
+  as quantize_static does, captcha-whisperer's CRNN ran 9% faster at batch 16
+  but lost 0.9 dB of fidelity, and a small ResNet's QwT gain fell from 6.3 to
+  3.2 dB, the requantized sums rounding the branches' corrections away.
 
 Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
 MatMuls (two activations) stay float. Quantizing them is what onnxruntime's

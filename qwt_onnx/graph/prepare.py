@@ -13,7 +13,7 @@ from onnx_ir.passes import common
 
 from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
-from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldBiasAddPass
+from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldChannelAffinePass
 
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
@@ -88,8 +88,8 @@ MIN_IR_VERSION = 7  # opset 13's; before 4 every initializer had to be listed am
 
 def prepare(model: ir.Model) -> ir.Model:
     """At least opset 13, weights no longer listed among the graph inputs, constants as
-    initializers, Identity dropped, BatchNorm and bias Adds folded into convolutions and dense layers, shapes
-    inferred, sorted."""
+    initializers, Identity dropped, BatchNorm, per-channel scales and bias Adds folded into
+    convolutions and dense layers, shapes inferred, sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     passes = ir.passes.PassManager(
@@ -102,7 +102,7 @@ def prepare(model: ir.Model) -> ir.Model:
             # Quantizing an op whose output a BatchNormalization rescales per channel wastes the
             # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
             FoldBatchNormPass(),
-            FoldBiasAddPass(),
+            FoldChannelAffinePass(),
             common.ShapeInferencePass(strict_mode=False),
             DenseAsGemmPass(),  # after shape inference: it needs the rank of a MatMul's input
             common.RemoveUnusedNodesPass(),

@@ -1,4 +1,4 @@
-"""Fold a per-channel bias Add into the convolution or dense layer before it.
+"""Fold per-channel scales and bias Adds into the convolution or dense layer before them.
 
 A bias exported as a separate Add (Paddle exports do this for every conv) keeps
 onnxruntime from fusing the quantized convolution: left alone, each QLinearConv
@@ -51,33 +51,43 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(result.model, modified=result.modified)
 
 
-class FoldBiasAddPass(ir.passes.InPlacePass):
-    """Conv → Add(per-channel constant) (its only reader) becomes one Conv with that bias.
+class FoldChannelAffinePass(ir.passes.InPlacePass):
+    """Conv → Mul or Add of a per-channel constant (its only reader) becomes one Conv: a scale
+    multiplies each output channel's weights and bias, a shift adds to its bias. Paddle
+    exports a separate Add per conv bias, and some exporters write an inference-mode
+    BatchNormalization as a Mul and an Add (captcha-whisperer's CRNN).
 
-    An Add whose output several nodes read stays: the convolution's output will be
+    A Mul or Add whose output several nodes read stays: the convolution's output will be
     quantized, and onnxruntime gives each reader of a dequantized tensor a DequantizeLinear
     of its own, which keeps it from fusing the readers (the Div/Erf/Mul of a Gelu) into one
-    kernel; the Add's output is the one float tensor they share.
+    kernel; the folded op's output is the one float tensor they share.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = g.NameScope(graph)
         folded = 0
-        for add in [n for n in graph if n.op_type == "Add" and g.is_default_domain(n)]:
-            if len(add.outputs[0].uses()) > 1:
+        for node in [n for n in graph if n.op_type in ("Mul", "Add") and g.is_default_domain(n)]:
+            if len(node.outputs[0].uses()) > 1:
                 continue
             for side in (0, 1):
-                conv, constant = add.inputs[side].producer(), add.inputs[1 - side]
-                if not _foldable(conv, add, [constant]):
+                conv, constant = node.inputs[side].producer(), node.inputs[1 - side]
+                if not _foldable(conv, node, [constant]):
                     continue
-                weight_shape = conv.inputs[1].const_value.shape  # (C_out, C_in/groups, *kernel)
-                shift = _per_channel(constant.const_value.numpy(), weight_shape[0], len(weight_shape))
-                if shift is None:
+                weight = conv.inputs[1].const_value.numpy()  # (C_out, C_in/groups, *kernel)
+                per_channel = _per_channel(constant.const_value.numpy(), weight.shape[0], weight.ndim)
+                if per_channel is None:
                     continue
-                new_bias = (_bias(conv) + shift).astype(conv.inputs[1].const_value.numpy().dtype)
-                _set_bias(conv, names.initializer(f"{conv.name or 'conv'}.bias_added", new_bias))
-                _take_place(graph, names, conv, add)
+                base = conv.name or "conv"
+                if node.op_type == "Mul":
+                    scaled = weight * per_channel.reshape((-1,) + (1,) * (weight.ndim - 1))
+                    conv.replace_input_with(1, names.initializer(f"{base}.weight_scaled", scaled.astype(weight.dtype)))
+                    bias = _bias(conv) * per_channel
+                else:
+                    bias = _bias(conv) + per_channel
+                _set_bias(conv, names.initializer(f"{base}.bias_{'scaled' if node.op_type == 'Mul' else 'added'}",
+                                                  np.broadcast_to(bias, per_channel.shape).astype(weight.dtype)))
+                _take_place(graph, names, conv, node)
                 folded += 1
                 break
         return ir.passes.PassResult(model, modified=bool(folded))
