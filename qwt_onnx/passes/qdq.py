@@ -59,7 +59,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         for site in placement.activations:
             self._quantize_activation(graph, names, site)
         if self.target == Target.ORT:
-            for node in {node for site in placement.weights for node, _ in site.readers if node.op_type == "Gemm"}:
+            for node in dict.fromkeys(node for site in placement.weights for node, _ in site.readers if node.op_type == "Gemm"):
                 _quantize_gemm_bias(graph, names, node)
         modified = bool(placement.weights or placement.activations)
         return ir.passes.PassResult(model, modified=modified)
@@ -125,9 +125,9 @@ def _quantize_gemm_bias(graph: ir.Graph, names: g.NameScope, gemm: ir.Node) -> N
 def int32_bias_dequantizer(graph: ir.Graph, names: g.NameScope, gemm: ir.Node) -> ir.Node | None:
     """A DequantizeLinear of ``gemm``'s float bias stored as int32, wired in as its bias in place
     of the float one (the caller inserts the node), where its input and weight are dequantized;
-    None where they are not. onnxruntime fuses a QDQ Gemm into QGemm only with every input quantized
-    (quantize_static writes biases so too); it gives the bias that form itself only to a Gemm
-    whose output it quantizes, and a dense layer's output is left float."""
+    None where they are not. onnxruntime fuses a QDQ Gemm into QGemm only with every input
+    quantized (quantize_static writes biases so too); it gives the bias that form itself only
+    to a Gemm whose output it quantizes, and a dense layer's output is left float."""
     x, w = g.dequantizer(gemm.inputs[0]), g.dequantizer(gemm.inputs[1])
     bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
     if x is None or w is None or bias is None or bias.const_value is None or gemm.attributes.get_float("alpha", 1.0) != 1.0:

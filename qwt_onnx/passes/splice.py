@@ -9,9 +9,10 @@ goes through the same quantizer again, so the INT8 ops on both sides stay
 fused (with an int8 branch the Add itself runs as a QLinearAdd). Tokens get
 ``MatMul + Add``, or a ``Gemm`` where they are rows of a 2-D tensor (a dense
 layer's output: onnxruntime would make that Gemm itself and fuse it into QGemm
-only with an int32 bias, which an int8 branch gets); feature maps a (grouped) ``Conv`` with the block's stride,
-after a ``Slice`` of the border where the block's own convolutions are unpadded
-(of the quantized tensor, dequantized again, so that the Conv stays fused).
+only with an int32 bias, which an int8 branch gets); feature maps a (grouped)
+``Conv`` with the block's stride, after a ``Slice`` of the border where the
+block's own convolutions are unpadded (of the quantized tensor, dequantized
+again, so that the Conv stays fused).
 All names start with ``qwt/``.
 
 An int8 branch is a QDQ op of its own, so that onnxruntime runs it in its
