@@ -169,3 +169,14 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
         assert np.all(np.abs(bias - expected) <= step / 2 + 1e-7) and np.abs(expected).max() > 10 * step.max()
         assert helper.get_attribute_value(next(a for a in nodes[gemm].attribute if a.name == "beta")) == 1.0
     assert "c.bias" not in inits and "mm.bias" not in inits  # replaced, not left behind
+
+
+def test_an_int32_bias_is_within_half_an_accumulator_step_and_saturates_rather_than_wraps():
+    bias = np.array([0.0, 0.3, -1.7, 1e4], np.float32)
+    weight_scale = np.array([1e-2, 2e-3, 5e-3, 1e-7], np.float32)
+    quantized, params = qm.int32_bias(bias, np.float32(0.02), weight_scale)
+    assert quantized.dtype == np.int32 and params.zero_point.dtype == np.int32 and not params.zero_point.any()
+    np.testing.assert_allclose(params.scale, 0.02 * weight_scale, rtol=1e-6)
+    restored = quantized * params.scale.astype(np.float64)
+    assert np.all(np.abs(restored[:3] - bias[:3]) <= params.scale[:3] / 2 * (1 + 1e-6))
+    assert quantized[3] == np.iinfo(np.int32).max  # 1e4 / 2e-9 is past the int32 range

@@ -20,8 +20,8 @@ def test_trt_target_is_int8_symmetric_with_float_bias():
             zero_point = inits[node.input[2]]
             assert zero_point.dtype == np.int8 and not zero_point.any()
             assert (inits[node.input[1]] > 0).all()
-        if node.op_type == "Conv" and len(node.input) > 2 and not node.name.startswith("qwt/"):
-            assert inits[node.input[2]].dtype == np.float32  # bias stays float
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and not node.name.startswith("qwt/"):
+            assert inits[node.input[2]].dtype == np.float32  # bias stays float (the classifier Gemm's too)
     # TensorRT-style placement: no Q/DQ on Conv outputs, so every activation Q feeds a weighted op
     producers = {o: n for n in out.graph.node for o in n.output}
     for node in out.graph.node:
