@@ -175,6 +175,6 @@ def _clamps_at_zero(node: ir.Node) -> bool:
     if node.op_type != "Clip" or len(node.inputs) < 2 or node.inputs[1] is None:
         return False
     low = ir.convenience.get_const_tensor(node.inputs[1])
-    high = ir.convenience.get_const_tensor(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    constant_high = len(node.inputs) < 3 or node.inputs[2] is None or high is not None
-    return low is not None and low.size == 1 and float(low.numpy().reshape(())) == 0.0 and constant_high
+    high = node.inputs[2] if len(node.inputs) > 2 else None
+    at_zero = low is not None and low.size == 1 and float(low.numpy().reshape(())) == 0.0
+    return at_zero and (high is None or g.is_constant(high))

@@ -117,20 +117,19 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         _like(conv.outputs[0], y)
         if branch.int8 and branch.target == Target.ORT:  # onnxruntime fuses QLinearConv only with it
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.target, f"{scope}/branch")
-    elif y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
-        weight = _weight(names, branch, scope, nodes)
-        gemm = names.node("Gemm", [x, weight, bias], f"{scope}/branch")
-        if branch.int8 and branch.target == Target.ORT:
-            nodes += [n for n in [qdq.int32_bias_dequantizer(graph, names, gemm)] if n is not None]
-        nodes.append(gemm)
-        _like(gemm.outputs[0], y)
     else:
         weight = _weight(names, branch, scope, nodes)
-        matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
-        add = names.node("Add", [matmul.outputs[0], bias], f"{scope}/branch")
-        nodes += [matmul, add]
-        _like(matmul.outputs[0], y)
-        _like(add.outputs[0], y)
+        if y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
+            gemm = names.node("Gemm", [x, weight, bias], f"{scope}/branch")
+            dq = qdq.int32_bias_dequantizer(graph, names, gemm) if branch.int8 and branch.target == Target.ORT else None
+            nodes += [gemm] if dq is None else [dq, gemm]
+            _like(gemm.outputs[0], y)
+        else:
+            matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
+            add = names.node("Add", [matmul.outputs[0], bias], f"{scope}/branch")
+            nodes += [matmul, add]
+            _like(matmul.outputs[0], y)
+            _like(add.outputs[0], y)
 
     readers = list(y.uses())
     total = names.node("Add", [y, nodes[-1].outputs[0]], f"{scope}/output")
