@@ -39,7 +39,8 @@ from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Target, WeightRange
-from qwt_onnx.passes import qdq, splice
+from qwt_onnx.options import Compensation as CompensationKind
+from qwt_onnx.passes import affine, qdq, splice
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.report import BlockReport, Report
 from qwt_onnx.runtime import samples_axes
@@ -220,7 +221,7 @@ class _Run:
         o = self.options
         return capture.BranchOptions(
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
-            o.weights == WeightRange.PORTABLE, o.target == Target.TRT,
+            o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation == CompensationKind.AFFINE,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -508,12 +509,14 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
         run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
         branch_options=run.branch_options, check=run.output_check(calib),
     )
-    branches, reports = [], []
+    branches, folds, reports = [], [], []
     for k, res in enumerate(results):
         entry = _block_report(res)
         if res.result is not None and res.result.not_finite:
             run.warnings.warn(f"block {res.block.name}: NaN or Inf in its statistics or fit; its compensation is dropped")
-        if res.kept:
+        if res.kept and res.affine is not None:
+            folds.append(res.affine)
+        elif res.kept:
             branch = splice.Branch(
                 f"block{k}", res.branch_input, res.block.output, res.result.fit.weight, res.result.fit.bias, res.layout,
                 int8_scale=res.int8_scale, target=run.options.target, input_range=res.input_range,
@@ -522,10 +525,11 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
             branches.append(branch)
             entry = dataclasses.replace(entry, parameters=branch.num_parameters)
         reports.append(entry)
-    if not branches:
+    if not branches and not folds:
         return Compensation(candidate.method, None, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
     compensated = candidate.model.clone()
-    ir.passes.PassManager([splice.SpliceCompensationPass(branches), TopologicalSortPass()])(compensated)
+    passes = [affine.FoldAffinePass(folds)] if folds else [splice.SpliceCompensationPass(branches)]
+    ir.passes.PassManager([*passes, TopologicalSortPass()])(compensated)
     return Compensation(candidate.method, compensated, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
 
 
@@ -533,14 +537,16 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
     note = res.skipped
     if res.skipped.startswith("no linear branch maps") and res.block.divisible:
         note += " (--units gives its weighted units branches)"
-    entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=note)
+    site = res.plan.fold_site
+    entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=note,
+                        fold_site=site.node if isinstance(site, affine.FoldSite) else None)
     fit = res.result
     if fit is None:
         return entry
     return dataclasses.replace(
         entry, r2_train=fit.r2_train, r2_heldout=fit.r2_heldout, error_ratio_heldout=fit.error_ratio_heldout,
-        note=res.skipped or fit.reason, channels=fit.fit.bias.size, channels_kept=fit.kept_targets,
-        output_gain_db=res.output_gain_db,
+        note=res.skipped or fit.reason, channels=fit.scale.size if res.plan.fold_site else fit.fit.bias.size,
+        channels_kept=fit.kept_targets, output_gain_db=res.output_gain_db,
     )
 
 

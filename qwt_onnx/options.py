@@ -43,6 +43,11 @@ class Granularity(Choice):
     RESIDUAL = "residual"  # one block per residual branch
 
 
+class Compensation(Choice):
+    BRANCH = "branch"  # QwT: a linear branch in parallel to each block
+    AFFINE = "affine"  # QwT-v2's channel-wise affine, folded into each block's last weighted op: no new nodes
+
+
 class BranchPrecision(Choice):
     INT8 = "int8"
     FLOAT = "float"
@@ -84,6 +89,11 @@ class Options:
     )
     groups_factor: int = _option(64, "input channels per group of a feature-map branch; 0 for one group", metavar="C")
     kernel_size: int = _option(1, "kernel size of a feature-map branch, odd (1: a 1x1 conv)", metavar="K")
+    compensation: Compensation = _option(
+        Compensation.BRANCH,
+        "branch: a linear branch beside each block (QwT); affine: a per-channel scale and shift folded into each "
+        "block's last Conv/Gemm/MatMul (weight scales and bias; QwT-v2), no added nodes or latency",
+    )
     branch_precision: BranchPrecision = _option(
         BranchPrecision.INT8,
         "int8: branches run in integer kernels (QLinearConv, MatMulIntegerToFloat); float: float MatMul/Conv",

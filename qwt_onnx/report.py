@@ -20,6 +20,7 @@ class BlockReport:
     channels_kept: int = 0  # output channels whose compensation lowers the held-out error
     parameters: int = 0
     output_gain_db: float | None = None  # of the worst model output it reaches, held-out, where checked
+    fold_site: str | None = None  # affine compensation: the weighted op it folds into, kept or not
     note: str = ""
 
 
@@ -88,7 +89,7 @@ def format_summary(report: Report, source: str) -> str:
         lines.append(f"QwT trial, fitted on the first {report.selection_samples} samples, held-out SQNR: " + ", ".join(trials))
     if report.blocks:
         lines.append(
-            f"{len(report.blocks)} blocks found; compensation fitted on {report.qwt_method} calibration"
+            f"{len(report.blocks)} blocks found; {report.options.get('compensation', 'branch')} compensation fitted on {report.qwt_method} calibration"
             f"{', bias-corrected weights' if report.qwt_bias_corrected else ''}, {report.fit_samples} samples"
         )
         lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7} {'outputs':>8}  channels kept")
@@ -98,6 +99,7 @@ def format_summary(report: Report, source: str) -> str:
             gain = f"{b.output_gain_db:+6.2f}dB" if b.output_gain_db is not None else f"{'-':>8}"
             name = b.name if len(b.name) <= 40 else "…" + b.name[-39:]
             kept = f"{b.channels_kept}/{b.channels}" if b.channels else "none"
+            kept += f" folded into {b.fold_site}" if b.kept and b.fold_site else ""
             lines.append(f"  {k:>2}  {name:<40} {r2} {change} {gain}  {kept} {b.note}".rstrip())
     if report.sqnr_ptq_db is not None:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"

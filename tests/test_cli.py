@@ -44,6 +44,17 @@ def test_quantizes_with_a_summary_and_a_report(files):
     assert len(figures["blocks"]) == 4 and figures["samples"] == 48 and figures["method"] == "minmax"
 
 
+@pytest.mark.slow
+def test_affine_compensation_names_the_op_each_block_folds_into(files):
+    out, report = files / "affine.onnx", files / "affine.json"
+    result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--compensation", "affine", "--report", report)
+    assert result.returncode == 0, result.stderr
+    assert "affine compensation fitted" in result.stdout
+    figures = json.loads(report.read_text())
+    assert [b["fold_site"] for b in figures["blocks"]] == ["/stem/conv", "/layer1/conv2", "/layer2/conv2", "/layer3/conv2"]
+    assert figures["options"]["compensation"] == "affine" and figures["added_parameters"] == 0
+
+
 def test_the_report_is_strict_json_where_a_figure_is_infinite():
     report = Report("ort", "minmax", 10, 2, method_sqnr_db={"minmax": float("inf")}, sqnr_ptq_db=float("inf"))
     strict = json.loads(report.to_json(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))

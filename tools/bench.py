@@ -8,7 +8,8 @@
 For each model, on the same calibration and evaluation data and in one run:
 FP32; onnxruntime quantize_static (QDQ, per-channel) with min-max, percentile
 and entropy calibration; qwt_onnx --no-qwt; qwt_onnx with QwT, with int8
-branches (the default) and with float ones; both with full-range int8 weights
+branches (the default) and with float ones, and with a channel-wise affine folded
+into each block's last weighted op instead (--compensation affine); both with full-range int8 weights
 (--weight-range full) instead of the portable default; PTQ without bias
 correction (--bias-correction off); and QwT on top of
 onnxruntime's best QDQ model (--quantized). Every quantizer runs in its own
@@ -70,6 +71,7 @@ LABELS = {
     "qwt-ptq-no-bc": "qwt_onnx PTQ, no bias correction",
     "qwt-full": "qwt_onnx QwT, full-range weights",
     "qwt-float": "qwt_onnx QwT, float branches",
+    "qwt-affine": "qwt_onnx affine compensation, folded (--compensation affine)",
     "qwt-on-ort": "QwT on ORT's best QDQ",
     "qwt-residual": "qwt_onnx QwT, one block per residual branch",
 }
@@ -228,6 +230,7 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     ours("qwt-full", "--weight-range", "full", *same_weights)
     if not quick:
         ours("qwt-float", "--branch-precision", "float", *same_weights)
+    ours("qwt-affine", "--compensation", "affine", *same_weights)
     if granularity and granularities_differ(prepared.model):
         ours("qwt-residual", "--granularity", "residual", *same_weights)
 
@@ -341,9 +344,9 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         "",
         "## Summary",
         "",
-        "| model | task metric | FP32 | ORT best | qwt PTQ | QwT | SQNR: ORT best → qwt PTQ → QwT | QwT, float branches | gap closed | "
+        "| model | task metric | FP32 | ORT best | qwt PTQ | QwT | SQNR: ORT best → qwt PTQ → QwT | QwT, float branches | affine, folded | gap closed | "
         "PTQ latency / FP32 (b1, b16) | QwT latency / PTQ (b1, b16) | INT8 MACs: PTQ, QwT | QwT time / ORT time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         v = r["variants"]
@@ -357,7 +360,7 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         lines.append(
             f"| {r['name']} | {r['metric'] or 'fidelity only'} | {task('fp32')} | {task(r['best_ort'])} | {task('qwt-ptq')} | "
             f"{task('qwt')} | {best['scores']['sqnr_db']:.1f} → {sqnr('qwt-ptq')} → {sqnr('qwt')} dB"
-            f"{' (worst part)' if 'parts_db' in best['scores'] else ''} | {sqnr('qwt-float')} dB | "
+            f"{' (worst part)' if 'parts_db' in best['scores'] else ''} | {sqnr('qwt-float')} dB | {sqnr('qwt-affine')} dB | "
             f"{closed} | {_latency_ratio(v, 'qwt-ptq', 'fp32')} | {_latency_ratio(v, 'qwt', 'qwt-ptq')} | "
             f"{100 * v['qwt-ptq']['scores']['int8_mac_share']:.0f}%, {100 * v['qwt']['scores']['int8_mac_share']:.0f}% | "
             f"{v['qwt']['seconds'] / v['ort-minmax']['seconds']:.1f}× |"

@@ -1,5 +1,9 @@
 """Capture and fit, block by block, on the quantized stream.
 
+Each block gets a parallel branch or, with ``BranchOptions.affine``, a channel-wise
+affine folded into its last weighted op (:mod:`qwt_onnx.passes.affine`); the stream
+then carries the folded block's exact output.
+
 For block k with input ``a`` and output ``b``, every calibration batch goes
 through the FP32 block and the quantized block on the *same* input: the
 compensated output of block k-1, carried through the quantized graph. The
@@ -37,9 +41,11 @@ from qwt_onnx.graph import extract as ex
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics.affine import AffineFit, ChannelStatistics, fit_channel_affine
 from qwt_onnx.numerics.compensation import Layout, infer_layout
 from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
+from qwt_onnx.passes import affine as af
 from qwt_onnx.runtime import Runner, move_samples
 
 # Captured batches held in memory before the rest is spilled to files, at least: 1 GiB doubled
@@ -60,7 +66,8 @@ class BranchOptions:
     see each branch as it will run; ``pair_safe`` as the portable weight range rounds them) or
     float ones; and the least share of its block's held-out error a branch must remove to be
     kept (each one costs latency). ``symmetric``: activations are quantized symmetrically
-    (TensorRT), where an int8 branch's output stays float."""
+    (TensorRT), where an int8 branch's output stays float. ``affine``: no branches, a
+    channel-wise affine folded into each block's last weighted op instead."""
 
     kernel: int = 1
     groups_factor: int = 64
@@ -68,6 +75,7 @@ class BranchOptions:
     min_gain: float = 0.0
     pair_safe: bool = True
     symmetric: bool = False
+    affine: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,7 @@ class BlockPlan:
     # first ops as it fuses the whole model's (fed after it, PP-OCR's text-direction classifier
     # scored 4 dB lower cut than whole)
     tail_input: str = ""
+    fold_site: af.FoldSite | str | None = None  # with affine compensation: where it folds, or why nowhere
 
     @property
     def output_in_q(self) -> str:
@@ -126,7 +135,7 @@ class BlockResult:
 
     plan: BlockPlan
     layout: Layout | None = None
-    result: CompensationFit | None = None
+    result: CompensationFit | AffineFit | None = None
     skipped: str = ""
     input_range: tuple[float, float] | None = None  # of the branch input, for a quantizer where it has none
     output_range: tuple[float, float] | None = None  # of the branch output on the calibration samples
@@ -136,6 +145,7 @@ class BlockResult:
     output_quantizer: qm.QuantParams | None = None
     output_gain_db: float | None = None  # of the worst output it reaches, on held-out samples, where checked
     kept_at_outputs: bool = True
+    affine: af.ChannelAffine | None = None  # a folded compensation, in place of a branch
 
     @property
     def kept(self) -> bool:
@@ -160,6 +170,7 @@ class _BlockModels:
     # input, because a later lead-in, input or tail reads them (a block of a span cut into units
     # need not read the output of the one before it)
     kept_after: tuple[str, ...] = ()
+    fold_site: ex.SubModel | None = None  # quantized graph from the block input to the output an affine folds into
 
 
 class _SpillFiles:
@@ -313,10 +324,12 @@ class _Stream:
                      requantize: bool = True) -> np.ndarray:
         """Batch ``i``'s quantized block output, with the branch's output added where
         ``compensated`` (and, with ``requantize``, quantized again where the written graph does)."""
-        y = self.load("block", i)["y"]
+        saved = self.load("block", i)
         if not compensated:
-            return y
-        y = y + self.branch_output(result, i, pool)
+            return saved["y"]
+        if result.affine is not None:  # the folded block's own output, requantized where it is
+            return saved["folded"]
+        y = saved["y"] + self.branch_output(result, i, pool)
         requantized = result.plan.requantized
         return qm.fake_quantize(y, requantized) if requantize and requantized is not None else y
 
@@ -363,7 +376,7 @@ def fit_blocks(
     DequantizeLinear. With a ``check``, a branch is kept only where it also
     brings the model outputs closer to FP32.
     """
-    plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check)
+    plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check, branch_options.affine)
     results = []
     budget, ceiling = (DEFAULT_MEMORY_BUDGET, memory.peak()) if memory_budget is None else (memory_budget, None)
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder, contextlib.closing(
@@ -372,8 +385,9 @@ def fit_blocks(
         stream.start(models[0].lead_in, blocks[0].input)
         so_far: dict[str, float] = {}  # each output's held-out SQNR with the branches kept so far
         for k, plan in enumerate(plans):
-            result = _fit_block(stream, models[k], plan, calib.heldout_mask, branch_options)
-            if result.kept:
+            fit = _fit_affine if branch_options.affine else _fit_block
+            result = fit(stream, models[k], plan, calib.heldout_mask, branch_options)
+            if result.kept and result.affine is None:
                 result = _with_quantizers(stream, result, branch_options, modelled=check is not None)
             if check is not None and result.kept:
                 result = _checked_at_outputs(stream, result, models[k].tail, check, so_far)
@@ -422,7 +436,8 @@ def _checked_at_outputs(
                                skipped=f"dropped: {gain:+.2f} dB at the outputs on held-out samples")
 
 
-def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exact_boundaries: bool, check: OutputCheck | None):
+def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exact_boundaries: bool, check: OutputCheck | None,
+          affine: bool = False):
     q_values = g.values_by_name(q.graph)
     missing = [name for b in blocks for name in (b.input, b.output) if name not in q_values]
     if missing:
@@ -453,6 +468,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             dequantized_input=g.dequantizer(branch_input) is not None,
             outputs_reached=check.decisive(g.outputs_reached(q.graph, q_values[block.output])) if check else (),
             tail_input=_before_quantizer(q_values[block.output]).name,
+            fold_site=af.fold_site(q.graph, output_view.name if output_view is not None else block.output) if affine else None,
         )
         outputs = [plan.output_in_q] + ([plan.branch_input] if plan.branch_input != block.input else [])
         after = [name for name in plan.outputs_reached if name != block.output]
@@ -463,6 +479,8 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 q=ex.extract(q, [block.input], outputs),
                 lead_in=lead_in,
                 tail=ex.extract(q, [plan.tail_input, *earlier], after, only_read=True) if after else None,
+                # apart from the block: read as an output, the fold site's op would not be fused with its quantizers
+                fold_site=ex.extract(q, [block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
             )
         )
         plans.append(plan)
@@ -553,11 +571,64 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
     return dataclasses.replace(result, layout=layout, result=fit, skipped=skipped, int8_scale=int8_scale)
 
 
+def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions) -> BlockResult:
+    """Capture the block, fit the channel-wise affine of its fold site's output, and judge the
+    folded block on its exact held-out output."""
+    block, site = plan.block, plan.fold_site
+    result = BlockResult(plan, input_range=stream.ranges[block.input], skipped=site if isinstance(site, str) else "")
+    fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
+    site_run = Runner(models.fold_site.proto) if models.fold_site else None
+    every = held = None
+    for i, batch, pool in stream.batches(f"capturing {block.name}"):
+        out = q_run(pool)
+        y_q = out[plan.output_in_q]
+        stream.save("block", i, {"y": y_q})
+        if i == 0 and site_run is not None:
+            z = site_run(pool)[site.output]
+            samples = next((a for a in range(z.ndim) if z.shape[a] == batch.size and a != site.axis % z.ndim), None)
+            if samples is None or z.shape != y_q.shape:
+                result = dataclasses.replace(result, skipped=f"not folded: {site.output} is shaped {list(z.shape)}, the block output {list(y_q.shape)}")
+            else:
+                every, held = ChannelStatistics(site.channels), ChannelStatistics(site.channels)
+        if every is None:  # nothing to fold: the stream needs only the quantized output
+            continue
+        z = site_run(pool)[site.output]
+        y_fp = fp_run({**pool, block.input: out.get(plan.branch_input, pool[block.input])} if plan.quantized_input else pool)[block.output]
+        residual = y_fp - y_q
+        held_rows = np.flatnonzero(heldout[batch.indices])
+        stream.save("block", i, {"y": y_q, "fp_held": np.take(y_fp, held_rows, axis=samples)})
+        every.update(z, residual, site.axis)
+        held.update(np.take(z, held_rows, axis=samples), np.take(residual, held_rows, axis=samples), site.axis)
+    if every is None:
+        return result
+    fit = fit_channel_affine(every.without(held), held)
+    if not fit.kept:
+        return dataclasses.replace(result, result=fit, skipped=fit.reason)
+    affine = af.ChannelAffine(site, fit.scale, fit.shift)
+    folded = ir.serde.deserialize_model(models.q.proto)
+    af.FoldAffinePass([affine])(folded)
+    folded_run = Runner(ir.serde.serialize_model(folded))
+    error, before = 0.0, 0.0  # of the folded and the unfolded block, exactly as they run, held out
+    for i, batch, pool in stream.batches(f"folding into {block.name}"):
+        saved = stream.load("block", i)
+        y_folded = folded_run(pool)[plan.output_in_q]
+        stream.save("block", i, {"y": saved["y"], "folded": y_folded})
+        held_rows = np.flatnonzero(heldout[batch.indices])
+        error += float(np.square(saved["fp_held"] - np.take(y_folded, held_rows, axis=samples), dtype=np.float64).sum())
+        before += float(np.square(saved["fp_held"] - np.take(saved["y"], held_rows, axis=samples), dtype=np.float64).sum())
+    ratio = error / before if before > 0 else 1.0
+    fit = dataclasses.replace(fit, error_ratio_heldout=ratio)
+    if ratio >= 1.0:  # a fold costs nothing at run time: any gain is kept (--min-gain is for branches)
+        return dataclasses.replace(result, result=dataclasses.replace(fit, kept_targets=0),
+                                   skipped="folded, it gains nothing on held-out samples")
+    return dataclasses.replace(result, result=fit, affine=affine)
+
+
 class _ContextSource:
     """Values the sub-models need from outside themselves, computed once per batch."""
 
     def __init__(self, fp: ir.Model, q: ir.Model, models: list[_BlockModels]):
-        needed = {name for m in models for sub in (m.fp, m.q, m.lead_in, m.tail) if sub for name in sub.context}
+        needed = {name for m in models for sub in (m.fp, m.q, m.lead_in, m.tail, m.fold_site) if sub for name in sub.context}
         fp_names = g.values_by_name(fp.graph)
         from_fp = sorted(n for n in needed if n in fp_names)
         from_q = sorted(needed - set(from_fp))

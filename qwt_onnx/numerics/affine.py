@@ -1,0 +1,119 @@
+"""Channel-wise affine compensation, fitted in closed form (numpy only).
+
+QwT-v2's alternative to a branch (arXiv 2505.20932): a block that ends in a
+weighted op ``z`` (a Conv, Gemm or MatMul, its output added to the residual
+stream or given as the block output) is compensated by ``z' = a ⊙ z + b``,
+one scale and one shift per output channel, which fold into the op's
+per-channel weight scales and its bias: the written graph keeps the PTQ
+graph's nodes. The residual ``r = f(x) - f_q(x)`` of the block is regressed
+per channel on ``z``: ``r ≈ (a - 1) z + b``. The statistics are six sums per
+channel, so the capture's memory does not grow with the samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# The slope's ridge, relative to the channel's variance: only keeps a constant channel finite.
+RIDGE = 1e-6
+
+
+@dataclasses.dataclass
+class ChannelStatistics:
+    """Per-channel sums of the regressor ``z`` and the target ``r`` over rows: ``sums`` holds
+    Σz, Σr, Σz², Σzr and Σr², one row each."""
+
+    channels: int
+    count: int = 0
+    sums: np.ndarray | None = None  # [5, channels]
+
+    def __post_init__(self) -> None:
+        if self.sums is None:
+            self.sums = np.zeros((5, self.channels))
+
+    def update(self, z: np.ndarray, r: np.ndarray, axis: int) -> None:
+        """Add every element of ``z`` and ``r`` (same shape), channels on ``axis``."""
+        if z.shape != r.shape:
+            raise ValueError(f"z and r must have one shape, got {z.shape} and {r.shape}")
+        z = np.moveaxis(z, axis, 0).reshape(self.channels, -1).astype(np.float64)
+        r = np.moveaxis(r, axis, 0).reshape(self.channels, -1).astype(np.float64)
+        self.count += z.shape[1]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are caught when fitting
+            self.sums += np.stack([z.sum(axis=1), r.sum(axis=1), *(np.einsum("cn,cn->c", a, b) for a, b in ((z, z), (z, r), (r, r)))])
+
+    def without(self, other: ChannelStatistics) -> ChannelStatistics:
+        """These rows less ``other``'s, a subset of them."""
+        return ChannelStatistics(self.channels, self.count - other.count, self.sums - other.sums)
+
+    def merged(self, other: ChannelStatistics) -> ChannelStatistics:
+        return ChannelStatistics(self.channels, self.count + other.count, self.sums + other.sums)
+
+    def squared_error(self, slope: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """Per channel, ``Σ (r - slope·z - shift)²``."""
+        z, r, zz, zr, rr = self.sums
+        return rr - 2 * slope * zr - 2 * shift * r + slope**2 * zz + 2 * slope * shift * z + self.count * shift**2
+
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.sums).all())
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineFit:
+    """``z' = scale ⊙ z + shift`` per channel (scale 1, shift 0 where a channel is not kept)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+    r2_train: float
+    r2_heldout: float
+    error_ratio_heldout: float
+    kept_targets: int  # channels whose compensation lowers the held-out error
+    not_finite: bool = False
+
+    @property
+    def kept(self) -> bool:
+        return self.kept_targets > 0
+
+    @property
+    def reason(self) -> str:
+        if self.not_finite:
+            return "NaN or Inf in its statistics: not folded"
+        return "" if self.kept else "no gain on held-out samples"
+
+
+def least_squares(stats: ChannelStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the slope and shift minimising ``Σ (r - slope·z - shift)²``."""
+    z, r, zz, zr, _ = stats.sums / max(stats.count, 1)
+    variance, covariance = zz - z**2, zr - z * r
+    slope = np.where(variance > 0, covariance / (variance * (1 + RIDGE) + np.finfo(float).tiny), 0.0)
+    return slope, r - slope * z
+
+
+def fit_channel_affine(train: ChannelStatistics, heldout: ChannelStatistics) -> AffineFit:
+    """Fit on ``train``; keep the channels whose ``heldout`` error falls; refit those on both."""
+    identity, nothing = np.ones(train.channels), np.zeros(train.channels)
+    if not (train.finite() and heldout.finite()):
+        return AffineFit(identity, nothing, 0.0, 0.0, 1.0, 0, not_finite=True)
+    slope, shift = least_squares(train)
+    before_held = heldout.squared_error(nothing, nothing)
+    # a scale must stay positive: it multiplies a quantizer's scale
+    keep = (heldout.squared_error(slope, shift) < before_held) & (1 + slope > 0)
+    slope, shift = slope * keep, shift * keep
+    scores = (_r2(train, slope, shift), _r2(heldout, slope, shift), _ratio(heldout.squared_error(slope, shift), before_held))
+    if not keep.any():
+        return AffineFit(identity, nothing, *scores, 0)
+    final_slope, final_shift = least_squares(train.merged(heldout))
+    keep &= 1 + final_slope > 0
+    return AffineFit(1 + final_slope * keep, final_shift * keep, *scores, int(keep.sum()))
+
+
+def _r2(stats: ChannelStatistics, slope: np.ndarray, shift: np.ndarray) -> float:
+    _, r, _, _, rr = stats.sums
+    total = rr - r**2 / max(stats.count, 1)
+    return 1.0 - _ratio(stats.squared_error(slope, shift), total)
+
+
+def _ratio(error: np.ndarray, reference: np.ndarray) -> float:
+    reference = float(reference.sum())
+    return float(error.sum()) / reference if reference > 0 else 1.0

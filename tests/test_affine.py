@@ -1,0 +1,173 @@
+"""Affine compensation (QwT-v2's CWAC): fitted per channel, folded into weight scales and biases."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from qwt_onnx.api import quantize_with_report
+from qwt_onnx.numerics.affine import ChannelStatistics, fit_channel_affine
+from qwt_onnx.passes import affine as af
+from qwt_onnx.runtime import session
+from tests import graphs
+
+
+def _statistics(z, r, axis, heldout_every=5):
+    every, held = ChannelStatistics(z.shape[axis]), ChannelStatistics(z.shape[axis])
+    every.update(z, r, axis)
+    held.update(z[::heldout_every], r[::heldout_every], axis)
+    return every.without(held), held
+
+
+def test_the_fit_recovers_each_channels_scale_and_shift_and_keeps_only_channels_it_helps():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((400, 6, 5)).astype(np.float32) * 3 + 1
+    slope, shift = np.array([0.05, -0.1, 0.0, 0.2, 0.0, 0.02]), np.array([0.3, 0.0, -0.2, 0.1, 0.0, 0.0])
+    r = slope[None, :, None] * z + shift[None, :, None] + 0.01 * rng.standard_normal(z.shape)
+    r[:, 4] = 0.2 * rng.standard_normal((400, 5))  # noise that no affine of z explains
+    fit = fit_channel_affine(*_statistics(z, r.astype(np.float32), axis=1))
+    kept = np.arange(6) != 4
+    np.testing.assert_allclose(fit.scale[kept], 1 + slope[kept], atol=2e-3)
+    np.testing.assert_allclose(fit.shift[kept], shift[kept], atol=6e-3)
+    assert fit.scale[4] == 1.0 and fit.shift[4] == 0.0  # noise is not compensated
+    assert fit.kept_targets == 5 and fit.error_ratio_heldout < 0.5 and fit.r2_heldout > 0.5
+
+
+def test_a_fit_that_would_flip_a_channels_sign_is_not_kept():
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((500, 3)).astype(np.float32)
+    r = (np.array([-1.5, 0.1, 0.1]) * z).astype(np.float32)  # channel 0 should become -0.5 z
+    fit = fit_channel_affine(*_statistics(z, r, axis=1))
+    assert fit.scale[0] == 1.0 and fit.kept_targets == 2
+    assert np.all(fit.scale > 0)
+
+
+def _residual_dense(op: str, bias: bool, rank: int, trans_b: int = 0, layer_scale: bool = False) -> onnx.ModelProto:
+    """``out = x + dense(relu(dense(x)))``: the block ends in a Gemm or a MatMul (bias Add or
+    none), or a MatMul and a layer scale (a constant per channel)."""
+    b = graphs.GraphBuilder(3)
+    x = "x"
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight("w1", (16, 16))], "fc1")], "act")
+    if op == "Gemm":
+        w = b.weight("w2", (16, 16))
+        inputs = [h, w] + ([b.const("b2", np.full(16, 0.1, np.float32))] if bias else [])
+        y = b.op("Gemm", inputs, "fc2", transB=trans_b, beta=0.5)
+    else:
+        y = b.op("MatMul", [h, b.weight("w2", (16, 16))], "fc2")
+        if bias:
+            y = b.op("Add", [y, b.const("b2", np.full(16, 0.1, np.float32))], "fc2_bias")
+    if layer_scale:
+        y = b.op("Mul", [b.const("gamma", np.linspace(0.1, 2.0, 16).astype(np.float32)), y], "layer_scale")
+    b.op("Add", [x, y], "residual")
+    b.nodes[-1].output[0] = "out"
+    shape = ["batch", 16] if rank == 2 else ["batch", 5, 16]
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)])
+
+
+def _ptq(model, **options) -> onnx.ModelProto:
+    return quantize_with_report(model, graphs.samples(model, 64, 0), qwt=False, progress=False, **options)[0]
+
+
+def _scaled_conv() -> onnx.ModelProto:
+    """``out = x + gamma ⊙ conv(x)``, gamma [C, 1, 1] (ConvNeXt's layer scale)."""
+    b = graphs.GraphBuilder(4)
+    y = b.op("Conv", ["x", b.weight("w", (8, 8, 3, 3)), b.const("bias", np.zeros(8, np.float32))], "conv", pads=[1, 1, 1, 1])
+    y = b.op("Mul", [y, b.const("gamma", np.linspace(0.5, 1.5, 8).reshape(8, 1, 1).astype(np.float32))], "layer_scale")
+    b.op("Add", ["x", y], "residual")
+    b.nodes[-1].output[0] = "out"
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 6, 6])],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 8, 6, 6])])
+
+
+CASES = {
+    "conv, float bias (ort)": (lambda: _ptq(graphs.resnet()), "/layer2/relu_out"),
+    "conv, float bias (trt)": (lambda: _ptq(graphs.resnet(), target="trt"), "/layer2/relu_out"),
+    "gemm, int32 bias": (lambda: _ptq(_residual_dense("Gemm", True, 2)), "out"),
+    "gemm, transposed, no bias": (lambda: _ptq(_residual_dense("Gemm", False, 2, trans_b=1)), "out"),
+    "matmul, bias add": (lambda: _ptq(_residual_dense("MatMul", True, 3)), "out"),
+    "matmul, no bias": (lambda: _ptq(_residual_dense("MatMul", False, 3)), "out"),
+    "matmul, layer scale": (lambda: _ptq(_residual_dense("MatMul", True, 3, layer_scale=True)), "out"),
+    "conv, layer scale": (lambda: _ptq(_scaled_conv()), "out"),
+    "transformer mlp": (lambda: _ptq(graphs.transformer(layers=1)), "/encoder/layer.0/Add_1_out"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_fold_computes_the_fitted_affine_and_adds_no_op_but_a_missing_bias_add(case):
+    build, block_output = CASES[case]
+    proto = build()
+    model = ir.serde.deserialize_model(proto)
+    site = af.fold_site(model.graph, block_output)
+    assert isinstance(site, af.FoldSite), site
+    rng = np.random.default_rng(2)
+    scale = rng.uniform(0.8, 1.2, site.channels).astype(np.float32)
+    shift = rng.uniform(-0.3, 0.3, site.channels).astype(np.float32)
+    af.FoldAffinePass([af.ChannelAffine(site, scale, shift)])(model)
+    folded = ir.serde.serialize_model(model)
+    onnx.checker.check_model(folded)
+
+    def site_output(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.append(helper.make_tensor_value_info(site.output, TensorProto.FLOAT, None))
+        feeds = graphs.samples(m, 4, 1)
+        return session(m).run([site.output], feeds)[0]
+
+    z, z_folded = site_output(proto), site_output(folded)
+    shape = [1] * z.ndim
+    shape[site.axis] = -1
+    expected = z * scale.reshape(shape) + shift.reshape(shape)
+    np.testing.assert_allclose(z_folded, expected, rtol=1e-4, atol=1e-3 * np.abs(z).max())
+    before = collections.Counter(n.op_type for n in proto.graph.node)
+    after = collections.Counter(n.op_type for n in folded.graph.node)
+    added = after - before
+    assert added == (collections.Counter(Add=1) if case == "matmul, no bias" else collections.Counter())
+    assert not (before - after)
+
+
+def test_a_per_tensor_weight_scale_from_onnxruntime_becomes_per_channel(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    fp = _residual_dense("MatMul", True, 3)
+    path = tmp_path / "fp.onnx"
+    onnx.save(fp, path)
+    feeds = graphs.samples(fp, 16, 0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x": feeds["x"][i : i + 1]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(path), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=False)
+    model = ir.load(tmp_path / "q.onnx")
+    site = af.fold_site(model.graph, "out")
+    assert isinstance(site, af.FoldSite), site
+    af.FoldAffinePass([af.ChannelAffine(site, np.linspace(0.9, 1.1, 16), np.zeros(16))])(model)
+    fc2 = next(n for n in model.graph if n.name == site.node)
+    assert fc2.inputs[1].producer().inputs[1].const_value.shape == (16,)
+
+
+def test_blocks_that_do_not_end_in_a_weighted_op_say_why():
+    proto = _ptq(graphs.bert(layers=1))
+    model = ir.serde.deserialize_model(proto)
+    reason = af.fold_site(model.graph, model.graph.outputs[0].name)
+    assert isinstance(reason, str) and "LayerNormalization" in reason
+
+
+@pytest.mark.slow
+def test_affine_compensation_keeps_the_ptq_graph_and_tracks_fp32_closer_on_heldout_samples():
+    model = graphs.resnet(size=16)
+    calib = graphs.samples(model, 320, 0)
+    options = dict(progress=False, **graphs.SYSTEMATIC_ERROR)
+    ptq, _ = quantize_with_report(model, calib, qwt=False, **options)
+    folded, report = quantize_with_report(model, calib, compensation="affine", **options)
+    assert report.qwt_applied, report.warnings
+    assert report.sqnr_qwt_db > report.sqnr_ptq_db
+    kept = [b for b in report.blocks if b.kept]
+    assert kept and all(b.fold_site and b.parameters == 0 for b in kept)
+    assert sorted(n.op_type for n in folded.graph.node) == sorted(n.op_type for n in ptq.graph.node)
