@@ -167,6 +167,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     _check_output(model, output)
     warnings = Warnings()
     fp = load_fp32(model)
+    if quantized is None and (options.weight_bits == 4 or options.activation_bits == 16):
+        fp = prepare.upgrade_opset(fp, prepare.LOW_BIT_OPSET, " (int4 weights and 16-bit activations need it)")
     _check_outputs(fp, options.outputs)
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
     run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings)
@@ -222,6 +224,7 @@ class _Run:
         return capture.BranchOptions(
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
             o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation == CompensationKind.AFFINE,
+            o.activation_bits,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -322,7 +325,7 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
     corrected = o.bias_correction != BiasCorrection.OFF
     seen = observe.observe(
         prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size,
-        placement.channel_axes() if corrected else None,
+        placement.channel_axes() if corrected or o.weight_bits < 8 else None,
     )
     run.reference(seen.reference)
     methods = CalibMethod.methods() if o.calib_method == CalibMethod.AUTO else (o.calib_method,)
@@ -331,11 +334,13 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
         run.warnings.warn("one calibration sample leaves none to compare calibration methods; using percentile")
 
     symmetric = o.target == Target.TRT
-    ranges = {method: {name: compute_range(obs, method.value, symmetric) for name, obs in seen.ranges.items()} for method in methods}
+    ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in seen.ranges.items()}
+              for method in methods}
 
     def candidate(method: CalibMethod, corrected: bool) -> Candidate:
         model = run.fp.clone()
-        qdq.InsertQdqPass(ranges[method], o.target, run.excluded, o.weights, seen.means if corrected else None)(model)
+        qdq.InsertQdqPass(ranges[method], o.target, run.excluded, o.weights, seen.means if corrected else None,
+                          o.weight_bits, o.activation_bits, seen.powers)(model)
         label = f"{method}{', bias-corrected' if corrected else ''}"
         return Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected)
 
@@ -520,7 +525,7 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
             branch = splice.Branch(
                 f"block{k}", res.branch_input, res.block.output, res.result.fit.weight, res.result.fit.bias, res.layout,
                 int8_scale=res.int8_scale, target=run.options.target, input_range=res.input_range,
-                output_range=res.output_range,
+                output_range=res.output_range, activation_bits=run.options.activation_bits,
             )
             branches.append(branch)
             entry = dataclasses.replace(entry, parameters=branch.num_parameters)

@@ -18,22 +18,29 @@ STATISTICS_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclasses.dataclass
-class ChannelMean:
-    """Streaming per-channel mean of one tensor, its channels on ``axis``."""
+class ChannelMoments:
+    """Streaming per-channel mean and mean square of one tensor, its channels on ``axis``."""
 
     axis: int
     total: np.ndarray | None = None
+    squares: np.ndarray | None = None
     count: int = 0
 
     def update(self, x: np.ndarray) -> None:
         others = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
         sums = np.sum(x, axis=others, dtype=np.float64)
+        squares = np.square(x, dtype=np.float32).sum(axis=others, dtype=np.float64)
         self.total = sums if self.total is None else self.total + sums
+        self.squares = squares if self.squares is None else self.squares + squares
         self.count += x.size // max(x.shape[self.axis], 1)
 
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.count, 1)
+
+    @property
+    def power(self) -> np.ndarray:
+        return self.squares / max(self.count, 1)
 
 
 @dataclasses.dataclass
@@ -42,6 +49,7 @@ class Observation:
 
     ranges: dict[str, RangeObserver]  # of the tensors to quantize
     means: dict[str, np.ndarray]  # per channel, of the tensors asked for
+    powers: dict[str, np.ndarray]  # their mean squares, per channel
     reference: dict[str, np.ndarray] | None  # the model's outputs on the scoring samples, where batches do not change them
 
 
@@ -52,7 +60,7 @@ def observe(
     batch_size: int,
     channel_axes: Mapping[str, int] | None = None,
 ) -> Observation:
-    """Range statistics of ``tensors`` and per-channel means of the tensors in ``channel_axes``
+    """Range statistics of ``tensors`` and per-channel means and mean squares of the tensors in ``channel_axes``
     over all samples, and the model outputs on the scoring samples (None where their shapes
     depend on the batch)."""
     channel_axes = channel_axes or {}
@@ -60,7 +68,7 @@ def observe(
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
     runner = Runner(with_outputs(model, [*tensors, *channel_axes]))
     observers = {name: RangeObserver() for name in tensors}
-    means = {name: ChannelMean(axis) for name, axis in channel_axes.items()}
+    means = {name: ChannelMoments(axis) for name, axis in channel_axes.items()}
     heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     statistics = [*observers.items(), *means.items()]
@@ -77,7 +85,7 @@ def observe(
     # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
     reference = None if batch_dependent else {name: np.concatenate(parts) for name, parts in kept.items()}
-    return Observation(observers, {name: m.mean for name, m in means.items()}, reference)
+    return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()}, reference)
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:

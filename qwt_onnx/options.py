@@ -64,6 +64,10 @@ class BiasCorrection(Choice):
     OFF = "off"
 
 
+WEIGHT_BITS = (8, 6, 4)
+ACTIVATION_BITS = (8, 16, 6, 4)
+
+
 def _option(default, help: str, flag: str | None = None, metavar: str | None = None):
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
 
@@ -81,6 +85,14 @@ class Options:
     qwt: bool = _option(True, "write the plain post-training-quantized model", flag="--no-qwt")
     calib_method: CalibMethod = _option(CalibMethod.AUTO, "activation range calibration; auto: the best on held-out samples")
     target: Target = _option(Target.ORT, "ort: uint8 asymmetric activations; trt: int8 symmetric, zero point 0")
+    weight_bits: int = _option(
+        8, "bits of the per-channel symmetric weights: 8 (int8), 6 (int8 holding -31..31) or 4 (int4, opset 21)", metavar="B",
+    )
+    activation_bits: int = _option(
+        8, "bits of the per-tensor activations: 8, 16 (uint16/int16, opset 21, as NPU toolchains write them), 6 or 4 "
+        "(uint8/int8 narrowed by a Clip between QuantizeLinear and DequantizeLinear); onnxruntime's CPU runs only 8 "
+        "bits in integer kernels", metavar="B",
+    )
     blocks: tuple[str, ...] = _option((), "override block discovery: boundary tensors T1,T2,... or pairs in:out,...")
     granularity: Granularity = _option(Granularity.LAYER, "one compensation per transformer layer or per residual branch")
     units: bool = _option(
@@ -134,6 +146,11 @@ class Options:
             value = _coerce(getattr(self, field.name), hints[field.name], _flag(field))
             object.__setattr__(self, field.name, value)
         _check(self.samples >= 1, f"--samples must be at least 1, got {self.samples}")
+        _check(self.weight_bits in WEIGHT_BITS, f"--weight-bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}")
+        _check(self.activation_bits in ACTIVATION_BITS,
+               f"--activation-bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, got {self.activation_bits}")
+        _check(not (self.target == Target.TRT and self.activation_bits == 16),
+               "--activation-bits 16 has no TensorRT form (it takes 8-bit activations); use --target ort for NPU toolchains")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _check(self.groups_factor >= 0, f"--groups-factor must be 0 (one group) or more, got {self.groups_factor}")
         _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, f"--kernel-size must be a positive odd number, got {self.kernel_size}")

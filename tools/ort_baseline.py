@@ -3,7 +3,8 @@
     python tools/ort_baseline.py in.onnx out.onnx --calib calib.npz --method minmax
 
 QDQ format, per-channel int8 weights, uint8 activations (onnxruntime's CPU
-defaults), every quantizable op. Calibration data is fed in batches and, with
+defaults; ``--weight-bits 4`` and ``--activation-bits 16`` or ``4`` for the
+low-bit precisions it writes), every quantizable op. Calibration data is fed in batches and, with
 onnxruntime's own ``CalibStridedMinMax`` option, collected one batch at a
 time: without it the histogram calibrators (percentile, entropy) hold every
 intermediate tensor of every sample at once and run out of memory on a ViT
@@ -23,6 +24,8 @@ from qwt_onnx.runtime import count_samples, samples_axes, take
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
 BATCHES_PER_CHUNK = 1
+WEIGHT_TYPES = {8: QuantType.QInt8, 4: QuantType.QInt4}
+ACTIVATION_TYPES = {8: QuantType.QUInt8, 16: QuantType.QUInt16, 4: QuantType.QUInt4}
 
 
 class NpzReader(CalibrationDataReader):
@@ -45,7 +48,8 @@ class NpzReader(CalibrationDataReader):
         return next(self.iterator, None)
 
 
-def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16) -> None:
+def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16,
+             weight_bits: int = 8, activation_bits: int = 8) -> None:
     model = _at_least_opset_13(model, output)
     axes = samples_axes(model)[0]
     reader = NpzReader(calib, samples, _fixed_batch(model) or batch_size, axes)
@@ -56,8 +60,8 @@ def quantize(model: str, output: str, calib: str, method: str, samples: int = 51
         reader,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=ACTIVATION_TYPES[activation_bits],
+        weight_type=WEIGHT_TYPES[weight_bits],
         calibrate_method=METHODS[method],
         extra_options={"CalibStridedMinMax": stride},
     )
@@ -91,8 +95,10 @@ def main() -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default="minmax")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16, help="samples per run, unless the model fixes its batch")
+    parser.add_argument("--weight-bits", type=int, choices=sorted(WEIGHT_TYPES), default=8)
+    parser.add_argument("--activation-bits", type=int, choices=sorted(ACTIVATION_TYPES), default=8)
     args = parser.parse_args()
-    quantize(args.model, args.output, args.calib, args.method, args.samples, args.batch_size)
+    quantize(args.model, args.output, args.calib, args.method, args.samples, args.batch_size, args.weight_bits, args.activation_bits)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class BranchOptions:
     pair_safe: bool = True
     symmetric: bool = False
     affine: bool = False
+    activation_bits: int = 8  # of the quantizers a branch gets, as the Q/DQ pass quantizes activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,8 +400,8 @@ def fit_blocks(
 
 def _with_quantizers(stream: _Stream, result: BlockResult, options: BranchOptions, modelled: bool) -> BlockResult:
     """``result`` with the range of its int8 feature-map branch's output, for the quantizer the
-    splice gives it where activations are asymmetric (onnxruntime fuses QLinearConv only with
-    it); and where ``modelled``, with the quantizers that the splice gives the branch, its input's
+    splice gives it where activations are asymmetric 8-bit (onnxruntime fuses QLinearConv only
+    with it; at other widths it would fuse one it cannot run); and where ``modelled``, with the quantizers that the splice gives the branch, its input's
     too where that is not a DequantizeLinear output, so that the stream runs them.
 
     They are modelled only where branches are checked at the outputs, whose judgement needs the
@@ -409,11 +410,11 @@ def _with_quantizers(stream: _Stream, result: BlockResult, options: BranchOption
     if not options.int8:
         return result
     if modelled and not result.plan.dequantized_input:
-        result = dataclasses.replace(result, input_quantizer=qm.activation_params(*result.input_range, symmetric=options.symmetric))
-    if not result.layout.channels_first or options.symmetric:
+        result = dataclasses.replace(result, input_quantizer=qm.activation_params(*result.input_range, options.symmetric, options.activation_bits))
+    if not result.layout.channels_first or options.symmetric or options.activation_bits != 8:
         return result
     output_range = stream.branch_range(result)
-    quantizer = qm.activation_params(*output_range, symmetric=False) if modelled else None
+    quantizer = qm.activation_params(*output_range, False, options.activation_bits) if modelled else None
     return dataclasses.replace(result, output_range=output_range, output_quantizer=quantizer)
 
 

@@ -84,6 +84,8 @@ def _available_memory() -> int | None:
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (the axis attribute) needs opset 13
 MIN_IR_VERSION = 7  # opset 13's; before 4 every initializer had to be listed among the inputs too
+LOW_BIT_OPSET = 21  # int4, uint4, int16 and uint16 QuantizeLinear / DequantizeLinear
+IR_VERSION_OF_OPSET = {21: 10}
 
 
 def prepare(model: ir.Model) -> ir.Model:
@@ -112,17 +114,20 @@ def prepare(model: ir.Model) -> ir.Model:
     return passes(model).model
 
 
-def upgrade_opset(model: ir.Model) -> ir.Model:
-    """The model converted to opset 13 when it is older (onnx's version converter)."""
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", MIN_OPSET))
-    if version >= MIN_OPSET:
+def upgrade_opset(model: ir.Model, minimum: int = MIN_OPSET, why: str = "") -> ir.Model:
+    """The model converted to opset ``minimum`` when it is older (onnx's version converter);
+    ``why``: what needs that opset, for the error where it cannot be converted."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", minimum))
+    if version >= minimum:
         return model
     try:
-        converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), MIN_OPSET)
+        converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), minimum)
+        converted.ir_version = max(converted.ir_version, IR_VERSION_OF_OPSET.get(minimum, MIN_IR_VERSION))
+        onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises RuntimeError or ValidationError variants
         raise InputError(
-            f"the model uses opset {version} and could not be converted to opset {MIN_OPSET} ({exc}); "
-            f"re-export it with opset {MIN_OPSET} or newer"
+            f"the model uses opset {version} and could not be converted to opset {minimum}{why} "
+            f"({str(exc).strip().splitlines()[0]}); re-export it with opset {minimum} or newer"
         ) from None
     return ir.serde.deserialize_model(converted)
 

@@ -121,9 +121,19 @@ def dequantized_view(value: ir.Value) -> ir.Value | None:
     for q in value.consumers():
         if q.op_type != "QuantizeLinear" or q.inputs[0] is not value:
             continue
-        for dq in q.outputs[0].consumers():
+        clip = narrowing(q)
+        for dq in (clip or q).outputs[0].consumers():
             if dq.op_type == "DequantizeLinear":
                 return dq.outputs[0]
+    return None
+
+
+def narrowing(q: ir.Node) -> ir.Node | None:
+    """The Clip of constant bounds between QuantizeLinear ``q`` and its DequantizeLinear that
+    narrows the integers below their type's range (a 4-bit grid held in uint8), if any."""
+    for clip in q.outputs[0].consumers():
+        if clip.op_type == "Clip" and is_default_domain(clip) and all(is_constant(v) for v in clip.inputs[1:] if v is not None):
+            return clip
     return None
 
 
@@ -143,23 +153,32 @@ def dequantizer(value: ir.Value | None) -> ir.Node | None:
 
 
 def requantizer(value: ir.Value) -> ir.Node | None:
-    """The QuantizeLinear of ``value`` when ``value`` is the output of DequantizeLinear(QuantizeLinear(...))."""
+    """The QuantizeLinear of ``value`` when ``value`` is the output of DequantizeLinear(QuantizeLinear(...)),
+    a narrowing Clip between them or not."""
     dq = dequantizer(value)
     if dq is None:
         return None
     q = dq.inputs[0].producer()
+    if q is not None and q.op_type == "Clip" and len(q.inputs) and q.inputs[0].producer() is not None:
+        q = q.inputs[0].producer() if narrowing(q.inputs[0].producer()) is q else None
     return q if q is not None and q.op_type == "QuantizeLinear" else None
 
 
 def quantizer_params(q: ir.Node | None) -> qm.QuantParams | None:
-    """A per-tensor QuantizeLinear's constant scale and zero point (None for any other)."""
+    """A per-tensor QuantizeLinear's constant scale and zero point (None for any other), and
+    its width where it is not its type's (int4, or a narrowing Clip's range)."""
     if q is None or len(q.inputs) < 3 or q.inputs[2] is None:
         return None
     constants = [ir.convenience.get_const_tensor(v) for v in q.inputs[1:3]]
     if any(c is None or c.size != 1 for c in constants):
         return None
     scale, zero_point = (c.numpy().reshape(()) for c in constants)
-    return qm.QuantParams(scale.astype(np.float32), zero_point)
+    bits = 4 if constants[1].dtype in (ir.DataType.INT4, ir.DataType.UINT4) else None
+    clip = narrowing(q)
+    if clip is not None:
+        low, high = (int(ir.convenience.get_const_tensor(v).numpy().reshape(())) for v in clip.inputs[1:3])
+        bits = (high - low + 1).bit_length() - 1
+    return qm.QuantParams(scale.astype(np.float32), zero_point, bits)
 
 
 class NameScope:
@@ -176,10 +195,10 @@ class NameScope:
         self.taken.add(name)
         return name
 
-    def initializer(self, base: str, array) -> ir.Value:
-        """Register ``array`` as a new initializer named after ``base``."""
+    def initializer(self, base: str, array, dtype: ir.DataType | None = None) -> ir.Value:
+        """Register ``array`` as a new initializer named after ``base`` (of ``dtype`` where numpy's is not it)."""
         name = self.fresh(base)
-        value = ir.val(name, const_value=ir.tensor(array, name=name))
+        value = ir.val(name, const_value=ir.tensor(array, dtype=dtype, name=name))
         self.graph.register_initializer(value)
         return value
 

@@ -1,7 +1,9 @@
 """Reference integer quantization arithmetic (numpy only).
 
 The same arithmetic as ONNX QuantizeLinear / DequantizeLinear: scale, round
-half to even, add the zero point, saturate.
+half to even, add the zero point, saturate. A quantizer of ``bits`` below its
+container's (int4 held in numpy's int8, a 6-bit grid in uint8) saturates at
+its own range.
 """
 
 from __future__ import annotations
@@ -12,20 +14,43 @@ import numpy as np
 
 from qwt_onnx.numerics import saturation
 
-INT8_MAX = 127
 SMALLEST_SCALE = float(np.finfo(np.float32).tiny)  # below it, x / scale overflows
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantParams:
-    """Scale and zero point of a per-tensor (0-d) or per-channel (1-d) quantizer."""
+    """Scale and zero point of a per-tensor (0-d) or per-channel (1-d) quantizer of ``bits``
+    (its container's, the zero point's dtype, where None); ``narrow``: signed and symmetric
+    about zero (-7..7 at 4 bits), as weights are rounded."""
 
     scale: np.ndarray  # float32
-    zero_point: np.ndarray  # int8 or uint8, same shape as scale
+    zero_point: np.ndarray  # int8, uint8, int16 or uint16 (int32 for biases), same shape as scale
+    bits: int | None = None
+    narrow: bool = False
 
     @property
     def dtype(self) -> np.dtype:
         return self.zero_point.dtype
+
+    @property
+    def width(self) -> int:
+        return self.bits or self.dtype.itemsize * 8
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """The integers the quantizer can hold."""
+        low, high = integer_range(self.width, signed=np.issubdtype(self.dtype, np.signedinteger))
+        return (-high, high) if self.narrow else (low, high)
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def container(bits: int, signed: bool) -> np.dtype:
+    """The numpy dtype that holds a ``bits`` integer (int4 in int8, as onnx_ir unpacks it)."""
+    size = 8 if bits <= 8 else 16 if bits <= 16 else 32
+    return np.dtype(f"{'' if signed else 'u'}int{size}")
 
 
 def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
@@ -38,11 +63,11 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 def quantize(x: np.ndarray, params: QuantParams, axis: int | None = None) -> np.ndarray:
     """``saturate(round_half_even(x / scale) + zero_point)``, as QuantizeLinear."""
-    info = np.iinfo(params.dtype)
+    low, high = params.limits
     scale = _broadcast(params.scale.astype(np.float32), x.ndim, axis)
     zero_point = _broadcast(params.zero_point.astype(np.int32), x.ndim, axis)
     q = np.rint(x.astype(np.float32) / scale) + zero_point
-    return np.clip(q, info.min, info.max).astype(params.dtype)
+    return np.clip(q, low, high).astype(params.dtype)
 
 
 def dequantize(q: np.ndarray, params: QuantParams, axis: int | None = None) -> np.ndarray:
@@ -57,21 +82,45 @@ def fake_quantize(x: np.ndarray, params: QuantParams, axis: int | None = None) -
     return dequantize(quantize(x, params, axis), params, axis)
 
 
-def symmetric_weight_params(weight: np.ndarray, axis: int, pair_safe: bool = False) -> QuantParams:
-    """Per-channel symmetric int8 parameters along ``axis``: ``scale = max|w| / 127``.
+def symmetric_weight_params(weight: np.ndarray, axis: int, pair_safe: bool = False, bits: int = 8,
+                            importance: np.ndarray | None = None) -> QuantParams:
+    """Per-channel symmetric parameters of ``bits`` along ``axis``: ``scale = max|w| / 127``
+    at 8 bits; below, each channel's clipping searched for the least squared error of its
+    output: each weight's rounding error weighted by ``importance`` (broadcast to ``weight``:
+    the mean square of the input it multiplies, see :func:`input_importance`; 1 where None).
 
-    ``pair_safe``: at least ``peak / 127.5`` too, where ``peak`` is the channel's largest
+    ``pair_safe`` (8 bits): at least ``peak / 127.5`` too, where ``peak`` is the channel's largest
     same-sign sum of two weights that x86 kernels without VNNI add in int16, so that no
     rounded pair can overflow (see :mod:`qwt_onnx.numerics.saturation`).
     """
     axis %= weight.ndim
     reduce_axes = tuple(i for i in range(weight.ndim) if i != axis)
     amax = np.abs(weight).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
-    bound = amax / INT8_MAX
-    if pair_safe:
+    top = integer_range(bits, signed=True)[1]  # narrow: -top..top, so that the grid is symmetric
+    bound = amax / top if bits >= 8 else amax * _least_error_clipping(weight, axis, amax, top, importance) / top
+    if pair_safe and bits == 8:
         bound = np.maximum(bound, saturation.pair_peak(weight, axis) / saturation.PAIR_SCALE_BOUND)
     scale = np.where(amax > 0, bound, 1.0).astype(np.float32)
-    return QuantParams(scale, np.zeros(scale.shape, dtype=np.int8))
+    return QuantParams(scale, np.zeros(scale.shape, dtype=np.int8), bits if bits != 8 else None, narrow=True)
+
+
+CLIPPING_RATIOS = np.linspace(0.3, 1.0, 36)  # of each channel's max |w|, tried below 8 bits
+
+
+def _least_error_clipping(weight: np.ndarray, axis: int, amax: np.ndarray, top: int,
+                          importance: np.ndarray | None) -> np.ndarray:
+    """Per channel, the ratio of ``max |w|`` whose clipped grid rounds ``weight`` with the least
+    (``importance``-weighted) squared error: at 4 bits the few largest weights would otherwise
+    spend the grid's 15 levels."""
+    rows = np.moveaxis(weight, axis, 0).reshape(amax.size, -1).astype(np.float32)
+    weights = 1.0 if importance is None else np.moveaxis(np.broadcast_to(importance, weight.shape), axis, 0).reshape(rows.shape)
+    best, best_error = np.ones(amax.size), np.full(amax.size, np.inf)
+    for ratio in CLIPPING_RATIOS:
+        step = np.maximum(amax * ratio / top, np.finfo(np.float32).tiny)[:, None]
+        error = (weights * np.square(rows - np.clip(np.rint(rows / step), -top, top) * step)).sum(axis=1)
+        better = error < best_error
+        best, best_error = np.where(better, ratio, best), np.where(better, error, best_error)
+    return best
 
 
 def rounding_bias(error: np.ndarray, axis: int, input_mean: np.ndarray, group: int = 1) -> np.ndarray:
@@ -88,23 +137,38 @@ def rounding_bias(error: np.ndarray, axis: int, input_mean: np.ndarray, group: i
     return rows @ input_mean
 
 
-def activation_params(low: float, high: float, symmetric: bool) -> QuantParams:
-    """Per-tensor parameters covering ``[low, high]``.
+def input_importance(weight_shape: tuple[int, ...], axis: int, input_power: np.ndarray, group: int = 1) -> np.ndarray:
+    """The mean square of the input each weight multiplies, shaped to broadcast against the
+    weight: a convolution's ``[C_out, C_in / group, *k]`` (grouped inputs mapped to their
+    output channels) or a 2-D ``[K, N]`` / ``[N, K]`` weight with output channels on ``axis``."""
+    power = np.asarray(input_power, np.float32)
+    if len(weight_shape) > 2:
+        group_of = np.arange(weight_shape[0]) // (weight_shape[0] // group)
+        per_output = power.reshape(group, -1)[group_of]  # [C_out, C_in / group]
+        return per_output.reshape(*per_output.shape, *([1] * (len(weight_shape) - 2)))
+    return power[None, :] if axis == 0 else power[:, None]
 
-    Symmetric: int8 with zero point 0 (TensorRT). Asymmetric: uint8 with the
-    range widened to include 0 so that zero is exactly representable.
+
+def activation_params(low: float, high: float, symmetric: bool, bits: int = 8) -> QuantParams:
+    """Per-tensor parameters of ``bits`` covering ``[low, high]``.
+
+    Symmetric: signed with zero point 0 and the narrow range (int8: -127..127; TensorRT).
+    Asymmetric: unsigned with the range widened to include 0 so that zero is exactly
+    representable.
     """
     low, high = min(float(low), 0.0), max(float(high), 0.0)
+    dtype, exact = container(bits, signed=symmetric), None if bits in (8, 16) else bits
     if symmetric:
-        scale = max(-low, high) / INT8_MAX
+        scale = max(-low, high) / integer_range(bits, signed=True)[1]
         if scale < SMALLEST_SCALE:
             scale = 1.0
-        return QuantParams(np.array(scale, np.float32), np.array(0, np.int8))
-    scale = (high - low) / 255.0
+        return QuantParams(np.array(scale, np.float32), np.array(0, dtype), exact)
+    top = integer_range(bits, signed=False)[1]
+    scale = (high - low) / top
     if scale < SMALLEST_SCALE:  # a tensor that is practically zero: onnxruntime's rule
-        return QuantParams(np.array(1.0, np.float32), np.array(0, np.uint8))
-    zero_point = int(np.clip(np.rint(-low / scale), 0, 255))
-    return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
+        return QuantParams(np.array(1.0, np.float32), np.array(0, dtype), exact)
+    zero_point = int(np.clip(np.rint(-low / scale), 0, top))
+    return QuantParams(np.array(scale, np.float32), np.array(zero_point, dtype), exact)
 
 
 def int32_bias(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray) -> tuple[np.ndarray, QuantParams]:

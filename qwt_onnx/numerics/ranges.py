@@ -16,7 +16,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 HISTOGRAM_BINS = 2048
 HISTOGRAM_SAMPLE = 1 << 20  # elements of each batch that enter the histogram; min and max see all
-ENTROPY_LEVELS = 128  # positive int8 levels the distribution is quantized to
+ENTROPY_LEVELS = 128  # positive int8 levels the distribution is quantized to (2^(bits-1) at other widths)
 ENTROPY_CANDIDATES = 480  # thresholds tried at most
 MSE_CANDIDATES = 256  # thresholds tried at most, spaced geometrically
 
@@ -157,12 +157,13 @@ def _kl_divergences(hist: np.ndarray, ends: np.ndarray, levels: int, eps: float 
         return np.where(below > 0, body + p_last * np.log(p_last / q_last), np.inf)
 
 
-def mse_range(observer: RangeObserver, symmetric: bool = False, candidates: int = MSE_CANDIDATES) -> tuple[float, float]:
+def mse_range(observer: RangeObserver, symmetric: bool = False, candidates: int = MSE_CANDIDATES,
+              bits: int = 8) -> tuple[float, float]:
     """Clip ``|x|`` where the tensor's expected squared quantization error is smallest.
 
     Per threshold ``t`` the error is the clipping error of ``|x| > t`` plus the
-    rounding error of the rest on the grid of the int8 (``symmetric``) or uint8
-    quantizer that :func:`~qwt_onnx.numerics.quantization.activation_params`
+    rounding error of the rest on the grid of the signed (``symmetric``) or unsigned
+    quantizer of ``bits`` that :func:`~qwt_onnx.numerics.quantization.activation_params`
     makes of the clipped range, both exact for values spread evenly within each
     histogram bin (a step of a few bins is common at 8 bits where outliers set
     the range, so ``step²/12`` would not do). Thresholds from one bin up to the
@@ -179,7 +180,8 @@ def mse_range(observer: RangeObserver, symmetric: bool = False, candidates: int 
     thresholds[-1] = max(-observer.low, observer.high)  # the last bin's edge may lie beyond the maximum
     low = np.minimum(np.maximum(observer.low, -thresholds), 0.0)
     high = np.maximum(np.minimum(observer.high, thresholds), 0.0)
-    step = np.maximum(-low, high) / 127.0 if symmetric else (high - low) / 255.0
+    levels = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
+    step = np.maximum(-low, high) / levels if symmetric else (high - low) / levels
     step = np.maximum(step, np.finfo(np.float32).tiny)[:, None]
 
     # ∫ (x - round(x/step)·step)² dx from -step/2 to each bin edge, per threshold
@@ -195,17 +197,17 @@ def mse_range(observer: RangeObserver, symmetric: bool = False, candidates: int 
     return clip_range(observer, float(thresholds[int(np.argmin(rounding + clipping))]))
 
 
-def compute_range(observer: RangeObserver, method: str, symmetric: bool = False) -> tuple[float, float]:
-    """The ``[low, high]`` range ``method`` chooses for the observed tensor (``symmetric``: for
-    an int8 quantizer with zero point 0, which only the MSE method takes into account)."""
+def compute_range(observer: RangeObserver, method: str, symmetric: bool = False, bits: int = 8) -> tuple[float, float]:
+    """The ``[low, high]`` range ``method`` chooses for the observed tensor, for a quantizer of
+    ``bits`` (``symmetric``: signed with zero point 0); MSE and entropy take those into account."""
     if observer.histogram is None:
         raise ValueError("the observer has seen no data")
     if method == "mse":
-        return mse_range(observer, symmetric)
+        return mse_range(observer, symmetric, bits=bits)
     if method == "minmax":
         return minmax_range(observer)
     if method == "percentile":
         return percentile_range(observer)
     if method == "entropy":
-        return entropy_range(observer)
+        return entropy_range(observer, levels=1 << (bits - 1))
     raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")

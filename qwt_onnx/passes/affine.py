@@ -26,9 +26,10 @@ from qwt_onnx.numerics import quantization as qm
 
 FOLDABLE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Ops between the fold site and the block output that leave each channel's compensation in
-# place: its output quantizer (Q then DQ), a residual Add, an activation after the sum. A Relu
-# is not linear, but the fold is judged on the block's exact output.
-PASSED_OPS = {"Add", "Relu", "QuantizeLinear", "DequantizeLinear"}
+# place: its output quantizer (Q, a Clip where its range is narrowed, DQ), a residual Add, an
+# activation after the sum. A Relu or Clip is not linear, but the fold is judged on the block's
+# exact output.
+PASSED_OPS = {"Add", "Relu", "QuantizeLinear", "Clip", "DequantizeLinear"}
 
 
 @dataclasses.dataclass(frozen=True)

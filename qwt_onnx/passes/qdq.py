@@ -2,6 +2,12 @@
 
 Where the pairs go is :mod:`qwt_onnx.analysis.placement`'s ``place``.
 
+Other widths are standard ONNX too: 6-bit weights are int8 holding -31..31, 4-bit
+ones int4 (opset 21), each channel's clipping searched for the least rounding
+error; 16-bit activations are uint16 (int16 for TensorRT's symmetric form, opset
+21), and 4- or 6-bit ones uint8 (int8) narrowed by a Clip between the
+QuantizeLinear and the DequantizeLinear.
+
 Weight ranges: ``portable`` scales each output channel so that no two weights
 that onnxruntime's x86 kernels without VNNI add in int16 can overflow it (all
 but depthwise convolutions; see :mod:`qwt_onnx.numerics.saturation`); ``full`` uses
@@ -37,6 +43,9 @@ class InsertQdqPass(ir.passes.InPlacePass):
         excluded: Exclusions = Exclusions(),
         weight_range: WeightRange = WeightRange.PORTABLE,
         input_means: Mapping[str, np.ndarray] | None = None,
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        input_powers: Mapping[str, np.ndarray] | None = None,
     ):
         super().__init__()
         self.ranges = ranges
@@ -44,6 +53,8 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.excluded = excluded
         self.portable = weight_range == WeightRange.PORTABLE
         self.input_means = input_means or {}  # per-channel means of weighted ops' inputs, for bias correction
+        self.weight_bits, self.activation_bits = weight_bits, activation_bits
+        self.input_powers = input_powers or {}  # per-channel mean squares of their inputs: low-bit clipping weighs by them
 
     def requires(self, model: ir.Model) -> None:
         missing = sorted(set(place(model.graph, self.target, self.excluded).observed_names) - set(self.ranges))
@@ -66,7 +77,12 @@ class InsertQdqPass(ir.passes.InPlacePass):
 
     def _quantize_weight(self, graph: ir.Graph, names: g.NameScope, site: WeightSite) -> None:
         array = site.weight.const_value.numpy().astype(np.float32)
-        params = qm.symmetric_weight_params(array, site.axis, pair_safe=self.portable and site.paired)
+        reader = site.readers[0][0]
+        power = self.input_powers.get(reader.inputs[0].name)
+        group = reader.attributes.get_int("group", 1) if reader.op_type == "Conv" else 1
+        low_bit = power is not None and self.weight_bits < 8
+        importance = qm.input_importance(array.shape, site.axis, power, group) if low_bit else None
+        params = qm.symmetric_weight_params(array, site.axis, self.portable and site.paired, self.weight_bits, importance)
         dq = dequantized_weight(names, array, site.axis, site.weight.name, params)
         error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), params, site.axis)
         for node, _ in site.readers:
@@ -82,9 +98,10 @@ class InsertQdqPass(ir.passes.InPlacePass):
 
     def _quantize_activation(self, graph: ir.Graph, names: g.NameScope, site: ActivationSite) -> None:
         low, high = self.ranges[site.observed.name]
-        params = qm.activation_params(low, high, symmetric=self.target == Target.TRT)
-        q, dq = quantize_dequantize(names, site.value, params, site.observed.name)
-        g.insert_after_producer(graph, site.value, [q, dq])
+        params = qm.activation_params(low, high, self.target == Target.TRT, self.activation_bits)
+        nodes = quantize_dequantize(names, site.value, params, site.observed.name)
+        dq = nodes[-1]
+        g.insert_after_producer(graph, site.value, nodes)
         for node, index in site.readers:
             node.replace_input_with(index, dq.outputs[0])
         if site.absorbed is not None:
@@ -150,25 +167,44 @@ def int32_bias_dequantizer(graph: ir.Graph, names: g.NameScope, gemm: ir.Node) -
     return dq
 
 
+def storage_type(params: qm.QuantParams) -> ir.DataType | None:
+    """The ONNX type of ``params``' integers where numpy's differs: INT4 / UINT4 at 4 bits."""
+    if params.bits != 4:
+        return None
+    return ir.DataType.INT4 if np.issubdtype(params.dtype, np.signedinteger) else ir.DataType.UINT4
+
+
 def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str, params: qm.QuantParams) -> ir.Node:
-    """A DequantizeLinear of ``array`` stored as int8 with per-channel ``params`` along ``axis``."""
+    """A DequantizeLinear of ``array`` stored as int8 (int4 at 4 bits) with per-channel ``params`` along ``axis``."""
+    stored = storage_type(params)
     inputs = [
-        names.initializer(f"{base}_quantized", qm.quantize(array, params, axis)),
+        names.initializer(f"{base}_quantized", qm.quantize(array, params, axis), stored),
         names.initializer(f"{base}_scale", params.scale),
-        names.initializer(f"{base}_zero_point", params.zero_point),
+        names.initializer(f"{base}_zero_point", params.zero_point, stored),
     ]
     dq = names.node("DequantizeLinear", inputs, f"{base}_dequantized", axis=axis)
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(array.shape)
     return dq
 
 
-def quantize_dequantize(names: g.NameScope, value: ir.Value, params: qm.QuantParams, base: str) -> tuple[ir.Node, ir.Node]:
-    """QuantizeLinear → DequantizeLinear of ``value`` with ``params`` (not yet in the graph)."""
+def quantize_dequantize(names: g.NameScope, value: ir.Value, params: qm.QuantParams, base: str) -> list[ir.Node]:
+    """QuantizeLinear → DequantizeLinear of ``value`` with ``params`` (not yet in the graph); where
+    ``params`` are narrower than their type (4 or 6 bits held in 8), a Clip between them saturates
+    at their range, as PyTorch's exporter writes a reduced range (onnxruntime cannot run uint4
+    activations through its graph optimisations: it moves the DequantizeLinear past a MaxPool
+    that has no uint4 kernel)."""
     scale = names.initializer(f"{base}_scale", params.scale)
     zero_point = names.initializer(f"{base}_zero_point", params.zero_point)
     q = names.node("QuantizeLinear", [value, scale, zero_point], f"{base}_quantized")
-    dq = names.node("DequantizeLinear", [q.outputs[0], scale, zero_point], f"{base}_dequantized")
-    q.outputs[0].dtype = ir.DataType.from_numpy(params.zero_point.dtype)
-    q.outputs[0].shape = dq.outputs[0].shape = value.shape
-    dq.outputs[0].dtype = value.dtype
-    return q, dq
+    q.outputs[0].dtype = zero_point.dtype
+    nodes = [q]
+    if params.bits is not None and params.bits < params.dtype.itemsize * 8:
+        bounds = [names.initializer(f"{base}_{end}", np.array(limit, params.dtype)) for end, limit in zip(("low", "high"), params.limits)]
+        clip = names.node("Clip", [q.outputs[0], *bounds], f"{base}_narrowed")
+        clip.outputs[0].dtype = zero_point.dtype
+        nodes.append(clip)
+    dq = names.node("DequantizeLinear", [nodes[-1].outputs[0], scale, zero_point], f"{base}_dequantized")
+    for node in nodes:
+        node.outputs[0].shape = value.shape
+    dq.outputs[0].shape, dq.outputs[0].dtype = value.shape, value.dtype
+    return [*nodes, dq]

@@ -54,6 +54,7 @@ class Branch:
     target: Target = Target.ORT  # as for the Q/DQ pass: ort quantizes a feature-map branch's output too
     input_range: tuple[float, float] | None = None  # for an input quantizer where the input has none
     output_range: tuple[float, float] | None = None
+    activation_bits: int = 8  # of those quantizers, as the Q/DQ pass quantizes activations
 
     @property
     def int8(self) -> bool:
@@ -96,7 +97,7 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     bias = names.initializer(f"{scope}/bias", branch.bias.astype(np.float32))
     nodes: list[ir.Node] = []
     if branch.int8 and g.dequantizer(x) is None:
-        nodes += _quantizer(names, x, branch.input_range, branch.target, f"{scope}/input")
+        nodes += _quantizer(names, x, branch.input_range, branch, f"{scope}/input")
         x = nodes[-1].outputs[0]
     layout = branch.layout
     if layout.channels_first:
@@ -115,8 +116,8 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         )
         nodes.append(conv)
         _like(conv.outputs[0], y)
-        if branch.int8 and branch.target == Target.ORT:  # onnxruntime fuses QLinearConv only with it
-            nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch.target, f"{scope}/branch")
+        if branch.output_range is not None:  # onnxruntime fuses QLinearConv only with it
+            nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch, f"{scope}/branch")
     else:
         weight = _weight(names, branch, scope, nodes)
         if y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
@@ -143,9 +144,14 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         dq = y.producer()
         again = names.node("QuantizeLinear", [result, *q.inputs[1:]], f"{scope}/requantized", **_attributes(q))
         again.outputs[0].dtype = q.outputs[0].dtype
-        back = names.node("DequantizeLinear", [again.outputs[0], *dq.inputs[1:]], f"{scope}/dequantized", **_attributes(dq))
+        integers = [again]
+        clip = g.narrowing(q)
+        if clip is not None:
+            integers.append(names.node("Clip", [again.outputs[0], *clip.inputs[1:]], f"{scope}/narrowed"))
+            integers[-1].outputs[0].dtype = q.outputs[0].dtype
+        back = names.node("DequantizeLinear", [integers[-1].outputs[0], *dq.inputs[1:]], f"{scope}/dequantized", **_attributes(dq))
         back.outputs[0].type, back.outputs[0].shape = y.type, y.shape
-        added += [again, back]
+        added += [*integers, back]
         result = back.outputs[0]
     graph.insert_after(y.producer(), added)
     for node, index in readers:
@@ -198,10 +204,10 @@ def _weight(names: g.NameScope, branch: Branch, scope: str, nodes: list[ir.Node]
     return nodes[-1].outputs[0]
 
 
-def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], target: Target,
+def _quantizer(names: g.NameScope, value: ir.Value, value_range: tuple[float, float], branch: Branch,
                base: str) -> list[ir.Node]:
-    """QuantizeLinear → DequantizeLinear over ``value_range``, as the Q/DQ pass quantizes for ``target``."""
-    params = qm.activation_params(*value_range, symmetric=target == Target.TRT)
+    """QuantizeLinear → DequantizeLinear over ``value_range``, as the Q/DQ pass quantizes for the branch's target."""
+    params = qm.activation_params(*value_range, branch.target == Target.TRT, branch.activation_bits)
     return list(qdq.quantize_dequantize(names, value, params, base))
 
 
