@@ -88,6 +88,10 @@ class Options:
     weight_bits: int = _option(
         8, "bits of the per-channel symmetric weights: 8 (int8), 6 (int8 holding -31..31) or 4 (int4, opset 21)", metavar="B",
     )
+    block_size: int = _option(
+        0, "with --weight-bits 4: a MatMul's [K, N] weight gets one scale per block of this many rows of K (a power "
+        "of 2 from 16; onnxruntime runs it as MatMulNBits); 0: one scale per output channel", metavar="N",
+    )
     activation_bits: int = _option(
         8, "bits of the per-tensor activations: 8, 16 (uint16/int16, opset 21, as NPU toolchains write them), 6 or 4 "
         "(uint8/int8 narrowed by a Clip between QuantizeLinear and DequantizeLinear); onnxruntime's CPU runs only 8 "
@@ -147,6 +151,9 @@ class Options:
             object.__setattr__(self, field.name, value)
         _check(self.samples >= 1, f"--samples must be at least 1, got {self.samples}")
         _check(self.weight_bits in WEIGHT_BITS, f"--weight-bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.weight_bits}")
+        _check(self.block_size == 0 or (self.block_size >= 16 and self.block_size & (self.block_size - 1) == 0),
+               f"--block-size must be 0 or a power of 2 from 16, got {self.block_size}")
+        _check(self.block_size == 0 or self.weight_bits == 4, "--block-size needs --weight-bits 4 (blocked int8 weights have no fused kernel)")
         _check(self.activation_bits in ACTIVATION_BITS,
                f"--activation-bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, got {self.activation_bits}")
         _check(not (self.target == Target.TRT and self.activation_bits == 16),

@@ -43,6 +43,8 @@ class Report:
     qwt_trials_without_branch: list[str] = dataclasses.field(default_factory=list)  # tried, but no block kept one
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
+    # below 8 weight bits: the held-out gain of clipping weighed by input powers over plain clipping
+    weighted_clipping_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)
     selection_samples: int = 0  # QwT's trial was fitted on the first this many samples
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     fit_samples: int = 0  # samples the blocks' fits were made on
@@ -83,6 +85,9 @@ def format_summary(report: Report, source: str) -> str:
             f"{m} {g:+.2f} dB ({'kept' if report.bias_corrected[m] else 'dropped'})" for m, g in report.bias_correction_gain_db.items()
         )
         lines.append(f"bias correction, held-out gain: {gains}")
+    if report.weighted_clipping_gain_db:
+        gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if g >= 0 else 'dropped'})" for m, g in report.weighted_clipping_gain_db.items())
+        lines.append(f"weight clipping weighed by input powers, held-out gain over plain clipping: {gains}")
     trials = [_scores(report.method_qwt_sqnr_db, report.qwt_trial)] if report.method_qwt_sqnr_db else []
     trials += [f"{m} no branch kept" for m in report.qwt_trials_without_branch]
     if trials:

@@ -82,6 +82,17 @@ def _initializer_types(model: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
 
 
+def test_held_out_samples_decide_per_method_whether_clipping_weighs_by_input_powers():
+    from qwt_onnx.report import format_summary
+
+    model = graphs.resnet()
+    _, report = quantize_with_report(model, graphs.samples(model, 64, 0), qwt=False, weight_bits=4, progress=False)
+    assert set(report.weighted_clipping_gain_db) == set(report.method_sqnr_db) == {"minmax", "percentile", "mse"}
+    assert "weighed by input powers" in format_summary(report, "model.onnx")
+    _, eight = quantize_with_report(model, graphs.samples(model, 64, 0), qwt=False, progress=False)
+    assert eight.weighted_clipping_gain_db == {}  # 8-bit weights are not clipped
+
+
 def test_int4_weights_are_stored_as_int4_at_opset_21_and_run():
     model = graphs.resnet()
     written = _ptq(model, weight_bits=4)
@@ -121,10 +132,25 @@ def test_qwt_recovers_what_low_bit_ptq_loses(weight_bits, activation_bits):
     assert report.qwt_applied and report.sqnr_qwt_db > report.sqnr_ptq_db + 2.0
 
 
+def test_blocked_int4_matmul_weights_run_as_matmulnbits(tmp_path):
+    model = graphs.transformer(layers=1)
+    written, report = quantize_with_report(model, graphs.samples(model, 64, 0), qwt=False, weight_bits=4, block_size=16,
+                                           progress=False)
+    blocked = [n for n in written.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 6  # the layer's q, k, v, output, fc1 and fc2 weights
+    session(written, optimized_model=str(tmp_path / "optimized.onnx"))
+    kernels = collections.Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+    assert kernels["MatMulNBits"] == 6
+    unblocked = quantize_with_report(model, graphs.samples(model, 64, 0), qwt=False, weight_bits=4, progress=False)[1]
+    assert report.sqnr_ptq_db > unblocked.sqnr_ptq_db  # a scale per 16 weights fits them closer than one per channel
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"weight_bits": 3}, "--weight-bits must be one of 8, 6, 4"),
     ({"activation_bits": 12}, "--activation-bits must be one of"),
     ({"activation_bits": 16, "target": "trt"}, "has no TensorRT form"),
+    ({"weight_bits": 4, "block_size": 24}, "a power of 2 from 16"),
+    ({"block_size": 32}, "needs --weight-bits 4"),
 ])
 def test_unsupported_precisions_are_refused_with_the_choices(changes, message):
     with pytest.raises(InputError, match=message):

@@ -104,6 +104,25 @@ def symmetric_weight_params(weight: np.ndarray, axis: int, pair_safe: bool = Fal
     return QuantParams(scale, np.zeros(scale.shape, dtype=np.int8), bits if bits != 8 else None, narrow=True)
 
 
+def blocked_weight_params(weight: np.ndarray, block: int, bits: int, importance: np.ndarray | None = None) -> QuantParams:
+    """Symmetric parameters of a 2-D ``[K, N]`` weight with one scale per ``block`` rows of K and
+    column: scale and zero point ``[K / block, N]`` (K a multiple of ``block``), each block's
+    clipping searched as :func:`symmetric_weight_params` searches a channel's."""
+    k, n = weight.shape
+    as_channels = weight.reshape(k // block, block, n).transpose(0, 2, 1).reshape(-1, block)  # [blocks · N, block]
+    weights = None
+    if importance is not None:
+        weights = np.broadcast_to(importance, weight.shape).reshape(k // block, block, n).transpose(0, 2, 1).reshape(-1, block)
+    params = symmetric_weight_params(as_channels, 0, bits=bits, importance=weights)
+    shape = (k // block, n)
+    return QuantParams(params.scale.reshape(shape), params.zero_point.reshape(shape), params.bits, params.narrow)
+
+
+def expand_blocks(params: QuantParams, block: int) -> QuantParams:
+    """Blocked parameters repeated to their weight's shape, for element-wise (de)quantization."""
+    return dataclasses.replace(params, scale=np.repeat(params.scale, block, axis=0), zero_point=np.repeat(params.zero_point, block, axis=0))
+
+
 CLIPPING_RATIOS = np.linspace(0.3, 1.0, 36)  # of each channel's max |w|, tried below 8 bits
 
 

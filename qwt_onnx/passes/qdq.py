@@ -22,6 +22,7 @@ offset (Nagel et al., "Data-Free Quantization", 2019).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,6 +47,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         weight_bits: int = 8,
         activation_bits: int = 8,
         input_powers: Mapping[str, np.ndarray] | None = None,
+        block_size: int = 0,
     ):
         super().__init__()
         self.ranges = ranges
@@ -55,6 +57,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.input_means = input_means or {}  # per-channel means of weighted ops' inputs, for bias correction
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.input_powers = input_powers or {}  # per-channel mean squares of their inputs: low-bit clipping weighs by them
+        self.block_size = block_size  # of 4-bit MatMul weights, along K; 0: per output channel
 
     def requires(self, model: ir.Model) -> None:
         missing = sorted(set(place(model.graph, self.target, self.excluded).observed_names) - set(self.ranges))
@@ -65,10 +68,15 @@ class InsertQdqPass(ir.passes.InPlacePass):
         graph = model.graph
         placement = place(graph, self.target, self.excluded)
         names = g.NameScope(graph)
+        # onnxruntime fuses a blocked int4 weight's DequantizeLinear and its MatMul into MatMulNBits,
+        # which quantizes its input itself, and only where that input is float: weight-only
+        blocked = {node for site in placement.weights if self._blocked(site) for node, _ in site.readers}
         for site in placement.weights:
             self._quantize_weight(graph, names, site)
         for site in placement.activations:
-            self._quantize_activation(graph, names, site)
+            site = dataclasses.replace(site, readers=[(node, i) for node, i in site.readers if node not in blocked])
+            if site.readers:
+                self._quantize_activation(graph, names, site)
         if self.target == Target.ORT:
             for node in dict.fromkeys(node for site in placement.weights for node, _ in site.readers if node.op_type == "Gemm"):
                 _quantize_gemm_bias(graph, names, node)
@@ -82,9 +90,14 @@ class InsertQdqPass(ir.passes.InPlacePass):
         group = reader.attributes.get_int("group", 1) if reader.op_type == "Conv" else 1
         low_bit = power is not None and self.weight_bits < 8
         importance = qm.input_importance(array.shape, site.axis, power, group) if low_bit else None
-        params = qm.symmetric_weight_params(array, site.axis, self.portable and site.paired, self.weight_bits, importance)
-        dq = dequantized_weight(names, array, site.axis, site.weight.name, params)
-        error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), params, site.axis)
+        if self._blocked(site):
+            params = qm.blocked_weight_params(array, self.block_size, self.weight_bits, importance)
+            dq = dequantized_weight(names, array, 0, site.weight.name, params, self.block_size)
+            error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), qm.expand_blocks(params, self.block_size))
+        else:
+            params = qm.symmetric_weight_params(array, site.axis, self.portable and site.paired, self.weight_bits, importance)
+            dq = dequantized_weight(names, array, site.axis, site.weight.name, params)
+            error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), params, site.axis)
         for node, _ in site.readers:
             mean = self.input_means.get(node.inputs[0].name)
             if mean is not None:
@@ -95,6 +108,12 @@ class InsertQdqPass(ir.passes.InPlacePass):
             node.replace_input_with(index, dq.outputs[0])
         if not site.weight.uses() and site.weight.name in graph.initializers:
             graph.initializers.pop(site.weight.name)
+
+    def _blocked(self, site: WeightSite) -> bool:
+        """Whether ``site`` takes blocked scales: a MatMul's [K, N] weight whose K the blocks divide."""
+        shape = site.weight.const_value.shape
+        return (self.block_size > 0 and len(shape) == 2 and site.axis == 1 and shape[0] % self.block_size == 0
+                and all(node.op_type == "MatMul" for node, _ in site.readers))
 
     def _quantize_activation(self, graph: ir.Graph, names: g.NameScope, site: ActivationSite) -> None:
         low, high = self.ranges[site.observed.name]
@@ -174,15 +193,19 @@ def storage_type(params: qm.QuantParams) -> ir.DataType | None:
     return ir.DataType.INT4 if np.issubdtype(params.dtype, np.signedinteger) else ir.DataType.UINT4
 
 
-def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str, params: qm.QuantParams) -> ir.Node:
-    """A DequantizeLinear of ``array`` stored as int8 (int4 at 4 bits) with per-channel ``params`` along ``axis``."""
+def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str, params: qm.QuantParams,
+                       block_size: int = 0) -> ir.Node:
+    """A DequantizeLinear of ``array`` stored as int8 (int4 at 4 bits) with per-channel ``params``
+    along ``axis``, or with ``block_size``, blocked ones along ``axis``."""
     stored = storage_type(params)
+    quantized = qm.quantize(array, qm.expand_blocks(params, block_size)) if block_size else qm.quantize(array, params, axis)
     inputs = [
-        names.initializer(f"{base}_quantized", qm.quantize(array, params, axis), stored),
+        names.initializer(f"{base}_quantized", quantized, stored),
         names.initializer(f"{base}_scale", params.scale),
         names.initializer(f"{base}_zero_point", params.zero_point, stored),
     ]
-    dq = names.node("DequantizeLinear", inputs, f"{base}_dequantized", axis=axis)
+    blocks = {"block_size": block_size} if block_size else {}
+    dq = names.node("DequantizeLinear", inputs, f"{base}_dequantized", axis=axis, **blocks)
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(array.shape)
     return dq
 
