@@ -71,7 +71,7 @@ class Report:
 def format_summary(report: Report, source: str) -> str:
     """A short human summary of a run."""
     lines = [
-        f"qwt_onnx: {source} -> {report.output} (target {report.target}, {report.weight_range} int8 weights, "
+        f"qwt_onnx: {source} -> {report.output} (target {report.target}, {_precision(report)}, "
         f"{report.samples} samples, {report.heldout_samples} held out)"
     ]
     if report.method_sqnr_db:
@@ -126,6 +126,16 @@ def format_summary(report: Report, source: str) -> str:
     written = "QwT" if report.qwt_applied else "PTQ"
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
     return "\n".join(lines)
+
+
+def _precision(report: Report) -> str:
+    """The precision written, as W·A· with what its int8 weights are (the branches' where the model's are narrower)."""
+    o = report.options
+    weight_bits, activation_bits, block = o.get("weight_bits", 8), o.get("activation_bits", 8), o.get("block_size", 0)
+    if weight_bits == 8:
+        return f"W8A{activation_bits}, {report.weight_range} int8 weights"
+    blocks = f" in blocks of {block}" if block else ""
+    return f"W{weight_bits}A{activation_bits}, int{weight_bits} weights{blocks} and {report.weight_range} int8 branches"
 
 
 def _finite(value):
