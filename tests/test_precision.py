@@ -115,6 +115,24 @@ def test_narrow_activations_are_clipped_between_quantize_and_dequantize(bits, lo
     session(written)  # onnxruntime's optimisations accept it (uint4 activations they do not)
 
 
+def test_a_conv_bias_that_would_overflow_int32_at_16_bits_runs_as_written():
+    import onnxruntime as ort
+
+    b = graphs.GraphBuilder(5)
+    y = b.op("Conv", ["x", b.weight("w", (4, 3, 3, 3), scale=1e-3), b.const("bias", np.full(4, 50.0, np.float32))], "conv", pads=[1] * 4)
+    b.op("Relu", [y], "relu")
+    b.nodes[-1].output[0] = "out"
+    model = b.model([onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                    [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", 4, 8, 8])])
+    written = _ptq(model, activation_bits=16)
+    feeds = graphs.samples(model, 2, 1)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unoptimized = ort.InferenceSession(written.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    optimized = session(written).run(None, feeds)[0]  # onnxruntime's own bias quantization would wrap around
+    np.testing.assert_allclose(optimized, unoptimized, rtol=1e-4, atol=1e-3)
+
+
 def test_sixteen_bit_activations_are_uint16():
     written = _ptq(graphs.transformer(layers=1), activation_bits=16)
     zero_points = [t for t in written.graph.initializer if t.name.endswith("_zero_point") and not t.dims]

@@ -171,12 +171,15 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
     assert "c.bias" not in inits and "mm.bias" not in inits  # replaced, not left behind
 
 
-def test_an_int32_bias_is_within_half_an_accumulator_step_and_saturates_rather_than_wraps():
+def test_an_int32_bias_is_within_half_an_accumulator_step_and_a_bias_too_large_for_it_gets_a_scale_it_fits():
     bias = np.array([0.0, 0.3, -1.7, 1e4], np.float32)
     weight_scale = np.array([1e-2, 2e-3, 5e-3, 1e-7], np.float32)
     quantized, params = qm.int32_bias(bias, np.float32(0.02), weight_scale)
     assert quantized.dtype == np.int32 and params.zero_point.dtype == np.int32 and not params.zero_point.any()
-    np.testing.assert_allclose(params.scale, 0.02 * weight_scale, rtol=1e-6)
+    np.testing.assert_allclose(params.scale[:3], 0.02 * weight_scale[:3], rtol=1e-6)
     restored = quantized * params.scale.astype(np.float64)
     assert np.all(np.abs(restored[:3] - bias[:3]) <= params.scale[:3] / 2 * (1 + 1e-6))
-    assert quantized[3] == np.iinfo(np.int32).max  # 1e4 / 2e-9 is past the int32 range
+    # 1e4 / 2e-9 is past the int32 range (onnxruntime's own quantization wraps it): a wider scale
+    assert params.scale[3] > 0.02 * weight_scale[3] and abs(restored[3] - 1e4) < 1e-3
+    assert qm.int32_bias_overflows(bias, np.float32(0.02), weight_scale)
+    assert not qm.int32_bias_overflows(bias[:3], np.float32(0.02), weight_scale[:3])

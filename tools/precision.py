@@ -45,7 +45,7 @@ def label(precision: tuple[int, int]) -> str:
     return f"W{precision[0]}A{precision[1]}"
 
 
-def bench_model(name: str, samples: int, folder: str, log) -> dict:
+def bench_model(name: str, samples: int, folder: str, log, precisions=PRECISIONS) -> dict:
     entry, prepared = zoo.get(name), zoo.prepare(name)
     feeds, labels = zoo.load_evaluation(prepared)
     feeds = take(feeds, samples_axes(prepared.model)[0], slice(None, EVALUATION))
@@ -53,7 +53,7 @@ def bench_model(name: str, samples: int, folder: str, log) -> dict:
     reference = list(bench.outputs_of(prepared.model, feeds))
     fp32 = bench.score(entry, reference, prepared.model, feeds, labels)
     rows = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         weight_bits, activation_bits = precision
         row, bits = {}, ["--weight-bits", str(weight_bits), "--activation-bits", str(activation_bits)]
         if precision in ORT_WRITES:
@@ -117,7 +117,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(n for n in zoo.ENTRIES if n not in SLOW))
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "PRECISION.md"))
-    parser.add_argument("--merge", action="store_true", help="keep the other models' rows of an earlier run")
+    parser.add_argument("--merge", action="store_true", help="keep the other models' (and precisions') rows of an earlier run")
+    parser.add_argument("--precisions", default=",".join(label(p) for p in PRECISIONS), help="comma-separated, e.g. W4A8,W8A16")
     args = parser.parse_args()
     data = os.path.join(os.path.dirname(args.out), "precision.json")
     results = []
@@ -126,9 +127,13 @@ def main() -> None:
             results = json.load(f)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qwt-precision-") as folder:
+        chosen = [p for p in PRECISIONS if label(p) in args.precisions.split(",")]
         for name in args.models.split(","):
             print(f"{name}:", flush=True)
-            fresh = bench_model(name, args.samples, folder, lambda line: print(line, flush=True))
+            fresh = bench_model(name, args.samples, folder, lambda line: print(line, flush=True), chosen)
+            earlier = next((r for r in results if r["name"] == name), None)
+            if earlier is not None:  # rows of precisions not re-run are kept, in their order
+                fresh["rows"] = {key: fresh["rows"].get(key, row) for key, row in earlier["rows"].items()} | fresh["rows"]
             results = [r for r in results if r["name"] != name] + [fresh]
     with open(data, "w") as f:
         json.dump(results, f, indent=1, default=float)

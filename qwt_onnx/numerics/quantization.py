@@ -15,6 +15,7 @@ import numpy as np
 from qwt_onnx.numerics import saturation
 
 SMALLEST_SCALE = float(np.finfo(np.float32).tiny)  # below it, x / scale overflows
+INT32_BIAS_LIMIT = float(1 << 30)  # the largest int32 bias written: half the range, headroom for float32 rounding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +194,22 @@ def activation_params(low: float, high: float, symmetric: bool, bits: int = 8) -
 def int32_bias(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray) -> tuple[np.ndarray, QuantParams]:
     """``bias`` as int32 with the scale ``input_scale * weight_scale`` (per output channel), the
     integer kernels' accumulator scale, and its parameters: what a quantized Gemm or Conv adds
-    to its int32 accumulator. Saturated at the int32 range, which only a bias 2^31 steps of the
-    accumulator large reaches."""
+    to its int32 accumulator. A channel whose bias would not fit in int32 on that scale (16-bit
+    activations make it tiny) gets the least scale on which it does: no integer kernel takes
+    that bias, and the float op reads it dequantized, as exactly as float32 holds it."""
     scale = np.broadcast_to(np.asarray(input_scale, np.float32) * np.asarray(weight_scale, np.float32), bias.shape)
-    scale = np.maximum(scale, SMALLEST_SCALE).astype(np.float32)
+    fitting = np.abs(bias.astype(np.float64)) / INT32_BIAS_LIMIT
+    scale = np.maximum(np.maximum(scale, fitting), SMALLEST_SCALE).astype(np.float32)
     info = np.iinfo(np.int32)
     quantized = np.clip(np.rint(bias.astype(np.float64) / scale), info.min, info.max).astype(np.int32)
     return quantized, QuantParams(scale, np.zeros(scale.shape, np.int32))
+
+
+def int32_bias_overflows(bias: np.ndarray, input_scale: np.ndarray, weight_scale: np.ndarray) -> bool:
+    """Whether ``bias`` on the accumulator's scale ``input_scale * weight_scale`` exceeds int32's
+    safe range: where onnxruntime's own bias quantization (of a float bias) would overflow."""
+    scale = np.asarray(input_scale, np.float64) * np.asarray(weight_scale, np.float64)
+    return bool(np.any(np.abs(bias.astype(np.float64)) > INT32_BIAS_LIMIT * scale))
 
 
 def fake_quantize_weight(weight: np.ndarray, axis: int, pair_safe: bool = False) -> tuple[np.ndarray, QuantParams]:

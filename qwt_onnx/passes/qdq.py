@@ -78,8 +78,9 @@ class InsertQdqPass(ir.passes.InPlacePass):
             if site.readers:
                 self._quantize_activation(graph, names, site)
         if self.target == Target.ORT:
-            for node in dict.fromkeys(node for site in placement.weights for node, _ in site.readers if node.op_type == "Gemm"):
-                _quantize_gemm_bias(graph, names, node)
+            for node in dict.fromkeys(node for site in placement.weights for node, _ in site.readers):
+                if node.op_type in ("Gemm", "Conv"):  # a Conv's float bias onnxruntime quantizes itself, where it can
+                    _quantize_bias(graph, names, node, only_overflowing=node.op_type == "Conv")
         modified = bool(placement.weights or placement.activations)
         return ir.passes.PassResult(model, modified=modified)
 
@@ -152,21 +153,23 @@ def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.n
         graph.initializers.pop(bias.name)
 
 
-def _quantize_gemm_bias(graph: ir.Graph, names: g.NameScope, gemm: ir.Node) -> None:
-    dq = int32_bias_dequantizer(graph, names, gemm)
+def _quantize_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, only_overflowing: bool = False) -> None:
+    dq = int32_bias_dequantizer(graph, names, node, only_overflowing)
     if dq is not None:
-        graph.insert_before(gemm, dq)
+        graph.insert_before(node, dq)
 
 
-def int32_bias_dequantizer(graph: ir.Graph, names: g.NameScope, gemm: ir.Node) -> ir.Node | None:
-    """A DequantizeLinear of ``gemm``'s float bias stored as int32, wired in as its bias in place
-    of the float one (the caller inserts the node), where its input and weight are dequantized;
-    None where they are not. onnxruntime fuses a QDQ Gemm into QGemm only with every input
-    quantized (quantize_static writes biases so too); it gives the bias that form itself only
-    to a Gemm whose output it quantizes, and a dense layer's output is left float."""
-    x, w = g.dequantizer(gemm.inputs[0]), g.dequantizer(gemm.inputs[1])
-    bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-    if x is None or w is None or bias is None or bias.const_value is None or gemm.attributes.get_float("alpha", 1.0) != 1.0:
+def int32_bias_dequantizer(graph: ir.Graph, names: g.NameScope, node: ir.Node, only_overflowing: bool = False) -> ir.Node | None:
+    """A DequantizeLinear of a Gemm's or Conv's float bias stored as int32, wired in as its bias
+    in place of the float one (the caller inserts the node), where its input and weight are
+    dequantized; None where they are not. onnxruntime fuses a QDQ Gemm into QGemm only with
+    every input quantized (quantize_static writes biases so too); it gives the bias that form
+    itself only to a Gemm whose output it quantizes, and a dense layer's output is left float.
+    ``only_overflowing``: only where onnxruntime's own quantization of the float bias (at the
+    accumulator's scale, which it does not check) would overflow int32."""
+    x, w = g.dequantizer(node.inputs[0]), g.dequantizer(node.inputs[1])
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if x is None or w is None or bias is None or bias.const_value is None or node.attributes.get_float("alpha", 1.0) != 1.0:
         return None
     input_scale, weight_scale = (ir.convenience.get_const_tensor(dq.inputs[1]) for dq in (x, w))
     array = bias.const_value.numpy()
@@ -174,13 +177,17 @@ def int32_bias_dequantizer(graph: ir.Graph, names: g.NameScope, gemm: ir.Node) -
         return None
     if weight_scale.size not in (1, array.size):
         return None
-    beta = gemm.attributes.get_float("beta", 1.0)
-    quantized, params = qm.int32_bias(beta * array, input_scale.numpy().reshape(()), weight_scale.numpy())
+    beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
+    input_scale = input_scale.numpy().reshape(())
+    if only_overflowing and not qm.int32_bias_overflows(beta * array, input_scale, weight_scale.numpy()):
+        return None
+    quantized, params = qm.int32_bias(beta * array, input_scale, weight_scale.numpy())
     inputs = [names.initializer(f"{bias.name}_quantized", quantized), names.initializer(f"{bias.name}_scale", params.scale)]
     dq = names.node("DequantizeLinear", inputs, f"{bias.name}_dequantized", axis=0)
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(array.shape)
-    gemm.replace_input_with(2, dq.outputs[0])
-    gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    node.replace_input_with(2, dq.outputs[0])
+    if node.op_type == "Gemm":
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     if not bias.uses() and bias.name in graph.initializers:
         graph.initializers.pop(bias.name)
     return dq

@@ -114,7 +114,9 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
             pads=[pad] * (2 * rank),
             group=layout.groups,
         )
-        nodes.append(conv)
+        # onnxruntime quantizes a float bias on the accumulator's scale, which 16-bit inputs can overflow
+        dq = qdq.int32_bias_dequantizer(graph, names, conv, only_overflowing=True) if branch.int8 and branch.target == Target.ORT else None
+        nodes += [conv] if dq is None else [dq, conv]
         _like(conv.outputs[0], y)
         if branch.output_range is not None:  # onnxruntime fuses QLinearConv only with it
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch, f"{scope}/branch")
