@@ -583,17 +583,16 @@ def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout:
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
         y_q = out[plan.output_in_q]
-        stream.save("block", i, {"y": y_q})
-        if i == 0 and site_run is not None:
-            z = site_run(pool)[site.output]
+        z = site_run(pool)[site.output] if site_run is not None and (i == 0 or every is not None) else None
+        if i == 0 and z is not None:
             samples = next((a for a in range(z.ndim) if z.shape[a] == batch.size and a != site.axis % z.ndim), None)
             if samples is None or z.shape != y_q.shape:
                 result = dataclasses.replace(result, skipped=f"not folded: {site.output} is shaped {list(z.shape)}, the block output {list(y_q.shape)}")
             else:
                 every, held = ChannelStatistics(site.channels), ChannelStatistics(site.channels)
         if every is None:  # nothing to fold: the stream needs only the quantized output
+            stream.save("block", i, {"y": y_q})
             continue
-        z = site_run(pool)[site.output]
         y_fp = fp_run({**pool, block.input: out.get(plan.branch_input, pool[block.input])} if plan.quantized_input else pool)[block.output]
         residual = y_fp - y_q
         held_rows = np.flatnonzero(heldout[batch.indices])

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from qwt_onnx.numerics.quantization import integer_range
+
 METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 HISTOGRAM_BINS = 2048
@@ -180,7 +182,7 @@ def mse_range(observer: RangeObserver, symmetric: bool = False, candidates: int 
     thresholds[-1] = max(-observer.low, observer.high)  # the last bin's edge may lie beyond the maximum
     low = np.minimum(np.maximum(observer.low, -thresholds), 0.0)
     high = np.maximum(np.minimum(observer.high, thresholds), 0.0)
-    levels = (1 << (bits - 1)) - 1 if symmetric else (1 << bits) - 1
+    levels = integer_range(bits, signed=symmetric)[1]
     step = np.maximum(-low, high) / levels if symmetric else (high - low) / levels
     step = np.maximum(step, np.finfo(np.float32).tiny)[:, None]
 
