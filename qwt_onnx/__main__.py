@@ -24,8 +24,16 @@ ZOO_PREFIX = "zoo:"
 OPTION_NAMES = {f.name for f in dataclasses.fields(options.Options)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like the rest of the command's (no usage dump)."""
+
+    def error(self, message: str):
+        print(f"error: {message} ('{self.prog} -h' lists the options)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m qwt_onnx",
         description="Quantize an ONNX model to INT8 QDQ and add closed-form QwT compensation branches. "
         "'python -m qwt_onnx check MODEL' checks any quantized model for int16 saturation and unfused Q/DQ.",

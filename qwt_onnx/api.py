@@ -35,10 +35,10 @@ from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
-from qwt_onnx.numerics import metrics
+from qwt_onnx.numerics import metrics, rounding
 from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.numerics.ranges import compute_range
-from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Target, WeightRange
+from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Rounding, Target, WeightRange
 from qwt_onnx.options import Compensation as CompensationKind
 from qwt_onnx.passes import affine, qdq, splice
 from qwt_onnx.progress import shown as progress_shown
@@ -75,6 +75,8 @@ class Candidate:
     bias_correction_gain_db: float | None = None  # held-out, where both were built
     weighted_clipping: bool = True  # below 8 weight bits: clipping weighed by input powers, or plain (see ptq_candidates)
     weighted_clipping_gain_db: float | None = None  # held-out, where both were built
+    gptq: bool = False  # weights rounded with error feedback, or to nearest
+    gptq_gain_db: float | None = None  # held-out, where both were built
     # The same ranges with bias correction the other way, where both were built: which of the
     # two QwT compensates better is tried apart from which PTQ prefers.
     other_correction: Candidate | None = None
@@ -315,19 +317,22 @@ def given_candidate(run: _Run, quantized: ModelLike) -> list[Candidate]:
 
 def ptq_candidates(run: _Run) -> list[Candidate]:
     """Our PTQ model per calibration method; with ``--bias-correction auto``, the best method's
-    with and without bias correction, whichever scores better on held-out samples.
+    with and without bias correction, whichever scores better on held-out samples; with
+    ``--rounding auto``, that model's weights rounded with error feedback or to nearest, likewise.
 
     The correction is decided once, on the best method: it adds to each bias the mean error of
     its op's rounded weights on the FP32 inputs, which no activation range changes, so every
     method gets the same one (the methods are ranked with it, as most models keep it). Whether
     it helps can depend on the ranges, though: on ddddocr's YOLOX detector it gives percentile
-    +5.9 dB and costs MSE 5.9; ranking all six models would cost two more evaluations."""
+    +5.9 dB and costs MSE 5.9; ranking all six models would cost two more evaluations. The
+    rounding is decided last, on the chosen model, for the same reason."""
     o = run.options
     placement = place(run.fp.graph, o.target, run.excluded)
     corrected = o.bias_correction != BiasCorrection.OFF
     seen = observe.observe(
         prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size,
         placement.channel_axes() if corrected or o.weight_bits < 8 else None,
+        placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None,
     )
     run.reference(seen.reference)
     methods = CalibMethod.methods() if o.calib_method == CalibMethod.AUTO else (o.calib_method,)
@@ -339,12 +344,24 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
     ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in seen.ranges.items()}
               for method in methods}
 
-    def candidate(method: CalibMethod, corrected: bool, weighted: bool = True) -> Candidate:
+    feedback: dict[bool, dict[str, rounding.Feedback]] = {}  # by whether bias correction centres the moments
+
+    def candidate(method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool = o.rounding == Rounding.GPTQ) -> Candidate:
         model = run.fp.clone()
+        if gptq and corrected not in feedback:
+            # bias correction removes the rounding's mean error: what is left to minimise is its variance
+            feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
         qdq.InsertQdqPass(ranges[method], o.target, run.excluded, o.weights, seen.means if corrected else None,
-                          o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size)(model)
-        label = f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}"
-        return Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected, weighted)
+                          o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
+                          feedback[corrected] if gptq else None)(model)
+        label = f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
+        return Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected, weighted,
+                         gptq=gptq)
+
+    def corrected_or_not(method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
+        """The better of the method's models with and without bias correction."""
+        first = first or candidate(method, True, weighted, gptq)
+        return _better_of([first, candidate(method, not first.bias_corrected, weighted, gptq)])
 
     candidates = [candidate(method, corrected) for method in methods]
     if o.weight_bits < 8 and seen.powers:
@@ -355,10 +372,29 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
         candidates = [_better_clipping(c, candidate(CalibMethod(c.method), corrected, weighted=False)) for c in candidates]
     if o.bias_correction == BiasCorrection.AUTO:
         best = _best(candidates)
-        pair = _better_of([best, candidate(CalibMethod(best.method), False, best.weighted_clipping)])
+        pair = corrected_or_not(CalibMethod(best.method), best.weighted_clipping, best.gptq, best)
         pair = dataclasses.replace(pair, weighted_clipping_gain_db=best.weighted_clipping_gain_db)
         candidates = [pair if c is best else c for c in candidates]
+    if o.rounding == Rounding.AUTO and seen.second_moments:
+        best = _best(candidates)
+        method = CalibMethod(best.method)
+        if o.bias_correction == BiasCorrection.AUTO:
+            gptq = corrected_or_not(method, best.weighted_clipping, True)
+        else:
+            gptq = candidate(method, best.bias_corrected, best.weighted_clipping, True)
+        chosen = _better_rounding(best, gptq)
+        candidates = [chosen if c is best else c for c in candidates]
     return candidates
+
+
+def _better_rounding(nearest: Candidate, gptq: Candidate) -> Candidate:
+    """Of one method's models with weights rounded to nearest and with error feedback, the better
+    on held-out samples (nearest where either is unscored), with the gain of error feedback."""
+    if nearest.sqnr_db is None or gptq.sqnr_db is None:
+        return nearest
+    gain = gptq.sqnr_db - nearest.sqnr_db
+    chosen = gptq if gain > 0 else nearest
+    return dataclasses.replace(chosen, gptq_gain_db=gain, weighted_clipping_gain_db=nearest.weighted_clipping_gain_db)
 
 
 def _better_clipping(weighted: Candidate, plain: Candidate) -> Candidate:
@@ -610,6 +646,8 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         bias_corrected={c.method: c.bias_corrected for c in candidates},
         bias_correction_gain_db={c.method: c.bias_correction_gain_db for c in candidates if c.bias_correction_gain_db is not None},
         weighted_clipping_gain_db={c.method: c.weighted_clipping_gain_db for c in candidates if c.weighted_clipping_gain_db is not None},
+        gptq={c.method: c.gptq for c in candidates},
+        gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
         selection_samples=selection.samples,
         blocks=blocks,
         ptq_method=ptq.method,

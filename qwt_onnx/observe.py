@@ -11,10 +11,14 @@ import numpy as np
 import onnx
 
 from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.numerics.hessian import InputGeometry, SecondMoments
 from qwt_onnx.numerics.ranges import RangeObserver
 from qwt_onnx.runtime import Runner, concatenate_samples, move_samples, samples_axes, with_outputs
 
 STATISTICS_THREADS = min(4, os.cpu_count() or 1)
+# The most inputs per row whose second moments are taken (a float32 [d, d] each): a VGG's first
+# dense layer after its Flatten reads 25,088 (2.5 GB); its weights are rounded to nearest
+HESSIAN_INPUTS = 8192
 
 
 @dataclasses.dataclass
@@ -51,6 +55,7 @@ class Observation:
     means: dict[str, np.ndarray]  # per channel, of the tensors asked for
     powers: dict[str, np.ndarray]  # their mean squares, per channel
     reference: dict[str, np.ndarray] | None  # the model's outputs on the scoring samples, where batches do not change them
+    second_moments: dict[str, SecondMoments] = dataclasses.field(default_factory=dict)  # of the weights' inputs, by weight
 
 
 def observe(
@@ -59,33 +64,38 @@ def observe(
     calib: CalibrationSet,
     batch_size: int,
     channel_axes: Mapping[str, int] | None = None,
+    hessian_inputs: Mapping[str, tuple[str, InputGeometry]] | None = None,
 ) -> Observation:
-    """Range statistics of ``tensors`` and per-channel means and mean squares of the tensors in ``channel_axes``
-    over all samples, and the model outputs on the scoring samples (None where their shapes
-    depend on the batch)."""
-    channel_axes = channel_axes or {}
+    """Range statistics of ``tensors``, per-channel means and mean squares of the tensors in
+    ``channel_axes`` and, per weight in ``hessian_inputs``, the second moments of the rows its op
+    reads from its input (sampled), over all samples; and the model outputs on the scoring
+    samples (None where their shapes depend on the batch)."""
+    channel_axes, hessian_inputs = channel_axes or {}, hessian_inputs or {}
     output_names = [o.name for o in model.graph.output]
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
-    runner = Runner(with_outputs(model, [*tensors, *channel_axes]))
+    runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values())]))
     observers = {name: RangeObserver() for name in tensors}
     means = {name: ChannelMoments(axis) for name, axis in channel_axes.items()}
+    batches = calib.num_batches(batch_size)
+    moments = {weight: SecondMoments(geometry, batches, seed) for seed, (weight, (_, geometry)) in enumerate(hessian_inputs.items())}
     heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    statistics = [*observers.items(), *means.items()]
+    statistics = [*observers.items(), *means.items(), *((hessian_inputs[w][0], m) for w, m in moments.items())]
     with ThreadPoolExecutor(STATISTICS_THREADS) as pool:
         for batch in calib.batches(batch_size, description="calibrating ranges"):
             values = {**batch.feeds, **runner(batch.feeds)}
             # numpy's reductions let go of the GIL: the tensors' statistics are updated side by side
             for _ in pool.map(lambda item: item[1].update(values[item[0]]), statistics):
                 pass
-            rows = heldout[batch.indices]
+            scoring = heldout[batch.indices]
             for name in output_names:
-                kept[name].append(move_samples(values[name], axes[name], batch.size)[rows])
+                kept[name].append(move_samples(values[name], axes[name], batch.size)[scoring])
     # Outputs whose shape depends on their batch (a decoder that runs until every sequence of its
     # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
     reference = None if batch_dependent else {name: np.concatenate(parts) for name, parts in kept.items()}
-    return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()}, reference)
+    return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()}, reference,
+                       moments)
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:

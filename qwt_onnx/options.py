@@ -64,6 +64,12 @@ class BiasCorrection(Choice):
     OFF = "off"
 
 
+class Rounding(Choice):
+    AUTO = "auto"  # with and without error feedback, the better on held-out samples
+    NEAREST = "nearest"
+    GPTQ = "gptq"  # error feedback from each rounded input column to the rest (Frantar et al., 2023)
+
+
 WEIGHT_BITS = (8, 6, 4)
 ACTIVATION_BITS = (8, 16, 6, 4)
 
@@ -142,6 +148,12 @@ class Options:
         BiasCorrection.AUTO,
         "subtract each weight's mean rounding error in its op's bias: auto (where it scores better on held-out "
         "samples, decided apart for PTQ and for QwT), on or off",
+    )
+    rounding: Rounding = _option(
+        Rounding.AUTO,
+        "weight rounding: nearest, or gptq (each weight's rounding error fed forward to the weights of its output "
+        "channel not yet rounded, by its op's input statistics; same grid, same graph), or auto (the better on "
+        "held-out samples)",
     )
 
     def __post_init__(self) -> None:

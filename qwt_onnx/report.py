@@ -45,6 +45,8 @@ class Report:
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
     # below 8 weight bits: the held-out gain of clipping weighed by input powers over plain clipping
     weighted_clipping_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)
+    gptq: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written: weights rounded with error feedback
+    gptq_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out gain of error feedback over nearest
     selection_samples: int = 0  # QwT's trial was fitted on the first this many samples
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     fit_samples: int = 0  # samples the blocks' fits were made on
@@ -88,6 +90,9 @@ def format_summary(report: Report, source: str) -> str:
     if report.weighted_clipping_gain_db:
         gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if g >= 0 else 'dropped'})" for m, g in report.weighted_clipping_gain_db.items())
         lines.append(f"weight clipping weighed by input powers, held-out gain over plain clipping: {gains}")
+    if report.gptq_gain_db:
+        gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if report.gptq[m] else 'dropped'})" for m, g in report.gptq_gain_db.items())
+        lines.append(f"GPTQ weight rounding, held-out gain over rounding to nearest: {gains}")
     trials = [_scores(report.method_qwt_sqnr_db, report.qwt_trial)] if report.method_qwt_sqnr_db else []
     trials += [f"{m} no branch kept" for m in report.qwt_trials_without_branch]
     if trials:

@@ -101,7 +101,7 @@ def test_bias_correction_removes_the_mean_error_of_rounded_weights_and_auto_keep
     written = {}
     for choice in ("off", "on", "auto"):
         written[choice], report = quantize_with_report(model, calib, qwt=False, calib_method="percentile",
-                                                       bias_correction=choice, progress=False)
+                                                       bias_correction=choice, rounding="nearest", progress=False)
     errors = {choice: mean_squared_error(reference, _outputs(m, test)) for choice, m in written.items()}
     assert errors["on"] < 0.8 * errors["off"]
     # auto scored both on held-out samples and kept the better one: here, the corrected model
@@ -115,11 +115,11 @@ def test_qwt_is_tried_on_the_ptq_weights_with_bias_correction_the_other_way():
     # block's mean error themselves, is better on the corrected weights is tried apart
     model = graphs.resnet()
     calib = graphs.samples(model, 160, seed=1)
-    written, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
+    written, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, rounding="nearest", progress=False)
     assert report.bias_corrected == {"minmax": True}
     assert set(report.method_qwt_sqnr_db) == {"minmax", "minmax without bias correction"}
     assert report.qwt_bias_corrected == (report.qwt_trial == "minmax")
-    ptq_weights = quantize(model, calib, qwt=False, calib_method="minmax",
+    ptq_weights = quantize(model, calib, qwt=False, calib_method="minmax", rounding="nearest",
                            bias_correction="on" if report.qwt_bias_corrected else "off", progress=False)
     biases = lambda m: {t.name: t.raw_data for t in m.graph.initializer if "bias" in t.name and not t.name.startswith("qwt/")}  # noqa: E731
     assert report.qwt_applied and biases(written) == biases(ptq_weights)
@@ -383,10 +383,10 @@ def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(nam
 def test_branches_that_remove_too_little_of_their_block_error_are_dropped():
     model = graphs.resnet()
     calib = graphs.samples(model, 160, seed=1)
-    _, every = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
+    _, every = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, rounding="nearest", progress=False)
     gains = sorted(1 - b.error_ratio_heldout for b in every.blocks if b.kept)
     threshold = (gains[0] + gains[1]) / 2  # between the weakest branch and the next one
-    _, fewer = quantize_with_report(model, calib, calib_method="minmax", min_gain=threshold, progress=False)
+    _, fewer = quantize_with_report(model, calib, calib_method="minmax", min_gain=threshold, rounding="nearest", progress=False)
     under = [b for b in fewer.blocks if "under --min-gain" in b.note]
     assert len(under) >= 1 and all(1 - b.error_ratio_heldout < threshold for b in under)
     assert all(1 - b.error_ratio_heldout >= threshold for b in fewer.blocks if b.kept)

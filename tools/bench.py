@@ -161,6 +161,37 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
     return result
 
 
+def cell(v: dict, metric: bool = False, digits: int = 1) -> str:
+    """A scored variant as a table cell: its SQNR (and task metric), or "fails" where it has an error."""
+    if "error" in v:
+        return "fails"
+    text = f"{v['sqnr_db']:.{digits}f} dB"
+    return text + (f", {v['task']:.4f}" if metric and "task" in v else "")
+
+
+def model_heading(r: dict) -> list[str]:
+    """A zoo model's section heading in the side-by-side tables: FP32's task metric, samples, when measured."""
+    metric = f"FP32's {r['metric']}: {r['fp32']['task']:.4f}; " if "task" in r["fp32"] else ""
+    return [f"## {r['name']}", "", f"{metric}{r['samples']} calibration samples; measured {r['run']}.", ""]
+
+
+def stored_results(path: str, merge: bool) -> list[dict]:
+    """An earlier run's results (a JSON list, one entry per model) to merge into, or none."""
+    if not merge or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def store_results(results: list[dict], data: str, out: str, text: str, started: float) -> None:
+    """Write a side-by-side run's results as JSON (``data``) and as the markdown ``text`` (``out``)."""
+    with open(data, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"wrote {out} in {(time.perf_counter() - started) / 60:.1f} minutes")
+
+
 def measure_speed(variants: dict[str, Variant], feeds: dict[str, np.ndarray], quick: bool) -> None:
     """Latency at batch 1 and 16 (all variants interleaved), INT8 MAC share and kernel profile."""
     variants = {key: v for key, v in variants.items() if key not in UNTIMED}

@@ -72,7 +72,7 @@ def bench_model(name: str, samples: int, folder: str, log, precisions=PRECISIONS
                 with open(report) as f:
                     row[key]["applied"] = json.load(f)["qwt_applied"]
         rows[label(precision)] = row
-        log(f"  {label(precision)}: " + ", ".join(f"{k} {_cell(v)}" for k, v in row.items()))
+        log(f"  {label(precision)}: " + ", ".join(f"{k} {bench.cell(v)}" for k, v in row.items()))
     return {"name": name, "metric": entry.metric_name, "fp32": fp32, "samples": samples, "rows": rows,
             "run": f"{datetime.date.today().isoformat()}, {bench.machine()}"}
 
@@ -85,13 +85,6 @@ def _measured(command, out, entry, reference, feeds, labels) -> dict:
         return {"error": str(failed).strip().splitlines()[-1][:160]}
 
 
-def _cell(v: dict, metric: bool = False) -> str:
-    if "error" in v:
-        return "fails"
-    text = f"{v['sqnr_db']:.1f} dB"
-    return text + (f", {v['task']:.4f}" if metric and "task" in v else "")
-
-
 def markdown(results: list[dict]) -> str:
     lines = ["# Precisions", "", "From `python tools/precision.py`. " + __doc__.split("\n\n")[2].replace("\n", " "), "",
              "Cells: evaluation SQNR to FP32 and, where the model has one, its task metric (FP32's in the heading). "
@@ -99,15 +92,14 @@ def markdown(results: list[dict]) -> str:
              "PTQ beyond noise, else the PTQ model (marked PTQ). \"fails\": the quantizer cannot write that "
              "precision, or onnxruntime cannot run what it wrote (the error is in docs/precision.json).", ""]
     for r in results:
-        metric = f"FP32's {r['metric']}: {r['fp32']['task']:.4f}; " if "task" in r["fp32"] else ""
-        lines += [f"## {r['name']}", "", f"{metric}{r['samples']} calibration samples; measured {r['run']}.", "",
+        lines += [*bench.model_heading(r),
                   "| precision | quantize_static (min-max) | qwt_onnx PTQ | qwt_onnx QwT | QwT − PTQ |", "|---|---|---|---|---|"]
         for name, row in r["rows"].items():
-            ort = _cell(row["ort"], True) if "ort" in row else "cannot write it"
+            ort = bench.cell(row["ort"], True) if "ort" in row else "cannot write it"
             ptq, qwt = row["ptq"], row["qwt"]
             written = "" if "error" in qwt else (" (QwT)" if qwt.get("applied") else " (PTQ)")
             gain = f"{qwt['sqnr_db'] - ptq['sqnr_db']:+.2f} dB" if "error" not in ptq and "error" not in qwt else "—"
-            lines.append(f"| {name} | {ort} | {_cell(ptq, True)} | {_cell(qwt, True)}{written} | {gain} |")
+            lines.append(f"| {name} | {ort} | {bench.cell(ptq, True)} | {bench.cell(qwt, True)}{written} | {gain} |")
         lines.append("")
     return "\n".join(lines + [PAPER, ""])
 
@@ -121,10 +113,7 @@ def main() -> None:
     parser.add_argument("--precisions", default=",".join(label(p) for p in PRECISIONS), help="comma-separated, e.g. W4A8,W8A16")
     args = parser.parse_args()
     data = os.path.join(os.path.dirname(args.out), "precision.json")
-    results = []
-    if args.merge and os.path.exists(data):
-        with open(data) as f:
-            results = json.load(f)
+    results = bench.stored_results(data, args.merge)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qwt-precision-") as folder:
         chosen = [p for p in PRECISIONS if label(p) in args.precisions.split(",")]
@@ -135,11 +124,7 @@ def main() -> None:
             if earlier is not None:  # rows of precisions not re-run are kept, in their order
                 fresh["rows"] = {key: fresh["rows"].get(key, row) for key, row in earlier["rows"].items()} | fresh["rows"]
             results = [r for r in results if r["name"] != name] + [fresh]
-    with open(data, "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    with open(args.out, "w") as f:
-        f.write(markdown(results))
-    print(f"wrote {args.out} in {(time.perf_counter() - started) / 60:.1f} minutes")
+    bench.store_results(results, data, args.out, markdown(results), started)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ Weighted ops matched by an ``Exclusions`` keep float weights and inputs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import onnx_ir as ir
 
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics.hessian import InputGeometry
 from qwt_onnx.options import Target
 
 
@@ -80,6 +82,40 @@ class Placement:
                 if axis is not None:
                     axes[node.inputs[0].name] = axis
         return axes
+
+    def hessian_inputs(self, most: int) -> dict[str, tuple[str, InputGeometry]]:
+        """Per weight read by one op that multiplies it by its input's rows or patches (a 2-D
+        MatMul / Gemm weight, a convolution's) of at most ``most`` values, that input and how the
+        op reads it: whose second moments error-feedback rounding needs."""
+        inputs = {}
+        for site in self.weights:
+            if len(site.readers) != 1:
+                continue
+            node = site.readers[0][0]
+            geometry = input_geometry(node)
+            shape = site.weight.const_value.shape
+            width = math.prod(shape[1:]) if len(shape) > 2 else shape[1 - site.axis]
+            if geometry is not None and width <= most:
+                inputs[site.weight.name] = (node.inputs[0].name, geometry)
+        return inputs
+
+
+def input_geometry(node: ir.Node) -> InputGeometry | None:
+    """How ``node`` reads its data input against its weight; None for a weight of another rank."""
+    rank = len(g.weight_input(node).const_value.shape)
+    if node.op_type == "Conv" and rank > 2:
+        a = node.attributes
+        return InputGeometry(
+            kernel=tuple(g.weight_input(node).const_value.shape[2:]),
+            strides=tuple(a.get_ints("strides", ())),
+            pads=tuple(a.get_ints("pads", ())),
+            dilations=tuple(a.get_ints("dilations", ())),
+            group=a.get_int("group", 1),
+            auto_pad=a.get_string("auto_pad", "NOTSET"),
+        )
+    if node.op_type in ("MatMul", "Gemm") and rank == 2:
+        return InputGeometry(transposed=node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0)))
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,10 @@ Bias correction: given the per-channel means of the weighted ops' inputs, the
 mean output error of each weight's rounding is subtracted in the op's bias (a
 Conv's or Gemm's own, a MatMul's following Add), so rounding adds noise but no
 offset (Nagel et al., "Data-Free Quantization", 2019).
+
+Rounding: to the nearest grid point, or, given the second moments of a weight's
+inputs, with error feedback (GPTQ, :mod:`qwt_onnx.numerics.rounding`) on the same
+grid, pair-safe weights kept pair-safe.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import onnx_ir as ir
 from qwt_onnx.analysis.placement import ActivationSite, Exclusions, WeightSite, place
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.numerics import rounding, saturation
 from qwt_onnx.options import Target, WeightRange
 
 
@@ -48,6 +53,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         activation_bits: int = 8,
         input_powers: Mapping[str, np.ndarray] | None = None,
         block_size: int = 0,
+        feedback: Mapping[str, rounding.Feedback] | None = None,
     ):
         super().__init__()
         self.ranges = ranges
@@ -58,6 +64,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.input_powers = input_powers or {}  # per-channel mean squares of their inputs: low-bit clipping weighs by them
         self.block_size = block_size  # of 4-bit MatMul weights, along K; 0: per output channel
+        self.feedback = feedback or {}  # by weight, from its op's input second moments: rounding with error feedback
 
     def requires(self, model: ir.Model) -> None:
         missing = sorted(set(place(model.graph, self.target, self.excluded).observed_names) - set(self.ranges))
@@ -91,13 +98,19 @@ class InsertQdqPass(ir.passes.InPlacePass):
         group = reader.attributes.get_int("group", 1) if reader.op_type == "Conv" else 1
         low_bit = power is not None and self.weight_bits < 8
         importance = qm.input_importance(array.shape, site.axis, power, group) if low_bit else None
+        fed_back = self.feedback.get(site.weight.name)
         if self._blocked(site):
             params = qm.blocked_weight_params(array, self.block_size, self.weight_bits, importance)
-            dq = dequantized_weight(names, array, 0, site.weight.name, params, self.block_size)
+            steps = np.repeat(params.scale, self.block_size, axis=0)  # [K, N], one per weight
+            rounded = self._rounded(array, 1, group, steps.T[None], fed_back, pair_safe=False)
+            dq = dequantized_weight(names, array, 0, site.weight.name, params, self.block_size, rounded)
             error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), qm.expand_blocks(params, self.block_size))
         else:
-            params = qm.symmetric_weight_params(array, site.axis, self.portable and site.paired, self.weight_bits, importance)
-            dq = dequantized_weight(names, array, site.axis, site.weight.name, params)
+            pair_safe = self.portable and site.paired
+            params = qm.symmetric_weight_params(array, site.axis, pair_safe, self.weight_bits, importance)
+            steps = params.scale.reshape(group, -1, 1) if array.ndim > 2 else params.scale.reshape(1, -1, 1)
+            rounded = self._rounded(array, site.axis, group, steps, fed_back, pair_safe and self.weight_bits == 8)
+            dq = dequantized_weight(names, array, site.axis, site.weight.name, params, quantized=rounded)
             error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), params, site.axis)
         for node, _ in site.readers:
             mean = self.input_means.get(node.inputs[0].name)
@@ -109,6 +122,18 @@ class InsertQdqPass(ir.passes.InPlacePass):
             node.replace_input_with(index, dq.outputs[0])
         if not site.weight.uses() and site.weight.name in graph.initializers:
             graph.initializers.pop(site.weight.name)
+
+    def _rounded(self, array: np.ndarray, axis: int, group: int, steps: np.ndarray, fed_back: rounding.Feedback | None,
+                 pair_safe: bool) -> np.ndarray | None:
+        """``array`` rounded with error feedback on the grid ``steps`` (``[groups, rows, 1 or inputs]``),
+        or None (nearest) where its inputs' second moments were not taken."""
+        if fed_back is None:
+            return None
+        top = qm.integer_range(self.weight_bits, signed=True)[1]
+        rows = rounding.weight_rows(array, axis, group)
+        partners = rounding.pair_partners(array.shape, axis) if pair_safe else None
+        limit = saturation.PAIR_LIMIT if pair_safe else None
+        return rounding.rows_to_weight(rounding.error_feedback_rounding(rows, fed_back, steps, top, limit, partners), array.shape, axis)
 
     def _blocked(self, site: WeightSite) -> bool:
         """Whether ``site`` takes blocked scales: a MatMul's [K, N] weight whose K the blocks divide."""
@@ -201,11 +226,17 @@ def storage_type(params: qm.QuantParams) -> ir.DataType | None:
 
 
 def dequantized_weight(names: g.NameScope, array: np.ndarray, axis: int, base: str, params: qm.QuantParams,
-                       block_size: int = 0) -> ir.Node:
+                       block_size: int = 0, quantized: np.ndarray | None = None) -> ir.Node:
     """A DequantizeLinear of ``array`` stored as int8 (int4 at 4 bits) with per-channel ``params``
-    along ``axis``, or with ``block_size``, blocked ones along ``axis``."""
+    along ``axis``, or with ``block_size``, blocked ones along ``axis``; rounded to nearest, or
+    the integers ``quantized`` where given."""
     stored = storage_type(params)
-    quantized = qm.quantize(array, qm.expand_blocks(params, block_size)) if block_size else qm.quantize(array, params, axis)
+    if quantized is not None:
+        quantized = quantized.astype(params.dtype)
+    elif block_size:
+        quantized = qm.quantize(array, qm.expand_blocks(params, block_size))
+    else:
+        quantized = qm.quantize(array, params, axis)
     inputs = [
         names.initializer(f"{base}_quantized", quantized, stored),
         names.initializer(f"{base}_scale", params.scale),

@@ -1,0 +1,130 @@
+"""Weight rounding against the strongest ONNX quantizers: quantize_static, AMD Quark, qwt_onnx with and without GPTQ.
+
+    python tools/preconditioning.py --models mtcnn-onet,minilm                    # ours and quantize_static
+    python tools/preconditioning.py --quark /path/to/quark-venv/bin/python --merge # and Quark's recipes
+
+Per zoo model, on the same calibration and evaluation data, each quantizer in its own process
+(time and peak memory measured): onnxruntime's quantize_static (min-max, per-channel QDQ);
+Quark's recipes (tools/quark_baseline.py, in the venv that ``--quark`` names, since Quark pins an
+older onnx and needs torch); qwt_onnx PTQ with weights rounded to nearest (``--rounding
+nearest``) and with its default (``auto``: GPTQ where held-out samples prefer it), then QwT on
+top of each. All W8A8: uint8 per-tensor activations, int8 per-channel weights. Scored on
+evaluation samples that calibration never sees: output SQNR to FP32 (the worst part where the
+model's task needs parts) and the task metric. Writes docs/PRECONDITIONING.md and
+docs/preconditioning.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+from qwt_onnx import zoo
+from qwt_onnx.runtime import samples_axes, take
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (tools/bench.py: measured runs and scoring)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVALUATION = 128  # evaluation samples per model at most
+QUARK_RECIPES = ("layerwise-percentile", "adaround", "smoothquant")
+QUARK_TIMEOUT = 900  # seconds: AdaRound can take minutes per layer
+OURS = {  # key: qwt_onnx options
+    "ptq-nearest": ["--no-qwt", "--rounding", "nearest"],
+    "ptq": ["--no-qwt"],
+    "qwt-nearest": ["--rounding", "nearest"],
+    "qwt": [],
+}
+SLOW = {"vit-s"}
+
+
+def bench_model(name: str, samples: int, folder: str, quark: str | None, recipes: list[str], log) -> dict:
+    entry, prepared = zoo.get(name), zoo.prepare(name)
+    feeds, labels = zoo.load_evaluation(prepared)
+    feeds = take(feeds, samples_axes(prepared.model)[0], slice(None, EVALUATION))
+    labels = None if labels is None else labels[:EVALUATION]
+    reference = list(bench.outputs_of(prepared.model, feeds))
+    variants = {}
+
+    def measured(key: str, command: list[str], out: str, timeout: float | None = None) -> None:
+        try:
+            seconds, rss = bench.run_measured(command, timeout)
+            variants[key] = {"seconds": seconds, "rss_mib": rss, **bench.score(entry, reference, out, feeds, labels)}
+        except Exception as failed:  # a quantizer that cannot quantize this model: say so in the table
+            variants[key] = {"error": str(failed).strip().splitlines()[-1][:160]}
+        log(f"  {key}: {bench.cell(variants[key], digits=2)}")
+
+    out = os.path.join(folder, f"{name}-ort.onnx")
+    measured("quantize_static", [sys.executable, os.path.join(ROOT, "tools", "ort_baseline.py"), prepared.model, out,
+                                 "--calib", prepared.calibration, "--samples", str(samples)], out)
+    for recipe in recipes if quark else []:
+        out = os.path.join(folder, f"{name}-quark-{recipe}.onnx")
+        measured(f"quark {recipe}", [quark, os.path.join(ROOT, "tools", "quark_baseline.py"), prepared.model, out,
+                                     "--calib", prepared.calibration, "--samples", str(samples), "--recipe", recipe], out,
+                 QUARK_TIMEOUT)
+    for key, extra in OURS.items():
+        out, report = (os.path.join(folder, f"{name}-{key}.{ext}") for ext in ("onnx", "json"))
+        command = [sys.executable, "-m", "qwt_onnx", prepared.model, out, "--calib", prepared.calibration, "--samples",
+                   str(samples), "--report", report, "-q", *extra]
+        if entry.outputs:
+            command += ["--outputs", ",".join(entry.outputs)]
+        measured(key, command, out)
+        if "error" not in variants[key]:
+            with open(report) as f:
+                written = json.load(f)
+            variants[key]["applied"] = written["qwt_applied"]
+            variants[key]["gptq_gain_db"] = written["gptq_gain_db"].get(written["ptq_method"])
+    return {"name": name, "metric": entry.metric_name, "fp32": bench.score(entry, reference, prepared.model, feeds, labels),
+            "samples": samples, "variants": variants, "run": f"{datetime.date.today().isoformat()}, {bench.machine()}"}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["# Weight rounding and the strongest ONNX quantizers", "",
+             "From `python tools/preconditioning.py`. " + __doc__.split("\n\n")[2].replace("\n", " "), "",
+             "Cells: evaluation SQNR to FP32 and, where the model has one, its task metric (FP32's in the heading); "
+             "quantization time and peak memory. \"QwT\" rows are what qwt_onnx writes: the QwT model where held-out "
+             "calibration samples show it beats PTQ beyond noise, else the PTQ model (marked PTQ).", ""]
+    for r in results:
+        lines += [*bench.model_heading(r),
+                  "| quantizer | SQNR, task | time | peak memory | note |", "|---|---|---|---|---|"]
+        for key, v in r["variants"].items():
+            if "error" in v:
+                lines.append(f"| {key} | fails | | | {v['error']} |")
+                continue
+            notes = []
+            if "applied" in v and key.startswith("qwt"):
+                notes.append("QwT written" if v["applied"] else "PTQ written")
+            if v.get("gptq_gain_db") is not None:
+                notes.append(f"GPTQ held-out {v['gptq_gain_db']:+.2f} dB ({'kept' if v['gptq_gain_db'] > 0 else 'dropped'})")
+            lines.append(f"| {key} | {bench.cell(v, True, 2)} | {v['seconds']:.0f} s | {v['rss_mib']:.0f} MiB | {'; '.join(notes)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(n for n in zoo.ENTRIES if n not in SLOW))
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--quark", help="the python of a venv with amd-quark and torch installed")
+    parser.add_argument("--quark-recipes", default=",".join(QUARK_RECIPES))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "PRECONDITIONING.md"))
+    parser.add_argument("--merge", action="store_true", help="keep the other models' rows of an earlier run")
+    args = parser.parse_args()
+    data = os.path.join(os.path.dirname(args.out), "preconditioning.json")
+    results = bench.stored_results(data, args.merge)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qwt-preconditioning-") as folder:
+        for name in args.models.split(","):
+            print(f"{name}:", flush=True)
+            fresh = bench_model(name, args.samples, folder, args.quark, args.quark_recipes.split(","), lambda line: print(line, flush=True))
+            results = [r for r in results if r["name"] != name] + [fresh]
+            bench.store_results(results, data, args.out, markdown(results), started)  # a run that stops keeps what it measured
+
+
+if __name__ == "__main__":
+    main()

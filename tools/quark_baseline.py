@@ -1,0 +1,92 @@
+"""AMD Quark's ONNX quantizer on a model, one of its recipes: the strongest ONNX baseline measured here.
+
+    QUARK=/path/to/venv/bin/python
+    $QUARK tools/quark_baseline.py in.onnx out.onnx --calib calib.npz --recipe adaround
+
+Quark (`pip install amd-quark torch`) pins onnx<=1.22 and needs torch, so it runs in a venv of
+its own; this script imports nothing of qwt_onnx. Every recipe writes what qwt_onnx's ``ort``
+target writes: uint8 asymmetric per-tensor activations, int8 symmetric per-channel weights,
+QDQ; they differ in how ranges and weights are chosen:
+
+- ``percentile``: Quark's default activation calibration (per tensor, 99.999th percentile);
+- ``layerwise-percentile``: the percentile chosen per layer for the least output error;
+- ``adaround``: layer-wise percentile, then each layer's weight rounding learned (AdaRound,
+  ``--iterations`` steps on ``--adaround-samples`` samples);
+- ``smoothquant``: min-max with SmoothQuant (alpha 0.5) on the weighted ops.
+
+Not Quark's GPTQConfig: it writes a weight-only model (no activation quantizers; MTCNN's ONet
+came out with 8 DequantizeLinear nodes and no QuantizeLinear), another task than W8A8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import onnx
+from quark.onnx import ModelQuantizer
+from quark.onnx.quantization.config.algorithm import AdaRoundConfig, SmoothQuantConfig
+from quark.onnx.quantization.config.config import QConfig
+from quark.onnx.quantization.config.spec import CalibMethod, Int8Spec, QLayerConfig, QuantGranularity, UInt8Spec
+
+RECIPES = ("percentile", "layerwise-percentile", "adaround", "smoothquant")
+
+
+class Batches:
+    """Quark's calibration data reader over an ``.npz`` keyed by input name, samples on axis 0."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int):
+        self.arrays, self.batch_size, self.start = arrays, batch_size, 0
+        self.count = len(next(iter(arrays.values())))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.start >= self.count:
+            return None
+        stop = min(self.start + self.batch_size, self.count)
+        batch = {name: array[self.start:stop] for name, array in self.arrays.items()}
+        self.start = stop
+        return batch
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def config(recipe: str, args: argparse.Namespace) -> QConfig:
+    method = {"percentile": CalibMethod.Percentile, "smoothquant": CalibMethod.MinMax}.get(recipe, CalibMethod.LayerwisePercentile)
+    activation = UInt8Spec(calibration_method=method)
+    weight = Int8Spec(calibration_method=CalibMethod.MinMax, quant_granularity=QuantGranularity.Channel)
+    algorithms = {
+        "adaround": [AdaRoundConfig(batch_size=args.batch_size, num_batches=max(args.adaround_samples // args.batch_size, 1),
+                                    num_iterations=args.iterations, learning_rate=0.1)],
+        "smoothquant": [SmoothQuantConfig(alpha=0.5)],
+    }.get(recipe, [])
+    return QConfig(global_config=QLayerConfig(activation=activation, weight=weight), algo_config=algorithms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("output")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--recipe", choices=RECIPES, default="layerwise-percentile")
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--adaround-samples", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=200)
+    args = parser.parse_args()
+    with np.load(args.calib) as data:
+        arrays = {name: np.ascontiguousarray(data[name][: args.samples]) for name in data.files}
+    model = onnx.load(args.model)
+    output = os.path.abspath(args.output)
+    os.chdir(os.path.dirname(output))  # Quark writes a quantized_info.csv into the working directory
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:  # Quark's per-channel QDQ needs 13
+        model = onnx.version_converter.convert_version(model, 13)
+    started = time.perf_counter()
+    ModelQuantizer(config(args.recipe, args)).quantize_model(model, output, Batches(arrays, args.batch_size))
+    print(f"quark {args.recipe}: {time.perf_counter() - started:.1f} s -> {output}")
+
+
+if __name__ == "__main__":
+    main()
