@@ -4,7 +4,8 @@
     $QUARK tools/quark_baseline.py in.onnx out.onnx --calib calib.npz --recipe adaround
 
 Quark (`pip install amd-quark torch`) pins onnx<=1.22 and needs torch, so it runs in a venv of
-its own; this script imports nothing of qwt_onnx. Every recipe writes what qwt_onnx's ``ort``
+its own; of qwt_onnx this script takes only how the calibration file lays out its samples
+(qwt_onnx.runtime, which needs no more than numpy, onnx and onnxruntime). Every recipe writes what qwt_onnx's ``ort``
 target writes: uint8 asymmetric per-tensor activations, int8 symmetric per-channel weights,
 QDQ; they differ in how ranges and weights are chosen:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -31,26 +33,25 @@ from quark.onnx.quantization.config.algorithm import AdaRoundConfig, SmoothQuant
 from quark.onnx.quantization.config.config import QConfig
 from quark.onnx.quantization.config.spec import CalibMethod, Int8Spec, QLayerConfig, QuantGranularity, UInt8Spec
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qwt_onnx.runtime import count_samples, samples_axes, take  # noqa: E402
+
 RECIPES = ("percentile", "layerwise-percentile", "adaround", "smoothquant")
 
 
 class Batches:
-    """Quark's calibration data reader over an ``.npz`` keyed by input name, samples on axis 0."""
+    """Quark's calibration data reader: ``batch_size`` samples at a time, each input's on its samples axis."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int):
-        self.arrays, self.batch_size, self.start = arrays, batch_size, 0
-        self.count = len(next(iter(arrays.values())))
+    def __init__(self, arrays: dict[str, np.ndarray], axes: dict[str, int | None], batch_size: int):
+        starts = range(0, count_samples(arrays, axes), batch_size)
+        self.batches = [take(arrays, axes, slice(i, i + batch_size)) for i in starts]
+        self.iterator = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.start >= self.count:
-            return None
-        stop = min(self.start + self.batch_size, self.count)
-        batch = {name: array[self.start:stop] for name, array in self.arrays.items()}
-        self.start = stop
-        return batch
+        return next(self.iterator, None)
 
     def rewind(self) -> None:
-        self.start = 0
+        self.iterator = iter(self.batches)
 
 
 def config(recipe: str, args: argparse.Namespace) -> QConfig:
@@ -76,15 +77,16 @@ def main() -> None:
     parser.add_argument("--adaround-samples", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=200)
     args = parser.parse_args()
-    with np.load(args.calib) as data:
-        arrays = {name: np.ascontiguousarray(data[name][: args.samples]) for name in data.files}
     model = onnx.load(args.model)
+    axes = samples_axes(model)[0]
+    with np.load(args.calib) as data:
+        arrays = take({name: data[name] for name in data.files}, axes, slice(None, args.samples))
     output = os.path.abspath(args.output)
     os.chdir(os.path.dirname(output))  # Quark writes a quantized_info.csv into the working directory
     if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:  # Quark's per-channel QDQ needs 13
         model = onnx.version_converter.convert_version(model, 13)
     started = time.perf_counter()
-    ModelQuantizer(config(args.recipe, args)).quantize_model(model, output, Batches(arrays, args.batch_size))
+    ModelQuantizer(config(args.recipe, args)).quantize_model(model, output, Batches(arrays, axes, args.batch_size))
     print(f"quark {args.recipe}: {time.perf_counter() - started:.1f} s -> {output}")
 
 
