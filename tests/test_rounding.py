@@ -52,6 +52,24 @@ def test_inputs_never_seen_are_rounded_without_breaking_the_factorisation():
     assert np.all(np.isfinite(fed_back)) and np.abs(fed_back).max() <= 127
 
 
+@pytest.mark.parametrize("case", ["indefinite", "not finite", "constant input"])
+def test_moments_short_of_positive_definite_still_round(case):
+    rng = np.random.default_rng(7)
+    if case == "constant input":  # a centred constant leaves rounding noise, as streamed float32 sums do
+        moments = SecondMoments(InputGeometry(), batches=1)
+        moments.update(np.full((64, 12), 3.0, np.float32) + rng.normal(0, 1e-6, (64, 12)).astype(np.float32))
+        hessian = moments.hessian(centered=True)
+    else:
+        a = rng.standard_normal((1, 12, 12))
+        hessian = a + a.transpose(0, 2, 1)  # symmetric, eigenvalues of both signs
+        if case == "not finite":
+            hessian[0, 3, 4] = np.nan
+    weight = rng.standard_normal((5, 12))
+    step = np.abs(weight).max(axis=1, keepdims=True) / 7
+    integers = rounding.error_feedback_rounding(weight[None], rounding.feedback(hessian), step[None], 7)[0]
+    assert np.abs(integers).max() <= 7 and np.abs(integers * step - weight).max() <= 7 * step.max()
+
+
 def test_pair_safe_weights_stay_pair_safe():
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)

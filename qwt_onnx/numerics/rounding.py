@@ -21,6 +21,8 @@ import dataclasses
 import numpy as np
 
 DAMPING = 0.01  # of the mean diagonal added to H, as GPTQ: keeps H⁻¹ stable where inputs are correlated
+DAMPING_GROWTH = (1, 10, 100, 1000, 10_000, 100_000, 1_000_000)  # tried in turn where H is not positive definite
+DEAD_INPUT = 1e-9  # of the largest diagonal: an input whose variance is rounding noise
 COLUMN_BLOCK = 128  # columns whose corrections are applied lazily, as one matrix product
 
 
@@ -64,21 +66,34 @@ class Feedback:
 
 def feedback(hessian: np.ndarray, damping: float = DAMPING) -> Feedback:
     """The :class:`Feedback` of second moments ``hessian`` ``[G, d, d]``. Inputs never seen (a
-    zero diagonal) get a unit diagonal: their weights move nothing."""
+    diagonal at rounding-noise level, as a centred constant input leaves) are cut loose: their
+    weights move nothing. Where streamed sums leave ``H`` short of positive definite, the damping
+    grows tenfold, up to a millionfold; past that, no feedback (rounding to nearest)."""
     hessian = hessian.astype(np.float64)
+    hessian = (hessian + hessian.transpose(0, 2, 1)) / 2
     diagonal = np.einsum("gii->gi", hessian)
     order = np.argsort(-diagonal, axis=1, kind="stable")
+    nearest = Feedback(order, np.broadcast_to(np.eye(hessian.shape[1], dtype=np.float32), hessian.shape).copy())
+    if not np.isfinite(hessian).all():
+        return nearest
     hessian = np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1), order[:, None, :], axis=2)
-    diagonal = np.einsum("gii->gi", hessian)  # a view: writes go to hessian
-    dead = diagonal <= 0
-    diagonal[dead] = 1.0
+    diagonal = np.einsum("gii->gi", hessian).copy()
+    dead = diagonal <= DEAD_INPUT * np.maximum(diagonal.max(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    hessian[np.broadcast_to(dead[:, :, None], hessian.shape) | np.broadcast_to(dead[:, None, :], hessian.shape)] = 0.0
+    diagonal = np.where(dead, 1.0, diagonal)
     alive_mean = np.where(dead, 0.0, diagonal).sum(axis=1) / np.maximum((~dead).sum(axis=1), 1)
-    diagonal += damping * alive_mean[:, None]
-    # H = V Vᵀ with V upper triangular (the lower Cholesky factor of H reversed end to end) makes
-    # H⁻¹ = (V⁻¹)ᵀ V⁻¹: V⁻¹ is the upper factor wanted, at the cost of one factorisation and one inverse
-    reverse = slice(None, None, -1)
-    upper = np.linalg.cholesky(hessian[:, reverse, reverse])[:, reverse, reverse]
-    return Feedback(order, np.linalg.inv(upper).astype(np.float32))
+    identity = np.eye(hessian.shape[1], dtype=bool)
+    for growth in DAMPING_GROWTH:
+        damped = np.where(identity, (diagonal + damping * growth * alive_mean[:, None])[:, :, None], hessian)
+        try:
+            # H = V Vᵀ with V upper triangular (the lower Cholesky factor of H reversed end to end)
+            # makes H⁻¹ = (V⁻¹)ᵀ V⁻¹: V⁻¹ is the upper factor wanted, for one factorisation and one inverse
+            reverse = slice(None, None, -1)
+            upper = np.linalg.cholesky(damped[:, reverse, reverse])[:, reverse, reverse]
+            return Feedback(order, np.linalg.inv(upper).astype(np.float32))
+        except np.linalg.LinAlgError:
+            continue
+    return nearest
 
 
 def error_feedback_rounding(
