@@ -161,6 +161,23 @@ def score(entry, reference: list[dict], model: str, feeds, labels) -> dict:
     return result
 
 
+def qwt_command(entry, prepared, out: str, report: str, samples: int, *extra: str) -> list[str]:
+    """The command line that quantizes a zoo model with qwt_onnx as ``zoo:NAME`` would (its task's outputs decide)."""
+    command = [sys.executable, "-m", "qwt_onnx", prepared.model, out, "--calib", prepared.calibration,
+               "--samples", str(samples), "--report", report, "-q", *extra]
+    return command + (["--outputs", ",".join(entry.outputs)] if entry.outputs else [])
+
+
+def measured(command: list[str], out: str, entry, reference: list[dict], feeds, labels, timeout: float | None = None) -> dict:
+    """Run a quantizer's ``command`` (time, peak memory) and score the model it writes to ``out``;
+    where it fails, the error's last line, for the table to say so."""
+    try:
+        seconds, rss = run_measured(command, timeout)
+        return {"seconds": seconds, "rss_mib": rss, **score(entry, reference, out, feeds, labels)}
+    except Exception as failed:  # a quantizer that cannot quantize this model or write this precision
+        return {"error": str(failed).strip().splitlines()[-1][:160]}
+
+
 def cell(v: dict, metric: bool = False, digits: int = 1) -> str:
     """A scored variant as a table cell: its SQNR (and task metric), or "fails" where it has an error."""
     if "error" in v:
@@ -219,11 +236,7 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
 
     def ours(key: str, *extra: str) -> None:
         out, report = os.path.join(folder, f"{name}-{key}.onnx"), os.path.join(folder, f"{name}-{key}.json")
-        command = [python, "-m", "qwt_onnx", prepared.model, out, "--calib", prepared.calibration,
-                   "--samples", str(samples), "--report", report, "-q", *extra]
-        if entry.outputs:  # as zoo:NAME quantizes it
-            command += ["--outputs", ",".join(entry.outputs)]
-        seconds, rss = run_measured(command)
+        seconds, rss = run_measured(qwt_command(entry, prepared, out, report, samples, *extra))
         with open(report) as f:
             variants[key] = Variant(key, out, seconds, rss, json.load(f))
         log(f"  {key}: {seconds:.0f} s, {rss:.0f} MiB")

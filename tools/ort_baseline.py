@@ -50,9 +50,9 @@ class NpzReader(CalibrationDataReader):
 
 def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16,
              weight_bits: int = 8, activation_bits: int = 8) -> None:
-    model = _at_least_opset_13(model, output)
+    model = at_least_opset_13(model, output)
     axes = samples_axes(model)[0]
-    reader = NpzReader(calib, samples, _fixed_batch(model) or batch_size, axes)
+    reader = NpzReader(calib, samples, fixed_batch(model) or batch_size, axes)
     stride = max(d for d in range(1, BATCHES_PER_CHUNK + 1) if len(reader) % d == 0)
     quantize_static(
         model,
@@ -67,7 +67,7 @@ def quantize(model: str, output: str, calib: str, method: str, samples: int = 51
     )
 
 
-def _fixed_batch(model: str) -> int | None:
+def fixed_batch(model: str) -> int | None:
     """The batch size a model's first fed input is exported with, where it is fixed (PicoDet: 1)."""
     graph = onnx.load(model, load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
@@ -76,7 +76,7 @@ def _fixed_batch(model: str) -> int | None:
     return (dims[0].dim_value or None) if dims else None
 
 
-def _at_least_opset_13(model: str, output: str) -> str:
+def at_least_opset_13(model: str, output: str) -> str:
     """Per-channel QDQ needs opset 13; quantize_static keeps an older opset and writes an invalid
     model, so convert first, as onnxruntime's documentation tells its users to."""
     proto = onnx.load(model)

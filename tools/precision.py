@@ -60,14 +60,11 @@ def bench_model(name: str, samples: int, folder: str, log, precisions=PRECISIONS
             out = os.path.join(folder, f"{name}-{label(precision)}-ort.onnx")
             command = [sys.executable, os.path.join(ROOT, "tools", "ort_baseline.py"), prepared.model, out, "--calib",
                        prepared.calibration, "--samples", str(samples), *bits]
-            row["ort"] = _measured(command, out, entry, reference, feeds, labels)
+            row["ort"] = bench.measured(command, out, entry, reference, feeds, labels)
         for key, extra in (("ptq", ["--no-qwt"]), ("qwt", [])):
             out, report = (os.path.join(folder, f"{name}-{label(precision)}-{key}.{ext}") for ext in ("onnx", "json"))
-            command = [sys.executable, "-m", "qwt_onnx", prepared.model, out, "--calib", prepared.calibration, "--samples",
-                       str(samples), "--report", report, "-q", *bits, *extra]
-            if entry.outputs:
-                command += ["--outputs", ",".join(entry.outputs)]
-            row[key] = _measured(command, out, entry, reference, feeds, labels)
+            command = bench.qwt_command(entry, prepared, out, report, samples, *bits, *extra)
+            row[key] = bench.measured(command, out, entry, reference, feeds, labels)
             if "error" not in row[key]:
                 with open(report) as f:
                     row[key]["applied"] = json.load(f)["qwt_applied"]
@@ -75,14 +72,6 @@ def bench_model(name: str, samples: int, folder: str, log, precisions=PRECISIONS
         log(f"  {label(precision)}: " + ", ".join(f"{k} {bench.cell(v)}" for k, v in row.items()))
     return {"name": name, "metric": entry.metric_name, "fp32": fp32, "samples": samples, "rows": rows,
             "run": f"{datetime.date.today().isoformat()}, {bench.machine()}"}
-
-
-def _measured(command, out, entry, reference, feeds, labels) -> dict:
-    try:
-        seconds, _ = bench.run_measured(command)
-        return {"seconds": seconds, **bench.score(entry, reference, out, feeds, labels)}
-    except Exception as failed:  # a quantizer that cannot write or run this precision: say so in the table
-        return {"error": str(failed).strip().splitlines()[-1][:160]}
 
 
 def markdown(results: list[dict]) -> str:

@@ -52,11 +52,7 @@ def bench_model(name: str, samples: int, folder: str, quark: str | None, recipes
     variants = {}
 
     def measured(key: str, command: list[str], out: str, timeout: float | None = None) -> None:
-        try:
-            seconds, rss = bench.run_measured(command, timeout)
-            variants[key] = {"seconds": seconds, "rss_mib": rss, **bench.score(entry, reference, out, feeds, labels)}
-        except Exception as failed:  # a quantizer that cannot quantize this model: say so in the table
-            variants[key] = {"error": str(failed).strip().splitlines()[-1][:160]}
+        variants[key] = bench.measured(command, out, entry, reference, feeds, labels, timeout)
         log(f"  {key}: {bench.cell(variants[key], digits=2)}")
 
     out = os.path.join(folder, f"{name}-ort.onnx")
@@ -69,11 +65,7 @@ def bench_model(name: str, samples: int, folder: str, quark: str | None, recipes
                  QUARK_TIMEOUT)
     for key, extra in OURS.items():
         out, report = (os.path.join(folder, f"{name}-{key}.{ext}") for ext in ("onnx", "json"))
-        command = [sys.executable, "-m", "qwt_onnx", prepared.model, out, "--calib", prepared.calibration, "--samples",
-                   str(samples), "--report", report, "-q", *extra]
-        if entry.outputs:
-            command += ["--outputs", ",".join(entry.outputs)]
-        measured(key, command, out)
+        measured(key, bench.qwt_command(entry, prepared, out, report, samples, *extra), out)
         if "error" not in variants[key]:
             with open(report) as f:
                 written = json.load(f)

@@ -4,9 +4,9 @@
     $QUARK tools/quark_baseline.py in.onnx out.onnx --calib calib.npz --recipe adaround
 
 Quark (`pip install amd-quark torch`) pins onnx<=1.22 and needs torch, so it runs in a venv of
-its own; of qwt_onnx this script takes only how the calibration file lays out its samples
-(qwt_onnx.runtime, which needs no more than numpy, onnx and onnxruntime). Every recipe writes what qwt_onnx's ``ort``
-target writes: uint8 asymmetric per-tensor activations, int8 symmetric per-channel weights,
+its own; it reads the calibration data and converts old opsets as tools/ort_baseline.py does
+(which needs no more of qwt_onnx than numpy, onnx and onnxruntime). Every recipe writes what
+qwt_onnx's ``ort`` target writes: uint8 asymmetric per-tensor activations, int8 symmetric per-channel weights,
 QDQ; they differ in how ranges and weights are chosen:
 
 - ``percentile``: Quark's default activation calibration (per tensor, 99.999th percentile);
@@ -26,7 +26,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import onnx
 from quark.onnx import ModelQuantizer
 from quark.onnx.quantization.config.algorithm import AdaRoundConfig, SmoothQuantConfig
@@ -34,24 +33,12 @@ from quark.onnx.quantization.config.config import QConfig
 from quark.onnx.quantization.config.spec import CalibMethod, Int8Spec, QLayerConfig, QuantGranularity, UInt8Spec
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qwt_onnx.runtime import count_samples, samples_axes, take  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ort_baseline import NpzReader, at_least_opset_13, fixed_batch  # noqa: E402  (as quantize_static gets them)
+
+from qwt_onnx.runtime import samples_axes  # noqa: E402
 
 RECIPES = ("percentile", "layerwise-percentile", "adaround", "smoothquant")
-
-
-class Batches:
-    """Quark's calibration data reader: ``batch_size`` samples at a time, each input's on its samples axis."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], axes: dict[str, int | None], batch_size: int):
-        starts = range(0, count_samples(arrays, axes), batch_size)
-        self.batches = [take(arrays, axes, slice(i, i + batch_size)) for i in starts]
-        self.iterator = iter(self.batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.iterator, None)
-
-    def rewind(self) -> None:
-        self.iterator = iter(self.batches)
 
 
 def config(recipe: str, args: argparse.Namespace) -> QConfig:
@@ -77,16 +64,12 @@ def main() -> None:
     parser.add_argument("--adaround-samples", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=200)
     args = parser.parse_args()
-    model = onnx.load(args.model)
-    axes = samples_axes(model)[0]
-    with np.load(args.calib) as data:
-        arrays = take({name: data[name] for name in data.files}, axes, slice(None, args.samples))
     output = os.path.abspath(args.output)
+    model = at_least_opset_13(args.model, output)  # Quark's per-channel QDQ needs opset 13 too
+    reader = NpzReader(args.calib, args.samples, fixed_batch(model) or args.batch_size, samples_axes(model)[0])
     os.chdir(os.path.dirname(output))  # Quark writes a quantized_info.csv into the working directory
-    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:  # Quark's per-channel QDQ needs 13
-        model = onnx.version_converter.convert_version(model, 13)
     started = time.perf_counter()
-    ModelQuantizer(config(args.recipe, args)).quantize_model(model, output, Batches(arrays, axes, args.batch_size))
+    ModelQuantizer(config(args.recipe, args)).quantize_model(onnx.load(model), output, reader)
     print(f"quark {args.recipe}: {time.perf_counter() - started:.1f} s -> {output}")
 
 

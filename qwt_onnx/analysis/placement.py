@@ -102,18 +102,18 @@ class Placement:
 
 def input_geometry(node: ir.Node) -> InputGeometry | None:
     """How ``node`` reads its data input against its weight; None for a weight of another rank."""
-    rank = len(g.weight_input(node).const_value.shape)
-    if node.op_type == "Conv" and rank > 2:
+    shape = g.weight_input(node).const_value.shape
+    if node.op_type == "Conv" and len(shape) > 2:
         a = node.attributes
         return InputGeometry(
-            kernel=tuple(g.weight_input(node).const_value.shape[2:]),
+            kernel=tuple(shape[2:]),
             strides=tuple(a.get_ints("strides", ())),
             pads=tuple(a.get_ints("pads", ())),
             dilations=tuple(a.get_ints("dilations", ())),
             group=a.get_int("group", 1),
             auto_pad=a.get_string("auto_pad", "NOTSET"),
         )
-    if node.op_type in ("MatMul", "Gemm") and rank == 2:
+    if node.op_type in ("MatMul", "Gemm") and len(shape) == 2:
         return InputGeometry(transposed=node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0)))
     return None
 

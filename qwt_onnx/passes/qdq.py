@@ -101,14 +101,14 @@ class InsertQdqPass(ir.passes.InPlacePass):
         fed_back = self.feedback.get(site.weight.name)
         if self._blocked(site):
             params = qm.blocked_weight_params(array, self.block_size, self.weight_bits, importance)
-            steps = np.repeat(params.scale, self.block_size, axis=0)  # [K, N], one per weight
-            rounded = self._rounded(array, 1, group, steps.T[None], fed_back, pair_safe=False)
+            expanded = qm.expand_blocks(params, self.block_size)  # a step per weight, [K, N]
+            rounded = self._rounded(array, 1, group, expanded.scale.T[None], fed_back, pair_safe=False)
             dq = dequantized_weight(names, array, 0, site.weight.name, params, self.block_size, rounded)
-            error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), qm.expand_blocks(params, self.block_size))
+            error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), expanded)
         else:
             pair_safe = self.portable and site.paired
             params = qm.symmetric_weight_params(array, site.axis, pair_safe, self.weight_bits, importance)
-            steps = params.scale.reshape(group, -1, 1) if array.ndim > 2 else params.scale.reshape(1, -1, 1)
+            steps = params.scale.reshape(group, -1, 1)  # a step per output channel, as weight_rows lays them out
             rounded = self._rounded(array, site.axis, group, steps, fed_back, pair_safe and self.weight_bits == 8)
             dq = dequantized_weight(names, array, site.axis, site.weight.name, params, quantized=rounded)
             error = array - qm.dequantize(dq.inputs[0].const_value.numpy(), params, site.axis)
