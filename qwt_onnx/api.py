@@ -17,6 +17,7 @@ the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -30,17 +31,21 @@ from onnx_ir.passes.common import TopologicalSortPass
 from qwt_onnx import check, observe
 from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import capture
-from qwt_onnx.analysis.placement import Exclusions, place
+from qwt_onnx.analysis.equalization import ChannelGroup, channel_groups, consumer_weights
+from qwt_onnx.analysis.placement import Exclusions, Placement, place
 from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import equalization as eqn
 from qwt_onnx.numerics import metrics, rounding
 from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Rounding, Target, WeightRange
 from qwt_onnx.options import Compensation as CompensationKind
+from qwt_onnx.options import Equalization as EqualizationChoice
 from qwt_onnx.passes import affine, qdq, splice
+from qwt_onnx.passes.equalize import EqualizeChannelsPass
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.report import BlockReport, Report
 from qwt_onnx.runtime import samples_axes
@@ -77,6 +82,9 @@ class Candidate:
     weighted_clipping_gain_db: float | None = None  # held-out, where both were built
     gptq: bool = False  # weights rounded with error feedback, or to nearest
     gptq_gain_db: float | None = None  # held-out, where both were built
+    equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # α per tensor whose channels were equalized (float_model)
+    equalization_gain_db: float | None = None  # held-out, where both were built
+    float_model: ir.Model | None = None  # the FP32 model its Q/DQ went into, where not the run's
     # The same ranges with bias correction the other way, where both were built: which of the
     # two QwT compensates better is tried apart from which PTQ prefers.
     other_correction: Candidate | None = None
@@ -318,73 +326,200 @@ def given_candidate(run: _Run, quantized: ModelLike) -> list[Candidate]:
 def ptq_candidates(run: _Run) -> list[Candidate]:
     """Our PTQ model per calibration method; with ``--bias-correction auto``, the best method's
     with and without bias correction, whichever scores better on held-out samples; with
-    ``--rounding auto``, that model's weights rounded with error feedback or to nearest, likewise.
+    ``--rounding auto``, that model's weights rounded with error feedback or to nearest, likewise;
+    with ``--equalization auto``, that model's made again on the model with its channels
+    equalized, likewise (``on``: every candidate on that model).
 
     The correction is decided once, on the best method: it adds to each bias the mean error of
     its op's rounded weights on the FP32 inputs, which no activation range changes, so every
     method gets the same one (the methods are ranked with it, as most models keep it). Whether
     it helps can depend on the ranges, though: on ddddocr's YOLOX detector it gives percentile
     +5.9 dB and costs MSE 5.9; ranking all six models would cost two more evaluations. The
-    rounding is decided last, on the chosen model, for the same reason."""
+    rounding and the equalization are decided last, on the chosen model, for the same reason."""
     o = run.options
     placement = place(run.fp.graph, o.target, run.excluded)
-    corrected = o.bias_correction != BiasCorrection.OFF
-    seen = observe.observe(
-        prepare.to_proto(run.fp), placement.observed_names, run.calib, run.batch_size,
-        placement.channel_axes() if corrected or o.weight_bits < 8 else None,
-        placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None,
-    )
+    groups = channel_groups(run.fp.graph) if o.equalization != EqualizationChoice.OFF else []
+    seen = _observe(run, run.fp, placement, groups)
     run.reference(seen.reference)
     methods = CalibMethod.methods() if o.calib_method == CalibMethod.AUTO else (o.calib_method,)
     if o.calib_method == CalibMethod.AUTO and not run.calib.heldout_mask.any():
         methods = (CalibMethod.PERCENTILE,)
         run.warnings.warn("one calibration sample leaves none to compare calibration methods; using percentile")
+    if o.equalization == EqualizationChoice.ON and groups:
+        # the ranges are the method's where one is given; auto's choice among them is to come
+        method = o.calib_method if o.calib_method != CalibMethod.AUTO else CalibMethod.MSE
+        equalized = _equalized(run, groups, seen, method)
+        if equalized is not None:
+            return _search(_Builder(run, methods, equalized.model, _observe_equalized(run, equalized, seen, placement), equalized))
+    candidates = _search(_Builder(run, methods, run.fp, seen))
+    if o.equalization == EqualizationChoice.AUTO and groups:
+        best = _best(candidates)
+        equalized = _equalized(run, groups, seen, CalibMethod(best.method))
+        if equalized is not None:
+            seen = _observe_equalized(run, equalized, seen, placement)
+            builder = _Builder(run, (CalibMethod(best.method),), equalized.model, seen, equalized)
+            chosen = _better_equalization(builder, best)
+            candidates = [chosen if c is best else c for c in candidates]
+    return candidates
 
+
+@dataclasses.dataclass
+class _Equalized:
+    """The FP32 model with channel groups equalized, the choice per group's tensor and the
+    scales each tensor of their chains now carries."""
+
+    model: ir.Model
+    choices: dict[str, eqn.Equalization]
+    scaled: dict[str, np.ndarray]
+
+
+def _equalized(run: _Run, groups: list[ChannelGroup], seen: observe.Observation, method: CalibMethod) -> _Equalized | None:
+    """``run.fp`` with each channel group's scales moved into its weights where that lowers its
+    consumers' output error with ``method``'s activation ranges; None where it lowers it nowhere."""
+    o, choices = run.options, {}
     symmetric = o.target == Target.TRT
-    ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in seen.ranges.items()}
-              for method in methods}
+    range_of = functools.partial(compute_range, method=method.value, symmetric=symmetric, bits=o.activation_bits)
+    for group in groups:
+        quantized = [eqn.QuantizedActivation(*seen.extremes[v.name], seen.samples[v.name]) for v in group.chain if v.name in seen.samples]
+        if not quantized:  # the consumers are left in float
+            continue
+        choice = eqn.equalize(quantized, seen.powers[group.tensor.name], consumer_weights(group), range_of, o.weight_bits,
+                              o.activation_bits, symmetric, o.weights == WeightRange.PORTABLE)
+        if choice.scaled:
+            choices[group.tensor.name] = choice
+    if not choices:
+        return None
+    model = run.fp.clone()
+    EqualizeChannelsPass({name: choice.scales for name, choice in choices.items()})(model)
+    scaled = {value.name: choices[group.tensor.name].scales for group in groups if group.tensor.name in choices for value in group.chain}
+    return _Equalized(model, choices, scaled)
 
-    feedback: dict[bool, dict[str, rounding.Feedback]] = {}  # by whether bias correction centres the moments
 
-    def candidate(method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool = o.rounding == Rounding.GPTQ) -> Candidate:
-        model = run.fp.clone()
-        if gptq and corrected not in feedback:
+def _observe_equalized(run: _Run, equalized: _Equalized, seen: observe.Observation, placement: Placement) -> observe.Observation:
+    """What a pass of the equalized model would see, from ``seen`` (the FP32 model's): only the
+    quantized tensors that carry a scale are observed again (a histogram does not rescale per
+    channel); their per-channel statistics and the second moments of the ops that read them
+    are ``seen``'s, rescaled, and every other tensor's are as they were."""
+    scaled = equalized.scaled
+    again = observe.observe(prepare.to_proto(equalized.model), [n for n in placement.observed_names if n in scaled], run.calib,
+                            run.batch_size)
+    inputs = placement.hessian_inputs(observe.HESSIAN_INPUTS)
+
+    def rescaled(statistics: dict, power: int = 1) -> dict:
+        return {name: value / scaled[name] ** power if name in scaled else value for name, value in statistics.items()}
+
+    moments = {weight: m.rescaled(scaled[inputs[weight][0]]) if inputs[weight][0] in scaled else m
+               for weight, m in seen.second_moments.items()}
+    extremes = {name: (low / scaled[name], high / scaled[name]) if name in scaled else (low, high)
+                for name, (low, high) in seen.extremes.items()}
+    return observe.Observation({**seen.ranges, **again.ranges}, rescaled(seen.means), rescaled(seen.powers, 2), extremes,
+                               seen.reference, moments)
+
+
+def _observe(run: _Run, fp: ir.Model, placement: Placement, groups: list[ChannelGroup] = ()) -> observe.Observation:
+    """One pass of ``fp`` over the calibration data: the ranges of the tensors to quantize, the
+    per-channel statistics of the weighted ops' inputs where bias correction or low-bit clipping
+    needs them and of the channel groups' tensors, and the weights' input moments for GPTQ."""
+    o = run.options
+    axes = placement.channel_axes() if o.bias_correction != BiasCorrection.OFF or o.weight_bits < 8 else {}
+    # of each chain, the tensors quantized (their samples) and the consumers' input (its power)
+    observed = set(placement.observed_names)
+    sampled = {value.name: group.axis for group in groups for value in group.chain if value.name in observed}
+    axes.update({group.tensor.name: group.axis for group in groups})
+    return observe.observe(
+        prepare.to_proto(fp), placement.observed_names, run.calib, run.batch_size, {**axes, **sampled},
+        placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None, sampled,
+    )
+
+
+@dataclasses.dataclass
+class _Builder:
+    """Builds and scores PTQ models of one FP32 model (``run.fp`` or its equalized copy) from one
+    observation of it, for the calibration ``methods``."""
+
+    run: _Run
+    methods: tuple[CalibMethod, ...]
+    fp: ir.Model
+    seen: observe.Observation
+    equalized: _Equalized | None = None
+    _feedback: dict[bool, dict[str, rounding.Feedback]] = dataclasses.field(default_factory=dict)  # by whether bias correction centres the moments
+
+    def __post_init__(self) -> None:
+        o = self.run.options
+        symmetric = o.target == Target.TRT
+        self.ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in self.seen.ranges.items()}
+                       for method in self.methods}
+
+    def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
+                  scored: bool = True) -> Candidate:
+        o, seen = self.run.options, self.seen
+        gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
+        model = self.fp.clone()
+        if gptq and corrected not in self._feedback:
             # bias correction removes the rounding's mean error: what is left to minimise is its variance
-            feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
-        qdq.InsertQdqPass(ranges[method], o.target, run.excluded, o.weights, seen.means if corrected else None,
+            self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
+        qdq.InsertQdqPass(self.ranges[method], o.target, self.run.excluded, o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          feedback[corrected] if gptq else None)(model)
-        label = f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
-        return Candidate(method.value, model, run.heldout_score(model, f"evaluating PTQ ({label})"), corrected, weighted,
-                         gptq=gptq)
+                          self._feedback[corrected] if gptq else None)(model)
+        label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
+                 f"{', equalized' if self.equalized else ''}")
+        score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
+        return Candidate(method.value, model, score, corrected, weighted, gptq=gptq,
+                         float_model=self.fp if self.equalized else None,
+                         equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
 
-    def corrected_or_not(method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
+    def corrected_or_not(self, method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
         """The better of the method's models with and without bias correction."""
-        first = first or candidate(method, True, weighted, gptq)
-        return _better_of([first, candidate(method, not first.bias_corrected, weighted, gptq)])
+        first = first or self.candidate(method, True, weighted, gptq)
+        return _better_of([first, self.candidate(method, not first.bias_corrected, weighted, gptq)])
 
-    candidates = [candidate(method, corrected) for method in methods]
-    if o.weight_bits < 8 and seen.powers:
+
+def _search(builder: _Builder) -> list[Candidate]:
+    """The PTQ model per calibration method, then the best one's bias correction and rounding."""
+    o = builder.run.options
+    corrected = o.bias_correction != BiasCorrection.OFF
+    candidates = [builder.candidate(method, corrected) for method in builder.methods]
+    if o.weight_bits < 8 and builder.seen.powers:
         # Weighing each weight's rounding error by its input's mean square is the output's error
         # where inputs are uncorrelated; where they are not it can do worse (Silero VAD at W4A4 with
         # percentile ranges: 1.8 dB lower held out, with min-max and MSE 2.5 and 2.8 dB higher), so
         # held-out samples decide, per method.
-        candidates = [_better_clipping(c, candidate(CalibMethod(c.method), corrected, weighted=False)) for c in candidates]
+        candidates = [_better_clipping(c, builder.candidate(CalibMethod(c.method), corrected, weighted=False)) for c in candidates]
     if o.bias_correction == BiasCorrection.AUTO:
         best = _best(candidates)
-        pair = corrected_or_not(CalibMethod(best.method), best.weighted_clipping, best.gptq, best)
+        pair = builder.corrected_or_not(CalibMethod(best.method), best.weighted_clipping, best.gptq, best)
         pair = dataclasses.replace(pair, weighted_clipping_gain_db=best.weighted_clipping_gain_db)
         candidates = [pair if c is best else c for c in candidates]
-    if o.rounding == Rounding.AUTO and seen.second_moments:
+    if o.rounding == Rounding.AUTO and builder.seen.second_moments:
         best = _best(candidates)
         method = CalibMethod(best.method)
         if o.bias_correction == BiasCorrection.AUTO:
-            gptq = corrected_or_not(method, best.weighted_clipping, True)
+            gptq = builder.corrected_or_not(method, best.weighted_clipping, True)
         else:
-            gptq = candidate(method, best.bias_corrected, best.weighted_clipping, True)
+            gptq = builder.candidate(method, best.bias_corrected, best.weighted_clipping, True)
         chosen = _better_rounding(best, gptq)
         candidates = [chosen if c is best else c for c in candidates]
     return candidates
+
+
+def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
+    """Of ``plain`` and the same PTQ on the equalized model, the better on held-out samples
+    (``plain`` where either is unscored), with the gain of equalizing; the equalized one keeps
+    the bias correction the other way for QwT's trial, as ``plain`` does."""
+    method = CalibMethod(plain.method)
+    equalized = builder.candidate(method, plain.bias_corrected, plain.weighted_clipping, plain.gptq)
+    if plain.sqnr_db is None or equalized.sqnr_db is None:
+        return plain
+    gain = equalized.sqnr_db - plain.sqnr_db
+    if gain <= 0:
+        return dataclasses.replace(plain, equalization_gain_db=gain)
+    other = plain.other_correction
+    if other is not None:
+        other = builder.candidate(method, other.bias_corrected, other.weighted_clipping, other.gptq, scored=False)
+    return dataclasses.replace(
+        equalized, equalization_gain_db=gain, other_correction=other, bias_correction_gain_db=plain.bias_correction_gain_db,
+        weighted_clipping_gain_db=plain.weighted_clipping_gain_db, gptq_gain_db=plain.gptq_gain_db,
+    )
 
 
 def _better_rounding(nearest: Candidate, gptq: Candidate) -> Candidate:
@@ -570,7 +705,7 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
     # Our own Q/DQ pass keeps the FP32 meaning of every boundary tensor; a given QDQ model may not.
     exact = candidate.method != GIVEN
     results = capture.fit_blocks(
-        run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
+        candidate.float_model or run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
         branch_options=run.branch_options, check=run.output_check(calib),
     )
     branches, folds, reports = [], [], []
@@ -648,6 +783,9 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         weighted_clipping_gain_db={c.method: c.weighted_clipping_gain_db for c in candidates if c.weighted_clipping_gain_db is not None},
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
+        equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
+        equalized=dict(ptq.equalized),
+        equalization_gain_db=ptq.equalization_gain_db,
         selection_samples=selection.samples,
         blocks=blocks,
         ptq_method=ptq.method,

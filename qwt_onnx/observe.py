@@ -19,23 +19,30 @@ STATISTICS_THREADS = min(4, os.cpu_count() or 1)
 # The most inputs per row whose second moments are taken (a float32 [d, d] each): a VGG's first
 # dense layer after its Flatten reads 25,088 (2.5 GB); its weights are rounded to nearest
 HESSIAN_INPUTS = 8192
+SAMPLE_ROWS = 4096  # of each tensor sampled whole across its channels (channel equalization's choice)
 
 
 @dataclasses.dataclass
 class ChannelMoments:
-    """Streaming per-channel mean and mean square of one tensor, its channels on ``axis``."""
+    """Streaming per-channel mean, mean square and extremes of one tensor, its channels on ``axis``."""
 
     axis: int
     total: np.ndarray | None = None
     squares: np.ndarray | None = None
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
     count: int = 0
 
     def update(self, x: np.ndarray) -> None:
         others = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
         sums = np.sum(x, axis=others, dtype=np.float64)
         squares = np.square(x, dtype=np.float32).sum(axis=others, dtype=np.float64)
-        self.total = sums if self.total is None else self.total + sums
-        self.squares = squares if self.squares is None else self.squares + squares
+        low, high = x.min(axis=others), x.max(axis=others)
+        if self.count == 0:
+            self.total, self.squares, self.low, self.high = sums, squares, low, high
+        else:
+            self.total, self.squares = self.total + sums, self.squares + squares
+            self.low, self.high = np.minimum(self.low, low), np.maximum(self.high, high)
         self.count += x.size // max(x.shape[self.axis], 1)
 
     @property
@@ -48,14 +55,40 @@ class ChannelMoments:
 
 
 @dataclasses.dataclass
+class ChannelSample:
+    """Rows of one tensor's values across its channels (on ``axis``), drawn at random positions
+    over all updates: ``rows`` in all, the ``batches`` updates to come each drawing its share."""
+
+    axis: int
+    batches: int
+    rows: int = SAMPLE_ROWS
+    seed: int = 0
+    parts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    _rng: np.random.Generator | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        positions = np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis])
+        share = min(-(-self.rows // max(self.batches, 1)), len(positions))
+        self.parts.append(positions[self._rng.choice(len(positions), share, replace=False)].astype(np.float32))
+
+    @property
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.parts)
+
+
+@dataclasses.dataclass
 class Observation:
     """What one pass of the FP32 model over the calibration data saw."""
 
     ranges: dict[str, RangeObserver]  # of the tensors to quantize
     means: dict[str, np.ndarray]  # per channel, of the tensors asked for
     powers: dict[str, np.ndarray]  # their mean squares, per channel
+    extremes: dict[str, tuple[np.ndarray, np.ndarray]]  # their smallest and largest values, per channel
     reference: dict[str, np.ndarray] | None  # the model's outputs on the scoring samples, where batches do not change them
     second_moments: dict[str, SecondMoments] = dataclasses.field(default_factory=dict)  # of the weights' inputs, by weight
+    samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # [rows, channels] of the tensors asked for
 
 
 def observe(
@@ -65,22 +98,25 @@ def observe(
     batch_size: int,
     channel_axes: Mapping[str, int] | None = None,
     hessian_inputs: Mapping[str, tuple[str, InputGeometry]] | None = None,
+    sampled: Mapping[str, int] | None = None,
 ) -> Observation:
-    """Range statistics of ``tensors``, per-channel means and mean squares of the tensors in
-    ``channel_axes`` and, per weight in ``hessian_inputs``, the second moments of the rows its op
-    reads from its input (sampled), over all samples; and the model outputs on the scoring
-    samples (None where their shapes depend on the batch)."""
-    channel_axes, hessian_inputs = channel_axes or {}, hessian_inputs or {}
+    """Range statistics of ``tensors``, per-channel means, mean squares and extremes of the
+    tensors in ``channel_axes``, per weight in ``hessian_inputs`` the second moments of the rows
+    its op reads from its input (sampled), and rows of the tensors in ``sampled`` (with their
+    channel axes), over all samples; and the model outputs on the scoring samples (None where
+    their shapes depend on the batch)."""
+    channel_axes, hessian_inputs, sampled = channel_axes or {}, hessian_inputs or {}, sampled or {}
     output_names = [o.name for o in model.graph.output]
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
-    runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values())]))
+    runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values()), *sampled]))
     observers = {name: RangeObserver() for name in tensors}
     means = {name: ChannelMoments(axis) for name, axis in channel_axes.items()}
     batches = calib.num_batches(batch_size)
     moments = {weight: SecondMoments(geometry, batches, seed) for seed, (weight, (_, geometry)) in enumerate(hessian_inputs.items())}
+    samples = {name: ChannelSample(axis, batches, seed=seed) for seed, (name, axis) in enumerate(sampled.items())}
     heldout = calib.scoring_mask
     kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
-    statistics = [*observers.items(), *means.items(), *((hessian_inputs[w][0], m) for w, m in moments.items())]
+    statistics = [*observers.items(), *means.items(), *((hessian_inputs[w][0], m) for w, m in moments.items()), *samples.items()]
     with ThreadPoolExecutor(STATISTICS_THREADS) as pool:
         for batch in calib.batches(batch_size, description="calibrating ranges"):
             values = {**batch.feeds, **runner(batch.feeds)}
@@ -94,8 +130,9 @@ def observe(
     # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
     reference = None if batch_dependent else {name: np.concatenate(parts) for name, parts in kept.items()}
-    return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()}, reference,
-                       moments)
+    return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()},
+                       {name: (m.low, m.high) for name, m in means.items()}, reference, moments,
+                       {name: s.sample for name, s in samples.items()})
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:

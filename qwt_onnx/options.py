@@ -70,6 +70,12 @@ class Rounding(Choice):
     GPTQ = "gptq"  # error feedback from each rounded input column to the rest (Frantar et al., 2023)
 
 
+class Equalization(Choice):
+    AUTO = "auto"  # with and without, the better on held-out samples
+    ON = "on"
+    OFF = "off"
+
+
 WEIGHT_BITS = (8, 6, 4)
 ACTIVATION_BITS = (8, 16, 6, 4)
 
@@ -154,6 +160,13 @@ class Options:
         "weight rounding: nearest, or gptq (each weight's rounding error fed forward to the weights of its output "
         "channel not yet rounded, by its op's input statistics; same grid, same graph), or auto (the better on "
         "held-out samples)",
+    )
+    equalization: Equalization = _option(
+        Equalization.AUTO,
+        "channel equalization: per-channel scales moved from activations into the weights that read them where "
+        "the op before can take the inverse (SmoothQuant after a LayerNorm or dense layer, cross-layer equalization "
+        "between convolutions; no node added), by how much chosen per activation; auto (where it scores better on "
+        "held-out samples), on or off",
     )
 
     def __post_init__(self) -> None:

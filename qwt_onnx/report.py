@@ -47,6 +47,9 @@ class Report:
     weighted_clipping_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)
     gptq: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written: weights rounded with error feedback
     gptq_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out gain of error feedback over nearest
+    equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
+    equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
+    equalization_gain_db: float | None = None  # held-out, of the equalized PTQ model over the same without, where both were built
     selection_samples: int = 0  # QwT's trial was fitted on the first this many samples
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     fit_samples: int = 0  # samples the blocks' fits were made on
@@ -93,6 +96,8 @@ def format_summary(report: Report, source: str) -> str:
     if report.gptq_gain_db:
         gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if report.gptq[m] else 'dropped'})" for m, g in report.gptq_gain_db.items())
         lines.append(f"GPTQ weight rounding, held-out gain over rounding to nearest: {gains}")
+    if report.equalizable:
+        lines.append(_equalization(report))
     trials = [_scores(report.method_qwt_sqnr_db, report.qwt_trial)] if report.method_qwt_sqnr_db else []
     trials += [f"{m} no branch kept" for m in report.qwt_trials_without_branch]
     if trials:
@@ -131,6 +136,19 @@ def format_summary(report: Report, source: str) -> str:
     written = "QwT" if report.qwt_applied else "PTQ"
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
     return "\n".join(lines)
+
+
+def _equalization(report: Report) -> str:
+    line = f"channel equalization: {report.equalizable} activations can move channel scales into the weights that read them"
+    if report.equalized:
+        alphas = sorted(set(report.equalized.values()))
+        line += f"; {len(report.equalized)} moved (α {alphas[0]:g}-{alphas[-1]:g})"
+    elif report.equalization_gain_db is None:
+        return f"{line}; none expected to gain"
+    if report.equalization_gain_db is not None:
+        kept = "kept" if report.equalized else "dropped"
+        line += f", held-out gain over the same PTQ without: {report.equalization_gain_db:+.2f} dB ({kept})"
+    return line
 
 
 def _precision(report: Report) -> str:

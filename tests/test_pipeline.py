@@ -115,11 +115,12 @@ def test_qwt_is_tried_on_the_ptq_weights_with_bias_correction_the_other_way():
     # block's mean error themselves, is better on the corrected weights is tried apart
     model = graphs.resnet()
     calib = graphs.samples(model, 160, seed=1)
-    written, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, rounding="nearest", progress=False)
+    written, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, rounding="nearest",
+                                           equalization="off", progress=False)
     assert report.bias_corrected == {"minmax": True}
     assert set(report.method_qwt_sqnr_db) == {"minmax", "minmax without bias correction"}
     assert report.qwt_bias_corrected == (report.qwt_trial == "minmax")
-    ptq_weights = quantize(model, calib, qwt=False, calib_method="minmax", rounding="nearest",
+    ptq_weights = quantize(model, calib, qwt=False, calib_method="minmax", rounding="nearest", equalization="off",
                            bias_correction="on" if report.qwt_bias_corrected else "off", progress=False)
     biases = lambda m: {t.name: t.raw_data for t in m.graph.initializer if "bias" in t.name and not t.name.startswith("qwt/")}  # noqa: E731
     assert report.qwt_applied and biases(written) == biases(ptq_weights)
@@ -383,10 +384,12 @@ def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(nam
 def test_branches_that_remove_too_little_of_their_block_error_are_dropped():
     model = graphs.resnet()
     calib = graphs.samples(model, 160, seed=1)
-    _, every = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, rounding="nearest", progress=False)
+    _, every = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, rounding="nearest", equalization="off",
+                                    progress=False)
     gains = sorted(1 - b.error_ratio_heldout for b in every.blocks if b.kept)
     threshold = (gains[0] + gains[1]) / 2  # between the weakest branch and the next one
-    _, fewer = quantize_with_report(model, calib, calib_method="minmax", min_gain=threshold, rounding="nearest", progress=False)
+    _, fewer = quantize_with_report(model, calib, calib_method="minmax", min_gain=threshold, rounding="nearest", equalization="off",
+                                    progress=False)
     under = [b for b in fewer.blocks if "under --min-gain" in b.note]
     assert len(under) >= 1 and all(1 - b.error_ratio_heldout < threshold for b in under)
     assert all(1 - b.error_ratio_heldout >= threshold for b in fewer.blocks if b.kept)

@@ -1,4 +1,4 @@
-"""Weight rounding against the strongest ONNX quantizers: quantize_static, AMD Quark, qwt_onnx with and without GPTQ.
+"""Preconditioning against the strongest ONNX quantizers: quantize_static, AMD Quark, qwt_onnx with and without it.
 
     python tools/preconditioning.py --models mtcnn-onet,minilm                    # ours and quantize_static
     python tools/preconditioning.py --quark /path/to/quark-venv/bin/python --merge # and Quark's recipes
@@ -6,9 +6,9 @@
 Per zoo model, on the same calibration and evaluation data, each quantizer in its own process
 (time and peak memory measured): onnxruntime's quantize_static (min-max, per-channel QDQ);
 Quark's recipes (tools/quark_baseline.py, in the venv that ``--quark`` names, since Quark pins an
-older onnx and needs torch); qwt_onnx PTQ with weights rounded to nearest (``--rounding
-nearest``) and with its default (``auto``: GPTQ where held-out samples prefer it), then QwT on
-top of each. All W8A8: uint8 per-tensor activations, int8 per-channel weights. Scored on
+older onnx and needs torch); qwt_onnx PTQ without preconditioning (``--rounding nearest
+--equalization off``) and with its default (``auto``: GPTQ rounding and channel equalization,
+each where held-out samples prefer it), then QwT on top of each. All W8A8: uint8 per-tensor activations, int8 per-channel weights. Scored on
 evaluation samples that calibration never sees: output SQNR to FP32 (the worst part where the
 model's task needs parts) and the task metric. Writes docs/PRECONDITIONING.md and
 docs/preconditioning.json.
@@ -34,10 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATION = 128  # evaluation samples per model at most
 QUARK_RECIPES = ("layerwise-percentile", "adaround", "smoothquant")
 QUARK_TIMEOUT = 900  # seconds: AdaRound can take minutes per layer
+PLAIN = ["--rounding", "nearest", "--equalization", "off"]
 OURS = {  # key: qwt_onnx options
-    "ptq-nearest": ["--no-qwt", "--rounding", "nearest"],
+    "ptq-plain": ["--no-qwt", *PLAIN],
     "ptq": ["--no-qwt"],
-    "qwt-nearest": ["--rounding", "nearest"],
+    "qwt-plain": PLAIN,
     "qwt": [],
 }
 SLOW = {"vit-s"}
@@ -71,12 +72,14 @@ def bench_model(name: str, samples: int, folder: str, quark: str | None, recipes
                 written = json.load(f)
             variants[key]["applied"] = written["qwt_applied"]
             variants[key]["gptq_gain_db"] = written["gptq_gain_db"].get(written["ptq_method"])
+            variants[key]["equalization_gain_db"] = written.get("equalization_gain_db")
+            variants[key]["equalizable"] = written.get("equalizable", 0)
     return {"name": name, "metric": entry.metric_name, "fp32": bench.score(entry, reference, prepared.model, feeds, labels),
             "samples": samples, "variants": variants, "run": f"{datetime.date.today().isoformat()}, {bench.machine()}"}
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["# Weight rounding and the strongest ONNX quantizers", "",
+    lines = ["# Preconditioning and the strongest ONNX quantizers", "",
              "From `python tools/preconditioning.py`. " + __doc__.split("\n\n")[2].replace("\n", " "), "",
              "Cells: evaluation SQNR to FP32 and, where the model has one, its task metric (FP32's in the heading); "
              "quantization time and peak memory. \"QwT\" rows are what qwt_onnx writes: the QwT model where held-out "
@@ -93,6 +96,11 @@ def markdown(results: list[dict]) -> str:
                 notes.append("QwT written" if v["applied"] else "PTQ written")
             if v.get("gptq_gain_db") is not None:
                 notes.append(f"GPTQ held-out {v['gptq_gain_db']:+.2f} dB ({'kept' if v['gptq_gain_db'] > 0 else 'dropped'})")
+            if v.get("equalization_gain_db") is not None:
+                gain = v["equalization_gain_db"]
+                notes.append(f"equalization held-out {gain:+.2f} dB ({'kept' if gain > 0 else 'dropped'})")
+            elif v.get("equalizable"):
+                notes.append(f"equalization: {v['equalizable']} activations could take it, none expected to gain")
             lines.append(f"| {key} | {bench.cell(v, True, 2)} | {v['seconds']:.0f} s | {v['rss_mib']:.0f} MiB | {'; '.join(notes)} |")
         lines.append("")
     return "\n".join(lines)

@@ -112,6 +112,17 @@ class SecondMoments:
         self.sums = sums if self.sums is None else self.sums + sums
         self.count += rows.shape[1]
 
+    def rescaled(self, scales: np.ndarray) -> SecondMoments:
+        """The moments of the same rows with input channel k divided by ``scales[k]`` (rows
+        ordered like the weight's ``[C_in / g, *k]``: a patch entry's channel is its index over
+        ``prod(k)``, offset by its group's channels)."""
+        taps = math.prod(self.geometry.kernel)
+        groups, width = self.sums.shape
+        channel = np.arange(groups)[:, None] * (width // taps) + np.arange(width)[None, :] // taps
+        factor = 1.0 / np.asarray(scales, dtype=np.float64)[channel]  # [G, d]
+        products = (self.products * (factor[:, :, None] * factor[:, None, :])).astype(self.products.dtype)
+        return dataclasses.replace(self, products=products, sums=self.sums * factor)
+
     def hessian(self, centered: bool) -> np.ndarray:
         """``E[x xᵀ]``, or with ``centered`` the covariance ``E[(x − μ)(x − μ)ᵀ]``: what is left of
         the output error once bias correction has removed its mean."""
