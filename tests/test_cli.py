@@ -40,10 +40,12 @@ def test_quantizes_with_a_summary_and_a_report(files):
     assert result.returncode == 0, result.stderr
     assert "4 blocks found" in result.stdout and "held-out output SQNR" in result.stdout and str(out) in result.stdout
     assert "GPTQ weight rounding, held-out gain over rounding to nearest: minmax" in result.stdout
+    assert "channel equalization: 3 activations can move channel scales" in result.stdout
     onnx.checker.check_model(str(out))
     figures = json.loads(report.read_text())
     assert len(figures["blocks"]) == 4 and figures["samples"] == 48 and figures["method"] == "minmax"
     assert set(figures["gptq_gain_db"]) == {"minmax"} and figures["options"]["rounding"] == "auto"
+    assert figures["equalizable"] == 3 and figures["options"]["equalization"] == "auto"
 
 
 @pytest.mark.slow
@@ -96,6 +98,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--groups-factor", "-8"], "--groups-factor must be"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--kernel-size", "2"], "--kernel-size must be a positive odd"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--rounding", "up"], "invalid choice: 'up'"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--equalization", "maybe"], "invalid choice: 'maybe'"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-nodes", "/stem/(conv"], "not a valid regular expression"),
     ],
 )
