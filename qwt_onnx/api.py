@@ -410,10 +410,8 @@ def _observe_equalized(run: _Run, equalized: _Equalized, seen: observe.Observati
 
     moments = {weight: m.rescaled(scaled[inputs[weight][0]]) if inputs[weight][0] in scaled else m
                for weight, m in seen.second_moments.items()}
-    extremes = {name: (low / scaled[name], high / scaled[name]) if name in scaled else (low, high)
-                for name, (low, high) in seen.extremes.items()}
-    return observe.Observation({**seen.ranges, **again.ranges}, rescaled(seen.means), rescaled(seen.powers, 2), extremes,
-                               seen.reference, moments)
+    return observe.Observation({**seen.ranges, **again.ranges}, rescaled(seen.means), rescaled(seen.powers, 2), seen.reference,
+                               moments)
 
 
 def _observe(run: _Run, fp: ir.Model, placement: Placement, groups: list[ChannelGroup] = ()) -> observe.Observation:
@@ -422,12 +420,12 @@ def _observe(run: _Run, fp: ir.Model, placement: Placement, groups: list[Channel
     needs them and of the channel groups' tensors, and the weights' input moments for GPTQ."""
     o = run.options
     axes = placement.channel_axes() if o.bias_correction != BiasCorrection.OFF or o.weight_bits < 8 else {}
-    # of each chain, the tensors quantized (their samples) and the consumers' input (its power)
+    # of each chain, the tensors quantized (their samples and extremes) and the consumers' input (its power)
     observed = set(placement.observed_names)
     sampled = {value.name: group.axis for group in groups for value in group.chain if value.name in observed}
     axes.update({group.tensor.name: group.axis for group in groups})
     return observe.observe(
-        prepare.to_proto(fp), placement.observed_names, run.calib, run.batch_size, {**axes, **sampled},
+        prepare.to_proto(fp), placement.observed_names, run.calib, run.batch_size, axes,
         placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None, sampled,
     )
 

@@ -24,25 +24,19 @@ SAMPLE_ROWS = 4096  # of each tensor sampled whole across its channels (channel 
 
 @dataclasses.dataclass
 class ChannelMoments:
-    """Streaming per-channel mean, mean square and extremes of one tensor, its channels on ``axis``."""
+    """Streaming per-channel mean and mean square of one tensor, its channels on ``axis``."""
 
     axis: int
     total: np.ndarray | None = None
     squares: np.ndarray | None = None
-    low: np.ndarray | None = None
-    high: np.ndarray | None = None
     count: int = 0
 
     def update(self, x: np.ndarray) -> None:
         others = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
         sums = np.sum(x, axis=others, dtype=np.float64)
         squares = np.square(x, dtype=np.float32).sum(axis=others, dtype=np.float64)
-        low, high = x.min(axis=others), x.max(axis=others)
-        if self.count == 0:
-            self.total, self.squares, self.low, self.high = sums, squares, low, high
-        else:
-            self.total, self.squares = self.total + sums, self.squares + squares
-            self.low, self.high = np.minimum(self.low, low), np.maximum(self.high, high)
+        self.total = sums if self.total is None else self.total + sums
+        self.squares = squares if self.squares is None else self.squares + squares
         self.count += x.size // max(x.shape[self.axis], 1)
 
     @property
@@ -57,13 +51,16 @@ class ChannelMoments:
 @dataclasses.dataclass
 class ChannelSample:
     """Rows of one tensor's values across its channels (on ``axis``), drawn at random positions
-    over all updates: ``rows`` in all, the ``batches`` updates to come each drawing its share."""
+    over all updates (``rows`` in all, the ``batches`` updates to come each drawing its share),
+    and each channel's smallest and largest value over every position."""
 
     axis: int
     batches: int
     rows: int = SAMPLE_ROWS
     seed: int = 0
     parts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
     _rng: np.random.Generator | None = None
 
     def update(self, x: np.ndarray) -> None:
@@ -72,6 +69,9 @@ class ChannelSample:
         positions = np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis])
         share = min(-(-self.rows // max(self.batches, 1)), len(positions))
         self.parts.append(positions[self._rng.choice(len(positions), share, replace=False)].astype(np.float32))
+        low, high = positions.min(axis=0), positions.max(axis=0)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
 
     @property
     def sample(self) -> np.ndarray:
@@ -85,10 +85,10 @@ class Observation:
     ranges: dict[str, RangeObserver]  # of the tensors to quantize
     means: dict[str, np.ndarray]  # per channel, of the tensors asked for
     powers: dict[str, np.ndarray]  # their mean squares, per channel
-    extremes: dict[str, tuple[np.ndarray, np.ndarray]]  # their smallest and largest values, per channel
     reference: dict[str, np.ndarray] | None  # the model's outputs on the scoring samples, where batches do not change them
     second_moments: dict[str, SecondMoments] = dataclasses.field(default_factory=dict)  # of the weights' inputs, by weight
     samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # [rows, channels] of the tensors asked for
+    extremes: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)  # theirs, per channel: smallest, largest
 
 
 def observe(
@@ -100,10 +100,10 @@ def observe(
     hessian_inputs: Mapping[str, tuple[str, InputGeometry]] | None = None,
     sampled: Mapping[str, int] | None = None,
 ) -> Observation:
-    """Range statistics of ``tensors``, per-channel means, mean squares and extremes of the
-    tensors in ``channel_axes``, per weight in ``hessian_inputs`` the second moments of the rows
-    its op reads from its input (sampled), and rows of the tensors in ``sampled`` (with their
-    channel axes), over all samples; and the model outputs on the scoring samples (None where
+    """Range statistics of ``tensors``, per-channel means and mean squares of the tensors in
+    ``channel_axes``, per weight in ``hessian_inputs`` the second moments of the rows its op reads
+    from its input (sampled), and rows and per-channel extremes of the tensors in ``sampled``
+    (with their channel axes), over all samples; and the model outputs on the scoring samples (None where
     their shapes depend on the batch)."""
     channel_axes, hessian_inputs, sampled = channel_axes or {}, hessian_inputs or {}, sampled or {}
     output_names = [o.name for o in model.graph.output]
@@ -131,8 +131,8 @@ def observe(
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
     reference = None if batch_dependent else {name: np.concatenate(parts) for name, parts in kept.items()}
     return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()},
-                       {name: (m.low, m.high) for name, m in means.items()}, reference, moments,
-                       {name: s.sample for name, s in samples.items()})
+                       reference, moments, {name: s.sample for name, s in samples.items()},
+                       {name: (s.low, s.high) for name, s in samples.items()})
 
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:
