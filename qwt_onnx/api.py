@@ -76,6 +76,7 @@ class Candidate:
     method: str
     model: ir.Model
     score: Score | None
+    _: dataclasses.KW_ONLY  # the choices below are many and alike: named, never by position
     bias_corrected: bool = False
     bias_correction_gain_db: float | None = None  # held-out, where both were built
     weighted_clipping: bool = True  # below 8 weight bits: clipping weighed by input powers, or plain (see ptq_candidates)
@@ -462,7 +463,7 @@ class _Builder:
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
-        return Candidate(method.value, model, score, corrected, weighted, gptq=gptq,
+        return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq,
                          float_model=self.fp if self.equalized else None,
                          equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
 
@@ -778,6 +779,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         qwt_trials_without_branch=list(selection.without_branch),
         bias_corrected={c.method: c.bias_corrected for c in candidates},
         bias_correction_gain_db={c.method: c.bias_correction_gain_db for c in candidates if c.bias_correction_gain_db is not None},
+        weighted_clipping={c.method: c.weighted_clipping for c in candidates} if run.options.weight_bits < 8 else {},
         weighted_clipping_gain_db={c.method: c.weighted_clipping_gain_db for c in candidates if c.weighted_clipping_gain_db is not None},
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},

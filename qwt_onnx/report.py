@@ -43,7 +43,8 @@ class Report:
     qwt_trials_without_branch: list[str] = dataclasses.field(default_factory=list)  # tried, but no block kept one
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
-    # below 8 weight bits: the held-out gain of clipping weighed by input powers over plain clipping
+    # below 8 weight bits, per method as written: whether clipping weighs by input powers, and its held-out gain over plain
+    weighted_clipping: dict[str, bool] = dataclasses.field(default_factory=dict)
     weighted_clipping_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)
     gptq: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written: weights rounded with error feedback
     gptq_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out gain of error feedback over nearest
@@ -91,7 +92,8 @@ def format_summary(report: Report, source: str) -> str:
         )
         lines.append(f"bias correction, held-out gain: {gains}")
     if report.weighted_clipping_gain_db:
-        gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if g >= 0 else 'dropped'})" for m, g in report.weighted_clipping_gain_db.items())
+        gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if report.weighted_clipping[m] else 'dropped'})"
+                          for m, g in report.weighted_clipping_gain_db.items())
         lines.append(f"weight clipping weighed by input powers, held-out gain over plain clipping: {gains}")
     if report.gptq_gain_db:
         gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if report.gptq[m] else 'dropped'})" for m, g in report.gptq_gain_db.items())

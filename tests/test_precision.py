@@ -93,6 +93,17 @@ def test_held_out_samples_decide_per_method_whether_clipping_weighs_by_input_pow
     assert eight.weighted_clipping_gain_db == {}  # 8-bit weights are not clipped
 
 
+def test_the_clipping_held_out_samples_chose_is_the_one_bias_correction_and_rounding_are_tried_on():
+    # on this model every method's held-out samples prefer plain clipping: the choices made after
+    # it (bias correction, GPTQ) must build on plain clipping too, and say so
+    model = graphs.resnet()
+    _, report = quantize_with_report(model, graphs.samples(model, 64, 0), qwt=False, weight_bits=4, progress=False)
+    assert max(report.weighted_clipping_gain_db.values()) < 0
+    assert report.weighted_clipping == {m: False for m in report.method_sqnr_db}
+    # bias correction was tried both ways on the best method only: the others have no gain to show
+    assert set(report.bias_correction_gain_db) == {report.ptq_method}
+
+
 def test_int4_weights_are_stored_as_int4_at_opset_21_and_run():
     model = graphs.resnet()
     written = _ptq(model, weight_bits=4)
