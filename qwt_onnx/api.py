@@ -237,7 +237,7 @@ class _Run:
         return capture.BranchOptions(
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
             o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation == CompensationKind.AFFINE,
-            o.activation_bits,
+            o.activation_bits, o.rank,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -715,10 +715,12 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
         if res.kept and res.affine is not None:
             folds.append(res.affine)
         elif res.kept:
+            low = res.low_rank
             branch = splice.Branch(
-                f"block{k}", res.branch_input, res.block.output, res.result.fit.weight, res.result.fit.bias, res.layout,
-                int8_scale=res.int8_scale, target=run.options.target, input_range=res.input_range,
-                output_range=res.output_range, activation_bits=run.options.activation_bits,
+                f"block{k}", res.branch_input, res.block.output, res.result.fit.weight if low is None else low.down,
+                res.result.fit.bias, res.layout, int8_scale=res.int8_scale, target=run.options.target,
+                input_range=res.input_range, output_range=res.output_range, activation_bits=run.options.activation_bits,
+                up=None if low is None else low.up,
             )
             branches.append(branch)
             entry = dataclasses.replace(entry, parameters=branch.num_parameters)
@@ -744,7 +746,7 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
     return dataclasses.replace(
         entry, r2_train=fit.r2_train, r2_heldout=fit.r2_heldout, error_ratio_heldout=fit.error_ratio_heldout,
         note=res.skipped or fit.reason, channels=fit.scale.size if res.plan.fold_site else fit.fit.bias.size,
-        channels_kept=fit.kept_targets, output_gain_db=res.output_gain_db,
+        channels_kept=fit.kept_targets, output_gain_db=res.output_gain_db, rank=res.low_rank.rank if res.low_rank else None,
     )
 
 

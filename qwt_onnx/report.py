@@ -21,6 +21,7 @@ class BlockReport:
     parameters: int = 0
     output_gain_db: float | None = None  # of the worst model output it reaches, held-out, where checked
     fold_site: str | None = None  # affine compensation: the weighted op it folds into, kept or not
+    rank: int | None = None  # a low-rank branch's; None: full
     note: str = ""
 
 
@@ -117,6 +118,7 @@ def format_summary(report: Report, source: str) -> str:
             name = b.name if len(b.name) <= 40 else "…" + b.name[-39:]
             kept = f"{b.channels_kept}/{b.channels}" if b.channels else "none"
             kept += f" folded into {b.fold_site}" if b.kept and b.fold_site else ""
+            kept += f", rank {b.rank}" if b.kept and b.rank else ""
             lines.append(f"  {k:>2}  {name:<40} {r2} {change} {gain}  {kept} {b.note}".rstrip())
     if report.sqnr_ptq_db is not None:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"

@@ -99,6 +99,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--kernel-size", "2"], "--kernel-size must be a positive odd"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--rounding", "up"], "invalid choice: 'up'"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--equalization", "maybe"], "invalid choice: 'maybe'"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--branch-rank", "0"], "--branch-rank must be auto, full or a positive"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-nodes", "/stem/(conv"], "not a valid regular expression"),
     ],
 )

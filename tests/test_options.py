@@ -27,10 +27,17 @@ def test_the_weight_range_follows_the_target_unless_it_is_given():
     ({"min_gain": 1.0}, "--min-gain must be at least 0 and below 1"),
     ({"exclude_op_types": "Conv("}, "--exclude-op-types: 'Conv(' is not a valid regular expression"),
     ({"batch_size": "16"}, "--batch-size must be an integer"),
+    ({"branch_rank": "half"}, "--branch-rank must be auto, full or a positive integer"),
+    ({"branch_rank": -4}, "--branch-rank must be auto, full or a positive integer"),
 ])
 def test_a_bad_value_names_the_option_and_the_fix(changes, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("'", ".")):
         Options().replace(**changes)
+
+
+def test_the_branch_rank_is_auto_full_or_a_number_given_as_text_or_not():
+    assert Options().rank == 0 and Options(branch_rank="full").rank is None
+    assert Options(branch_rank=16).rank == Options(branch_rank="16").rank == 16
 
 
 def test_an_unknown_option_is_a_type_error():

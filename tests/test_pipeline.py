@@ -32,7 +32,9 @@ PORTABLE = {**PLAIN, "weight_range": "portable"}
 MODELS = {
     "transformer": (graphs.transformer, "entropy", 0.8, PORTABLE),
     "masked-transformer": (lambda: graphs.transformer(layers=2, mask=True), "entropy", 0.8, PLAIN),
-    "post-ln-bert": (graphs.bert, "entropy", None, PLAIN),
+    # full-rank branches gain within the noise of its held-out samples here: the guard's case
+    # (low-rank ones clear it: test_low_rank_branches_...)
+    "post-ln-bert": (graphs.bert, "entropy", None, {**PLAIN, "branch_rank": "full"}),
     "resnet": (graphs.resnet, "percentile", 0.8, PLAIN),
     "mobilenet": (graphs.mobilenet, "percentile", 0.8, PLAIN),
     "nhwc-resnet": (graphs.nhwc_resnet, "percentile", 0.99, PLAIN),
@@ -358,7 +360,7 @@ def _optimized_ops(model, folder) -> list[str]:
 def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(name, build, method, integer_kernel, tmp_path):
     model = build()
     calib = graphs.samples(model, 160, seed=1)
-    options = {"calib_method": method, "progress": False, **graphs.SYSTEMATIC_ERROR}
+    options = {"calib_method": method, "progress": False, "branch_rank": "full", **graphs.SYSTEMATIC_ERROR}
     ptq = quantize(model, calib, qwt=False, **options)
     int8, report = quantize_with_report(model, calib, **options)
     floating = quantize(model, calib, branch_precision="float", **options)
@@ -379,6 +381,45 @@ def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(nam
     reference = _outputs(model, test)
     errors = [mean_squared_error(reference, _outputs(m, test)) for m in (ptq, int8, floating)]
     assert errors[1] < 0.8 * errors[0] and errors[1] < 1.1 * errors[2]
+
+
+def test_low_rank_branches_keep_nearly_all_of_the_full_branches_gain_at_a_fraction_of_their_weights(tmp_path):
+    model = graphs.transformer(dim=64)
+    calib, test = graphs.samples(model, 160, seed=1), graphs.samples(model, 64, seed=2)
+    options = {"calib_method": "entropy", "min_gain": 0.0, "progress": False, **graphs.SYSTEMATIC_ERROR}
+    ptq = quantize(model, calib, qwt=False, **options)
+    full, full_report = quantize_with_report(model, calib, branch_rank="full", **options)
+    low, report = quantize_with_report(model, calib, **options)  # auto
+    kept = [b for b in report.blocks if b.kept]
+    assert report.qwt_applied and kept and all(b.rank is not None and b.rank < 64 for b in kept)
+    assert report.added_parameters < 0.3 * full_report.added_parameters
+    # the down projection is an int8 QDQ MatMul (pair-safe weights), the up projection a float one
+    producers = {o: n for n in low.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in low.graph.initializer}
+    downs = [n for n in low.graph.node if n.name.startswith("qwt/") and "/down/" in n.name]
+    ups = [n for n in low.graph.node if n.name.startswith("qwt/") and "/up/" in n.name]
+    assert len(downs) == len(ups) == len(kept)
+    for down, up in zip(downs, ups):
+        assert producers[down.input[0]].op_type == producers[down.input[1]].op_type == "DequantizeLinear"
+        assert not saturation.overflowing_pairs(inits[producers[down.input[1]].input[0]], 1).any()
+        assert up.input[0] == down.output[0] and inits[up.input[1]].dtype == np.float32
+    assert _optimized_ops(low, tmp_path).count("MatMulIntegerToFloat") == _optimized_ops(ptq, tmp_path).count("MatMulIntegerToFloat") + len(kept)
+    reference = _outputs(model, test)
+    errors = {name: mean_squared_error(reference, _outputs(m, test)) for name, m in (("ptq", ptq), ("full", full), ("low", low))}
+    assert errors["low"] < 0.9 * errors["ptq"] and errors["low"] < 1.1 * errors["full"]
+
+
+def test_low_rank_branches_clear_the_noise_where_full_rank_ones_do_not():
+    # post-LN BERT: the full branches' gain is within the noise of the held-out samples (see
+    # MODELS), the low-rank ones', fitted with fewer parameters on the same rows, is not
+    model = graphs.bert()
+    calib, test = graphs.samples(model, 160, seed=1), graphs.samples(model, 64, seed=2)
+    options = {"calib_method": "entropy", "min_gain": 0.0, "progress": False, **PLAIN}
+    low, report = quantize_with_report(model, calib, **options)
+    assert report.qwt_applied and report.qwt_gain_interval_db[0] > 0
+    reference = _outputs(model, test)
+    ptq = quantize(model, calib, qwt=False, **options)
+    assert mean_squared_error(reference, _outputs(low, test)) < 0.9 * mean_squared_error(reference, _outputs(ptq, test))
 
 
 def test_branches_that_remove_too_little_of_their_block_error_are_dropped():

@@ -72,6 +72,7 @@ LABELS = {
     "qwt-full": "qwt_onnx QwT, full-range weights",
     "qwt-float": "qwt_onnx QwT, float branches",
     "qwt-affine": "qwt_onnx affine compensation, folded (--compensation affine)",
+    "qwt-full-rank": "qwt_onnx QwT, full-rank token branches (--branch-rank full)",
     "qwt-on-ort": "QwT on ORT's best QDQ",
     "qwt-residual": "qwt_onnx QwT, one block per residual branch",
 }
@@ -275,6 +276,8 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     if not quick:
         ours("qwt-float", "--branch-precision", "float", *same_weights)
     ours("qwt-affine", "--compensation", "affine", *same_weights)
+    if any(block.get("rank") for block in report.get("blocks", [])):
+        ours("qwt-full-rank", "--branch-rank", "full", *same_weights)
     if granularity and granularities_differ(prepared.model):
         ours("qwt-residual", "--granularity", "residual", *same_weights)
 

@@ -39,7 +39,7 @@ from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import extract as ex
 from qwt_onnx.graph import query as g
-from qwt_onnx.numerics import metrics
+from qwt_onnx.numerics import metrics, rank
 from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics.affine import AffineFit, ChannelStatistics, fit_channel_affine
 from qwt_onnx.numerics.compensation import Layout, infer_layout
@@ -77,6 +77,9 @@ class BranchOptions:
     symmetric: bool = False
     affine: bool = False
     activation_bits: int = 8  # of the quantizers a branch gets, as the Q/DQ pass quantizes activations
+    # a token branch's rank: None full; 0 the lowest that holds nearly all of the full branch's
+    # held-out gain at most half its cost (or full); else that rank, where it is below full
+    rank: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,7 @@ class BlockResult:
     output_gain_db: float | None = None  # of the worst output it reaches, on held-out samples, where checked
     kept_at_outputs: bool = True
     affine: af.ChannelAffine | None = None  # a folded compensation, in place of a branch
+    low_rank: rank.LowRankFit | None = None  # a branch of lower rank, ``result``'s map its factors' product
 
     @property
     def kept(self) -> bool:
@@ -566,10 +570,28 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
         validated, _ = layout.int8_rounded(fit.validated.weight, options.pair_safe)
         final, int8_scale = layout.int8_rounded(fit.fit.weight, options.pair_safe)
         fit = with_stored_weights(fit, groups, slices, validated, final)
+    low_rank = _low_rank(fit, groups, layout, options) if fit.kept else None
+    if low_rank is not None:
+        fit, int8_scale = low_rank.fit, low_rank.down_scale
     if fit.kept and 1.0 - fit.error_ratio_heldout < options.min_gain:
         fit = dataclasses.replace(fit, kept_targets=0)
         skipped = f"removes {100 * (1 - fit.error_ratio_heldout):.0f}% of its held-out error, under --min-gain"
-    return dataclasses.replace(result, layout=layout, result=fit, skipped=skipped, int8_scale=int8_scale)
+    return dataclasses.replace(result, layout=layout, result=fit, skipped=skipped, int8_scale=int8_scale, low_rank=low_rank)
+
+
+def _low_rank(full: CompensationFit, groups: list[tuple[NormalEquations, NormalEquations]], layout: Layout,
+              options: BranchOptions) -> rank.LowRankFit | None:
+    """A token branch's compensation of lower rank than ``full``, as ``options.rank`` asks, where
+    there is one; its down projection stored as the full branch's weight would be."""
+    if options.rank is None or layout.channels_first or len(groups) != 1:
+        return None
+    (train, held), = groups
+    store = (lambda down: layout.int8_rounded(down, options.pair_safe)) if options.int8 else None
+    if options.rank == 0:
+        return rank.lowest_sufficient_rank(train, held, full, store)
+    if not rank.pays(options.rank, train.n_features, train.n_targets):
+        return None
+    return rank.fit_low_rank(train, held, full.validated, options.rank, store)
 
 
 def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions) -> BlockResult:

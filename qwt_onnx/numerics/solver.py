@@ -107,6 +107,15 @@ class NormalEquations:
     def offset(self) -> np.ndarray:
         return np.zeros(self.n_features) if self.shift is None else self.shift.astype(np.float64)
 
+    def projected(self, down: np.ndarray) -> NormalEquations:
+        """The statistics of the rows ``x @ down`` (``down`` [d, k]) with the same targets: what a
+        map that reads only those ``k`` features is fitted and scored on."""
+        down = np.asarray(down, dtype=np.float64)
+        projected = NormalEquations(down.shape[1], self.n_targets, self.offset @ down)
+        projected.count, projected.sum_r, projected.sum_r2, projected.xtr = self.count, self.sum_r, self.sum_r2, down.T @ self.xtr
+        projected.sum_x, projected.xtx = self.sum_x @ down, down.T @ self.xtx @ down
+        return projected
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearMap:

@@ -55,6 +55,11 @@ class Branch:
     input_range: tuple[float, float] | None = None  # for an input quantizer where the input has none
     output_range: tuple[float, float] | None = None
     activation_bits: int = 8  # of those quantizers, as the Q/DQ pass quantizes activations
+    up: np.ndarray | None = None  # [k, d_out], float: a token branch of rank k, ``weight`` its [d_in, k] down projection
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.up is None else self.up.shape[0]
 
     @property
     def int8(self) -> bool:
@@ -63,7 +68,7 @@ class Branch:
     @property
     def num_parameters(self) -> int:
         """Stored parameters: a grouped branch stores only its diagonal blocks."""
-        return self.weight.size // self.layout.groups + self.bias.size
+        return self.weight.size // self.layout.groups + self.bias.size + (0 if self.up is None else self.up.size)
 
 
 class SpliceCompensationPass(ir.passes.InPlacePass):
@@ -122,7 +127,9 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch, f"{scope}/branch")
     else:
         weight = _weight(names, branch, scope, nodes)
-        if y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
+        if branch.up is not None:
+            nodes += _low_rank(names, x, weight, bias, y, branch, scope)
+        elif y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
             gemm = names.node("Gemm", [x, weight, bias], f"{scope}/branch")
             dq = qdq.int32_bias_dequantizer(graph, names, gemm) if branch.int8 and branch.target == Target.ORT else None
             nodes += [gemm] if dq is None else [dq, gemm]
@@ -166,6 +173,22 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     result.name = original
     if output_index is not None:
         graph.outputs[output_index] = result
+
+
+def _low_rank(names: g.NameScope, x: ir.Value, down: ir.Value, bias: ir.Value, y: ir.Value, branch: Branch,
+              scope: str) -> list[ir.Node]:
+    """``(x @ down) @ up + bias``: the down projection in the branch's precision (an int8 one
+    fuses into MatMulIntegerToFloat), the small up projection in float, which needs no quantizer
+    for its input."""
+    projected = names.node("MatMul", [x, down], f"{scope}/down")
+    up = names.node("MatMul", [projected.outputs[0], names.initializer(f"{scope}/up_weight", branch.up.astype(np.float32))], f"{scope}/up")
+    add = names.node("Add", [up.outputs[0], bias], f"{scope}/branch")
+    projected.outputs[0].type = y.type
+    if y.shape is not None:
+        projected.outputs[0].shape = ir.Shape([*y.shape[:-1], branch.rank])
+    _like(up.outputs[0], y)
+    _like(add.outputs[0], y)
+    return [projected, up, add]
 
 
 def _cropped(names: g.NameScope, x: ir.Value, layout: Layout, base: str, nodes: list[ir.Node]) -> ir.Value:
