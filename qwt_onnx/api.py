@@ -595,10 +595,11 @@ def _why_the_trial_cannot_pay(trial: Score, ptq: Candidate) -> str | None:
     :data:`PAYS_MARGIN_DB` or more below zero. None where it may pay."""
     if ptq.score is None:
         return None
-    gain = trial.db - ptq.score.db
+    trial, ptq_score = metrics.where_they_differ(trial, ptq.score)
+    gain = trial.db - ptq_score.db
     if gain <= -PAYS_MARGIN_DB:
         return f"reaches {trial.db:.2f} dB on held-out samples, {-gain:.2f} dB below PTQ ({ptq.method})"
-    interval = metrics.gain_interval(trial, ptq.score)
+    interval = metrics.gain_interval(trial, ptq_score)
     if interval is not None and interval[0] <= -PAYS_MARGIN_DB:
         return (
             f"gains {gain:+.2f} dB over PTQ ({ptq.method}) on held-out samples, 95% interval {interval[0]:+.2f} to "
@@ -667,13 +668,14 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
     lower end of the gain's 95% interval above zero. Branches cost latency and parameters, and a gain within the noise of
     the scoring samples did not pay for them on unseen models (a byte classifier's +0.9 dB
     held-out gain was -0.1 dB on its evaluation files)."""
-    if compensation.sqnr_db is None or ptq.sqnr_db is None:
+    if compensation.score is None or ptq.score is None:
         return True
-    gain = compensation.sqnr_db - ptq.sqnr_db
+    qwt_score, ptq_score = metrics.where_they_differ(compensation.score, ptq.score)
+    gain = qwt_score.db - ptq_score.db
     if gain <= 0.0:
         run.warnings.warn(
-            f"QwT ({compensation.method}) reaches {compensation.sqnr_db:.2f} dB on held-out samples, no better than "
-            f"PTQ ({ptq.method}) at {ptq.sqnr_db:.2f} dB; writing the PTQ model"
+            f"QwT ({compensation.method}) reaches {qwt_score.db:.2f} dB on held-out samples, no better than "
+            f"PTQ ({ptq.method}) at {ptq_score.db:.2f} dB; writing the PTQ model"
         )
         return False
     if interval is not None and interval[0] <= 0.0:
@@ -692,11 +694,19 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
     return True
 
 
+def _decided_on(compensation: Compensation | None, ptq: Candidate) -> list[str]:
+    """The outputs QwT against PTQ was decided on, where fewer than the chosen ones (the others the same in both)."""
+    if compensation is None or compensation.score is None or ptq.score is None:
+        return []
+    qwt_score, _ = metrics.where_they_differ(compensation.score, ptq.score)
+    return [] if qwt_score is compensation.score else list(qwt_score.chosen)
+
+
 def _qwt_gain_interval(compensation: Compensation | None, ptq: Candidate) -> tuple[float, float] | None:
-    """The 95% interval of QwT's held-out gain over PTQ, where both have per-sample scores."""
+    """The 95% interval of QwT's held-out gain over PTQ (on the outputs it changes), where both have per-sample scores."""
     if compensation is None or compensation.score is None or ptq.score is None:
         return None
-    return metrics.gain_interval(compensation.score, ptq.score)
+    return metrics.gain_interval(*metrics.where_they_differ(compensation.score, ptq.score))
 
 
 def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: CalibrationSet) -> Compensation:
@@ -797,6 +807,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         output_sqnr_ptq_db=dict(ptq.score.outputs_db) if ptq.score is not None else {},
         output_sqnr_qwt_db=dict(compensation.score.outputs_db) if compensation is not None and compensation.score else {},
         qwt_gain_interval_db=list(gain_interval) if gain_interval is not None else None,
+        qwt_decided_on=_decided_on(compensation, ptq),
         qwt_applied=applied,
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,

@@ -62,6 +62,8 @@ class Report:
     output_sqnr_ptq_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per output
     output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain over PTQ
+    # where QwT leaves some chosen outputs as PTQ has them: the others, which QwT against PTQ was decided on
+    qwt_decided_on: list[str] = dataclasses.field(default_factory=list)
     qwt_applied: bool = False
     fp32_parameters: int = 0
     added_parameters: int = 0
@@ -124,6 +126,10 @@ def format_summary(report: Report, source: str) -> str:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"
         if report.qwt_applied and report.sqnr_qwt_db is not None:
             line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - report.sqnr_ptq_db:+.2f} dB"
+            if report.qwt_decided_on:  # the worst output is the same in both: the gain is that of the outputs QwT changes
+                decided = report.qwt_decided_on
+                gain = min(report.output_sqnr_qwt_db[n] for n in decided) - min(report.output_sqnr_ptq_db[n] for n in decided)
+                line += f"; {gain:+.2f} dB on {', '.join(decided)}, the outputs it changes"
             if report.qwt_gain_interval_db is not None:
                 line += ", 95% interval {:+.2f} to {:+.2f} dB".format(*report.qwt_gain_interval_db)
             line += ")"

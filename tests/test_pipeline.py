@@ -227,6 +227,38 @@ def test_the_trial_says_whether_qwt_on_all_samples_can_pay(noise_scale, pays):
         assert "95% interval" in why_not and trial.db > ptq.sqnr_db - api.PAYS_MARGIN_DB
 
 
+def test_an_output_qwt_leaves_as_ptq_has_it_does_not_hide_its_gain_on_the_others():
+    # a decoder step: QwT's branch reaches the log-probabilities, not the recurrent state, which
+    # is the worst output of both models and the same in both
+    from types import SimpleNamespace
+
+    from qwt_onnx.numerics import metrics
+
+    rng = np.random.default_rng(0)
+    reference = {"logprobs": rng.normal(size=(100, 16)), "state": rng.normal(size=(100, 8))}
+    state = reference["state"] + 0.2 * rng.normal(size=(100, 8))
+    ptq = metrics.score(reference, {"logprobs": reference["logprobs"] + 0.1 * rng.normal(size=(100, 16)), "state": state})
+    qwt = metrics.score(reference, {"logprobs": reference["logprobs"] + 0.05 * rng.normal(size=(100, 16)), "state": state})
+    assert qwt.db == ptq.db  # the state decides both
+    decided_qwt, decided_ptq = metrics.where_they_differ(qwt, ptq)
+    assert decided_qwt.chosen == decided_ptq.chosen == ("logprobs",) and decided_qwt.db - decided_ptq.db > 5.0
+    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
+    candidate, compensation = api.Candidate("mse", None, ptq), api.Compensation("mse", None, [], 512, qwt)
+    interval = api._qwt_gain_interval(compensation, candidate)
+    assert interval[0] > 5.0 and api._beats(run, compensation, candidate, interval)
+    assert api._decided_on(compensation, candidate) == ["logprobs"]
+    # where QwT changes every output, or none, every chosen output decides
+    assert metrics.where_they_differ(ptq, ptq) == (ptq, ptq)
+    worse = metrics.score(reference, {"logprobs": reference["logprobs"], "state": state + 0.1})
+    assert metrics.where_they_differ(worse, qwt) == (worse, qwt)
+    from qwt_onnx.report import Report
+
+    report = Report("ort", "mse", 512, 100, ptq_method="mse", sqnr_ptq_db=ptq.db, sqnr_qwt_db=qwt.db, qwt_applied=True,
+                    output_sqnr_ptq_db=ptq.outputs_db, output_sqnr_qwt_db=qwt.outputs_db, qwt_decided_on=["logprobs"])
+    gain = qwt.outputs_db["logprobs"] - ptq.outputs_db["logprobs"]
+    assert f"(+0.00 dB; {gain:+.2f} dB on logprobs, the outputs it changes" in format_summary(report, "m.onnx")
+
+
 def test_the_summary_names_the_qwt_trials_that_kept_no_branch():
     from qwt_onnx.report import Report
 

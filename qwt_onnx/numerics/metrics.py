@@ -36,6 +36,24 @@ class Score:
         return {name: v for name, v in per_output.items() if not self.chosen or name in self.chosen}
 
 
+def where_they_differ(new: Score, old: Score) -> tuple[Score, Score]:
+    """``new`` and ``old`` judged on the chosen outputs where they differ: an output that is the
+    same in both (no branch reaches it) cannot have got worse, and as the worst of both it would
+    hide what changed elsewhere (a decoder's recurrent state beside its log-probabilities). Both
+    as they are where they differ on every chosen output, or on none."""
+    decisive = [name for name in new._decisive(new.outputs_db) if name in old.outputs_db]
+    differing = tuple(name for name in decisive if not _same_output(new, old, name))
+    if not differing or len(differing) == len(decisive):
+        return new, old
+    return dataclasses.replace(new, chosen=differing), dataclasses.replace(old, chosen=differing)
+
+
+def _same_output(a: Score, b: Score, name: str) -> bool:
+    if name in a.energies and name in b.energies:
+        return np.array_equal(a.energies[name].noise, b.energies[name].noise)
+    return a.outputs_db[name] == b.outputs_db[name]
+
+
 def score(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], chosen: tuple[str, ...] = ()) -> Score:
     """The :class:`Score` of ``test`` (samples on axis 0, as in ``reference``), with its per-sample
     energies; a chosen part of an output (:func:`parts`) is scored beside the whole."""
