@@ -38,6 +38,20 @@ def test_projected_statistics_are_those_of_the_projected_rows():
         np.testing.assert_allclose(a(x[:5] @ down), b(x[:5] @ down), rtol=1e-4, atol=1e-4)
 
 
+def test_the_directions_are_the_fitted_outputs_principal_ones_found_without_an_m_by_m_decomposition():
+    rng = np.random.default_rng(4)
+    x, r, _ = _residuals(rng, 3, n=800, d=24, m=40)
+    eq = solver.NormalEquations(24, 40)
+    eq.update(x, r)
+    mapping = solver.LinearMap(rng.standard_normal((24, 40)), np.zeros(40))
+    mean = eq.sum_x / eq.count
+    covariance = eq.xtx - eq.count * np.outer(mean, mean)
+    _, vectors = np.linalg.eigh(mapping.weight.T @ covariance @ mapping.weight)
+    expected = vectors[:, ::-1][:, :5]
+    found = rank.principal_directions(eq, mapping, 5)
+    np.testing.assert_allclose(found @ found.T, expected @ expected.T, atol=1e-8)  # the same subspace
+
+
 def test_a_low_rank_residual_gets_the_lowest_rank_that_holds_nearly_all_of_the_full_fits_gain():
     rng = np.random.default_rng(1)
     x, r, heldout = _residuals(rng, true_rank=3)

@@ -43,16 +43,22 @@ def principal_directions(eq: NormalEquations, mapping: LinearMap, rank: int) -> 
     ``mapping``'s output on ``eq``'s rows."""
     n = eq.count
     mean_x = eq.sum_x / n
-    covariance = eq.xtx - n * np.outer(mean_x, mean_x)
-    explained = mapping.weight.T @ covariance @ mapping.weight
-    _, vectors = np.linalg.eigh(explained)  # ascending eigenvalues
-    return vectors[:, ::-1][:, :rank]
+    values, vectors = np.linalg.eigh(eq.xtx - n * np.outer(mean_x, mean_x))
+    # The output's covariance Wᵀ C W is m × m, and m can be a vocabulary (a text recogniser's
+    # head: thousands): as Bᵀ B with B = C^½ W (d × m), its eigenvectors are B's right singular
+    # vectors, which cost d·m·min(d, m) rather than m³.
+    b = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T @ mapping.weight
+    _, _, right = np.linalg.svd(b, full_matrices=False)  # singular values descending
+    return right[:rank].T
 
 
 def fit_low_rank(train: NormalEquations, heldout: NormalEquations, full: LinearMap, rank: int,
-                 store: Store | None = None) -> LowRankFit:
-    """The rank-``rank`` compensation whose down projection reduces ``full`` (fitted on ``train``)."""
-    down = full.weight @ principal_directions(train, full, rank)
+                 store: Store | None = None, directions: np.ndarray | None = None) -> LowRankFit:
+    """The rank-``rank`` compensation whose down projection reduces ``full`` (fitted on ``train``);
+    ``directions``, where given, are :func:`principal_directions` of at least that rank."""
+    if directions is None:
+        directions = principal_directions(train, full, rank)
+    down = full.weight @ directions[:, :rank]
     down, scale = store(down) if store is not None else (down, None)
     fit = fit_compensation(train.projected(down), heldout.projected(down))
     expanded = dataclasses.replace(fit, fit=_through(down, fit.fit), validated=_through(down, fit.validated))
@@ -83,10 +89,12 @@ def lowest_sufficient_rank(train: NormalEquations, heldout: NormalEquations, ful
     """The compensation of the lowest rank tried whose held-out error reduction is at least
     ``1 - tolerance`` of ``full``'s; None where none is (or ``full`` removes nothing)."""
     needed = (1.0 - full.error_ratio_heldout) * (1.0 - tolerance)
-    if needed <= 0.0 or full.validated is None:
+    ranks = cheaper_ranks(train.n_features, train.n_targets)
+    if needed <= 0.0 or full.validated is None or not ranks:
         return None
-    for rank in cheaper_ranks(train.n_features, train.n_targets):
-        low = fit_low_rank(train, heldout, full.validated, rank, store)
+    directions = principal_directions(train, full.validated, ranks[-1])  # one eigendecomposition for every rank
+    for rank in ranks:
+        low = fit_low_rank(train, heldout, full.validated, rank, store, directions)
         if low.fit.kept and 1.0 - low.fit.error_ratio_heldout >= needed:
             return low
     return None
