@@ -92,7 +92,7 @@ def lowest_sufficient_rank(train: NormalEquations, heldout: NormalEquations, ful
     ranks = cheaper_ranks(train.n_features, train.n_targets)
     if needed <= 0.0 or full.validated is None or not ranks:
         return None
-    directions = principal_directions(train, full.validated, ranks[-1])  # one eigendecomposition for every rank
+    directions = principal_directions(train, full.validated, ranks[-1])  # one decomposition serves every rank
     for rank in ranks:
         low = fit_low_rank(train, heldout, full.validated, rank, store, directions)
         if low.fit.kept and 1.0 - low.fit.error_ratio_heldout >= needed:
