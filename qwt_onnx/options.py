@@ -211,7 +211,9 @@ class Options:
     @property
     def rank(self) -> int | None:
         """``--branch-rank`` as capture takes it: None full, 0 auto, else the rank."""
-        return {"full": None, "auto": 0}.get(self.branch_rank) if not self.branch_rank.isdigit() else int(self.branch_rank)
+        if self.branch_rank.isdigit():
+            return int(self.branch_rank)
+        return 0 if self.branch_rank == "auto" else None
 
     def replace(self, **changes) -> Options:
         """These options with ``changes`` (field names), validated."""
