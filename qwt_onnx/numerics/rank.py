@@ -41,9 +41,7 @@ class LowRankFit:
 def principal_directions(eq: NormalEquations, mapping: LinearMap, rank: int) -> np.ndarray:
     """``[m, rank]``: the orthonormal target directions holding most of the variance of
     ``mapping``'s output on ``eq``'s rows."""
-    n = eq.count
-    mean_x = eq.sum_x / n
-    values, vectors = np.linalg.eigh(eq.xtx - n * np.outer(mean_x, mean_x))
+    values, vectors = np.linalg.eigh(eq.covariance())
     # The output's covariance Wᵀ C W is m × m, and m can be a vocabulary (a text recogniser's
     # head: thousands): as Bᵀ B with B = C^½ W (d × m), its eigenvectors are B's right singular
     # vectors, which cost d·m·min(d, m) rather than m³.

@@ -107,6 +107,11 @@ class NormalEquations:
     def offset(self) -> np.ndarray:
         return np.zeros(self.n_features) if self.shift is None else self.shift.astype(np.float64)
 
+    def covariance(self) -> np.ndarray:
+        """The features' centred sum of squares ``Σ (x - mean x)(x - mean x)ᵀ``."""
+        mean_x = self.sum_x / self.count
+        return self.xtx - self.count * np.outer(mean_x, mean_x)
+
     def projected(self, down: np.ndarray) -> NormalEquations:
         """The statistics of the rows ``x @ down`` (``down`` [d, k]) with the same targets: what a
         map that reads only those ``k`` features is fitted and scored on."""
@@ -147,7 +152,7 @@ def fit_ridge(eq: NormalEquations, alpha: float | np.ndarray) -> LinearMap:
         raise ValueError("no rows were accumulated")
     mean_x = eq.sum_x / n
     mean_r = eq.sum_r / n
-    cov = eq.xtx - n * np.outer(mean_x, mean_x)
+    cov = eq.covariance()
     cross = eq.xtr - n * np.outer(mean_x, mean_r)
     scale = np.trace(cov) / eq.n_features
     if not np.isfinite(scale) or scale <= 0:  # constant inputs: only the bias can help
