@@ -39,6 +39,7 @@ from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import equalization as eqn
 from qwt_onnx.numerics import metrics, rounding
+from qwt_onnx.numerics.affine import AffineFit
 from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Rounding, Target, WeightRange
@@ -236,8 +237,8 @@ class _Run:
         o = self.options
         return capture.BranchOptions(
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
-            o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation == CompensationKind.AFFINE,
-            o.activation_bits, o.rank,
+            o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation != CompensationKind.BRANCH,
+            o.compensation != CompensationKind.AFFINE, o.activation_bits, o.rank,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -738,7 +739,7 @@ def _compensate(run: _Run, candidate: Candidate, found: list[blk.Block], calib: 
     if not branches and not folds:
         return Compensation(candidate.method, None, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
     compensated = candidate.model.clone()
-    passes = [affine.FoldAffinePass(folds)] if folds else [splice.SpliceCompensationPass(branches)]
+    passes = ([affine.FoldAffinePass(folds)] if folds else []) + ([splice.SpliceCompensationPass(branches)] if branches else [])
     ir.passes.PassManager([*passes, TopologicalSortPass()])(compensated)
     return Compensation(candidate.method, compensated, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
 
@@ -747,15 +748,15 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
     note = res.skipped
     if res.skipped.startswith("no linear branch maps") and res.block.divisible:
         note += " (--units gives its weighted units branches)"
-    site = res.plan.fold_site
+    site, fit = res.plan.fold_site, res.result
+    folding = isinstance(fit, AffineFit)
     entry = BlockReport(res.block.name, res.block.input, res.block.output, kept=res.kept, note=note,
-                        fold_site=site.node if isinstance(site, affine.FoldSite) else None)
-    fit = res.result
+                        fold_site=site.node if folding and isinstance(site, affine.FoldSite) else None)
     if fit is None:
         return entry
     return dataclasses.replace(
         entry, r2_train=fit.r2_train, r2_heldout=fit.r2_heldout, error_ratio_heldout=fit.error_ratio_heldout,
-        note=res.skipped or fit.reason, channels=fit.scale.size if res.plan.fold_site else fit.fit.bias.size,
+        note=res.skipped or fit.reason, channels=fit.scale.size if folding else fit.fit.bias.size,
         channels_kept=fit.kept_targets, output_gain_db=res.output_gain_db, rank=res.low_rank.rank if res.low_rank else None,
     )
 

@@ -138,7 +138,7 @@ def test_branches_are_named_and_batch_stays_dynamic(case):
     # for a conv output read only through Q/DQ, the name of its dequantized view does)
     boundaries = {b.output for b in report.blocks} | {f"{b.output}_dequantized" for b in report.blocks}
     assert spliced and all(n.output[0].startswith("qwt/") or n.output[0] in boundaries for n in spliced)
-    assert sum(n.output[0] in boundaries for n in spliced) == sum(b.kept for b in report.blocks)
+    assert sum(n.output[0] in boundaries for n in spliced) == sum(b.kept and not b.fold_site for b in report.blocks)
     assert report.added_parameters == sum(b.parameters for b in report.blocks)
     batch_dim = qwt.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value
@@ -392,7 +392,7 @@ def _optimized_ops(model, folder) -> list[str]:
 def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(name, build, method, integer_kernel, tmp_path):
     model = build()
     calib = graphs.samples(model, 160, seed=1)
-    options = {"calib_method": method, "progress": False, "branch_rank": "full", **graphs.SYSTEMATIC_ERROR}
+    options = {"calib_method": method, "progress": False, "branch_rank": "full", "compensation": "branch", **graphs.SYSTEMATIC_ERROR}
     ptq = quantize(model, calib, qwt=False, **options)
     int8, report = quantize_with_report(model, calib, **options)
     floating = quantize(model, calib, branch_precision="float", **options)
@@ -418,7 +418,7 @@ def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(nam
 def test_low_rank_branches_keep_nearly_all_of_the_full_branches_gain_at_a_fraction_of_their_weights(tmp_path):
     model = graphs.transformer(dim=64)
     calib, test = graphs.samples(model, 160, seed=1), graphs.samples(model, 64, seed=2)
-    options = {"calib_method": "entropy", "min_gain": 0.0, "progress": False, **graphs.SYSTEMATIC_ERROR}
+    options = {"calib_method": "entropy", "min_gain": 0.0, "compensation": "branch", "progress": False, **graphs.SYSTEMATIC_ERROR}
     ptq = quantize(model, calib, qwt=False, **options)
     full, full_report = quantize_with_report(model, calib, branch_rank="full", **options)
     low, report = quantize_with_report(model, calib, **options)  # auto

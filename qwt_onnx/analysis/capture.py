@@ -1,8 +1,10 @@
 """Capture and fit, block by block, on the quantized stream.
 
-Each block gets a parallel branch or, with ``BranchOptions.affine``, a channel-wise
-affine folded into its last weighted op (:mod:`qwt_onnx.passes.affine`); the stream
-then carries the folded block's exact output.
+Each block gets a parallel branch or a channel-wise affine folded into its last
+weighted op or normalization (:mod:`qwt_onnx.passes.affine`), or, where both are
+asked for, the one that pays: the fold, which costs nothing at run time, unless
+the branch removes ``min_gain`` more of the block's held-out error. The stream
+carries the block's output as the chosen compensation leaves it.
 
 For block k with input ``a`` and output ``b``, every calibration batch goes
 through the FP32 block and the quantized block on the *same* input: the
@@ -41,7 +43,7 @@ from qwt_onnx.graph import extract as ex
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics, rank
 from qwt_onnx.numerics import quantization as qm
-from qwt_onnx.numerics.affine import AffineFit, ChannelStatistics, fit_channel_affine
+from qwt_onnx.numerics.affine import AffineFit, ChannelStatistics, fit_channel_affine, fold_suffices
 from qwt_onnx.numerics.compensation import Layout, infer_layout
 from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
@@ -66,8 +68,10 @@ class BranchOptions:
     see each branch as it will run; ``pair_safe`` as the portable weight range rounds them) or
     float ones; and the least share of its block's held-out error a branch must remove to be
     kept (each one costs latency). ``symmetric``: activations are quantized symmetrically
-    (TensorRT), where an int8 branch's output stays float. ``affine``: no branches, a
-    channel-wise affine folded into each block's last weighted op instead."""
+    (TensorRT), where an int8 branch's output stays float. ``affine``: a channel-wise affine
+    folded into each block's last weighted op is tried; ``branches``: branches are tried; with
+    both, each block gets the one that pays (a branch must remove ``min_gain`` more of the
+    block's held-out error than the fold)."""
 
     kernel: int = 1
     groups_factor: int = 64
@@ -76,6 +80,7 @@ class BranchOptions:
     pair_safe: bool = True
     symmetric: bool = False
     affine: bool = False
+    branches: bool = True
     activation_bits: int = 8  # of the quantizers a branch gets, as the Q/DQ pass quantizes activations
     # a token branch's rank: None full; 0 the lowest that holds nearly all of the full branch's
     # held-out gain at most half its cost (or full); else that rank, where it is below full
@@ -274,6 +279,13 @@ class _Stream:
             return self.in_memory[(key, index)]
         return self.spilled.read((key, index))
 
+    def forget(self, key: str) -> None:
+        """Drop every batch's ``key`` arrays."""
+        for slot in [slot for slot in self.in_memory if slot[0] == key]:
+            self.held_bytes -= sum(a.nbytes for a in self.in_memory.pop(slot).values())
+        for slot in [slot for slot in self.spilled.contents if slot[0] == key]:
+            self.spilled.discard(slot)
+
     def close(self) -> None:
         self.spilled.close()
 
@@ -333,7 +345,7 @@ class _Stream:
         if not compensated:
             return saved["y"]
         if result.affine is not None:  # the folded block's own output, requantized where it is
-            return saved["folded"]
+            return self.load("fold", i)["folded"]
         y = saved["y"] + self.branch_output(result, i, pool)
         requantized = result.plan.requantized
         return qm.fake_quantize(y, requantized) if requantize and requantized is not None else y
@@ -390,14 +402,14 @@ def fit_blocks(
         stream.start(models[0].lead_in, blocks[0].input)
         so_far: dict[str, float] = {}  # each output's held-out SQNR with the branches kept so far
         for k, plan in enumerate(plans):
-            fit = _fit_affine if branch_options.affine else _fit_block
-            result = fit(stream, models[k], plan, calib.heldout_mask, branch_options)
+            result = _fit(stream, models[k], plan, calib.heldout_mask, branch_options)
             if result.kept and result.affine is None:
                 result = _with_quantizers(stream, result, branch_options, modelled=check is not None)
             if check is not None and result.kept:
                 result = _checked_at_outputs(stream, result, models[k].tail, check, so_far)
             if k + 1 < len(blocks):
                 stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input, models[k].kept_after)
+            stream.forget("fold")
             results.append(result)
     return results
 
@@ -525,8 +537,48 @@ def _before_quantizer(value: ir.Value) -> ir.Value:
     return before
 
 
-def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions) -> BlockResult:
-    """Capture the block on every calibration batch of the stream and fit its branch."""
+def _fit(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions) -> BlockResult:
+    """The block's compensation: a branch, a fold, or where both are asked for the one that pays."""
+    if not options.affine:
+        return _fit_block(stream, models, plan, heldout, options)
+    if not options.branches:
+        return _fit_affine(stream, models, plan, heldout)
+    fold = _FoldCapture(models, plan, heldout) if models.fold_site is not None else None
+    branch = _fit_block(stream, models, plan, heldout, options, fold)
+    return _paying(stream, models, branch, fold, options.min_gain)
+
+
+def _paying(stream: _Stream, models: _BlockModels, branch: BlockResult, fold: _FoldCapture | None, min_gain: float) -> BlockResult:
+    """The fold, free at run time, where it removes at least ``min_gain`` of the block's held-out
+    error and nearly as much as the branch would (all but :data:`rank.TOLERANCE` of it, as a
+    low-rank branch must); else the branch, where it is kept. A fold is judged on its statistics
+    first, and exactly as it runs only where those say it may be chosen."""
+    fit = branch.result
+    branch_gain = 1.0 - fit.error_ratio_heldout if fit is not None and not fit.not_finite else 0.0
+
+    def suffices(fit: AffineFit) -> bool:
+        return fold_suffices(1.0 - fit.error_ratio_heldout, branch_gain, min_gain, rank.TOLERANCE)
+
+    affine, judged = fold.fit() if fold is not None else None, False
+    if affine is not None and affine.kept and suffices(affine):
+        folded = _judge_fold(stream, models, branch.plan, fold, affine, BlockResult(branch.plan, input_range=branch.input_range))
+        if folded.affine is not None and suffices(folded.result):
+            return dataclasses.replace(folded, skipped=f"a branch would remove {100 * branch_gain:.0f}%")
+        affine = folded.result
+        judged = True
+    if fold is None:
+        why = branch.plan.fold_site
+    elif affine is None or not affine.kept:
+        why = fold.skipped or f"not folded: {affine.reason if affine else 'nothing to fit'}"
+    else:
+        why = f"the fold would remove {'' if judged else 'about '}{100 * (1.0 - affine.error_ratio_heldout):.0f}%"
+    return dataclasses.replace(branch, skipped="; ".join(note for note in (branch.skipped, why) if note))
+
+
+def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions,
+               fold: _FoldCapture | None = None) -> BlockResult:
+    """Capture the block on every calibration batch of the stream and fit its branch; ``fold``
+    gathers what the block's fold is fitted on in the same pass."""
     block = plan.block
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
     result = BlockResult(plan, input_range=stream.ranges[block.input])
@@ -543,9 +595,13 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
             elif samples is None:
                 layout = None
                 result = dataclasses.replace(result, skipped=f"the samples are on no common axis of {list(x.shape)} and {list(y_q.shape)}")
-        if layout is None:  # no branch: the stream needs only the quantized output
+        if layout is None and (fold is None or fold.skipped):  # nothing to fit: the stream needs only the quantized output
             continue
         y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
+        if fold is not None:
+            fold.add(stream, i, batch, pool, y_q, y_fp)
+        if layout is None:
+            continue
         # the fit takes rows and holds samples out along axis 0; a token branch maps each row alike
         x, residual = np.moveaxis(x, samples, 0), np.moveaxis(y_fp - y_q, samples, 0)
         if groups is None:  # all rows and the held-out ones share a shift, so one can be taken from the other
@@ -594,53 +650,80 @@ def _low_rank(full: CompensationFit, groups: list[tuple[NormalEquations, NormalE
     return rank.fit_low_rank(train, held, full.validated, options.rank, store)
 
 
-def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray, options: BranchOptions) -> BlockResult:
+class _FoldCapture:
+    """What a block's fold is fitted and judged on, gathered batch by batch as the block is
+    captured: per-channel statistics of the fold site's output against the block's residual
+    (every row, and the held-out ones again), and the FP32 block output on the held-out rows."""
+
+    def __init__(self, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray):
+        self.site, self.heldout = plan.fold_site, heldout
+        self.run = Runner(models.fold_site.proto)
+        self.every = self.held = self.samples = None
+        self.skipped = ""
+
+    def add(self, stream: _Stream, i: int, batch, pool: dict[str, np.ndarray], y_q: np.ndarray, y_fp: np.ndarray) -> None:
+        if self.skipped:
+            return
+        z = self.run(pool)[self.site.output]
+        if self.every is None:
+            self.samples = next((a for a in range(z.ndim) if z.shape[a] == batch.size and a != self.site.axis % z.ndim), None)
+            if self.samples is None or z.shape != y_q.shape:
+                self.skipped = f"not folded: {self.site.output} is shaped {list(z.shape)}, the block output {list(y_q.shape)}"
+                return
+            self.every, self.held = ChannelStatistics(self.site.channels), ChannelStatistics(self.site.channels)
+        residual, rows = y_fp - y_q, np.flatnonzero(self.heldout[batch.indices])
+        stream.save("fold", i, {"fp_held": np.take(y_fp, rows, axis=self.samples)})
+        self.every.update(z, residual, self.site.axis)
+        self.held.update(np.take(z, rows, axis=self.samples), np.take(residual, rows, axis=self.samples), self.site.axis)
+
+    def fit(self) -> AffineFit | None:
+        """The fold fitted on the training rows and scored on the held-out ones, by its statistics."""
+        return fit_channel_affine(self.every.without(self.held), self.held) if self.every is not None else None
+
+
+def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray) -> BlockResult:
     """Capture the block, fit the channel-wise affine of its fold site's output, and judge the
     folded block on its exact held-out output."""
     block, site = plan.block, plan.fold_site
     result = BlockResult(plan, input_range=stream.ranges[block.input], skipped=site if isinstance(site, str) else "")
     fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
-    site_run = Runner(models.fold_site.proto) if models.fold_site else None
-    every = held = None
+    fold = _FoldCapture(models, plan, heldout) if models.fold_site is not None else None
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
         y_q = out[plan.output_in_q]
-        z = site_run(pool)[site.output] if site_run is not None and (i == 0 or every is not None) else None
-        if i == 0 and z is not None:
-            samples = next((a for a in range(z.ndim) if z.shape[a] == batch.size and a != site.axis % z.ndim), None)
-            if samples is None or z.shape != y_q.shape:
-                result = dataclasses.replace(result, skipped=f"not folded: {site.output} is shaped {list(z.shape)}, the block output {list(y_q.shape)}")
-            else:
-                every, held = ChannelStatistics(site.channels), ChannelStatistics(site.channels)
-        if every is None:  # nothing to fold: the stream needs only the quantized output
-            stream.save("block", i, {"y": y_q})
+        stream.save("block", i, {"y": y_q})
+        if fold is None or fold.skipped:  # nothing to fold: the stream needs only the quantized output
             continue
         y_fp = fp_run({**pool, block.input: out.get(plan.branch_input, pool[block.input])} if plan.quantized_input else pool)[block.output]
-        residual = y_fp - y_q
-        held_rows = np.flatnonzero(heldout[batch.indices])
-        stream.save("block", i, {"y": y_q, "fp_held": np.take(y_fp, held_rows, axis=samples)})
-        every.update(z, residual, site.axis)
-        held.update(np.take(z, held_rows, axis=samples), np.take(residual, held_rows, axis=samples), site.axis)
-    if every is None:
-        return result
-    fit = fit_channel_affine(every.without(held), held)
+        fold.add(stream, i, batch, pool, y_q, y_fp)
+    fit = fold.fit() if fold is not None else None
+    if fit is None:
+        return dataclasses.replace(result, skipped=fold.skipped) if fold is not None else result
     if not fit.kept:
-        return dataclasses.replace(result, result=fit, skipped=fit.reason)
-    affine = af.ChannelAffine(site, fit.scale, fit.shift)
+        return dataclasses.replace(result, result=fit, skipped=f"not folded: {fit.reason}")
+    return _judge_fold(stream, models, plan, fold, fit, result)
+
+
+def _judge_fold(stream: _Stream, models: _BlockModels, plan: BlockPlan, fold: _FoldCapture, fit: AffineFit,
+                result: BlockResult) -> BlockResult:
+    """``result`` with the fold ``fit`` where the folded block, run exactly as written, gets
+    closer to FP32 on held-out samples; its error ratio is that run's. The stream keeps the
+    folded block's output."""
+    affine = af.ChannelAffine(fold.site, fit.scale, fit.shift)
     folded = ir.serde.deserialize_model(models.q.proto)
     af.FoldAffinePass([affine])(folded)
     folded_run = Runner(ir.serde.serialize_model(folded))
     error, before = 0.0, 0.0  # of the folded and the unfolded block, exactly as they run, held out
-    for i, batch, pool in stream.batches(f"folding into {block.name}"):
-        saved = stream.load("block", i)
+    for i, batch, pool in stream.batches(f"folding into {plan.block.name}"):
+        y_q, y_fp = stream.load("block", i)["y"], stream.load("fold", i)["fp_held"]
         y_folded = folded_run(pool)[plan.output_in_q]
-        stream.save("block", i, {"y": saved["y"], "folded": y_folded})
-        held_rows = np.flatnonzero(heldout[batch.indices])
-        error += float(np.square(saved["fp_held"] - np.take(y_folded, held_rows, axis=samples), dtype=np.float64).sum())
-        before += float(np.square(saved["fp_held"] - np.take(saved["y"], held_rows, axis=samples), dtype=np.float64).sum())
+        stream.save("fold", i, {"folded": y_folded})
+        rows = np.flatnonzero(fold.heldout[batch.indices])
+        error += float(np.square(y_fp - np.take(y_folded, rows, axis=fold.samples), dtype=np.float64).sum())
+        before += float(np.square(y_fp - np.take(y_q, rows, axis=fold.samples), dtype=np.float64).sum())
     ratio = error / before if before > 0 else 1.0
     fit = dataclasses.replace(fit, error_ratio_heldout=ratio)
-    if ratio >= 1.0:  # a fold costs nothing at run time: any gain is kept (--min-gain is for branches)
+    if ratio >= 1.0:
         return dataclasses.replace(result, result=dataclasses.replace(fit, kept_targets=0),
                                    skipped="folded, it gains nothing on held-out samples")
     return dataclasses.replace(result, result=fit, affine=affine)

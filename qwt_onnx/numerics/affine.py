@@ -47,9 +47,6 @@ class ChannelStatistics:
         """These rows less ``other``'s, a subset of them."""
         return ChannelStatistics(self.channels, self.count - other.count, self.sums - other.sums)
 
-    def merged(self, other: ChannelStatistics) -> ChannelStatistics:
-        return ChannelStatistics(self.channels, self.count + other.count, self.sums + other.sums)
-
     def squared_error(self, slope: np.ndarray, shift: np.ndarray) -> np.ndarray:
         """Per channel, ``Σ (r - slope·z - shift)²``."""
         z, r, zz, zr, rr = self.sums
@@ -82,6 +79,13 @@ class AffineFit:
         return "" if self.kept else "no gain on held-out samples"
 
 
+def fold_suffices(fold_gain: float, branch_gain: float, min_gain: float, tolerance: float) -> bool:
+    """Whether a fold that removes ``fold_gain`` of its block's held-out error takes the place of
+    a branch that would remove ``branch_gain``: it removes at least ``min_gain`` (smaller gains
+    at a block did not carry to the model's outputs) and all but ``tolerance`` of the branch's."""
+    return fold_gain >= min_gain and fold_gain >= (1.0 - tolerance) * branch_gain
+
+
 def least_squares(stats: ChannelStatistics) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the slope and shift minimising ``Σ (r - slope·z - shift)²``."""
     z, r, zz, zr, _ = stats.sums / max(stats.count, 1)
@@ -91,7 +95,9 @@ def least_squares(stats: ChannelStatistics) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_channel_affine(train: ChannelStatistics, heldout: ChannelStatistics) -> AffineFit:
-    """Fit on ``train``; keep the channels whose ``heldout`` error falls; refit those on both."""
+    """Fit on ``train``; keep the channels whose ``heldout`` error falls. Not refitted on both:
+    the fold is then judged exactly as it runs on held-out rows it has not seen (two numbers per
+    channel lose nothing measurable to a fifth fewer rows)."""
     identity, nothing = np.ones(train.channels), np.zeros(train.channels)
     if not (train.finite() and heldout.finite()):
         return AffineFit(identity, nothing, 0.0, 0.0, 1.0, 0, not_finite=True)
@@ -103,9 +109,7 @@ def fit_channel_affine(train: ChannelStatistics, heldout: ChannelStatistics) -> 
     scores = (_r2(train, slope, shift), _r2(heldout, slope, shift), _ratio(heldout.squared_error(slope, shift), before_held))
     if not keep.any():
         return AffineFit(identity, nothing, *scores, 0)
-    final_slope, final_shift = least_squares(train.merged(heldout))
-    keep &= 1 + final_slope > 0
-    return AffineFit(1 + final_slope * keep, final_shift * keep, *scores, int(keep.sum()))
+    return AffineFit(1 + slope, shift, *scores, int(keep.sum()))
 
 
 def _r2(stats: ChannelStatistics, slope: np.ndarray, shift: np.ndarray) -> float:

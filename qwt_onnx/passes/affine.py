@@ -8,8 +8,10 @@ scale (the int8 weights stay as they are; a per-tensor scale becomes
 per-channel) and the bias becomes ``a ⊙ c + b``: a Conv's, ConvTranspose's or
 Gemm's own (given one where it has none; an int32 bias behind a
 DequantizeLinear keeps the accumulator's scale, multiplied by ``a`` too), or a
-MatMul's bias Add (an Add is added only where a MatMul has none). The graph
-keeps its ops and its fusions.
+MatMul's bias Add (an Add is added only where a MatMul has none). A block that
+ends in a normalization (post-LN transformers, a BatchNormalization left unfused)
+folds into its per-channel scale and shift instead: ``a ⊙ (γ ⊙ n + β) + b =
+(a ⊙ γ) ⊙ n + (a ⊙ β + b)``. The graph keeps its ops and its fusions.
 
 :func:`fold_site` finds the op; where a block has none, it says why.
 """
@@ -25,6 +27,8 @@ from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import quantization as qm
 
 FOLDABLE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# Normalizations ending in a per-channel scale (input 1) and shift (input 2), and their channels' axis.
+NORMALIZATIONS = {"LayerNormalization": -1, "BatchNormalization": 1, "InstanceNormalization": 1}
 # Ops between the fold site and the block output that leave each channel's compensation in
 # place: its output quantizer (Q, a Clip where its range is narrowed, DQ), a residual Add, an
 # activation after the sum. A Relu or Clip is not linear, but the fold is judged on the block's
@@ -69,12 +73,14 @@ def _site_before(value: ir.Value) -> FoldSite | str:
         return "the block output is a graph input"
     if _foldable(node):
         return _weighted_site(node, node.outputs[0])
+    if node.op_type in NORMALIZATIONS and g.is_default_domain(node):
+        return _normalization_site(node)
     if _bias_add(node) is not None:
         return _weighted_site(_bias_add(node), node.outputs[0])
     if node.op_type == "Mul" and g.is_default_domain(node):
         return _scaled_site(node)
     if not g.is_default_domain(node) or node.op_type not in PASSED_OPS:
-        return f"the block ends in {node.op_type}, not in a Conv, Gemm or MatMul whose scales could hold it"
+        return f"the block ends in {node.op_type}, not in a Conv, Gemm, MatMul or normalization whose scales could hold it"
     reasons = []
     for operand in node.inputs[:1] if node.op_type != "Add" else node.inputs:
         if operand is None or g.is_constant(operand):
@@ -174,6 +180,23 @@ def _weighted_site(node: ir.Node, output: ir.Value) -> FoldSite | str:
     return FoldSite(node.name, output.name, channels_axis, np.ones(weight.shape[axis], np.float32))
 
 
+def _normalization_site(node: ir.Node) -> FoldSite | str:
+    """The site of a normalization whose scale and shift are constants, one per channel."""
+    if node.op_type == "LayerNormalization":
+        rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+        if node.attributes.get_int("axis", -1) not in (-1, rank - 1 if rank else -1):
+            return f"{node.name} normalizes over several axes, its scale is not one per channel"
+    if any(v.uses() for v in node.outputs[1:]):
+        return f"{node.name} computes training statistics too"
+    scale = _const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if scale is None or scale.ndim != 1:
+        return f"{node.name}'s scale is not a constant vector (one per channel)"
+    shift = node.inputs[2] if len(node.inputs) > 2 else None
+    if shift is not None and (_const(shift) is None or _const(shift).shape != scale.shape):
+        return f"{node.name}'s shift is not a constant vector (one per channel)"
+    return FoldSite(node.name, node.outputs[0].name, NORMALIZATIONS[node.op_type], np.ones(scale.size, np.float32))
+
+
 def _weight_channel_axis(node: ir.Node, rank: int) -> int | None:
     if node.op_type == "Conv":
         return 0
@@ -211,6 +234,9 @@ class FoldAffinePass(ir.passes.InPlacePass):
         for fold in self.folds:
             node = nodes[fold.site.node]
             scale, shift = fold.scale.astype(np.float32), (fold.shift / fold.site.gain).astype(np.float32)
+            if node.op_type in NORMALIZATIONS:
+                _fold_into_normalization(graph, names, node, scale, shift)
+                continue
             _scale_weight(graph, names, node, scale)
             _shift_bias(graph, names, node, scale, shift)
         return ir.passes.PassResult(model, modified=bool(self.folds))
@@ -265,6 +291,21 @@ def _shift_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.nd
         _drop_if_unused(graph, bias)
     if node.op_type == "Gemm":
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+
+
+def _fold_into_normalization(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Make the normalization's scale ``scale ⊙ γ`` and its shift ``scale ⊙ β + shift`` (it gets one where it has none)."""
+    gamma = node.inputs[1]
+    beta = node.inputs[2] if len(node.inputs) > 2 else None
+    old_shift = _const(beta) if beta is not None else np.zeros_like(shift)
+    dtype = _const(gamma).dtype
+    node.replace_input_with(1, names.initializer(f"{gamma.name}_compensated", (_const(gamma) * scale).astype(dtype)))
+    if beta is None:
+        node.resize_inputs(3)
+    new_shift = (scale * old_shift + shift).astype(dtype)
+    node.replace_input_with(2, names.initializer(f"{beta.name if beta is not None else node.name + '_shift'}_compensated", new_shift))
+    _drop_if_unused(graph, gamma)
+    _drop_if_unused(graph, beta)
 
 
 def _rewire(graph: ir.Graph, dq: ir.Node, inputs: list[ir.Value], axis: int) -> None:
