@@ -1,6 +1,6 @@
 """Benchmark qwt_onnx against onnxruntime's quantize_static on the zoo's real models.
 
-    python tools/bench.py                 # every zoo model, 512 calibration samples (about 50 minutes)
+    python tools/bench.py                 # every zoo model, 512 calibration samples (hours on 2 cores)
     python tools/bench.py --quick         # 32 samples, 16 evaluation samples, min-max baseline only
     python tools/bench.py --granularity   # also one block per residual branch, where that differs
     python tools/bench.py --models yolov8n --merge   # re-run one model, keep the others' rows

@@ -1,0 +1,161 @@
+"""Compensation with and without added kernels: QwT's branches, QwT-v2's folds, and auto.
+
+    python tools/compensation.py                           # every zoo model (about an hour)
+    python tools/compensation.py --models minilm --merge   # re-run one, keep the others' rows
+
+Per zoo model, on the same calibration and evaluation data, each quantizer in its own process
+(time and peak memory measured): onnxruntime's quantize_static (min-max, per-channel QDQ);
+qwt_onnx PTQ (``--no-qwt``, its default search); then QwT on that same PTQ model (the
+calibration method, bias correction, rounding and equalization its report chose, pinned, so
+that the three differ in the compensation alone) with ``--compensation branch`` (QwT's
+branches), ``affine`` (folds only: the PTQ graph's ops) and ``auto`` (the default: per block the
+fold where it removes nearly as much as the branch, else the branch). Scored on evaluation
+samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
+needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
+interleaved rounds (tools/speed.py), a model written twice timed once. Writes
+docs/COMPENSATION.md and docs/compensation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+
+from qwt_onnx import zoo
+from qwt_onnx.runtime import samples_axes, take
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (tools/bench.py: measured runs, scoring, timing)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVALUATION = 128  # evaluation samples per model at most
+COMPENSATIONS = ("branch", "affine", "auto")
+TIMED = ("ptq", *COMPENSATIONS)
+
+
+def pinned(report: dict) -> list[str]:
+    """The options that rebuild the PTQ model a ``--no-qwt`` run's ``report`` describes."""
+    method = report["method"]
+    return ["--calib-method", method,
+            "--bias-correction", "on" if report["bias_corrected"].get(method) else "off",
+            "--rounding", "gptq" if report["gptq"].get(method) else "nearest",
+            "--equalization", "on" if report["equalized"] else "off"]
+
+
+def bench_model(name: str, samples: int, folder: str, log) -> dict:
+    entry, prepared = zoo.get(name), zoo.prepare(name)
+    feeds, labels = zoo.load_evaluation(prepared)
+    feeds = take(feeds, samples_axes(prepared.model)[0], slice(None, EVALUATION))
+    labels = None if labels is None else labels[:EVALUATION]
+    reference = list(bench.outputs_of(prepared.model, feeds))
+    variants, paths = {}, {}
+
+    def measured(key: str, command: list[str], out: str) -> None:
+        variants[key] = bench.measured(command, out, entry, reference, feeds, labels)
+        paths[key] = out
+        log(f"  {key}: {bench.cell(variants[key], digits=2)}")
+
+    out = os.path.join(folder, f"{name}-ort.onnx")
+    measured("quantize_static", [sys.executable, os.path.join(ROOT, "tools", "ort_baseline.py"), prepared.model, out,
+                                 "--calib", prepared.calibration, "--samples", str(samples)], out)
+    same_ptq: list[str] = []
+    for key in TIMED:
+        out, report = (os.path.join(folder, f"{name}-{key}.{ext}") for ext in ("onnx", "json"))
+        extra = ["--no-qwt"] if key == "ptq" else ["--compensation", key, *same_ptq]
+        measured(key, bench.qwt_command(entry, prepared, out, report, samples, *extra), out)
+        with open(report) as f:
+            written = json.load(f)
+        if key == "ptq":
+            same_ptq = pinned(written)
+        variants[key].update(applied=written["qwt_applied"], added_parameters=written["added_parameters"],
+                             folds=sum(1 for b in written["blocks"] if b["kept"] and b["fold_site"]),
+                             branches=sum(1 for b in written["blocks"] if b["kept"] and not b["fold_site"]),
+                             heldout_db=written["sqnr_qwt_db"] if written["qwt_applied"] else written["sqnr_ptq_db"])
+    timed = {key: bench.Variant(key, paths[key], scores=variants[key]) for key in TIMED if "error" not in variants[key]}
+    bench.measure_speed(timed, feeds, quick=False)
+    return {"name": name, "metric": entry.metric_name, "fp32": bench.score(entry, reference, prepared.model, feeds, labels),
+            "samples": samples, "pinned": same_ptq, "variants": variants,
+            "run": f"{datetime.date.today().isoformat()}, {bench.machine()}"}
+
+
+def _latency(v: dict, base: dict) -> str:
+    if "latency_b1_ms" not in v:
+        return "—"
+    return ", ".join(f"{v[f'latency_{b}_ms'] / base[f'latency_{b}_ms']:.2f}" for b in ("b1", "b16"))
+
+
+def _targets(r: dict) -> str:
+    v = r["variants"]
+    if any("error" in v[key] for key in TIMED):
+        return "not measured: a run failed"
+    ratio = lambda key: max(v[key][f"latency_{b}_ms"] / v["ptq"][f"latency_{b}_ms"] for b in ("b1", "b16"))  # noqa: E731
+    checks = [("auto ≤ 1.02× PTQ latency", ratio("auto") <= 1.02),
+              ("folds ≤ 1.02× PTQ latency", ratio("affine") <= 1.02),
+              ("folds above PTQ", v["affine"]["sqnr_db"] > v["ptq"]["sqnr_db"])]
+    if r["name"] in bench.TRANSFORMERS:
+        checks.append(("auto within 0.2 dB of branches", v["auto"]["sqnr_db"] >= v["branch"]["sqnr_db"] - 0.2))
+    return "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks)
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["# Compensation: branches, folds, or auto", "",
+             "From `python tools/compensation.py`. " + __doc__.split("\n\n")[2].replace("\n", " "), "",
+             "Cells: evaluation SQNR to FP32 and, where the model has one, its task metric (FP32's in the heading); "
+             "held-out SQNR as the run's summary gave it; what was written (QwT, or the PTQ model where held-out "
+             "samples did not show QwT beating it beyond noise), with its folds and branches; latency relative to "
+             "the PTQ model at batch 1 and 16.",
+             "",
+             "Targets (issue 15): `auto` at most 1.02× the PTQ model's latency at batch 1 and 16 and, on the "
+             "transformers, within 0.2 dB of the branches-only model; folds only: the PTQ model's latency (1.02×, "
+             "the noise of these timings) and fidelity above PTQ.", "",
+             "How far to trust the latency columns: rows of one model written twice (QwT rejected: the PTQ model) are "
+             "timed once and read 1.00 by construction. MiniLM's folds-only model has the PTQ model's ops and read "
+             "0.96, 1.05 and then 1.02, 0.75 in two runs on 2026-12-04 (this project's shared 2-core machine); the "
+             "same branches-only model of YOLOv8n read 1.47, 1.04 and then 1.04, 1.32. Differences of a few percent "
+             "are not resolved here.", ""]
+    for r in results:
+        v = r["variants"]
+        lines += [*bench.model_heading(r), f"QwT rows on the PTQ model rebuilt with `{' '.join(r['pinned'])}`.", "",
+                  "| quantizer | SQNR, task | held-out SQNR | written | added parameters | latency / PTQ (b1, b16) | time | peak memory |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, x in v.items():
+            if "error" in x:
+                lines.append(f"| {key} | fails: {x['error']} | | | | | | |")
+                continue
+            written = ""
+            if key in COMPENSATIONS:
+                written = f"QwT: {x['folds']} folds, {x['branches']} branches" if x["applied"] else "PTQ"
+            held = f"{x['heldout_db']:.2f} dB" if x.get("heldout_db") is not None else ""
+            params = f"{x['added_parameters']:,}" if "added_parameters" in x else ""
+            latency = _latency(x, v["ptq"]) if key in TIMED else ""
+            lines.append(f"| {key} | {bench.cell(x, True, 2)} | {held} | {written} | {params} | {latency} | "
+                         f"{x['seconds']:.0f} s | {x['rss_mib']:.0f} MiB |")
+        lines += ["", f"- {_targets(r)}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(zoo.ENTRIES))
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "COMPENSATION.md"))
+    parser.add_argument("--merge", action="store_true", help="keep the other models' rows of an earlier run")
+    args = parser.parse_args()
+    data = os.path.join(os.path.dirname(args.out), "compensation.json")
+    results = bench.stored_results(data, args.merge)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qwt-compensation-") as folder:
+        for name in args.models.split(","):
+            print(f"{name}:", flush=True)
+            fresh = bench_model(name, args.samples, folder, lambda line: print(line, flush=True))
+            results = [r for r in results if r["name"] != name] + [fresh]
+            bench.store_results(results, data, args.out, markdown(results), started)  # a run that stops keeps what it measured
+
+
+if __name__ == "__main__":
+    main()
