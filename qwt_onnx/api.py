@@ -32,7 +32,7 @@ from qwt_onnx import check, observe
 from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import capture
 from qwt_onnx.analysis.equalization import ChannelGroup, channel_groups, consumer_weights
-from qwt_onnx.analysis.placement import Exclusions, Placement, place
+from qwt_onnx.analysis.placement import Exclusions, Placement, log_front_end, place
 from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
@@ -228,9 +228,14 @@ class _Run:
     _reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples, computed once
     _batch_axes: dict[str, int] | None = None
 
+    @functools.cached_property
+    def log_front_end(self) -> list[str]:
+        """The weighted ops kept in float because a Log reads what they compute (a spectrogram)."""
+        return [n.name for n in log_front_end(self.fp.graph)]
+
     @property
     def excluded(self) -> Exclusions:
-        return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types)
+        return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types, frozenset(self.log_front_end))
 
     @property
     def branch_options(self) -> capture.BranchOptions:
@@ -796,6 +801,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         weighted_clipping_gain_db={c.method: c.weighted_clipping_gain_db for c in candidates if c.weighted_clipping_gain_db is not None},
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
+        log_front_end=run.log_front_end if ptq.method != GIVEN else [],
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),
         equalization_gain_db=ptq.equalization_gain_db,

@@ -451,3 +451,44 @@ def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarr
         else:
             feeds[value.name] = rng.standard_normal((count, *dims)).astype(np.float32)
     return feeds
+
+
+def spectrogram_classifier(seed: int = 0, length: int = 512, bins: int = 32, mels: int = 12) -> onnx.ModelProto:
+    """An audio classifier that computes its log-mel spectrogram in the graph, as audio models
+    exported with their front end do: a short-time Fourier transform as two strided Conv1d
+    (cosine and sine kernels), the power, a mel filterbank as a MatMul, a floor, a Log; then a
+    Conv1d, a Relu, a mean over time and a Gemm to class logits."""
+    b = GraphBuilder(seed)
+    window, hop = 64, 32
+    t = np.arange(window)
+    frequencies = np.arange(1, bins + 1)[:, None] * np.pi / bins
+    hann = np.hanning(window)
+    x = b.op("Unsqueeze", ["audio", b.const("/axis1", np.array([1], np.int64))], "/to_channels")
+    real = b.op("Conv", [x, b.const("/stft/cos", (np.cos(frequencies * t) * hann)[:, None].astype(np.float32))], "/stft/real", strides=[hop])
+    imag = b.op("Conv", [x, b.const("/stft/sin", (np.sin(frequencies * t) * hann)[:, None].astype(np.float32))], "/stft/imag", strides=[hop])
+    power = b.op("Add", [b.op("Mul", [real, real], "/real2"), b.op("Mul", [imag, imag], "/imag2")], "/power")
+    frames = b.op("Transpose", [power], "/to_frames", perm=[0, 2, 1])
+    filterbank = np.maximum(0, 1 - np.abs(np.linspace(0, mels - 1, bins)[:, None] - np.arange(mels)[None, :])).astype(np.float32)
+    mel = b.op("MatMul", [frames, b.const("/mel/filterbank", filterbank)], "/mel")
+    logmel = b.op("Log", [b.op("Max", [mel, b.const("/floor", np.array(1e-6, np.float32))], "/floored")], "/log")
+    h = b.op("Transpose", [logmel], "/to_channels_again", perm=[0, 2, 1])
+    h = b.op("Relu", [b.op("Conv", [h, b.weight("/conv.weight", (16, mels, 3)), b.const("/conv.bias", np.zeros(16, np.float32))], "/conv",
+                           pads=[1, 1])], "/relu")
+    pooled = b.op("ReduceMean", [h], "/pool", axes=[2], keepdims=0)
+    b.op("Gemm", [pooled, b.weight("/head.weight", (16, 4)), b.const("/head.bias", np.zeros(4, np.float32))], "/head")
+    b.nodes[-1].output[0] = "logits"
+    return b.model([helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", length])],
+                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+
+
+def tones(count: int, length: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+    """Audio for :func:`spectrogram_classifier`: one to three tones of random pitch and loudness
+    and faint noise, so that most of each spectrum is near zero, as a real one is."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    audio = np.zeros((count, length))
+    for i in range(count):
+        for _ in range(rng.integers(1, 4)):
+            audio[i] += rng.uniform(0.05, 1.0) * np.sin(rng.uniform(0.05, 3.0) * t + rng.uniform(0, 2 * np.pi))
+    audio += 1e-3 * rng.standard_normal(audio.shape)
+    return {"audio": audio.astype(np.float32)}

@@ -4,12 +4,13 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qwt_onnx.analysis.placement import Exclusions, place
+from qwt_onnx.analysis.placement import Exclusions, log_front_end, place
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics import saturation
 from qwt_onnx.passes import qdq
 from qwt_onnx.runtime import session
+from tests import graphs
 from tests.graphs import GraphBuilder
 
 
@@ -183,3 +184,37 @@ def test_an_int32_bias_is_within_half_an_accumulator_step_and_a_bias_too_large_f
     assert params.scale[3] > 0.02 * weight_scale[3] and abs(restored[3] - 1e4) < 1e-3
     assert qm.int32_bias_overflows(bias, np.float32(0.02), weight_scale)
     assert not qm.int32_bias_overflows(bias[:3], np.float32(0.02), weight_scale[:3])
+
+
+def _log_of_softmax() -> onnx.ModelProto:
+    """Class log-probabilities as ``Log(Softmax(Gemm(x)))``: a Log with no linear front end."""
+    b = graphs.GraphBuilder(7)
+    logits = b.op("Gemm", ["x", b.weight("w", (16, 4))], "head")
+    b.op("Log", [b.op("Softmax", [logits], "softmax", axis=-1)], "log")
+    b.nodes[-1].output[0] = "logprobs"
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                   [helper.make_tensor_value_info("logprobs", TensorProto.FLOAT, ["batch", 4])])
+
+
+def test_the_weighted_ops_a_log_reads_through_linear_and_polynomial_ops_are_its_front_end():
+    spectrogram = ir.serde.deserialize_model(graphs.spectrogram_classifier())
+    assert [n.name for n in log_front_end(spectrogram.graph)] == ["/stft/real", "/stft/imag", "/mel"]
+    assert log_front_end(ir.serde.deserialize_model(_log_of_softmax()).graph) == []
+
+
+@pytest.mark.slow
+def test_a_spectrogram_front_end_stays_float_where_quantizing_it_ruins_the_model(monkeypatch):
+    import qwt_onnx.api as api
+
+    model = graphs.spectrogram_classifier()
+    calib, test = graphs.tones(160, seed=0), graphs.tones(64, seed=1)
+    kept, report = api.quantize_with_report(model, calib, qwt=False, progress=False)
+    monkeypatch.setattr(api, "log_front_end", lambda graph: [])
+    quantized = api.quantize(model, calib, qwt=False, progress=False)
+    assert report.log_front_end == ["/stft/real", "/stft/imag", "/mel"]
+    float_weights = {t.name for t in kept.graph.initializer if t.data_type == TensorProto.FLOAT}
+    assert {"/stft/cos", "/stft/sin", "/mel/filterbank"} <= float_weights
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("/conv.weight") for n in kept.graph.node)
+    reference = session(model).run(None, test)[0]
+    sqnr = lambda m: 10 * np.log10((reference**2).sum() / ((reference - session(m).run(None, test)[0]) ** 2).sum())  # noqa: E731
+    assert sqnr(kept) > 30.0 and sqnr(kept) > sqnr(quantized) + 20.0
