@@ -476,8 +476,8 @@ The kernel tables in each model's section (one profiled batch-1 run per model) s
   convolution where the block ends in one (one convolution over the block's input and its
   last input, concatenated); neither is done yet. The default `--compensation auto` folds a
   channel-wise affine into the block's last convolution or normalization instead (no kernel
-  added) unless the branch removes `--min-gain` (10%) more of the block's held-out error than
-  the fold; the branches-only column shows what the branches alone cost.
+  added) where the fold removes at least `--min-gain` (10%) of the block's held-out error and
+  0.95 of what the branch would; the branches-only column shows what the branches alone cost.
 """.splitlines()
 
 

@@ -2,9 +2,10 @@
 
 Each block gets a parallel branch or a channel-wise affine folded into its last
 weighted op or normalization (:mod:`qwt_onnx.passes.affine`), or, where both are
-asked for, the one that pays: the fold, which costs nothing at run time, unless
-the branch removes ``min_gain`` more of the block's held-out error. The stream
-carries the block's output as the chosen compensation leaves it.
+asked for, the one that pays: the fold, which costs nothing at run time, where it
+removes at least ``min_gain`` of the block's held-out error and nearly as much as
+the branch would; else the branch. The stream carries the block's output as the
+chosen compensation leaves it.
 
 For block k with input ``a`` and output ``b``, every calibration batch goes
 through the FP32 block and the quantized block on the *same* input: the
@@ -70,8 +71,8 @@ class BranchOptions:
     kept (each one costs latency). ``symmetric``: activations are quantized symmetrically
     (TensorRT), where an int8 branch's output stays float. ``affine``: a channel-wise affine
     folded into each block's last weighted op is tried; ``branches``: branches are tried; with
-    both, each block gets the one that pays (a branch must remove ``min_gain`` more of the
-    block's held-out error than the fold)."""
+    both, each block gets the one that pays (the fold where it removes at least ``min_gain``
+    of the block's held-out error and nearly as much as the branch, else the branch)."""
 
     kernel: int = 1
     groups_factor: int = 64
