@@ -212,6 +212,21 @@ def store_results(results: list[dict], data: str, out: str, text: str, started: 
     print(f"wrote {out} in {(time.perf_counter() - started) / 60:.1f} minutes")
 
 
+def side_by_side(models: list[str], data: str, out: str, merge: bool, prefix: str, measure, markdown) -> None:
+    """Measure each of ``models`` with ``measure(name, folder, log)`` and write ``data`` (JSON) and
+    ``out`` (``markdown(results)``) after each, so that a run that stops keeps what it measured;
+    with ``merge``, the other models' rows of an earlier run stay."""
+    results = stored_results(data, merge)
+    started = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        for name in models:
+            print(f"{name}:", flush=True)
+            fresh = measure(name, folder, lambda line: print(line, flush=True))
+            results = [r for r in results if r["name"] != name] + [fresh]
+            store_results(results, data, out, markdown(results), started)
+
+
 def measure_speed(variants: dict[str, Variant], feeds: dict[str, np.ndarray], quick: bool) -> None:
     """Latency at batch 1 and 16 (all variants interleaved), INT8 MAC share and kernel profile."""
     variants = {key: v for key, v in variants.items() if key not in UNTIMED}

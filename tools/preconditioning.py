@@ -21,8 +21,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
-import time
 
 from qwt_onnx import zoo
 from qwt_onnx.runtime import samples_axes, take
@@ -115,16 +113,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "PRECONDITIONING.md"))
     parser.add_argument("--merge", action="store_true", help="keep the other models' rows of an earlier run")
     args = parser.parse_args()
-    data = os.path.join(os.path.dirname(args.out), "preconditioning.json")
-    results = bench.stored_results(data, args.merge)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qwt-preconditioning-") as folder:
-        for name in args.models.split(","):
-            print(f"{name}:", flush=True)
-            fresh = bench_model(name, args.samples, folder, args.quark, args.quark_recipes.split(","), lambda line: print(line, flush=True))
-            results = [r for r in results if r["name"] != name] + [fresh]
-            bench.store_results(results, data, args.out, markdown(results), started)  # a run that stops keeps what it measured
-
+    recipes = args.quark_recipes.split(",")
+    bench.side_by_side(args.models.split(","), os.path.join(os.path.dirname(args.out), "preconditioning.json"), args.out,
+                       args.merge, "qwt-preconditioning-",
+                       lambda name, folder, log: bench_model(name, args.samples, folder, args.quark, recipes, log), markdown)
 
 if __name__ == "__main__":
     main()

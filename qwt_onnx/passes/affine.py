@@ -297,9 +297,10 @@ def _fold_into_normalization(graph: ir.Graph, names: g.NameScope, node: ir.Node,
     """Make the normalization's scale ``scale ⊙ γ`` and its shift ``scale ⊙ β + shift`` (it gets one where it has none)."""
     gamma = node.inputs[1]
     beta = node.inputs[2] if len(node.inputs) > 2 else None
+    old_scale = _const(gamma)
     old_shift = _const(beta) if beta is not None else np.zeros_like(shift)
-    dtype = _const(gamma).dtype
-    node.replace_input_with(1, names.initializer(f"{gamma.name}_compensated", (_const(gamma) * scale).astype(dtype)))
+    dtype = old_scale.dtype
+    node.replace_input_with(1, names.initializer(f"{gamma.name}_compensated", (old_scale * scale).astype(dtype)))
     if beta is None:
         node.resize_inputs(3)
     new_shift = (scale * old_shift + shift).astype(dtype)
