@@ -409,7 +409,7 @@ def _observe_equalized(run: _Run, equalized: _Equalized, seen: observe.Observati
     are ``seen``'s, rescaled, and every other tensor's are as they were."""
     scaled = equalized.scaled
     again = observe.observe(prepare.to_proto(equalized.model), [n for n in placement.observed_names if n in scaled], run.calib,
-                            run.batch_size)
+                            run.batch_size, readable=placement.readable_intervals())
     inputs = placement.hessian_inputs(observe.HESSIAN_INPUTS)
 
     def rescaled(statistics: dict, power: int = 1) -> dict:
@@ -434,6 +434,7 @@ def _observe(run: _Run, fp: ir.Model, placement: Placement, groups: list[Channel
     return observe.observe(
         prepare.to_proto(fp), placement.observed_names, run.calib, run.batch_size, axes,
         placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None, sampled,
+        placement.readable_intervals(),
     )
 
 

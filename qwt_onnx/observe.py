@@ -99,17 +99,19 @@ def observe(
     channel_axes: Mapping[str, int] | None = None,
     hessian_inputs: Mapping[str, tuple[str, InputGeometry]] | None = None,
     sampled: Mapping[str, int] | None = None,
+    readable: Mapping[str, tuple[float, float]] | None = None,
 ) -> Observation:
     """Range statistics of ``tensors``, per-channel means and mean squares of the tensors in
     ``channel_axes``, per weight in ``hessian_inputs`` the second moments of the rows its op reads
     from its input (sampled), and rows and per-channel extremes of the tensors in ``sampled``
     (with their channel axes), over all samples; and the model outputs on the scoring samples (None where
-    their shapes depend on the batch)."""
+    their shapes depend on the batch). A tensor in ``readable`` is observed clamped to its interval."""
     channel_axes, hessian_inputs, sampled = channel_axes or {}, hessian_inputs or {}, sampled or {}
     output_names = [o.name for o in model.graph.output]
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
     runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values()), *sampled]))
-    observers = {name: RangeObserver() for name in tensors}
+    readable = readable or {}
+    observers = {name: RangeObserver(readable=readable[name]) if name in readable else RangeObserver() for name in tensors}
     means = {name: ChannelMoments(axis) for name, axis in channel_axes.items()}
     batches = calib.num_batches(batch_size)
     moments = {weight: SecondMoments(geometry, batches, seed) for seed, (weight, (_, geometry)) in enumerate(hessian_inputs.items())}

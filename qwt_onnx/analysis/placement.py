@@ -40,6 +40,7 @@ import re
 
 import onnx_ir as ir
 
+from qwt_onnx.analysis.readable import UNBOUNDED, readable_interval
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.hessian import InputGeometry
@@ -72,6 +73,12 @@ class Placement:
     @property
     def observed_names(self) -> list[str]:
         return [site.observed.name for site in self.activations]
+
+    def readable_intervals(self) -> dict[str, tuple[float, float]]:
+        """Per observed tensor whose readers all saturate, the values they can tell apart
+        (:mod:`qwt_onnx.analysis.readable`): its range need reach no further."""
+        intervals = {site.observed.name: readable_interval(site.readers) for site in self.activations}
+        return {name: interval for name, interval in intervals.items() if interval != UNBOUNDED}
 
     def channel_axes(self) -> dict[str, int]:
         """The data input of every op with a quantized weight, and its channel axis: whose mean

@@ -3,6 +3,9 @@
 One streaming observer per tensor keeps its minimum, maximum and a
 histogram of ``|x|``. The histogram's range grows by doubling (merging bins
 pairwise), so one pass over the calibration data serves every method.
+A tensor whose readers cannot tell apart values beyond an interval (a hard-swish
+reads every ``x ≤ -3`` as 0) is observed clamped to it: each method then spends the
+quantizer's levels on the values that matter.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class RangeObserver:
     """Streaming statistics of one tensor."""
 
     bins: int = HISTOGRAM_BINS
+    readable: tuple[float, float] = (-np.inf, np.inf)  # values beyond are read as the ends: observed clamped
     low: float = np.inf
     high: float = -np.inf
     extent: float = 0.0  # the histogram covers |x| in [0, extent)
@@ -38,6 +42,8 @@ class RangeObserver:
         shape, x = x.shape, x.ravel()
         if x.size == 0:
             return
+        if self.readable != (-np.inf, np.inf):
+            x = np.clip(x, *self.readable)
         self.low = min(self.low, float(x.min()))
         self.high = max(self.high, float(x.max()))
         amax = max(-self.low, self.high)
@@ -205,11 +211,26 @@ def compute_range(observer: RangeObserver, method: str, symmetric: bool = False,
     if observer.histogram is None:
         raise ValueError("the observer has seen no data")
     if method == "mse":
-        return mse_range(observer, symmetric, bits=bits)
-    if method == "minmax":
-        return minmax_range(observer)
-    if method == "percentile":
-        return percentile_range(observer)
-    if method == "entropy":
-        return entropy_range(observer, levels=1 << (bits - 1))
-    raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+        low, high = mse_range(observer, symmetric, bits=bits)
+    elif method == "minmax":
+        low, high = minmax_range(observer)
+    elif method == "percentile":
+        low, high = percentile_range(observer)
+    elif method == "entropy":
+        low, high = entropy_range(observer, levels=1 << (bits - 1))
+    else:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+    return past_readable_ends(low, high, observer.readable, bits)
+
+
+def past_readable_ends(low: float, high: float, readable: tuple[float, float], bits: int = 8) -> tuple[float, float]:
+    """``[low, high]`` widened by one quantization step where it ends at an end of the readable
+    interval, so that a level lies at or beyond that end whatever the zero point's rounding
+    (a hard-swish reads the level just above -3 as a small negative number, not 0). An end at
+    0 needs none: every grid holds 0 exactly."""
+    step = (high - low) / ((1 << bits) - 1)
+    if low <= readable[0] and readable[0] != 0.0:
+        low = readable[0] - step
+    if high >= readable[1] and readable[1] != 0.0:
+        high = readable[1] + step
+    return low, high
