@@ -32,6 +32,7 @@ class RangeObserver:
 
     bins: int = HISTOGRAM_BINS
     readable: tuple[float, float] = (-np.inf, np.inf)  # values beyond are read as the ends: observed clamped
+    clamped: tuple[bool, bool] = (False, False)  # whether values lay below, above the readable interval
     low: float = np.inf
     high: float = -np.inf
     extent: float = 0.0  # the histogram covers |x| in [0, extent)
@@ -42,10 +43,13 @@ class RangeObserver:
         shape, x = x.shape, x.ravel()
         if x.size == 0:
             return
+        low, high = float(x.min()), float(x.max())
         if self.readable != (-np.inf, np.inf):
-            x = np.clip(x, *self.readable)
-        self.low = min(self.low, float(x.min()))
-        self.high = max(self.high, float(x.max()))
+            start, end = self.readable
+            self.clamped = (self.clamped[0] or low < start, self.clamped[1] or high > end)
+            x = np.clip(x, start, end)
+            low, high = max(low, start), min(high, end)
+        self.low, self.high = min(self.low, low), max(self.high, high)
         amax = max(-self.low, self.high)
         if self.histogram is None:
             self.histogram = np.zeros(self.bins, dtype=np.int64)
@@ -220,17 +224,22 @@ def compute_range(observer: RangeObserver, method: str, symmetric: bool = False,
         low, high = entropy_range(observer, levels=1 << (bits - 1))
     else:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    return past_readable_ends(low, high, observer.readable, bits)
+    return past_readable_ends(low, high, observer, bits)
 
 
-def past_readable_ends(low: float, high: float, readable: tuple[float, float], bits: int = 8) -> tuple[float, float]:
-    """``[low, high]`` widened by one quantization step where it ends at an end of the readable
-    interval, so that a level lies at or beyond that end whatever the zero point's rounding
-    (a hard-swish reads the level just above -3 as a small negative number, not 0). An end at
-    0 needs none: every grid holds 0 exactly."""
+def past_readable_ends(low: float, high: float, observer: RangeObserver, bits: int = 8) -> tuple[float, float]:
+    """``[low, high]`` reaching one quantization step past each end of the readable interval
+    that the observed values were clamped at, so that a level lies at or beyond that end
+    whatever the zero point's rounding. A clipping method (MSE, percentile) sees the clamped
+    values as one mass at the end and may clip it a little, but the readers do not read it
+    alike: a HardSigmoid reads -2.99 as 0.002, not 0, and an SE gate that FP32 shuts lets that
+    much of its channel through (PP-OCRv6 rec lost 2.4 dB so). An end at 0 needs no step:
+    every grid holds 0 exactly."""
+    (start, end), (below, above) = observer.readable, observer.clamped
+    low, high = min(low, start) if below else low, max(high, end) if above else high
     step = (high - low) / ((1 << bits) - 1)
-    if low <= readable[0] and readable[0] != 0.0:
-        low = readable[0] - step
-    if high >= readable[1] and readable[1] != 0.0:
-        high = readable[1] + step
+    if below and start != 0.0:
+        low = start - step
+    if above and end != 0.0:
+        high = end + step
     return low, high
