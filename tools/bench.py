@@ -215,7 +215,7 @@ def store_results(results: list[dict], data: str, out: str, text: str, started: 
 def side_by_side(models: list[str], data: str, out: str, merge: bool, prefix: str, measure, markdown) -> None:
     """Measure each of ``models`` with ``measure(name, folder, log)`` and write ``data`` (JSON) and
     ``out`` (``markdown(results)``) after each, so that a run that stops keeps what it measured;
-    with ``merge``, the other models' rows of an earlier run stay."""
+    with ``merge``, the other models' rows of an earlier run stay, in their places."""
     results = stored_results(data, merge)
     started = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -223,7 +223,8 @@ def side_by_side(models: list[str], data: str, out: str, merge: bool, prefix: st
         for name in models:
             print(f"{name}:", flush=True)
             fresh = measure(name, folder, lambda line: print(line, flush=True))
-            results = [r for r in results if r["name"] != name] + [fresh]
+            names = [r["name"] for r in results]
+            results = [fresh if r["name"] == name else r for r in results] if name in names else [*results, fresh]
             store_results(results, data, out, markdown(results), started)
 
 
