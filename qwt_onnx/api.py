@@ -233,6 +233,11 @@ class _Run:
         """The weighted ops kept in float because a Log reads what they compute (a spectrogram)."""
         return [n.name for n in log_front_end(self.fp.graph)]
 
+    @functools.cached_property
+    def readable(self) -> dict[str, tuple[float, float]]:
+        """The quantized tensors whose readers all saturate, and the values they tell apart."""
+        return place(self.fp.graph, self.options.target, self.excluded).readable_intervals()
+
     @property
     def excluded(self) -> Exclusions:
         return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types, frozenset(self.log_front_end))
@@ -409,7 +414,7 @@ def _observe_equalized(run: _Run, equalized: _Equalized, seen: observe.Observati
     are ``seen``'s, rescaled, and every other tensor's are as they were."""
     scaled = equalized.scaled
     again = observe.observe(prepare.to_proto(equalized.model), [n for n in placement.observed_names if n in scaled], run.calib,
-                            run.batch_size, readable=placement.readable_intervals())
+                            run.batch_size, readable=run.readable)
     inputs = placement.hessian_inputs(observe.HESSIAN_INPUTS)
 
     def rescaled(statistics: dict, power: int = 1) -> dict:
@@ -434,7 +439,7 @@ def _observe(run: _Run, fp: ir.Model, placement: Placement, groups: list[Channel
     return observe.observe(
         prepare.to_proto(fp), placement.observed_names, run.calib, run.batch_size, axes,
         placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None, sampled,
-        placement.readable_intervals(),
+        run.readable,
     )
 
 
@@ -803,6 +808,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
         log_front_end=run.log_front_end if ptq.method != GIVEN else [],
+        readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),
         equalization_gain_db=ptq.equalization_gain_db,

@@ -50,6 +50,7 @@ class Report:
     gptq: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written: weights rounded with error feedback
     gptq_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out gain of error feedback over nearest
     log_front_end: list[str] = dataclasses.field(default_factory=list)  # weighted ops kept float: a Log reads what they compute
+    readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
     equalization_gain_db: float | None = None  # held-out, of the equalized PTQ model over the same without, where both were built
@@ -87,6 +88,10 @@ def format_summary(report: Report, source: str) -> str:
     if report.log_front_end:
         lines.append(f"kept in float: {len(report.log_front_end)} Conv/MatMul/Gemm computing what a Log reads (a spectrogram "
                      "front end; quantized, its error near zero grows without bound through the log)")
+    if report.readable_ranges:
+        count = report.readable_ranges
+        lines.append(f"ranges stop where the readers saturate: {count} tensor{'s' if count > 1 else ''} read only through a "
+                     "hard-swish, HardSigmoid, Clip or Relu")
     if report.method_sqnr_db:
         line = "PTQ held-out SQNR by calibration: " + _scores(report.method_sqnr_db, report.ptq_method)
         if report.method_lead_interval_db is not None:

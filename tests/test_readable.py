@@ -13,6 +13,7 @@ from qwt_onnx.analysis.placement import Placement, place
 from qwt_onnx.analysis.readable import UNBOUNDED, readable_interval_at
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.ranges import RangeObserver, compute_range
+from qwt_onnx.report import format_summary
 from qwt_onnx.runtime import session
 from tests import graphs
 from tests.graphs import GraphBuilder
@@ -128,6 +129,9 @@ def test_a_hard_swish_convs_quantizer_spends_its_levels_above_minus_three_and_tr
 
     lowest, scale, error = quantized_error()
     assert -3.0 - 1.5 * scale <= lowest <= -3.0
+    _, report = api.quantize_with_report(proto, calib, qwt=False, progress=False, calib_method="minmax")
+    assert report.readable_ranges == 1
+    assert "ranges stop where the readers saturate: 1 tensor read only" in format_summary(report, "model.onnx")
     monkeypatch.setattr(Placement, "readable_intervals", lambda self: {})
     lowest_plain, scale_plain, error_plain = quantized_error()
     assert lowest_plain < -20.0 and scale < 0.6 * scale_plain
