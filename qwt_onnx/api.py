@@ -234,9 +234,14 @@ class _Run:
         return [n.name for n in log_front_end(self.fp.graph)]
 
     @functools.cached_property
+    def placement(self) -> Placement:
+        """Where the FP32 model's Q/DQ pairs go."""
+        return place(self.fp.graph, self.options.target, self.excluded)
+
+    @functools.cached_property
     def readable(self) -> dict[str, tuple[float, float]]:
         """The quantized tensors whose readers all saturate, and the values they tell apart."""
-        return place(self.fp.graph, self.options.target, self.excluded).readable_intervals()
+        return self.placement.readable_intervals()
 
     @property
     def excluded(self) -> Exclusions:
@@ -349,7 +354,7 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
     +5.9 dB and costs MSE 5.9; ranking all six models would cost two more evaluations. The
     rounding and the equalization are decided last, on the chosen model, for the same reason."""
     o = run.options
-    placement = place(run.fp.graph, o.target, run.excluded)
+    placement = run.placement
     groups = channel_groups(run.fp.graph) if o.equalization != EqualizationChoice.OFF else []
     seen = _observe(run, run.fp, placement, groups)
     run.reference(seen.reference)

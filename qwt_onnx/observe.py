@@ -12,7 +12,7 @@ import onnx
 
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics.hessian import InputGeometry, SecondMoments
-from qwt_onnx.numerics.ranges import RangeObserver
+from qwt_onnx.numerics.ranges import UNBOUNDED, RangeObserver
 from qwt_onnx.runtime import Runner, concatenate_samples, move_samples, samples_axes, with_outputs
 
 STATISTICS_THREADS = min(4, os.cpu_count() or 1)
@@ -111,7 +111,7 @@ def observe(
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
     runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values()), *sampled]))
     readable = readable or {}
-    observers = {name: RangeObserver(readable=readable[name]) if name in readable else RangeObserver() for name in tensors}
+    observers = {name: RangeObserver(readable=readable.get(name, UNBOUNDED)) for name in tensors}
     means = {name: ChannelMoments(axis) for name, axis in channel_axes.items()}
     batches = calib.num_batches(batch_size)
     moments = {weight: SecondMoments(geometry, batches, seed) for seed, (weight, (_, geometry)) in enumerate(hessian_inputs.items())}

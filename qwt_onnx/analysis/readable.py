@@ -18,9 +18,9 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from qwt_onnx.graph import query as g
+from qwt_onnx.numerics.ranges import UNBOUNDED
 
 Interval = tuple[float, float]
-UNBOUNDED: Interval = (-math.inf, math.inf)
 _DEPTH = 8  # affine steps followed at most (a hard-swish needs two)
 
 

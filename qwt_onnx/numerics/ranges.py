@@ -23,7 +23,8 @@ HISTOGRAM_BINS = 2048
 HISTOGRAM_SAMPLE = 1 << 20  # elements of each batch that enter the histogram; min and max see all
 ENTROPY_LEVELS = 128  # positive int8 levels the distribution is quantized to (2^(bits-1) at other widths)
 ENTROPY_CANDIDATES = 480  # thresholds tried at most
-MSE_CANDIDATES = 256  # thresholds tried at most, spaced geometrically
+MSE_CANDIDATES = 256
+UNBOUNDED = (-np.inf, np.inf)  # an observer's readable interval where its readers read every value  # thresholds tried at most, spaced geometrically
 
 
 @dataclasses.dataclass
@@ -31,7 +32,7 @@ class RangeObserver:
     """Streaming statistics of one tensor."""
 
     bins: int = HISTOGRAM_BINS
-    readable: tuple[float, float] = (-np.inf, np.inf)  # values beyond are read as the ends: observed clamped
+    readable: tuple[float, float] = UNBOUNDED  # values beyond are read as the ends: observed clamped
     clamped: tuple[bool, bool] = (False, False)  # whether values lay below, above the readable interval
     low: float = np.inf
     high: float = -np.inf
@@ -44,7 +45,7 @@ class RangeObserver:
         if x.size == 0:
             return
         low, high = float(x.min()), float(x.max())
-        if self.readable != (-np.inf, np.inf):
+        if self.readable != UNBOUNDED:
             start, end = self.readable
             self.clamped = (self.clamped[0] or low < start, self.clamped[1] or high > end)
             x = np.clip(x, start, end)
