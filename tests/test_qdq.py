@@ -93,6 +93,34 @@ def test_ort_target_quantizes_conv_outputs_and_absorbs_a_following_relu():
     assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()
 
 
+def test_a_relu_whose_output_is_a_graph_output_is_absorbed_and_the_output_is_dequantized_once():
+    # DeepFilterNet's encoder returns each conv stage's Relu output (e0..e3) and feeds it on: left
+    # in float, the Relu ran between a DequantizeLinear and a second QuantizeLinear of the same
+    # values, with the layout transposes around it, as onnxruntime's quantize_static does not
+    b = GraphBuilder()
+    b.op("Relu", [b.op("Conv", ["x", b.weight("w1", (8, 4, 1, 1))], "conv1")], "relu1")
+    b.nodes[-1].output[0] = "features"
+    b.op("Conv", ["features", b.weight("w2", (8, 8, 1, 1))], "conv2")
+    b.nodes[-1].output[0] = "y"
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * 4) for name in ("features", "y")]
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])], outputs)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert sorted(place(model.graph, "ort").observed_names) == ["features", "x"]
+    qdq.InsertQdqPass({"features": (0.0, 5.0), "x": (-5.0, 5.0)}, "ort")(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    producer = {name: n for n in out.graph.node for name in n.output}
+    assert [o.name for o in out.graph.output] == ["features", "y"]
+    assert producer["features"].op_type == "DequantizeLinear"
+    ops = [n.op_type for n in out.graph.node]
+    assert "Relu" not in ops and ops.count("QuantizeLinear") == 2
+    x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    reference = session(proto).run(None, {"x": x})
+    quantized = session(out).run(None, {"x": x})
+    for ref, got in zip(reference, quantized):
+        assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     from tests import graphs
 

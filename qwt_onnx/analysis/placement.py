@@ -12,7 +12,8 @@ Placement, per target:
   into QGemm with a float output once its bias is int32, which the Q/DQ pass
   writes). A Relu or a Clip from 0 (ReLU6) that is the sole reader of such an
   output is absorbed into the quantizer (zero point at 0 clamps exactly like
-  them), as onnxruntime's own quantizer does. Residual Adds, pools and Concats
+  them), as onnxruntime's own quantizer does; where its output is a graph output,
+  that output is the DequantizeLinear's (a feature encoder's stages). Residual Adds, pools and Concats
   whose inputs are such outputs and whose output feeds a quantizer then fuse
   into QLinearAdd, QLinearGlobalAveragePool and QLinearConcat without
   quantizers of their own. A residual Add whose output some reader takes in
@@ -235,7 +236,7 @@ def _input_channel_axis(node: ir.Node) -> int | None:
 
 def _output_site(value: ir.Value) -> ActivationSite:
     consumers = value.consumers()
-    if len(consumers) == 1 and _clamps_at_zero(consumers[0]) and not consumers[0].outputs[0].is_graph_output():
+    if len(consumers) == 1 and _clamps_at_zero(consumers[0]):
         clamp = consumers[0]
         return ActivationSite(value, clamp.outputs[0], list(clamp.outputs[0].uses()), absorbed=clamp)
     return ActivationSite(value, value, list(value.uses()))

@@ -208,6 +208,13 @@ class NameScope:
         return ir.node(op_type, inputs, attributes or None, outputs=[out], name=self.fresh(out.name + "/" + op_type))
 
 
+def replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Where ``old`` is a graph output, ``new`` takes its slot (its name is the caller's to give)."""
+    for i, value in enumerate(graph.outputs):
+        if value is old:
+            graph.outputs[i] = new
+
+
 def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
     """Insert ``nodes`` where ``value`` becomes available: after its producer, or first."""
     producer = value.producer()

@@ -150,6 +150,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         for node, index in site.readers:
             node.replace_input_with(index, dq.outputs[0])
         if site.absorbed is not None:
+            g.replace_graph_output(graph, site.observed, dq.outputs[0])
             graph.remove(site.absorbed, safe=True)
             dq.outputs[0].name = site.observed.name  # the tensor keeps its name, now quantized
 

@@ -167,12 +167,10 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         node.replace_input_with(index, result)
     # The compensated tensor takes over the name (and graph-output slot) of the one it replaces,
     # so that later branches and the model's users find it where they expect it.
-    output_index = next((i for i, v in enumerate(graph.outputs) if v is y), None)
+    g.replace_graph_output(graph, y, result)
     original = y.name
     y.name = names.fresh(f"{scope}/uncompensated")
     result.name = original
-    if output_index is not None:
-        graph.outputs[output_index] = result
 
 
 def _low_rank(names: g.NameScope, x: ir.Value, down: ir.Value, bias: ir.Value, y: ir.Value, branch: Branch,
