@@ -42,14 +42,24 @@ from qwt_onnx.numerics import metrics, rounding
 from qwt_onnx.numerics.affine import AffineFit
 from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.numerics.ranges import compute_range
-from qwt_onnx.options import BiasCorrection, BranchPrecision, CalibMethod, Options, Rounding, Target, WeightRange
+from qwt_onnx.options import (
+    MAX_FLOAT_STEM_MACS,
+    MIN_FLOAT_STEM_GAIN_DB,
+    BiasCorrection,
+    BranchPrecision,
+    CalibMethod,
+    Options,
+    Rounding,
+    Target,
+    WeightRange,
+)
 from qwt_onnx.options import Compensation as CompensationKind
 from qwt_onnx.options import Equalization as EqualizationChoice
 from qwt_onnx.passes import affine, qdq, splice
 from qwt_onnx.passes.equalize import EqualizeChannelsPass
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.report import BlockReport, Report
-from qwt_onnx.runtime import samples_axes
+from qwt_onnx.runtime import Runner, samples_axes, with_outputs
 
 logger = logging.getLogger("qwt_onnx")
 
@@ -86,6 +96,9 @@ class Candidate:
     gptq_gain_db: float | None = None  # held-out, where both were built
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # α per tensor whose channels were equalized (float_model)
     equalization_gain_db: float | None = None  # held-out, where both were built
+    float_stem: int = 0  # the depth of the weighted ops nearest the inputs left in float (Placement.stem)
+    # per depth tried: held-out gain over the model before, its 95% interval, and the share of MACs left float
+    float_stem_gains_db: dict[int, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
     float_model: ir.Model | None = None  # the FP32 model its Q/DQ went into, where not the run's
     # The same ranges with bias correction the other way, where both were built: which of the
     # two QwT compensates better is tried apart from which PTQ prefers.
@@ -239,6 +252,28 @@ class _Run:
         return place(self.fp.graph, self.options.target, self.excluded)
 
     @functools.cached_property
+    def weighted_macs(self) -> dict[str, int]:
+        """Per quantized weighted op, its multiply-accumulates on the first calibration batch (from
+        the shapes the FP32 model computes there)."""
+        nodes = [node for site in self.placement.weights for node, _ in site.readers]
+        batch = next(self.calib.batches(self.batch_size))
+        shapes = Runner(with_outputs(prepare.to_proto(self.fp), [n.outputs[0].name for n in nodes]))(batch.feeds)
+        return {n.name: int(np.prod(shapes[n.outputs[0].name].shape)) * g.macs_per_output(n) for n in nodes}
+
+    def mac_share(self, names: list[str]) -> float:
+        """The share of the quantized weighted ops' multiply-accumulates that ``names`` hold."""
+        total = sum(self.weighted_macs.values())
+        return sum(self.weighted_macs.get(name, 0) for name in names) / total if total else 0.0
+
+    @functools.cached_property
+    def stem_observed(self) -> list[str]:
+        """The tensors that a float stem's placements quantize and :attr:`placement` does not (what
+        the first ops after the stem read)."""
+        depths = (1, 2) if self.options.float_stem == "auto" else (int(self.options.float_stem),)
+        names = {n for d in depths if d for n in place(self.fp.graph, self.options.target, self.stem_excluded(d)).observed_names}
+        return sorted(names - set(self.placement.observed_names))
+
+    @functools.cached_property
     def readable(self) -> dict[str, tuple[float, float]]:
         """The quantized tensors whose readers all saturate, and the values they tell apart."""
         return self.placement.readable_intervals()
@@ -246,6 +281,12 @@ class _Run:
     @property
     def excluded(self) -> Exclusions:
         return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types, frozenset(self.log_front_end))
+
+    def stem_excluded(self, depth: int) -> Exclusions:
+        """:attr:`excluded`, and the weighted ops nearest the inputs up to ``depth`` (see ``--float-stem``)."""
+        if depth == 0:
+            return self.excluded
+        return dataclasses.replace(self.excluded, kept_float=self.excluded.kept_float | set(self.placement.stem(self.fp.graph, depth)))
 
     @property
     def branch_options(self) -> capture.BranchOptions:
@@ -442,7 +483,7 @@ def _observe(run: _Run, fp: ir.Model, placement: Placement, groups: list[Channel
     sampled = {value.name: group.axis for group in groups for value in group.chain if value.name in observed}
     axes.update({group.tensor.name: group.axis for group in groups})
     return observe.observe(
-        prepare.to_proto(fp), placement.observed_names, run.calib, run.batch_size, axes,
+        prepare.to_proto(fp), [*placement.observed_names, *run.stem_observed], run.calib, run.batch_size, axes,
         placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None, sampled,
         run.readable,
     )
@@ -458,29 +499,32 @@ class _Builder:
     fp: ir.Model
     seen: observe.Observation
     equalized: _Equalized | None = None
+    stem: int = dataclasses.field(init=False)  # the float stem's depth of every candidate not given one
     _feedback: dict[bool, dict[str, rounding.Feedback]] = dataclasses.field(default_factory=dict)  # by whether bias correction centres the moments
 
     def __post_init__(self) -> None:
         o = self.run.options
         symmetric = o.target == Target.TRT
+        self.stem = 0 if o.float_stem == "auto" else int(o.float_stem)
         self.ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in self.seen.ranges.items()}
                        for method in self.methods}
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
-                  scored: bool = True) -> Candidate:
+                  scored: bool = True, stem: int | None = None) -> Candidate:
         o, seen = self.run.options, self.seen
         gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
+        stem = self.stem if stem is None else stem
         model = self.fp.clone()
         if gptq and corrected not in self._feedback:
             # bias correction removes the rounding's mean error: what is left to minimise is its variance
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
-        qdq.InsertQdqPass(self.ranges[method], o.target, self.run.excluded, o.weights, seen.means if corrected else None,
+        qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
                           self._feedback[corrected] if gptq else None)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
-                 f"{', equalized' if self.equalized else ''}")
+                 f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
-        return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq,
+        return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq, float_stem=stem,
                          float_model=self.fp if self.equalized else None,
                          equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
 
@@ -515,7 +559,42 @@ def _search(builder: _Builder) -> list[Candidate]:
             gptq = builder.candidate(method, best.bias_corrected, best.weighted_clipping, True)
         chosen = _better_rounding(best, gptq)
         candidates = [chosen if c is best else c for c in candidates]
+    if o.float_stem == "auto":
+        best = _best(candidates)
+        candidates = [_float_stem(builder, best) if c is best else c for c in candidates]
     return candidates
+
+
+def _float_stem(builder: _Builder, chosen: Candidate) -> Candidate:
+    """``chosen``, or the same PTQ with the weighted ops nearest the inputs left in float, to depth
+    1 or 2: a depth is kept only where held-out samples show it beating the model so far by at
+    least :data:`MIN_FLOAT_STEM_GAIN_DB` and beyond noise (the lower end of the gain's 95% interval
+    above 0), its float ops holding at most :data:`MAX_FLOAT_STEM_MACS` of the multiply-accumulates:
+    a float op costs latency. What the first ops' quantizers round off, the rest of the network
+    carries and can amplify (PP-LCNet's first depthwise convolution turns its input's 38 dB into
+    19: tools/error_sources.py), and no branch after them predicts it."""
+    run, method, gains = builder.run, CalibMethod(chosen.method), {}
+    shallower: list[str] = []
+    for depth in (1, 2):
+        stem = run.placement.stem(run.fp.graph, depth)
+        if not stem or stem == shallower or chosen.score is None:
+            continue
+        shallower = stem
+        deeper = builder.candidate(method, chosen.bias_corrected, chosen.weighted_clipping, chosen.gptq, stem=depth)
+        interval = metrics.gain_interval(deeper.score, chosen.score) if deeper.score is not None else None
+        if interval is None:
+            continue
+        share = run.mac_share(stem)
+        gains[depth] = (deeper.sqnr_db - chosen.sqnr_db, *interval, share)
+        if interval[0] > 0 and gains[depth][0] >= MIN_FLOAT_STEM_GAIN_DB and share <= MAX_FLOAT_STEM_MACS:
+            other = chosen.other_correction
+            if other is not None:
+                other = builder.candidate(method, other.bias_corrected, other.weighted_clipping, other.gptq, scored=False, stem=depth)
+            chosen = dataclasses.replace(
+                deeper, other_correction=other, bias_correction_gain_db=chosen.bias_correction_gain_db,
+                weighted_clipping_gain_db=chosen.weighted_clipping_gain_db, gptq_gain_db=chosen.gptq_gain_db,
+            )
+    return dataclasses.replace(chosen, float_stem_gains_db=gains)
 
 
 def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
@@ -523,7 +602,7 @@ def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
     (``plain`` where either is unscored), with the gain of equalizing; the equalized one keeps
     the bias correction the other way for QwT's trial, as ``plain`` does."""
     method = CalibMethod(plain.method)
-    equalized = builder.candidate(method, plain.bias_corrected, plain.weighted_clipping, plain.gptq)
+    equalized = builder.candidate(method, plain.bias_corrected, plain.weighted_clipping, plain.gptq, stem=plain.float_stem)
     if plain.sqnr_db is None or equalized.sqnr_db is None:
         return plain
     gain = equalized.sqnr_db - plain.sqnr_db
@@ -531,10 +610,12 @@ def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
         return dataclasses.replace(plain, equalization_gain_db=gain)
     other = plain.other_correction
     if other is not None:
-        other = builder.candidate(method, other.bias_corrected, other.weighted_clipping, other.gptq, scored=False)
+        other = builder.candidate(method, other.bias_corrected, other.weighted_clipping, other.gptq, scored=False,
+                                  stem=plain.float_stem)
     return dataclasses.replace(
         equalized, equalization_gain_db=gain, other_correction=other, bias_correction_gain_db=plain.bias_correction_gain_db,
         weighted_clipping_gain_db=plain.weighted_clipping_gain_db, gptq_gain_db=plain.gptq_gain_db,
+        float_stem_gains_db=plain.float_stem_gains_db,
     )
 
 
@@ -813,6 +894,9 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
         log_front_end=run.log_front_end if ptq.method != GIVEN else [],
+        float_stem=run.placement.stem(run.fp.graph, ptq.float_stem) if ptq.float_stem else [],
+        float_stem_depth=ptq.float_stem,
+        float_stem_gains_db={str(depth): list(gains) for depth, gains in ptq.float_stem_gains_db.items()},
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 
+from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
+
 
 @dataclasses.dataclass
 class BlockReport:
@@ -50,6 +52,10 @@ class Report:
     gptq: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written: weights rounded with error feedback
     gptq_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out gain of error feedback over nearest
     log_front_end: list[str] = dataclasses.field(default_factory=list)  # weighted ops kept float: a Log reads what they compute
+    float_stem: list[str] = dataclasses.field(default_factory=list)  # weighted ops nearest the inputs kept float (--float-stem)
+    float_stem_depth: int = 0  # ... to this depth
+    # per depth tried (auto), each against the model before it: held-out gain, its 95% interval, the share of MACs left float
+    float_stem_gains_db: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
@@ -110,6 +116,8 @@ def format_summary(report: Report, source: str) -> str:
     if report.gptq_gain_db:
         gains = ", ".join(f"{m} {g:+.2f} dB ({'kept' if report.gptq[m] else 'dropped'})" for m, g in report.gptq_gain_db.items())
         lines.append(f"GPTQ weight rounding, held-out gain over rounding to nearest: {gains}")
+    if report.float_stem or report.float_stem_gains_db:
+        lines.append(_float_stem(report))
     if report.equalizable:
         lines.append(_equalization(report))
     trials = [_scores(report.method_qwt_sqnr_db, report.qwt_trial)] if report.method_qwt_sqnr_db else []
@@ -155,6 +163,23 @@ def format_summary(report: Report, source: str) -> str:
     written = "QwT" if report.qwt_applied else "PTQ"
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
     return "\n".join(lines)
+
+
+def _float_stem(report: Report) -> str:
+    line = "weighted ops nearest the inputs left in float: " + (", ".join(report.float_stem) or "none")
+    tried = []
+    for depth, (gain, low, high, share) in report.float_stem_gains_db.items():
+        if low <= 0:
+            verdict = "within noise"
+        elif int(depth) <= report.float_stem_depth:
+            verdict = "kept"
+        else:
+            why = f"under {MIN_FLOAT_STEM_GAIN_DB:g} dB" if gain < MIN_FLOAT_STEM_GAIN_DB else f"over {100 * MAX_FLOAT_STEM_MACS:.0f}% of the MACs"
+            verdict = f"{why} for auto; --float-stem {depth} takes it"
+        tried.append(f"depth {depth} {gain:+.2f} dB (95% interval {low:+.2f} to {high:+.2f}, {100 * share:.0f}% of the MACs; {verdict})")
+    if tried:
+        line += "; held-out gain over the model before: " + ", ".join(tried)
+    return line
 
 
 def _equalization(report: Report) -> str:

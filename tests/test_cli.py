@@ -139,7 +139,7 @@ def test_calibration_data_must_match_the_inputs(files, tmp_path):
 def test_excluded_op_types_stay_float_and_an_unmatched_exclusion_is_reported(files):
     out = files / "excluded.onnx"
     result = _cli(files / "model.onnx", out, "--calib", files / "calib.npz", "--no-qwt",
-                  "--exclude-op-types", "Gemm", "--exclude-nodes", "/no/such/conv")
+                  "--exclude-op-types", "Gemm", "--exclude-nodes", "/no/such/conv", "--float-stem", "0")
     assert result.returncode == 0, result.stderr
     assert "'/no/such/conv' matches no Conv, MatMul or Gemm node" in result.stdout + result.stderr
     model = onnx.load(str(out))

@@ -4,12 +4,16 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
 from qwt_onnx import api, check, quantize, quantize_with_report
+from qwt_onnx.analysis.placement import place
+from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.metrics import mean_squared_error
+from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
 from qwt_onnx.report import format_summary
 from qwt_onnx.runtime import session
 from tests import graphs
@@ -539,3 +543,44 @@ def test_blocks_after_a_recurrent_layer_on_time_major_tensors_get_branches():
     reference = _outputs(model, test)
     if report.qwt_applied:
         assert mean_squared_error(reference, _outputs(qwt, test)) < mean_squared_error(reference, _outputs(ptq, test))
+
+
+def test_placement_finds_the_weighted_ops_nearest_the_inputs_by_depth():
+    model = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
+    placement = place(model.graph, "ort")
+    assert placement.stem(model.graph, 1) == ["/stem/conv"]
+    assert placement.stem(model.graph, 2) == ["/stem/conv", "/layer1/conv1"]
+    assert placement.stem(model.graph, 0) == []
+
+
+def test_float_stem_leaves_the_first_convolutions_float_and_auto_takes_a_depth_only_where_it_pays():
+    model = graphs.resnet()
+    calib = graphs.samples(model, 96, seed=1)
+    ptq, report = quantize_with_report(model, calib, qwt=False, float_stem=2, progress=False)
+    assert report.float_stem == ["/stem/conv", "/layer1/conv1"] and report.float_stem_depth == 2
+    convs = {n.name: n for n in ptq.graph.node if n.op_type == "Conv"}
+    initializers = {t.name for t in ptq.graph.initializer}
+    producers = {o: n.op_type for n in ptq.graph.node for o in n.output}
+    for name in report.float_stem:  # float weight, input read as it is
+        assert convs[name].input[1] in initializers and producers.get(convs[name].input[0]) != "DequantizeLinear"
+    assert producers[convs["/layer1/conv2"].input[0]] == "DequantizeLinear"
+
+    _, auto = quantize_with_report(model, calib, qwt=False, progress=False)
+    assert set(auto.float_stem_gains_db) == {"1", "2"}
+    for depth, (gain, low, high, share) in auto.float_stem_gains_db.items():
+        assert low <= gain <= high and 0.0 < share < 1.0
+        taken = int(depth) <= auto.float_stem_depth
+        assert not taken or (low > 0 and gain >= MIN_FLOAT_STEM_GAIN_DB and share <= MAX_FLOAT_STEM_MACS)
+    assert len(auto.float_stem) == len(report.float_stem[: auto.float_stem_depth])
+
+
+def test_mac_shares_follow_from_the_shapes_onnxruntime_computes(monkeypatch):
+    # the stem: 16 output channels of 3x3x3 on 16x16 pixels; every other conv of the small ResNet is larger
+    model = graphs.resnet()
+    _, report = quantize_with_report(model, graphs.samples(model, 48, seed=1), qwt=False, progress=False)
+    share = report.float_stem_gains_db["1"][3]
+    weights = {t.name: t.dims for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    sizes = {n.name: (16 if n.name.startswith(("/stem", "/layer1")) else 8) ** 2 * weights[n.input[1]][0] * int(np.prod(weights[n.input[1]][1:]))
+             for n in convs}
+    assert share == pytest.approx(sizes["/stem/conv"] / (sum(sizes.values()) + 10 * 32), rel=1e-6)

@@ -106,7 +106,7 @@ def test_the_clipping_held_out_samples_chose_is_the_one_bias_correction_and_roun
 
 def test_int4_weights_are_stored_as_int4_at_opset_21_and_run():
     model = graphs.resnet()
-    written = _ptq(model, weight_bits=4)
+    written = _ptq(model, weight_bits=4, float_stem=0)  # every weight quantized, the stem's too
     onnx.checker.check_model(written, full_check=True)
     assert next(o.version for o in written.opset_import if o.domain in ("", "ai.onnx")) == 21
     assert _initializer_types(written)["INT4"] == 2 * 9  # the int4 weights and their zero points: 8 Convs and the Gemm

@@ -149,7 +149,7 @@ def test_second_moments_stream_sampled_rows():
 def _pipeline(model, rounding_mode: str, weight_bits: int = 8):
     calib = graphs.samples(model, 96, seed=1)
     return quantize_with_report(model, calib, qwt=False, progress=False, rounding=rounding_mode, weight_bits=weight_bits,
-                                calib_method="minmax", bias_correction="off")
+                                calib_method="minmax", bias_correction="off", float_stem=0)
 
 
 def test_gptq_rounding_writes_the_same_graph_closer_to_fp32():

@@ -81,6 +81,19 @@ class Placement:
         intervals = {site.observed.name: readable_interval(site.readers) for site in self.activations}
         return {name: interval for name, interval in intervals.items() if interval != UNBOUNDED}
 
+    def stem(self, graph: ir.Graph, depth: int) -> list[str]:
+        """The names of the quantized weighted ops nearest the graph inputs: those with at most
+        ``depth`` quantized weighted ops, themselves included, on any path from an input."""
+        quantized = {node for site in self.weights for node, _ in site.readers}
+        level: dict[ir.Value, int] = {}  # quantized weighted ops on the longest path to a value
+        found = []
+        for node in graph:  # in topological order
+            here = max((level.get(v, 0) for v in g.reads(node)), default=0) + (node in quantized)
+            if node in quantized and here <= depth:
+                found.append(node.name)
+            level.update((v, here) for v in node.outputs)
+        return found
+
     def channel_axes(self) -> dict[str, int]:
         """The data input of every op with a quantized weight, and its channel axis: whose mean
         bias correction needs."""

@@ -224,3 +224,14 @@ def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]
         graph.insert_before(graph[0], nodes)
     else:
         graph.extend(nodes)
+
+
+
+def macs_per_output(node: ir.Node) -> int:
+    """Multiply-accumulates per output element of a Conv, MatMul or Gemm with a constant weight."""
+    shape = weight_input(node).const_value.shape
+    if node.op_type == "Conv":
+        return int(np.prod(shape[1:]))  # C_in / group · kernel
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        return int(shape[1])
+    return int(shape[-2])
