@@ -29,6 +29,8 @@ def test_the_weight_range_follows_the_target_unless_it_is_given():
     ({"batch_size": "16"}, "--batch-size must be an integer"),
     ({"branch_rank": "half"}, "--branch-rank must be auto, full or a positive integer"),
     ({"branch_rank": -4}, "--branch-rank must be auto, full or a positive integer"),
+    ({"float_stem": "two"}, "--float-stem must be auto or a depth"),
+    ({"float_stem": -1}, "--float-stem must be auto or a depth"),
 ])
 def test_a_bad_value_names_the_option_and_the_fix(changes, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("'", ".")):
