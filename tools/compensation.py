@@ -6,7 +6,7 @@
 Per zoo model, on the same calibration and evaluation data, each quantizer in its own process
 (time and peak memory measured): onnxruntime's quantize_static (min-max, per-channel QDQ);
 qwt_onnx PTQ (``--no-qwt``, its default search); then QwT on that same PTQ model (the
-calibration method, bias correction, rounding and equalization its report chose, pinned, so
+calibration method, bias correction, rounding, equalization and float stem its report chose, pinned, so
 that the three differ in the compensation alone) with ``--compensation branch`` (QwT's
 branches), ``affine`` (folds only: the PTQ graph's ops) and ``auto`` (the default: per block the
 fold where it removes nearly as much as the branch, else the branch). Scored on evaluation
@@ -42,7 +42,8 @@ def pinned(report: dict) -> list[str]:
     return ["--calib-method", method,
             "--bias-correction", "on" if report["bias_corrected"].get(method) else "off",
             "--rounding", "gptq" if report["gptq"].get(method) else "nearest",
-            "--equalization", "on" if report["equalized"] else "off"]
+            "--equalization", "on" if report["equalized"] else "off",
+            "--float-stem", str(report.get("float_stem_depth", 0))]
 
 
 def bench_model(name: str, samples: int, folder: str, log) -> dict:
