@@ -269,8 +269,9 @@ class _Run:
     def stem_observed(self) -> list[str]:
         """The tensors that a float stem's placements quantize and :attr:`placement` does not (what
         the first ops after the stem read)."""
-        depths = (1, 2) if self.options.float_stem == "auto" else (int(self.options.float_stem),)
-        names = {n for d in depths if d for n in place(self.fp.graph, self.options.target, self.stem_excluded(d)).observed_names}
+        depth = self.options.stem_depth
+        depths = (1, 2) if depth is None else (depth,)
+        names = {n for d in depths for n in place(self.fp.graph, self.options.target, self.stem_excluded(d)).observed_names}
         return sorted(names - set(self.placement.observed_names))
 
     @functools.cached_property
@@ -284,8 +285,6 @@ class _Run:
 
     def stem_excluded(self, depth: int) -> Exclusions:
         """:attr:`excluded`, and the weighted ops nearest the inputs up to ``depth`` (see ``--float-stem``)."""
-        if depth == 0:
-            return self.excluded
         return dataclasses.replace(self.excluded, kept_float=self.excluded.kept_float | set(self.placement.stem(self.fp.graph, depth)))
 
     @property
@@ -499,13 +498,11 @@ class _Builder:
     fp: ir.Model
     seen: observe.Observation
     equalized: _Equalized | None = None
-    stem: int = dataclasses.field(init=False)  # the float stem's depth of every candidate not given one
     _feedback: dict[bool, dict[str, rounding.Feedback]] = dataclasses.field(default_factory=dict)  # by whether bias correction centres the moments
 
     def __post_init__(self) -> None:
         o = self.run.options
         symmetric = o.target == Target.TRT
-        self.stem = 0 if o.float_stem == "auto" else int(o.float_stem)
         self.ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in self.seen.ranges.items()}
                        for method in self.methods}
 
@@ -513,7 +510,7 @@ class _Builder:
                   scored: bool = True, stem: int | None = None) -> Candidate:
         o, seen = self.run.options, self.seen
         gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
-        stem = self.stem if stem is None else stem
+        stem = (o.stem_depth or 0) if stem is None else stem  # auto decides it later, on the chosen model
         model = self.fp.clone()
         if gptq and corrected not in self._feedback:
             # bias correction removes the rounding's mean error: what is left to minimise is its variance
@@ -527,6 +524,12 @@ class _Builder:
         return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq, float_stem=stem,
                          float_model=self.fp if self.equalized else None,
                          equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
+
+    def like(self, other: Candidate, stem: int | None = None, scored: bool = True) -> Candidate:
+        """``other``'s PTQ (method, bias correction, clipping, rounding) built on this builder's
+        model, with ``other``'s float stem or ``stem``."""
+        return self.candidate(CalibMethod(other.method), other.bias_corrected, other.weighted_clipping, other.gptq, scored,
+                              other.float_stem if stem is None else stem)
 
     def corrected_or_not(self, method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
         """The better of the method's models with and without bias correction."""
@@ -559,7 +562,7 @@ def _search(builder: _Builder) -> list[Candidate]:
             gptq = builder.candidate(method, best.bias_corrected, best.weighted_clipping, True)
         chosen = _better_rounding(best, gptq)
         candidates = [chosen if c is best else c for c in candidates]
-    if o.float_stem == "auto":
+    if o.stem_depth is None:
         best = _best(candidates)
         candidates = [_float_stem(builder, best) if c is best else c for c in candidates]
     return candidates
@@ -573,23 +576,23 @@ def _float_stem(builder: _Builder, chosen: Candidate) -> Candidate:
     a float op costs latency. What the first ops' quantizers round off, the rest of the network
     carries and can amplify (PP-LCNet's first depthwise convolution turns its input's 38 dB into
     19: tools/error_sources.py), and no branch after them predicts it."""
-    run, method, gains = builder.run, CalibMethod(chosen.method), {}
+    run, gains = builder.run, {}
     shallower: list[str] = []
     for depth in (1, 2):
         stem = run.placement.stem(run.fp.graph, depth)
         if not stem or stem == shallower or chosen.score is None:
             continue
         shallower = stem
-        deeper = builder.candidate(method, chosen.bias_corrected, chosen.weighted_clipping, chosen.gptq, stem=depth)
+        deeper = builder.like(chosen, stem=depth)
         interval = metrics.gain_interval(deeper.score, chosen.score) if deeper.score is not None else None
         if interval is None:
             continue
-        share = run.mac_share(stem)
-        gains[depth] = (deeper.sqnr_db - chosen.sqnr_db, *interval, share)
-        if interval[0] > 0 and gains[depth][0] >= MIN_FLOAT_STEM_GAIN_DB and share <= MAX_FLOAT_STEM_MACS:
+        gain, share = deeper.sqnr_db - chosen.sqnr_db, run.mac_share(stem)
+        gains[depth] = (gain, *interval, share)
+        if interval[0] > 0 and gain >= MIN_FLOAT_STEM_GAIN_DB and share <= MAX_FLOAT_STEM_MACS:
             other = chosen.other_correction
             if other is not None:
-                other = builder.candidate(method, other.bias_corrected, other.weighted_clipping, other.gptq, scored=False, stem=depth)
+                other = builder.like(other, stem=depth, scored=False)
             chosen = dataclasses.replace(
                 deeper, other_correction=other, bias_correction_gain_db=chosen.bias_correction_gain_db,
                 weighted_clipping_gain_db=chosen.weighted_clipping_gain_db, gptq_gain_db=chosen.gptq_gain_db,
@@ -601,8 +604,7 @@ def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
     """Of ``plain`` and the same PTQ on the equalized model, the better on held-out samples
     (``plain`` where either is unscored), with the gain of equalizing; the equalized one keeps
     the bias correction the other way for QwT's trial, as ``plain`` does."""
-    method = CalibMethod(plain.method)
-    equalized = builder.candidate(method, plain.bias_corrected, plain.weighted_clipping, plain.gptq, stem=plain.float_stem)
+    equalized = builder.like(plain)
     if plain.sqnr_db is None or equalized.sqnr_db is None:
         return plain
     gain = equalized.sqnr_db - plain.sqnr_db
@@ -610,8 +612,7 @@ def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
         return dataclasses.replace(plain, equalization_gain_db=gain)
     other = plain.other_correction
     if other is not None:
-        other = builder.candidate(method, other.bias_corrected, other.weighted_clipping, other.gptq, scored=False,
-                                  stem=plain.float_stem)
+        other = builder.like(other, stem=plain.float_stem, scored=False)
     return dataclasses.replace(
         equalized, equalization_gain_db=gain, other_correction=other, bias_correction_gain_db=plain.bias_correction_gain_db,
         weighted_clipping_gain_db=plain.weighted_clipping_gain_db, gptq_gain_db=plain.gptq_gain_db,
@@ -894,7 +895,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
         log_front_end=run.log_front_end if ptq.method != GIVEN else [],
-        float_stem=run.placement.stem(run.fp.graph, ptq.float_stem) if ptq.float_stem else [],
+        float_stem=run.placement.stem(run.fp.graph, ptq.float_stem),
         float_stem_depth=ptq.float_stem,
         float_stem_gains_db={str(depth): list(gains) for depth, gains in ptq.float_stem_gains_db.items()},
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,

@@ -237,6 +237,11 @@ class Options:
             return int(self.branch_rank)
         return 0 if self.branch_rank == "auto" else None
 
+    @property
+    def stem_depth(self) -> int | None:
+        """``--float-stem`` as the search takes it: None auto, else the depth."""
+        return None if self.float_stem == "auto" else int(self.float_stem)
+
     def replace(self, **changes) -> Options:
         """These options with ``changes`` (field names), validated."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

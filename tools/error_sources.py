@@ -75,9 +75,9 @@ def block_errors(fp_path: str, q_path: str, feeds: dict[str, np.ndarray], batch_
         batch = take(feeds, axes, slice(start, start + batch_size))
         y_fp, y_q = fp_run(batch), q_run(batch)
         for block in found:
-            local = block_runs[block.name]({**batch, **y_fp, block.input: y_q[q_input[block.name]]})[block.output]
-            y, quantized = y_fp[block.output], y_q[q_output[block.name]]
             x, x_q = y_fp[block.input], y_q[q_input[block.name]]
+            local = block_runs[block.name]({**batch, **y_fp, block.input: x_q})[block.output]
+            y, quantized = y_fp[block.output], y_q[q_output[block.name]]
             totals[block.name] += [_energy(y), _energy(local - quantized), _energy(y - local), _energy(y - quantized),
                                    _energy(x), _energy(x - x_q)]
     keys = ("signal", "own", "inherited", "total", "input_signal", "input_error")

@@ -226,7 +226,6 @@ def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]
         graph.extend(nodes)
 
 
-
 def macs_per_output(node: ir.Node) -> int:
     """Multiply-accumulates per output element of a Conv, MatMul or Gemm with a constant weight."""
     shape = weight_input(node).const_value.shape
