@@ -30,7 +30,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from qwt_onnx import check, observe
 from qwt_onnx.analysis import blocks as blk
-from qwt_onnx.analysis import capture
+from qwt_onnx.analysis import capture, parts
 from qwt_onnx.analysis.equalization import ChannelGroup, channel_groups, consumer_weights
 from qwt_onnx.analysis.placement import Exclusions, Placement, log_front_end, place
 from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
@@ -197,6 +197,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if quantized is None and (options.weight_bits == 4 or options.activation_bits == 16):
         fp = prepare.upgrade_opset(fp, prepare.LOW_BIT_OPSET, " (int4 weights and 16-bit activations need it)")
     _check_outputs(fp, options.outputs)
+    output_parts = () if options.outputs else parts.output_parts(fp.graph)
+    options = options.replace(outputs=options.outputs or output_parts)
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
     run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings)
     for pattern in run.excluded.unmatched(fp.graph):
@@ -223,6 +225,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if output is not None:
         prepare.save_atomically(written, output)
     result = _report(run, candidates, ptq, selection, compensation, applied, gain_interval, output, started)
+    result = dataclasses.replace(result, output_parts=list(output_parts))
     if report is not None:
         with open(report, "w") as f:
             f.write(result.to_json())
@@ -277,7 +280,7 @@ class _Run:
     @functools.cached_property
     def readable(self) -> dict[str, tuple[float, float]]:
         """The quantized tensors whose readers all saturate, and the values they tell apart."""
-        return self.placement.readable_intervals()
+        return self.placement.readable_intervals(self.options.activation_bits)
 
     @property
     def excluded(self) -> Exclusions:

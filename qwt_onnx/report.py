@@ -67,6 +67,8 @@ class Report:
     sqnr_ptq_db: float | None = None  # ... and its held-out SQNR (of the worst chosen output)
     sqnr_qwt_db: float | None = None
     outputs: list[str] = dataclasses.field(default_factory=list)  # the chosen outputs; empty: all
+    # where --outputs is not given: the parts the outputs that a Concat of different ops makes are scored in
+    output_parts: list[str] = dataclasses.field(default_factory=list)
     output_sqnr_ptq_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per output
     output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain over PTQ
@@ -97,7 +99,10 @@ def format_summary(report: Report, source: str) -> str:
     if report.readable_ranges:
         count = report.readable_ranges
         lines.append(f"ranges stop where the readers saturate: {count} tensor{'s' if count > 1 else ''} read only through a "
-                     "hard-swish, HardSigmoid, Clip or Relu")
+                     "hard-swish, HardSigmoid, Clip or Relu, or a Sigmoid or Tanh past where its output is within half a level of its limit")
+    if report.output_parts:
+        lines.append("outputs scored part by part, as a Concat of different ops makes them (--outputs NAME scores one "
+                     "whole): " + ", ".join(report.output_parts))
     if report.method_sqnr_db:
         line = "PTQ held-out SQNR by calibration: " + _scores(report.method_sqnr_db, report.ptq_method)
         if report.method_lead_interval_db is not None:
@@ -169,7 +174,9 @@ def _float_stem(report: Report) -> str:
     line = "weighted ops nearest the inputs left in float: " + (", ".join(report.float_stem) or "none")
     tried = []
     for depth, (gain, low, high, share) in report.float_stem_gains_db.items():
-        if low <= 0:
+        if high < 0:
+            verdict = "a loss"
+        elif low <= 0:
             verdict = "within noise"
         elif int(depth) <= report.float_stem_depth:
             verdict = "kept"

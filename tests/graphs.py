@@ -388,6 +388,32 @@ def detector_neck(seed: int = 0, size: int = 16) -> onnx.ModelProto:
     )
 
 
+def yolox_head(seed: int = 0, size: int = 16) -> onnx.ModelProto:
+    """A YOLOX-style decoupled head in miniature: per scale a box regression conv (4 channels), an
+    objectness conv and a class conv (2), each of the last two through a Sigmoid, concatenated
+    along the channels and flattened, the scales concatenated along the anchors and transposed
+    to ``[batch, anchors, 7]``. The objectness is mostly near 0 (its bias is -4), so it holds
+    a small share of the output's energy beside the boxes."""
+    b = GraphBuilder(seed)
+    fine = b.op("Relu", [_conv(b, "image", 3, 8, "/stem/conv")], "/stem/relu")
+    coarse = b.op("Relu", [_conv(b, fine, 8, 8, "/down/conv", stride=2)], "/down/relu")
+    levels = []
+    for name, x in (("/head.0", fine), ("/head.1", coarse)):
+        box = _conv(b, x, 8, 4, f"{name}/box", kernel=1)
+        logit = b.op("Conv", [x, b.weight(f"{name}/obj.weight", (1, 8, 1, 1)), b.const(f"{name}/obj.bias", np.full(1, -4, np.float32))],
+                     f"{name}/obj")
+        score = b.op("Sigmoid", [_conv(b, x, 8, 2, f"{name}/cls", kernel=1)], f"{name}/cls/sigmoid")
+        joined = b.op("Concat", [box, b.op("Sigmoid", [logit], f"{name}/obj/sigmoid"), score], f"{name}/concat", axis=1)
+        levels.append(b.op("Reshape", [joined, b.const(f"{name}.shape", np.array([0, 7, -1], np.int64))], f"{name}/flatten"))
+    b.op("Transpose", [b.op("Concat", levels, "/levels", axis=2)], "/anchors_first", perm=[0, 2, 1])
+    b.nodes[-1].output[0] = "output"
+    anchors = size * size + (size // 2) ** 2
+    return b.model(
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", anchors, 7])],
+    )
+
+
 def two_scale_detector(seed: int = 0, size: int = 16, pan: bool = False) -> onnx.ModelProto:
     """A detector with an output per scale, as PicoDet and the YOLOs before v8 export them: a stem,
     a coarser scale, a neck joining the upsampled coarse map to the fine one, and per scale a

@@ -2,14 +2,18 @@
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_ir.passes.common import TopologicalSortPass
 
 from qwt_onnx import quantize_with_report
-from qwt_onnx.api import Score
+from qwt_onnx.api import Score, load_fp32
 from qwt_onnx.errors import InputError
 from qwt_onnx.numerics import metrics
+from qwt_onnx.numerics.compensation import Layout
 from qwt_onnx.numerics.metrics import sqnr_db_per_output
+from qwt_onnx.passes import splice
 from qwt_onnx.report import format_summary
 from qwt_onnx.runtime import session
 from tests import graphs
@@ -116,8 +120,12 @@ def _concatenated() -> onnx.ModelProto:
 def test_a_part_of_an_output_decides_and_is_scored_on_its_own():
     model = _concatenated()
     calib = graphs.samples(model, 60, seed=1)
-    _, whole = quantize_with_report(model, calib, qwt=False, progress=False)
+    _, whole = quantize_with_report(model, calib, qwt=False, outputs="joined", progress=False)
+    _, default = quantize_with_report(model, calib, qwt=False, progress=False)
     written, part = quantize_with_report(model, calib, qwt=False, outputs="joined[:, :10]", progress=False)
+    # by default each input of the Concat is a part (tests/test_parts.py), the logits' the worst
+    assert default.output_parts == ["joined[:, 0:10]", "joined[:, 10:42]"]
+    assert default.sqnr_ptq_db == pytest.approx(part.sqnr_ptq_db, abs=1e-3)
     assert set(part.output_sqnr_ptq_db) == {"joined", "joined[:, :10]"}
     # the features x 1000 swamp the whole; the logits part alone is worse, and it decides
     assert part.sqnr_ptq_db == part.output_sqnr_ptq_db["joined[:, :10]"] < part.output_sqnr_ptq_db["joined"]
@@ -176,6 +184,24 @@ def test_an_output_written_time_major_under_a_wrong_declared_shape_is_scored_on_
     reference, test = (np.moveaxis(session(m).run(None, heldout)[0], 1, 0) for m in (model, written))
     assert report.sqnr_ptq_db == pytest.approx(sqnr_db_per_output({"y": reference}, {"y": test})["y"], abs=1e-3)
 
+
+
+def test_a_branch_on_an_output_takes_no_shape_from_its_declaration():
+    # ddddocr's recogniser declares its logits [1, seqlen] and writes [T, 1, classes]: the tensors
+    # of a low-rank branch added to them took that rank, onnxruntime fused their MatMul and Add
+    # into a Gemm of rank-2 inputs, and the written model would not load. A branch's tensors are
+    # left for onnxruntime to infer.
+    model = graphs.time_major_tagger()
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seqlen"]))
+    fp = load_fp32(model)
+    classifier = next(node for node in fp.graph if "classifier" in node.name and node.op_type in ("MatMul", "Gemm"))
+    rng = np.random.default_rng(0)
+    branch = splice.Branch("block0", classifier.inputs[0].name, "logits", rng.standard_normal((16, 4)).astype(np.float32),
+                           np.zeros(10, np.float32), Layout(channels_first=False), up=rng.standard_normal((4, 10)).astype(np.float32))
+    ir.passes.PassManager([splice.SpliceCompensationPass([branch]), TopologicalSortPass()])(fp)
+    made = [v for node in fp.graph if node.name.startswith("qwt/block0/") and node.op_type != "Add" for v in node.outputs]
+    assert made and all(v.shape is None for v in made)
+    assert session(ir.serde.serialize_model(fp)).run(None, graphs.samples(model, 2, seed=0))[0].shape == (12, 2, 10)
 
 def test_an_output_whose_length_depends_on_the_batch_is_scored_zero_padded():
     # a decoder that runs until every sequence of its batch has ended (SLANet's table decoder, in

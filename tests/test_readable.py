@@ -68,11 +68,24 @@ def test_a_hard_swish_reads_every_value_below_minus_three_as_zero(spelling):
     (lambda b, x: b.op("Add", [b.op("Relu", [x], "relu"), x], "add"), UNBOUNDED),
     (lambda b, x: b.op("Mul", [x, b.op("Sigmoid", [x], "sig")], "silu"), UNBOUNDED),
     (lambda b, x: b.op("Relu", [b.op("Add", [x, x], "double")], "relu"), UNBOUNDED),
+    # soft saturation: σ(±6.23) is within half an 8-bit level of 0 and 1, tanh(±3.11) of ±1;
+    # not where a Log or a division magnifies what lies near the limits
+    (lambda b, x: b.op("Sigmoid", [x], "sig"), (-math.log(509), math.log(509))),
+    (lambda b, x: b.op("Tanh", [x], "tanh"), (-math.log(509) / 2, math.log(509) / 2)),
+    (lambda b, x: b.op("Log", [b.op("Sigmoid", [x], "sig")], "log"), UNBOUNDED),
+    (lambda b, x: b.op("Div", [b.const("one", np.float32(1)), b.op("Sigmoid", [x], "sig")], "inverse"), UNBOUNDED),
+    (lambda b, x: b.op("Div", [b.op("Sigmoid", [x], "sig"), b.const("two", np.float32(2))], "half"), (-math.log(509), math.log(509))),
 ])
 def test_the_interval_follows_each_reader_and_affine_steps_to_where_it_saturates(reader, expected):
     low, high = _interval_of_conv1(_conv_then(reader))
     assert (low, high) == pytest.approx(expected)
 
+
+
+def test_a_sigmoid_saturates_further_out_at_sixteen_bits():
+    model = ir.serde.deserialize_model(_conv_then(lambda b, x: b.op("Sigmoid", [x], "sig")))
+    conv1 = next(n for n in model.graph if n.name == "conv1").outputs[0]
+    assert readable_interval_at(conv1, bits=16) == pytest.approx((-math.log(2**17 - 3), math.log(2**17 - 3)))
 
 def test_a_graph_output_is_read_everywhere():
     b = GraphBuilder(0)
@@ -132,7 +145,7 @@ def test_a_hard_swish_convs_quantizer_spends_its_levels_above_minus_three_and_tr
     _, report = api.quantize_with_report(proto, calib, qwt=False, progress=False, calib_method="minmax")
     assert report.readable_ranges == 1
     assert "ranges stop where the readers saturate: 1 tensor read only" in format_summary(report, "model.onnx")
-    monkeypatch.setattr(Placement, "readable_intervals", lambda self: {})
+    monkeypatch.setattr(Placement, "readable_intervals", lambda self, bits=8: {})
     lowest_plain, scale_plain, error_plain = quantized_error()
     assert lowest_plain < -20.0 and scale < 0.6 * scale_plain
     assert error < 0.8 * error_plain  # 0.69: the other quantizers' error is unchanged

@@ -75,10 +75,10 @@ class Placement:
     def observed_names(self) -> list[str]:
         return [site.observed.name for site in self.activations]
 
-    def readable_intervals(self) -> dict[str, tuple[float, float]]:
-        """Per observed tensor whose readers all saturate, the values they can tell apart
-        (:mod:`qwt_onnx.analysis.readable`): its range need reach no further."""
-        intervals = {site.observed.name: readable_interval(site.readers) for site in self.activations}
+    def readable_intervals(self, bits: int = 8) -> dict[str, tuple[float, float]]:
+        """Per observed tensor whose readers all saturate, the values they can tell apart at
+        ``bits`` (:mod:`qwt_onnx.analysis.readable`): its range need reach no further."""
+        intervals = {site.observed.name: readable_interval(site.readers, bits) for site in self.activations}
         return {name: interval for name, interval in intervals.items() if interval != UNBOUNDED}
 
     def stem(self, graph: ir.Graph, depth: int) -> list[str]:

@@ -8,6 +8,13 @@ every ``x ≤ -3``: its quantizer may clamp there, and the levels it spent on ``
 the values that matter. The same holds for a Relu, a Clip or a HardSigmoid that is not absorbed
 into the quantizer (:mod:`qwt_onnx.analysis.placement` absorbs a Relu or a Clip from 0 that is
 a tensor's only reader), and through an affine step (``x + c``, ``x · k``) to any of them.
+
+A Sigmoid or a Tanh saturates only softly: past ``|x| = ln(2^(b+1) - 3)`` (6.2 at 8 bits) a
+Sigmoid is within half a level of a ``b``-bit quantizer of its output range of 0 or 1, a Tanh
+past half that of ±1, a difference that its output, quantized as the model's activations are,
+could not hold. A detector's objectness logits reach -40 where nothing is found; the levels
+spent there go to the scores near a detection. Not where a reader of its output within a few
+ops magnifies values near the limits (a Log, a reciprocal): there they matter.
 """
 
 from __future__ import annotations
@@ -21,13 +28,16 @@ from qwt_onnx.graph import query as g
 from qwt_onnx.numerics.ranges import UNBOUNDED
 
 Interval = tuple[float, float]
-_DEPTH = 8  # affine steps followed at most (a hard-swish needs two)
+_DEPTH = 8  # affine steps followed at most (a hard-swish needs two); ops searched past a soft saturation
+# Ops that magnify an error near a Sigmoid's or Tanh's limits (or in a divisor, any input but the first)
+_MAGNIFYING = frozenset({"Log", "Reciprocal", "Pow", "Sqrt", "Div", "Softplus", "Atanh", "Acosh"})
 
 
-def readable_interval(readers: Iterable[tuple[ir.Node, int]]) -> Interval:
+def readable_interval(readers: Iterable[tuple[ir.Node, int]], bits: int = 8) -> Interval:
     """The hull of the intervals on which each ``(node, input index)`` reader's outputs depend
-    on that input: :data:`UNBOUNDED` unless every reader saturates."""
-    return _hull(_reader_interval(node, index, _DEPTH) for node, index in readers)
+    on that input: :data:`UNBOUNDED` unless every reader saturates; ``bits``: of the model's
+    activations, the precision a soft saturation is judged at."""
+    return _hull(_reader_interval(node, index, _DEPTH, bits) for node, index in readers)
 
 
 def _hull(intervals: Iterable[Interval]) -> Interval:
@@ -39,21 +49,30 @@ def _hull(intervals: Iterable[Interval]) -> Interval:
     return UNBOUNDED if low > high else (low, high)  # no readers: nothing known
 
 
-def _value_interval(value: ir.Value, depth: int) -> Interval:
+def _value_interval(value: ir.Value, depth: int, bits: int) -> Interval:
     if depth <= 0 or value.is_graph_output():
         return UNBOUNDED
-    return readable_interval_at(value, depth)
+    return readable_interval_at(value, depth, bits)
 
 
-def readable_interval_at(value: ir.Value, depth: int = _DEPTH) -> Interval:
+def readable_interval_at(value: ir.Value, depth: int = _DEPTH, bits: int = 8) -> Interval:
     """:func:`readable_interval` of all of ``value``'s readers."""
-    return _hull(_reader_interval(node, index, depth) for node, index in value.uses())
+    return _hull(_reader_interval(node, index, depth, bits) for node, index in value.uses())
 
 
-def _reader_interval(node: ir.Node, index: int, depth: int) -> Interval:
+def soft_limit(bits: int) -> float:
+    """The ``L`` past which a Sigmoid is within half a level of a ``bits``-bit quantizer of [0, 1]
+    of its limit: ``σ(-L) = 1 / (2 (2^bits - 1))``."""
+    return math.log(2.0 ** (bits + 1) - 3.0)
+
+
+def _reader_interval(node: ir.Node, index: int, depth: int, bits: int) -> Interval:
     if not g.is_default_domain(node):
         return UNBOUNDED
     op = node.op_type
+    if op in ("Sigmoid", "Tanh") and not _magnified(node.outputs[0], _DEPTH):
+        limit = soft_limit(bits) / (2.0 if op == "Tanh" else 1.0)  # tanh(x) = 2σ(2x) - 1
+        return -limit, limit
     if op == "Relu":
         return 0.0, math.inf
     if op == "HardSwish":
@@ -66,12 +85,24 @@ def _reader_interval(node: ir.Node, index: int, depth: int) -> Interval:
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
         other = _scalar(node.inputs[1 - index])
         if other is not None:
-            return _through_affine(op, index, other, _value_interval(node.outputs[0], depth - 1))
+            return _through_affine(op, index, other, _value_interval(node.outputs[0], depth - 1, bits))
         if op == "Mul":
             threshold = _zero_below(node.inputs[1 - index], node.inputs[index], depth - 1)
             if threshold is not None:  # x · gate(x), the gate 0 below the threshold: a hard-swish
                 return threshold, math.inf
     return UNBOUNDED
+
+
+def _magnified(value: ir.Value, depth: int) -> bool:
+    """Whether an op within ``depth`` ops after ``value`` magnifies errors near 0 (a Log, a divisor)."""
+    if depth <= 0:
+        return False
+    for node, index in value.uses():
+        if node.op_type in _MAGNIFYING and (node.op_type != "Div" or index == 1):
+            return True
+        if any(_magnified(out, depth - 1) for out in node.outputs):
+            return True
+    return False
 
 
 def _through_affine(op: str, index: int, c: float, out: Interval) -> Interval:

@@ -29,6 +29,7 @@ from qwt_onnx.numerics.solver import LinearMap, NormalEquations
 @dataclasses.dataclass(frozen=True)
 class Layout:
     channels_first: bool  # features on axis 1 (feature maps) rather than the last axis
+    matrix: bool = False  # tokens that are the rows of a 2-D tensor (a dense layer's input and output)
     stride: int | tuple[int, ...] = 1  # feature maps: one for every spatial axis, or one per axis
     spatial_rank: int = 0
     kernel: int = 1  # odd; feature maps only
@@ -192,7 +193,7 @@ def infer_layout(
     if len(x_shape) != len(y_shape) or len(x_shape) < 2 or x_shape[0] != y_shape[0]:
         return None
     if len(x_shape) == 2:
-        return Layout(channels_first=False)
+        return Layout(channels_first=False, matrix=True)
     if not channels_first:
         if x_shape[:-1] == y_shape[:-1]:
             return Layout(channels_first=False)

@@ -122,24 +122,24 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
         # onnxruntime quantizes a float bias on the accumulator's scale, which 16-bit inputs can overflow
         dq = qdq.int32_bias_dequantizer(graph, names, conv, only_overflowing=True) if branch.int8 and branch.target == Target.ORT else None
         nodes += [conv] if dq is None else [dq, conv]
-        _like(conv.outputs[0], y)
+        _typed_like(conv.outputs[0], y)
         if branch.output_range is not None:  # onnxruntime fuses QLinearConv only with it
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch, f"{scope}/branch")
     else:
         weight = _weight(names, branch, scope, nodes)
         if branch.up is not None:
             nodes += _low_rank(names, x, weight, bias, y, branch, scope)
-        elif y.shape is not None and len(y.shape) == 2:  # a dense layer's: onnxruntime would make the Gemm itself
+        elif layout.matrix:  # a dense layer's: onnxruntime would make the Gemm itself
             gemm = names.node("Gemm", [x, weight, bias], f"{scope}/branch")
             dq = qdq.int32_bias_dequantizer(graph, names, gemm) if branch.int8 and branch.target == Target.ORT else None
             nodes += [gemm] if dq is None else [dq, gemm]
-            _like(gemm.outputs[0], y)
+            _typed_like(gemm.outputs[0], y)
         else:
             matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
             add = names.node("Add", [matmul.outputs[0], bias], f"{scope}/branch")
             nodes += [matmul, add]
-            _like(matmul.outputs[0], y)
-            _like(add.outputs[0], y)
+            _typed_like(matmul.outputs[0], y)
+            _typed_like(add.outputs[0], y)
 
     readers = list(y.uses())
     total = names.node("Add", [y, nodes[-1].outputs[0]], f"{scope}/output")
@@ -181,11 +181,8 @@ def _low_rank(names: g.NameScope, x: ir.Value, down: ir.Value, bias: ir.Value, y
     projected = names.node("MatMul", [x, down], f"{scope}/down")
     up = names.node("MatMul", [projected.outputs[0], names.initializer(f"{scope}/up_weight", branch.up.astype(np.float32))], f"{scope}/up")
     add = names.node("Add", [up.outputs[0], bias], f"{scope}/branch")
-    projected.outputs[0].type = y.type
-    if y.shape is not None:
-        projected.outputs[0].shape = ir.Shape([*y.shape[:-1], branch.rank])
-    _like(up.outputs[0], y)
-    _like(add.outputs[0], y)
+    for node in (projected, up, add):
+        _typed_like(node.outputs[0], y)
     return [projected, up, add]
 
 
@@ -211,8 +208,11 @@ def _cropped(names: g.NameScope, x: ir.Value, layout: Layout, base: str, nodes: 
     return again.outputs[0]
 
 
-def _like(value: ir.Value, model: ir.Value) -> None:
-    value.type, value.shape = model.type, model.shape
+def _typed_like(value: ir.Value, model: ir.Value) -> None:
+    """``value`` of ``model``'s element type. Its shape is left to onnxruntime's inference: an
+    exporter's declared shapes can be wrong (a graph output declared [1, seqlen] that is
+    [T, 1, classes]), and a rank copied from one decides onnxruntime's fusions wrongly."""
+    value.type = model.type
 
 
 def _weight(names: g.NameScope, branch: Branch, scope: str, nodes: list[ir.Node]) -> ir.Value:

@@ -1,0 +1,128 @@
+"""The parts a Concat assembles an output from: a detector's boxes beside its scores.
+
+One output tensor often holds quantities of different scales: YOLO-style heads
+concatenate box coordinates in pixels (or log sizes), an objectness and class
+scores in 0..1 along one axis. Its pooled SQNR is then the largest part's, and
+a quantizer can wreck the small one (the objectness a detector thresholds)
+unseen. The graph says where the parts are: an output that is, through
+shape-only ops, a Concat of tensors made by different ops (a Conv's box
+regression, a Sigmoid's scores) is scored part by part, each input of that
+Concat one part. A Concat of like tensors (a head's levels, one per scale) is
+not split; where each of its inputs is split the same way, the output is split
+that way (a YOLOX head: per level a Concat of box Conv, objectness and class
+Sigmoids, the levels concatenated).
+
+Part labels are ``NAME[:, START:STOP]`` as ``--outputs`` takes them
+(:func:`qwt_onnx.numerics.metrics.part_of`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+
+SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+Split = tuple[int, tuple[tuple[int, int], ...]]  # an axis, and the [start, stop) of each part along it
+
+
+def output_parts(graph: ir.Graph) -> tuple[str, ...]:
+    """Labels of every float graph output, an output that a Concat assembles from different
+    parts as one label per part; () where no output has parts (every output scored whole)."""
+    labels, split_any = [], False
+    for value in graph.outputs:
+        if value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        split = split_of(value)
+        if split is None:
+            labels.append(value.name)
+            continue
+        axis, bounds = split
+        split_any = True
+        labels += [f"{value.name}[{', '.join([':'] * axis + [f'{start}:{stop}'])}]" for start, stop in bounds]
+    return tuple(labels) if split_any else ()
+
+
+def split_of(value: ir.Value) -> Split | None:
+    """How ``value`` divides into parts along one axis (not the samples' axis 0), or None."""
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Concat":
+        split = _concat_split(node)
+    elif node.op_type in SHAPE_ONLY and node.inputs and node.inputs[0] is not None:
+        inner = split_of(node.inputs[0])
+        axis = None if inner is None else _mapped_axis(node, inner[0])
+        split = None if axis is None else (axis, inner[1])
+    else:
+        split = None
+    return split if split is not None and split[0] > 0 else None
+
+
+def _concat_split(node: ir.Node) -> Split | None:
+    rank = _rank(node.outputs[0]) or _rank(node.inputs[0])
+    if rank is None:
+        return None
+    axis = node.attributes["axis"].as_int() % rank
+    if len({_maker(x) for x in node.inputs}) > 1:
+        sizes = [_static(x, axis) for x in node.inputs]
+        if any(size is None for size in sizes):
+            return None
+        stops = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+        return axis, tuple(zip([0, *stops[:-1]], stops))
+    inner = [split_of(x) for x in node.inputs]
+    if inner[0] is not None and inner[0][0] != axis and all(split == inner[0] for split in inner):
+        return inner[0]
+    return None
+
+
+def _maker(value: ir.Value) -> str | None:
+    """The op that made ``value``, looking through shape-only ops."""
+    node = value.producer()
+    while node is not None and node.op_type in SHAPE_ONLY and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    return None if node is None else node.op_type
+
+
+def _mapped_axis(node: ir.Node, axis: int) -> int | None:
+    """Where ``axis`` of a shape-only op's input lies in its output: the same sizes before it
+    and the axis whole (not merged with another), else None."""
+    if node.op_type == "Identity":
+        return axis
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        return None if perm is None else list(perm.as_ints()).index(axis)
+    before, after = node.inputs[0].shape, node.outputs[0].shape
+    if before is None or after is None:
+        return None
+    for candidate in range(len(after)):
+        if _same_dim(after[candidate], before[axis]) and _same_product(after[:candidate], before[:axis]):
+            return candidate
+    return None
+
+
+def _same_dim(a, b) -> bool:
+    return (isinstance(a, int) and a == b) or (isinstance(a, ir.SymbolicDim) and a.value is not None and a == b)
+
+
+def _same_product(a, b) -> bool:
+    """Whether two runs of dims hold as many elements: equal static products and the same named dims."""
+    def split(dims):
+        static = [d for d in dims if isinstance(d, int)]
+        named = sorted(str(d.value) for d in dims if isinstance(d, ir.SymbolicDim) and d.value is not None)
+        unnamed = any(isinstance(d, ir.SymbolicDim) and d.value is None for d in dims)
+        return math.prod(static), named, unnamed
+
+    (pa, na, ua), (pb, nb, ub) = split(a), split(b)
+    return not ua and not ub and pa == pb and na == nb
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _static(value: ir.Value, axis: int) -> int | None:
+    if value.shape is None or axis >= len(value.shape) or not isinstance(value.shape[axis], int):
+        return None
+    return value.shape[axis]
