@@ -24,6 +24,12 @@ def test_a_concat_of_like_tensors_is_not_split():
     assert output_parts(load_fp32(graphs.resnet()).graph) == ()
 
 
+def test_an_output_declared_other_than_its_parts_is_scored_whole():
+    model = graphs.yolox_head()
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 6  # the parts add up to 7
+    assert output_parts(load_fp32(model).graph) == ()
+
+
 def test_a_concat_on_the_samples_axis_is_not_split():
     b = graphs.GraphBuilder()
     b.op("Concat", [b.op("Relu", ["x"], "/relu"), b.op("Sigmoid", ["x"], "/sigmoid")], "/join", axis=0)

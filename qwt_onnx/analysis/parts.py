@@ -35,6 +35,8 @@ def output_parts(graph: ir.Graph) -> tuple[str, ...]:
         if value.dtype is None or not value.dtype.is_floating_point():
             continue
         split = split_of(value)
+        if split is not None and not _holds(value, split):  # a declared shape the parts contradict: trust neither
+            split = None
         if split is None:
             labels.append(value.name)
             continue
@@ -58,6 +60,15 @@ def split_of(value: ir.Value) -> Split | None:
     else:
         split = None
     return split if split is not None and split[0] > 0 else None
+
+
+def _holds(value: ir.Value, split: Split) -> bool:
+    """Whether ``value``'s shape, where known, has the parts' length along their axis."""
+    axis, bounds = split
+    if value.shape is None or axis >= len(value.shape):
+        return value.shape is None
+    size = value.shape[axis]
+    return not isinstance(size, int) or size == bounds[-1][1]
 
 
 def _concat_split(node: ir.Node) -> Split | None:
