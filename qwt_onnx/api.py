@@ -766,8 +766,8 @@ def _trial_choice(scores: dict[str, Score], ptq_method: str) -> str:
 
 def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None) -> bool:
     """The QwT model is written only where held-out samples show that it tracks FP32 better than
-    the best PTQ model: its gain at least :data:`MIN_QWT_GAIN_DB`, and where it can be told, the
-    lower end of the gain's 95% interval above zero. Branches cost latency and parameters, and a gain within the noise of
+    the best PTQ model: its gain at least :data:`MIN_QWT_GAIN_DB`, where it can be told the
+    lower end of the gain's 95% interval above zero, and no chosen output worse beyond noise. Branches cost latency and parameters, and a gain within the noise of
     the scoring samples did not pay for them on unseen models (a byte classifier's +0.9 dB
     held-out gain was -0.1 dB on its evaluation files)."""
     if compensation.score is None or ptq.score is None:
@@ -791,6 +791,16 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
         run.warnings.warn(
             f"QwT's held-out gain over PTQ, {gain:+.3f} dB, is under {MIN_QWT_GAIN_DB} dB, too little to pay for its "
             "branches; writing the PTQ model"
+        )
+        return False
+    worse = {name: (low, high) for name, (low, high) in metrics.output_gain_intervals(compensation.score, ptq.score).items()
+             if high < 0.0}
+    if worse:  # the worst output gained, another lost beyond noise: a detector's boxes for its objectness
+        name, (low, high) = min(worse.items(), key=lambda item: item[1][1])
+        run.warnings.warn(
+            f"QwT lifts the worst output but makes {name} worse on held-out samples: "
+            f"{ptq.score.outputs_db[name]:.2f} -> {compensation.score.outputs_db[name]:.2f} dB (95% interval {low:+.2f} "
+            f"to {high:+.2f} dB); writing the PTQ model"
         )
         return False
     return True

@@ -1,5 +1,7 @@
 """Several outputs of different scales: each is scored on its own, and the worst chosen one decides."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -7,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import TopologicalSortPass
 
-from qwt_onnx import quantize_with_report
+from qwt_onnx import api, quantize_with_report
 from qwt_onnx.api import Score, load_fp32
 from qwt_onnx.errors import InputError
 from qwt_onnx.numerics import metrics
@@ -78,6 +80,32 @@ def test_the_gain_interval_is_narrow_for_a_gain_on_every_sample_and_wide_for_one
     assert new.db > old.db and low < 0.5 < high and high - low > 2.0
     assert metrics.gain_interval(Score({"y": new.db}), old) is None  # no per-sample energies, no interval
 
+
+
+def test_qwt_that_lifts_the_worst_output_and_sinks_another_beyond_noise_is_not_written():
+    # ddddocr's YOLOX detector: QwT lifted its objectness, the worst part, by 0.5 dB held out and
+    # cost its boxes 6 dB, which stayed above the objectness; the worst part alone accepted it
+    rng = np.random.default_rng(0)
+    reference = {"boxes": rng.normal(size=(100, 40)) * 30.0, "objectness": rng.normal(size=(100, 40))}
+
+    def noisy(boxes: float, objectness: float, seed: int) -> dict[str, np.ndarray]:
+        noise = np.random.default_rng(seed)
+        return {k: v + s * noise.normal(size=v.shape) for (k, v), s in zip(reference.items(), (boxes, objectness))}
+
+    ptq = metrics.score(reference, noisy(0.3, 0.15, 1))
+    qwt = metrics.score(reference, noisy(0.6, 0.13, 2))  # boxes 6 dB worse, still far above the objectness
+    assert qwt.db > ptq.db and metrics.gain_interval(qwt, ptq)[0] > 0
+    low, high = metrics.output_gain_intervals(qwt, ptq)["boxes"]
+    assert -6.7 < low < high < -5.3
+    warnings = api.Warnings()
+    run = SimpleNamespace(warnings=warnings, calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
+
+    def guard(new: metrics.Score) -> bool:
+        compensation, candidate = SimpleNamespace(score=new, method="minmax"), SimpleNamespace(score=ptq, method="minmax")
+        return api._beats(run, compensation, candidate, metrics.gain_interval(new, ptq))
+
+    assert not guard(qwt) and "makes boxes worse" in list(warnings)[-1]
+    assert guard(metrics.score(reference, noisy(0.3, 0.13, 2)))  # both at least as good: written
 
 def test_the_worst_output_decides_and_the_report_lists_each_measured_on_held_out_samples():
     model = _two_scales()

@@ -72,7 +72,34 @@ def gain_interval(new: Score, old: Score, confidence: float = 0.95, resamples: i
     Output errors are heavy-tailed (a handful of samples near a softmax's decision boundary can
     carry most of the error), so gains of a few tenths of a dB on a hundred samples are often
     noise; this says how much."""
-    names = sorted(set(new._decisive(new.energies)) & set(old._decisive(old.energies)))
+    pair = _bootstrap_db(new, old, resamples)
+    if pair is None:
+        return None
+    with np.errstate(invalid="ignore"):
+        gains = np.min(pair[0], axis=0) - np.min(pair[1], axis=0)
+    return _interval(gains, confidence) if np.all(np.isfinite(gains)) else None
+
+
+def output_gain_intervals(new: Score, old: Score, confidence: float = 0.95, resamples: int = 2000) -> dict[str, tuple[float, float]]:
+    """:func:`gain_interval` of each chosen output on its own: whether one that is not the worst
+    got worse beyond noise (a detector's boxes, while its objectness gains)."""
+    pair = _bootstrap_db(new, old, resamples)
+    if pair is None:
+        return {}
+    with np.errstate(invalid="ignore"):
+        gains = pair[0] - pair[1]
+    names = _shared_names(new, old)
+    return {name: _interval(gains[k], confidence) for k, name in enumerate(names) if np.all(np.isfinite(gains[k]))}
+
+
+def _shared_names(new: Score, old: Score) -> list[str]:
+    return sorted(set(new._decisive(new.energies)) & set(old._decisive(old.energies)))
+
+
+def _bootstrap_db(new: Score, old: Score, resamples: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per chosen output (rows) and bootstrap draw (columns), the dB of ``new`` and of ``old``
+    on the same draws; None where they cannot be paired."""
+    names = _shared_names(new, old)
     if not names:
         return None
     count = new.energies[names[0]].signal.size
@@ -80,19 +107,19 @@ def gain_interval(new: Score, old: Score, confidence: float = 0.95, resamples: i
         return None
     draws = np.random.default_rng(0).integers(0, count, size=(resamples, count))
 
-    def worst_db(s: Score) -> np.ndarray:
-        per_output = []
+    def per_output_db(s: Score) -> np.ndarray:
+        rows = []
         for name in names:
             e = s.energies[name]
             signal, noise = e.signal[draws].sum(axis=1), e.noise[draws].sum(axis=1)
-            with np.errstate(divide="ignore"):
-                per_output.append(10.0 * np.log10(signal / noise))
-        return np.min(per_output, axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rows.append(10.0 * np.log10(signal / noise))
+        return np.array(rows)
 
-    with np.errstate(invalid="ignore"):
-        gains = worst_db(new) - worst_db(old)
-    if not np.all(np.isfinite(gains)):
-        return None
+    return per_output_db(new), per_output_db(old)
+
+
+def _interval(gains: np.ndarray, confidence: float) -> tuple[float, float]:
     tail = 100.0 * (1.0 - confidence) / 2.0
     low, high = np.percentile(gains, [tail, 100.0 - tail])
     return float(low), float(high)
