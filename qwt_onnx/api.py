@@ -767,9 +767,10 @@ def _trial_choice(scores: dict[str, Score], ptq_method: str) -> str:
 def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None) -> bool:
     """The QwT model is written only where held-out samples show that it tracks FP32 better than
     the best PTQ model: its gain at least :data:`MIN_QWT_GAIN_DB`, where it can be told the
-    lower end of the gain's 95% interval above zero, and no chosen output worse beyond noise. Branches cost latency and parameters, and a gain within the noise of
-    the scoring samples did not pay for them on unseen models (a byte classifier's +0.9 dB
-    held-out gain was -0.1 dB on its evaluation files)."""
+    lower end of the gain's 95% interval above zero, and no chosen output worse beyond noise.
+    Branches cost latency and parameters, and a gain within the noise of the scoring samples
+    did not pay for them on unseen models (a byte classifier's +0.9 dB held-out gain was -0.1
+    dB on its evaluation files)."""
     if compensation.score is None or ptq.score is None:
         return True
     qwt_score, ptq_score = metrics.where_they_differ(compensation.score, ptq.score)

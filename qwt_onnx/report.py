@@ -99,7 +99,8 @@ def format_summary(report: Report, source: str) -> str:
     if report.readable_ranges:
         count = report.readable_ranges
         lines.append(f"ranges stop where the readers saturate: {count} tensor{'s' if count > 1 else ''} read only through a "
-                     "hard-swish, HardSigmoid, Clip or Relu, or a Sigmoid or Tanh past where its output is within half a level of its limit")
+                     "hard-swish, HardSigmoid, Clip or Relu, or a Sigmoid or Tanh past where its output is within half a "
+                     "level of its limit")
     if report.output_parts:
         lines.append("outputs scored part by part, as a Concat of different ops makes them (--outputs NAME scores one "
                      "whole): " + ", ".join(report.output_parts))

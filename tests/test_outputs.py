@@ -81,7 +81,6 @@ def test_the_gain_interval_is_narrow_for_a_gain_on_every_sample_and_wide_for_one
     assert metrics.gain_interval(Score({"y": new.db}), old) is None  # no per-sample energies, no interval
 
 
-
 def test_qwt_that_lifts_the_worst_output_and_sinks_another_beyond_noise_is_not_written():
     # ddddocr's YOLOX detector: QwT lifted its objectness, the worst part, by 0.5 dB held out and
     # cost its boxes 6 dB, which stayed above the objectness; the worst part alone accepted it
@@ -106,6 +105,7 @@ def test_qwt_that_lifts_the_worst_output_and_sinks_another_beyond_noise_is_not_w
 
     assert not guard(qwt) and "makes boxes worse" in list(warnings)[-1]
     assert guard(metrics.score(reference, noisy(0.3, 0.13, 2)))  # both at least as good: written
+
 
 def test_the_worst_output_decides_and_the_report_lists_each_measured_on_held_out_samples():
     model = _two_scales()
@@ -213,7 +213,6 @@ def test_an_output_written_time_major_under_a_wrong_declared_shape_is_scored_on_
     assert report.sqnr_ptq_db == pytest.approx(sqnr_db_per_output({"y": reference}, {"y": test})["y"], abs=1e-3)
 
 
-
 def test_a_branch_on_an_output_takes_no_shape_from_its_declaration():
     # ddddocr's recogniser declares its logits [1, seqlen] and writes [T, 1, classes]: the tensors
     # of a low-rank branch added to them took that rank, onnxruntime fused their MatMul and Add
@@ -230,6 +229,7 @@ def test_a_branch_on_an_output_takes_no_shape_from_its_declaration():
     made = [v for node in fp.graph if node.name.startswith("qwt/block0/") and node.op_type != "Add" for v in node.outputs]
     assert made and all(v.shape is None for v in made)
     assert session(ir.serde.serialize_model(fp)).run(None, graphs.samples(model, 2, seed=0))[0].shape == (12, 2, 10)
+
 
 def test_an_output_whose_length_depends_on_the_batch_is_scored_zero_padded():
     # a decoder that runs until every sequence of its batch has ended (SLANet's table decoder, in

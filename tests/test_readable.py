@@ -81,11 +81,11 @@ def test_the_interval_follows_each_reader_and_affine_steps_to_where_it_saturates
     assert (low, high) == pytest.approx(expected)
 
 
-
 def test_a_sigmoid_saturates_further_out_at_sixteen_bits():
     model = ir.serde.deserialize_model(_conv_then(lambda b, x: b.op("Sigmoid", [x], "sig")))
     conv1 = next(n for n in model.graph if n.name == "conv1").outputs[0]
     assert readable_interval_at(conv1, bits=16) == pytest.approx((-math.log(2**17 - 3), math.log(2**17 - 3)))
+
 
 def test_a_graph_output_is_read_everywhere():
     b = GraphBuilder(0)

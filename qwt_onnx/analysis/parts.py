@@ -22,6 +22,8 @@ import math
 
 import onnx_ir as ir
 
+from qwt_onnx.graph import prepare
+
 SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 Split = tuple[int, tuple[tuple[int, int], ...]]  # an axis, and the [start, stop) of each part along it
@@ -104,29 +106,21 @@ def _mapped_axis(node: ir.Node, axis: int) -> int | None:
     if node.op_type == "Transpose":
         perm = node.attributes.get("perm")
         return None if perm is None else list(perm.as_ints()).index(axis)
-    before, after = node.inputs[0].shape, node.outputs[0].shape
-    if before is None or after is None:
+    if node.inputs[0].shape is None or node.outputs[0].shape is None:
         return None
-    for candidate in range(len(after)):
-        if _same_dim(after[candidate], before[axis]) and _same_product(after[:candidate], before[:axis]):
+    before, after = prepare.dims(node.inputs[0]), prepare.dims(node.outputs[0])
+    for candidate, size in enumerate(after):
+        if size is not None and size == before[axis] and _same_product(after[:candidate], before[:axis]):
             return candidate
     return None
 
 
-def _same_dim(a, b) -> bool:
-    return (isinstance(a, int) and a == b) or (isinstance(a, ir.SymbolicDim) and a.value is not None and a == b)
-
-
-def _same_product(a, b) -> bool:
+def _same_product(a: list[int | str | None], b: list[int | str | None]) -> bool:
     """Whether two runs of dims hold as many elements: equal static products and the same named dims."""
-    def split(dims):
-        static = [d for d in dims if isinstance(d, int)]
-        named = sorted(str(d.value) for d in dims if isinstance(d, ir.SymbolicDim) and d.value is not None)
-        unnamed = any(isinstance(d, ir.SymbolicDim) and d.value is None for d in dims)
-        return math.prod(static), named, unnamed
-
-    (pa, na, ua), (pb, nb, ub) = split(a), split(b)
-    return not ua and not ub and pa == pb and na == nb
+    if None in a or None in b:
+        return False
+    return (math.prod(d for d in a if isinstance(d, int)) == math.prod(d for d in b if isinstance(d, int))
+            and sorted(d for d in a if isinstance(d, str)) == sorted(d for d in b if isinstance(d, str)))
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -134,6 +128,6 @@ def _rank(value: ir.Value | None) -> int | None:
 
 
 def _static(value: ir.Value, axis: int) -> int | None:
-    if value.shape is None or axis >= len(value.shape) or not isinstance(value.shape[axis], int):
-        return None
-    return value.shape[axis]
+    dims = prepare.dims(value)
+    size = dims[axis] if axis < len(dims) else None
+    return size if isinstance(size, int) else None

@@ -72,34 +72,32 @@ def gain_interval(new: Score, old: Score, confidence: float = 0.95, resamples: i
     Output errors are heavy-tailed (a handful of samples near a softmax's decision boundary can
     carry most of the error), so gains of a few tenths of a dB on a hundred samples are often
     noise; this says how much."""
-    pair = _bootstrap_db(new, old, resamples)
-    if pair is None:
+    paired = _bootstrap_db(new, old, resamples)
+    if paired is None:
         return None
+    _, new_db, old_db = paired
     with np.errstate(invalid="ignore"):
-        gains = np.min(pair[0], axis=0) - np.min(pair[1], axis=0)
+        gains = np.min(new_db, axis=0) - np.min(old_db, axis=0)
     return _interval(gains, confidence) if np.all(np.isfinite(gains)) else None
 
 
-def output_gain_intervals(new: Score, old: Score, confidence: float = 0.95, resamples: int = 2000) -> dict[str, tuple[float, float]]:
+def output_gain_intervals(new: Score, old: Score, confidence: float = 0.95,
+                          resamples: int = 2000) -> dict[str, tuple[float, float]]:
     """:func:`gain_interval` of each chosen output on its own: whether one that is not the worst
     got worse beyond noise (a detector's boxes, while its objectness gains)."""
-    pair = _bootstrap_db(new, old, resamples)
-    if pair is None:
+    paired = _bootstrap_db(new, old, resamples)
+    if paired is None:
         return {}
+    names, new_db, old_db = paired
     with np.errstate(invalid="ignore"):
-        gains = pair[0] - pair[1]
-    names = _shared_names(new, old)
+        gains = new_db - old_db
     return {name: _interval(gains[k], confidence) for k, name in enumerate(names) if np.all(np.isfinite(gains[k]))}
 
 
-def _shared_names(new: Score, old: Score) -> list[str]:
-    return sorted(set(new._decisive(new.energies)) & set(old._decisive(old.energies)))
-
-
-def _bootstrap_db(new: Score, old: Score, resamples: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per chosen output (rows) and bootstrap draw (columns), the dB of ``new`` and of ``old``
-    on the same draws; None where they cannot be paired."""
-    names = _shared_names(new, old)
+def _bootstrap_db(new: Score, old: Score, resamples: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """The chosen outputs both scores have, and per output (rows) and bootstrap draw (columns)
+    the dB of ``new`` and of ``old`` on the same draws; None where they cannot be paired."""
+    names = sorted(set(new._decisive(new.energies)) & set(old._decisive(old.energies)))
     if not names:
         return None
     count = new.energies[names[0]].signal.size
@@ -116,7 +114,7 @@ def _bootstrap_db(new: Score, old: Score, resamples: int) -> tuple[np.ndarray, n
                 rows.append(10.0 * np.log10(signal / noise))
         return np.array(rows)
 
-    return per_output_db(new), per_output_db(old)
+    return names, per_output_db(new), per_output_db(old)
 
 
 def _interval(gains: np.ndarray, confidence: float) -> tuple[float, float]:
