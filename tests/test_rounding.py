@@ -130,6 +130,22 @@ def test_patches_times_the_weight_rows_are_the_convolution(shape, kernel, attrib
     np.testing.assert_allclose(computed, np.moveaxis(expected, 1, -1).reshape(-1, weight.shape[0]), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 5, 5), (4, 3, 40, 40)])  # the second reads few of its positions
+def test_sampled_patches_and_their_moments_are_the_patches_at_the_sampled_positions(shape):
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    geometry = InputGeometry((3, 3), pads=(1, 1, 1, 1), group=3 if shape[1] == 6 else 1)
+    every = input_rows(x, geometry, 10**6, np.random.default_rng(0))  # every position, in order
+    positions = every.shape[1]
+    picked = np.random.default_rng(1).choice(positions, 9, replace=False)
+    sampled = input_rows(x, geometry, 9, np.random.default_rng(1))
+    np.testing.assert_array_equal(sampled, every[:, picked])
+    moments = SecondMoments(geometry, batches=32768 // 9 + 1)  # nine rows per update
+    moments._rng = np.random.default_rng(1)
+    moments.update(x)
+    rows = every[:, picked].astype(np.float64)
+    np.testing.assert_allclose(moments.hessian(centered=False), rows.transpose(0, 2, 1) @ rows / 9, rtol=1e-5, atol=1e-6)
+
+
 def test_second_moments_stream_sampled_rows():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6, 5, 12)).astype(np.float32) + 1.0

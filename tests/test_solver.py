@@ -232,3 +232,17 @@ def test_few_rows_and_constant_channels_give_a_finite_regularised_solution(rows)
         fit = solver.fit_ridge(eq, alpha)
         assert fit.is_finite()
         assert np.isfinite(solver.sum_squared_error(eq, fit)).all()
+
+
+def test_subnormal_values_add_what_zeros_add():
+    rng = np.random.default_rng(9)
+    x, r = rng.standard_normal((64, 8)).astype(np.float32), rng.standard_normal((64, 3)).astype(np.float32)  # rows longest
+    underflowed = x.copy()
+    underflowed[:, 2] = np.float32(1e-41)  # subnormal in float32, as features that underflowed are
+    assert solver.without_subnormals(x) is x  # none to flush: the array as it is
+    np.testing.assert_array_equal(solver.without_subnormals(underflowed)[:, 2], 0.0)
+    with_them, zeroed = (solver.NormalEquations(8, 3, shift=np.zeros(8, np.float32)) for _ in range(2))
+    with_them.update(underflowed, r)
+    zeroed.update(np.where(np.arange(8) == 2, np.float32(0), underflowed), r)
+    np.testing.assert_array_equal(with_them.xtx, zeroed.xtx)
+    np.testing.assert_array_equal(with_them.xtr, zeroed.xtr)
