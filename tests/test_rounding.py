@@ -33,6 +33,22 @@ def test_error_feedback_leaves_less_output_error_than_nearest_on_the_same_grid(t
     assert _output_error(weight, fed_back, step, x) < 0.5 * _output_error(weight, nearest, step, x)
 
 
+def test_the_same_weights_on_the_same_grid_are_rounded_once():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((256, 12)) @ rng.standard_normal((12, 12))
+    rows = rng.standard_normal((1, 5, 12)).astype(np.float32)
+    step = np.abs(rows).max(axis=2, keepdims=True) / 127
+    moments = (x.T @ x / 256)[None]
+    fed_back = rounding.feedback(moments)
+    first = rounding.error_feedback_rounding(rows, fed_back, step, 127)
+    first[0, 0, 0] += 1  # the caller's copy: the remembered rounding is not touched
+    again = rounding.error_feedback_rounding(rows, fed_back, step, 127)
+    np.testing.assert_array_equal(again, rounding.error_feedback_rounding(rows, rounding.feedback(moments), step, 127))
+    assert again.dtype == np.int32 and len(fed_back.rounded) == 1
+    rounding.error_feedback_rounding(rows, fed_back, step * 2, 127)  # another grid: rounded anew
+    assert len(fed_back.rounded) == 2
+
+
 def test_uncorrelated_inputs_leave_nothing_to_feed_back():
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((8, 40))

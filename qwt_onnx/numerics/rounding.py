@@ -17,6 +17,7 @@ group); a ``[K, N]`` MatMul weight is one group of N rows over K inputs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -62,6 +63,9 @@ class Feedback:
 
     order: np.ndarray  # [G, d]
     factor: np.ndarray  # [G, d, d], float32 as GPTQ keeps it: half the memory of a model's worth
+    # what error_feedback_rounding returned, by a digest of its arguments: the PTQ candidates
+    # that differ only in activation ranges or float stem round the same weights the same way
+    rounded: dict[bytes, np.ndarray] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def feedback(hessian: np.ndarray, damping: float = DAMPING) -> Feedback:
@@ -112,6 +116,24 @@ def error_feedback_rounding(
     rounded so that their same-sign magnitudes add to at most ``pair_limit``: the second of the
     two to be rounded is clamped, and its error fed forward like any other.
     """
+    key = _digest(rows, step, top, pair_limit, partners)
+    if key not in fed_back.rounded:  # kept as int8 where |q| <= top fits: a quarter of int32's memory
+        rounded = _error_feedback_rounding(rows, fed_back, step, top, pair_limit, partners)
+        fed_back.rounded[key] = rounded.astype(np.int8 if top <= 127 else np.int32)
+    return fed_back.rounded[key].astype(np.int32)
+
+
+def _digest(*arguments) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for argument in arguments:
+        array = np.ascontiguousarray(argument if argument is not None else np.empty(0))
+        digest.update(repr((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.digest()
+
+
+def _error_feedback_rounding(rows: np.ndarray, fed_back: Feedback, step: np.ndarray, top: int, pair_limit: int | None,
+                             partners: np.ndarray | None) -> np.ndarray:
     groups, count, width = rows.shape
     order, factor = fed_back.order, fed_back.factor
     weights = np.take_along_axis(rows.astype(np.float64), order[:, None, :], axis=2)
