@@ -200,7 +200,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     output_parts = () if options.outputs else parts.output_parts(fp.graph)
     options = options.replace(outputs=options.outputs or output_parts)
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
-    run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings)
+    run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings, output_parts)
     for pattern in run.excluded.unmatched(fp.graph):
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
     found = find_blocks(run) if options.qwt else []
@@ -225,7 +225,6 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if output is not None:
         prepare.save_atomically(written, output)
     result = _report(run, candidates, ptq, selection, compensation, applied, gain_interval, output, started)
-    result = dataclasses.replace(result, output_parts=list(output_parts))
     if report is not None:
         with open(report, "w") as f:
             f.write(result.to_json())
@@ -241,6 +240,7 @@ class _Run:
     batch_size: int
     options: Options
     warnings: Warnings
+    output_parts: tuple[str, ...] = ()  # where --outputs is not given, the parts the outputs are scored in (analysis.parts)
     _reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples, computed once
     _batch_axes: dict[str, int] | None = None
 
@@ -922,6 +922,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         sqnr_ptq_db=ptq.sqnr_db,
         sqnr_qwt_db=compensation.sqnr_db if compensation is not None else None,
         outputs=list(run.options.outputs),
+        output_parts=list(run.output_parts),
         output_sqnr_ptq_db=dict(ptq.score.outputs_db) if ptq.score is not None else {},
         output_sqnr_qwt_db=dict(compensation.score.outputs_db) if compensation is not None and compensation.score else {},
         qwt_gain_interval_db=list(gain_interval) if gain_interval is not None else None,

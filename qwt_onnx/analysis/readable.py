@@ -94,14 +94,17 @@ def _reader_interval(node: ir.Node, index: int, depth: int, bits: int) -> Interv
 
 
 def _magnified(value: ir.Value, depth: int) -> bool:
-    """Whether an op within ``depth`` ops after ``value`` magnifies errors near 0 (a Log, a divisor)."""
-    if depth <= 0:
-        return False
-    for node, index in value.uses():
-        if node.op_type in _MAGNIFYING and (node.op_type != "Div" or index == 1):
-            return True
-        if any(_magnified(out, depth - 1) for out in node.outputs):
-            return True
+    """Whether an op within ``depth`` ops after ``value`` magnifies errors near 0 (a Log, a divisor).
+    Searched level by level, each value once: paths that fan out and meet again are not walked twice."""
+    frontier, seen = [value], {value}
+    for _ in range(depth):
+        following = []
+        for node, index in (use for v in frontier for use in v.uses()):
+            if node.op_type in _MAGNIFYING and (node.op_type != "Div" or index == 1):
+                return True
+            following += [out for out in node.outputs if out not in seen]
+            seen.update(node.outputs)
+        frontier = following
     return False
 
 
