@@ -18,6 +18,7 @@ class BlockReport:
     r2_train: float | None = None
     r2_heldout: float | None = None
     error_ratio_heldout: float | None = None  # ‖R − c(X)‖² / ‖R‖² on held-out samples
+    error_ratio_train: float | None = None  # ... on the samples it was fitted on
     channels: int = 0
     channels_kept: int = 0  # output channels whose compensation lowers the held-out error
     parameters: int = 0

@@ -114,6 +114,22 @@ def test_compensation_is_kept_and_refit_on_all_rows_when_it_helps():
     assert np.sqrt(np.mean((result.fit(x) - clean) ** 2)) < 0.05  # well below the noise of 0.5
 
 
+def test_the_training_error_ratio_is_below_the_held_out_one_by_the_fits_optimism():
+    # 40 features on 100 training rows: the fit follows the training rows' noise, about
+    # 2 p / n of the noise energy below what it leaves on new rows
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1100, 40))
+    r = x @ rng.standard_normal((40, 3)) / np.sqrt(40) + rng.standard_normal((1100, 3))  # as much noise as signal
+    train, held = (solver.NormalEquations(x.shape[1], r.shape[1], np.zeros(40, np.float32)) for _ in range(2))
+    train.update(x[:100], r[:100])
+    held.update(x[100:], r[100:])
+    result = solver.fit_compensation(train, held, alphas=(1e-9,))
+    validated = result.validated
+    assert result.error_ratio_train == pytest.approx(solver.error_ratio(train, validated))
+    assert result.error_ratio_heldout == pytest.approx(solver.error_ratio(held, validated))
+    assert result.error_ratio_train < result.error_ratio_heldout - 0.1
+
+
 def test_each_output_channel_is_kept_only_where_it_helps():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3000, 10))

@@ -65,6 +65,7 @@ class AffineFit:
     r2_train: float
     r2_heldout: float
     error_ratio_heldout: float
+    error_ratio_train: float
     kept_targets: int  # channels whose compensation lowers the held-out error
     not_finite: bool = False
 
@@ -100,13 +101,15 @@ def fit_channel_affine(train: ChannelStatistics, heldout: ChannelStatistics) -> 
     channel lose nothing measurable to a fifth fewer rows)."""
     identity, nothing = np.ones(train.channels), np.zeros(train.channels)
     if not (train.finite() and heldout.finite()):
-        return AffineFit(identity, nothing, 0.0, 0.0, 1.0, 0, not_finite=True)
+        return AffineFit(identity, nothing, 0.0, 0.0, 1.0, 1.0, 0, not_finite=True)
     slope, shift = least_squares(train)
     before_held = heldout.squared_error(nothing, nothing)
     # a scale must stay positive: it multiplies a quantizer's scale
     keep = (heldout.squared_error(slope, shift) < before_held) & (1 + slope > 0)
     slope, shift = slope * keep, shift * keep
-    scores = (_r2(train, slope, shift), _r2(heldout, slope, shift), _ratio(heldout.squared_error(slope, shift), before_held))
+    before_train = train.squared_error(nothing, nothing)
+    scores = (_r2(train, slope, shift), _r2(heldout, slope, shift), _ratio(heldout.squared_error(slope, shift), before_held),
+              _ratio(train.squared_error(slope, shift), before_train))
     if not keep.any():
         return AffineFit(identity, nothing, *scores, 0)
     return AffineFit(1 + slope, shift, *scores, int(keep.sum()))

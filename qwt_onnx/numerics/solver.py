@@ -232,6 +232,7 @@ class CompensationFit:
     r2_train: float
     r2_heldout: float
     error_ratio_heldout: float
+    error_ratio_train: float  # below the held-out ratio by about twice the fit's optimism
     kept_targets: int  # output channels whose compensation lowers the held-out error
     alphas: np.ndarray  # the ridge strength chosen per output channel, NaN where none is kept
     not_finite: bool = False  # the statistics or the solution held NaN or Inf: dropped
@@ -265,7 +266,7 @@ def fit_compensation(
     """
     zero = LinearMap.zeros(train.n_features, train.n_targets)
     if not (_finite_statistics(train) and _finite_statistics(heldout)):
-        return CompensationFit(zero, 0.0, 0.0, 1.0, 0, np.full(train.n_targets, np.nan), not_finite=True, validated=zero)
+        return CompensationFit(zero, 0.0, 0.0, 1.0, 1.0, 0, np.full(train.n_targets, np.nan), not_finite=True, validated=zero)
     fits = [fit_ridge(train, alpha) for alpha in alphas]
     errors = np.stack(
         [sum_squared_error(heldout, f) if f.is_finite() else np.full(train.n_targets, np.inf) for f in fits]
@@ -275,7 +276,8 @@ def fit_compensation(
     keep = best < len(alphas)
     chosen = np.where(keep, np.asarray(alphas)[np.minimum(best, len(alphas) - 1)], np.nan)
     validated = _select_columns(fits, best, keep, zero)
-    scores = (r2_score(train, validated), r2_score(heldout, validated), error_ratio(heldout, validated))
+    scores = (r2_score(train, validated), r2_score(heldout, validated),
+              error_ratio(heldout, validated), error_ratio(train, validated))
     if not keep.any():
         return CompensationFit(zero, *scores, 0, chosen, validated=validated)
     final = fit_ridge(train.merged(heldout), np.where(keep, chosen, 1.0))
@@ -344,7 +346,7 @@ def with_stored_weights(
     alphas = np.where(keep, fit.alphas, np.nan)
     return dataclasses.replace(
         fit, fit=final, validated=validated, alphas=alphas, kept_targets=int(keep.sum()),
-        **dict(zip(("r2_train", "r2_heldout", "error_ratio_heldout"), _pooled_scores(groups, slices, validated))),
+        **dict(zip(_SCORES, _pooled_scores(groups, slices, validated))),
     )
 
 
@@ -363,20 +365,24 @@ def _block_diagonal(maps: list[LinearMap], slices: list[tuple[slice, slice]]) ->
     return LinearMap(weight, bias)
 
 
+_SCORES = ("r2_train", "r2_heldout", "error_ratio_heldout", "error_ratio_train")
+
+
 def _pooled_scores(
     groups: list[tuple[NormalEquations, NormalEquations]], slices: list[tuple[slice, slice]], mapping: LinearMap
-) -> tuple[float, float, float]:
-    """R² on the training and the held-out rows and the held-out error ratio of ``mapping``,
-    pooled over the groups by each group's sum of squares."""
+) -> tuple[float, float, float, float]:
+    """R² on the training and the held-out rows and the held-out and training error ratios of
+    ``mapping`` (:data:`_SCORES`), pooled over the groups by each group's sum of squares."""
     scores = []
     for (train, held), (features, targets) in zip(groups, slices):
         part = LinearMap(mapping.weight[features, targets], mapping.bias[targets])
-        scores.append((r2_score(train, part), r2_score(held, part), error_ratio(held, part)))
-    r2_train, r2_heldout, ratio = zip(*scores)
+        scores.append((r2_score(train, part), r2_score(held, part), error_ratio(held, part), error_ratio(train, part)))
+    r2_train, r2_heldout, ratio_held, ratio_train = zip(*scores)
     return (
         _weighted_mean(r2_train, [total_sum_of_squares(train).sum() for train, _ in groups], empty=0.0),
         _weighted_mean(r2_heldout, [total_sum_of_squares(held).sum() for _, held in groups], empty=0.0),
-        _weighted_mean(ratio, [held.sum_r2.sum() for _, held in groups], empty=1.0),
+        _weighted_mean(ratio_held, [held.sum_r2.sum() for _, held in groups], empty=1.0),
+        _weighted_mean(ratio_train, [train.sum_r2.sum() for train, _ in groups], empty=1.0),
     )
 
 
