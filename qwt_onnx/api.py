@@ -338,7 +338,7 @@ class _Run:
 
 
 def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
-    o, held = run.options, int(run.calib.heldout_mask.sum())
+    o, held = run.options, len(np.unique(run.calib.repeats[run.calib.heldout_mask]))  # repeats add no evidence
     choices = [name for name, made in (
         ("calibration method", o.calib_method == CalibMethod.AUTO and not given),
         ("bias correction", o.bias_correction == BiasCorrection.AUTO and not given),
@@ -346,7 +346,7 @@ def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
     ) if made]
     if choices and 0 < held < MIN_HELDOUT_SAMPLES:
         run.warnings.warn(
-            f"only {held} held-out calibration samples decide the {', '.join(choices)}: below {MIN_HELDOUT_SAMPLES} "
+            f"only {held} distinct held-out calibration samples decide the {', '.join(choices)}: below {MIN_HELDOUT_SAMPLES} "
             f"the choice may be noise; give at least {MIN_HELDOUT_SAMPLES * HELDOUT_EVERY} calibration samples"
         )
 
@@ -707,7 +707,7 @@ def _why_the_trial_cannot_pay(trial: Score, ptq: Candidate) -> str | None:
     if gain < MIN_QWT_GAIN_DB:
         return (
             f"gains {gain:+.2f} dB over PTQ ({ptq.method}) on held-out samples, under the {MIN_QWT_GAIN_DB} dB a written "
-            "QwT needs (eight times the samples moved a trial's gain by -0.15 to +0.48 dB on the zoo)"
+            "QwT needs (from trial to full fit a gain moved by -0.15 to +0.48 dB on the zoo)"
         )
     return (
         f"gains {gain:+.2f} dB over PTQ ({ptq.method}) on held-out samples, 95% interval {interval[0]:+.2f} to "
@@ -922,6 +922,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         fit_samples=compensation.samples if compensation is not None else 0,
         samples=run.calib.num_samples,
         heldout_samples=int(run.calib.heldout_mask.sum()),
+        repeated_samples=run.calib.num_samples - len(np.unique(run.calib.repeats)),
         weight_range=run.options.weights.value,
         method_sqnr_db={c.method: c.sqnr_db for c in candidates if c.sqnr_db is not None},
         method_lead_interval_db=_lead_interval(candidates, ptq),

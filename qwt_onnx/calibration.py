@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 import os
 import zipfile
@@ -14,6 +15,7 @@ from qwt_onnx import progress
 from qwt_onnx.errors import InputError
 
 HELDOUT_EVERY = 5  # every fifth sample is held out to validate the fits
+KEY_DIGITS = 12  # significant digits of the moments that tell samples apart (float64 sums differ past them by order)
 SCORING_SAMPLES = 256  # held-out samples whose outputs are kept to score whole models
 CHECK_ROWS = 64  # samples scanned at a time for NaN / Inf
 
@@ -115,11 +117,30 @@ class CalibrationSet:
 
     @property
     def heldout_mask(self) -> np.ndarray:
-        """Samples held out to validate fits: every fifth, at least one when there are two or more."""
-        mask = np.arange(self.num_samples) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        """Samples held out to validate fits: every fifth group of :meth:`repeats` (every fifth
+        sample where none repeats another), at least one when there are two or more. A sample
+        and its repeats are held out together: a held-out mirror image of a fitted sample would
+        vouch for choices that only fit the calibration set."""
+        return self._heldout.copy()
+
+    @functools.cached_property
+    def _heldout(self) -> np.ndarray:
+        mask = self.repeats % HELDOUT_EVERY == HELDOUT_EVERY - 1
         if not mask.any() and self.num_samples >= 2:
             mask[-1] = True
         return mask
+
+    @functools.cached_property
+    def repeats(self) -> np.ndarray:
+        """Per sample, its group: samples holding the same values in any arrangement (a
+        duplicate, a mirror image, a rotation: data augmentation) share one; groups are numbered
+        in order of their first sample, so that the first samples' groups are the whole set's."""
+        keys = zip(*(_moments(array, spec.samples_axis, self.num_samples) for array, spec in self._sampled()))
+        first: dict[tuple, int] = {}
+        return np.array([first.setdefault(key, len(first)) for key in keys], dtype=np.int64)
+
+    def _sampled(self) -> list[tuple[np.ndarray, InputSpec]]:
+        return [(self.arrays[spec.name], spec) for spec in self.specs if spec.samples_axis is not None]
 
     @property
     def scoring_mask(self) -> np.ndarray:
@@ -146,6 +167,28 @@ class CalibrationSet:
     def num_batches(self, batch_size: int, indices: np.ndarray | None = None) -> int:
         count = self.num_samples if indices is None else len(indices)
         return -(-count // batch_size)
+
+
+def _moments(array: np.ndarray, axis: int, num_samples: int, chunk: int = 64) -> list[tuple[float, ...]]:
+    """Per sample, moments of its values that no rearrangement changes (their sum and sum of
+    squares), to :data:`KEY_DIGITS` significant digits."""
+    keys = []
+    for start in range(0, num_samples, chunk):
+        rows = np.moveaxis(samples_of(array, axis, slice(start, start + chunk)), axis, 0)
+        rows = rows.reshape(len(rows), -1)
+        if not np.issubdtype(rows.dtype, np.floating):
+            rows = rows.astype(np.float64)
+        moments = np.stack([rows.sum(1, dtype=np.float64), np.square(rows).sum(1, dtype=np.float64)], 1)
+        keys.extend(map(tuple, _significant(moments).tolist()))
+    return keys
+
+
+def _significant(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to :data:`KEY_DIGITS` significant digits."""
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log10(np.abs(values)))
+    scale = 10.0 ** np.where(np.isfinite(exponent), KEY_DIGITS - 1 - exponent, 0)
+    return np.round(values * scale) / scale
 
 
 def _first(arrays: Mapping[str, np.ndarray], num_samples: int | None, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:

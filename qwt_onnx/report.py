@@ -36,6 +36,7 @@ class Report:
     method: str  # the calibration method of the written model
     samples: int
     heldout_samples: int
+    repeated_samples: int = 0  # calibration samples whose values repeat an earlier one's, rearranged or not: held out with it
     qwt_method: str | None = None  # the one the compensation was fitted on (written or not)
     qwt_bias_corrected: bool | None = None  # whether the weights it was fitted on are bias-corrected
     qwt_trial: str | None = None  # the label, in method_qwt_sqnr_db, of the PTQ model QwT was fitted on
@@ -94,6 +95,9 @@ def format_summary(report: Report, source: str) -> str:
         f"qwt_onnx: {source} -> {report.output} (target {report.target}, {_precision(report)}, "
         f"{report.samples} samples, {report.heldout_samples} held out)"
     ]
+    if report.repeated_samples:
+        lines.append(f"{report.repeated_samples} calibration samples repeat the values of others (duplicates, mirror images, "
+                     "rotations): each is held out or fitted with those it repeats")
     if report.log_front_end:
         lines.append(f"kept in float: {len(report.log_front_end)} Conv/MatMul/Gemm computing what a Log reads (a spectrogram "
                      "front end; quantized, its error near zero grows without bound through the log)")

@@ -14,6 +14,7 @@ from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.passes import qdq
+from qwt_onnx.report import format_summary
 from tests import graphs
 
 SPECS = [InputSpec("image", np.dtype(np.float32), (None, 3, 4)), InputSpec("ids", np.dtype(np.int64), (None, 5))]
@@ -106,11 +107,41 @@ def test_the_stream_holds_batches_beyond_its_budget_only_below_the_memory_ceilin
     stream.close()
 
 
+def test_a_sample_is_held_out_with_its_duplicates_mirror_images_and_rotations():
+    arrays = _arrays(count=40)
+    image, ids = arrays["image"], arrays["ids"]
+    # the user's augmentation: each sample mirrored, then a few rotated and a few copied as they are
+    augmented = {"image": np.concatenate([image, image[:, :, ::-1], np.rot90(image[:10], 2, axes=(1, 2)), image[20:25]]),
+                 "ids": np.concatenate([ids, ids, ids[:10], ids[20:25]])}
+    calib = CalibrationSet(augmented, SPECS)
+    groups, held = calib.repeats, calib.heldout_mask
+    assert groups.max() == 39 and np.array_equal(groups[:40], np.arange(40))  # the originals keep their order
+    for group in range(40):
+        assert len(set(held[groups == group])) == 1  # all of a group held out, or none
+    assert np.array_equal(np.flatnonzero(held[:40]), np.arange(4, 40, 5))  # every fifth, as without repeats
+    # the first samples are held out as in the whole set: a trial on them keeps the whole set's split
+    assert np.array_equal(calib.take(50).heldout_mask, held[:50])
+    # distinct samples: every fifth, as ever; a different other input makes another sample
+    assert np.array_equal(CalibrationSet(arrays, SPECS).repeats, np.arange(40))
+    other_ids = {"image": augmented["image"], "ids": augmented["ids"] + np.arange(len(augmented["ids"]))[:, None]}
+    assert np.array_equal(CalibrationSet(other_ids, SPECS).repeats, np.arange(len(augmented["ids"])))
+
+
+def test_repeats_are_reported_and_not_counted_as_held_out_evidence():
+    model = graphs.resnet()
+    calib = graphs.samples(model, 20, seed=1)
+    mirrored = {name: np.concatenate([array, array[..., ::-1]]) for name, array in calib.items()}
+    _, report = quantize_with_report(model, mirrored, qwt=False, progress=False)
+    assert report.repeated_samples == 20 and report.heldout_samples == 8
+    assert any("only 4 distinct held-out calibration samples" in w for w in report.warnings)
+    assert "20 calibration samples repeat the values of others" in format_summary(report, "m.onnx")
+
+
 def test_a_choice_made_on_fewer_than_32_held_out_samples_is_flagged():
     model = graphs.resnet()
     few = graphs.samples(model, 20, seed=1)  # every fifth held out: 4
     _, report = quantize_with_report(model, few, qwt=False, progress=False)
-    assert any("only 4 held-out calibration samples decide the calibration method, bias correction" in w
+    assert any("only 4 distinct held-out calibration samples decide the calibration method, bias correction" in w
                and "at least 160 calibration samples" in w for w in report.warnings)
     _, report = quantize_with_report(model, few, qwt=False, calib_method="minmax", bias_correction="off", progress=False)
     assert not any("held-out calibration samples decide" in w for w in report.warnings)  # nothing was chosen
