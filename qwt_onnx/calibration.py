@@ -117,15 +117,21 @@ class CalibrationSet:
 
     @property
     def heldout_mask(self) -> np.ndarray:
-        """Samples held out to validate fits: every fifth group of :meth:`repeats` (every fifth
-        sample where none repeats another), at least one when there are two or more. A sample
-        and its repeats are held out together: a held-out mirror image of a fitted sample would
-        vouch for choices that only fit the calibration set."""
+        """Samples held out to validate fits: every fifth, each with the later samples that
+        repeat it (:attr:`repeats`), at least one when there are two or more. A held-out mirror
+        image of a fitted sample would vouch for choices that only fit the calibration set; and
+        a repeat moves no other sample to the other side (where repeats come in runs that leave
+        under half of every fifth group held out, every fifth group is)."""
         return self._heldout.copy()
 
     @functools.cached_property
     def _heldout(self) -> np.ndarray:
-        mask = self.repeats % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        groups = self.repeats
+        first = np.unique(groups, return_index=True)[1]  # each group's first sample
+        held_groups = first % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        if held_groups.sum() < len(first) // HELDOUT_EVERY / 2:
+            held_groups = np.arange(len(first)) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        mask = held_groups[groups]
         if not mask.any() and self.num_samples >= 2:
             mask[-1] = True
         return mask

@@ -119,6 +119,14 @@ def test_a_sample_is_held_out_with_its_duplicates_mirror_images_and_rotations():
     for group in range(40):
         assert len(set(held[groups == group])) == 1  # all of a group held out, or none
     assert np.array_equal(np.flatnonzero(held[:40]), np.arange(4, 40, 5))  # every fifth, as without repeats
+    assert np.array_equal(held[40:80], held[:40]) and np.array_equal(held[80:], held[list(range(10)) + list(range(20, 25))])
+    # a repeat moves no other sample to the other side of every fifth: a copy of the first sample
+    # second leaves the fifth sample held out
+    early = CalibrationSet({name: np.concatenate([array[:1], array]) for name, array in arrays.items()}, SPECS)
+    assert np.array_equal(early.heldout_mask, np.arange(41) % 5 == 4)
+    # repeats in runs of five: every fifth group, not every group whose first sample is fifth
+    runs = CalibrationSet({name: np.repeat(array, 5, axis=0) for name, array in arrays.items()}, SPECS)
+    assert np.array_equal(runs.heldout_mask, np.repeat(np.arange(40) % 5 == 4, 5))
     # the first samples are held out as in the whole set: a trial on them keeps the whole set's split
     assert np.array_equal(calib.take(50).heldout_mask, held[:50])
     # distinct samples: every fifth, as ever; a different other input makes another sample
