@@ -348,7 +348,8 @@ def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
     if choices and 0 < held < MIN_HELDOUT_SAMPLES:
         run.warnings.warn(
             f"only {held} distinct held-out calibration samples decide the {', '.join(choices)}: below {MIN_HELDOUT_SAMPLES} "
-            f"the choice may be noise; give at least {MIN_HELDOUT_SAMPLES * HELDOUT_EVERY} calibration samples"
+            f"the choice may be noise; give at least {MIN_HELDOUT_SAMPLES * HELDOUT_EVERY} calibration samples "
+            "that do not repeat one another (mirror images and duplicates count once)"
         )
 
 
