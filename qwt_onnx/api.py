@@ -32,7 +32,7 @@ from qwt_onnx import check, observe
 from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import capture, parts
 from qwt_onnx.analysis.equalization import ChannelGroup, channel_groups, consumer_weights
-from qwt_onnx.analysis.placement import Exclusions, Placement, log_front_end, place
+from qwt_onnx.analysis.placement import Exclusions, Placement, left_float, log_front_end, place
 from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
@@ -261,13 +261,25 @@ class _Run:
         return place(self.fp.graph, self.options.target, self.excluded)
 
     @functools.cached_property
+    def compute_macs(self) -> dict[ir.Node, int]:
+        """Per compute op of the FP32 graph (Conv, ConvTranspose, MatMul, Gemm, LSTM, GRU, RNN), its
+        multiply-accumulates on the first calibration sample (from the shapes the model computes there)."""
+        nodes = [n for n in self.fp.graph if n.op_type in g.COMPUTE_OPS and g.is_default_domain(n)]
+        batch = next(self.calib.batches(1))  # every count grows in proportion to the batch: one sample tells the shares
+        values = [v for n in nodes for v in (n.inputs[0], n.outputs[0])]
+        computed = [v.name for v in values if v is not None and v.name and not g.is_constant(v)]
+        shapes = {name: a.shape for name, a in {**Runner(with_outputs(prepare.to_proto(self.fp), computed))(batch.feeds),
+                                                  **batch.feeds}.items()}
+
+        def shape(value: ir.Value) -> tuple[int, ...] | None:  # None: an output left out (an LSTM's Y)
+            return tuple(value.const_value.shape) if value.const_value is not None else shapes.get(value.name)
+
+        return {node: g.multiply_accumulates(node, shape(node.inputs[0]), shape(node.outputs[0])) for node in nodes}
+
+    @functools.cached_property
     def weighted_macs(self) -> dict[str, int]:
-        """Per quantized weighted op, its multiply-accumulates on the first calibration batch (from
-        the shapes the FP32 model computes there)."""
-        nodes = [node for site in self.placement.weights for node, _ in site.readers]
-        batch = next(self.calib.batches(self.batch_size))
-        shapes = Runner(with_outputs(prepare.to_proto(self.fp), [n.outputs[0].name for n in nodes]))(batch.feeds)
-        return {n.name: int(np.prod(shapes[n.outputs[0].name].shape)) * g.macs_per_output(n) for n in nodes}
+        """Per quantized weighted op, its multiply-accumulates on the first calibration sample."""
+        return {node.name: self.compute_macs[node] for site in self.placement.weights for node, _ in site.readers}
 
     def mac_share(self, names: list[str]) -> float:
         """The share of the quantized weighted ops' multiply-accumulates that ``names`` hold."""
@@ -901,6 +913,19 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
     )
 
 
+def _float_compute(run: _Run, stem: list[str]) -> dict:
+    """The report's share of the multiply-accumulates in quantized ops, and per reason the compute
+    ops left in float: how many, and their share."""
+    total = sum(run.compute_macs.values())
+    if not total:
+        return {}
+    left: dict[str, list[float]] = {}
+    for node, why in left_float(run.fp.graph, run.placement, run.excluded, stem).items():
+        count, share = left.get(why, (0, 0.0))
+        left[why] = [count + 1, share + run.compute_macs[node] / total]
+    return {"quantized_mac_share": 1.0 - sum(share for _, share in left.values()), "float_ops": left}
+
+
 def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] | None:
     """The 95% interval of the best PTQ model's held-out lead over the next best method's: where
     it holds zero, which of the two is closer to FP32 on other data is a toss-up."""
@@ -939,6 +964,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
         log_front_end=run.log_front_end if ptq.method != GIVEN else [],
         float_stem=run.placement.stem(run.fp.graph, ptq.float_stem),
+        **(_float_compute(run, run.placement.stem(run.fp.graph, ptq.float_stem)) if ptq.method != GIVEN else {}),
         float_stem_depth=ptq.float_stem,
         float_stem_gains_db={str(depth): list(gains) for depth, gains in ptq.float_stem_gains_db.items()},
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,

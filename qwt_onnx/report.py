@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+from qwt_onnx.analysis.placement import FLOAT_REASONS
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
 
 
@@ -58,6 +59,8 @@ class Report:
     float_stem_depth: int = 0  # ... to this depth
     # per depth tried (auto), each against the model before it: held-out gain, its 95% interval, the share of MACs left float
     float_stem_gains_db: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    quantized_mac_share: float | None = None  # of the compute ops' multiply-accumulates, what the quantized ones hold
+    float_ops: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # why left float: [ops, share of the MACs]
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
@@ -101,6 +104,8 @@ def format_summary(report: Report, source: str) -> str:
     if report.log_front_end:
         lines.append(f"kept in float: {len(report.log_front_end)} Conv/MatMul/Gemm computing what a Log reads (a spectrogram "
                      "front end; quantized, its error near zero grows without bound through the log)")
+    if report.quantized_mac_share is not None:
+        lines.append(_coverage(report))
     if report.readable_ranges:
         count = report.readable_ranges
         lines.append(f"ranges stop where the readers saturate: {count} tensor{'s' if count > 1 else ''} read only through a "
@@ -174,6 +179,22 @@ def format_summary(report: Report, source: str) -> str:
     written = "QwT" if report.qwt_applied else "PTQ"
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
     return "\n".join(lines)
+
+
+def _coverage(report: Report) -> str:
+    line = f"quantized: {_percent(report.quantized_mac_share)} of the multiply-accumulates"
+    if report.float_ops:
+        left = sorted(report.float_ops.items(), key=lambda item: -item[1][1])
+        line += "; float: " + "; ".join(f"{int(count)} op{'s' if count > 1 else ''}, {_percent(share)}: {FLOAT_REASONS[why]}"
+                                         for why, (count, share) in left)
+    return line
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage, where a share near but not at 0 or 1 reads neither 0% nor 100%."""
+    if 0 < share < 0.001 or 0.999 < share < 1:
+        return "under 0.1%" if share < 0.5 else "over 99.9%"
+    return f"{100 * share:.{1 if 0 < share < 0.01 or 0.99 < share < 1 else 0}f}%"
 
 
 def _float_stem(report: Report) -> str:

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from qwt_onnx import api, check, quantize, quantize_with_report
-from qwt_onnx.analysis.placement import place
+from qwt_onnx.analysis.placement import Exclusions, left_float, place
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.metrics import mean_squared_error
@@ -602,3 +602,24 @@ def test_mac_shares_follow_from_the_shapes_onnxruntime_computes(monkeypatch):
     sizes = {n.name: (16 if n.name.startswith(("/stem", "/layer1")) else 8) ** 2 * weights[n.input[1]][0] * int(np.prod(weights[n.input[1]][1:]))
              for n in convs}
     assert share == pytest.approx(sizes["/stem/conv"] / (sum(sizes.values()) + 10 * 32), rel=1e-6)
+
+
+def test_the_report_says_which_compute_ops_stay_float_and_their_share_of_the_multiply_accumulates():
+    # per sample: the LSTM 12 steps x 4 gates x 16 units x (16 inputs + 16 recurrent); the dense layers 12 x (16x16, 16x16, 16x10)
+    model = graphs.time_major_tagger()
+    _, report = quantize_with_report(model, graphs.samples(model, 48, seed=1), qwt=False, progress=False)
+    lstm, dense = 12 * 4 * 16 * 32, 12 * (16 * 16 + 16 * 16 + 16 * 10)
+    assert report.quantized_mac_share == pytest.approx(dense / (lstm + dense))
+    assert report.float_ops.keys() == {"recurrent"} and report.float_ops["recurrent"] == pytest.approx([1, lstm / (lstm + dense)])
+    assert "float: 1 op, 75%: LSTM/GRU/RNN have no QDQ form" in format_summary(report, "tagger.onnx")
+
+
+def test_float_compute_ops_are_told_apart_by_why():
+    model = prepare.prepare(ir.serde.deserialize_model(graphs.bert(layers=1)))
+    excluded = Exclusions(nodes=(".*/mlp/fc1/MatMul",))
+    placement = place(model.graph, "ort", excluded)
+    stem = placement.stem(model.graph, 1)
+    why = {node.name: reason for node, reason in left_float(model.graph, placement, excluded, stem).items()}
+    assert why["/encoder/layer.0/mlp/fc1/MatMul"] == "excluded" and all(why[name] == "float stem" for name in stem)
+    scores = [name for name, reason in why.items() if reason == "two activations"]
+    assert len(scores) == 2 and set(why.values()) == {"excluded", "float stem", "two activations"}

@@ -6,6 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qwt_onnx.analysis.placement import Exclusions, log_front_end, place
 from qwt_onnx.graph import prepare
+from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics import saturation
 from qwt_onnx.passes import qdq
@@ -246,3 +247,23 @@ def test_a_spectrogram_front_end_stays_float_where_quantizing_it_ruins_the_model
     reference = session(model).run(None, test)[0]
     sqnr = lambda m: 10 * np.log10((reference**2).sum() / ((reference - session(m).run(None, test)[0]) ** 2).sum())  # noqa: E731
     assert sqnr(kept) > 30.0 and sqnr(kept) > sqnr(quantized) + 20.0
+
+
+def test_multiply_accumulates_of_each_compute_op_follow_from_its_shapes():
+    def node(op_type, weight_shape=None, **attrs):
+        inputs = [ir.Value(name="x")]
+        if weight_shape:
+            inputs.append(ir.Value(name="w", const_value=ir.tensor(np.zeros(weight_shape, np.float32))))
+        attributes = [ir.AttrInt64(k, v) if isinstance(v, int) else ir.AttrString(k, v) for k, v in attrs.items()]
+        return ir.Node("", op_type, inputs, attributes)
+
+    # a bidirectional GRU, batch-first: 2 directions x 3 gates x 8 units x (5 inputs + 8 recurrent) per step
+    gru = node("GRU", hidden_size=8, direction="bidirectional", layout=1)
+    assert g.multiply_accumulates(gru, (2, 7, 5), None) == 2 * 7 * 2 * 3 * 8 * 13
+    assert g.multiply_accumulates(node("LSTM", hidden_size=8), (7, 2, 5), (7, 1, 2, 8)) == 7 * 2 * 4 * 8 * 13
+    # ConvTranspose: each input value meets C_out / group x kernel weights; Conv: each output value C_in / group x kernel
+    assert g.multiply_accumulates(node("ConvTranspose", (4, 3, 2, 2)), (1, 4, 5, 5), (1, 3, 10, 10)) == 4 * 25 * 3 * 4
+    assert g.multiply_accumulates(node("Conv", (3, 4, 3, 3)), (1, 4, 5, 5), (1, 3, 3, 3)) == 27 * 36
+    assert g.multiply_accumulates(node("Gemm", transA=1), (6, 2), (2, 9)) == 18 * 6
+    assert g.multiply_accumulates(node("MatMul"), (2, 4, 6), (2, 4, 9)) == 72 * 6
+    assert g.multiply_accumulates(node("Conv"), (1, 4, 5, 5), (1, 3, 3, 3)) == 0  # a weight computed in the graph: not told

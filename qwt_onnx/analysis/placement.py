@@ -238,6 +238,49 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) 
     return Placement(list(weights.values()), list(sites.values()))
 
 
+def left_float(graph: ir.Graph, placement: Placement, excluded: Exclusions, stem: list[str]) -> dict[ir.Node, str]:
+    """The compute ops (:data:`~qwt_onnx.graph.query.COMPUTE_OPS`) of ``graph`` that stay float
+    when ``placement`` is written without the weighted ops named in ``stem``, each with why: one
+    of the keys of :data:`FLOAT_REASONS`."""
+    stem_names = set(stem)
+    quantized = {node for site in placement.weights for node, _ in site.readers if node.name not in stem_names}
+    found = {}
+    for node in graph:
+        if node.op_type in g.COMPUTE_OPS and g.is_default_domain(node) and node not in quantized:
+            found[node] = _why_float(node, excluded, stem_names)
+    return found
+
+
+#: Why a compute op stays float, by the key :func:`left_float` gives.
+FLOAT_REASONS = {
+    "recurrent": "LSTM/GRU/RNN have no QDQ form (onnxruntime's quantize_dynamic runs an LSTM as DynamicQuantizeLSTM)",
+    "ConvTranspose": "onnxruntime's CPU provider has no INT8 ConvTranspose kernel",
+    "two activations": "MatMuls of two computed operands (attention scores) stay float by design",
+    "float stem": "--float-stem",
+    "excluded": "--exclude-nodes / --exclude-op-types",
+    "spectrogram": "what a Log reads",
+    "computed weight": "weights computed in the graph",
+    "weight layout": "weights of rank 1, or shared along another axis",
+}
+
+
+def _why_float(node: ir.Node, excluded: Exclusions, stem: set[str]) -> str:
+    if node.name in stem:
+        return "float stem"
+    if node.name in excluded.kept_float:
+        return "spectrogram"
+    if excluded.excludes(node):
+        return "excluded"
+    if node.op_type in g.RECURRENT_GATES:
+        return "recurrent"
+    if node.op_type == "ConvTranspose":
+        return "ConvTranspose"
+    if g.is_weighted(node):
+        return "weight layout"
+    computed = [v for v in node.inputs[:2] if v is not None and not g.is_constant(v)]
+    return "two activations" if node.op_type in ("MatMul", "Gemm") and len(computed) == 2 else "computed weight"
+
+
 def _input_channel_axis(node: ir.Node) -> int | None:
     """The axis of ``node``'s data input that its weight reduces over, None for batched weights."""
     if node.op_type == "Conv":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -226,11 +227,30 @@ def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]
         graph.extend(nodes)
 
 
-def macs_per_output(node: ir.Node) -> int:
-    """Multiply-accumulates per output element of a Conv, MatMul or Gemm with a constant weight."""
-    shape = weight_input(node).const_value.shape
-    if node.op_type == "Conv":
-        return int(np.prod(shape[1:]))  # C_in / group · kernel
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        return int(shape[1])
-    return int(shape[-2])
+#: Gates per hidden unit of the recurrent ops: their weights are [directions, gates · hidden, width].
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+#: The ops that do a model's multiply-accumulates.
+COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", *RECURRENT_GATES}
+
+
+def multiply_accumulates(node: ir.Node, x_shape: Sequence[int] | None, y_shape: Sequence[int] | None) -> int:
+    """Multiply-accumulates of one run of a :data:`COMPUTE_OPS` node, from the shapes of its first
+    input and first output (None: not known); 0 where they do not tell."""
+    op, a = node.op_type, node.attributes
+    if x_shape is None or (y_shape is None and op not in RECURRENT_GATES):
+        return 0
+    if op in RECURRENT_GATES:
+        steps, batch, width = x_shape if a.get_int("layout", 0) == 0 else (x_shape[1], x_shape[0], x_shape[2])
+        hidden = a.get_int("hidden_size", 0)
+        directions = 2 if a.get_string("direction", "forward") == "bidirectional" else 1
+        return steps * batch * directions * RECURRENT_GATES[op] * hidden * (width + hidden)
+    if op in ("Conv", "ConvTranspose"):
+        weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if weight is None:
+            return 0
+        per_element = math.prod(weight.shape[1:])  # Conv: C_in / group · kernel per output; ConvTranspose: per input
+        return math.prod(y_shape if op == "Conv" else x_shape) * per_element
+    if op == "Gemm":
+        return math.prod(y_shape) * x_shape[0 if a.get_int("transA", 0) else 1]
+    return math.prod(y_shape) * x_shape[-1]  # MatMul
