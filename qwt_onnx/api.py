@@ -915,15 +915,16 @@ def _block_report(res: capture.BlockResult) -> BlockReport:
 
 def _float_compute(run: _Run, stem: list[str]) -> dict:
     """The report's share of the multiply-accumulates in quantized ops, and per reason the compute
-    ops left in float: how many, and their share."""
+    ops left in float: how many, and their share (None inside control flow, whose work is not counted)."""
     total = sum(run.compute_macs.values())
     if not total:
         return {}
-    left: dict[str, list[float]] = {}
+    left: dict[str, list] = {}
     for node, why in left_float(run.fp.graph, run.placement, run.excluded, stem).items():
         count, share = left.get(why, (0, 0.0))
-        left[why] = [count + 1, share + run.compute_macs[node] / total]
-    return {"quantized_mac_share": 1.0 - sum(share for _, share in left.values()), "float_ops": left}
+        macs = run.compute_macs.get(node)  # None inside control flow: no shapes there
+        left[why] = [count + 1, share + macs / total if macs is not None and share is not None else None]
+    return {"quantized_mac_share": 1.0 - sum(share for _, share in left.values() if share is not None), "float_ops": left}
 
 
 def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] | None:

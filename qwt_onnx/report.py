@@ -60,7 +60,7 @@ class Report:
     # per depth tried (auto), each against the model before it: held-out gain, its 95% interval, the share of MACs left float
     float_stem_gains_db: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     quantized_mac_share: float | None = None  # of the compute ops' multiply-accumulates, what the quantized ones hold
-    float_ops: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # why left float: [ops, share of the MACs]
+    float_ops: dict[str, list] = dataclasses.field(default_factory=dict)  # why left float: [ops, share of the MACs or None]
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
@@ -182,11 +182,13 @@ def format_summary(report: Report, source: str) -> str:
 
 
 def _coverage(report: Report) -> str:
-    line = f"quantized: {_percent(report.quantized_mac_share)} of the multiply-accumulates"
+    outside = " outside control flow" if "control flow" in report.float_ops else ""
+    line = f"quantized: {_percent(report.quantized_mac_share)} of the multiply-accumulates{outside}"
     if report.float_ops:
-        left = sorted(report.float_ops.items(), key=lambda item: -item[1][1])
-        line += "; float: " + "; ".join(f"{int(count)} op{'s' if count > 1 else ''}, {_percent(share)}: {FLOAT_REASONS[why]}"
-                                         for why, (count, share) in left)
+        left = sorted(report.float_ops.items(), key=lambda item: -(item[1][1] or 0.0))
+        line += "; float: " + "; ".join(
+            f"{int(count)} op{'s' if count > 1 else ''}{'' if share is None else ', ' + _percent(share)}: {FLOAT_REASONS[why]}"
+            for why, (count, share) in left)
     return line
 
 

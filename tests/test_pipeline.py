@@ -14,7 +14,7 @@ from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
-from qwt_onnx.report import format_summary
+from qwt_onnx.report import Report, format_summary
 from qwt_onnx.runtime import session
 from tests import graphs
 
@@ -623,3 +623,27 @@ def test_float_compute_ops_are_told_apart_by_why():
     assert why["/encoder/layer.0/mlp/fc1/MatMul"] == "excluded" and all(why[name] == "float stem" for name in stem)
     scores = [name for name, reason in why.items() if reason == "two activations"]
     assert len(scores) == 2 and set(why.values()) == {"excluded", "float stem", "two activations"}
+
+
+def test_compute_ops_inside_control_flow_are_named_float_and_not_counted():
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "inner.weight")
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["x", "inner.weight"], ["then_y"], name="/inner")], "then", [],
+                                    [helper.make_tensor_value_info("then_y", onnx.TensorProto.FLOAT, [1, 4])], [weight])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["else_y"])], "else", [],
+                                    [helper.make_tensor_value_info("else_y", onnx.TensorProto.FLOAT, [1, 4])])
+    outer = numpy_helper.from_array(np.ones((4, 2), np.float32), "outer.weight")
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["chosen"], name="/if", then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("MatMul", ["chosen", "outer.weight"], ["y"], name="/outer")],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+              helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])], [outer])
+    model = prepare.prepare(ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    placement = place(model.graph, "ort")
+    why = {node.name: reason for node, reason in left_float(model.graph, placement, Exclusions(), []).items()}
+    assert why == {"/inner": "control flow"}
+
+    report = Report(target="ort", method="minmax", samples=1, heldout_samples=0, quantized_mac_share=1.0,
+                        float_ops={"control flow": [1, None]})
+    line = next(line for line in format_summary(report, "m.onnx").splitlines() if line.startswith("quantized:"))
+    assert line.startswith("quantized: 100% of the multiply-accumulates outside control flow; float: 1 op: inside If")

@@ -248,11 +248,13 @@ def left_float(graph: ir.Graph, placement: Placement, excluded: Exclusions, stem
     for node in graph:
         if node.op_type in g.COMPUTE_OPS and g.is_default_domain(node) and node not in quantized:
             found[node] = _why_float(node, excluded, stem_names)
+        found.update((inner, "control flow") for inner in g.nested_nodes(node) if inner.op_type in g.COMPUTE_OPS)
     return found
 
 
 #: Why a compute op stays float, by the key :func:`left_float` gives.
 FLOAT_REASONS = {
+    "control flow": "inside If, Loop or Scan bodies, where Q/DQ is not placed (their work is not counted)",
     "recurrent": "LSTM/GRU/RNN have no QDQ form (onnxruntime's quantize_dynamic runs an LSTM as DynamicQuantizeLSTM)",
     "ConvTranspose": "onnxruntime's CPU provider has no INT8 ConvTranspose kernel",
     "two activations": "MatMuls of two computed operands (attention scores) stay float by design",

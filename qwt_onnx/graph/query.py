@@ -63,7 +63,7 @@ def static_values(graph: ir.Graph) -> set[ir.Value]:
 def reads(node: ir.Node) -> list[ir.Value]:
     """The values ``node`` reads: its inputs and, for If, Loop and Scan, the values of its own
     graph that its subgraphs read (they take them by name, not as inputs)."""
-    captured = [v for inner in _nested_nodes(node) for v in inner.inputs if v is not None and v.graph is node.graph]
+    captured = [v for inner in nested_nodes(node) for v in inner.inputs if v is not None and v.graph is node.graph]
     return [v for v in node.inputs if v is not None] + captured
 
 
@@ -78,7 +78,8 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
     return found
 
 
-def _nested_nodes(node: ir.Node) -> list[ir.Node]:
+def nested_nodes(node: ir.Node) -> list[ir.Node]:
+    """The nodes of an If, Loop or Scan node's subgraphs, at any depth."""
     return [inner for sub in subgraphs(node) for inner in ir.traversal.RecursiveGraphIterator(sub)]
 
 
@@ -93,7 +94,7 @@ def downstream_nodes(values: Iterable[ir.Value]) -> set[ir.Node]:
         for consumer in value.consumers():
             if consumer.graph is not value.graph and value.graph is not None:
                 if consumer not in owners:
-                    owners.update({inner: n for n in value.graph for inner in _nested_nodes(n)})
+                    owners.update({inner: n for n in value.graph for inner in nested_nodes(n)})
                 consumer = owners.get(consumer, consumer)
             if consumer not in seen:
                 seen.add(consumer)
