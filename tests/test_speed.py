@@ -21,6 +21,8 @@ def test_convolution_and_matmul_macs_follow_from_shapes():
     assert speed.kernel_macs("MatMulIntegerToFloat", [[2, 5, 16]], [[2, 5, 32]], None) == 2 * 5 * 32 * 16
     # a stride-2 2x2 transposed conv scatters each input pixel through C_out * 2 * 2 weights
     assert speed.kernel_macs("ConvTranspose", [[1, 4, 3, 3]], [[1, 2, 6, 6]], [4, 2, 2, 2]) == 36 * 8
+    # an LSTM of 8 units on 5 inputs, 7 steps of 2 samples: 4 gates x 8 units x (5 + 8) per step
+    assert speed.kernel_macs("LSTM", [[7, 2, 5]], [[7, 1, 2, 8]], [1, 32, 5]) == 7 * 2 * 32 * 13
 
 
 @pytest.mark.parametrize("quantized, share", [(False, 0.0), (True, 1.0)])

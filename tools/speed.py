@@ -33,7 +33,9 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGem
 # Where each matrix kernel's weight (or second operand) sits among its inputs.
 SECOND_OPERAND = {"Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 1, "QLinearConv": 3,
                   "MatMul": 1, "FusedMatMul": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1,
-                  "DynamicQuantizeMatMul": 1, "QLinearMatMul": 3, "Gemm": 1, "QGemm": 3, "ConvTranspose": 1}
+                  "DynamicQuantizeMatMul": 1, "QLinearMatMul": 3, "Gemm": 1, "QGemm": 3, "ConvTranspose": 1,
+                  "LSTM": 1, "GRU": 1, "RNN": 1}
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # their weight W is [directions, gates x hidden, inputs]
 CONVOLUTIONS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvInteger", "QLinearConv", "ConvTranspose"}
 
 
@@ -84,6 +86,12 @@ def kernel_macs(op: str, inputs: list[list[int]], outputs: list[list[int]], weig
     ``weight`` shape comes from the optimized graph; a matrix product's inner dimension is
     its first operand's last axis.
     """
+    if op in RECURRENT_GATES:  # time-major X [T, batch, inputs]: per step and direction, gates x hidden x (inputs + hidden)
+        if not weight:
+            return 0
+        steps, batch = inputs[0][:2]
+        directions, rows, width = weight
+        return steps * batch * directions * rows * (width + rows // RECURRENT_GATES[op])
     out = int(np.prod(outputs[0], dtype=np.int64))
     if op == "ConvTranspose":  # every input pixel scatters through the weight's [C_out / groups, k...]
         return int(np.prod(inputs[0], dtype=np.int64)) * int(np.prod(weight[1:], dtype=np.int64)) if weight else 0
@@ -93,11 +101,21 @@ def kernel_macs(op: str, inputs: list[list[int]], outputs: list[list[int]], weig
 
 
 def _weight_shapes(optimized: str) -> dict[str, list[int]]:
-    """Node name -> shape of its constant second operand, in an optimized graph."""
-    model = onnx.load(optimized, load_external_data=False)
-    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
-    return {node.name: shapes.get(node.input[SECOND_OPERAND[node.op_type]])
-            for node in model.graph.node if node.op_type in SECOND_OPERAND and len(node.input) > SECOND_OPERAND[node.op_type]}
+    """Node name -> shape of its constant second operand, in an optimized graph and the If,
+    Loop and Scan bodies in it (an LSTM inside an If's branches runs there too)."""
+    graphs = [onnx.load(optimized, load_external_data=False).graph]
+    shapes, found = {}, {}
+    while graphs:
+        graph = graphs.pop()
+        shapes.update((i.name, list(i.dims)) for i in graph.initializer)
+        constants = [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        shapes.update((name, list(tensor.dims)) for name, tensor in constants)
+        for node in graph.node:
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            graphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+            if node.op_type in SECOND_OPERAND and len(node.input) > SECOND_OPERAND[node.op_type]:
+                found[node.name] = node.input[SECOND_OPERAND[node.op_type]]
+    return {name: shapes.get(weight) for name, weight in found.items()}
 
 
 def profile(model: str, feeds: dict[str, np.ndarray], batch: int = 1, runs: int = 3) -> list[dict]:
