@@ -122,6 +122,30 @@ def test_a_relu_whose_output_is_a_graph_output_is_absorbed_and_the_output_is_deq
         assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_a_head_conv_whose_output_only_moves_to_a_graph_output_keeps_a_float_output():
+    # an SSD-style detector (BlazeFace from mediapipe via tf2onnx): each scale's score conv is
+    # reshaped into anchors and concatenated into the output; quantized there, the raw logits'
+    # far tail (down to -2000) set a step of 8 on the logits near 0 that decide a face
+    b = GraphBuilder()
+    h = b.op("Relu", [b.op("Conv", ["x", b.weight("w1", (8, 4, 1, 1))], "stem")], "stem_relu")
+    coarse = b.op("Relu", [b.op("Conv", [h, b.weight("w2", (8, 8, 1, 1))], "down")], "down_relu")
+    shape = b.const("anchors", np.array([0, -1, 1], np.int64))
+    fine = b.op("Reshape", [b.op("Transpose", [b.op("Conv", [h, b.weight("w3", (2, 8, 1, 1))], "score_fine")], "t_fine",
+                                               perm=[0, 2, 3, 1]), shape], "r_fine")
+    coarse_scores = b.op("Conv", [coarse, b.weight("w4", (2, 8, 1, 1))], "score_coarse")
+    b.op("Concat", [fine, b.op("Reshape", [coarse_scores, shape], "r_coarse")], "scores", axis=1)
+    b.nodes[-1].output[0] = "scores"
+    b.op("Sigmoid", [b.op("Conv", [coarse, b.weight("w5", (2, 8, 1, 1))], "gate")], "gate_sigmoid")
+    b.nodes[-1].output[0] = "gates"
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None] * 3),
+               helper.make_tensor_value_info("gates", TensorProto.FLOAT, [None] * 4)]
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])], outputs)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    observed = set(place(model.graph, "ort").observed_names)
+    assert {"x", "stem_relu_out", "down_relu_out", "gate_out"} <= observed  # the Sigmoid's input is no mere move
+    assert not observed & {"score_fine_out", "score_coarse_out"}
+
+
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     from tests import graphs
 

@@ -10,7 +10,9 @@ Placement, per target:
 * ``ort`` only: the outputs of Conv, so that onnxruntime fuses them into
   QLinearConv (MatMul fuses into MatMulIntegerToFloat without one, and Gemm
   into QGemm with a float output once its bias is int32, which the Q/DQ pass
-  writes). A Relu or a Clip from 0 (ReLU6) that is the sole reader of such an
+  writes), except where a Conv's output reaches the graph outputs only through
+  ops that move values (a detector's heads: Reshape, Transpose, Concat), as a
+  graph output itself would. A Relu or a Clip from 0 (ReLU6) that is the sole reader of such an
   output is absorbed into the quantizer (zero point at 0 clamps exactly like
   them), as onnxruntime's own quantizer does; where its output is a graph output,
   that output is the DequantizeLinear's (a feature encoder's stages). Residual Adds, pools and Concats
@@ -226,7 +228,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) 
     dequantized: set[ir.Value] = set()  # values whose readers will all read a DQ output
     if target == Target.ORT:
         for node in weighted:
-            if node.op_type == "Conv" and not node.outputs[0].is_graph_output():
+            if node.op_type == "Conv" and not _moved_to_outputs(node.outputs[0]):
                 site = _output_site(node.outputs[0])
                 sites[site.value] = site
                 dequantized.add(site.observed)
@@ -290,6 +292,24 @@ def _input_channel_axis(node: ir.Node) -> int | None:
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transA", 0) else 1
     return -1 if len(g.weight_input(node).const_value.shape) == 2 else None
+
+
+# Ops that only move or gather values: what they output is what they read.
+_MOVING_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat"}
+
+
+def _moved_to_outputs(value: ir.Value) -> bool:
+    """Whether every path from ``value`` reaches a graph output through ops that only move values
+    (a detector's box and score head: Conv, Reshape, Concat of the anchors of every scale). Its
+    quantizer's error would reach the output untouched, and its range is the raw output's, whose
+    far tail (BlazeFace's logits of anchors far from any face, down to -2000) sets the step
+    for the values that decide (the logits near 0)."""
+    if value.is_graph_output():
+        return True
+    uses = [node for node, _ in value.uses()]
+    return bool(uses) and all(
+        g.is_default_domain(n) and n.op_type in _MOVING_OPS and all(_moved_to_outputs(v) for v in n.outputs) for n in uses
+    )
 
 
 def _output_site(value: ir.Value) -> ActivationSite:
