@@ -942,6 +942,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
     """The run's report, from what its steps returned."""
     fp32_parameters = sum(v.const_value.size for v in run.fp.graph.initializers.values() if v.const_value is not None)
     blocks = compensation.blocks if compensation is not None else []
+    stem = run.placement.stem(run.fp.graph, ptq.float_stem)
     return Report(
         target=run.options.target.value,
         method=compensation.method if applied else ptq.method,
@@ -964,8 +965,8 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         gptq={c.method: c.gptq for c in candidates},
         gptq_gain_db={c.method: c.gptq_gain_db for c in candidates if c.gptq_gain_db is not None},
         log_front_end=run.log_front_end if ptq.method != GIVEN else [],
-        float_stem=run.placement.stem(run.fp.graph, ptq.float_stem),
-        **(_float_compute(run, run.placement.stem(run.fp.graph, ptq.float_stem)) if ptq.method != GIVEN else {}),
+        float_stem=stem,
+        **(_float_compute(run, stem) if ptq.method != GIVEN else {}),
         float_stem_depth=ptq.float_stem,
         float_stem_gains_db={str(depth): list(gains) for depth, gains in ptq.float_stem_gains_db.items()},
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,

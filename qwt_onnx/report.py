@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 
-from qwt_onnx.analysis.placement import FLOAT_REASONS
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
 
 
@@ -181,13 +180,27 @@ def format_summary(report: Report, source: str) -> str:
     return "\n".join(lines)
 
 
+# Why a compute op stays float, by the key :func:`qwt_onnx.analysis.placement.left_float` gives.
+_FLOAT_REASONS = {
+    "control flow": "inside If, Loop or Scan bodies, where Q/DQ is not placed (their work is not counted)",
+    "recurrent": "LSTM/GRU/RNN have no QDQ form (onnxruntime's quantize_dynamic runs an LSTM as DynamicQuantizeLSTM)",
+    "ConvTranspose": "onnxruntime's CPU provider has no INT8 ConvTranspose kernel",
+    "two activations": "MatMuls of two computed operands (attention scores) stay float by design",
+    "float stem": "--float-stem",
+    "excluded": "--exclude-nodes / --exclude-op-types",
+    "spectrogram": "what a Log reads",
+    "computed weight": "weights computed in the graph",
+    "weight layout": "weights of rank 1, or shared along another axis",
+}
+
+
 def _coverage(report: Report) -> str:
     outside = " outside control flow" if "control flow" in report.float_ops else ""
     line = f"quantized: {_percent(report.quantized_mac_share)} of the multiply-accumulates{outside}"
     if report.float_ops:
         left = sorted(report.float_ops.items(), key=lambda item: -(item[1][1] or 0.0))
         line += "; float: " + "; ".join(
-            f"{int(count)} op{'s' if count > 1 else ''}{'' if share is None else ', ' + _percent(share)}: {FLOAT_REASONS[why]}"
+            f"{int(count)} op{'s' if count > 1 else ''}{'' if share is None else ', ' + _percent(share)}: {_FLOAT_REASONS[why]}"
             for why, (count, share) in left)
     return line
 

@@ -242,8 +242,9 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) 
 
 def left_float(graph: ir.Graph, placement: Placement, excluded: Exclusions, stem: list[str]) -> dict[ir.Node, str]:
     """The compute ops (:data:`~qwt_onnx.graph.query.COMPUTE_OPS`) of ``graph`` that stay float
-    when ``placement`` is written without the weighted ops named in ``stem``, each with why: one
-    of the keys of :data:`FLOAT_REASONS`."""
+    when ``placement`` is written without the weighted ops named in ``stem``, each with why:
+    "control flow", "recurrent", "ConvTranspose", "two activations", "float stem", "excluded",
+    "spectrogram", "computed weight" or "weight layout" (the summary words them)."""
     stem_names = set(stem)
     quantized = {node for site in placement.weights for node, _ in site.readers if node.name not in stem_names}
     found = {}
@@ -252,20 +253,6 @@ def left_float(graph: ir.Graph, placement: Placement, excluded: Exclusions, stem
             found[node] = _why_float(node, excluded, stem_names)
         found.update((inner, "control flow") for inner in g.nested_nodes(node) if inner.op_type in g.COMPUTE_OPS)
     return found
-
-
-#: Why a compute op stays float, by the key :func:`left_float` gives.
-FLOAT_REASONS = {
-    "control flow": "inside If, Loop or Scan bodies, where Q/DQ is not placed (their work is not counted)",
-    "recurrent": "LSTM/GRU/RNN have no QDQ form (onnxruntime's quantize_dynamic runs an LSTM as DynamicQuantizeLSTM)",
-    "ConvTranspose": "onnxruntime's CPU provider has no INT8 ConvTranspose kernel",
-    "two activations": "MatMuls of two computed operands (attention scores) stay float by design",
-    "float stem": "--float-stem",
-    "excluded": "--exclude-nodes / --exclude-op-types",
-    "spectrogram": "what a Log reads",
-    "computed weight": "weights computed in the graph",
-    "weight layout": "weights of rank 1, or shared along another axis",
-}
 
 
 def _why_float(node: ir.Node, excluded: Exclusions, stem: set[str]) -> str:
