@@ -49,6 +49,7 @@ from qwt_onnx.options import (
     BranchPrecision,
     CalibMethod,
     Options,
+    Residuals,
     Rounding,
     Target,
     WeightRange,
@@ -258,7 +259,7 @@ class _Run:
     @functools.cached_property
     def placement(self) -> Placement:
         """Where the FP32 model's Q/DQ pairs go."""
-        return place(self.fp.graph, self.options.target, self.excluded)
+        return place(self.fp.graph, self.options.target, self.excluded, self.int8_residuals)
 
     @functools.cached_property
     def compute_macs(self) -> dict[ir.Node, int]:
@@ -292,13 +293,18 @@ class _Run:
         the first ops after the stem read)."""
         depth = self.options.stem_depth
         depths = (1, 2) if depth is None else (depth,)
-        names = {n for d in depths for n in place(self.fp.graph, self.options.target, self.stem_excluded(d)).observed_names}
+        names = {n for d in depths
+                 for n in place(self.fp.graph, self.options.target, self.stem_excluded(d), self.int8_residuals).observed_names}
         return sorted(names - set(self.placement.observed_names))
 
     @functools.cached_property
     def readable(self) -> dict[str, tuple[float, float]]:
         """The quantized tensors whose readers all saturate, and the values they tell apart."""
         return self.placement.readable_intervals(self.options.activation_bits)
+
+    @property
+    def int8_residuals(self) -> bool:
+        return self.options.residuals == Residuals.INT8
 
     @property
     def excluded(self) -> Exclusions:
@@ -539,7 +545,7 @@ class _Builder:
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None)(model)
+                          self._feedback[corrected] if gptq else None, self.run.int8_residuals)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None

@@ -43,6 +43,11 @@ class Granularity(Choice):
     RESIDUAL = "residual"  # one block per residual branch
 
 
+class Residuals(Choice):
+    FLOAT = "float"  # a residual stream quantized only for the weighted ops that read it
+    INT8 = "int8"  # ... for every reader: the residual Adds run in integer kernels
+
+
 class Compensation(Choice):
     AUTO = "auto"  # per block: the fold where it removes --min-gain and nearly all a branch would, else the branch
     BRANCH = "branch"  # QwT: a linear branch in parallel to each block
@@ -144,6 +149,13 @@ class Options:
     min_gain: float = _option(
         0.1, "keep a branch only if it removes at least this share of its block's held-out error (with --compensation "
         "auto, a fold too)", metavar="F")
+    residuals: Residuals = _option(
+        Residuals.FLOAT,
+        "float: a residual stream (the output of an Add of two computed tensors, or of its Relu) is quantized only "
+        "for the weighted ops that read it, and its Adds run in float, which keeps QwT's corrections; int8: for "
+        "every reader too (the shortcut, through a MaxPool or channel Pad), a Relu after the Add taken into the "
+        "quantizer, so that onnxruntime runs the Adds as QLinearAdd (faster; measure the fidelity)",
+    )
     exclude_nodes: tuple[str, ...] = _option(
         (), "Conv/MatMul/Gemm nodes to leave in float: names or regular expressions (whole-name match), comma-separated",
         metavar="NAMES",

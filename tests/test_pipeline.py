@@ -647,3 +647,19 @@ def test_compute_ops_inside_control_flow_are_named_float_and_not_counted():
                         float_ops={"control flow": [1, None]})
     line = next(line for line in format_summary(report, "m.onnx").splitlines() if line.startswith("quantized:"))
     assert line.startswith("quantized: 100% of the multiply-accumulates outside control flow; float: 1 op: inside If")
+
+
+def test_int8_residuals_let_onnxruntime_run_the_residual_adds_in_integer_kernels():
+    model = graphs.resnet()
+    calib = graphs.samples(model, 96, seed=1)
+    options = {"qwt": False, "progress": False, "calib_method": "minmax", "rounding": "nearest", "equalization": "off"}
+
+    def integer_adds(written: onnx.ModelProto) -> int:
+        return sum(n.op_type == "QLinearAdd" for n in check.optimized_model(written.SerializeToString(), "m").graph)
+
+    plain, int8 = quantize(model, calib, **options), quantize(model, calib, residuals="int8", **options)
+    # layer1's sum only convolutions read: an integer Add either way; layer2's the next shortcut reads too; layer3's a float pool
+    assert integer_adds(plain) == 1 and integer_adds(int8) == 2
+    test = graphs.samples(model, 32, seed=2)
+    reference = _outputs(model, test)
+    assert mean_squared_error(reference, _outputs(int8, test)) < 1e-2 * np.mean([np.mean(v**2) for v in reference.values()])

@@ -146,6 +146,39 @@ def test_a_head_conv_whose_output_only_moves_to_a_graph_output_keeps_a_float_out
     assert not observed & {"score_fine_out", "score_coarse_out"}
 
 
+def test_int8_residuals_quantize_a_stream_for_every_reader_through_its_shortcut():
+    # a BlazeFace block: y = Relu(conv(x) + Pad(MaxPool(x))); y feeds the next conv and the next shortcut
+    b = GraphBuilder()
+    x = b.op("Relu", [b.op("Conv", ["image", b.weight("w0", (8, 4, 1, 1))], "stem")], "stem_relu")
+    pooled = b.op("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    padded = b.op("Pad", [pooled, b.const("pads", np.array([0, 0, 0, 0, 0, 8, 0, 0], np.int64))], "pad")
+    body = b.op("Conv", [x, b.weight("w1", (16, 8, 2, 2))], "body", strides=[2, 2])
+    y = b.op("Relu", [b.op("Add", [body, padded], "add")], "relu")
+    shortcut = b.op("Add", [b.op("Conv", [y, b.weight("w2", (16, 16, 1, 1))], "next"), y], "next_add")
+    b.op("Conv", [shortcut, b.weight("w3", (2, 16, 1, 1))], "head")
+    b.nodes[-1].output[0] = "out"
+    proto = b.model([helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                    [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None] * 4)])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    plain = {site.observed.name: site for site in place(model.graph, "ort").activations}
+    assert [node.name for node, _ in plain["relu_out"].readers] == ["next"]  # the shortcut reads the float stream
+    sites = place(model.graph, "ort", int8_residuals=True).activations
+    stream = next(site for site in sites if site.observed.name == "relu_out" and site.absorbed is not None)
+    assert stream.value.name == "add_out" and stream.absorbed.name == "relu"
+    assert {node.name for node, _ in stream.readers} == {"next", "next_add"}
+    moved = {site.value.name for site in sites if site.observed.name == "stem_relu_out" and site.value.name != "stem_out"}
+    assert moved == {"pool_out", "pad_out"}  # the shortcut carried on the stream's own range
+    ranges = {"image": (-3.0, 3.0), "stem_relu_out": (0.0, 4.0), "body_out": (-6.0, 6.0), "relu_out": (0.0, 8.0),
+              "next_out": (-8.0, 8.0), "next_add_out": (-8.0, 16.0)}
+    qdq.InsertQdqPass(ranges, "ort", int8_residuals=True)(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    assert "Relu" not in {n.op_type for n in out.graph.node}
+    image = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    reference, quantized = session(proto).run(None, {"image": image})[0], session(out).run(None, {"image": image})[0]
+    assert np.abs(quantized - reference).max() < 0.1 * np.abs(reference).max()
+
+
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     from tests import graphs
 

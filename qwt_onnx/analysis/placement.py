@@ -75,12 +75,16 @@ class Placement:
 
     @property
     def observed_names(self) -> list[str]:
-        return [site.observed.name for site in self.activations]
+        """The tensors whose ranges are calibrated, once each (a stream's movers share its range)."""
+        return list(dict.fromkeys(site.observed.name for site in self.activations))
 
     def readable_intervals(self, bits: int = 8) -> dict[str, tuple[float, float]]:
         """Per observed tensor whose readers all saturate, the values they can tell apart at
         ``bits`` (:mod:`qwt_onnx.analysis.readable`): its range need reach no further."""
-        intervals = {site.observed.name: readable_interval(site.readers, bits) for site in self.activations}
+        readers: dict[str, list[tuple[ir.Node, int]]] = {}
+        for site in self.activations:
+            readers.setdefault(site.observed.name, []).extend(site.readers)
+        intervals = {name: readable_interval(found, bits) for name, found in readers.items()}
         return {name: interval for name, interval in intervals.items() if interval != UNBOUNDED}
 
     def stem(self, graph: ir.Graph, depth: int) -> list[str]:
@@ -209,8 +213,9 @@ def weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
     return None
 
 
-def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) -> Placement:
-    """Where the quantizers go in ``graph`` for ``target``."""
+def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), int8_residuals: bool = False) -> Placement:
+    """Where the quantizers go in ``graph`` for ``target``; with ``int8_residuals``, residual
+    streams are quantized for every reader (:func:`_residual_streams`)."""
     weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
     weights: dict[ir.Value, WeightSite] = {}
     for node in weighted:
@@ -237,7 +242,56 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions()) 
         if x in dequantized or g.dequantizer(x) is not None:
             continue
         sites.setdefault(x, ActivationSite(x, x, [])).readers.append((node, 0))
+    if int8_residuals:
+        sites = _residual_streams(sites, absorb=target == Target.ORT)
     return Placement(list(weights.values()), list(sites.values()))
+
+
+# Ops that carry a stream's values to a residual Add on the stream's own scale: a pool of maxima,
+# a padding with zeros (more channels for the shortcut of a wider block), layout moves.
+_STREAM_MOVERS = {"MaxPool", "Pad", "Transpose", "Reshape", "Identity"}
+
+
+def _moves_stream(node: ir.Node) -> bool:
+    """A :data:`_STREAM_MOVERS` op; a constant Pad only with zeros (an attribute before opset 11)."""
+    if not g.is_default_domain(node) or node.op_type not in _STREAM_MOVERS:
+        return False
+    if node.op_type != "Pad" or node.attributes.get_string("mode", "constant") != "constant":
+        return True
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        fill = ir.convenience.get_const_tensor(node.inputs[2])
+        return fill is not None and fill.size == 1 and float(fill.numpy().reshape(())) == 0.0
+    return node.attributes.get_float("value", 0.0) == 0.0
+
+
+def _residual_streams(sites: dict[ir.Value, ActivationSite], absorb: bool) -> dict[ir.Value, ActivationSite]:
+    """``sites`` with each residual stream that weighted ops read (the output of an Add of two
+    computed tensors, or of a Relu or Clip from 0 that alone reads one) quantized for every reader,
+    and where such a stream or a Conv output goes on through :data:`_STREAM_MOVERS` (a shortcut's
+    MaxPool and channel Pad), their outputs quantized on its range: the residual Adds then read
+    dequantized inputs only, and onnxruntime runs them as QLinearAdd. With ``absorb`` (uint8 with
+    zero point 0 at the bottom) the Relu is taken into the Add's quantizer, as after a Conv."""
+    streams = dict(sites)
+    for x, site in sites.items():
+        if site.value is not site.observed or x.is_graph_input() or x.is_graph_output():
+            continue
+        producer, clamp = x.producer(), None
+        if producer is not None and _clamps_at_zero(producer) and len(producer.inputs[0].uses()) == 1:
+            producer, clamp = producer.inputs[0].producer(), producer
+        if producer is None or producer.op_type != "Add" or any(g.is_constant(v) for v in producer.inputs):
+            continue
+        absorbed = clamp if absorb and clamp is not None and not producer.outputs[0].is_graph_output() else None
+        streams[x] = ActivationSite(producer.outputs[0] if absorbed else x, x, list(x.uses()), absorbed=absorbed)
+    for site in list(streams.values()):  # the streams, and the Conv outputs quantized for every reader
+        if {node for node, _ in site.readers} != {node for node, _ in site.observed.uses()}:
+            continue
+        movers = [node for node, _ in site.readers if _moves_stream(node)]
+        while movers:
+            moved = movers.pop().outputs[0]
+            if moved not in streams and not moved.is_graph_output():
+                streams[moved] = ActivationSite(moved, site.observed, list(moved.uses()))
+                movers += [node for node, _ in moved.uses() if _moves_stream(node)]
+    return streams
 
 
 def left_float(graph: ir.Graph, placement: Placement, excluded: Exclusions, stem: list[str]) -> dict[ir.Node, str]:

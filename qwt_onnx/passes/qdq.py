@@ -54,6 +54,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         input_powers: Mapping[str, np.ndarray] | None = None,
         block_size: int = 0,
         feedback: Mapping[str, rounding.Feedback] | None = None,
+        int8_residuals: bool = False,
     ):
         super().__init__()
         self.ranges = ranges
@@ -65,15 +66,17 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.input_powers = input_powers or {}  # per-channel mean squares of their inputs: low-bit clipping weighs by them
         self.block_size = block_size  # of 4-bit MatMul weights, along K; 0: per output channel
         self.feedback = feedback or {}  # by weight, from its op's input second moments: rounding with error feedback
+        self.int8_residuals = int8_residuals  # residual streams quantized for every reader (analysis.placement)
 
     def requires(self, model: ir.Model) -> None:
-        missing = sorted(set(place(model.graph, self.target, self.excluded).observed_names) - set(self.ranges))
+        observed = place(model.graph, self.target, self.excluded, self.int8_residuals).observed_names
+        missing = sorted(set(observed) - set(self.ranges))
         if missing:
             raise ir.passes.PreconditionError(f"no calibrated range for {len(missing)} tensor(s) to quantize: {', '.join(missing[:3])}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        placement = place(graph, self.target, self.excluded)
+        placement = place(graph, self.target, self.excluded, self.int8_residuals)
         names = g.NameScope(graph)
         # onnxruntime fuses a blocked int4 weight's DequantizeLinear and its MatMul into MatMulNBits,
         # which quantizes its input itself, and only where that input is float: weight-only
