@@ -306,6 +306,17 @@ class _Run:
     def int8_residuals(self) -> bool:
         return self.options.residuals == Residuals.INT8
 
+    @functools.cached_property
+    def float_residual_streams(self) -> int:
+        """The residual streams that stay float for some readers, which ``--residuals int8`` would
+        quantize for all (0 with that option)."""
+        if self.int8_residuals:
+            return 0
+        readers = {site.value: len(site.readers) for site in self.placement.activations}
+        streams = place(self.fp.graph, self.options.target, self.excluded, int8_residuals=True).activations
+        own = [site for site in streams if site.value is site.observed or site.absorbed is not None]  # not a shortcut's pool
+        return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in own)
+
     @property
     def excluded(self) -> Exclusions:
         return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types, frozenset(self.log_front_end))
@@ -976,6 +987,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         float_stem_depth=ptq.float_stem,
         float_stem_gains_db={str(depth): list(gains) for depth, gains in ptq.float_stem_gains_db.items()},
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
+        float_residual_streams=run.float_residual_streams if ptq.method != GIVEN else 0,
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),
         equalization_gain_db=ptq.equalization_gain_db,

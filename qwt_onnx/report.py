@@ -61,6 +61,7 @@ class Report:
     quantized_mac_share: float | None = None  # of the compute ops' multiply-accumulates, what the quantized ones hold
     float_ops: dict[str, list] = dataclasses.field(default_factory=dict)  # why left float: [ops, share of the MACs or None]
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
+    float_residual_streams: int = 0  # residual streams a shortcut reads in float (--residuals int8 would quantize them)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
     equalization_gain_db: float | None = None  # held-out, of the equalized PTQ model over the same without, where both were built
@@ -105,6 +106,11 @@ def format_summary(report: Report, source: str) -> str:
                      "front end; quantized, its error near zero grows without bound through the log)")
     if report.quantized_mac_share is not None:
         lines.append(_coverage(report))
+    if report.float_residual_streams:
+        count = report.float_residual_streams
+        lines.append(f"residual streams read in float by their shortcuts, so that QwT's corrections are not rounded "
+                     f"away: {count} (their Adds run in float; --residuals int8 runs them in integer kernels, faster "
+                     "between integer convolutions)")
     if report.readable_ranges:
         count = report.readable_ranges
         lines.append(f"ranges stop where the readers saturate: {count} tensor{'s' if count > 1 else ''} read only through a "

@@ -657,9 +657,11 @@ def test_int8_residuals_let_onnxruntime_run_the_residual_adds_in_integer_kernels
     def integer_adds(written: onnx.ModelProto) -> int:
         return sum(n.op_type == "QLinearAdd" for n in check.optimized_model(written.SerializeToString(), "m").graph)
 
-    plain, int8 = quantize(model, calib, **options), quantize(model, calib, residuals="int8", **options)
+    (plain, told), (int8, _) = (quantize_with_report(model, calib, **options),
+                                quantize_with_report(model, calib, residuals="int8", **options))
     # layer1's sum only convolutions read: an integer Add either way; layer2's the next shortcut reads too; layer3's a float pool
     assert integer_adds(plain) == 1 and integer_adds(int8) == 2
+    assert told.float_residual_streams == 1 and "--residuals int8" in format_summary(told, "resnet.onnx")
     test = graphs.samples(model, 32, seed=2)
     reference = _outputs(model, test)
     assert mean_squared_error(reference, _outputs(int8, test)) < 1e-2 * np.mean([np.mean(v**2) for v in reference.values()])
