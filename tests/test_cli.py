@@ -27,6 +27,10 @@ def files(tmp_path_factory):
     broken.CopyFrom(model)
     broken.graph.node[0].input[0] = "no_such_tensor"  # onnx.checker: input not produced by any node
     (folder / "broken.onnx").write_bytes(broken.SerializeToString())
+    newer = onnx.ModelProto()  # tf2onnx 1.17 writes HardSwish (opset 14) into a model it declares opset 13
+    newer.CopyFrom(model)
+    newer.graph.node[1].op_type, newer.opset_import[0].version = "HardSwish", 13
+    (folder / "newer_op.onnx").write_bytes(newer.SerializeToString())
     from qwt_onnx import quantize
 
     quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
@@ -88,6 +92,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["calib.npz", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["truncated.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["broken.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
+        (["newer_op.onnx", "out.onnx", "--calib", "calib.npz"], "HardSwish is not an op of opset 13: re-export at the opset"),
         (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
         (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),

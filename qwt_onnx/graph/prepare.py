@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -33,8 +34,19 @@ def check_file(path: str | os.PathLike, role: str) -> str:
         onnx.checker.check_model(path)
     except Exception as exc:  # onnx raises ValidationError, DecodeError or OSError variants
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{role} {path} is not a valid ONNX model ({reason}); re-export it") from None
+        raise InputError(f"{role} {path} is not a valid ONNX model ({reason}); {_fix(reason)}") from None
     return path
+
+
+def _fix(reason: str) -> str:
+    """What to do about the checker's ``reason``: an op that the model's opset lacks is either
+    newer than the opset its exporter declared or a custom op of the exporter's source format."""
+    unknown = re.search(r"No Op registered for (\S+) with domain_version of (\d+)", reason)
+    if unknown is None:
+        return "re-export it"
+    op, version = unknown.groups()
+    return (f"{op} is not an op of opset {version}: re-export at the opset that introduced it (a converter may write a "
+            f"newer op than the opset it declares), or replace it if it is a custom op onnxruntime cannot run")
 
 
 class _IdentityEliminationPass(common.IdentityEliminationPass):
