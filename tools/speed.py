@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qwt_onnx.graph.query import RECURRENT_GATES  # gates per hidden unit; a weight W is [directions, gates x hidden, inputs]
 from qwt_onnx.runtime import count_samples, samples_axes, take
 
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger",
@@ -35,7 +36,6 @@ SECOND_OPERAND = {"Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 
                   "MatMul": 1, "FusedMatMul": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1,
                   "DynamicQuantizeMatMul": 1, "QLinearMatMul": 3, "Gemm": 1, "QGemm": 3, "ConvTranspose": 1,
                   "LSTM": 1, "GRU": 1, "RNN": 1}
-RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # their weight W is [directions, gates x hidden, inputs]
 CONVOLUTIONS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvInteger", "QLinearConv", "ConvTranspose"}
 
 

@@ -43,6 +43,7 @@ import re
 
 import onnx_ir as ir
 
+from qwt_onnx.analysis.blocks import LAYOUT_OPS
 from qwt_onnx.analysis.readable import UNBOUNDED, readable_interval
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import saturation
@@ -336,7 +337,7 @@ def _input_channel_axis(node: ir.Node) -> int | None:
 
 
 # Ops that only move or gather values: what they output is what they read.
-_MOVING_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat"}
+_MOVING_OPS = {*LAYOUT_OPS, "Concat"}
 
 
 def _moved_to_outputs(value: ir.Value) -> bool:
