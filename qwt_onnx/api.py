@@ -60,7 +60,7 @@ from qwt_onnx.passes import affine, qdq, splice
 from qwt_onnx.passes.equalize import EqualizeChannelsPass
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.report import BlockReport, Report
-from qwt_onnx.runtime import Runner, samples_axes, with_outputs
+from qwt_onnx.runtime import Runner, batching_fault, samples_axes, with_outputs
 
 logger = logging.getLogger("qwt_onnx")
 
@@ -207,7 +207,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     output_parts = () if options.outputs else parts.output_parts(fp.graph)
     options = options.replace(outputs=options.outputs or output_parts)
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
-    run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size), options, warnings, output_parts)
+    run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size, calib_set, warnings), options, warnings, output_parts)
     for pattern in run.excluded.unmatched(fp.graph):
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
     found = find_blocks(run) if options.qwt else []
@@ -1055,8 +1055,9 @@ def _load(model: ModelLike, role: str) -> ir.Model:
     return prepare.load_model(model, role)
 
 
-def _effective_batch_size(model: ir.Model, batch_size: int) -> int:
-    """Models exported with a fixed batch dimension are fed that many samples at a time."""
+def _effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet, warnings: Warnings) -> int:
+    """Models exported with a fixed batch dimension are fed that many samples at a time; models
+    whose outputs do not hold one row per sample of a batch (:func:`batching_fault`), one."""
     specs = [spec for spec in prepare.input_specs(model) if spec.samples_axis is not None]
     fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
     if len(fixed) == 1:
@@ -1064,4 +1065,17 @@ def _effective_batch_size(model: ir.Model, batch_size: int) -> int:
         if only != batch_size:
             logger.info("the model's batch dimension is fixed to %d; using batches of %d", only, only)
         return only
+    if batch_size == 1 or calib.num_samples < 2:
+        return batch_size
+    runner = Runner(prepare.to_proto(model), quiet=True)
+    one, two = next(calib.batches(1)).feeds, next(calib.batches(2)).feeds
+    try:
+        runner(one)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise InputError(f"onnxruntime cannot run the model on the first calibration sample ({str(exc).splitlines()[0][:300]}); "
+                         "check that the calibration data matches the model's inputs") from None
+    fault = batching_fault(runner, one, two)
+    if fault is not None:
+        warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
+        return 1
     return batch_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -12,12 +13,14 @@ from qwt_onnx.calibration import leading_batch, samples_axis, samples_of
 from qwt_onnx.numerics.metrics import zero_padded
 
 
-def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, **config: str) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, quiet: bool = False,
+            **config: str) -> ort.InferenceSession:
     """A CPU session with ORT_ENABLE_ALL, so quantized ops run in onnxruntime's INT8 kernels;
-    ``optimized_model``: where to write the graph it runs; ``config``: session config entries."""
+    ``optimized_model``: where to write the graph it runs; ``quiet``: no error logs (a run that
+    may fail by design); ``config``: session config entries."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     # Between runs numpy does the solver's work on the same cores; spinning ORT threads would
     # starve it (and it them): measured 1.7x slower block runs with spinning on 2 cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -33,8 +36,8 @@ def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = 
 class Runner:
     """A session that takes its feeds from a pool of named arrays."""
 
-    def __init__(self, model: onnx.ModelProto | bytes | str):
-        self.session = session(model)
+    def __init__(self, model: onnx.ModelProto | bytes | str, quiet: bool = False):
+        self.session = session(model, quiet=quiet)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -80,6 +83,25 @@ def take(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], indice
 
 def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> int:
     return next(array.shape[axes.get(name, 0)] for name, array in feeds.items() if axes.get(name, 0) is not None)
+
+
+def batching_fault(runner: Runner, one: Mapping[str, np.ndarray], two: Mapping[str, np.ndarray]) -> str | None:
+    """Why ``runner``'s model cannot run several samples at once, from its outputs on ``one``
+    sample and on ``two``: None where each output holds one row per sample (one axis going from
+    1 to 2, the others unchanged). A declared dynamic batch does not say it: a graph can fix a
+    batch of one inside (a Reshape to [1, -1]), or merge the batch into another axis."""
+    single = runner(one)
+    try:
+        double = runner(two)
+    except Exception as exc:  # onnxruntime raises its own Fail, InvalidArgument, RuntimeException
+        node = re.search(r"running (\w+) node", str(exc))
+        return f"onnxruntime fails on two samples at once{f', in a {node.group(1)} node' if node else ''}"
+    for name in runner.output_names:
+        a, b = single[name].shape, double[name].shape
+        changed = [axis for axis in range(len(a)) if len(a) == len(b) and a[axis] != b[axis]]
+        if len(a) != len(b) or len(changed) != 1 or (a[changed[0]], b[changed[0]]) != (1, 2):
+            return f"output {name!r} is {list(a)} for one sample and {list(b)} for two"
+    return None
 
 
 def concatenate_samples(chunks: list[np.ndarray], axis: int = 0) -> np.ndarray:

@@ -123,6 +123,40 @@ def test_dimensions_written_as_minus_one_are_dynamic():
     session(quantized).run(None, graphs.samples(graphs.resnet(), 3, seed=2))
 
 
+@pytest.mark.parametrize("shape", [[1, -1], [1, 10]], ids=["batch merged into an axis", "batch of one fixed inside"])
+def test_a_declared_dynamic_batch_the_graph_does_not_keep_is_run_one_sample_at_a_time(shape):
+    # A TFLite conversion fixes a batch of one; a user who makes its input dynamic gets a graph
+    # whose Reshape to [1, -1, 16] merges the batch into the anchors (BlazeFace: outputs [1, 896N, 16])
+    # or fails on two samples: either way the calibration runs must feed one sample at a time.
+    model = graphs.resnet()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), "/flat_shape"))
+    model.graph.node.append(onnx.helper.make_node("Reshape", ["logits", "/flat_shape"], ["flat"]))
+    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("flat", onnx.TensorProto.FLOAT, [1, "n"]))
+    calib = graphs.samples(model, 24, seed=1)
+    quantized, report = quantize_with_report(model, calib, qwt=False, progress=False)
+    assert any("does not batch samples" in w and "running one sample at a time" in w for w in report.warnings)
+    assert report.sqnr_ptq_db is not None and report.sqnr_ptq_db > 10
+    one = graphs.samples(model, 1, seed=2)
+    assert session(quantized).run(None, one)[0].shape == (1, 10)
+
+
+def test_calibration_data_the_model_cannot_run_is_refused_in_one_line():
+    # token ids beyond the vocabulary (another tokenizer's): onnxruntime's Gather fails on them
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["embedded"]),
+         onnx.helper.make_node("MatMul", ["embedded", "w"], ["y"])],
+        "tokens", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4, 4])],
+        [numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    refused = "cannot run the model on the first calibration sample .*Gather.*matches the model's inputs"
+    with pytest.raises(InputError, match=refused):
+        quantize(model, {"ids": rng.integers(0, 50, size=(32, 4))}, progress=False)
+
+
 @pytest.mark.parametrize("opset", [9, 11])
 def test_old_exports_that_list_their_weights_among_the_graph_inputs(opset):
     # Exporters before IR version 4 list every initializer as a graph input too; the quantized
