@@ -82,6 +82,12 @@ MIN_HELDOUT_SAMPLES = 32
 # The least held-out gain that pays for QwT's branches (a tenth of a dB is 2.3% of the error
 # energy): openWakeWord's mel spectrogram gained 0.004 dB, beyond noise, for 8,256 parameters.
 MIN_QWT_GAIN_DB = 0.1
+# With --residuals auto, the PTQ model's residual streams are quantized for every reader unless
+# that loses at least this much held out, beyond noise (an eighth of the error energy): their Adds
+# then run in integer kernels (mediapipe's BlazeFace, 15 streams: 1.59x -> 0.84x FP32's latency
+# for -0.12 dB held out, its faces as found); the losses measured were 0.01-0.24 dB (YOLOv8n,
+# PP-OCRv6 det, BlazeFace, the tests' small ResNets), captcha-whisperer's CRNN's 0.9 dB.
+MAX_INT8_RESIDUALS_LOSS_DB = 0.5
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 CalibLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -107,6 +113,10 @@ class Candidate:
     # per depth tried: held-out gain over the model before, its 95% interval, and the share of MACs left float
     float_stem_gains_db: dict[int, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
     float_model: ir.Model | None = None  # the FP32 model its Q/DQ went into, where not the run's
+    int8_residuals: bool = False  # residual streams quantized for every reader (see --residuals)
+    # With --residuals auto, the same PTQ with its residual streams quantized for every reader, and its held-out gain
+    int8_residuals_variant: Candidate | None = None
+    int8_residuals_gain_db: float | None = None
     # The same ranges with bias correction the other way, where both were built: which of the
     # two QwT compensates better is tried apart from which PTQ prefers.
     other_correction: Candidate | None = None
@@ -222,6 +232,9 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         selection, compensation = compensate(run, ptq, found)
     gain_interval = _qwt_gain_interval(compensation, ptq)
     applied = compensation is not None and compensation.model is not None and _beats(run, compensation, ptq, gain_interval)
+    if not applied and _int8_residuals_pay(ptq):
+        candidates = [ptq.int8_residuals_variant if c is ptq else c for c in candidates]
+        ptq = ptq.int8_residuals_variant
     written = compensation.model if applied else ptq.model
 
     proto = prepare.to_proto(written)
@@ -307,12 +320,10 @@ class _Run:
         return self.options.residuals == Residuals.INT8
 
     @functools.cached_property
-    def float_residual_streams(self) -> int:
-        """The residual streams that stay float for some readers, which ``--residuals int8`` would
-        quantize for all (0 with that option)."""
-        if self.int8_residuals:
-            return 0
-        readers = {site.value: len(site.readers) for site in self.placement.activations}
+    def residual_streams(self) -> int:
+        """The residual streams that ``--residuals float`` leaves float for some readers, which
+        ``int8`` quantizes for all."""
+        readers = {site.value: len(site.readers) for site in place(self.fp.graph, self.options.target, self.excluded).activations}
         streams = place(self.fp.graph, self.options.target, self.excluded, int8_residuals=True).activations
         own = [site for site in streams if site.value is site.observed or site.absorbed is not None]  # not a shortcut's pool
         return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in own)
@@ -446,8 +457,10 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
         method = o.calib_method if o.calib_method != CalibMethod.AUTO else CalibMethod.MSE
         equalized = _equalized(run, groups, seen, method)
         if equalized is not None:
-            return _search(_Builder(run, methods, equalized.model, _observe_equalized(run, equalized, seen, placement), equalized))
-    candidates = _search(_Builder(run, methods, run.fp, seen))
+            builder = _Builder(run, methods, equalized.model, _observe_equalized(run, equalized, seen, placement), equalized)
+            return _with_int8_residuals_variant(builder, _search(builder))
+    plain = _Builder(run, methods, run.fp, seen)
+    candidates = _search(plain)
     if o.equalization == EqualizationChoice.AUTO and groups:
         best = _best(candidates)
         equalized = _equalized(run, groups, seen, CalibMethod(best.method))
@@ -456,7 +469,25 @@ def ptq_candidates(run: _Run) -> list[Candidate]:
             builder = _Builder(run, (CalibMethod(best.method),), equalized.model, seen, equalized)
             chosen = _better_equalization(builder, best)
             candidates = [chosen if c is best else c for c in candidates]
-    return candidates
+            if chosen.equalized:
+                return _with_int8_residuals_variant(builder, candidates)
+    return _with_int8_residuals_variant(plain, candidates)
+
+
+def _with_int8_residuals_variant(builder: _Builder, candidates: list[Candidate]) -> list[Candidate]:
+    """``candidates``, the best with its residual streams quantized for every reader attached
+    (:attr:`Candidate.int8_residuals_variant`), where ``--residuals auto`` has such streams to
+    decide: whether it is written is decided once QwT is (:func:`_int8_residuals_pay`)."""
+    if builder.run.options.residuals != Residuals.AUTO or not builder.run.residual_streams:
+        return candidates
+    best = _best(candidates)
+    if best.score is None:  # no held-out samples to tell a loss
+        return candidates
+    built = builder.like(best, int8_residuals=True)
+    gain = built.sqnr_db - best.sqnr_db
+    variant = dataclasses.replace(best, model=built.model, score=built.score, int8_residuals=True, int8_residuals_gain_db=gain)
+    attached = dataclasses.replace(best, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
+    return [attached if c is best else c for c in candidates]
 
 
 @dataclasses.dataclass
@@ -546,9 +577,10 @@ class _Builder:
                        for method in self.methods}
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
-                  scored: bool = True, stem: int | None = None) -> Candidate:
+                  scored: bool = True, stem: int | None = None, int8_residuals: bool | None = None) -> Candidate:
         o, seen = self.run.options, self.seen
         gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
+        int8_residuals = o.residuals == Residuals.INT8 if int8_residuals is None else int8_residuals
         stem = (o.stem_depth or 0) if stem is None else stem  # auto decides it later, on the chosen model
         model = self.fp.clone()
         if gptq and corrected not in self._feedback:
@@ -556,19 +588,22 @@ class _Builder:
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None, self.run.int8_residuals)(model)
+                          self._feedback[corrected] if gptq else None, int8_residuals)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
-                 f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}")
+                 f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
+                 f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
         return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq, float_stem=stem,
-                         float_model=self.fp if self.equalized else None,
+                         float_model=self.fp if self.equalized else None, int8_residuals=int8_residuals,
                          equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
 
-    def like(self, other: Candidate, stem: int | None = None, scored: bool = True) -> Candidate:
-        """``other``'s PTQ (method, bias correction, clipping, rounding) built on this builder's
-        model, with ``other``'s float stem or ``stem``."""
+    def like(self, other: Candidate, stem: int | None = None, scored: bool = True,
+             int8_residuals: bool | None = None) -> Candidate:
+        """``other``'s PTQ (method, bias correction, clipping, rounding, residual streams) built on
+        this builder's model, with ``other``'s float stem or ``stem``."""
         return self.candidate(CalibMethod(other.method), other.bias_corrected, other.weighted_clipping, other.gptq, scored,
-                              other.float_stem if stem is None else stem)
+                              other.float_stem if stem is None else stem,
+                              other.int8_residuals if int8_residuals is None else int8_residuals)
 
     def corrected_or_not(self, method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
         """The better of the method's models with and without bias correction."""
@@ -863,6 +898,19 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
     return True
 
 
+def _int8_residuals_pay(ptq: Candidate) -> bool:
+    """Whether the PTQ model, written without QwT, is written with its residual streams quantized
+    for every reader (``--residuals auto`` built that variant): unless held-out samples show it
+    losing at least :data:`MAX_INT8_RESIDUALS_LOSS_DB` and beyond noise (the upper end of the 95%
+    interval of its gain below zero). Where QwT is written its streams stay float: quantizing
+    them rounds its corrections off (a small ResNet's gain 2.6 -> 1.6 dB)."""
+    variant, gain = ptq.int8_residuals_variant, ptq.int8_residuals_gain_db
+    if variant is None or gain is None:
+        return False
+    interval = metrics.gain_interval(variant.score, ptq.score)
+    return gain > -MAX_INT8_RESIDUALS_LOSS_DB or (interval is not None and interval[1] >= 0.0)
+
+
 def _decided_on(compensation: Compensation | None, ptq: Candidate) -> list[str]:
     """The outputs QwT against PTQ was decided on, where fewer than the chosen ones (the others the same in both)."""
     if compensation is None or compensation.score is None or ptq.score is None:
@@ -987,7 +1035,9 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         float_stem_depth=ptq.float_stem,
         float_stem_gains_db={str(depth): list(gains) for depth, gains in ptq.float_stem_gains_db.items()},
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
-        float_residual_streams=run.float_residual_streams if ptq.method != GIVEN else 0,
+        float_residual_streams=run.residual_streams if ptq.method != GIVEN and not ptq.int8_residuals else 0,
+        int8_residual_streams=run.residual_streams if ptq.int8_residuals else 0,
+        int8_residuals_gain_db=ptq.int8_residuals_gain_db,
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),
         equalization_gain_db=ptq.equalization_gain_db,

@@ -44,6 +44,7 @@ class Granularity(Choice):
 
 
 class Residuals(Choice):
+    AUTO = "auto"  # int8 where the PTQ model is written and held-out samples show no loss by it beyond noise, else float
     FLOAT = "float"  # a residual stream quantized only for the weighted ops that read it
     INT8 = "int8"  # ... for every reader: the residual Adds run in integer kernels
 
@@ -150,11 +151,12 @@ class Options:
         0.1, "keep a branch only if it removes at least this share of its block's held-out error (with --compensation "
         "auto, a fold too)", metavar="F")
     residuals: Residuals = _option(
-        Residuals.FLOAT,
+        Residuals.AUTO,
         "float: a residual stream (the output of an Add of two computed tensors, or of its Relu) is quantized only "
         "for the weighted ops that read it, and its Adds run in float, which keeps QwT's corrections; int8: for "
         "every reader too (the shortcut, through a MaxPool or channel Pad), a Relu after the Add taken into the "
-        "quantizer, so that onnxruntime runs the Adds as QLinearAdd (faster; measure the fidelity)",
+        "quantizer, so that onnxruntime runs the Adds as QLinearAdd (faster); auto: int8 where the PTQ model is "
+        "written, unless held-out samples show it losing 0.5 dB or more by them beyond noise, else float",
     )
     exclude_nodes: tuple[str, ...] = _option(
         (), "Conv/MatMul/Gemm nodes to leave in float: names or regular expressions (whole-name match), comma-separated",

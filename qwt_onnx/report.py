@@ -62,6 +62,8 @@ class Report:
     float_ops: dict[str, list] = dataclasses.field(default_factory=dict)  # why left float: [ops, share of the MACs or None]
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     float_residual_streams: int = 0  # residual streams a shortcut reads in float (--residuals int8 would quantize them)
+    int8_residual_streams: int = 0  # residual streams quantized for every reader: their Adds run in integer kernels
+    int8_residuals_gain_db: float | None = None  # held-out, of the PTQ model with them quantized over the same without (auto)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
     equalization_gain_db: float | None = None  # held-out, of the equalized PTQ model over the same without, where both were built
@@ -106,11 +108,7 @@ def format_summary(report: Report, source: str) -> str:
                      "front end; quantized, its error near zero grows without bound through the log)")
     if report.quantized_mac_share is not None:
         lines.append(_coverage(report))
-    if report.float_residual_streams:
-        count = report.float_residual_streams
-        lines.append(f"residual streams read in float by their shortcuts, so that QwT's corrections are not rounded "
-                     f"away: {count} (their Adds run in float; --residuals int8 runs them in integer kernels, faster "
-                     "between integer convolutions)")
+    lines.extend(_residual_streams(report))
     if report.readable_ranges:
         count = report.readable_ranges
         lines.append(f"ranges stop where the readers saturate: {count} tensor{'s' if count > 1 else ''} read only through a "
@@ -198,6 +196,27 @@ _FLOAT_REASONS = {
     "computed weight": "weights computed in the graph",
     "weight layout": "weights of rank 1, or shared along another axis",
 }
+
+
+def _residual_streams(report: Report) -> list[str]:
+    """What the written model does with its residual streams, and why (``--residuals``)."""
+    gain = "" if report.int8_residuals_gain_db is None else f"{report.int8_residuals_gain_db:+.2f} dB"
+    if report.int8_residual_streams:
+        measured = f" (held-out change of the PTQ model by them: {gain})" if gain else ""
+        count = report.int8_residual_streams
+        return [f"residual streams quantized for every reader, their Adds in integer kernels: {count}{measured}"]
+    if not report.float_residual_streams:
+        return []
+    if report.qwt_applied:
+        why = "so that QwT's corrections are not rounded away"
+    elif gain:
+        why = f"as quantized for every reader they change the PTQ model by {gain} held out, beyond noise"
+    elif report.options.get("residuals") == "float":
+        why = "as --residuals float asks"
+    else:
+        why = "with no held-out samples to measure what quantizing them costs"
+    return [f"residual streams read in float by their shortcuts, {why}: {report.float_residual_streams} (their Adds run in "
+            "float; --residuals int8 runs them in integer kernels, faster between integer convolutions)"]
 
 
 def _coverage(report: Report) -> str:

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from qwt_onnx import api, check, quantize, quantize_with_report
 from qwt_onnx.analysis.placement import Exclusions, left_float, place
 from qwt_onnx.graph import prepare
-from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics import metrics, saturation
 from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
 from qwt_onnx.report import Report, format_summary
@@ -649,19 +649,47 @@ def test_compute_ops_inside_control_flow_are_named_float_and_not_counted():
     assert line.startswith("quantized: 100% of the multiply-accumulates outside control flow; float: 1 op: inside If")
 
 
+def _integer_adds(written: onnx.ModelProto) -> int:
+    return sum(n.op_type == "QLinearAdd" for n in check.optimized_model(written.SerializeToString(), "m").graph)
+
+
 def test_int8_residuals_let_onnxruntime_run_the_residual_adds_in_integer_kernels():
     model = graphs.resnet()
     calib = graphs.samples(model, 96, seed=1)
     options = {"qwt": False, "progress": False, "calib_method": "minmax", "rounding": "nearest", "equalization": "off"}
-
-    def integer_adds(written: onnx.ModelProto) -> int:
-        return sum(n.op_type == "QLinearAdd" for n in check.optimized_model(written.SerializeToString(), "m").graph)
-
-    (plain, told), (int8, _) = (quantize_with_report(model, calib, **options),
+    (plain, told), (int8, _) = (quantize_with_report(model, calib, residuals="float", **options),
                                 quantize_with_report(model, calib, residuals="int8", **options))
     # layer1's sum only convolutions read: an integer Add either way; layer2's the next shortcut reads too; layer3's a float pool
-    assert integer_adds(plain) == 1 and integer_adds(int8) == 2
+    assert _integer_adds(plain) == 1 and _integer_adds(int8) == 2
     assert told.float_residual_streams == 1 and "--residuals int8" in format_summary(told, "resnet.onnx")
     test = graphs.samples(model, 32, seed=2)
     reference = _outputs(model, test)
     assert mean_squared_error(reference, _outputs(int8, test)) < 1e-2 * np.mean([np.mean(v**2) for v in reference.values()])
+
+
+def test_auto_residuals_are_int8_where_the_ptq_model_is_written_and_float_under_qwt():
+    model = graphs.resnet()
+    calib = graphs.samples(model, 96, seed=1)
+    ptq, told = quantize_with_report(model, calib, qwt=False, progress=False, calib_method="minmax", rounding="nearest",
+                                     equalization="off")
+    assert _integer_adds(ptq) == 2 and (told.int8_residual_streams, told.float_residual_streams) == (1, 0)
+    assert told.int8_residuals_gain_db is not None
+    assert "residual streams quantized for every reader" in format_summary(told, "resnet.onnx")
+    _, compensated = quantize_with_report(model, calib, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
+    assert compensated.qwt_applied and (compensated.int8_residual_streams, compensated.float_residual_streams) == (0, 1)
+    assert "so that QwT's corrections are not rounded away" in format_summary(compensated, "resnet.onnx")
+
+
+@pytest.mark.parametrize("scale, taken", [(10 ** (0.2 / 20), True), (10 ** (1 / 20), False), ("tail", True)],
+                         ids=["0.2 dB lost", "1 dB lost beyond noise", "1.2 dB lost within noise"])
+def test_auto_residuals_stay_float_only_where_quantizing_them_loses_half_a_db_beyond_noise(scale, taken):
+    rng = np.random.default_rng(0)
+    reference, error = rng.normal(size=(200, 8)), 0.1 * rng.normal(size=(200, 8))
+    if scale == "tail":  # better on most samples, far worse on a twentieth: which were held out decides
+        scale = np.full((200, 1), 0.7)
+        scale[::20] = 4.0
+    floating, quantized = (metrics.score({"y": reference}, {"y": reference + e}) for e in (error, error * scale))
+    gain = quantized.db - floating.db
+    variant = api.Candidate("mse", None, quantized, int8_residuals=True)
+    ptq = api.Candidate("mse", None, floating, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
+    assert api._int8_residuals_pay(ptq) == taken
