@@ -211,6 +211,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     _check_output(model, output)
     warnings = Warnings()
     fp = load_fp32(model)
+    given = load_quantized(quantized) if quantized is not None else None
     if quantized is None and (options.weight_bits == 4 or options.activation_bits == 16):
         fp = prepare.upgrade_opset(fp, prepare.LOW_BIT_OPSET, " (int4 weights and 16-bit activations need it)")
     _check_outputs(fp, options.outputs)
@@ -223,7 +224,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     found = find_blocks(run) if options.qwt else []
     _warn_of_few_heldout_samples(run, quantized is not None)
 
-    candidates = given_candidate(run, quantized) if quantized is not None else ptq_candidates(run)
+    candidates = given_candidate(run, given) if given is not None else ptq_candidates(run)
     scored = [c for c in candidates if c.sqnr_db is not None]
     ptq = max(scored, key=lambda c: c.sqnr_db) if scored else candidates[0]
     candidates = [c if c is ptq else dataclasses.replace(c, other_correction=None) for c in candidates]  # only PTQ's is tried
@@ -415,11 +416,20 @@ def find_blocks(run: _Run) -> list[blk.Block]:
     return found
 
 
-def given_candidate(run: _Run, quantized: ModelLike) -> list[Candidate]:
-    """The user's QDQ model as the only PTQ candidate."""
+def load_quantized(quantized: ModelLike) -> ir.Model:
+    """The user's QDQ model (``--quantized``), prepared for the passes."""
     q = prepare.prepare(_load(quantized, "quantized model"))
     if not g.is_quantized(q.graph):
         raise InputError("the --quantized model has no QuantizeLinear/DequantizeLinear nodes; pass a QDQ model")
+    kernels = g.integer_kernels(q.graph)
+    if kernels:
+        raise InputError(f"the --quantized model is in onnxruntime's QOperator format ({', '.join(kernels[:3])}); pass a "
+                         "QDQ model of the same FP32 model (quantize_static with quant_format=QuantFormat.QDQ)")
+    return q
+
+
+def given_candidate(run: _Run, q: ir.Model) -> list[Candidate]:
+    """The user's QDQ model as the only PTQ candidate."""
     saturating = check.check(prepare.to_proto(q)).of("saturation")
     if saturating:
         run.warnings.warn(

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from qwt_onnx import Report
 from tests import graphs
@@ -34,6 +35,14 @@ def files(tmp_path_factory):
     from qwt_onnx import quantize
 
     quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"image": graphs.samples(model, 1, seed=k)["image"]} for k in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(folder / "model.onnx"), str(folder / "qoperator.onnx"), Reader(), quant_format=QuantFormat.QOperator)
     return folder
 
 
@@ -94,6 +103,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["broken.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["newer_op.onnx", "out.onnx", "--calib", "calib.npz"], "HardSwish is not an op of opset 13: re-export at the opset"),
         (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
         (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--samples", "0"], "--samples must be at least 1"),

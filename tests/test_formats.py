@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qwt_onnx import quantize, quantize_with_report
+from qwt_onnx import check, quantize, quantize_with_report
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.metrics import mean_squared_error
@@ -155,6 +155,24 @@ def test_calibration_data_the_model_cannot_run_is_refused_in_one_line():
     refused = "cannot run the model on the first calibration sample .*Gather.*matches the model's inputs"
     with pytest.raises(InputError, match=refused):
         quantize(model, {"ids": rng.integers(0, 50, size=(32, 4))}, progress=False)
+
+
+@pytest.mark.parametrize("keep_io_types", [False, True], ids=["float16 inputs and outputs", "float32 inputs and outputs"])
+def test_half_precision_models_are_quantized_from_float32_and_keep_their_interface(keep_io_types):
+    model = graphs.resnet()
+    half = graphs.half_precision(model, keep_io_types)
+    io_type = np.float32 if keep_io_types else np.float16
+    calib = {name: array.astype(io_type) for name, array in graphs.samples(model, 96, seed=1).items()}
+    quantized, report = quantize_with_report(half, calib, qwt=False, progress=False)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in (*quantized.graph.input, *quantized.graph.output)] == \
+        [(v.name, v.type.tensor_type.elem_type) for v in (*half.graph.input, *half.graph.output)]
+    kernels = check.check(quantized).integer_kernels
+    assert kernels.get("QLinearConv") == 8 and kernels.get("QGemm") == 1  # fused as the float32 model's are
+    test = {name: array.astype(io_type) for name, array in graphs.samples(model, 32, seed=2).items()}
+    reference = session(model).run(None, {k: v.astype(np.float32) for k, v in test.items()})[0]
+    written = session(quantized).run(None, test)[0]
+    assert written.dtype == io_type
+    assert mean_squared_error({"y": reference}, {"y": written.astype(np.float32)}) < 1e-3 * np.mean(reference**2)
 
 
 @pytest.mark.parametrize("opset", [9, 11])

@@ -24,7 +24,8 @@ import onnx_ir as ir
 
 from qwt_onnx.graph import prepare
 
-SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+# Cast too: a half-precision model's outputs are cast back from the float32 they are computed in (passes.upcast)
+SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
 Split = tuple[int, tuple[tuple[int, int], ...]]  # an axis, and the [start, stop) of each part along it
 
@@ -101,7 +102,7 @@ def _maker(value: ir.Value) -> str | None:
 def _mapped_axis(node: ir.Node, axis: int) -> int | None:
     """Where ``axis`` of a shape-only op's input lies in its output: the same sizes before it
     and the axis whole (not merged with another), else None."""
-    if node.op_type == "Identity":
+    if node.op_type in ("Identity", "Cast"):
         return axis
     if node.op_type == "Transpose":
         perm = node.attributes.get("perm")

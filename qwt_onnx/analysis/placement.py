@@ -349,9 +349,18 @@ def _moved_to_outputs(value: ir.Value) -> bool:
     if value.is_graph_output():
         return True
     uses = [node for node, _ in value.uses()]
-    return bool(uses) and all(
-        g.is_default_domain(n) and n.op_type in _MOVING_OPS and all(_moved_to_outputs(v) for v in n.outputs) for n in uses
-    )
+    return bool(uses) and all(g.is_default_domain(n) and _moves(n) and all(_moved_to_outputs(v) for v in n.outputs) for n in uses)
+
+
+def _moves(node: ir.Node) -> bool:
+    """Whether ``node`` only moves values: a layout op, a Concat, or a Cast to another float type
+    (a half-precision model's outputs, computed in float32: passes.upcast)."""
+    if node.op_type == "Cast":
+        return node.attributes.get_int("to") in _FLOAT_TYPES
+    return node.op_type in _MOVING_OPS
+
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
 def _output_site(value: ir.Value) -> ActivationSite:

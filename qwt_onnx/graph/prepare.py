@@ -15,6 +15,7 @@ from onnx_ir.passes import common
 from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
 from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldChannelAffinePass
+from qwt_onnx.passes.upcast import ComputeInFloat32Pass
 
 
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
@@ -102,7 +103,7 @@ IR_VERSION_OF_OPSET = {21: 10}
 
 def prepare(model: ir.Model) -> ir.Model:
     """At least opset 13, weights no longer listed among the graph inputs, constants as
-    initializers, Identity dropped, BatchNorm, per-channel scales and bias Adds folded into
+    initializers, half precision computed in float32, Identity dropped, BatchNorm, per-channel scales and bias Adds folded into
     convolutions and dense layers, shapes inferred, sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
@@ -112,6 +113,7 @@ def prepare(model: ir.Model) -> ir.Model:
             # caller could override): a quantizer takes the weights as the constants they are.
             common.RemoveInitializersFromInputsPass(),
             common.LiftConstantsToInitializersPass(size_limit=0),
+            ComputeInFloat32Pass(),
             _IdentityEliminationPass(),
             # Quantizing an op whose output a BatchNormalization rescales per channel wastes the
             # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.

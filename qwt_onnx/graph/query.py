@@ -115,7 +115,16 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 def is_quantized(graph: ir.Graph) -> bool:
     """Whether the graph already holds quantization ops (QDQ or QOperator format)."""
-    return any(node.op_type in QDQ_OPS or node.op_type.startswith("QLinear") for node in graph)
+    return any(node.op_type in QDQ_OPS for node in graph) or bool(integer_kernels(graph))
+
+
+def integer_kernels(graph: ir.Graph) -> list[str]:
+    """The op types of integer kernels in the graph (onnxruntime's QOperator format: QLinearConv,
+    ConvInteger, QGemm, ...), where a QDQ graph has float ops between Q/DQ pairs."""
+    return sorted({node.op_type for node in graph if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPS})
+
+
+_INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"})
 
 
 def dequantized_view(value: ir.Value) -> ir.Value | None:
