@@ -1117,25 +1117,34 @@ def _load(model: ModelLike, role: str) -> ir.Model:
 
 def _effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet, warnings: Warnings) -> int:
     """Models exported with a fixed batch dimension are fed that many samples at a time; models
-    whose outputs do not hold one row per sample of a batch (:func:`batching_fault`), one."""
+    whose outputs do not hold one row per sample of a batch (:func:`batching_fault`), one.
+    A model that onnxruntime cannot load, or run on the first calibration samples, is refused."""
     specs = [spec for spec in prepare.input_specs(model) if spec.samples_axis is not None]
     fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
-    if len(fixed) == 1:
-        only = fixed.pop()
+    only = fixed.pop() if len(fixed) == 1 else None
+    try:
+        runner = Runner(prepare.to_proto(model), quiet=True)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise InputError(f"onnxruntime cannot load the model ({_first_line(exc)}); quantize a model that onnxruntime's CPU "
+                         "provider runs") from None
+    first = next(calib.batches(min(only or 1, calib.num_samples))).feeds
+    try:
+        runner(first)
+    except Exception as exc:
+        raise InputError(f"onnxruntime cannot run the model on the first calibration samples ({_first_line(exc)}); "
+                         "check that the calibration data matches the model's inputs") from None
+    if only is not None:
         if only != batch_size:
             logger.info("the model's batch dimension is fixed to %d; using batches of %d", only, only)
         return only
     if batch_size == 1 or calib.num_samples < 2:
         return batch_size
-    runner = Runner(prepare.to_proto(model), quiet=True)
-    one, two = next(calib.batches(1)).feeds, next(calib.batches(2)).feeds
-    try:
-        runner(one)
-    except Exception as exc:  # onnxruntime's own exception types
-        raise InputError(f"onnxruntime cannot run the model on the first calibration sample ({str(exc).splitlines()[0][:300]}); "
-                         "check that the calibration data matches the model's inputs") from None
-    fault = batching_fault(runner, one, two)
+    fault = batching_fault(runner, first, next(calib.batches(2)).feeds)
     if fault is not None:
         warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
         return 1
     return batch_size
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

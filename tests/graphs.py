@@ -520,24 +520,25 @@ def tones(count: int, length: int = 512, seed: int = 0) -> dict[str, np.ndarray]
     return {"audio": audio.astype(np.float32)}
 
 
-def half_precision(model: onnx.ModelProto, keep_io_types: bool) -> onnx.ModelProto:
-    """``model`` as float16 converters write it: weights in float16, and its inputs and outputs
-    too, or kept float32 with a Cast after each input and before each output."""
-    half = onnx.ModelProto()
-    half.CopyFrom(model)
-    graph = half.graph
+def in_precision(model: onnx.ModelProto, dtype: type, keep_io_types: bool) -> onnx.ModelProto:
+    """``model`` as precision converters write it (onnxconverter-common's float16): weights in
+    ``dtype`` (float16, float64), and its inputs and outputs too, or kept float32 with a Cast
+    after each input and before each output."""
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    graph, element = other.graph, helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     for tensor in graph.initializer:
         if tensor.data_type == TensorProto.FLOAT:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(dtype), tensor.name))
     if keep_io_types:
         first, last = graph.input[0].name, graph.output[0].name
         for node in graph.node:
-            node.input[:] = [f"{first}/half" if name == first else name for name in node.input]
-            node.output[:] = [f"{last}/half" if name == last else name for name in node.output]
-        graph.node.insert(0, helper.make_node("Cast", [first], [f"{first}/half"], to=TensorProto.FLOAT16))
-        graph.node.append(helper.make_node("Cast", [f"{last}/half"], [last], to=TensorProto.FLOAT))
+            node.input[:] = [f"{first}/cast" if name == first else name for name in node.input]
+            node.output[:] = [f"{last}/cast" if name == last else name for name in node.output]
+        graph.node.insert(0, helper.make_node("Cast", [first], [f"{first}/cast"], to=element))
+        graph.node.append(helper.make_node("Cast", [f"{last}/cast"], [last], to=TensorProto.FLOAT))
     else:
         for value in (*graph.input, *graph.output):
-            value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    onnx.checker.check_model(half)
-    return half
+            value.type.tensor_type.elem_type = element
+    onnx.checker.check_model(other)
+    return other

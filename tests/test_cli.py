@@ -32,6 +32,11 @@ def files(tmp_path_factory):
     newer.CopyFrom(model)
     newer.graph.node[1].op_type, newer.opset_import[0].version = "HardSwish", 13
     (folder / "newer_op.onnx").write_bytes(newer.SerializeToString())
+    custom = onnx.ModelProto()  # a custom op of the exporter's, which onnxruntime has no kernel for
+    custom.CopyFrom(model)
+    custom.graph.node[1].op_type, custom.graph.node[1].domain = "Swish", "com.example"
+    custom.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    (folder / "custom_op.onnx").write_bytes(custom.SerializeToString())
     from qwt_onnx import quantize
 
     quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
@@ -102,6 +107,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["truncated.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["broken.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["newer_op.onnx", "out.onnx", "--calib", "calib.npz"], "HardSwish is not an op of opset 13: re-export at the opset"),
+        (["custom_op.onnx", "out.onnx", "--calib", "calib.npz"], "onnxruntime cannot load the model ("),
         (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
