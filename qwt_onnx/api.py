@@ -494,7 +494,7 @@ def _with_int8_residuals_variant(builder: _Builder, candidates: list[Candidate])
     if best.score is None:  # no held-out samples to tell a loss
         return candidates
     built = builder.like(best, int8_residuals=True)
-    gain = built.sqnr_db - best.sqnr_db
+    gain = built.sqnr_db - best.sqnr_db if built.sqnr_db != best.sqnr_db else 0.0  # both exact (inf): no loss
     variant = dataclasses.replace(best, model=built.model, score=built.score, int8_residuals=True, int8_residuals_gain_db=gain)
     attached = dataclasses.replace(best, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
     return [attached if c is best else c for c in candidates]
