@@ -48,6 +48,20 @@ def test_residual_cnn_blocks_end_after_their_relu_and_the_head_is_left_out():
     assert all(b.channels_first for b in found)
 
 
+def test_blocks_that_share_one_module_path_are_named_by_their_outputs():
+    # a TensorFlow export puts every node under model_1/model; TFLite's fused tensor names join
+    # the ops they stand for with ";"
+    proto = graphs.resnet()
+    renamed = {f"/{scope}/relu_out": f"model_1/model/{scope}/add;model_1/model/{scope}/Relu" for scope in ("layer1", "layer2")}
+    for k, node in enumerate(proto.graph.node):
+        node.name = f"model_1/model/{node.op_type.lower()}_{k}"
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    found = blocks.find_blocks(_prepared(proto))
+    assert [b.name for b in found] == ["/stem/relu_out", "model_1/model/layer1/add", "model_1/model/layer2/add",
+                                       "/layer3/relu_out"]
+
+
 def test_chains_between_residual_blocks_are_cut_after_each_dense_conv():
     model = _prepared(graphs.mobilenet())
     found = blocks.find_blocks(model)

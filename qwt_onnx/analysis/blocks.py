@@ -247,7 +247,15 @@ def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER, u
         found += pieces if units and pieces else [_make_block(segments, divisible=bool(pieces))]
     found += _weighted_units(joins) if units else []
     position = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
-    return sorted(found, key=lambda b: position.get(b.output, -1))
+    return _named_apart(sorted(found, key=lambda b: position.get(b.output, -1)))
+
+
+def _named_apart(blocks: list[Block]) -> list[Block]:
+    """``blocks``, those whose module path others share too (a TensorFlow export's every node in
+    ``model_1/model``) named by their output instead: of a TFLite conversion's fused names
+    (``.../p_re_lu_3/add;.../p_re_lu_3/Relu;...``), the first."""
+    counts = collections.Counter(b.name for b in blocks)
+    return [dataclasses.replace(b, name=b.output.split(";")[0]) if counts[b.name] > 1 else b for b in blocks]
 
 
 def blocks_from_boundaries(model: ir.Model, spec: Sequence[str]) -> list[Block]:
