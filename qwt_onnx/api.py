@@ -494,7 +494,7 @@ def _with_int8_residuals_variant(builder: _Builder, candidates: list[Candidate])
     if best.score is None:  # no held-out samples to tell a loss
         return candidates
     built = builder.like(best, int8_residuals=True)
-    gain = built.sqnr_db - best.sqnr_db if built.sqnr_db != best.sqnr_db else 0.0  # both exact (inf): no loss
+    gain = metrics.db_gain(built.sqnr_db, best.sqnr_db)
     variant = dataclasses.replace(best, model=built.model, score=built.score, int8_residuals=True, int8_residuals_gain_db=gain)
     attached = dataclasses.replace(best, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
     return [attached if c is best else c for c in candidates]
@@ -671,7 +671,7 @@ def _float_stem(builder: _Builder, chosen: Candidate) -> Candidate:
         interval = metrics.gain_interval(deeper.score, chosen.score) if deeper.score is not None else None
         if interval is None:
             continue
-        gain, share = deeper.sqnr_db - chosen.sqnr_db, run.mac_share(stem)
+        gain, share = metrics.db_gain(deeper.sqnr_db, chosen.sqnr_db), run.mac_share(stem)
         gains[depth] = (gain, *interval, share)
         if interval[0] > 0 and gain >= MIN_FLOAT_STEM_GAIN_DB and share <= MAX_FLOAT_STEM_MACS:
             other = chosen.other_correction
@@ -691,7 +691,7 @@ def _better_equalization(builder: _Builder, plain: Candidate) -> Candidate:
     equalized = builder.like(plain)
     if plain.sqnr_db is None or equalized.sqnr_db is None:
         return plain
-    gain = equalized.sqnr_db - plain.sqnr_db
+    gain = metrics.db_gain(equalized.sqnr_db, plain.sqnr_db)
     if gain <= 0:
         return dataclasses.replace(plain, equalization_gain_db=gain)
     other = plain.other_correction
@@ -709,7 +709,7 @@ def _better_rounding(nearest: Candidate, gptq: Candidate) -> Candidate:
     on held-out samples (nearest where either is unscored), with the gain of error feedback."""
     if nearest.sqnr_db is None or gptq.sqnr_db is None:
         return nearest
-    gain = gptq.sqnr_db - nearest.sqnr_db
+    gain = metrics.db_gain(gptq.sqnr_db, nearest.sqnr_db)
     chosen = gptq if gain > 0 else nearest
     return dataclasses.replace(chosen, gptq_gain_db=gain, weighted_clipping_gain_db=nearest.weighted_clipping_gain_db)
 
@@ -719,7 +719,7 @@ def _better_clipping(weighted: Candidate, plain: Candidate) -> Candidate:
     on held-out samples (the weighted where either is unscored), with the gain of weighing."""
     if weighted.sqnr_db is None or plain.sqnr_db is None:
         return weighted
-    gain = weighted.sqnr_db - plain.sqnr_db
+    gain = metrics.db_gain(weighted.sqnr_db, plain.sqnr_db)
     return dataclasses.replace(weighted if gain >= 0 else plain, weighted_clipping_gain_db=gain)
 
 
@@ -737,7 +737,7 @@ def _better_of(variants: list[Candidate]) -> Candidate:
     gain = None
     if len(scored) == 2:
         by_correction = {v.bias_corrected: v.sqnr_db for v in scored}
-        gain = by_correction[True] - by_correction[False]
+        gain = metrics.db_gain(by_correction[True], by_correction[False])
     other = next((v for v in variants if v is not chosen), None)
     return dataclasses.replace(chosen, bias_correction_gain_db=gain, other_correction=other)
 
@@ -796,7 +796,7 @@ def _trial_shortfall(trial: Score, ptq: Candidate) -> tuple[float, tuple[float, 
     if ptq.score is None:
         return None
     trial, ptq_score = metrics.where_they_differ(trial, ptq.score)
-    gain = trial.db - ptq_score.db
+    gain = metrics.db_gain(trial.db, ptq_score.db)
     interval = metrics.gain_interval(trial, ptq_score)
     if gain < MIN_QWT_GAIN_DB or (interval is not None and interval[0] <= -PAYS_MARGIN_DB):
         return gain, interval
@@ -875,7 +875,7 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
     if compensation.score is None or ptq.score is None:
         return True
     qwt_score, ptq_score = metrics.where_they_differ(compensation.score, ptq.score)
-    gain = qwt_score.db - ptq_score.db
+    gain = metrics.db_gain(qwt_score.db, ptq_score.db)
     if gain <= 0.0:
         run.warnings.warn(
             f"QwT ({compensation.method}) reaches {qwt_score.db:.2f} dB on held-out samples, no better than "

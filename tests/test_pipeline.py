@@ -211,6 +211,17 @@ def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(
     assert [warning in w for w in run.warnings] == ([True] if warning else [])
 
 
+def test_two_models_that_reproduce_the_outputs_exactly_gain_nothing_over_each_other():
+    from types import SimpleNamespace
+
+    from qwt_onnx.numerics.metrics import Score
+
+    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
+    exact = Score({"y": float("inf")})  # a softmax saturated to one-hot: inf - inf was nan, and nan passed every test
+    assert metrics.db_gain(exact.db, exact.db) == 0.0
+    assert not api._beats(run, api.Compensation("mse", None, [], 512, exact), api.Candidate("mse", None, exact), None)
+
+
 @pytest.mark.parametrize("noise_scale, why_not", [
     ("even", None),  # a clear gain
     ("slight", "under the 0.1 dB"),  # 0.04 dB: not what a written QwT needs

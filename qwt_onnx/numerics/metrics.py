@@ -64,6 +64,11 @@ def score(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], c
     return Score(outputs_db, chosen, {name: energies[name] for name in outputs_db})
 
 
+def db_gain(new: float, old: float) -> float:
+    """``new - old`` in dB; 0 where they are equal, as two exact outputs are (inf - inf)."""
+    return 0.0 if new == old else new - old
+
+
 def gain_interval(new: Score, old: Score, confidence: float = 0.95, resamples: int = 2000) -> tuple[float, float] | None:
     """Paired bootstrap interval of ``new.db − old.db``: the scored samples are drawn with
     replacement, the same draw for both models, so what is measured is how much the gain depends
