@@ -8,7 +8,9 @@
 5. fit one compensation branch per block on the best PTQ model's quantized stream and splice
    the branches in: first on the first samples (with bias correction either way), then on
    all of them where that trial says it can pay;
-6. write the QwT model where it beats the best PTQ model on held-out samples, else that one.
+6. write the QwT model where it beats the best PTQ model on held-out samples, else that one,
+   its residual streams quantized for every reader unless held-out samples show that costing
+   fidelity (``--residuals auto``).
 
 Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
 the end.
