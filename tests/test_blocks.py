@@ -62,6 +62,19 @@ def test_blocks_that_share_one_module_path_are_named_by_their_outputs():
                                        "/layer3/relu_out"]
 
 
+def test_repeating_layers_between_blocks_unlike_them_are_grouped_and_those_blocks_kept_whole():
+    # a Keras encoder at opset 13 (tf2onnx): a first residual block unlike the layers after it,
+    # which repeat attention, MLP, then a head: the blocks outside the whole periods had been
+    # wrapped in one list too many (an AttributeError in the next step)
+    from types import SimpleNamespace
+
+    values = [object() for _ in range(7)]
+    segments = [SimpleNamespace(start=values[k], end=values[k + 1]) for k in range(6)]
+    kinds = ["stem", "attention", "mlp", "attention", "mlp", "head"]
+    grouped = blocks._chunk([[s] for s in segments], kinds, 2)
+    assert grouped == [[segments[0]], segments[1:3], segments[3:5], [segments[5]]]
+
+
 def test_chains_between_residual_blocks_are_cut_after_each_dense_conv():
     model = _prepared(graphs.mobilenet())
     found = blocks.find_blocks(model)

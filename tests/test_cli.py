@@ -32,6 +32,8 @@ def files(tmp_path_factory):
     newer.CopyFrom(model)
     newer.graph.node[1].op_type, newer.opset_import[0].version = "HardSwish", 13
     (folder / "newer_op.onnx").write_bytes(newer.SerializeToString())
+    newer.graph.node[1].op_type = "Erfc"  # tf2onnx 1.17's, for Keras' exact GELU: TensorFlow's op, not ONNX's
+    (folder / "no_such_op.onnx").write_bytes(newer.SerializeToString())
     custom = onnx.ModelProto()  # a custom op of the exporter's, which onnxruntime has no kernel for
     custom.CopyFrom(model)
     custom.graph.node[1].op_type, custom.graph.node[1].domain = "Swish", "com.example"
@@ -106,7 +108,8 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["calib.npz", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["truncated.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
         (["broken.onnx", "out.onnx", "--calib", "calib.npz"], "not a valid ONNX model"),
-        (["newer_op.onnx", "out.onnx", "--calib", "calib.npz"], "HardSwish is not an op of opset 13: re-export at the opset"),
+        (["newer_op.onnx", "out.onnx", "--calib", "calib.npz"], "HardSwish is an op of opset 14 and later"),
+        (["no_such_op.onnx", "out.onnx", "--calib", "calib.npz"], "Erfc is no ONNX op"),
         (["custom_op.onnx", "out.onnx", "--calib", "calib.npz"], "onnxruntime cannot load the model ("),
         (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),

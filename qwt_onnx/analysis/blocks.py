@@ -515,13 +515,13 @@ def _chunk(blocks, signatures, period):
     offset = max(range(period), key=lambda o: (score(o)[0], -o))
     counts = collections.Counter(score(offset)[1])
     common = counts.most_common(1)[0][0] if counts else None
-    grouped = [[blocks[i]] for i in range(offset)]
+    grouped = [blocks[i] for i in range(offset)]
     for c in chunks(offset):
         key = tuple(signatures[i] for i in c)
         if len(c) == period and contiguous(c) and key == common:
             grouped.append([s for i in c for s in blocks[i]])
         else:
-            grouped.extend([blocks[i]] for i in c)
+            grouped.extend(blocks[i] for i in c)
     return grouped
 
 

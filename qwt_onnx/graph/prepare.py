@@ -41,13 +41,18 @@ def check_file(path: str | os.PathLike, role: str) -> str:
 
 def _fix(reason: str) -> str:
     """What to do about the checker's ``reason``: an op that the model's opset lacks is either
-    newer than the opset its exporter declared or a custom op of the exporter's source format."""
+    newer than the opset its exporter declared or no ONNX op at all (a converter's own op: tf2onnx
+    1.17 writes TensorFlow's Erfc for Keras' exact GELU)."""
     unknown = re.search(r"No Op registered for (\S+) with domain_version of (\d+)", reason)
     if unknown is None:
         return "re-export it"
     op, version = unknown.groups()
-    return (f"{op} is not an op of opset {version}: re-export at the opset that introduced it (a converter may write a "
-            f"newer op than the opset it declares), or replace it if it is a custom op onnxruntime cannot run")
+    introduced = min((s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op and not s.domain),
+                     default=None)
+    if introduced is None:
+        return (f"{op} is no ONNX op (its exporter's own, or a custom op): replace it with ONNX ops, or re-export with "
+                "an option that avoids it")
+    return f"{op} is an op of opset {introduced} and later, the model declares {version}: re-export at opset {introduced}"
 
 
 class _IdentityEliminationPass(common.IdentityEliminationPass):
