@@ -69,10 +69,13 @@ def move_samples(array: np.ndarray, declared: int, count: int, to: int = 0) -> n
     """``array``, an output of a run on ``count`` samples, with its samples moved to axis ``to``.
     They are on its ``declared`` axis where that has ``count`` entries, else on its first axis that
     has: exports do not always declare what they write (ddddocr's recogniser declares
-    [1, seqlen] and writes [T, 1, C])."""
+    [1, seqlen] and writes [T, 1, C]). One sample's output that has no such axis gets one."""
     axis = declared
     if not (declared < array.ndim and array.shape[declared] == count):
-        axis = next((a for a, size in enumerate(array.shape) if size == count), declared)
+        axis = next((a for a, size in enumerate(array.shape) if size == count), None)
+        if axis is None and count == 1:  # one sample's output with no axis for it: a NonMaxSuppression's [K, 3]
+            return np.expand_dims(array, to)
+        axis = declared if axis is None else axis
     return np.moveaxis(array, axis, to)
 
 

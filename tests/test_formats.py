@@ -140,6 +140,40 @@ def test_a_declared_dynamic_batch_the_graph_does_not_keep_is_run_one_sample_at_a
     assert session(quantized).run(None, one)[0].shape == (1, 10)
 
 
+def test_a_detector_with_non_max_suppression_inside_is_quantized_one_image_at_a_time():
+    # NonMaxSuppression picks across the batch: its [K, 3] selections hold no axis for the
+    # samples, and the boxes it gathers are [N, K_total, 4] (an internal error before)
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    weights = {"c1": (16, 3, 3, 3), "c2": (16, 16, 3, 3), "cb": (4, 16, 1, 1), "cs": (1, 16, 1, 1)}
+    constants = {"boxes_shape": [0, 4, -1], "scores_shape": [0, 1, -1], "most": [20], "two": [2], "three": [3], "one": [1]}
+    initializers = [numpy_helper.from_array((0.2 * rng.standard_normal(shape)).astype(np.float32), name)
+                    for name, shape in weights.items()]
+    initializers += [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in constants.items()]
+    initializers += [numpy_helper.from_array(np.array([v], np.float32), name) for name, v in (("iou", 0.5), ("least", 0.3))]
+    nodes = [
+        h.make_node("Conv", ["image", "c1"], ["a"], pads=[1] * 4, strides=[2, 2]), h.make_node("Relu", ["a"], ["a_relu"]),
+        h.make_node("Conv", ["a_relu", "c2"], ["b"], pads=[1] * 4, strides=[2, 2]), h.make_node("Relu", ["b"], ["b_relu"]),
+        h.make_node("Conv", ["b_relu", "cb"], ["box"]), h.make_node("Conv", ["b_relu", "cs"], ["logit"]),
+        h.make_node("Reshape", ["box", "boxes_shape"], ["box_rows"]),
+        h.make_node("Transpose", ["box_rows"], ["boxes"], perm=[0, 2, 1]),
+        h.make_node("Reshape", ["logit", "scores_shape"], ["logits"]), h.make_node("Sigmoid", ["logits"], ["scores"]),
+        h.make_node("NonMaxSuppression", ["boxes", "scores", "most", "iou", "least"], ["selected"]),
+        h.make_node("Slice", ["selected", "two", "three", "one"], ["column"]),
+        h.make_node("Squeeze", ["column", "one"], ["anchor"]),
+        h.make_node("Gather", ["boxes", "anchor"], ["picked"], axis=1),
+    ]
+    outputs = [h.make_tensor_value_info("picked", onnx.TensorProto.FLOAT, ["N", "K", 4]),
+               h.make_tensor_value_info("selected", onnx.TensorProto.INT64, ["K", 3])]
+    graph = h.make_graph(nodes, "detector", [h.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 3, 32, 32])],
+                         outputs, initializers)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    quantized, report = quantize_with_report(model, {"image": rng.random((48, 3, 32, 32)).astype(np.float32)}, qwt=False,
+                                             progress=False)
+    assert any("running one sample at a time" in w for w in report.warnings) and report.sqnr_ptq_db is not None
+    session(quantized).run(None, {"image": rng.random((1, 3, 32, 32)).astype(np.float32)})
+
+
 def test_calibration_data_the_model_cannot_run_is_refused_in_one_line():
     # token ids beyond the vocabulary (another tokenizer's): onnxruntime's Gather fails on them
     rng = np.random.default_rng(0)
