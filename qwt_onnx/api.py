@@ -217,8 +217,12 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if quantized is None and (options.weight_bits == 4 or options.activation_bits == 16):
         fp = prepare.upgrade_opset(fp, prepare.LOW_BIT_OPSET, " (int4 weights and 16-bit activations need it)")
     _check_outputs(fp, options.outputs)
+    exposed, selected = ([], []) if quantized is not None or options.outputs else _expose_what_selections_read(fp)
     output_parts = () if options.outputs else parts.output_parts(fp.graph)
-    options = options.replace(outputs=options.outputs or output_parts)
+    options = options.replace(outputs=options.outputs or _unselected(fp, output_parts, selected) or output_parts)
+    if selected:
+        warnings.warn(f"outputs computed from NonMaxSuppression's selections ({', '.join(selected)}) are not scored, as "
+                      f"which boxes it keeps flips with a step in a score: what it reads is ({', '.join(options.outputs)})")
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
     run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size, calib_set, warnings), options, warnings, output_parts)
     for pattern in run.excluded.unmatched(fp.graph):
@@ -239,6 +243,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         candidates = [ptq.int8_residuals_variant if c is ptq else c for c in candidates]
         ptq = ptq.int8_residuals_variant
     written = compensation.model if applied else ptq.model
+    for name in exposed:  # scored, not the user's
+        written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
 
     proto = prepare.to_proto(written)
     try:
@@ -1072,6 +1078,26 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         warnings=list(run.warnings),
         options=dataclasses.asdict(run.options),
     )
+
+
+def _expose_what_selections_read(fp: ir.Model) -> tuple[list[str], list[str]]:
+    """A detector's outputs after its NonMaxSuppression hold the boxes it kept, which a step in a
+    score flips in or out: the tensors it reads (boxes, scores) are made outputs of ``fp`` to be
+    scored instead, and taken out of the written model. Their names, and the selections'."""
+    read, selected = g.selections(fp.graph)
+    present = {v.name for v in fp.graph.outputs}
+    exposed = [v for v in dict.fromkeys(read) if v.name not in present]
+    fp.graph.outputs.extend(exposed)
+    return [v.name for v in exposed], selected
+
+
+def _unselected(fp: ir.Model, output_parts: tuple[str, ...], selected: list[str]) -> tuple[str, ...]:
+    """The labels to score where some outputs are NonMaxSuppression's selections: every float
+    output or part but those; () where there are none."""
+    if not selected:
+        return ()
+    labels = output_parts or tuple(v.name for v in fp.graph.outputs if v.dtype is not None and v.dtype.is_floating_point())
+    return tuple(label for label in labels if metrics.part_of(label)[0] not in selected)
 
 
 def _check_outputs(fp: ir.Model, chosen: tuple[str, ...]) -> None:

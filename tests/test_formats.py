@@ -140,7 +140,7 @@ def test_a_declared_dynamic_batch_the_graph_does_not_keep_is_run_one_sample_at_a
     assert session(quantized).run(None, one)[0].shape == (1, 10)
 
 
-def test_a_detector_with_non_max_suppression_inside_is_quantized_one_image_at_a_time():
+def test_a_detector_with_non_max_suppression_inside_is_scored_on_what_it_reads_one_image_at_a_time():
     # NonMaxSuppression picks across the batch: its [K, 3] selections hold no axis for the
     # samples, and the boxes it gathers are [N, K_total, 4] (an internal error before)
     rng = np.random.default_rng(0)
@@ -171,6 +171,9 @@ def test_a_detector_with_non_max_suppression_inside_is_quantized_one_image_at_a_
     quantized, report = quantize_with_report(model, {"image": rng.random((48, 3, 32, 32)).astype(np.float32)}, qwt=False,
                                              progress=False)
     assert any("running one sample at a time" in w for w in report.warnings) and report.sqnr_ptq_db is not None
+    # scored on what NonMaxSuppression reads, which the written model does not output
+    assert report.outputs == ["boxes", "scores"] and set(report.output_sqnr_ptq_db) == {"picked", "scores", "boxes"}
+    assert [o.name for o in quantized.graph.output] == ["picked", "selected"]
     session(quantized).run(None, {"image": rng.random((1, 3, 32, 32)).astype(np.float32)})
 
 

@@ -108,6 +108,16 @@ def outputs_reached(graph: ir.Graph, value: ir.Value) -> list[str]:
     return [o.name for o in graph.outputs if o is value or o.producer() in downstream]
 
 
+def selections(graph: ir.Graph) -> tuple[list[ir.Value], list[str]]:
+    """The computed float tensors that NonMaxSuppression nodes read (boxes, scores), and the names
+    of the graph outputs computed from what they select: where outputs of both exist."""
+    nms = [n for n in graph if n.op_type == "NonMaxSuppression" and is_default_domain(n)]
+    read = [v for n in nms for v in n.inputs[:2]
+            if v is not None and not is_constant(v) and v.dtype is not None and v.dtype.is_floating_point()]
+    selected = sorted({name for n in nms for value in n.outputs for name in outputs_reached(graph, value)})
+    return (read, selected) if read and selected else ([], [])
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """All named values of the main graph: inputs, initializers and node outputs."""
     return ir.convenience.create_value_mapping(graph, include_subgraphs=False)
