@@ -174,7 +174,8 @@ class Options:
     outputs: tuple[str, ...] = _option(
         (), "graph outputs whose held-out SQNR to FP32 decides (the worst of them), comma-separated; a part of "
         "one as NAME[INDEX], numpy-style with the samples' axis first (a detector's class scores: output0[:, 4:]); "
-        "default: every float output, one that a Concat of different ops builds scored part by part", metavar="NAMES",
+        "default: every float output, one that a Concat of different ops builds scored part by part, and in place "
+        "of those computed from a NonMaxSuppression's selections the boxes and scores it reads", metavar="NAMES",
     )
     check_outputs: bool = _option(
         False, "experimental: keep a branch only where it also brings the held-out outputs closer to FP32 (each "
