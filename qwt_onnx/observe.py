@@ -111,7 +111,7 @@ def observe(
     (with their channel axes), over all samples; and the model outputs on the scoring samples (None where
     their shapes depend on the batch). A tensor in ``readable`` is observed clamped to its interval."""
     channel_axes, hessian_inputs, sampled = channel_axes or {}, hessian_inputs or {}, sampled or {}
-    output_names = [o.name for o in model.graph.output]
+    output_names = [o.name for o in model.graph.output if _is_float(o)]  # the ones scored
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
     runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values()), *sampled]))
     readable = readable or {}
@@ -149,5 +149,11 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
     parts: dict[str, list[np.ndarray]] = {}
     for batch in calib.batches(batch_size, indices, description):
         for name, value in runner(batch.feeds).items():
-            parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
+            if np.issubdtype(value.dtype, np.floating):  # a NonMaxSuppression's [K, 3] indices are not scored
+                parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
     return {name: concatenate_samples(chunks) for name, chunks in parts.items()}
+
+
+def _is_float(output: onnx.ValueInfoProto) -> bool:
+    kind = output.type.tensor_type.elem_type
+    return bool(kind) and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(kind), np.floating)
