@@ -332,8 +332,10 @@ class _Run:
     def residual_streams(self) -> int:
         """The residual streams that ``--residuals float`` leaves float for some readers, which
         ``int8`` quantizes for all."""
-        readers = {site.value: len(site.readers) for site in place(self.fp.graph, self.options.target, self.excluded).activations}
-        streams = place(self.fp.graph, self.options.target, self.excluded, int8_residuals=True).activations
+        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals)
+        floating, quantized = (other, self.placement) if self.int8_residuals else (self.placement, other)
+        readers = {site.value: len(site.readers) for site in floating.activations}
+        streams = quantized.activations
         own = [site for site in streams if site.value is site.observed or site.absorbed is not None]  # not a shortcut's pool
         return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in own)
 
@@ -1157,7 +1159,7 @@ def _effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSe
                          "provider runs") from None
     first = next(calib.batches(min(only or 1, calib.num_samples))).feeds
     try:
-        runner(first)
+        outputs = runner(first)
     except Exception as exc:
         raise InputError(f"onnxruntime cannot run the model on the first calibration samples ({_first_line(exc)}); "
                          "check that the calibration data matches the model's inputs") from None
@@ -1167,7 +1169,7 @@ def _effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSe
         return only
     if batch_size == 1 or calib.num_samples < 2:
         return batch_size
-    fault = batching_fault(runner, first, next(calib.batches(2)).feeds)
+    fault = batching_fault(runner, outputs, next(calib.batches(2)).feeds)
     if fault is not None:
         warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
         return 1

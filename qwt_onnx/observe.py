@@ -111,7 +111,7 @@ def observe(
     (with their channel axes), over all samples; and the model outputs on the scoring samples (None where
     their shapes depend on the batch). A tensor in ``readable`` is observed clamped to its interval."""
     channel_axes, hessian_inputs, sampled = channel_axes or {}, hessian_inputs or {}, sampled or {}
-    output_names = [o.name for o in model.graph.output if _is_float(o)]  # the ones scored
+    output_names = [o.name for o in model.graph.output]
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
     runner = Runner(with_outputs(model, [*tensors, *channel_axes, *(name for name, _ in hessian_inputs.values()), *sampled]))
     readable = readable or {}
@@ -121,7 +121,7 @@ def observe(
     moments = {weight: SecondMoments(geometry, batches, seed) for seed, (weight, (_, geometry)) in enumerate(hessian_inputs.items())}
     samples = {name: ChannelSample(axis, batches, seed=seed) for seed, (name, axis) in enumerate(sampled.items())}
     heldout = calib.scoring_mask
-    kept: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    kept: dict[str, list[np.ndarray]] = {}
     statistics = [*observers.items(), *means.items(), *((hessian_inputs[w][0], m) for w, m in moments.items()), *samples.items()]
     with ThreadPoolExecutor(STATISTICS_THREADS) as pool:
         for batch in calib.batches(batch_size, description="calibrating ranges"):
@@ -131,7 +131,8 @@ def observe(
                 pass
             scoring = heldout[batch.indices]
             for name in output_names:
-                kept[name].append(move_samples(values[name], axes[name], batch.size)[scoring])
+                if _scored(values[name]):
+                    kept.setdefault(name, []).append(move_samples(values[name], axes[name], batch.size)[scoring])
     # Outputs whose shape depends on their batch (a decoder that runs until every sequence of its
     # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
@@ -149,11 +150,12 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
     parts: dict[str, list[np.ndarray]] = {}
     for batch in calib.batches(batch_size, indices, description):
         for name, value in runner(batch.feeds).items():
-            if np.issubdtype(value.dtype, np.floating):  # a NonMaxSuppression's [K, 3] indices are not scored
+            if _scored(value):
                 parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
     return {name: concatenate_samples(chunks) for name, chunks in parts.items()}
 
 
-def _is_float(output: onnx.ValueInfoProto) -> bool:
-    kind = output.type.tensor_type.elem_type
-    return bool(kind) and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(kind), np.floating)
+def _scored(output: np.ndarray) -> bool:
+    """Float outputs are scored; integer ones (a NonMaxSuppression's [K, 3] indices, which hold no
+    samples axis) are not kept."""
+    return np.issubdtype(output.dtype, np.floating)

@@ -88,12 +88,11 @@ def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None
     return next(array.shape[axes.get(name, 0)] for name, array in feeds.items() if axes.get(name, 0) is not None)
 
 
-def batching_fault(runner: Runner, one: Mapping[str, np.ndarray], two: Mapping[str, np.ndarray]) -> str | None:
-    """Why ``runner``'s model cannot run several samples at once, from its outputs on ``one``
-    sample and on ``two``: None where each output holds one row per sample (one axis going from
-    1 to 2, the others unchanged). A declared dynamic batch does not say it: a graph can fix a
-    batch of one inside (a Reshape to [1, -1]), or merge the batch into another axis."""
-    single = runner(one)
+def batching_fault(runner: Runner, single: Mapping[str, np.ndarray], two: Mapping[str, np.ndarray]) -> str | None:
+    """Why ``runner``'s model cannot run several samples at once, from its outputs on one sample
+    (``single``) and on the feeds of ``two``: None where each output holds one row per sample (one
+    axis going from 1 to 2, the others unchanged). A declared dynamic batch does not say it: a
+    graph can fix a batch of one inside (a Reshape to [1, -1]), or merge the batch into another axis."""
     try:
         double = runner(two)
     except Exception as exc:  # onnxruntime raises its own Fail, InvalidArgument, RuntimeException

@@ -356,11 +356,8 @@ def _moves(node: ir.Node) -> bool:
     """Whether ``node`` only moves values: a layout op, a Concat, or a Cast to another float type
     (a half-precision model's outputs, computed in float32: passes.upcast)."""
     if node.op_type == "Cast":
-        return node.attributes.get_int("to") in _FLOAT_TYPES
+        return ir.DataType(node.attributes.get_int("to")).is_floating_point()
     return node.op_type in _MOVING_OPS
-
-
-_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
 def _output_site(value: ir.Value) -> ActivationSite:

@@ -108,8 +108,9 @@ IR_VERSION_OF_OPSET = {21: 10}
 
 def prepare(model: ir.Model) -> ir.Model:
     """At least opset 13, weights no longer listed among the graph inputs, constants as
-    initializers, half precision computed in float32, Identity dropped, BatchNorm, per-channel scales and bias Adds folded into
-    convolutions and dense layers, shapes inferred, sorted."""
+    initializers, half and double precision computed in float32, Identity dropped, BatchNorm,
+    per-channel scales and bias Adds folded into convolutions and dense layers, shapes inferred,
+    sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     passes = ir.passes.PassManager(
