@@ -581,6 +581,7 @@ def _make_block(segments: list[_Segment], divisible: bool = False) -> Block:
 
 
 def _common_scope(names: list[str]) -> str:
-    """The module path the nodes share (``/encoder/layer.3``), or "" for flat names."""
-    prefix = os.path.commonprefix(names)
+    """The module path the nodes share (``/encoder/layer.3``), or "" for flat names. Of a TFLite
+    conversion's fused names (``.../re_lu_30/Relu6;.../conv2d_30/Conv2D``) the first is the op's."""
+    prefix = os.path.commonprefix([name.split(";")[0] for name in names])
     return prefix[: prefix.rfind("/")] if "/" in prefix else ""
