@@ -877,11 +877,13 @@ def _trial_choice(scores: dict[str, Score], ptq_method: str, paying: list[str]) 
 
 def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None) -> bool:
     """The QwT model is written only where held-out samples show that it tracks FP32 better than
-    the best PTQ model: its gain at least :data:`MIN_QWT_GAIN_DB`, where it can be told the
-    lower end of the gain's 95% interval above zero, and no chosen output worse beyond noise.
-    Branches cost latency and parameters, and a gain within the noise of the scoring samples
-    did not pay for them on unseen models (a byte classifier's +0.9 dB held-out gain was -0.1
-    dB on its evaluation files)."""
+    the best PTQ model: its gain at least :data:`MIN_QWT_GAIN_DB`, beyond noise (the lower end
+    of the gain's 95% interval above zero) where it can be told, or else on some chosen output
+    of several, and no chosen output worse beyond noise. Branches cost latency and parameters,
+    and a gain within the noise of the scoring samples did not pay for them on unseen models (a
+    byte classifier's +0.9 dB held-out gain was -0.1 dB on its evaluation files). Of several
+    outputs the worst may be one QwT cannot move (a hand landmarker's handedness, a sigmoid of
+    one logit) while it lifts the others far beyond noise."""
     if compensation.score is None or ptq.score is None:
         return True
     qwt_score, ptq_score = metrics.where_they_differ(compensation.score, ptq.score)
@@ -892,7 +894,7 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
             f"PTQ ({ptq.method}) at {ptq_score.db:.2f} dB; writing the PTQ model"
         )
         return False
-    if interval is not None and interval[0] <= 0.0:
+    if interval is not None and interval[0] <= 0.0 and not _outputs_gaining(compensation, ptq):
         run.warnings.warn(
             f"QwT's held-out gain over PTQ, {gain:+.2f} dB, is within the noise of its {int(run.calib.scoring_mask.sum())} "
             f"scoring samples (95% interval {interval[0]:+.2f} to {interval[1]:+.2f} dB); writing the PTQ model, which "
@@ -916,6 +918,15 @@ def _beats(run: _Run, compensation: Compensation, ptq: Candidate, interval: tupl
         )
         return False
     return True
+
+
+def _outputs_gaining(compensation: Compensation | None, ptq: Candidate) -> list[str]:
+    """The chosen outputs, of several, on which QwT's held-out gain over PTQ is beyond noise (the
+    lower end of its own 95% interval above zero)."""
+    if compensation is None or compensation.score is None or ptq.score is None:
+        return []
+    intervals = metrics.output_gain_intervals(*metrics.where_they_differ(compensation.score, ptq.score))
+    return sorted(name for name, (low, _) in intervals.items() if low > 0.0) if len(intervals) > 1 else []
 
 
 def _int8_residuals_pay(ptq: Candidate) -> bool:
@@ -1072,6 +1083,7 @@ def _report(run: _Run, candidates, ptq: Candidate, selection: Selection, compens
         output_sqnr_qwt_db=dict(compensation.score.outputs_db) if compensation is not None and compensation.score else {},
         qwt_gain_interval_db=list(gain_interval) if gain_interval is not None else None,
         qwt_decided_on=_decided_on(compensation, ptq),
+        qwt_outputs_gaining=_outputs_gaining(compensation, ptq),
         qwt_applied=applied,
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,

@@ -79,6 +79,7 @@ class Report:
     output_sqnr_ptq_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per output
     output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain over PTQ
+    qwt_outputs_gaining: list[str] = dataclasses.field(default_factory=list)  # of several, those gaining beyond noise
     # where QwT leaves some chosen outputs as PTQ has them: the others, which QwT against PTQ was decided on
     qwt_decided_on: list[str] = dataclasses.field(default_factory=list)
     qwt_applied: bool = False
@@ -168,6 +169,8 @@ def format_summary(report: Report, source: str) -> str:
                 line += f"; {gain:+.2f} dB on {', '.join(decided)}, the outputs it changes"
             if report.qwt_gain_interval_db is not None:
                 line += ", 95% interval {:+.2f} to {:+.2f} dB".format(*report.qwt_gain_interval_db)
+            if report.qwt_outputs_gaining:
+                line += f"; beyond noise on {', '.join(report.qwt_outputs_gaining)}"
             line += ")"
         lines.append(line)
     if len(report.output_sqnr_ptq_db) > 1:
