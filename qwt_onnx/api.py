@@ -224,6 +224,9 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         warnings.warn(f"outputs computed from NonMaxSuppression's selections ({', '.join(selected)}) are not scored, as "
                       f"which boxes it keeps flips with a step in a score: what it reads is ({', '.join(options.outputs)})")
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
+    for name in calib_set.unscaled:
+        warnings.warn(f"calibration array {name!r} holds {calib_set.arrays[name].dtype} values for a float input: they are fed "
+                      "unscaled; if the model expects them scaled (to 0..1, or by a mean and deviation), scale the samples first")
     run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size, calib_set, warnings), options, warnings, output_parts)
     for pattern in run.excluded.unmatched(fp.graph):
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import mmap
 import os
 import zipfile
@@ -110,6 +111,13 @@ class CalibrationSet:
                 )
             arrays = {specs[0].name: arrays}
         return cls(_first(arrays, num_samples, specs), specs)
+
+    @property
+    def unscaled(self) -> list[str]:
+        """The float inputs given integer arrays (image bytes, 0..255): fed as they are, which the
+        model may not expect."""
+        return [spec.name for spec in self.specs if np.issubdtype(spec.dtype, np.floating)
+                and (np.issubdtype(self.arrays[spec.name].dtype, np.integer) or self.arrays[spec.name].dtype == bool)]
 
     def take(self, num_samples: int) -> CalibrationSet:
         """The first ``num_samples`` samples (all of them if there are fewer)."""
@@ -252,9 +260,12 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
         raise InputError(f"calibration array {spec.name!r} is empty; give at least one sample")
     for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
         if axis != spec.samples_axis and want is not None and got != want:
+            order = _transposition(array.shape, spec)
+            fix = (f"save np.transpose(samples, {order}): its axes are in another order" if order
+                   else "resize the samples to match")
             raise InputError(
                 f"calibration array {spec.name!r} has shape {array.shape} but the model input is "
-                f"{_format_shape(spec.shape)} (axis {axis}); resize the samples to match"
+                f"{_format_shape(spec.shape)} (axis {axis}); {fix}"
             )
     if array.dtype != spec.dtype:
         if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
@@ -268,6 +279,19 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
             _release(array)
             if not finite:
                 raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")
+
+
+def _transposition(shape: tuple[int, ...], spec: InputSpec) -> tuple[int, ...] | None:
+    """The first order of ``shape``'s axes that fits ``spec`` (samples axis kept in place; a
+    channels-first array for a channels-last model), None where there is none."""
+    if len(shape) > 6:  # 720 orders
+        return None
+    for order in itertools.permutations(range(len(shape))):
+        if spec.samples_axis is not None and order[spec.samples_axis] != spec.samples_axis:
+            continue
+        if all(want is None or axis == spec.samples_axis or shape[order[axis]] == want for axis, want in enumerate(spec.shape)):
+            return order
+    return None
 
 
 def _map_file(path: str) -> np.ndarray | dict[str, np.ndarray]:

@@ -179,6 +179,23 @@ def test_inputs_with_samples_on_another_axis_or_none_are_batched_along_it():
         CalibrationSet({**arrays, "state": arrays["state"][0]}, specs)
 
 
+def test_images_in_another_axis_order_or_as_bytes_are_named_as_such():
+    # a channels-last model (a TFLite export) calibrated with channels-first images, or with raw image bytes
+    spec = InputSpec("image", np.dtype(np.float32), (1, 8, 6, 3))
+    images = np.random.default_rng(0).random((5, 8, 6, 3)).astype(np.float32)
+    with pytest.raises(InputError, match=r"save np.transpose\(samples, \(0, 2, 3, 1\)\): its axes are in another order"):
+        CalibrationSet({"image": images.transpose(0, 3, 1, 2)}, [spec])
+    with pytest.raises(InputError, match="resize the samples to match"):
+        CalibrationSet({"image": images[:, :7]}, [spec])
+    assert CalibrationSet({"image": images}, [spec]).unscaled == []
+    assert CalibrationSet({"image": (images * 255).astype(np.uint8)}, [spec]).unscaled == ["image"]
+    assert CalibrationSet(_arrays(), SPECS).unscaled == []  # token ids for an integer input
+    model = graphs.resnet()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 3, 16, 16), dtype=np.uint8)
+    _, report = quantize_with_report(model, {"image": pixels}, qwt=False, progress=False, calib_method="minmax")
+    assert any("'image' holds uint8 values for a float input: they are fed unscaled" in w for w in report.warnings)
+
+
 def test_the_samples_axis_of_each_input_follows_the_batch_dimension_that_leads_the_inputs():
     assert calibration.leading_batch([[], ["N", 4]]) == "N" and calibration.leading_batch([[1, 576], [2, 1, 128]]) == 1
     assert [calibration.samples_axis(dims, "N") for dims in (["N", 4], [2, "N", 128], [], [3, 4])] == [0, 1, None, 0]
