@@ -116,8 +116,8 @@ class CalibrationSet:
     def unscaled(self) -> list[str]:
         """The float inputs given integer arrays (image bytes, 0..255): fed as they are, which the
         model may not expect."""
-        return [spec.name for spec in self.specs if np.issubdtype(spec.dtype, np.floating)
-                and (np.issubdtype(self.arrays[spec.name].dtype, np.integer) or self.arrays[spec.name].dtype == bool)]
+        return [spec.name for spec in self.specs
+                if np.issubdtype(spec.dtype, np.floating) and self.arrays[spec.name].dtype.kind in "biu"]
 
     def take(self, num_samples: int) -> CalibrationSet:
         """The first ``num_samples`` samples (all of them if there are fewer)."""
