@@ -192,6 +192,17 @@ def test_blocks_that_do_not_end_in_a_per_channel_scale_say_why(build, why):
     assert isinstance(reason, str) and why in reason, reason
 
 
+def test_a_block_that_ends_in_a_float_weighted_op_says_so():
+    # a float stem's conv (a recurrent seizure detector's first conv, kept float for its gain)
+    b = graphs.GraphBuilder(6)
+    b.op("MatMul", ["x", b.weight("w", (16, 16))], "fc")
+    b.nodes[-1].output[0] = "out"
+    model = ir.serde.deserialize_model(b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 16])]))
+    reason = af.fold_site(model.graph, "out")
+    assert reason == "not folded: the block ends in MatMul fc, whose weight has no DequantizeLinear of its own (left float, or shared)"
+
+
 @pytest.mark.slow
 def test_affine_compensation_keeps_the_ptq_graph_and_tracks_fp32_closer_on_heldout_samples():
     model = graphs.resnet(size=16)
