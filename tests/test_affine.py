@@ -200,7 +200,8 @@ def test_a_block_that_ends_in_a_float_weighted_op_says_so():
     model = ir.serde.deserialize_model(b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
                                                [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 16])]))
     reason = af.fold_site(model.graph, "out")
-    assert reason == "not folded: the block ends in MatMul fc, whose weight has no DequantizeLinear of its own (left float, or shared)"
+    assert reason == ("not folded: the block ends in MatMul fc, whose weight has no DequantizeLinear of its own "
+                      "(left float, or shared)")
 
 
 @pytest.mark.slow

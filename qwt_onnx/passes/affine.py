@@ -74,7 +74,8 @@ def _site_before(value: ir.Value) -> FoldSite | str:
     if _foldable(node):
         return _weighted_site(node, node.outputs[0])
     if g.is_default_domain(node) and node.op_type in FOLDABLE_OPS:
-        return f"the block ends in {node.op_type} {node.name}, whose weight has no DequantizeLinear of its own (left float, or shared)"
+        return (f"the block ends in {node.op_type} {node.name}, whose weight has no DequantizeLinear of its own "
+                "(left float, or shared)")
     if node.op_type in NORMALIZATIONS and g.is_default_domain(node):
         return _normalization_site(node)
     if _bias_add(node) is not None:
