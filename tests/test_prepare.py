@@ -162,3 +162,26 @@ def test_a_batch_norm_exported_as_a_per_channel_mul_and_add_is_folded_into_the_c
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     assert [n.op_type for n in model.graph] == ["Conv", "Mul", "Add", "Relu"]
     _same_function(proto, model)
+
+
+def test_weights_computed_from_constants_alone_become_initializers_and_random_ones_stay():
+    # torch.onnx.export(..., do_constant_folding=False) of a weight-normalized conv: w = g · v / ‖v‖ in the graph
+    b = GraphBuilder(seed=5)
+    v, gain = b.weight("v", (6, 3, 3, 3)), b.const("g", np.linspace(0.5, 2.0, 6, dtype=np.float32).reshape(6, 1, 1, 1))
+    direction = b.op("Div", [v, b.op("ReduceL2", [v], "norm", axes=[1, 2, 3], keepdims=1)], "direction")
+    h = b.op("Conv", ["x", b.op("Mul", [gain, direction], "weight")], "conv", pads=[1, 1, 1, 1])
+    noisy = b.op("Add", [b.weight("u", (6, 6, 1, 1)), b.op("RandomNormal", [], "noise", shape=[6, 6, 1, 1], scale=0.01)], "drawn")
+    h = b.op("Conv", [h, noisy], "mixer")
+    int8 = b.const("q", np.ones((6, 6, 1, 1), np.int8))  # a QDQ model's weight: its kernels read the int8 values
+    b.op("Conv", [h, b.op("DequantizeLinear", [int8, b.const("scale", np.float32(0.1))], "dequantized")], "quantized")
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])], opset=17)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    conv, mixer, quantized = (next(n for n in model.graph if n.name == name) for name in ("conv", "mixer", "quantized"))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    expected = weights["g"] * weights["v"] / np.sqrt((weights["v"] ** 2).sum(axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(conv.inputs[1].const_value.numpy(), expected, rtol=1e-6)
+    assert mixer.inputs[1].const_value is None  # drawn anew on every run: no constant
+    assert quantized.inputs[1].producer().op_type == "DequantizeLinear"
+    assert not {"ReduceL2", "Div", "Mul"} & {n.op_type for n in model.graph}

@@ -14,6 +14,7 @@ from onnx_ir.passes import common
 
 from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
+from qwt_onnx.passes.constants import FoldComputedWeightsPass
 from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldChannelAffinePass
 from qwt_onnx.passes.upcast import ComputeInFloat32Pass
 
@@ -120,6 +121,7 @@ def prepare(model: ir.Model) -> ir.Model:
             common.RemoveInitializersFromInputsPass(),
             common.LiftConstantsToInitializersPass(size_limit=0),
             ComputeInFloat32Pass(),
+            FoldComputedWeightsPass(),
             _IdentityEliminationPass(),
             # Quantizing an op whose output a BatchNormalization rescales per channel wastes the
             # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
