@@ -44,7 +44,7 @@ class Granularity(Choice):
 
 
 class Residuals(Choice):
-    AUTO = "auto"  # int8 where the PTQ model is written and held-out samples show no loss by it beyond noise, else float
+    AUTO = "auto"  # int8 where held-out samples show no loss by it beyond noise (QwT fitted again on them), else float
     FLOAT = "float"  # a residual stream quantized only for the weighted ops that read it
     INT8 = "int8"  # ... for every reader: the residual Adds run in integer kernels
 
@@ -155,8 +155,9 @@ class Options:
         "float: a residual stream (the output of an Add of two computed tensors, or of its Relu) is quantized only "
         "for the weighted ops that read it, and its Adds run in float, which keeps QwT's corrections; int8: for "
         "every reader too (the shortcut, through a MaxPool or channel Pad), a Relu after the Add taken into the "
-        "quantizer, so that onnxruntime runs the Adds as QLinearAdd (faster); auto: int8 where the PTQ model is "
-        "written, unless held-out samples show it losing 0.5 dB or more by them beyond noise, else float",
+        "quantizer, so that onnxruntime runs the Adds as QLinearAdd (faster); auto: int8 unless held-out samples "
+        "show the model losing 0.5 dB or more by them beyond noise (where QwT is written, QwT fitted again on the "
+        "quantized streams against QwT on float ones), else float",
     )
     exclude_nodes: tuple[str, ...] = _option(
         (), "Conv/MatMul/Gemm nodes to leave in float: names or regular expressions (whole-name match), comma-separated",

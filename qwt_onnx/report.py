@@ -80,6 +80,7 @@ class Report:
     output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain over PTQ
     qwt_outputs_gaining: list[str] = dataclasses.field(default_factory=list)  # of several, those gaining beyond noise
+    qwt_int8_residuals_gain_db: float | None = None  # QwT refitted on int8 residual streams, against float ones, held out
     # where QwT leaves some chosen outputs as PTQ has them: the others, which QwT against PTQ was decided on
     qwt_decided_on: list[str] = dataclasses.field(default_factory=list)
     qwt_applied: bool = False
@@ -204,14 +205,18 @@ _FLOAT_REASONS = {
 def _residual_streams(report: Report) -> list[str]:
     """What the written model does with its residual streams, and why (``--residuals``)."""
     gain = "" if report.int8_residuals_gain_db is None else f"{report.int8_residuals_gain_db:+.2f} dB"
+    refit = report.qwt_int8_residuals_gain_db
     if report.int8_residual_streams:
         measured = f" (held-out change of the PTQ model by them: {gain})" if gain else ""
+        if report.qwt_applied and refit is not None:
+            measured = f" (QwT fitted on them against float streams: {refit:+.2f} dB held out)"
         count = report.int8_residual_streams
         return [f"residual streams quantized for every reader, their Adds in integer kernels: {count}{measured}"]
     if not report.float_residual_streams:
         return []
     if report.qwt_applied:
         why = "so that QwT's corrections are not rounded away"
+        why += f" (fitted on them quantized it changed by {refit:+.2f} dB held out)" if refit is not None else ""
     elif gain:
         why = f"as quantized for every reader they change the PTQ model by {gain} held out, beyond noise"
     elif report.options.get("residuals") == "float":
