@@ -939,23 +939,31 @@ def _outputs_gaining(compensation: Compensation | None, ptq: Candidate) -> list[
 
 def _int8_residuals_pay(ptq: Candidate) -> bool:
     """Whether the PTQ model, written without QwT, is written with its residual streams quantized
-    for every reader (``--residuals auto`` built that variant): unless held-out samples show it
-    losing at least :data:`MAX_INT8_RESIDUALS_LOSS_DB` and beyond noise (the upper end of the 95%
-    interval of its gain below zero). Where QwT is written its streams stay float: quantizing
-    them rounds its corrections off (a small ResNet's gain 2.6 -> 1.6 dB)."""
+    for every reader (``--residuals auto`` built that variant; :func:`_int8_streams_keep`). Where
+    QwT is written, :func:`_qwt_on_int8_streams` decides its streams."""
     variant, gain = ptq.int8_residuals_variant, ptq.int8_residuals_gain_db
     if variant is None or gain is None:
         return False
-    interval = metrics.gain_interval(variant.score, ptq.score)
-    return gain > -MAX_INT8_RESIDUALS_LOSS_DB or (interval is not None and interval[1] >= 0.0)
+    return _int8_streams_keep(gain, variant.score, ptq.score)
+
+
+def _int8_streams_keep(gain: float, quantized: Score, floating: Score) -> bool:
+    """Whether a model whose residual streams are quantized for every reader is kept over the same
+    model with float streams, ``gain`` its held-out gain over it: unless held-out samples show it
+    losing at least :data:`MAX_INT8_RESIDUALS_LOSS_DB` and beyond noise (the upper end of the 95%
+    interval of the gain below zero)."""
+    if gain > -MAX_INT8_RESIDUALS_LOSS_DB:
+        return True
+    interval = metrics.gain_interval(quantized, floating)
+    return interval is not None and interval[1] >= 0.0
 
 
 def _qwt_on_int8_streams(run: _Run, selection: Selection, compensation: Compensation,
                          found: list[blk.Block]) -> tuple[Compensation | None, float | None]:
     """QwT fitted again on the PTQ model with its residual streams quantized for every reader
-    (``--residuals auto`` built it), where that keeps QwT's gain: it loses less than
-    :data:`MAX_INT8_RESIDUALS_LOSS_DB` against QwT on float streams, or within noise, and still
-    gains at least :data:`MIN_QWT_GAIN_DB` over the PTQ model it is fitted on. On YOLOv8n it kept
+    (``--residuals auto`` built it), where that keeps QwT's gain: kept against QwT on float
+    streams as the PTQ model's streams are (:func:`_int8_streams_keep`), and still gaining at
+    least :data:`MIN_QWT_GAIN_DB` over the PTQ model it is fitted on. On YOLOv8n it kept
     the gain (class scores 13.69 against 13.78 dB on the evaluation photos) at 0.91x the PTQ
     model's latency at batch 16 against 1.15x; on a small ResNet the quantized sums rounded the
     corrections off (2.6 -> 1.6 dB). Also its held-out gain over QwT on float streams, where tried."""
@@ -967,8 +975,7 @@ def _qwt_on_int8_streams(run: _Run, selection: Selection, compensation: Compensa
         return None, None
     fitted = dataclasses.replace(fitted, score=run.heldout_score(fitted.model, "evaluating QwT on int8 residual streams"))
     gain = metrics.db_gain(fitted.sqnr_db, compensation.sqnr_db)
-    interval = metrics.gain_interval(fitted.score, compensation.score)
-    keeps = gain > -MAX_INT8_RESIDUALS_LOSS_DB or (interval is not None and interval[1] >= 0.0)
+    keeps = _int8_streams_keep(gain, fitted.score, compensation.score)
     return (fitted if keeps and metrics.db_gain(fitted.sqnr_db, variant.sqnr_db) >= MIN_QWT_GAIN_DB else None), gain
 
 

@@ -45,11 +45,8 @@ def _computed_weights(graph: ir.Graph) -> list[ir.Value]:
     """The weight inputs of ``graph``'s ops that it computes from initializers alone, through no :data:`KEPT_OPS`."""
     static = g.static_values(graph)
     found = {}
-    for node in graph:
-        for index in WEIGHT_INPUTS.get(node.op_type, ()) if g.is_default_domain(node) else ():
-            value = node.inputs[index] if index < len(node.inputs) else None
-            if value is None:
-                continue
+    for node in (n for n in graph if g.is_default_domain(n)):
+        for value in (node.inputs[i] for i in WEIGHT_INPUTS.get(node.op_type, ()) if i < len(node.inputs)):
             if value in static and value.const_value is None and not value.is_graph_output() and not _through_kept_op(value):
                 found[value] = None
     return list(found)
