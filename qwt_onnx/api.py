@@ -230,6 +230,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     run = _Run(fp, calib_set, _effective_batch_size(fp, options.batch_size, calib_set, warnings), options, warnings, output_parts)
     for pattern in run.excluded.unmatched(fp.graph):
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
+    if quantized is None and not run.placement.weights and not run.placement.activations:
+        raise InputError(_nothing_to_quantize(fp.graph, run.excluded))
     found = find_blocks(run) if options.qwt else []
     _warn_of_few_heldout_samples(run, quantized is not None)
 
@@ -415,9 +417,24 @@ def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
 def load_fp32(model: ModelLike) -> ir.Model:
     """The FP32 model, prepared for the passes (see :func:`prepare.prepare`)."""
     fp = prepare.prepare(_load(model, "input model"))
+    kernels = g.integer_kernels(fp.graph)
+    if kernels:  # quantize_dynamic's or quantize_static's QOperator output: --quantized cannot take it either
+        raise InputError(f"the input model is already quantized, in onnxruntime's QOperator format ({', '.join(kernels[:3])}); "
+                         "pass the FP32 model it was made from")
     if g.is_quantized(fp.graph):
         raise InputError("the input model is already quantized; pass the FP32 model as input and this one with --quantized")
     return fp
+
+
+def _nothing_to_quantize(graph: ir.Graph, excluded: Exclusions) -> str:
+    """Why the Q/DQ pass would place no pair in ``graph``: every weighted op excluded, or none there."""
+    weighted = [n for n in graph if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    if weighted:
+        return (f"nothing is left to quantize: --exclude-nodes / --exclude-op-types leave all {len(weighted)} Conv, MatMul "
+                "and Gemm ops of the model in float; exclude fewer")
+    ops = sorted({n.op_type for n in graph}, key=lambda op: -sum(n.op_type == op for n in graph))
+    return (f"nothing to quantize: the model has no Conv, ConvTranspose, MatMul or Gemm, the ops INT8 QDQ runs in "
+            f"integer kernels (its ops: {', '.join(ops[:4])}); the FP32 model is what to deploy")
 
 
 def find_blocks(run: _Run) -> list[blk.Block]:
@@ -614,9 +631,10 @@ class _Builder:
         if gptq and corrected not in self._feedback:
             # bias correction removes the rounding's mean error: what is left to minimise is its variance
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
+        patch_means = {w: m.mean() for w, m in seen.second_moments.items() if m.geometry.is_padded} if corrected else None
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None, int8_residuals)(model)
+                          self._feedback[corrected] if gptq else None, int8_residuals, patch_means)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
                  f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}")

@@ -100,6 +100,11 @@ class CalibrationSet:
             raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
         try:
             arrays = _map_file(path)
+        except _PythonObjects as exc:
+            raise InputError(
+                f"calibration file {path}: {exc} holds Python objects, as numpy saves samples of different shapes; save "
+                "each input's samples as one numeric array, stacked on axis 0 at one shape (resize or pad them to it)"
+            ) from None
         except Exception as exc:  # numpy and zipfile raise several types for unreadable files
             raise InputError(f"cannot read calibration file {path} ({exc}); write it with numpy.savez or numpy.save") from None
         if isinstance(arrays, np.ndarray):
@@ -301,28 +306,44 @@ def _map_file(path: str) -> np.ndarray | dict[str, np.ndarray]:
     costs page cache, not this process's memory.
     """
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as raw:
+            _numeric_header(raw, "the array")
         return np.load(path, mmap_mode="r", allow_pickle=False)
     arrays = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         for info in archive.infolist():
             key = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
             if info.compress_type == zipfile.ZIP_STORED:
-                arrays[key] = _map_member(path, raw, info)
+                arrays[key] = _map_member(path, raw, info, key)
             else:  # np.savez_compressed: read it whole
+                with archive.open(info) as member:
+                    _numeric_header(member, repr(key))
                 with archive.open(info) as member:
                     arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
     return arrays
 
 
-def _map_member(path: str, raw, info: zipfile.ZipInfo) -> np.ndarray:
+class _PythonObjects(ValueError):
+    """An array of Python objects (named by the message), which numpy writes for a list of
+    samples of different shapes and which is not read without unpickling."""
+
+
+def _numeric_header(stream, name: str) -> tuple:
+    """The ``.npy`` header at ``stream``'s position, ``(shape, fortran_order, dtype)``; raises
+    :class:`_PythonObjects` where the array holds Python objects."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    header = read_header(stream)
+    if header[2].hasobject:
+        raise _PythonObjects(name)
+    return header
+
+
+def _map_member(path: str, raw, info: zipfile.ZipInfo, key: str) -> np.ndarray:
     raw.seek(info.header_offset)
     header = raw.read(30)  # the local file header: name and extra field lengths at bytes 26..29
     raw.seek(info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little"))
-    version = np.lib.format.read_magic(raw)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(raw)
-    if dtype.hasobject:
-        raise ValueError(f"{info.filename} holds Python objects")
+    shape, fortran_order, dtype = _numeric_header(raw, repr(key))
     if 0 in shape:
         return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order="F" if fortran_order else "C")

@@ -64,6 +64,22 @@ def test_only_the_samples_taken_are_checked_for_nan(tmp_path):
         CalibrationSet.load(tmp_path / "calib.npz", SPECS, 34)
 
 
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed, np.save])
+def test_samples_of_different_shapes_are_refused_with_how_to_stack_them(tmp_path, save):
+    # numpy saves a list of differently sized images (a text line recogniser's) as an object array
+    ragged = np.empty(3, dtype=object)
+    for i in range(3):
+        ragged[i] = np.zeros((3, 4 + i), np.float32)
+    if save is np.save:
+        path, specs = tmp_path / "calib.npy", SPECS[:1]
+        save(path, ragged)
+    else:
+        path, specs = tmp_path / "calib.npz", SPECS
+        save(path, image=ragged, ids=_arrays(3)["ids"])
+    with pytest.raises(InputError, match=r"holds Python objects, .* stacked on axis 0 at one shape"):
+        CalibrationSet.load(path, specs)
+
+
 def test_whole_model_scores_use_a_bounded_number_of_heldout_samples(monkeypatch):
     monkeypatch.setattr(calibration, "SCORING_SAMPLES", 3)
     calib = CalibrationSet(_arrays(count=40), SPECS)

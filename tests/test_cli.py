@@ -39,6 +39,10 @@ def files(tmp_path_factory):
     custom.graph.node[1].op_type, custom.graph.node[1].domain = "Swish", "com.example"
     custom.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
     (folder / "custom_op.onnx").write_bytes(custom.SerializeToString())
+    relu = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["image"], ["y"])], "relu", [model.graph.input[0]],
+                                  [onnx.ValueInfoProto(name="y", type=model.graph.input[0].type)])
+    relu_model = onnx.helper.make_model(relu, opset_imports=model.opset_import, ir_version=model.ir_version)
+    onnx.save(relu_model, folder / "no_weights.onnx")
     from qwt_onnx import quantize
 
     quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
@@ -112,7 +116,10 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["no_such_op.onnx", "out.onnx", "--calib", "calib.npz"], "Erfc is no ONNX op"),
         (["custom_op.onnx", "out.onnx", "--calib", "calib.npz"], "onnxruntime cannot load the model ("),
         (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
+        (["qoperator.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized, in onnxruntime's QOperator format"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),
+        (["no_weights.onnx", "out.onnx", "--calib", "calib.npz"], "nothing to quantize: the model has no Conv"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-op-types", "Conv,Gemm"], "nothing is left to quantize"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
         (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--samples", "0"], "--samples must be at least 1"),

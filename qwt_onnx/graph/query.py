@@ -134,7 +134,8 @@ def integer_kernels(graph: ir.Graph) -> list[str]:
     return sorted({node.op_type for node in graph if node.op_type.startswith("QLinear") or node.op_type in _INTEGER_OPS})
 
 
-_INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"})
+_INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention",
+                          "DynamicQuantizeLSTM"})
 
 
 def dequantized_view(value: ir.Value) -> ir.Value | None:

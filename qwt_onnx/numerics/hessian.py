@@ -38,6 +38,11 @@ class InputGeometry:
     def is_convolution(self) -> bool:
         return bool(self.kernel)
 
+    @property
+    def is_padded(self) -> bool:
+        """Whether some patches read zero padding: their mean is then not the input's channel means."""
+        return self.is_convolution and (self.auto_pad.startswith("SAME") or any(self.pads))
+
 
 def input_rows(x: np.ndarray, geometry: InputGeometry, count: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``count`` rows of what the op multiplies its weight by, ``[groups, rows, inputs]``,
@@ -131,6 +136,10 @@ class SecondMoments:
         factor = 1.0 / np.asarray(scales, dtype=np.float64)[channel]  # [G, d]
         products = (self.products * (factor[:, :, None] * factor[:, None, :])).astype(self.products.dtype)
         return dataclasses.replace(self, products=products, sums=self.sums * factor)
+
+    def mean(self) -> np.ndarray:
+        """``E[x]`` per group, ``[G, d]``: the mean row (patch) itself, zero padding included."""
+        return self.sums / max(self.count, 1)
 
     def hessian(self, centered: bool) -> np.ndarray:
         """``E[x xᵀ]``, or with ``centered`` the covariance ``E[(x − μ)(x − μ)ᵀ]``: what is left of
