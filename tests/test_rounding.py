@@ -209,7 +209,7 @@ def test_auto_rounding_reports_the_held_out_gain_of_either_choice():
 
 @pytest.mark.parametrize("group", [1, 4])
 def test_bias_correction_by_mean_patch_cancels_the_mean_error_where_padding_makes_channel_means_miss_it(group):
-    # a 3x3 convolution over a 2-row map, as at the end of a text recogniser's backbone: a third of
+    # a 3x3 convolution over a 2-row map, as near the end of a text recogniser's backbone: a third of
     # each patch is zero padding, so per-channel input means overstate what the taps read
     rng = np.random.default_rng(9)
     x = (rng.standard_normal((16, 4, 2, 12)) + 2.0).astype(np.float32)  # positive means, as after SiLU
