@@ -172,8 +172,11 @@ def _unfused(graph: ir.Graph) -> list[Finding]:
             findings.append(Finding("unfused", node.op_type, node.name, "runs in float between DequantizeLinear and "
                                     "QuantizeLinear: no integer kernel took it, so the pair costs time and precision"))
         elif weights:
+            why = (": no QuantizeLinear reads its output, which onnxruntime's QLinearConv needs (TensorRT's placement, "
+                   "qwt_onnx --target trt, leaves Conv outputs to its fusions; --target ort quantizes them)"
+                   if node.op_type == "Conv" and dequantized and not requantized else "")
             findings.append(Finding("unfused", node.op_type, node.name, f"runs in float on {len(weights)} int8 "
-                                    "weight(s) dequantized on every run"))
+                                    f"weight(s) dequantized on every run{why}"))
     for dq in graph:
         if dq.op_type == "DequantizeLinear" and _is_dequantized_activation(dq.outputs[0]):
             if any(c.op_type == "QuantizeLinear" for c in dq.outputs[0].consumers()):

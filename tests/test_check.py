@@ -96,6 +96,17 @@ def test_float_ops_between_quantizers_and_dequantized_weights_are_unfused(tmp_pa
     assert "sigmoid" not in found  # float by design: nothing quantizes its output
 
 
+def test_convolutions_whose_output_is_not_quantized_are_said_to_be_why(tmp_path):
+    model = graphs.resnet()  # TensorRT's placement: a Conv's output is left to its fusions, QLinearConv needs it quantized
+    path = tmp_path / "trt.onnx"
+    quantize(model, graphs.samples(model, 16, seed=1), path, qwt=False, target="trt", progress=False)
+    convs = [f for f in check.check(path).of("unfused") if f.op_type == "Conv"]
+    assert convs and all("no QuantizeLinear reads its output, which onnxruntime's QLinearConv needs" in f.detail for f in convs)
+    ort = tmp_path / "ort.onnx"
+    quantize(model, graphs.samples(model, 16, seed=1), ort, qwt=False, progress=False)
+    assert not [f for f in check.check(ort).of("unfused") if f.op_type == "Conv"]
+
+
 def test_models_already_in_qoperator_form_are_checked(tmp_path):
     rng = np.random.default_rng(1)
     weight = rng.integers(-127, 128, (16, 8, 3, 3)).astype(np.int8)
