@@ -18,6 +18,7 @@ the end.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -61,7 +62,7 @@ from qwt_onnx.options import Equalization as EqualizationChoice
 from qwt_onnx.passes import affine, qdq, splice
 from qwt_onnx.passes.equalize import EqualizeChannelsPass
 from qwt_onnx.progress import shown as progress_shown
-from qwt_onnx.report import BlockReport, Report
+from qwt_onnx.report import FLOAT_REASONS, BlockReport, Report
 from qwt_onnx.runtime import Runner, batching_fault, samples_axes, with_outputs
 
 logger = logging.getLogger("qwt_onnx")
@@ -231,7 +232,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     for pattern in run.excluded.unmatched(fp.graph):
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
     if quantized is None and not run.placement.weights and not run.placement.activations:
-        raise InputError(_nothing_to_quantize(fp.graph, run.excluded))
+        raise InputError(_nothing_to_quantize(run))
     found = find_blocks(run) if options.qwt else []
     _warn_of_few_heldout_samples(run, quantized is not None)
 
@@ -426,15 +427,17 @@ def load_fp32(model: ModelLike) -> ir.Model:
     return fp
 
 
-def _nothing_to_quantize(graph: ir.Graph, excluded: Exclusions) -> str:
-    """Why the Q/DQ pass would place no pair in ``graph``: every weighted op excluded, or none there."""
-    weighted = [n for n in graph if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
-    if weighted:
-        return (f"nothing is left to quantize: --exclude-nodes / --exclude-op-types leave all {len(weighted)} Conv, MatMul "
-                "and Gemm ops of the model in float; exclude fewer")
-    ops = sorted({n.op_type for n in graph}, key=lambda op: -sum(n.op_type == op for n in graph))
-    return (f"nothing to quantize: the model has no Conv, ConvTranspose, MatMul or Gemm, the ops INT8 QDQ runs in "
-            f"integer kernels (its ops: {', '.join(ops[:4])}); the FP32 model is what to deploy")
+def _nothing_to_quantize(run: _Run) -> str:
+    """Why the Q/DQ pass would place no pair: each compute op's reason to stay float, or none there."""
+    graph = run.fp.graph
+    left = collections.Counter(left_float(graph, run.placement, run.excluded, []).values())
+    if not left:
+        ops = collections.Counter(node.op_type for node in graph)
+        return (f"nothing to quantize: the model has no Conv, ConvTranspose, MatMul, Gemm or recurrent op (its ops: "
+                f"{', '.join(op for op, _ in ops.most_common(4))}); the FP32 model is what to deploy")
+    reasons = "; ".join(f"{count}: {FLOAT_REASONS[why]}" for why, count in left.most_common())
+    fix = "exclude fewer" if "excluded" in left else "the FP32 model is what to deploy"
+    return f"nothing to quantize: every compute op of the model stays float ({reasons}); {fix}"
 
 
 def find_blocks(run: _Run) -> list[blk.Block]:

@@ -189,7 +189,7 @@ def format_summary(report: Report, source: str) -> str:
 
 
 # Why a compute op stays float, by the key :func:`qwt_onnx.analysis.placement.left_float` gives.
-_FLOAT_REASONS = {
+FLOAT_REASONS = {
     "control flow": "inside If, Loop or Scan bodies, where Q/DQ is not placed (their work is not counted)",
     "recurrent": "LSTM/GRU/RNN have no QDQ form (onnxruntime's quantize_dynamic runs an LSTM as DynamicQuantizeLSTM)",
     "ConvTranspose": "onnxruntime's CPU provider has no INT8 ConvTranspose kernel",
@@ -233,7 +233,7 @@ def _coverage(report: Report) -> str:
     if report.float_ops:
         left = sorted(report.float_ops.items(), key=lambda item: -(item[1][1] or 0.0))
         line += "; float: " + "; ".join(
-            f"{int(count)} op{'s' if count > 1 else ''}{'' if share is None else ', ' + _percent(share)}: {_FLOAT_REASONS[why]}"
+            f"{int(count)} op{'s' if count > 1 else ''}{'' if share is None else ', ' + _percent(share)}: {FLOAT_REASONS[why]}"
             for why, (count, share) in left)
     return line
 

@@ -119,7 +119,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["qoperator.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized, in onnxruntime's QOperator format"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),
         (["no_weights.onnx", "out.onnx", "--calib", "calib.npz"], "nothing to quantize: the model has no Conv"),
-        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-op-types", "Conv,Gemm"], "nothing is left to quantize"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-op-types", "Conv,Gemm"], "every compute op of the model"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
         (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--samples", "0"], "--samples must be at least 1"),

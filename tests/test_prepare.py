@@ -104,8 +104,17 @@ def test_a_conv_folded_with_its_batch_norm_is_excluded_by_its_own_name():
 
     proto = _conv_bn_relu(opset=17)
     calib = {"x": np.random.default_rng(1).standard_normal((20, 3, 5, 5)).astype(np.float32)}
-    with pytest.raises(InputError, match="leave all 1 Conv, MatMul and Gemm ops of the model in float"):  # it matched
+    with pytest.raises(InputError, match="stays float .1: --exclude-nodes / --exclude-op-types.; exclude fewer"):  # it matched
         quantize_with_report(proto, calib, qwt=False, exclude_nodes="conv", progress=False)
+
+
+def test_a_model_whose_compute_ops_all_stay_float_is_refused_with_their_reason():
+    from qwt_onnx import quantize_with_report
+
+    proto = _conv_bn_relu(opset=17, op_type="ConvTranspose")  # onnxruntime's CPU provider has no INT8 ConvTranspose
+    calib = {"x": np.random.default_rng(1).standard_normal((20, 3, 5, 5)).astype(np.float32)}
+    with pytest.raises(InputError, match=r"stays float \(1: onnxruntime's CPU provider has no INT8 ConvTranspose kernel\)"):
+        quantize_with_report(proto, calib, qwt=False, progress=False)
 
 
 def _dense(input_dims: list, bias: np.ndarray, second_reader: bool = False):
