@@ -1213,7 +1213,7 @@ def _load(model: ModelLike, role: str) -> ir.Model:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             raise InputError(f"{role} is not a valid ONNX model ({str(exc).splitlines()[0]}); re-export it") from None
-        return ir.serde.deserialize_model(model)
+        return prepare.deserialize(model, role)
     return prepare.load_model(model, role)
 
 

@@ -35,7 +35,7 @@ import onnxruntime as ort
 from qwt_onnx import runtime
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import query as g
-from qwt_onnx.graph.prepare import check_file
+from qwt_onnx.graph.prepare import check_file, read
 from qwt_onnx.numerics import saturation
 
 EXIT_RISKS = 3
@@ -116,7 +116,7 @@ def optimized_model(source: str | bytes, name: str) -> ir.Model:
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"onnxruntime cannot load {name} ({first}); the model must run on onnxruntime's CPU provider") from None
-        model = ir.load(path)
+        model = read(path, name)
         ir.external_data.load_to_model(model)
         return model
 

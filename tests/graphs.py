@@ -460,6 +460,23 @@ def nhwc_resnet(seed: int = 0, size: int = 8, channels: int = 16, classes: int =
     return b.model(inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])])
 
 
+def zipmap_classifier(seed: int = 0, features: int = 8, classes: int = 3) -> onnx.ModelProto:
+    """A dense softmax classifier whose probabilities come out as skl2onnx writes them by default:
+    a ZipMap's sequence of maps from class label to probability."""
+    b = GraphBuilder(seed)
+    probabilities = b.op("Softmax", [b.op("MatMul", ["x", b.weight("w", (features, classes))], "dense")], "softmax")
+    b.nodes.append(helper.make_node("ZipMap", [probabilities], ["probabilities"], domain="ai.onnx.ml",
+                                    classlabels_int64s=list(range(classes))))
+    value = helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+    mapped = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64, value))
+    graph = helper.make_graph(b.nodes, "zipmap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+                              [helper.make_value_info("probabilities", mapped)], b.initializers)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
 def samples(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:
     """``count`` samples for every input: standard-normal floats; int64 ``input_ids`` drawn from
     the vocabulary, ``position_ids`` counting up, masks that keep a random-length prefix."""

@@ -139,7 +139,8 @@ def test_the_command_line_gates_on_findings(models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a model", "not a valid ONNX model")])
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a model", "not a valid ONNX model"),
+                                              (graphs.zipmap_classifier().SerializeToString(), "is a map or a sequence of maps")])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, content, message):
     path = tmp_path / "model.onnx"
     if content is not None:

@@ -43,6 +43,8 @@ def files(tmp_path_factory):
                                   [onnx.ValueInfoProto(name="y", type=model.graph.input[0].type)])
     relu_model = onnx.helper.make_model(relu, opset_imports=model.opset_import, ir_version=model.ir_version)
     onnx.save(relu_model, folder / "no_weights.onnx")
+    onnx.save(graphs.zipmap_classifier(), folder / "zipmap.onnx")  # skl2onnx's default classifier output
+    np.savez(folder / "features.npz", x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
     from qwt_onnx import quantize
 
     quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
@@ -119,6 +121,7 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["qoperator.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized, in onnxruntime's QOperator format"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),
         (["no_weights.onnx", "out.onnx", "--calib", "calib.npz"], "nothing to quantize: the model has no Conv"),
+        (["zipmap.onnx", "out.onnx", "--calib", "features.npz"], "'probabilities' is a map or a sequence of maps"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-op-types", "Conv,Gemm"], "every compute op of the model"),
         (["model.onnx", "model.onnx", "--calib", "calib.npz"], "the output path is the input model"),
         (["model.onnx", "nowhere/out.onnx", "--calib", "calib.npz"], "output folder"),

@@ -22,9 +22,49 @@ from qwt_onnx.passes.upcast import ComputeInFloat32Pass
 def load_model(path: str | os.PathLike, role: str = "input model") -> ir.Model:
     """Read and check an ONNX file, raising InputError with the fix when it is not usable."""
     path = check_file(path, role)
-    model = ir.load(path)
+    model = read(path, f"{role} {path}")
     _load_external_data(model, path, role)
     return model
+
+
+def read(path: str, role: str) -> ir.Model:
+    """``ir.load(path)``, raising InputError with the fix where onnx_ir cannot read the model."""
+    try:
+        return ir.load(path)
+    except ir.serde.SerdeError as exc:
+        raise _unreadable(onnx.load(path, load_external_data=False), role, exc) from None
+
+
+def deserialize(proto: onnx.ModelProto, role: str = "input model") -> ir.Model:
+    """``proto`` as an onnx_ir model, raising InputError with the fix where onnx_ir cannot read it."""
+    try:
+        return ir.serde.deserialize_model(proto)
+    except ir.serde.SerdeError as exc:
+        raise _unreadable(proto, role, exc) from None
+
+
+def _unreadable(proto: onnx.ModelProto, role: str, error: Exception) -> InputError:
+    """Why onnx_ir, the graph library the passes are built on, cannot read ``proto``: map types
+    (skl2onnx's ZipMap gives a classifier's probabilities as a sequence of maps), or the reason it gives."""
+    graph = proto.graph
+    mapped = next((v.name for v in [*graph.input, *graph.output, *graph.value_info] if _holds_map(v.type)), None)
+    if mapped is not None:
+        return InputError(f"{role}: {mapped!r} is a map or a sequence of maps (skl2onnx gives a classifier's probabilities "
+                          "so, through ZipMap), which onnx_ir, the graph library of qwt_onnx, cannot read; export the model "
+                          "without it (skl2onnx: options={id(model): {'zipmap': False}})")
+    while error.__cause__ is not None:
+        error = error.__cause__
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InputError(f"{role}: onnx_ir, the graph library of qwt_onnx, cannot read it ({reason}); re-export it without that")
+
+
+def _holds_map(value_type: onnx.TypeProto) -> bool:
+    kind = value_type.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _holds_map(getattr(value_type, kind).elem_type)
+    return False
 
 
 def check_file(path: str | os.PathLike, role: str) -> str:
