@@ -255,6 +255,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     written = compensation.model if applied else ptq.model
     for name in exposed:  # scored, not the user's
         written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
+    if fp.meta.get("fixed_batch"):  # the user's interface: fed that many samples at a time
+        prepare.fix_batch(written, fp.meta["fixed_batch"])
 
     proto = prepare.to_proto(written)
     try:
@@ -416,8 +418,12 @@ def _warn_of_few_heldout_samples(run: _Run, given: bool) -> None:
 
 
 def load_fp32(model: ModelLike) -> ir.Model:
-    """The FP32 model, prepared for the passes (see :func:`prepare.prepare`)."""
-    fp = prepare.prepare(_load(model, "input model"))
+    """The FP32 model, prepared for the passes (see :func:`prepare.prepare`); a batch dimension
+    fixed over 1 made dynamic, its size kept in ``meta["fixed_batch"]`` (:func:`prepare.free_fixed_batch`)."""
+    loaded = _load(model, "input model")
+    fixed_batch = prepare.free_fixed_batch(loaded)
+    fp = prepare.prepare(loaded)
+    fp.meta["fixed_batch"] = fixed_batch
     kernels = g.integer_kernels(fp.graph)
     if kernels:  # quantize_dynamic's or quantize_static's QOperator output: --quantized cannot take it either
         raise InputError(f"the input model is already quantized, in onnxruntime's QOperator format ({', '.join(kernels[:3])}); "
@@ -455,8 +461,10 @@ def find_blocks(run: _Run) -> list[blk.Block]:
 
 
 def load_quantized(quantized: ModelLike) -> ir.Model:
-    """The user's QDQ model (``--quantized``), prepared for the passes."""
-    q = prepare.prepare(_load(quantized, "quantized model"))
+    """The user's QDQ model (``--quantized``), prepared for the passes, a batch fixed over 1 freed as the FP32 model's."""
+    loaded = _load(quantized, "quantized model")
+    prepare.free_fixed_batch(loaded)
+    q = prepare.prepare(loaded)
     if not g.is_quantized(q.graph):
         raise InputError("the --quantized model has no QuantizeLinear/DequantizeLinear nodes; pass a QDQ model")
     kernels = g.integer_kernels(q.graph)
@@ -1218,9 +1226,10 @@ def _load(model: ModelLike, role: str) -> ir.Model:
 
 
 def _effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet, warnings: Warnings) -> int:
-    """Models exported with a fixed batch dimension are fed that many samples at a time; models
-    whose outputs do not hold one row per sample of a batch (:func:`batching_fault`), one.
-    A model that onnxruntime cannot load, or run on the first calibration samples, is refused."""
+    """Models exported with a fixed batch dimension of 1 are fed one sample at a time (a fixed
+    batch over 1 was freed by :func:`load_fp32`); models whose outputs do not hold one row per
+    sample of a batch (:func:`batching_fault`), one. A model that onnxruntime cannot load, or run
+    on the first calibration samples, is refused."""
     specs = [spec for spec in prepare.input_specs(model) if spec.samples_axis is not None]
     fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
     only = fixed.pop() if len(fixed) == 1 else None
@@ -1233,6 +1242,11 @@ def _effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSe
     try:
         outputs = runner(first)
     except Exception as exc:
+        freed = model.meta.get("fixed_batch")
+        if freed:  # run one sample at a time, the model runs none: its graph holds the size
+            raise InputError(f"the model's batch dimension is fixed to {freed} and its graph computes with that size "
+                             f"({_first_line(exc)}); export it with a dynamic batch dimension (torch.onnx.export's "
+                             "dynamic_axes) to quantize it") from None
         raise InputError(f"onnxruntime cannot run the model on the first calibration samples ({_first_line(exc)}); "
                          "check that the calibration data matches the model's inputs") from None
     if only is not None:

@@ -117,6 +117,37 @@ def test_a_model_whose_compute_ops_all_stay_float_is_refused_with_their_reason()
         quantize_with_report(proto, calib, qwt=False, progress=False)
 
 
+def _fixed_batch_mlp(batch: int, reshape_to_batch: bool = False):
+    """A dense classifier exported as a tracer without dynamic axes writes it: every dimension
+    static, the traced batch too, and (with ``reshape_to_batch``) a Reshape that holds it."""
+    b = GraphBuilder(seed=4)
+    x = b.op("Reshape", ["x", b.const("shape", np.array([batch, 8], np.int64))], "flatten") if reshape_to_batch else "x"
+    h = b.op("Gemm", [x, b.weight("w1", (16, 8)), b.const("b1", np.zeros(16, np.float32))], "fc1", transB=1)
+    h = b.op("Relu", [h], "relu")
+    b.op("Gemm", [h, b.weight("w2", (4, 16))], "fc2", transB=1)
+    b.nodes[-1].output[0] = "y"
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2, 4] if reshape_to_batch else [batch, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])])
+
+
+def test_a_batch_fixed_over_one_is_run_at_any_size_and_given_back_to_the_written_model():
+    from qwt_onnx import quantize_with_report
+
+    calib = {"x": np.random.default_rng(2).standard_normal((42, 8)).astype(np.float32)}  # 42 = 10 x 4 + 2
+    written, _ = quantize_with_report(_fixed_batch_mlp(4), calib, qwt=False, progress=False)
+    assert [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim] == [4, 8]
+    assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim] == [4, 4]
+    assert session(written).run(None, {"x": calib["x"][:4]})[0].shape == (4, 4)
+
+
+def test_a_batch_fixed_in_the_graph_itself_is_refused_with_the_export_fix():
+    from qwt_onnx import quantize_with_report
+
+    calib = {"x": np.random.default_rng(2).standard_normal((40, 2, 4)).astype(np.float32)}
+    with pytest.raises(InputError, match="batch dimension is fixed to 4 and its graph computes with that size .*dynamic_axes"):
+        quantize_with_report(_fixed_batch_mlp(4, reshape_to_batch=True), calib, qwt=False, progress=False)
+
+
 def _dense(input_dims: list, bias: np.ndarray, second_reader: bool = False):
     """x @ w + bias, as Keras and TensorFlow export a dense layer."""
     b = GraphBuilder(seed=5)

@@ -176,6 +176,37 @@ def prepare(model: ir.Model) -> ir.Model:
     return passes(model).model
 
 
+FREED_BATCH = "batch"  # the name a fixed batch dimension takes while the passes run
+
+
+def free_fixed_batch(model: ir.Model) -> int | None:
+    """Where every fed input leads with one static batch size over 1 (an export traced at that
+    batch without dynamic axes), that dimension made dynamic on the inputs and on the outputs
+    that lead with it, and the shapes declared between them dropped for shape inference to
+    redo: calibration runs batches of any size, a last or held-out batch partial. Returns the
+    size, for :func:`fix_batch` to give back to the written model; None where it is not so fixed."""
+    graph = model.graph
+    inputs = [v for v in graph.inputs if v.name not in graph.initializers]
+    leading = {dims(v)[0] if dims(v) else None for v in inputs}
+    size = leading.pop() if len(leading) == 1 else None
+    if not isinstance(size, int) or size <= 1:
+        return None
+    for value in [*inputs, *(v for v in graph.outputs if dims(v)[:1] == [size])]:
+        value.shape = ir.Shape([ir.SymbolicDim(FREED_BATCH), *value.shape[1:]])
+    for node in graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.shape = None
+    return size
+
+
+def fix_batch(model: ir.Model, size: int) -> None:
+    """Give the inputs and outputs that :func:`free_fixed_batch` freed their static batch ``size`` back."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if dims(value)[:1] == [FREED_BATCH]:
+            value.shape = ir.Shape([size, *value.shape[1:]])
+
+
 def upgrade_opset(model: ir.Model, minimum: int = MIN_OPSET, why: str = "") -> ir.Model:
     """The model converted to opset ``minimum`` when it is older (onnx's version converter);
     ``why``: what needs that opset, for the error where it cannot be converted."""
