@@ -631,6 +631,8 @@ class _Builder:
         symmetric = o.target == Target.TRT
         self.ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in self.seen.ranges.items()}
                        for method in self.methods}
+        # bias correction's mean input row of each padded convolution, where its moments were taken
+        self.patch_means = {w: m.mean() for w, m in self.seen.second_moments.items() if m.geometry.is_padded}
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
                   scored: bool = True, stem: int | None = None, int8_residuals: bool | None = None) -> Candidate:
@@ -642,10 +644,10 @@ class _Builder:
         if gptq and corrected not in self._feedback:
             # bias correction removes the rounding's mean error: what is left to minimise is its variance
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
-        patch_means = {w: m.mean() for w, m in seen.second_moments.items() if m.geometry.is_padded} if corrected else None
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None, int8_residuals, patch_means)(model)
+                          self._feedback[corrected] if gptq else None, int8_residuals,
+                          self.patch_means if corrected else None)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
                  f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}")
@@ -993,9 +995,10 @@ def _qwt_on_int8_streams(run: _Run, selection: Selection, compensation: Compensa
     (``--residuals auto`` built it), where that keeps QwT's gain: kept against QwT on float
     streams as the PTQ model's streams are (:func:`_int8_streams_keep`), and still gaining at
     least :data:`MIN_QWT_GAIN_DB` over the PTQ model it is fitted on. On YOLOv8n it kept
-    the gain (class scores 13.69 against 13.78 dB on the evaluation photos) at 0.91x the PTQ
-    model's latency at batch 16 against 1.15x; on a small ResNet the quantized sums rounded the
-    corrections off (2.6 -> 1.6 dB). Also its held-out gain over QwT on float streams, where tried."""
+    the gain (class scores 13.69 against 13.78 dB on the evaluation photos), its latency within
+    this machine's noise of QwT on float streams (its two Adds are little of its time); on a small
+    ResNet the quantized sums rounded the corrections off (2.6 -> 1.6 dB). Also its held-out gain
+    over QwT on float streams, where tried."""
     variant = selection.candidate.int8_residuals_variant if selection.candidate is not None else None
     if variant is None or compensation.score is None:
         return None, None

@@ -144,9 +144,8 @@ class SecondMoments:
     def hessian(self, centered: bool) -> np.ndarray:
         """``E[x xᵀ]``, or with ``centered`` the covariance ``E[(x − μ)(x − μ)ᵀ]``: what is left of
         the output error once bias correction has removed its mean."""
-        count = max(self.count, 1)
-        moments = self.products.astype(np.float64) / count
+        moments = self.products.astype(np.float64) / max(self.count, 1)
         if centered:
-            mean = self.sums / count
+            mean = self.mean()
             moments = moments - mean[:, :, None] * mean[:, None, :]
         return moments
