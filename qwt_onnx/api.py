@@ -631,8 +631,6 @@ class _Builder:
         symmetric = o.target == Target.TRT
         self.ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in self.seen.ranges.items()}
                        for method in self.methods}
-        # bias correction's mean input row of each padded convolution, where its moments were taken
-        self.patch_means = {w: m.mean() for w, m in self.seen.second_moments.items() if m.geometry.is_padded}
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
                   scored: bool = True, stem: int | None = None, int8_residuals: bool | None = None) -> Candidate:
@@ -646,8 +644,7 @@ class _Builder:
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None, int8_residuals,
-                          self.patch_means if corrected else None)(model)
+                          self._feedback[corrected] if gptq else None, int8_residuals)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
                  f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}")

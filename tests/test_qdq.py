@@ -8,7 +8,7 @@ from qwt_onnx.analysis.placement import Exclusions, log_front_end, place
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import quantization as qm
-from qwt_onnx.numerics import rounding, saturation
+from qwt_onnx.numerics import saturation
 from qwt_onnx.passes import qdq
 from qwt_onnx.runtime import session
 from tests import graphs
@@ -229,9 +229,7 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
     axes = placement.channel_axes()
     assert axes == {"x": 1, "conv_out": 1, "flatten_out": 1, "mm_add_out": 1}  # the MatMul and its Add are a Gemm now
     means = {name: np.linspace(-1, 2, 6 if name != "x" else 4)[: 5 if name == "mm_add_out" else None] for name in axes}
-    row_mean = np.linspace(0.5, 1.5, 36)[None]  # c's mean patch, its zero padding included: preferred to x's channel means
-    ranges = {n: (-3.0, 3.0) for n in placement.observed_names}
-    qdq.InsertQdqPass(ranges, "ort", input_means=means, row_means={"c.weight": row_mean})(model)
+    qdq.InsertQdqPass({n: (-3.0, 3.0) for n in placement.observed_names}, "ort", input_means=means)(model)
     out = ir.serde.serialize_model(model)
     onnx.checker.check_model(out)
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
@@ -250,8 +248,7 @@ def test_bias_correction_moves_each_ops_mean_rounding_error_into_its_bias():
         assert inits[dq.input[0]].dtype == np.int32
         return inits[dq.input[0]] * inits[dq.input[1]], inits[dq.input[1]]
 
-    conv_bias = inits[nodes["conv"].input[2]]
-    np.testing.assert_allclose(conv_bias, 1 + rounding.mean_error(error("c.weight", 0), 0, 1, row_mean), rtol=1e-5)
+    np.testing.assert_allclose(inits[nodes["conv"].input[2]], 1 + qm.rounding_bias(error("c.weight", 0), 0, means["x"]), rtol=1e-5)
     np.testing.assert_allclose(inits[nodes["nobias"].input[2]], qm.rounding_bias(error("nobias.weight", 0), 0, means["conv_out"]), rtol=1e-5, atol=1e-7)
     for gemm, expected in (("mm", qm.rounding_bias(error("mm.weight", 1), 1, means["flatten_out"])),
                            ("fc", qm.rounding_bias(error("fc.weight", 0), 0, means["mm_add_out"]))):  # beta 2 folded in

@@ -38,11 +38,6 @@ class InputGeometry:
     def is_convolution(self) -> bool:
         return bool(self.kernel)
 
-    @property
-    def is_padded(self) -> bool:
-        """Whether some patches read zero padding: their mean is then not the input's channel means."""
-        return self.is_convolution and (self.auto_pad.startswith("SAME") or any(self.pads))
-
 
 def input_rows(x: np.ndarray, geometry: InputGeometry, count: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``count`` rows of what the op multiplies its weight by, ``[groups, rows, inputs]``,
@@ -137,15 +132,12 @@ class SecondMoments:
         products = (self.products * (factor[:, :, None] * factor[:, None, :])).astype(self.products.dtype)
         return dataclasses.replace(self, products=products, sums=self.sums * factor)
 
-    def mean(self) -> np.ndarray:
-        """``E[x]`` per group, ``[G, d]``: the mean row (patch) itself, zero padding included."""
-        return self.sums / max(self.count, 1)
-
     def hessian(self, centered: bool) -> np.ndarray:
         """``E[x xᵀ]``, or with ``centered`` the covariance ``E[(x − μ)(x − μ)ᵀ]``: what is left of
         the output error once bias correction has removed its mean."""
-        moments = self.products.astype(np.float64) / max(self.count, 1)
+        count = max(self.count, 1)
+        moments = self.products.astype(np.float64) / count
         if centered:
-            mean = self.mean()
+            mean = self.sums / count
             moments = moments - mean[:, :, None] * mean[:, None, :]
         return moments

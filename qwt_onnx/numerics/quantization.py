@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from qwt_onnx.numerics import rounding, saturation
+from qwt_onnx.numerics import saturation
 
 SMALLEST_SCALE = float(np.finfo(np.float32).tiny)  # below it, x / scale overflows
 INT32_BIAS_LIMIT = float(1 << 30)  # the largest int32 bias written: half the range, headroom for float32 rounding
@@ -147,12 +147,14 @@ def rounding_bias(error: np.ndarray, axis: int, input_mean: np.ndarray, group: i
     """The mean output error that a weight's rounding ``error`` (float minus rounded) causes,
     per output channel, for inputs with per-channel means ``input_mean``: what adding to the
     bias cancels (bias correction). ``error`` is a convolution's ``[C_out, C_in / group, *k]``
-    (every tap taken to read its channel's mean: zero padding at the borders ignored, see
-    :func:`qwt_onnx.numerics.rounding.mean_error`) or a 2-D ``[K, N]`` / ``[N, K]`` weight with
-    output channels on ``axis``."""
-    taps = int(np.prod(error.shape[2:])) if error.ndim > 2 else 1
-    row_mean = np.repeat(np.asarray(input_mean).reshape(group, -1), taps, axis=1)  # rows ordered [C_in / group, *k]
-    return rounding.mean_error(error, axis, group, row_mean)
+    (zero padding at the borders ignored) or a 2-D ``[K, N]`` / ``[N, K]`` weight with output
+    channels on ``axis``."""
+    if error.ndim > 2:
+        per_input = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=-1)  # [C_out, C_in / group]
+        group_of = np.arange(error.shape[0]) // (error.shape[0] // group)
+        return (per_input * input_mean.reshape(group, -1)[group_of]).sum(axis=1)
+    rows = error if axis == 0 else error.T  # [N, K]
+    return rows @ input_mean
 
 
 def input_importance(weight_shape: tuple[int, ...], axis: int, input_power: np.ndarray, group: int = 1) -> np.ndarray:

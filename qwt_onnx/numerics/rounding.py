@@ -41,14 +41,6 @@ def rows_to_weight(rows: np.ndarray, shape: tuple[int, ...], axis: int) -> np.nd
     return rows[0] if axis == 0 else rows[0].T
 
 
-def mean_error(error: np.ndarray, axis: int, group: int, row_mean: np.ndarray) -> np.ndarray:
-    """Per output channel, the mean output error that a weight's rounding ``error`` causes on
-    inputs whose rows (a convolution's patches, zero padding included) average ``row_mean``
-    ``[groups, inputs]``: what bias correction cancels, exactly where per-channel input means
-    (:func:`qwt_onnx.numerics.quantization.rounding_bias`) ignore the padding."""
-    return np.einsum("gri,gi->gr", weight_rows(error, axis, group), row_mean).reshape(-1)
-
-
 def pair_partners(shape: tuple[int, ...], axis: int) -> np.ndarray:
     """Per input of a row (:func:`weight_rows`), the input whose product the kernels without VNNI
     add to its own in int16 (see :mod:`qwt_onnx.numerics.saturation`), -1 where none."""

@@ -17,9 +17,7 @@ ARM, GPUs).
 Bias correction: given the per-channel means of the weighted ops' inputs, the
 mean output error of each weight's rounding is subtracted in the op's bias (a
 Conv's or Gemm's own, a MatMul's following Add), so rounding adds noise but no
-offset (Nagel et al., "Data-Free Quantization", 2019). Where a convolution's
-patches read zero padding and their mean was taken, that mean replaces the
-channel means: on a 2-row feature map a third of a 3x3 patch is padding.
+offset (Nagel et al., "Data-Free Quantization", 2019).
 
 Rounding: to the nearest grid point, or, given the second moments of a weight's
 inputs, with error feedback (GPTQ, :mod:`qwt_onnx.numerics.rounding`) on the same
@@ -57,7 +55,6 @@ class InsertQdqPass(ir.passes.InPlacePass):
         block_size: int = 0,
         feedback: Mapping[str, rounding.Feedback] | None = None,
         int8_residuals: bool = False,
-        row_means: Mapping[str, np.ndarray] | None = None,
     ):
         super().__init__()
         self.ranges = ranges
@@ -70,9 +67,6 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.block_size = block_size  # of 4-bit MatMul weights, along K; 0: per output channel
         self.feedback = feedback or {}  # by weight, from its op's input second moments: rounding with error feedback
         self.int8_residuals = int8_residuals  # residual streams quantized for every reader (analysis.placement)
-        # by weight read by one op, the mean row (patch) that op multiplies it by: bias correction's exact
-        # mean, where per-channel input means ignore a convolution's zero padding
-        self.row_means = row_means or {}
 
     def requires(self, model: ir.Model) -> None:
         observed = place(model.graph, self.target, self.excluded, self.int8_residuals).observed_names
@@ -125,10 +119,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
             mean = self.input_means.get(node.inputs[0].name)
             if mean is not None:
                 group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
-                row_mean = self.row_means.get(site.weight.name)
-                shift = (qm.rounding_bias(error, site.axis, mean, group) if row_mean is None
-                         else rounding.mean_error(error, site.axis, group, row_mean))
-                _add_to_bias(graph, names, node, shift)
+                _add_to_bias(graph, names, node, qm.rounding_bias(error, site.axis, mean, group))
         graph.insert_before(site.readers[0][0], dq)
         for node, index in site.readers:
             node.replace_input_with(index, dq.outputs[0])
