@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import mmap
 import os
 import zipfile
@@ -317,9 +318,7 @@ def _map_file(path: str) -> np.ndarray | dict[str, np.ndarray]:
                 arrays[key] = _map_member(path, raw, info, key)
             else:  # np.savez_compressed: read it whole
                 with archive.open(info) as member:
-                    _numeric_header(member, repr(key))
-                with archive.open(info) as member:
-                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                    arrays[key] = _read_whole(member, repr(key))
     return arrays
 
 
@@ -337,6 +336,14 @@ def _numeric_header(stream, name: str) -> tuple:
     if header[2].hasobject:
         raise _PythonObjects(name)
     return header
+
+
+def _read_whole(stream, name: str) -> np.ndarray:
+    """The numeric ``.npy`` array at ``stream``'s position, read in one pass (a compressed member
+    decompresses as it is read, so its header is not read twice)."""
+    shape, fortran_order, dtype = _numeric_header(stream, name)
+    data = np.frombuffer(stream.read(), dtype=dtype, count=math.prod(shape))
+    return data.reshape(shape, order="F" if fortran_order else "C")
 
 
 def _map_member(path: str, raw, info: zipfile.ZipInfo, key: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qwt_onnx import api
+from qwt_onnx import api, ptq
 from qwt_onnx.analysis.equalization import channel_groups, consumer_weights
 from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet
@@ -18,6 +18,7 @@ from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.options import CalibMethod, Options
 from qwt_onnx.passes.equalize import EqualizeChannelsPass
 from qwt_onnx.report import format_summary
+from qwt_onnx.run import Run, Warnings
 from qwt_onnx.runtime import session
 from tests import graphs
 
@@ -236,12 +237,12 @@ def test_the_equalized_models_statistics_are_the_models_rescaled_where_not_obser
     fp = api.load_fp32(model)
     options = Options()
     calib = CalibrationSet.load(graphs.samples(model, 48, seed=0), prepare.input_specs(fp), 48)
-    run = api._Run(fp, calib, 16, options, api.Warnings())
+    run = Run(fp, calib, 16, options, Warnings())
     groups, placement = channel_groups(fp.graph), place(fp.graph, options.target, run.excluded)
-    seen = api._observe(run, fp, placement, groups)
-    equalized = api._equalized(run, groups, seen, CalibMethod.MINMAX)
+    seen = ptq._observe(run, fp, placement, groups)
+    equalized = ptq._equalized(run, groups, seen, CalibMethod.MINMAX)
     assert equalized is not None
-    derived, observed = api._observe_equalized(run, equalized, seen, placement), api._observe(run, equalized.model, placement)
+    derived, observed = ptq._observe_equalized(run, equalized, seen, placement), ptq._observe(run, equalized.model, placement)
     assert set(derived.ranges) == set(observed.ranges)
     for name in observed.ranges:
         np.testing.assert_allclose(compute_range(derived.ranges[name], "mse"), compute_range(observed.ranges[name], "mse"), rtol=1e-4)

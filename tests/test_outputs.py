@@ -9,14 +9,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import TopologicalSortPass
 
-from qwt_onnx import api, quantize_with_report
-from qwt_onnx.api import Score, load_fp32
+from qwt_onnx import quantize_with_report
+from qwt_onnx.api import load_fp32
 from qwt_onnx.errors import InputError
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.compensation import Layout
-from qwt_onnx.numerics.metrics import sqnr_db_per_output
+from qwt_onnx.numerics.metrics import Score, sqnr_db_per_output
 from qwt_onnx.passes import splice
+from qwt_onnx.qwt import MIN_QWT_GAIN_DB, beats, outputs_gaining
 from qwt_onnx.report import Report, format_summary
+from qwt_onnx.run import Warnings
 from qwt_onnx.runtime import session
 from tests import graphs
 
@@ -96,12 +98,12 @@ def test_qwt_that_lifts_the_worst_output_and_sinks_another_beyond_noise_is_not_w
     assert qwt.db > ptq.db and metrics.gain_interval(qwt, ptq)[0] > 0
     low, high = metrics.output_gain_intervals(qwt, ptq)["boxes"]
     assert -6.7 < low < high < -5.3
-    warnings = api.Warnings()
+    warnings = Warnings()
     run = SimpleNamespace(warnings=warnings, calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
 
     def guard(new: metrics.Score) -> bool:
         compensation, candidate = SimpleNamespace(score=new, method="minmax"), SimpleNamespace(score=ptq, method="minmax")
-        return api._beats(run, compensation, candidate, metrics.gain_interval(new, ptq))
+        return beats(run, compensation, candidate, metrics.gain_interval(new, ptq))
 
     assert not guard(qwt) and "makes boxes worse" in list(warnings)[-1]
     assert guard(metrics.score(reference, noisy(0.3, 0.13, 2)))  # both at least as good: written
@@ -124,19 +126,19 @@ def test_qwt_that_lifts_other_outputs_beyond_noise_is_written_though_the_worst_m
 
     ptq, qwt = metrics.score(reference, noisy(errors, 0.3)), metrics.score(reference, noisy(fixed, 0.1))
     low, high = metrics.gain_interval(qwt, ptq)
-    assert qwt.db > ptq.db + api.MIN_QWT_GAIN_DB and low <= 0 < high
+    assert qwt.db > ptq.db + MIN_QWT_GAIN_DB and low <= 0 < high
     assert metrics.output_gain_intervals(qwt, ptq)["landmarks"][0] > 5.0
-    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
+    run = SimpleNamespace(warnings=Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
     compensation, candidate = SimpleNamespace(score=qwt, method="mse"), SimpleNamespace(score=ptq, method="mse")
-    assert api._beats(run, compensation, candidate, (low, high)) and not list(run.warnings)
-    assert api._outputs_gaining(compensation, candidate) == ["landmarks"]
+    assert beats(run, compensation, candidate, (low, high)) and not list(run.warnings)
+    assert outputs_gaining(compensation, candidate) == ["landmarks"]
     report = Report(target="ort", method="mse", samples=500, heldout_samples=100, qwt_applied=True, ptq_method="mse",
                     sqnr_ptq_db=ptq.db, sqnr_qwt_db=qwt.db, qwt_gain_interval_db=[low, high], qwt_outputs_gaining=["landmarks"])
     gain = f"+{qwt.db - ptq.db:.2f} dB, 95% interval +0.00 to +{high:.2f} dB; beyond noise on landmarks)"
     assert gain in format_summary(report, "m")
     alone = {"handedness": reference["handedness"]}  # the one output: its noise decides
     one = [metrics.score(alone, {"handedness": noisy(e, 0.0)["handedness"]}) for e in (fixed, errors)]
-    assert not api._beats(run, SimpleNamespace(score=one[0], method="mse"), SimpleNamespace(score=one[1], method="mse"),
+    assert not beats(run, SimpleNamespace(score=one[0], method="mse"), SimpleNamespace(score=one[1], method="mse"),
                           metrics.gain_interval(*one))
 
 

@@ -8,13 +8,26 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from qwt_onnx import api, check, quantize, quantize_with_report
+from qwt_onnx import check, quantize, quantize_with_report
+from qwt_onnx.analysis import capture
 from qwt_onnx.analysis.placement import Exclusions, left_float, place
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import metrics, saturation
 from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
+from qwt_onnx.ptq import Candidate, int8_residuals_pay
+from qwt_onnx.qwt import (
+    MIN_QWT_GAIN_DB,
+    SELECTION_SAMPLES,
+    Compensation,
+    _trial_choice,
+    _why_the_trial_cannot_pay,
+    beats,
+    decided_on,
+    qwt_gain_interval,
+)
 from qwt_onnx.report import Report, format_summary
+from qwt_onnx.run import Warnings
 from qwt_onnx.runtime import session
 from tests import graphs
 
@@ -204,10 +217,10 @@ def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(
 
     from qwt_onnx.numerics.metrics import Score
 
-    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
-    ptq = api.Candidate("mse", None, Score({"y": 22.0}))
-    compensation = api.Compensation("mse", None, [], 512, Score({"y": qwt_db}))
-    assert api._beats(run, compensation, ptq, interval) is written
+    run = SimpleNamespace(warnings=Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
+    ptq = Candidate("mse", None, Score({"y": 22.0}))
+    compensation = Compensation("mse", None, [], 512, Score({"y": qwt_db}))
+    assert beats(run, compensation, ptq, interval) is written
     assert [warning in w for w in run.warnings] == ([True] if warning else [])
 
 
@@ -216,10 +229,10 @@ def test_two_models_that_reproduce_the_outputs_exactly_gain_nothing_over_each_ot
 
     from qwt_onnx.numerics.metrics import Score
 
-    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
+    run = SimpleNamespace(warnings=Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
     exact = Score({"y": float("inf")})  # a softmax saturated to one-hot: inf - inf was nan, and nan passed every test
     assert metrics.db_gain(exact.db, exact.db) == 0.0
-    assert not api._beats(run, api.Compensation("mse", None, [], 512, exact), api.Candidate("mse", None, exact), None)
+    assert not beats(run, Compensation("mse", None, [], 512, exact), Candidate("mse", None, exact), None)
 
 
 @pytest.mark.parametrize("noise_scale, why_not", [
@@ -236,22 +249,22 @@ def test_the_trial_says_whether_qwt_on_all_samples_can_pay(noise_scale, why_not)
     noise = 0.1 * rng.normal(size=(100, 16)).astype(np.float32)
     scale = {"even": np.full((100, 1), 0.5), "slight": np.full((100, 1), 0.995), "worse": np.full((100, 1), 1.26),
              "heavy-tailed": np.where(np.arange(100)[:, None] < 4, 4.0, 0.3)}[noise_scale].astype(np.float32)
-    ptq = api.Candidate("mse", None, metrics.score({"y": reference}, {"y": reference + noise}))
+    ptq = Candidate("mse", None, metrics.score({"y": reference}, {"y": reference + noise}))
     trial = metrics.score({"y": reference}, {"y": reference + noise * scale})
-    said = api._why_the_trial_cannot_pay(trial, ptq)
+    said = _why_the_trial_cannot_pay(trial, ptq)
     assert said is None if why_not is None else why_not in said
     if noise_scale == "heavy-tailed":
-        assert trial.db > ptq.sqnr_db + api.MIN_QWT_GAIN_DB
+        assert trial.db > ptq.sqnr_db + MIN_QWT_GAIN_DB
 
 
 def test_the_trial_that_may_pay_is_fitted_on_all_samples_before_a_better_one_that_cannot():
     from qwt_onnx.numerics.metrics import Score
 
     scores = {"mse": Score({"y": 20.0}), "mse without bias correction": Score({"y": 21.0})}
-    assert api._trial_choice(scores, "mse", paying=["mse"]) == "mse"
-    assert api._trial_choice(scores, "mse", paying=["mse without bias correction"]) == "mse without bias correction"
+    assert _trial_choice(scores, "mse", paying=["mse"]) == "mse"
+    assert _trial_choice(scores, "mse", paying=["mse without bias correction"]) == "mse without bias correction"
     # where neither or both may pay, PTQ's best unless the other beats it beyond noise (no interval here)
-    assert api._trial_choice(scores, "mse", paying=[]) == "mse without bias correction"
+    assert _trial_choice(scores, "mse", paying=[]) == "mse without bias correction"
 
 
 def test_an_output_qwt_leaves_as_ptq_has_it_does_not_hide_its_gain_on_the_others():
@@ -269,11 +282,11 @@ def test_an_output_qwt_leaves_as_ptq_has_it_does_not_hide_its_gain_on_the_others
     assert qwt.db == ptq.db  # the state decides both
     decided_qwt, decided_ptq = metrics.where_they_differ(qwt, ptq)
     assert decided_qwt.chosen == decided_ptq.chosen == ("logprobs",) and decided_qwt.db - decided_ptq.db > 5.0
-    run = SimpleNamespace(warnings=api.Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
-    candidate, compensation = api.Candidate("mse", None, ptq), api.Compensation("mse", None, [], 512, qwt)
-    interval = api._qwt_gain_interval(compensation, candidate)
-    assert interval[0] > 5.0 and api._beats(run, compensation, candidate, interval)
-    assert api._decided_on(compensation, candidate) == ["logprobs"]
+    run = SimpleNamespace(warnings=Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
+    candidate, compensation = Candidate("mse", None, ptq), Compensation("mse", None, [], 512, qwt)
+    interval = qwt_gain_interval(compensation, candidate)
+    assert interval[0] > 5.0 and beats(run, compensation, candidate, interval)
+    assert decided_on(compensation, candidate) == ["logprobs"]
     # where QwT changes every output, or none, every chosen output decides
     assert metrics.where_they_differ(ptq, ptq) == (ptq, ptq)
     worse = metrics.score(reference, {"logprobs": reference["logprobs"], "state": state + 0.1})
@@ -359,8 +372,8 @@ def test_where_qwt_does_not_help_on_heldout_samples_the_ptq_model_is_written():
 def _record_fit_samples(monkeypatch) -> list[int]:
     """The number of samples of each capture's fits, as the run goes."""
     fitted_on = []
-    fit_blocks = api.capture.fit_blocks
-    monkeypatch.setattr(api.capture, "fit_blocks", lambda *a, **k: fitted_on.append(a[3].num_samples) or fit_blocks(*a, **k))
+    fit_blocks = capture.fit_blocks
+    monkeypatch.setattr(capture, "fit_blocks", lambda *a, **k: fitted_on.append(a[3].num_samples) or fit_blocks(*a, **k))
     return fitted_on
 
 
@@ -375,10 +388,10 @@ def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay
     assert report.fit_samples == 160 and fitted_on[-1] == 160
 
     # a gain no fit can reach: QwT stops after the trial on the first samples
-    monkeypatch.setattr(api, "MIN_QWT_GAIN_DB", 1e9)
+    monkeypatch.setattr("qwt_onnx.qwt.MIN_QWT_GAIN_DB", 1e9)
     fitted_on.clear()
     written, report = quantize_with_report(model, calib, **options)
-    assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
+    assert set(fitted_on) == {SELECTION_SAMPLES} and report.fit_samples == SELECTION_SAMPLES
     assert not report.qwt_applied and report.blocks and report.qwt_trial in report.method_qwt_sqnr_db
     # nor is QwT tried on the other bias correction, which could not make up the shortfall
     assert len(fitted_on) == 1 and list(report.method_qwt_sqnr_db) == [report.ptq_method]
@@ -386,21 +399,21 @@ def test_qwt_is_not_fitted_on_all_samples_where_the_first_ones_say_it_cannot_pay
     assert written.SerializeToString() == quantize(model, calib, qwt=False, **options).SerializeToString()
 
     # where the other correction might make it up, it is tried too, on the first samples alone
-    monkeypatch.setattr(api, "OTHER_CORRECTION_REACH_DB", 2e9)
+    monkeypatch.setattr("qwt_onnx.qwt.OTHER_CORRECTION_REACH_DB", 2e9)
     fitted_on.clear()
     _, report = quantize_with_report(model, calib, **options)
-    assert fitted_on == [api.SELECTION_SAMPLES] * 2 and len(report.method_qwt_sqnr_db) == 2 and not report.qwt_applied
+    assert fitted_on == [SELECTION_SAMPLES] * 2 and len(report.method_qwt_sqnr_db) == 2 and not report.qwt_applied
 
 
 def test_qwt_stops_after_the_trial_where_it_keeps_no_branch(monkeypatch):
     model = graphs.transformer()
     calib = graphs.samples(model, 160, seed=1)
     fitted_on = _record_fit_samples(monkeypatch)
-    monkeypatch.setattr(api.capture, "_checked_at_outputs",
+    monkeypatch.setattr(capture, "_checked_at_outputs",
                         lambda stream, result, *_: dataclasses.replace(
                             result, output_gain_db=-0.1, kept_at_outputs=False, skipped="dropped"))
     written, report = quantize_with_report(model, calib, min_gain=0.0, check_outputs=True, progress=False)
-    assert set(fitted_on) == {api.SELECTION_SAMPLES} and report.fit_samples == api.SELECTION_SAMPLES
+    assert set(fitted_on) == {SELECTION_SAMPLES} and report.fit_samples == SELECTION_SAMPLES
     assert not report.qwt_applied and report.blocks and not any(b.kept for b in report.blocks)
     assert all(b.note == "dropped" for b in report.blocks if b.output_gain_db is not None)
     assert any("kept no branch" in w for w in report.warnings)
@@ -698,7 +711,7 @@ def test_auto_residuals_fit_qwt_on_int8_streams_too_and_keep_them_where_qwt_keep
     written, report = quantize_with_report(model, graphs.samples(model, 96, seed=1), calib_method="percentile", progress=False,
                                            **graphs.SYSTEMATIC_ERROR)
     assert report.qwt_applied and (report.int8_residual_streams, report.float_residual_streams) == (1, 0)
-    assert report.sqnr_qwt_db - report.sqnr_ptq_db >= api.MIN_QWT_GAIN_DB
+    assert report.sqnr_qwt_db - report.sqnr_ptq_db >= MIN_QWT_GAIN_DB
     assert _integer_adds(written) == 4  # two residual Adds, and two branches added into quantized sums
     assert report.qwt_int8_residuals_gain_db > 0 and "QwT fitted on them against float streams" in format_summary(report, "m")
 
@@ -713,6 +726,6 @@ def test_auto_residuals_stay_float_only_where_quantizing_them_loses_half_a_db_be
         scale[::20] = 4.0
     floating, quantized = (metrics.score({"y": reference}, {"y": reference + e}) for e in (error, error * scale))
     gain = quantized.db - floating.db
-    variant = api.Candidate("mse", None, quantized, int8_residuals=True)
-    ptq = api.Candidate("mse", None, floating, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
-    assert api._int8_residuals_pay(ptq) == taken
+    variant = Candidate("mse", None, quantized, int8_residuals=True)
+    ptq = Candidate("mse", None, floating, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
+    assert int8_residuals_pay(ptq) == taken

@@ -4,6 +4,7 @@
     python tools/bench.py --quick         # 32 samples, 16 evaluation samples, min-max baseline only
     python tools/bench.py --granularity   # also one block per residual branch, where that differs
     python tools/bench.py --models yolov8n --merge   # re-run one model, keep the others' rows
+    python tools/bench.py --headline --out docs/RESULTS.md   # the README's table: baseline, PTQ, QwT only
 
 For each model, on the same calibration and evaluation data and in one run:
 FP32; onnxruntime quantize_static (QDQ, per-channel) with min-max, percentile
@@ -246,12 +247,34 @@ def measure_speed(variants: dict[str, Variant], feeds: dict[str, np.ndarray], qu
             variant.scores["kernels"] = speed.by_op(kernels)
 
 
+def _variants(ours, variants: dict, prepared, granularity: bool, quick: bool) -> None:
+    """The variants that differ from the written model in one option only: same calibration method
+    and bias correction (QwT's where it was written, PTQ's where it was not)."""
+    report = variants["qwt"].report
+    chosen = report["qwt_method"] if report.get("qwt_applied") else report["method"]
+    corrected = report["qwt_bias_corrected"] if report.get("qwt_applied") else report["bias_corrected"].get(chosen)
+    correction = ("--bias-correction", "on" if corrected else "off") if corrected is not None else ()
+    same_weights = ("--calib-method", chosen, *correction)
+    ptq_method = variants["qwt-ptq"].report["method"]
+    ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)
+    ours("qwt-ptq-no-bc", "--no-qwt", "--bias-correction", "off", "--calib-method", ptq_method)
+    ours("qwt-full", "--weight-range", "full", *same_weights)
+    ours("qwt-branch", "--compensation", "branch", *same_weights)
+    if not quick:
+        ours("qwt-float", "--compensation", "branch", "--branch-precision", "float", *same_weights)
+    ours("qwt-affine", "--compensation", "affine", *same_weights)
+    if any(block.get("rank") for block in report.get("blocks", [])):
+        ours("qwt-full-rank", "--branch-rank", "full", *same_weights)
+    if granularity and granularities_differ(prepared.model):
+        ours("qwt-residual", "--granularity", "residual", *same_weights)
+
+
 def _digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder: str, log) -> dict:
+def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder: str, log, headline: bool = False) -> dict:
     entry = zoo.get(name)
     prepared = zoo.prepare(name)
     feeds, labels = zoo.load_evaluation(prepared)
@@ -290,33 +313,17 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
         log(f"  {key}: {seconds:.0f} s, {rss:.0f} MiB")
     ours("qwt-ptq", "--no-qwt")
     ours("qwt")
-    # the variants below differ from the written model in one option only: same calibration method
-    # and bias correction (QwT's where it was written, PTQ's where it was not)
-    report = variants["qwt"].report
-    chosen = report["qwt_method"] if report.get("qwt_applied") else report["method"]
-    corrected = report["qwt_bias_corrected"] if report.get("qwt_applied") else report["bias_corrected"].get(chosen)
-    same_weights = ("--calib-method", chosen) + (("--bias-correction", "on" if corrected else "off") if corrected is not None else ())
-    ptq_method = variants["qwt-ptq"].report["method"]
-    ours("qwt-ptq-full", "--no-qwt", "--weight-range", "full", "--calib-method", ptq_method)
-    ours("qwt-ptq-no-bc", "--no-qwt", "--bias-correction", "off", "--calib-method", ptq_method)
-    ours("qwt-full", "--weight-range", "full", *same_weights)
-    ours("qwt-branch", "--compensation", "branch", *same_weights)
-    if not quick:
-        ours("qwt-float", "--compensation", "branch", "--branch-precision", "float", *same_weights)
-    ours("qwt-affine", "--compensation", "affine", *same_weights)
-    if any(block.get("rank") for block in report.get("blocks", [])):
-        ours("qwt-full-rank", "--branch-rank", "full", *same_weights)
-    if granularity and granularities_differ(prepared.model):
-        ours("qwt-residual", "--granularity", "residual", *same_weights)
-
+    if not headline:
+        _variants(ours, variants, prepared, granularity, quick)
     reference = list(outputs_of(prepared.model, feeds))
     for variant in variants.values():
         variant.scores = score(entry, reference, variant.path, feeds, labels)
     ort_keys = [k for k in variants if k.startswith("ort-")]
     best_ort = max(ort_keys, key=lambda k: variants[k].scores["sqnr_db"])
     try:  # quantize_static can write models that onnx.checker rejects (silero-vad's If branches out of order)
-        ours("qwt-on-ort", "--quantized", variants[best_ort].path)
-        variants["qwt-on-ort"].scores = score(entry, reference, variants["qwt-on-ort"].path, feeds, labels)
+        if not headline:
+            ours("qwt-on-ort", "--quantized", variants[best_ort].path)
+            variants["qwt-on-ort"].scores = score(entry, reference, variants["qwt-on-ort"].path, feeds, labels)
     except RuntimeError as failed:
         unfinished["qwt-on-ort"] = "failed: " + str(failed).strip().splitlines()[-1]
         log(f"  qwt-on-ort: {unfinished['qwt-on-ort']}")
@@ -324,7 +331,7 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
     measure_speed(variants, feeds, quick)
     log(f"  evaluated {len(variants)} variants on {count_samples(feeds, input_axes)} samples")
     emulated = QUICK_EMULATED if quick else EMULATED_EVALUATION.get(name, EMULATED_DEFAULT)
-    if emulation.available():
+    if emulation.available() and not headline:
         started = time.perf_counter()
         keys = [best_ort, *EMULATED]
         score_emulated(prepared.model, {k: variants[k] for k in keys}, take(feeds, input_axes, slice(None, emulated)))
@@ -396,13 +403,14 @@ def vnni() -> str:
 
 def markdown(results: list[dict], args, minutes: float) -> str:
     runs = {r["run"]: [x["name"] for x in results if x["run"] == r["run"]] for r in results}
+    command = "python tools/bench.py" + (" --headline" if args.headline else "")
     if len(runs) == 1:
-        provenance = [f"`python tools/bench.py` ({next(iter(runs))}; {minutes:.0f} minutes)."]
+        provenance = [f"`{command}` ({next(iter(runs))}; {minutes:.0f} minutes)."]
     else:  # rows merged from several runs (--merge): each says where it was measured
-        provenance = ["`python tools/bench.py`, rows from several runs:", ""]
+        provenance = [f"`{command}`, rows from several runs:", ""]
         provenance += [f"- {', '.join(names)}: {run}" for run, names in runs.items()]
     lines = [
-        "# Benchmarks",
+        "# Results" if args.headline else "# Benchmarks",
         "",
         *provenance,
         "",
@@ -429,6 +437,7 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         best = v[r["best_ort"]]
         task = lambda key: f"{v[key]['scores']['task']:.4f}" if "task" in v[key]["scores"] else "—"  # noqa: E731
         sqnr = lambda key: f"{v[key]['scores']['sqnr_db']:.1f}" if key in v else "—"  # noqa: E731
+        with_db = lambda cell: cell if cell == "—" else f"{cell} dB"  # noqa: E731
         closed = "—"
         if "task" in v["fp32"]["scores"]:
             share = gap_closed(v["fp32"]["scores"]["task"], v["qwt-ptq"]["scores"]["task"], v["qwt"]["scores"]["task"])
@@ -436,7 +445,8 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         lines.append(
             f"| {r['name']} | {r['metric'] or 'fidelity only'} | {task('fp32')} | {task(r['best_ort'])} | {task('qwt-ptq')} | "
             f"{task('qwt')} | {best['scores']['sqnr_db']:.1f} → {sqnr('qwt-ptq')} → {sqnr('qwt')} dB"
-            f"{' (worst part)' if 'parts_db' in best['scores'] else ''} | {sqnr('qwt-branch')} dB | {sqnr('qwt-affine')} dB | "
+            f"{' (worst part)' if 'parts_db' in best['scores'] else ''} | "
+            f"{with_db(sqnr('qwt-branch'))} | {with_db(sqnr('qwt-affine'))} | "
             f"{closed} | {_latency_ratio(v, 'qwt-ptq', 'fp32')} | {_latency_ratio(v, 'qwt', 'qwt-ptq')} | "
             f"{_latency_ratio(v, 'qwt-branch', 'qwt-ptq')}; {_latency_ratio(v, 'qwt-affine', 'qwt-ptq')} | "
             f"{100 * v['qwt-ptq']['scores']['int8_mac_share']:.0f}%, {100 * v['qwt']['scores']['int8_mac_share']:.0f}% | "
@@ -456,7 +466,7 @@ def markdown(results: list[dict], args, minutes: float) -> str:
     lines += _memory_lines(os.path.join(os.path.dirname(args.out), "memory.json"))
     for r in results:
         lines += _model_section(r)
-    lines += ["", "![fidelity versus latency](benchmarks.png)", ""]
+    lines += ["", f"![fidelity versus latency]({_plot_name(args.out)})", ""]
     return "\n".join(lines)
 
 
@@ -510,6 +520,8 @@ def _portable_lines(results: list[dict]) -> list[str]:
              "| model | samples | ORT best: native → AVX2 | qwt PTQ: native → AVX2 | QwT: native → AVX2 | "
              "QwT, full-range weights: native → AVX2 | portable weights' cost natively: PTQ, QwT | bias correction: held-out gain; evaluation |",
              "|---|---|---|---|---|---|---|---|"]
+    if not all("qwt-full" in r["variants"] for r in results):  # --headline: no full-range or uncorrected variants
+        return []
     targets = []
     for r in results:
         v = r["variants"]
@@ -718,6 +730,8 @@ def main() -> None:
     parser.add_argument("--granularity", action="store_true",
                         help="also one block per residual branch (--granularity residual) where it differs")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
+    parser.add_argument("--headline", action="store_true",
+                        help="only quantize_static, qwt_onnx --no-qwt and qwt_onnx, not emulated (the README's Results table)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of models not run from the existing results (each row names its run)")
     args = parser.parse_args()
@@ -727,7 +741,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qwt-bench-") as folder:
         for name in args.models.split(","):
             print(f"{name}:", flush=True)
-            result = bench_model(name, samples, args.quick, args.granularity, folder, lambda m: print(m, flush=True))
+            log = lambda m: print(m, flush=True)  # noqa: E731
+            result = bench_model(name, samples, args.quick, args.granularity, folder, log, args.headline)
             names = [r["name"] for r in results]  # a re-run model keeps its row's place
             results = [result if r["name"] == name else r for r in results] if name in names else [*results, result]
             write(results, args, (time.perf_counter() - started) / 60)  # after each model: a crash keeps the rest
@@ -750,7 +765,12 @@ def write(results: list[dict], args, minutes: float) -> None:
         f.write(markdown(results, args, minutes))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(results, f, indent=1)
-    plot(results, os.path.join(os.path.dirname(args.out), "benchmarks.png"))
+    plot(results, os.path.join(os.path.dirname(args.out), _plot_name(args.out)))
+
+
+def _plot_name(out: str) -> str:
+    """The plot beside ``out``: benchmarks.png beside BENCHMARKS.md."""
+    return os.path.splitext(os.path.basename(out))[0].lower() + ".png"
 
 
 if __name__ == "__main__":

@@ -25,13 +25,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (tools/bench.py)
 
-from qwt_onnx import api, observe, zoo  # noqa: E402
+from qwt_onnx import observe, zoo  # noqa: E402
 from qwt_onnx.analysis.placement import Exclusions, place  # noqa: E402
 from qwt_onnx.calibration import CalibrationSet  # noqa: E402
 from qwt_onnx.graph import prepare  # noqa: E402
+from qwt_onnx.inputs import effective_batch_size, load_fp32  # noqa: E402
 from qwt_onnx.numerics.ranges import compute_range  # noqa: E402
 from qwt_onnx.options import Options, Target  # noqa: E402
 from qwt_onnx.passes import qdq  # noqa: E402
+from qwt_onnx.run import Warnings  # noqa: E402
 from qwt_onnx.runtime import Runner  # noqa: E402
 
 
@@ -51,9 +53,9 @@ def whole_pass(model, calib: CalibrationSet, batch_size: int) -> None:
 def passes(name: str, samples: int) -> dict[str, float]:
     """Seconds of the whole-model passes a sweep cannot do without, in this process."""
     prepared = zoo.prepare(name)
-    fp = api.load_fp32(prepared.model)
+    fp = load_fp32(prepared.model)
     calib = CalibrationSet.load(prepared.calibration, prepare.input_specs(fp), samples)
-    batch_size = api._effective_batch_size(fp, Options().batch_size)
+    batch_size = effective_batch_size(fp, Options().batch_size, calib, Warnings())
     placement = place(fp.graph, Target.ORT, Exclusions((), ()))
     fp32, _ = timed(lambda: whole_pass(fp, calib, batch_size))
     observed, seen = timed(lambda: observe.observe(

@@ -36,11 +36,11 @@ CATEGORIES = [
 ]
 # The pipeline's steps (nested: an evaluation runs inside a step).
 STEPS = [
-    ("load and prepare", [("api.py", "load_fp32")]),
+    ("load and prepare", [("inputs.py", "load_fp32")]),
     ("observe ranges (FP32 pass)", [("observe.py", "observe")]),
     ("evaluate on held-out samples", [("observe.py", "heldout_outputs")]),
-    ("PTQ candidates, evaluation included", [("api.py", "ptq_candidates")]),
-    ("QwT trial on the first samples", [("api.py", "_select")]),
+    ("PTQ candidates, evaluation included", [("ptq.py", "ptq_candidates")]),
+    ("QwT trial on the first samples", [("qwt.py", "_select")]),
     ("capture and fit (all runs)", [("capture.py", "fit_blocks")]),
     ("write", [("prepare.py", "save_atomically")]),
 ]

@@ -1,0 +1,164 @@
+"""What the steps of one run share: the FP32 model, the calibration set, the options, where
+Q/DQ pairs go and the FP32 reference outputs the held-out scores are taken against."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qwt_onnx import observe
+from qwt_onnx.analysis import capture
+from qwt_onnx.analysis.placement import Exclusions, Placement, log_front_end, place
+from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.graph import prepare
+from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import metrics
+from qwt_onnx.numerics.metrics import Score
+from qwt_onnx.options import BranchPrecision, Options, Residuals, Target, WeightRange
+from qwt_onnx.options import Compensation as CompensationKind
+from qwt_onnx.runtime import Runner, samples_axes, with_outputs
+
+logger = logging.getLogger("qwt_onnx")
+
+
+class Warnings(list):
+    """The run's warnings, logged as they come, each once."""
+
+    def warn(self, message: str) -> None:
+        if message not in self:
+            self.append(message)
+            logger.warning(message)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the steps of one run share: its inputs, its options and the FP32 reference outputs."""
+
+    fp: ir.Model
+    calib: CalibrationSet
+    batch_size: int
+    options: Options
+    warnings: Warnings
+    output_parts: tuple[str, ...] = ()  # where --outputs is not given, the parts the outputs are scored in (analysis.parts)
+    _reference: dict[str, np.ndarray] | None = None  # FP32 outputs on the scoring samples, computed once
+    _batch_axes: dict[str, int] | None = None
+
+    @functools.cached_property
+    def log_front_end(self) -> list[str]:
+        """The weighted ops kept in float because a Log reads what they compute (a spectrogram)."""
+        return [n.name for n in log_front_end(self.fp.graph)]
+
+    @functools.cached_property
+    def placement(self) -> Placement:
+        """Where the FP32 model's Q/DQ pairs go."""
+        return place(self.fp.graph, self.options.target, self.excluded, self.int8_residuals)
+
+    @functools.cached_property
+    def compute_macs(self) -> dict[ir.Node, int]:
+        """Per compute op of the FP32 graph (Conv, ConvTranspose, MatMul, Gemm, LSTM, GRU, RNN), its
+        multiply-accumulates on the first calibration sample (from the shapes the model computes there)."""
+        nodes = [n for n in self.fp.graph if n.op_type in g.COMPUTE_OPS and g.is_default_domain(n)]
+        batch = next(self.calib.batches(1))  # every count grows in proportion to the batch: one sample tells the shares
+        values = [v for n in nodes for v in (n.inputs[0], n.outputs[0])]
+        computed = [v.name for v in values if v is not None and v.name and not g.is_constant(v)]
+        shapes = {name: a.shape for name, a in {**Runner(with_outputs(prepare.to_proto(self.fp), computed))(batch.feeds),
+                                                  **batch.feeds}.items()}
+
+        def shape(value: ir.Value) -> tuple[int, ...] | None:  # None: an output left out (an LSTM's Y)
+            return tuple(value.const_value.shape) if value.const_value is not None else shapes.get(value.name)
+
+        return {node: g.multiply_accumulates(node, shape(node.inputs[0]), shape(node.outputs[0])) for node in nodes}
+
+    @functools.cached_property
+    def weighted_macs(self) -> dict[str, int]:
+        """Per quantized weighted op, its multiply-accumulates on the first calibration sample."""
+        return {node.name: self.compute_macs[node] for site in self.placement.weights for node, _ in site.readers}
+
+    def mac_share(self, names: list[str]) -> float:
+        """The share of the quantized weighted ops' multiply-accumulates that ``names`` hold."""
+        total = sum(self.weighted_macs.values())
+        return sum(self.weighted_macs.get(name, 0) for name in names) / total if total else 0.0
+
+    @functools.cached_property
+    def stem_observed(self) -> list[str]:
+        """The tensors that a float stem's placements quantize and :attr:`placement` does not (what
+        the first ops after the stem read)."""
+        depth = self.options.stem_depth
+        depths = (1, 2) if depth is None else (depth,)
+        names = {n for d in depths
+                 for n in place(self.fp.graph, self.options.target, self.stem_excluded(d), self.int8_residuals).observed_names}
+        return sorted(names - set(self.placement.observed_names))
+
+    @functools.cached_property
+    def readable(self) -> dict[str, tuple[float, float]]:
+        """The quantized tensors whose readers all saturate, and the values they tell apart."""
+        return self.placement.readable_intervals(self.options.activation_bits)
+
+    @property
+    def int8_residuals(self) -> bool:
+        return self.options.residuals == Residuals.INT8
+
+    @functools.cached_property
+    def residual_streams(self) -> int:
+        """The residual streams that ``--residuals float`` leaves float for some readers, which
+        ``int8`` quantizes for all."""
+        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals)
+        floating, quantized = (other, self.placement) if self.int8_residuals else (self.placement, other)
+        readers = {site.value: len(site.readers) for site in floating.activations}
+        streams = quantized.activations
+        own = [site for site in streams if site.value is site.observed or site.absorbed is not None]  # not a shortcut's pool
+        return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in own)
+
+    @property
+    def excluded(self) -> Exclusions:
+        return Exclusions(self.options.exclude_nodes, self.options.exclude_op_types, frozenset(self.log_front_end))
+
+    def stem_excluded(self, depth: int) -> Exclusions:
+        """:attr:`excluded`, and the weighted ops nearest the inputs up to ``depth`` (see ``--float-stem``)."""
+        stem = set(self.placement.stem(self.fp.graph, depth))
+        return dataclasses.replace(self.excluded, kept_float=self.excluded.kept_float | stem)
+
+    @property
+    def branch_options(self) -> capture.BranchOptions:
+        o = self.options
+        return capture.BranchOptions(
+            o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
+            o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation != CompensationKind.BRANCH,
+            o.compensation != CompensationKind.AFFINE, o.activation_bits, o.rank,
+        )
+
+    def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The FP32 outputs on the scoring samples: ``given`` (from a pass that already ran), or run once."""
+        if self._reference is None:
+            self._reference = given if given is not None else observe.heldout_outputs(
+                prepare.to_proto(self.fp), self.calib, self.batch_size, "FP32 reference"
+            )
+        return self._reference
+
+    def output_check(self, calib: CalibrationSet) -> capture.OutputCheck | None:
+        """With ``--check-outputs``, what each branch fitted on ``calib`` (a prefix of the run's set)
+        is checked against at the outputs."""
+        if not self.options.check_outputs or not calib.scoring_mask.any():
+            return None
+        if self._batch_axes is None:
+            self._batch_axes = samples_axes(prepare.to_proto(self.fp))[1]
+        return capture.OutputCheck(self._scoring_reference(calib), calib.scoring_mask, self._batch_axes, self.options.outputs)
+
+    def _scoring_reference(self, calib: CalibrationSet) -> dict[str, np.ndarray]:
+        """The FP32 outputs on the scoring samples of ``calib``, a prefix of the run's set (whose
+        scoring samples are the first of the run's)."""
+        count = int(calib.scoring_mask.sum())
+        return {k: v[:count] for k, v in self.reference().items()}
+
+    def heldout_score(self, model: ir.Model, description: str, calib: CalibrationSet | None = None) -> Score | None:
+        """SQNR to FP32 per output on the scoring samples of ``calib`` (a prefix of the run's set)."""
+        calib = calib or self.calib
+        if not calib.scoring_mask.any():
+            return None
+        reference = self._scoring_reference(calib)
+        outputs = observe.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
+        return metrics.score(reference, outputs, self.options.outputs)
