@@ -427,11 +427,13 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         "",
         "## Summary",
         "",
-        "| model | task metric | FP32 | ORT best | qwt PTQ | QwT | SQNR: ORT best → qwt PTQ → QwT | branches only | folds only | gap closed | "
-        "PTQ latency / FP32 (b1, b16) | QwT latency / PTQ (b1, b16) | branches only, folds only: latency / PTQ | "
-        "INT8 MACs: PTQ, QwT | QwT time / ORT time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    variants = any("qwt-branch" in r["variants"] for r in results)  # not with --headline
+    columns = ["model", "task metric", "FP32", "ORT best", "qwt PTQ", "QwT", "SQNR: ORT best → qwt PTQ → QwT",
+               *(["branches only", "folds only"] if variants else []), "gap closed", "PTQ latency / FP32 (b1, b16)",
+               "QwT latency / PTQ (b1, b16)", *(["branches only, folds only: latency / PTQ"] if variants else []),
+               "INT8 MACs: PTQ, QwT", "QwT time / ORT time"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         v = r["variants"]
         best = v[r["best_ort"]]
@@ -442,16 +444,16 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         if "task" in v["fp32"]["scores"]:
             share = gap_closed(v["fp32"]["scores"]["task"], v["qwt-ptq"]["scores"]["task"], v["qwt"]["scores"]["task"])
             closed = "no gap" if share is None else f"{100 * share:.0f}%"
-        lines.append(
-            f"| {r['name']} | {r['metric'] or 'fidelity only'} | {task('fp32')} | {task(r['best_ort'])} | {task('qwt-ptq')} | "
-            f"{task('qwt')} | {best['scores']['sqnr_db']:.1f} → {sqnr('qwt-ptq')} → {sqnr('qwt')} dB"
-            f"{' (worst part)' if 'parts_db' in best['scores'] else ''} | "
-            f"{with_db(sqnr('qwt-branch'))} | {with_db(sqnr('qwt-affine'))} | "
-            f"{closed} | {_latency_ratio(v, 'qwt-ptq', 'fp32')} | {_latency_ratio(v, 'qwt', 'qwt-ptq')} | "
-            f"{_latency_ratio(v, 'qwt-branch', 'qwt-ptq')}; {_latency_ratio(v, 'qwt-affine', 'qwt-ptq')} | "
-            f"{100 * v['qwt-ptq']['scores']['int8_mac_share']:.0f}%, {100 * v['qwt']['scores']['int8_mac_share']:.0f}% | "
-            f"{v['qwt']['seconds'] / v['ort-minmax']['seconds']:.1f}× |"
-        )
+        cells = [r["name"], r["metric"] or "fidelity only", task("fp32"), task(r["best_ort"]), task("qwt-ptq"), task("qwt"),
+                 f"{best['scores']['sqnr_db']:.1f} → {sqnr('qwt-ptq')} → {sqnr('qwt')} dB"
+                 f"{' (worst part)' if 'parts_db' in best['scores'] else ''}",
+                 *([with_db(sqnr("qwt-branch")), with_db(sqnr("qwt-affine"))] if variants else []),
+                 closed, _latency_ratio(v, "qwt-ptq", "fp32"), _latency_ratio(v, "qwt", "qwt-ptq"),
+                 *([f"{_latency_ratio(v, 'qwt-branch', 'qwt-ptq')}; {_latency_ratio(v, 'qwt-affine', 'qwt-ptq')}"]
+                   if variants else []),
+                 f"{100 * v['qwt-ptq']['scores']['int8_mac_share']:.0f}%, {100 * v['qwt']['scores']['int8_mac_share']:.0f}%",
+                 f"{v['qwt']['seconds'] / v['ort-minmax']['seconds']:.1f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Targets. Issue 3: QwT above ORT's best static INT8 on fidelity for every model; at least half",
               "of the FP32-to-PTQ task-metric gap closed where there is one; QwT quantization within 2× of",
               "quantize_static (min-max) time. Issue 6: the PTQ model at most 0.7× FP32 latency and the QwT",
