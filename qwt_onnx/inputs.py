@@ -23,12 +23,8 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 
 
 def load_fp32(model: ModelLike) -> ir.Model:
-    """The FP32 model, prepared for the passes (see :func:`prepare.prepare`); a batch dimension
-    fixed over 1 made dynamic, its size kept in ``meta["fixed_batch"]`` (:func:`prepare.free_fixed_batch`)."""
-    loaded = _load(model, "input model")
-    fixed_batch = prepare.free_fixed_batch(loaded)
-    fp = prepare.prepare(loaded)
-    fp.meta["fixed_batch"] = fixed_batch
+    """The FP32 model, prepared for the passes (:func:`_prepared`)."""
+    fp = _prepared(model, "input model")
     kernels = g.integer_kernels(fp.graph)
     if kernels:  # quantize_dynamic's or quantize_static's QOperator output: --quantized cannot take it either
         raise InputError(f"the input model is already quantized, in onnxruntime's QOperator format ({', '.join(kernels[:3])}); "
@@ -39,10 +35,8 @@ def load_fp32(model: ModelLike) -> ir.Model:
 
 
 def load_quantized(quantized: ModelLike) -> ir.Model:
-    """The user's QDQ model (``--quantized``), prepared for the passes, a batch fixed over 1 freed as the FP32 model's."""
-    loaded = _load(quantized, "quantized model")
-    prepare.free_fixed_batch(loaded)
-    q = prepare.prepare(loaded)
+    """The user's QDQ model (``--quantized``), prepared for the passes as the FP32 model is."""
+    q = _prepared(quantized, "quantized model")
     if not g.is_quantized(q.graph):
         raise InputError("the --quantized model has no QuantizeLinear/DequantizeLinear nodes; pass a QDQ model")
     kernels = g.integer_kernels(q.graph)
@@ -50,6 +44,16 @@ def load_quantized(quantized: ModelLike) -> ir.Model:
         raise InputError(f"the --quantized model is in onnxruntime's QOperator format ({', '.join(kernels[:3])}); pass a "
                          "QDQ model of the same FP32 model (quantize_static with quant_format=QuantFormat.QDQ)")
     return q
+
+
+def _prepared(model: ModelLike, role: str) -> ir.Model:
+    """``model`` loaded and prepared for the passes (see :func:`prepare.prepare`); a batch dimension
+    fixed over 1 made dynamic, its size kept in ``meta["fixed_batch"]`` (:func:`prepare.free_fixed_batch`)."""
+    loaded = _load(model, role)
+    fixed_batch = prepare.free_fixed_batch(loaded)
+    prepared = prepare.prepare(loaded)
+    prepared.meta["fixed_batch"] = fixed_batch
+    return prepared
 
 
 def expose_what_selections_read(fp: ir.Model) -> tuple[list[str], list[str]]:

@@ -320,13 +320,13 @@ def bench_model(name: str, samples: int, quick: bool, granularity: bool, folder:
         variant.scores = score(entry, reference, variant.path, feeds, labels)
     ort_keys = [k for k in variants if k.startswith("ort-")]
     best_ort = max(ort_keys, key=lambda k: variants[k].scores["sqnr_db"])
-    try:  # quantize_static can write models that onnx.checker rejects (silero-vad's If branches out of order)
-        if not headline:
+    if not headline:
+        try:  # quantize_static can write models that onnx.checker rejects (silero-vad's If branches out of order)
             ours("qwt-on-ort", "--quantized", variants[best_ort].path)
             variants["qwt-on-ort"].scores = score(entry, reference, variants["qwt-on-ort"].path, feeds, labels)
-    except RuntimeError as failed:
-        unfinished["qwt-on-ort"] = "failed: " + str(failed).strip().splitlines()[-1]
-        log(f"  qwt-on-ort: {unfinished['qwt-on-ort']}")
+        except RuntimeError as failed:
+            unfinished["qwt-on-ort"] = "failed: " + str(failed).strip().splitlines()[-1]
+            log(f"  qwt-on-ort: {unfinished['qwt-on-ort']}")
 
     measure_speed(variants, feeds, quick)
     log(f"  evaluated {len(variants)} variants on {count_samples(feeds, input_axes)} samples")
@@ -428,10 +428,10 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         "## Summary",
         "",
     ]
-    variants = any("qwt-branch" in r["variants"] for r in results)  # not with --headline
+    one_option = any("qwt-branch" in r["variants"] for r in results)  # the variants --headline does not run
     columns = ["model", "task metric", "FP32", "ORT best", "qwt PTQ", "QwT", "SQNR: ORT best → qwt PTQ → QwT",
-               *(["branches only", "folds only"] if variants else []), "gap closed", "PTQ latency / FP32 (b1, b16)",
-               "QwT latency / PTQ (b1, b16)", *(["branches only, folds only: latency / PTQ"] if variants else []),
+               *(["branches only", "folds only"] if one_option else []), "gap closed", "PTQ latency / FP32 (b1, b16)",
+               "QwT latency / PTQ (b1, b16)", *(["branches only, folds only: latency / PTQ"] if one_option else []),
                "INT8 MACs: PTQ, QwT", "QwT time / ORT time"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
@@ -447,10 +447,10 @@ def markdown(results: list[dict], args, minutes: float) -> str:
         cells = [r["name"], r["metric"] or "fidelity only", task("fp32"), task(r["best_ort"]), task("qwt-ptq"), task("qwt"),
                  f"{best['scores']['sqnr_db']:.1f} → {sqnr('qwt-ptq')} → {sqnr('qwt')} dB"
                  f"{' (worst part)' if 'parts_db' in best['scores'] else ''}",
-                 *([with_db(sqnr("qwt-branch")), with_db(sqnr("qwt-affine"))] if variants else []),
+                 *([with_db(sqnr("qwt-branch")), with_db(sqnr("qwt-affine"))] if one_option else []),
                  closed, _latency_ratio(v, "qwt-ptq", "fp32"), _latency_ratio(v, "qwt", "qwt-ptq"),
                  *([f"{_latency_ratio(v, 'qwt-branch', 'qwt-ptq')}; {_latency_ratio(v, 'qwt-affine', 'qwt-ptq')}"]
-                   if variants else []),
+                   if one_option else []),
                  f"{100 * v['qwt-ptq']['scores']['int8_mac_share']:.0f}%, {100 * v['qwt']['scores']['int8_mac_share']:.0f}%",
                  f"{v['qwt']['seconds'] / v['ort-minmax']['seconds']:.1f}×"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -511,6 +511,8 @@ The kernel tables in each model's section (one profiled batch-1 run per model) s
 
 def _portable_lines(results: list[dict]) -> list[str]:
     """Issue 11: the same models on an emulated AVX2-only CPU, and what the portable weight range costs."""
+    if not all("qwt-full" in r["variants"] for r in results):  # --headline: no full-range or uncorrected variants
+        return []
     lines = ["", "## Portable INT8: the same models on an AVX2-only CPU", "",
              "SQNR to FP32 (dB) of each model run natively (on its run's CPU, named above with its VNNI extensions) and on an",
              "emulated AVX2-only CPU (`qemu-x86_64 -cpu Haswell`: no VNNI, so onnxruntime's uint8 × int8 kernels",
@@ -522,8 +524,6 @@ def _portable_lines(results: list[dict]) -> list[str]:
              "| model | samples | ORT best: native → AVX2 | qwt PTQ: native → AVX2 | QwT: native → AVX2 | "
              "QwT, full-range weights: native → AVX2 | portable weights' cost natively: PTQ, QwT | bias correction: held-out gain; evaluation |",
              "|---|---|---|---|---|---|---|---|"]
-    if not all("qwt-full" in r["variants"] for r in results):  # --headline: no full-range or uncorrected variants
-        return []
     targets = []
     for r in results:
         v = r["variants"]
@@ -740,10 +740,10 @@ def main() -> None:
     samples = args.samples or (QUICK_SAMPLES if args.quick else zoo.CALIBRATION_SAMPLES)
     started = time.perf_counter()
     results = earlier_results(args.out) if args.merge else []
+    log = lambda m: print(m, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="qwt-bench-") as folder:
         for name in args.models.split(","):
             print(f"{name}:", flush=True)
-            log = lambda m: print(m, flush=True)  # noqa: E731
             result = bench_model(name, samples, args.quick, args.granularity, folder, log, args.headline)
             names = [r["name"] for r in results]  # a re-run model keeps its row's place
             results = [result if r["name"] == name else r for r in results] if name in names else [*results, result]
