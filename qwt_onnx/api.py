@@ -245,6 +245,7 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         method=compensation.method if applied else ptq.method,
         qwt_method=compensation.method if compensation is not None else None,
         qwt_bias_corrected=compensation.bias_corrected if compensation is not None else None,
+        qwt_whole_error=compensation.whole_error if compensation is not None else None,
         fit_samples=compensation.samples if compensation is not None else 0,
         samples=run.calib.num_samples,
         heldout_samples=int(run.calib.heldout_mask.sum()),

@@ -55,6 +55,12 @@ class Compensation(Choice):
     AFFINE = "affine"  # QwT-v2's channel-wise affine, folded into each block's last weighted op: no new nodes
 
 
+class FitError(Choice):
+    AUTO = "auto"  # the better on QwT's trial
+    OWN = "own"  # each block's own error: the FP32 block on the quantized block's input (QwT)
+    WHOLE = "whole"  # the block output's error against the FP32 model's own activation, inherited error included
+
+
 class BranchPrecision(Choice):
     INT8 = "int8"
     FLOAT = "float"
@@ -137,6 +143,12 @@ class Options:
         "block's last Conv/Gemm/MatMul (weight scales and bias) or normalization (QwT-v2), no added nodes or latency; "
         "auto: per block, the fold where it removes at least --min-gain of the block's held-out error and 0.95 of "
         "what a branch would, else the branch",
+    )
+    fit_error: FitError = _option(
+        FitError.AUTO,
+        "what each compensation is fitted to remove: own, its block's own error (the FP32 block run on the "
+        "quantized block's input, as QwT fits it); whole, the block output's whole error against the FP32 model's "
+        "own activation, the error inherited from earlier blocks included; auto: the better on QwT's trial",
     )
     branch_precision: BranchPrecision = _option(
         BranchPrecision.INT8,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
@@ -14,6 +15,7 @@ from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.affine import AffineFit
 from qwt_onnx.numerics.metrics import Score
+from qwt_onnx.options import FitError
 from qwt_onnx.passes import affine, splice
 from qwt_onnx.ptq import GIVEN, Candidate, int8_streams_keep
 from qwt_onnx.report import BlockReport
@@ -46,6 +48,7 @@ class Compensation:
     samples: int  # the fits were made on the first this many
     score: Score | None = None
     bias_corrected: bool = False
+    whole_error: bool = False  # fitted to the whole error at each block output, not the block's own
 
     @property
     def sqnr_db(self) -> float | None:
@@ -57,10 +60,12 @@ class Selection:
     """QwT's held-out SQNR per trial (bias correction either way), tried on the first samples."""
 
     samples: int = 0  # QwT was fitted on the first this many (and scored on every scoring sample)
-    scores: dict[str, Score] = dataclasses.field(default_factory=dict)  # by trial label (see _trial_labels)
-    chosen: str | None = None  # the label of the PTQ model QwT is fitted on
-    candidate: Candidate | None = None  # ... and that model
+    scores: dict[str, Score] = dataclasses.field(default_factory=dict)  # by trial label (see _trial_label)
+    chosen: str | None = None  # the label of the trial QwT is fitted as
+    candidate: Candidate | None = None  # ... its PTQ model
+    whole_error: bool = False  # ... and what it fits: the whole error or each block's own
     without_branch: list[str] = dataclasses.field(default_factory=list)  # trial labels where no block kept a branch
+    untried: list[str] = dataclasses.field(default_factory=list)  # trial labels not tried (see _other_correction_may_pay)
     # The chosen trial's compensation, scored; where no trial kept a branch, the PTQ model's (no model)
     compensation: Compensation | None = None
     cannot_pay: str | None = None  # why the chosen trial says QwT on all samples would not be written
@@ -89,15 +94,13 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Select
         return selection, selection.compensation
     chosen = selection.candidate
     if selection.cannot_pay:
-        tried = {*selection.scores, *selection.without_branch}
-        untried = [label for label in _trial_labels(ptq) if label not in tried]
         run.warnings.warn(
             f"QwT fitted on the first {selection.samples} samples {selection.cannot_pay}; not fitting it on all samples, "
             "writing the PTQ model"
-            + "".join(f" (not tried: QwT on {label})" for label in untried)
+            + "".join(f" (not tried: QwT on {label})" for label in selection.untried)
         )
         return selection, dataclasses.replace(selection.compensation, model=None, score=None)
-    compensation = _fit(run, chosen, found, run.calib)
+    compensation = _fit(run, chosen, found, run.calib, selection.whole_error)
     if compensation.model is None:
         run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
         return selection, compensation
@@ -137,46 +140,63 @@ def _trial_shortfall(trial: Score, ptq: Candidate) -> tuple[float, tuple[float, 
 
 
 def _select(run: Run, ptq: Candidate, found: list[blk.Block]) -> Selection:
-    """QwT on the best PTQ model, and on its weights with bias correction the other way, on the
-    first samples.
+    """QwT on the best PTQ model, fitted to each block's own error and to the whole error at its
+    output (as ``--fit-error`` asks), and on its weights with bias correction the other way, on
+    the first samples.
 
     A branch's bias absorbs its block's mean error itself, so whether bias correction still
     helps is a question for the compensated model. Other calibration methods are not tried:
     QwT on one of them has never beaten QwT on PTQ's best beyond the noise of the held-out
     samples since MSE joined ``auto`` (eight zoo models), and each trial is a capture. Nor is
     the other correction where QwT on PTQ's best falls short of paying by more than it has
-    ever gained over it (:func:`_other_correction_may_pay`).
+    ever gained over it (:func:`_other_correction_may_pay`); where it is tried, it fits the
+    error that QwT on PTQ's best fitted better.
     """
     subset = run.calib.take(SELECTION_SAMPLES)
-    trials = _trial_labels(ptq)
-    compensations, cannot_pay = {}, {}
-    for label, candidate in trials.items():
-        compensation = _fit(run, candidate, found, subset)
+    compensations, cannot_pay, trials = {}, {}, {}
+
+    def attempt(candidate: Candidate, whole_error: bool) -> None:
+        label = _trial_label(candidate, candidate is not ptq, whole_error)
+        compensation = _fit(run, candidate, found, subset, whole_error)
         if compensation.model is not None:
             # Scored on every scoring sample, not only the subset's dozen held-out ones (no fit saw
             # any of them): output errors are heavy-tailed, and a dozen samples decide by noise.
             score = run.heldout_score(compensation.model, f"evaluating QwT ({label})")
             compensation = dataclasses.replace(compensation, score=score)
             cannot_pay[label] = _why_the_trial_cannot_pay(compensation.score, ptq) if compensation.score is not None else None
-        compensations[label] = compensation
-        if candidate is ptq and not _other_correction_may_pay(compensation.score, ptq):
-            break
+        compensations[label], trials[label] = compensation, (candidate, whole_error)
+
+    for whole_error in _fit_errors(run.options.fit_error):
+        attempt(ptq, whole_error)
+    first = max(compensations.values(), key=lambda c: c.sqnr_db if c.sqnr_db is not None else -np.inf)
+    other, untried = ptq.other_correction, []
+    if other is not None and _other_correction_may_pay(first.score, ptq):
+        attempt(other, first.whole_error)
+    elif other is not None:
+        untried = [_trial_label(other, True, first.whole_error)]
     scores = {label: c.score for label, c in compensations.items() if c.model is not None}
     without_branch = [label for label in compensations if label not in scores]
     if not scores:  # the PTQ model's fits say why
-        return Selection(subset.num_samples, without_branch=without_branch, compensation=compensations[ptq.method])
-    best = _trial_choice(scores, ptq.method, paying=[label for label in scores if not cannot_pay[label]])
-    return Selection(subset.num_samples, scores, best, trials[best], without_branch, compensations[best], cannot_pay[best])
+        return Selection(subset.num_samples, without_branch=without_branch, untried=untried, compensation=first)
+    on_ptq = [label for label in scores if trials[label][0] is ptq]
+    best = _trial_choice(scores, on_ptq, paying=[label for label in scores if not cannot_pay[label]])
+    candidate, whole_error = trials[best]
+    return Selection(subset.num_samples, scores, best, candidate, whole_error, without_branch, untried, compensations[best],
+                     cannot_pay[best])
 
 
-def _trial_labels(ptq: Candidate) -> dict[str, Candidate]:
-    """The PTQ models QwT is tried on, by label: the best PTQ model (labelled by its method) and
-    its method's with bias correction the other way, where there is one."""
-    trials = {ptq.method: ptq}
-    other = ptq.other_correction
-    if other is not None:
-        trials[f"{other.method} {'with' if other.bias_corrected else 'without'} bias correction"] = other
-    return trials
+def _fit_errors(fit_error: FitError) -> tuple[bool, ...]:
+    """What QwT's trial fits, as ``whole_error`` flags: each block's own error, the whole error, or both."""
+    return {FitError.OWN: (False,), FitError.WHOLE: (True,), FitError.AUTO: (False, True)}[fit_error]
+
+
+def _trial_label(candidate: Candidate, other_correction: bool, whole_error: bool) -> str:
+    """A trial's label: the PTQ model's method (with its bias correction where that is the
+    other one), and the whole error where that is fitted."""
+    label = candidate.method
+    if other_correction:
+        label += f" {'with' if candidate.bias_corrected else 'without'} bias correction"
+    return label + (", whole error" if whole_error else "")
 
 
 def _other_correction_may_pay(first: Score | None, ptq: Candidate) -> bool:
@@ -187,16 +207,19 @@ def _other_correction_may_pay(first: Score | None, ptq: Candidate) -> bool:
     return shortfall is None or shortfall[0] > MIN_QWT_GAIN_DB - OTHER_CORRECTION_REACH_DB
 
 
-def _trial_choice(scores: dict[str, Score], ptq_method: str, paying: list[str]) -> str:
-    """The trial to fit QwT on: of those that may pay (all where none may), the best PTQ
-    model's, unless QwT on the other beats QwT on it beyond the noise of the scoring samples
-    (the lower end of the 95% interval of its gain is above zero)."""
+def _trial_choice(scores: dict[str, Score], on_ptq: list[str], paying: list[str]) -> str:
+    """The trial to fit QwT as: of those that may pay (all where none may), the best of QwT on
+    the best PTQ model (``on_ptq``, fitted to either error), unless QwT on the other correction
+    beats it beyond the noise of the scoring samples (the lower end of the 95% interval of its
+    gain is above zero)."""
     labels = paying or list(scores)
     best = max(labels, key=lambda label: scores[label].db)
-    if best == ptq_method or ptq_method not in labels:
+    preferred = [label for label in labels if label in on_ptq]
+    if best in preferred or not preferred:
         return best
-    interval = metrics.gain_interval(scores[best], scores[ptq_method])
-    return best if interval is None or interval[0] > 0.0 else ptq_method
+    ptq_best = max(preferred, key=lambda label: scores[label].db)
+    interval = metrics.gain_interval(scores[best], scores[ptq_best])
+    return best if interval is None or interval[0] > 0.0 else ptq_best
 
 
 def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None) -> bool:
@@ -266,7 +289,7 @@ def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensati
     variant = selection.candidate.int8_residuals_variant if selection.candidate is not None else None
     if variant is None or compensation.score is None:
         return None, None
-    fitted = _fit(run, variant, found, run.calib)
+    fitted = _fit(run, variant, found, run.calib, selection.whole_error)
     if fitted.model is None:
         return None, None
     fitted = dataclasses.replace(fitted, score=run.heldout_score(fitted.model, "evaluating QwT on int8 residual streams"))
@@ -290,13 +313,14 @@ def qwt_gain_interval(compensation: Compensation | None, ptq: Candidate) -> tupl
     return metrics.gain_interval(*metrics.where_they_differ(compensation.score, ptq.score))
 
 
-def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: CalibrationSet) -> Compensation:
-    """``candidate``'s model with fitted branches spliced in (a copy; None if no block gained) and the per-block reports."""
+def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: CalibrationSet, whole_error: bool) -> Compensation:
+    """``candidate``'s model with fitted compensations spliced in (a copy; None if no block gained)
+    and the per-block reports; each fitted to the whole error at its block output, or to the block's own."""
     # Our own Q/DQ pass keeps the FP32 meaning of every boundary tensor; a given QDQ model may not.
     exact = candidate.method != GIVEN
     results = capture.fit_blocks(
         candidate.float_model or run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
-        branch_options=run.branch_options, check=run.output_check(calib),
+        branch_options=run.branch_options(whole_error), check=run.output_check(calib),
     )
     branches, folds, reports = [], [], []
     for k, res in enumerate(results):
@@ -317,11 +341,13 @@ def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: Calibrat
             entry = dataclasses.replace(entry, parameters=branch.num_parameters)
         reports.append(entry)
     if not branches and not folds:
-        return Compensation(candidate.method, None, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
+        return Compensation(candidate.method, None, reports, calib.num_samples, bias_corrected=candidate.bias_corrected,
+                            whole_error=whole_error)
     compensated = candidate.model.clone()
     passes = ([affine.FoldAffinePass(folds)] if folds else []) + ([splice.SpliceCompensationPass(branches)] if branches else [])
     ir.passes.PassManager([*passes, TopologicalSortPass()])(compensated)
-    return Compensation(candidate.method, compensated, reports, calib.num_samples, bias_corrected=candidate.bias_corrected)
+    return Compensation(candidate.method, compensated, reports, calib.num_samples, bias_corrected=candidate.bias_corrected,
+                        whole_error=whole_error)
 
 
 def _block_report(res: capture.BlockResult) -> BlockReport:

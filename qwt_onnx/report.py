@@ -39,12 +39,14 @@ class Report:
     repeated_samples: int = 0  # calibration samples whose values repeat an earlier one's, rearranged or not: held out with it
     qwt_method: str | None = None  # the one the compensation was fitted on (written or not)
     qwt_bias_corrected: bool | None = None  # whether the weights it was fitted on are bias-corrected
+    qwt_whole_error: bool | None = None  # whether it fitted the whole error at each block output, not the block's own
     qwt_trial: str | None = None  # the label, in method_qwt_sqnr_db, of the PTQ model QwT was fitted on
     weight_range: str = "portable"
     method_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # PTQ, per method
     # 95% paired-bootstrap interval of the chosen method's held-out lead over the next best
     method_lead_interval_db: list[float] | None = None
-    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)  # QwT trials: PTQ's method (and bias correction the other way)
+    # QwT trials: PTQ's method (and bias correction the other way), fitted to each block's own error or the whole one
+    method_qwt_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_trials_without_branch: list[str] = dataclasses.field(default_factory=list)  # tried, but no block kept one
     bias_corrected: dict[str, bool] = dataclasses.field(default_factory=dict)  # per method, as written
     bias_correction_gain_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per method
@@ -148,7 +150,8 @@ def format_summary(report: Report, source: str) -> str:
     if report.blocks:
         lines.append(
             f"{len(report.blocks)} blocks found; {report.options.get('compensation', 'branch')} compensation fitted on {report.qwt_method} calibration"
-            f"{', bias-corrected weights' if report.qwt_bias_corrected else ''}, {report.fit_samples} samples"
+            f"{', bias-corrected weights' if report.qwt_bias_corrected else ''}, {report.fit_samples} samples, "
+            f"{'the whole error at each block output' if report.qwt_whole_error else 'each block its own error'}"
         )
         lines.append(f"  {'#':>2}  {'block':<40} {'R² fit':>7} {'R² held':>8} {'error':>7} {'outputs':>8}  channels kept")
         for k, b in enumerate(report.blocks):

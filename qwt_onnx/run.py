@@ -122,13 +122,13 @@ class Run:
         stem = set(self.placement.stem(self.fp.graph, depth))
         return dataclasses.replace(self.excluded, kept_float=self.excluded.kept_float | stem)
 
-    @property
-    def branch_options(self) -> capture.BranchOptions:
+    def branch_options(self, whole_error: bool = False) -> capture.BranchOptions:
+        """The compensations asked for, fitted to the whole error or to each block's own."""
         o = self.options
         return capture.BranchOptions(
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
             o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation != CompensationKind.BRANCH,
-            o.compensation != CompensationKind.AFFINE, o.activation_bits, o.rank,
+            o.compensation != CompensationKind.AFFINE, o.activation_bits, o.rank, whole_error,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -208,7 +208,8 @@ def test_a_block_that_ends_in_a_float_weighted_op_says_so():
 def test_affine_compensation_keeps_the_ptq_graph_and_tracks_fp32_closer_on_heldout_samples():
     model = graphs.resnet(size=16)
     calib = graphs.samples(model, 320, 0)
-    options = dict(progress=False, residuals="float", **graphs.SYSTEMATIC_ERROR)  # the streams QwT's model keeps
+    # the streams QwT's model keeps; each block's own error, whose folds and branches are measured here
+    options = dict(progress=False, residuals="float", fit_error="own", **graphs.SYSTEMATIC_ERROR)
     ptq, _ = quantize_with_report(model, calib, qwt=False, **options)
     folded, report = quantize_with_report(model, calib, compensation="affine", **options)
     assert report.qwt_applied, report.warnings
@@ -234,7 +235,8 @@ def test_auto_compensation_writes_a_fold_where_it_suffices_and_a_branch_elsewher
 
     model = graphs.resnet(size=16)
     calib = graphs.samples(model, 320, 0)
-    options = dict(progress=False, residuals="float", **graphs.SYSTEMATIC_ERROR)  # the streams QwT's model keeps
+    # the streams QwT's model keeps; each block's own error, whose folds and branches are measured here
+    options = dict(progress=False, residuals="float", fit_error="own", **graphs.SYSTEMATIC_ERROR)
     ptq, _ = quantize_with_report(model, calib, qwt=False, **options)
     # the folds of this model remove about 10%, 19% and 27% of their blocks' errors, the
     # branches a little more: a looser rule folds the last two and keeps the first branch

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import TopologicalSortPass
 
-from qwt_onnx import observe
+from qwt_onnx import observe, runtime
 from qwt_onnx.analysis import blocks, capture
 from qwt_onnx.analysis.placement import place
 from qwt_onnx.calibration import CalibrationSet
@@ -109,6 +109,49 @@ def test_a_unit_whose_input_joins_several_earlier_outputs_is_led_from_their_comp
     kept = [set(m.kept_after) for m in models]
     assert "/stem/act_out" in kept[0] and "/stem/act_out" not in kept[1]
     assert "/down/act_out" in kept[1] & kept[2] and "/down/act_out" not in kept[3]
+
+
+@pytest.mark.parametrize("build, units", [(graphs.resnet, False), (graphs.detector_neck, True),
+                                          (functools.partial(graphs.two_scale_detector, pan=True), True)],
+                         ids=["resnet", "neck-units", "pan-units"])
+def test_the_whole_error_is_measured_against_the_fp32_models_own_activations(build, units, monkeypatch):
+    # the FP32 stream is led through the FP32 graph block by block, as the quantized one is
+    # through the quantized graph: a unit's input joins several earlier outputs
+    fp, q, calib = _min_max_quantized(build())
+    found = blocks.find_blocks(fp, units=units)
+    compared = {}
+    record = capture._Stream.fp32_output
+
+    def recorded(stream, block, i, *args):
+        compared[(block.output, i)] = record(stream, block, i, *args)
+        return compared[(block.output, i)]
+
+    monkeypatch.setattr(capture._Stream, "fp32_output", recorded)
+    capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True, branch_options=capture.BranchOptions(whole_error=True))
+    outputs = [b.output for b in found]
+    run = Runner(runtime.with_outputs(prepare.to_proto(fp), outputs))
+    for i, batch in enumerate(calib.batches(8, capture.stream_order(calib, checked=False))):
+        own = run(batch.feeds)
+        for name in outputs:
+            np.testing.assert_allclose(compared[(name, i)], own[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_branch_fitted_to_the_whole_error_removes_what_earlier_blocks_left():
+    # only the second dense layer gets a branch; the first computes a tenth too much (a scale
+    # off, as a badly clipped layer would), which reaches the second layer's output: a branch
+    # fitted to the whole error there undoes it, one fitted to the layer's own error cannot
+    fp, q, calib = _min_max_quantized(graphs.tensordot_mlp(dims=(8, 16, 16)))
+    scale = g.values_by_name(q.graph)["/dense0/weight_scale"]
+    scale.const_value = ir.tensor(scale.const_value.numpy() * 1.1)
+    second = blocks.find_blocks(fp)[1:]
+    check = _output_check(fp, calib)
+    sqnr = {}
+    for whole in (False, True):
+        results = capture.fit_blocks(fp, q, second, calib, 8, exact_boundaries=True,
+                                     branch_options=capture.BranchOptions(int8=False, whole_error=whole))
+        assert results[0].kept
+        sqnr[whole] = _heldout_sqnr(_spliced(q, results)[0], check, calib)
+    assert sqnr[True] > sqnr[False] + 1.0
 
 
 def test_tf2onnx_dense_layers_get_token_branches():

@@ -10,8 +10,11 @@ chosen compensation leaves it.
 For block k with input ``a`` and output ``b``, every calibration batch goes
 through the FP32 block and the quantized block on the *same* input: the
 compensated output of block k-1, carried through the quantized graph. The
-residual ``R = f(a) - f_q(a)`` and the branch input ``X`` (``a`` after its
-DequantizeLinear where the quantized graph has one) are folded into normal
+residual ``R = f(a) - f_q(a)`` (the block's own error, which QwT fits) or, where
+the whole error is asked for, ``R = b_fp - f_q(a)`` against the FP32 model's own
+activation ``b_fp`` (carried alongside, block by block through the FP32 graph:
+the error inherited from earlier blocks included), and the branch input ``X``
+(``a`` after its DequantizeLinear where the quantized graph has one) are folded into normal
 equations in float64, so memory does not grow with the number of samples;
 the per-batch tensors that the next block needs are spilled to a temporary
 folder. The ranges an int8 branch's quantizers need, of its input (where that
@@ -86,6 +89,9 @@ class BranchOptions:
     # a token branch's rank: None full; 0 the lowest that holds nearly all of the full branch's
     # held-out gain at most half its cost (or full); else that rank, where it is below full
     rank: int | None = None
+    # fitted to the block output's whole error against the FP32 model's own activation (error
+    # inherited from earlier blocks included), not to the block's own error on its quantized input
+    whole_error: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +188,7 @@ class _BlockModels:
     # need not read the output of the one before it)
     kept_after: tuple[str, ...] = ()
     fold_site: ex.SubModel | None = None  # quantized graph from the block input to the output an affine folds into
+    fp_lead_in: ex.SubModel | None = None  # FP32 graph from the FP32 stream's values to the block input (whole error)
 
 
 class _SpillFiles:
@@ -244,8 +251,8 @@ class _Stream:
     """
 
     def __init__(self, folder: str, calib: CalibrationSet, batch_size: int, contexts: _ContextSource, memory_budget: int,
-                 ceiling: int | None = None, checked: bool = False):
-        self.calib, self.batch_size = calib, batch_size
+                 ceiling: int | None = None, checked: bool = False, whole_error: bool = False):
+        self.calib, self.batch_size, self.whole_error = calib, batch_size, whole_error
         self.order = stream_order(calib, checked)
         self.contexts = contexts
         self.memory_budget, self.ceiling = memory_budget, ceiling
@@ -300,24 +307,51 @@ class _Stream:
     def _calibration_batches(self, description: str):
         return self.calib.batches(self.batch_size, self.order, description)
 
-    def start(self, lead_in: ex.SubModel | None, value: str) -> None:
-        """Compute the context and the first block's input on the quantized graph."""
-        runner = Runner(lead_in.proto) if lead_in else None
+    def start(self, first: _BlockModels, value: str) -> None:
+        """Compute the context and the first block's input (``value``) on the quantized graph, and
+        on the FP32 graph where the whole error is fitted."""
+        runner = Runner(first.lead_in.proto) if first.lead_in else None
+        fp_runner = Runner(first.fp_lead_in.proto) if first.fp_lead_in else None
         for i, batch in enumerate(self._calibration_batches("entering the stream")):
             context = self.contexts(batch.feeds)
             self.save("context", i, context)
             pool = {**batch.feeds, **context}
             self._enter(i, value, {value: runner(pool)[value] if runner else pool[value]})
+            if self.whole_error:
+                self.save("fp32", i, {value: fp_runner(pool)[value] if fp_runner else pool[value]})
 
-    def advance(self, result: BlockResult, lead_in: ex.SubModel | None, value: str, kept: tuple[str, ...]) -> None:
+    def follow_fp32(self, fp_block: ex.SubModel, block: Block) -> None:
+        """The FP32 model's own output of ``block``, added to the FP32 stream (where the whole error is fitted)."""
+        runner = Runner(fp_block.proto)
+        for i, batch in enumerate(self._calibration_batches(f"following {block.name} in FP32")):
+            values = dict(self.load("fp32", i))
+            values[block.output] = runner({**batch.feeds, **self.load("context", i), **values})[block.output]
+            self.save("fp32", i, values)
+
+    def fp32_output(self, block: Block, i: int, pool: dict[str, np.ndarray], fp_run: Runner, x: np.ndarray | None) -> np.ndarray:
+        """Batch ``i``'s FP32 block output that the quantized one is compared with: the FP32
+        model's own, where the whole error is fitted; else the FP32 block's on the stream's input
+        (``x``, its DequantizeLinear view, where the FP32 block reads that)."""
+        if self.whole_error:
+            return self.load("fp32", i)[block.output]
+        return fp_run(pool if x is None else {**pool, block.input: x})[block.output]
+
+    def advance(self, result: BlockResult, following: _BlockModels, value: str, kept: tuple[str, ...]) -> None:
         """The next block's input (``value``), led from this block's compensated output and the
-        other stream values through any gap; of the stream values, those ``kept`` stay."""
-        runner = Runner(lead_in.proto) if lead_in else None
-        for i, _, pool in self.batches("advancing the stream"):
+        other stream values through any gap (``following``'s lead-in); of the stream values, those
+        ``kept`` stay. The FP32 stream, where there is one, advances alike."""
+        runner = Runner(following.lead_in.proto) if following.lead_in else None
+        fp_runner = Runner(following.fp_lead_in.proto) if following.fp_lead_in else None
+        for i, batch, pool in self.batches("advancing the stream"):
             pool[result.block.output] = self.block_output(result, i, pool, result.kept)
             if runner:
                 pool[value] = runner(pool)[value]
             self._enter(i, value, {name: pool[name] for name in {*kept, value}})
+            if self.whole_error:
+                fp_pool = {**batch.feeds, **self.load("context", i), **self.load("fp32", i)}
+                if fp_runner:
+                    fp_pool[value] = fp_runner(fp_pool)[value]
+                self.save("fp32", i, {name: fp_pool[name] for name in {*kept, value}})
 
     def branch_range(self, result: BlockResult) -> tuple[float, float]:
         """The range of the branch output over all batches (before any output quantizer)."""
@@ -394,22 +428,26 @@ def fit_blocks(
     DequantizeLinear. With a ``check``, a branch is kept only where it also
     brings the model outputs closer to FP32.
     """
-    plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check, branch_options.affine)
+    whole = branch_options.whole_error
+    plans, models = _plan(fp, q, blocks, [s.name for s in calib.specs], exact_boundaries, check, branch_options.affine, whole)
     results = []
     budget, ceiling = (DEFAULT_MEMORY_BUDGET, memory.peak()) if memory_budget is None else (memory_budget, None)
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder, contextlib.closing(
-        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, ceiling, checked=check is not None)
+        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, ceiling, checked=check is not None,
+                whole_error=whole)
     ) as stream:
-        stream.start(models[0].lead_in, blocks[0].input)
+        stream.start(models[0], blocks[0].input)
         so_far: dict[str, float] = {}  # each output's held-out SQNR with the branches kept so far
         for k, plan in enumerate(plans):
+            if whole:
+                stream.follow_fp32(models[k].fp, plan.block)
             result = _fit(stream, models[k], plan, calib.heldout_mask, branch_options)
             if result.kept and result.affine is None:
                 result = _with_quantizers(stream, result, branch_options, modelled=check is not None)
             if check is not None and result.kept:
                 result = _checked_at_outputs(stream, result, models[k].tail, check, so_far)
             if k + 1 < len(blocks):
-                stream.advance(result, models[k + 1].lead_in, blocks[k + 1].input, models[k].kept_after)
+                stream.advance(result, models[k + 1], blocks[k + 1].input, models[k].kept_after)
             stream.forget("fold")
             results.append(result)
     return results
@@ -455,7 +493,7 @@ def _checked_at_outputs(
 
 
 def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exact_boundaries: bool, check: OutputCheck | None,
-          affine: bool = False):
+          affine: bool = False, whole_error: bool = False):
     q_values = g.values_by_name(q.graph)
     missing = [name for b in blocks for name in (b.input, b.output) if name not in q_values]
     if missing:
@@ -467,9 +505,10 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
     for block in blocks:
         branch = g.dequantized_view(q_values[block.input])
         branch_input = branch if branch is not None else q_values[block.input]
-        lead_in = None
+        lead_in = fp_lead_in = None
         if block.input not in produced and block.input not in feeds:
             lead_in = ex.extract(q, produced or feeds, [block.input], only_read=True)
+            fp_lead_in = ex.extract(fp, produced or feeds, [block.input], only_read=True) if whole_error else None
         # An output read only through Q/DQ is compensated after its DequantizeLinear (the
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
         # block is judged there too.
@@ -499,6 +538,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 tail=ex.extract(q, [plan.tail_input, *earlier], after, only_read=True) if after else None,
                 # apart from the block: read as an output, the fold site's op would not be fused with its quantizers
                 fold_site=ex.extract(q, [block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
+                fp_lead_in=fp_lead_in,
             )
         )
         plans.append(plan)
@@ -598,7 +638,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
                 result = dataclasses.replace(result, skipped=f"the samples are on no common axis of {list(x.shape)} and {list(y_q.shape)}")
         if layout is None and (fold is None or fold.skipped):  # nothing to fit: the stream needs only the quantized output
             continue
-        y_fp = fp_run({**pool, block.input: x} if plan.quantized_input else pool)[block.output]
+        y_fp = stream.fp32_output(block, i, pool, fp_run, x if plan.quantized_input else None)
         if fold is not None:
             fold.add(stream, i, batch, pool, y_q, y_fp)
         if layout is None:
@@ -695,7 +735,8 @@ def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout:
         stream.save("block", i, {"y": y_q})
         if fold is None or fold.skipped:  # nothing to fold: the stream needs only the quantized output
             continue
-        y_fp = fp_run({**pool, block.input: out.get(plan.branch_input, pool[block.input])} if plan.quantized_input else pool)[block.output]
+        x = out.get(plan.branch_input, pool[block.input]) if plan.quantized_input else None
+        y_fp = stream.fp32_output(block, i, pool, fp_run, x)
         fold.add(stream, i, batch, pool, y_q, y_fp)
     fit = fold.fit() if fold is not None else None
     if fit is None:
@@ -734,7 +775,8 @@ class _ContextSource:
     """Values the sub-models need from outside themselves, computed once per batch."""
 
     def __init__(self, fp: ir.Model, q: ir.Model, models: list[_BlockModels]):
-        needed = {name for m in models for sub in (m.fp, m.q, m.lead_in, m.tail, m.fold_site) if sub for name in sub.context}
+        subs = [sub for m in models for sub in (m.fp, m.q, m.lead_in, m.tail, m.fold_site, m.fp_lead_in) if sub]
+        needed = {name for sub in subs for name in sub.context}
         fp_names = g.values_by_name(fp.graph)
         from_fp = sorted(n for n in needed if n in fp_names)
         from_q = sorted(needed - set(from_fp))
