@@ -387,8 +387,20 @@ def machine() -> str:
 
 
 def run_label(quick: bool) -> str:
-    """When, how and where a model was measured: its row's provenance once runs are merged."""
-    return f"{'quick' if quick else 'full'} run, {datetime.date.today().isoformat()}, on {machine()}"
+    """When, how, at which commit and where a model was measured: its row's provenance once runs are merged."""
+    return f"{'quick' if quick else 'full'} run, {datetime.date.today().isoformat()}{commit()}, on {machine()}"
+
+
+def commit() -> str:
+    """The checkout measured, as ", at COMMIT" (COMMIT+ where its package differs from it); "" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head, changed = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "qwt_onnx")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f", at {head}{'+' if changed else ''}"
 
 
 def vnni() -> str:
