@@ -57,7 +57,8 @@ class Compensation:
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """QwT's held-out SQNR per trial (bias correction either way), tried on the first samples."""
+    """QwT's held-out SQNR per trial (bias correction either way, each block's own error or the
+    whole error fitted), tried on the first samples."""
 
     samples: int = 0  # QwT was fitted on the first this many (and scored on every scoring sample)
     scores: dict[str, Score] = dataclasses.field(default_factory=dict)  # by trial label (see _trial_label)
@@ -80,9 +81,9 @@ class Selection:
 
 
 def compensate(run: Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Selection, Compensation]:
-    """QwT on the best PTQ model: tried on the first samples (with bias correction either way,
-    where that is to be chosen), then fitted on every calibration sample where the trial says
-    it can pay."""
+    """QwT on the best PTQ model: tried on the first samples (with bias correction either way
+    and fitted to either error, where those are to be chosen), then fitted on every calibration
+    sample where the trial says it can pay."""
     selection = _select(run, ptq, found)
     if not selection.sqnr_db:
         run.warnings.warn(
