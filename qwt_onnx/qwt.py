@@ -64,7 +64,6 @@ class Selection:
     scores: dict[str, Score] = dataclasses.field(default_factory=dict)  # by trial label (see _trial_label)
     chosen: str | None = None  # the label of the trial QwT is fitted as
     candidate: Candidate | None = None  # ... its PTQ model
-    whole_error: bool = False  # ... and what it fits: the whole error or each block's own
     without_branch: list[str] = dataclasses.field(default_factory=list)  # trial labels where no block kept a branch
     untried: list[str] = dataclasses.field(default_factory=list)  # trial labels not tried (see _other_correction_may_pay)
     # The chosen trial's compensation, scored; where no trial kept a branch, the PTQ model's (no model)
@@ -74,6 +73,11 @@ class Selection:
     @property
     def sqnr_db(self) -> dict[str, float]:
         return {method: score.db for method, score in self.scores.items()}
+
+    @property
+    def whole_error(self) -> bool:
+        """Whether the chosen trial fits the whole error at each block output, not each block's own."""
+        return self.compensation is not None and self.compensation.whole_error
 
     @property
     def blocks(self) -> list[BlockReport]:
@@ -154,7 +158,7 @@ def _select(run: Run, ptq: Candidate, found: list[blk.Block]) -> Selection:
     error that QwT on PTQ's best fitted better.
     """
     subset = run.calib.take(SELECTION_SAMPLES)
-    compensations, cannot_pay, trials = {}, {}, {}
+    compensations, cannot_pay, candidates = {}, {}, {}
 
     def attempt(candidate: Candidate, whole_error: bool) -> None:
         label = _trial_label(candidate, candidate is not ptq, whole_error)
@@ -165,7 +169,7 @@ def _select(run: Run, ptq: Candidate, found: list[blk.Block]) -> Selection:
             score = run.heldout_score(compensation.model, f"evaluating QwT ({label})")
             compensation = dataclasses.replace(compensation, score=score)
             cannot_pay[label] = _why_the_trial_cannot_pay(compensation.score, ptq) if compensation.score is not None else None
-        compensations[label], trials[label] = compensation, (candidate, whole_error)
+        compensations[label], candidates[label] = compensation, candidate
 
     for whole_error in _fit_errors(run.options.fit_error):
         attempt(ptq, whole_error)
@@ -179,10 +183,9 @@ def _select(run: Run, ptq: Candidate, found: list[blk.Block]) -> Selection:
     without_branch = [label for label in compensations if label not in scores]
     if not scores:  # the PTQ model's fits say why
         return Selection(subset.num_samples, without_branch=without_branch, untried=untried, compensation=first)
-    on_ptq = [label for label in scores if trials[label][0] is ptq]
+    on_ptq = [label for label in scores if candidates[label] is ptq]
     best = _trial_choice(scores, on_ptq, paying=[label for label in scores if not cannot_pay[label]])
-    candidate, whole_error = trials[best]
-    return Selection(subset.num_samples, scores, best, candidate, whole_error, without_branch, untried, compensations[best],
+    return Selection(subset.num_samples, scores, best, candidates[best], without_branch, untried, compensations[best],
                      cannot_pay[best])
 
 

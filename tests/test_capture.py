@@ -120,13 +120,13 @@ def test_the_whole_error_is_measured_against_the_fp32_models_own_activations(bui
     fp, q, calib = _min_max_quantized(build())
     found = blocks.find_blocks(fp, units=units)
     compared = {}
-    record = capture._Stream.fp32_output
+    outputs_of = capture._Stream.fp32_outputs
 
-    def recorded(stream, block, i, *args):
-        compared[(block.output, i)] = record(stream, block, i, *args)
-        return compared[(block.output, i)]
+    def recorded(stream, models, block):
+        fp32 = outputs_of(stream, models, block)
+        return lambda i, *args: compared.setdefault((block.output, i), fp32(i, *args))
 
-    monkeypatch.setattr(capture._Stream, "fp32_output", recorded)
+    monkeypatch.setattr(capture._Stream, "fp32_outputs", recorded)
     capture.fit_blocks(fp, q, found, calib, 8, exact_boundaries=True, branch_options=capture.BranchOptions(whole_error=True))
     outputs = [b.output for b in found]
     run = Runner(runtime.with_outputs(prepare.to_proto(fp), outputs))

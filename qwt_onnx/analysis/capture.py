@@ -309,49 +309,58 @@ class _Stream:
 
     def start(self, first: _BlockModels, value: str) -> None:
         """Compute the context and the first block's input (``value``) on the quantized graph, and
-        on the FP32 graph where the whole error is fitted."""
+        its FP32 stream where the whole error is fitted."""
         runner = Runner(first.lead_in.proto) if first.lead_in else None
-        fp_runner = Runner(first.fp_lead_in.proto) if first.fp_lead_in else None
+        fp32 = self._fp32_follower(first, value)
         for i, batch in enumerate(self._calibration_batches("entering the stream")):
             context = self.contexts(batch.feeds)
             self.save("context", i, context)
             pool = {**batch.feeds, **context}
             self._enter(i, value, {value: runner(pool)[value] if runner else pool[value]})
-            if self.whole_error:
-                self.save("fp32", i, {value: fp_runner(pool)[value] if fp_runner else pool[value]})
+            if fp32:
+                fp32(i, pool, ())
 
-    def follow_fp32(self, fp_block: ex.SubModel, block: Block) -> None:
-        """The FP32 model's own output of ``block``, added to the FP32 stream (where the whole error is fitted)."""
-        runner = Runner(fp_block.proto)
-        for i, batch in enumerate(self._calibration_batches(f"following {block.name} in FP32")):
-            values = dict(self.load("fp32", i))
-            values[block.output] = runner({**batch.feeds, **self.load("context", i), **values})[block.output]
-            self.save("fp32", i, values)
+    def _fp32_follower(self, block: _BlockModels, value: str):
+        """Where the whole error is fitted, ``(i, pool, kept) -> None``: batch ``i``'s FP32 stream at
+        ``block``, its input ``value`` led through the FP32 graph from ``pool`` (the feeds, the
+        context and the FP32 stream's values) and its FP32 output, kept with the values ``kept``; else None."""
+        if not self.whole_error:
+            return None
+        lead_in = Runner(block.fp_lead_in.proto) if block.fp_lead_in else None
+        run = Runner(block.fp.proto)
+        output, = block.fp.outputs
 
-    def fp32_output(self, block: Block, i: int, pool: dict[str, np.ndarray], fp_run: Runner, x: np.ndarray | None) -> np.ndarray:
-        """Batch ``i``'s FP32 block output that the quantized one is compared with: the FP32
-        model's own, where the whole error is fitted; else the FP32 block's on the stream's input
-        (``x``, its DequantizeLinear view, where the FP32 block reads that)."""
+        def follow(i: int, pool: dict[str, np.ndarray], kept: tuple[str, ...]) -> None:
+            if lead_in:
+                pool[value] = lead_in(pool)[value]
+            pool[output] = run(pool)[output]
+            self.save("fp32", i, {name: pool[name] for name in {*kept, output}})
+
+        return follow
+
+    def fp32_outputs(self, models: _BlockModels, block: Block):
+        """``(i, pool, x) -> array``: batch ``i``'s FP32 block output that the quantized one is
+        compared with: the FP32 model's own, where the whole error is fitted (the FP32 stream
+        holds it); else the FP32 block's on the stream's input (``x``, its DequantizeLinear view,
+        where the FP32 block reads that)."""
         if self.whole_error:
-            return self.load("fp32", i)[block.output]
-        return fp_run(pool if x is None else {**pool, block.input: x})[block.output]
+            return lambda i, pool, x: self.load("fp32", i)[block.output]
+        run = Runner(models.fp.proto)
+        return lambda i, pool, x: run(pool if x is None else {**pool, block.input: x})[block.output]
 
     def advance(self, result: BlockResult, following: _BlockModels, value: str, kept: tuple[str, ...]) -> None:
         """The next block's input (``value``), led from this block's compensated output and the
         other stream values through any gap (``following``'s lead-in); of the stream values, those
         ``kept`` stay. The FP32 stream, where there is one, advances alike."""
         runner = Runner(following.lead_in.proto) if following.lead_in else None
-        fp_runner = Runner(following.fp_lead_in.proto) if following.fp_lead_in else None
+        fp32 = self._fp32_follower(following, value)
         for i, batch, pool in self.batches("advancing the stream"):
             pool[result.block.output] = self.block_output(result, i, pool, result.kept)
             if runner:
                 pool[value] = runner(pool)[value]
             self._enter(i, value, {name: pool[name] for name in {*kept, value}})
-            if self.whole_error:
-                fp_pool = {**batch.feeds, **self.load("context", i), **self.load("fp32", i)}
-                if fp_runner:
-                    fp_pool[value] = fp_runner(fp_pool)[value]
-                self.save("fp32", i, {name: fp_pool[name] for name in {*kept, value}})
+            if fp32:
+                fp32(i, {**batch.feeds, **self.load("context", i), **self.load("fp32", i)}, kept)
 
     def branch_range(self, result: BlockResult) -> tuple[float, float]:
         """The range of the branch output over all batches (before any output quantizer)."""
@@ -439,8 +448,6 @@ def fit_blocks(
         stream.start(models[0], blocks[0].input)
         so_far: dict[str, float] = {}  # each output's held-out SQNR with the branches kept so far
         for k, plan in enumerate(plans):
-            if whole:
-                stream.follow_fp32(models[k].fp, plan.block)
             result = _fit(stream, models[k], plan, calib.heldout_mask, branch_options)
             if result.kept and result.affine is None:
                 result = _with_quantizers(stream, result, branch_options, modelled=check is not None)
@@ -621,7 +628,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
     """Capture the block on every calibration batch of the stream and fit its branch; ``fold``
     gathers what the block's fold is fitted on in the same pass."""
     block = plan.block
-    fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
+    fp32, q_run = stream.fp32_outputs(models, block), Runner(models.q.proto)
     result = BlockResult(plan, input_range=stream.ranges[block.input])
     layout = groups = slices = samples = None
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
@@ -638,7 +645,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
                 result = dataclasses.replace(result, skipped=f"the samples are on no common axis of {list(x.shape)} and {list(y_q.shape)}")
         if layout is None and (fold is None or fold.skipped):  # nothing to fit: the stream needs only the quantized output
             continue
-        y_fp = stream.fp32_output(block, i, pool, fp_run, x if plan.quantized_input else None)
+        y_fp = fp32(i, pool, x if plan.quantized_input else None)
         if fold is not None:
             fold.add(stream, i, batch, pool, y_q, y_fp)
         if layout is None:
@@ -727,7 +734,7 @@ def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout:
     folded block on its exact held-out output."""
     block, site = plan.block, plan.fold_site
     result = BlockResult(plan, input_range=stream.ranges[block.input], skipped=site if isinstance(site, str) else "")
-    fp_run, q_run = Runner(models.fp.proto), Runner(models.q.proto)
+    fp32, q_run = stream.fp32_outputs(models, block), Runner(models.q.proto)
     fold = _FoldCapture(models, plan, heldout) if models.fold_site is not None else None
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
@@ -736,7 +743,7 @@ def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout:
         if fold is None or fold.skipped:  # nothing to fold: the stream needs only the quantized output
             continue
         x = out.get(plan.branch_input, pool[block.input]) if plan.quantized_input else None
-        y_fp = stream.fp32_output(block, i, pool, fp_run, x)
+        y_fp = fp32(i, pool, x)
         fold.add(stream, i, batch, pool, y_q, y_fp)
     fit = fold.fit() if fold is not None else None
     if fit is None:
