@@ -15,9 +15,15 @@ from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics
 from qwt_onnx.run import Warnings
-from qwt_onnx.runtime import Runner, batching_fault
+from qwt_onnx.runtime import Runner, batching_fault, largest_value_bytes
 
 logger = logging.getLogger("qwt_onnx")
+
+# A batch's largest activation (one tensor, all the batch's samples) takes at most this many bytes:
+# the capture and the solver hold several tensors of that size per batch, float64 copies among
+# them. DNSMOS's 128 x 900 x 161 feature maps (71 MiB a sample) took the capture past 24 GB, and the
+# process killed, at 16 samples a batch; the zoo's largest (4.7 MiB, PP-OCRv6 det) stay at 16.
+BATCH_ACTIVATION_BYTES = 1 << 28
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -122,8 +128,9 @@ def _load(model: ModelLike, role: str) -> ir.Model:
 def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet, warnings: Warnings) -> int:
     """Models exported with a fixed batch dimension of 1 are fed one sample at a time (a fixed
     batch over 1 was freed by :func:`load_fp32`); models whose outputs do not hold one row per
-    sample of a batch (:func:`batching_fault`), one. A model that onnxruntime cannot load, or run
-    on the first calibration samples, is refused."""
+    sample of a batch (:func:`batching_fault`), one; others at most as many as keep a batch's
+    largest activation within :data:`BATCH_ACTIVATION_BYTES`. A model that onnxruntime cannot
+    load, or run on the first calibration samples, is refused."""
     specs = [spec for spec in prepare.input_specs(model) if spec.samples_axis is not None]
     fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
     only = fixed.pop() if len(fixed) == 1 else None
@@ -153,6 +160,11 @@ def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet
     if fault is not None:
         warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
         return 1
+    per_sample = largest_value_bytes(prepare.to_proto(model), first)
+    fitting = max(1, BATCH_ACTIVATION_BYTES // max(per_sample, 1))
+    if fitting < batch_size:
+        logger.info("a sample's largest activation takes %.0f MiB; using batches of %d", per_sample / 2**20, fitting)
+        return fitting
     return batch_size
 
 

@@ -130,6 +130,13 @@ def run_in_batches(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.
     return {name: concatenate_samples(chunks, axis=outputs[name]) for name, chunks in parts.items()}
 
 
+def largest_value_bytes(model: onnx.ModelProto, pool: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the largest value that ``model``'s nodes compute on the feeds in ``pool``."""
+    computed = [name for node in model.graph.node for name in node.output if name]
+    values = Runner(with_outputs(model, computed), quiet=True)(pool).values()
+    return max((v.nbytes for v in values if isinstance(v, np.ndarray)), default=0)
+
+
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the intermediate values ``names``."""
     copy = onnx.ModelProto()

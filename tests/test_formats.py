@@ -2,6 +2,7 @@
 weights listed among the graph inputs."""
 
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qwt_onnx import check, quantize, quantize_with_report
+from qwt_onnx import check, inputs, quantize, quantize_with_report
+from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.metrics import mean_squared_error
@@ -138,6 +140,22 @@ def test_a_declared_dynamic_batch_the_graph_does_not_keep_is_run_one_sample_at_a
     assert report.sqnr_ptq_db is not None and report.sqnr_ptq_db > 10
     one = graphs.samples(model, 1, seed=2)
     assert session(quantized).run(None, one)[0].shape == (1, 10)
+
+
+def test_batches_shrink_until_a_batch_of_the_largest_activation_fits_the_memory_bound(monkeypatch, caplog):
+    # DNSMOS's 128 x 900 x 161 feature maps (71 MiB a sample) took the capture past 24 GB, and the
+    # process killed, at 16 samples a batch. Here the largest activation, the stem's 16 x 16 x 16
+    # map, takes 16 KiB a sample: a bound of five of them makes batches of five, everywhere.
+    model = graphs.resnet()
+    calib = graphs.samples(model, 24, seed=1)
+    monkeypatch.setattr(inputs, "BATCH_ACTIVATION_BYTES", 5 * 16 * 16 * 16 * 4)
+    sizes, batches = [], CalibrationSet.batches
+    monkeypatch.setattr(CalibrationSet, "batches", lambda self, size, *a, **k: sizes.append(size) or batches(self, size, *a, **k))
+    with caplog.at_level(logging.INFO, logger="qwt_onnx"):
+        _, report = quantize_with_report(model, calib, progress=False, **graphs.SYSTEMATIC_ERROR)
+    assert "using batches of 5" in caplog.text
+    assert max(sizes) == 5 and sizes.count(5) > 10  # the observation, the evaluations and the capture
+    assert report.qwt_applied
 
 
 def test_a_detector_with_non_max_suppression_inside_is_scored_on_what_it_reads_one_image_at_a_time():
