@@ -11,15 +11,17 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import errno  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import traceback  # noqa: E402
 
 from qwt_onnx import api, options  # noqa: E402
 from qwt_onnx.errors import InputError  # noqa: E402
 from qwt_onnx.report import format_summary  # noqa: E402
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_OUT_OF_RESOURCES = 0, 1, 2, 4
 ZOO_PREFIX = "zoo:"
 OPTION_NAMES = {f.name for f in dataclasses.fields(options.Options)}
 
@@ -74,14 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERNAL
-    except Exception as exc:  # anything else is our bug: say so, briefly
+    except Exception as exc:  # anything else is our bug (say so, briefly), or the machine's limits
         if args.verbose:
             traceback.print_exc()
+        limit = out_of_resources(exc)
+        if limit is not None:
+            print(f"error: {limit}", file=sys.stderr)
+            return EXIT_OUT_OF_RESOURCES
         print(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     if not args.quiet:
         print(format_summary(report, args.input))
     return EXIT_OK
+
+
+def out_of_resources(exc: Exception) -> str | None:
+    """What to change where a run stopped for want of disk space or memory, not on a bug."""
+    if isinstance(exc, MemoryError):
+        return "out of memory; pass a smaller --batch-size (a batch's activations are held several times) or fewer --samples"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (f"no space left on device{where}: the capture keeps the block inputs of every sample that do not fit in "
+                f"memory in {tempfile.gettempdir()}; point TMPDIR at a larger disk or pass fewer --samples, and leave room "
+                "for the model in the output's folder")
+    return None
 
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:

@@ -1,7 +1,9 @@
+import errno
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -9,6 +11,8 @@ import pytest
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from qwt_onnx import Report
+from qwt_onnx import __main__ as cli
+from qwt_onnx.analysis import capture
 from tests import graphs
 
 
@@ -181,3 +185,31 @@ def test_excluded_op_types_stay_float_and_an_unmatched_exclusion_is_reported(fil
     assert gemm.input[1] in {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 8
     assert all(n.input[1].endswith("_dequantized") for n in model.graph.node if n.op_type == "Conv")
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [(OSError(errno.ENOSPC, "No space left on device"), "no space left on device: the capture keeps"),
+     (MemoryError(), "out of memory; pass a smaller --batch-size")],
+    ids=["disk full", "memory"],
+)
+def test_a_run_out_of_disk_or_memory_exits_4_with_what_to_change_and_writes_nothing(files, tmp_path, monkeypatch, capsys,
+                                                                                  failure, message):
+    # DNSMOS's capture spilled 24 GB of block inputs to the temporary folder: where that device
+    # fills up, the user needs the folder and the fix, not an "internal error"
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    monkeypatch.setattr(capture, "DEFAULT_MEMORY_BUDGET", 0)  # spill every batch, however small
+    monkeypatch.setattr(capture, "PEAK_MARGIN", 1 << 60)
+
+    def fail(*args):
+        raise failure
+
+    monkeypatch.setattr(capture._SpillFiles, "write", fail)
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(files / "model.onnx"), str(out), "--calib", str(files / "calib.npz"), "-q"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(lines) == 1 and lines[0].startswith(f"error: {message}")
+    assert str(spill) in lines[0] or "memory" in message
+    assert not out.exists() and os.listdir(spill) == []
