@@ -214,5 +214,6 @@ def test_images_in_another_axis_order_or_as_bytes_are_named_as_such():
 
 def test_the_samples_axis_of_each_input_follows_the_batch_dimension_that_leads_the_inputs():
     assert calibration.leading_batch([[], ["N", 4]]) == "N" and calibration.leading_batch([[1, 576], [2, 1, 128]]) == 1
-    assert [calibration.samples_axis(dims, "N") for dims in (["N", 4], [2, "N", 128], [], [3, 4])] == [0, 1, None, 0]
+    shapes = (["N", 4], [2, "N", 128], [], [3, 4], [None, 4])  # a static [3, 4] beside batch N: one value for all
+    assert [calibration.samples_axis(dims, "N") for dims in shapes] == [0, 1, None, None, 0]
     assert [calibration.samples_axis(dims, 1) for dims in ([1, 576], [2, 1, 128])] == [0, 1]

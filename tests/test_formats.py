@@ -282,6 +282,36 @@ def test_a_streaming_model_with_its_state_on_axis_1_a_scalar_input_and_if_branch
     assert all(np.allclose(reference[k], written[k], atol=0.1) for k in reference)
 
 
+def test_a_fully_static_initial_state_beside_a_dynamic_batch_is_fed_whole_with_every_batch():
+    # speechmos's AECMOS (torch.onnx): input [batch_size, 3, frames, 160] and a GRU's initial
+    # state h0 [4, 1, 64], which its users feed as one zero array. h0's rows were read as four
+    # samples against the input's 192 ("different sample counts"); the GRU then runs only one
+    # sample at a time, which the batch probe finds
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    features, hidden = 6, 8
+    weights = {"w_in": (features, features), "gru_w": (1, 3 * hidden, features), "gru_r": (1, 3 * hidden, hidden),
+               "w_out": (hidden, 2)}
+    initializers = [numpy_helper.from_array((0.4 * rng.standard_normal(shape)).astype(np.float32), name)
+                    for name, shape in weights.items()]
+    nodes = [h.make_node("MatMul", ["x", "w_in"], ["mixed"]), h.make_node("Relu", ["mixed"], ["mixed_relu"]),
+             h.make_node("Transpose", ["mixed_relu"], ["time_major"], perm=[1, 0, 2]),
+             h.make_node("GRU", ["time_major", "gru_w", "gru_r", "", "", "h0"], ["", "last"], hidden_size=hidden),
+             h.make_node("Squeeze", ["last", "zero"], ["state"]), h.make_node("MatMul", ["state", "w_out"], ["scores"])]
+    initializers.append(numpy_helper.from_array(np.array([0], np.int64), "zero"))
+    graph = h.make_graph(nodes, "static_state", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 5, features]),
+                                                 h.make_tensor_value_info("h0", onnx.TensorProto.FLOAT, [1, 1, hidden])],
+                         [h.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["batch", 2])], initializers)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    specs = prepare.input_specs(prepare.prepare(prepare.ir.serde.deserialize_model(model)))
+    assert [(s.name, s.samples_axis) for s in specs] == [("x", 0), ("h0", None)]
+    calib = {"x": rng.standard_normal((40, 5, features)).astype(np.float32), "h0": np.zeros((1, 1, hidden), np.float32)}
+    quantized, report = quantize_with_report(model, calib, qwt=False, progress=False)
+    assert any("running one sample at a time" in w for w in report.warnings)
+    one = {"x": calib["x"][:1], "h0": calib["h0"]}
+    assert np.allclose(session(quantized).run(None, one)[0], session(model).run(None, one)[0], atol=0.05)
+
+
 def test_a_conv_head_after_an_if_of_unknown_output_shape_gets_its_branch():
     # silero-vad 5's decoder: no shape of the If's output is inferred, and a 1x1 Conv1d reads it unsqueezed
     model = graphs.streaming_vad(conv_head=True)
