@@ -135,7 +135,8 @@ def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet
     fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
     only = fixed.pop() if len(fixed) == 1 else None
     try:
-        runner = Runner(prepare.to_proto(model), quiet=True)
+        proto = prepare.to_proto(model)
+        runner = Runner(proto, quiet=True)
     except Exception as exc:  # onnxruntime's own exception types
         raise InputError(f"onnxruntime cannot load the model ({_first_line(exc)}); quantize a model that onnxruntime's CPU "
                          "provider runs") from None
@@ -160,7 +161,7 @@ def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet
     if fault is not None:
         warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
         return 1
-    per_sample = largest_value_bytes(prepare.to_proto(model), first)
+    per_sample = largest_value_bytes(proto, first)
     fitting = max(1, BATCH_ACTIVATION_BYTES // max(per_sample, 1))
     if fitting < batch_size:
         logger.info("a sample's largest activation takes %.0f MiB; using batches of %d", per_sample / 2**20, fitting)
