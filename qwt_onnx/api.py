@@ -249,6 +249,7 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         fit_samples=compensation.samples if compensation is not None else 0,
         samples=run.calib.num_samples,
         heldout_samples=int(run.calib.heldout_mask.sum()),
+        batch_size=run.batch_size,
         repeated_samples=run.calib.num_samples - len(np.unique(run.calib.repeats)),
         weight_range=run.options.weights.value,
         method_sqnr_db={c.method: c.sqnr_db for c in candidates if c.sqnr_db is not None},

@@ -37,6 +37,7 @@ class Report:
     samples: int
     heldout_samples: int
     repeated_samples: int = 0  # calibration samples whose values repeat an earlier one's, rearranged or not: held out with it
+    batch_size: int = 0  # samples per onnxruntime run: --batch-size, or fewer where the model or its activations' size asks
     qwt_method: str | None = None  # the one the compensation was fitted on (written or not)
     qwt_bias_corrected: bool | None = None  # whether the weights it was fitted on are bias-corrected
     qwt_whole_error: bool | None = None  # whether it fitted the whole error at each block output, not the block's own
@@ -98,11 +99,17 @@ class Report:
         return json.dumps(_finite(dataclasses.asdict(self)), indent=2, allow_nan=False)
 
 
+def _batches(report: Report) -> str:
+    """The batch size where it is under the one asked for (a fixed batch, large activations)."""
+    asked = report.options.get("batch_size", 0)
+    return f", {report.batch_size} a batch" if 0 < report.batch_size < asked else ""
+
+
 def format_summary(report: Report, source: str) -> str:
     """A short human summary of a run."""
     lines = [
         f"qwt_onnx: {source} -> {report.output} (target {report.target}, {_precision(report)}, "
-        f"{report.samples} samples, {report.heldout_samples} held out)"
+        f"{report.samples} samples, {report.heldout_samples} held out{_batches(report)})"
     ]
     if report.repeated_samples:
         lines.append(f"{report.repeated_samples} calibration samples repeat the values of others (duplicates, mirror images, "

@@ -15,6 +15,7 @@ from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.metrics import mean_squared_error
+from qwt_onnx.report import format_summary
 from qwt_onnx.runtime import run_in_batches, session
 from tests import graphs
 
@@ -155,7 +156,7 @@ def test_batches_shrink_until_a_batch_of_the_largest_activation_fits_the_memory_
         _, report = quantize_with_report(model, calib, progress=False, **graphs.SYSTEMATIC_ERROR)
     assert "using batches of 5" in caplog.text
     assert max(sizes) == 5 and sizes.count(5) > 10  # the observation, the evaluations and the capture
-    assert report.qwt_applied
+    assert report.qwt_applied and report.batch_size == 5 and "24 samples, 4 held out, 5 a batch)" in format_summary(report, "m")
 
 
 def test_a_detector_with_non_max_suppression_inside_is_scored_on_what_it_reads_one_image_at_a_time():
