@@ -213,3 +213,16 @@ def test_a_run_out_of_disk_or_memory_exits_4_with_what_to_change_and_writes_noth
     assert code == 4 and len(lines) == 1 and lines[0].startswith(f"error: {message}")
     assert str(spill) in lines[0] or "memory" in message
     assert not out.exists() and os.listdir(spill) == []
+
+
+def test_a_full_device_under_the_spill_files_is_reported_as_no_space_left(tmp_path):
+    # numpy's tofile reports a full device as a bare OSError ("Not enough free space to write ...",
+    # no errno): a DNSMOS run with TMPDIR on a 1.5 GB tmpfs ended as an "internal error" that way.
+    # The spill files are written with the file's own write, which raises ENOSPC
+    os.symlink("/dev/full", tmp_path / "stream-0.bin")  # every write to /dev/full fails with ENOSPC
+    spill = capture._SpillFiles(str(tmp_path))
+    with pytest.raises(OSError) as failure:
+        spill.write(("stream", 0), {"x": np.ones(1 << 20, np.float32)})
+    spill.close()
+    assert failure.value.errno == errno.ENOSPC
+    assert cli.out_of_resources(failure.value).startswith("no space left on device: the capture keeps")

@@ -206,8 +206,8 @@ class _SpillFiles:
         if file is None:
             file = self.files[slot] = open(os.path.join(self.folder, f"{slot[0]}-{slot[1]}.bin"), "w+b")
         file.seek(0)
-        for array in arrays.values():
-            np.ascontiguousarray(array).tofile(file)
+        for array in arrays.values():  # not ndarray.tofile: it reports a full device with no errno
+            file.write(np.ascontiguousarray(array).data)
         file.truncate()
         self.contents[slot] = [(name, a.dtype, a.shape) for name, a in arrays.items()]
 
