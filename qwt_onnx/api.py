@@ -10,8 +10,8 @@
    the branches in: first on the first samples (with bias correction either way), then on
    all of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
 6. write the QwT model where it beats the best PTQ model on held-out samples, else that one,
-   its residual streams quantized for every reader unless held-out samples show that costing
-   fidelity (``--residuals auto``).
+   its residual streams and SiLUs quantized for every reader unless held-out samples show that
+   costing fidelity (``--residuals auto``).
 
 Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
 the end.
@@ -271,7 +271,10 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
         float_residual_streams=run.residual_streams if ptq.method != GIVEN and not ptq.int8_residuals else 0,
         int8_residual_streams=run.residual_streams if ptq.int8_residuals else 0,
+        float_silu_gates=run.silu_gates if ptq.method != GIVEN and not ptq.int8_silus else 0,
+        int8_silu_gates=run.silu_gates if ptq.int8_silus else 0,
         int8_residuals_gain_db=ptq.int8_residuals_gain_db,
+        int8_silus_gain_db=ptq.int8_silus_gain_db,
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),
         equalization_gain_db=ptq.equalization_gain_db,

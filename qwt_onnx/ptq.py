@@ -64,6 +64,8 @@ class Candidate:
     float_stem_gains_db: dict[int, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
     float_model: ir.Model | None = None  # the FP32 model its Q/DQ went into, where not the run's
     int8_residuals: bool = False  # residual streams quantized for every reader (see --residuals)
+    int8_silus: bool = False  # SiLUs' Sigmoids and products quantized too (see --residuals)
+    int8_silus_gain_db: float | None = None  # held-out, with --residuals auto: of those over the same without
     # With --residuals auto, the same PTQ with its residual streams quantized for every reader, and its held-out gain
     int8_residuals_variant: Candidate | None = None
     int8_residuals_gain_db: float | None = None
@@ -135,16 +137,31 @@ def ptq_candidates(run: Run) -> list[Candidate]:
 def _with_int8_residuals_variant(builder: _Builder, candidates: list[Candidate]) -> list[Candidate]:
     """``candidates``, the best with its residual streams quantized for every reader attached
     (:attr:`Candidate.int8_residuals_variant`), where ``--residuals auto`` has such streams to
-    decide: whether it is written is decided once QwT is (:func:`int8_residuals_pay`)."""
-    if builder.run.options.residuals != Residuals.AUTO or not builder.run.residual_streams:
+    decide, and its SiLUs too where held-out samples keep them on top of what streams were kept
+    (they cost more on some models: ddddocr's YOLOX detector lost 0.4 dB by its streams and 2.1
+    more by its SiLUs). Whether the variant is written is decided once QwT is (:func:`int8_residuals_pay`)."""
+    run = builder.run
+    if run.options.residuals != Residuals.AUTO or not (run.residual_streams or run.silu_gates):
         return candidates
     best = best_candidate(candidates)
     if best.score is None:  # no held-out samples to tell a loss
         return candidates
-    built = builder.like(best, int8_residuals=True)
-    gain = metrics.db_gain(built.sqnr_db, best.sqnr_db)
-    variant = dataclasses.replace(best, model=built.model, score=built.score, int8_residuals=True, int8_residuals_gain_db=gain)
-    attached = dataclasses.replace(best, int8_residuals_variant=variant, int8_residuals_gain_db=gain)
+
+    def quantized(base: Candidate, **streams: bool) -> Candidate:  # ``base`` with more streams quantized, its findings kept
+        built = builder.like(base, **streams)
+        return dataclasses.replace(base, model=built.model, score=built.score, **streams)
+
+    variant, gains = None, {}
+    if run.residual_streams:
+        variant = quantized(best, int8_residuals=True)
+        gains["int8_residuals_gain_db"] = metrics.db_gain(variant.sqnr_db, best.sqnr_db)
+    if run.silu_gates:
+        base = variant if variant is not None and _keeps(variant, best) else best
+        silus = quantized(base, int8_silus=True)
+        gains["int8_silus_gain_db"] = metrics.db_gain(silus.sqnr_db, base.sqnr_db)
+        variant = silus if _keeps(silus, base) and _keeps(silus, best) else variant  # the latter is what writes it
+    variant = dataclasses.replace(variant, **gains) if variant is not None else None
+    attached = dataclasses.replace(best, int8_residuals_variant=variant, **gains)
     return [attached if c is best else c for c in candidates]
 
 
@@ -212,7 +229,7 @@ def _observe(run: Run, fp: ir.Model, placement: Placement, groups: list[ChannelG
     sampled = {value.name: group.axis for group in groups for value in group.chain if value.name in observed}
     axes.update({group.tensor.name: group.axis for group in groups})
     return observe.observe(
-        prepare.to_proto(fp), [*placement.observed_names, *run.stem_observed], run.calib, run.batch_size, axes,
+        prepare.to_proto(fp), [*placement.observed_names, *run.variants_observed], run.calib, run.batch_size, axes,
         placement.hessian_inputs(observe.HESSIAN_INPUTS) if o.rounding != Rounding.NEAREST else None, sampled,
         run.readable,
     )
@@ -237,10 +254,12 @@ class _Builder:
                        for method in self.methods}
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
-                  scored: bool = True, stem: int | None = None, int8_residuals: bool | None = None) -> Candidate:
+                  scored: bool = True, stem: int | None = None, int8_residuals: bool | None = None,
+                  int8_silus: bool | None = None) -> Candidate:
         o, seen = self.run.options, self.seen
         gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
         int8_residuals = o.residuals == Residuals.INT8 if int8_residuals is None else int8_residuals
+        int8_silus = o.residuals == Residuals.INT8 if int8_silus is None else int8_silus
         stem = (o.stem_depth or 0) if stem is None else stem  # auto decides it later, on the chosen model
         model = self.fp.clone()
         if gptq and corrected not in self._feedback:
@@ -248,22 +267,24 @@ class _Builder:
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None, int8_residuals)(model)
+                          self._feedback[corrected] if gptq else None, int8_residuals, int8_silus)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
-                 f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}")
+                 f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}"
+                 f"{', int8 SiLUs' if int8_silus and o.residuals == Residuals.AUTO else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
         return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq, float_stem=stem,
-                         float_model=self.fp if self.equalized else None, int8_residuals=int8_residuals,
+                         float_model=self.fp if self.equalized else None, int8_residuals=int8_residuals, int8_silus=int8_silus,
                          equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
 
     def like(self, other: Candidate, stem: int | None = None, scored: bool = True,
-             int8_residuals: bool | None = None) -> Candidate:
-        """``other``'s PTQ (method, bias correction, clipping, rounding, residual streams) built on
-        this builder's model, with ``other``'s float stem or ``stem``."""
+             int8_residuals: bool | None = None, int8_silus: bool | None = None) -> Candidate:
+        """``other``'s PTQ (method, bias correction, clipping, rounding, residual streams, SiLUs)
+        built on this builder's model, with ``other``'s float stem or ``stem``."""
         return self.candidate(CalibMethod(other.method), other.bias_corrected, other.weighted_clipping, other.gptq, scored,
                               other.float_stem if stem is None else stem,
-                              other.int8_residuals if int8_residuals is None else int8_residuals)
+                              other.int8_residuals if int8_residuals is None else int8_residuals,
+                              other.int8_silus if int8_silus is None else int8_silus)
 
     def corrected_or_not(self, method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
         """The better of the method's models with and without bias correction."""
@@ -393,13 +414,16 @@ def _better_of(variants: list[Candidate]) -> Candidate:
 
 
 def int8_residuals_pay(ptq: Candidate) -> bool:
-    """Whether the PTQ model, written without QwT, is written with its residual streams quantized
-    for every reader (``--residuals auto`` built that variant; :func:`int8_streams_keep`). Where
-    QwT is written, :func:`qwt_on_int8_streams` decides its streams."""
-    variant, gain = ptq.int8_residuals_variant, ptq.int8_residuals_gain_db
-    if variant is None or gain is None:
-        return False
-    return int8_streams_keep(gain, variant.score, ptq.score)
+    """Whether the PTQ model, written without QwT, is written with its residual streams (and
+    SiLUs) quantized for every reader (``--residuals auto`` built that variant). Where QwT is
+    written, :func:`qwt_on_int8_streams` decides its streams."""
+    variant = ptq.int8_residuals_variant
+    return variant is not None and variant.score is not None and ptq.score is not None and _keeps(variant, ptq)
+
+
+def _keeps(quantized: Candidate, floating: Candidate) -> bool:
+    """Whether ``quantized``, ``floating`` with more of its streams quantized, is kept over it (:func:`int8_streams_keep`)."""
+    return int8_streams_keep(metrics.db_gain(quantized.sqnr_db, floating.sqnr_db), quantized.score, floating.score)
 
 
 def int8_streams_keep(gain: float, quantized: Score, floating: Score) -> bool:

@@ -66,7 +66,10 @@ class Report:
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     float_residual_streams: int = 0  # residual streams a shortcut reads in float (--residuals int8 would quantize them)
     int8_residual_streams: int = 0  # residual streams quantized for every reader: their Adds run in integer kernels
+    float_silu_gates: int = 0  # SiLUs run in float between quantized tensors (--residuals int8 would quantize them)
+    int8_silu_gates: int = 0  # SiLUs whose Sigmoid and product are quantized: they run in integer kernels
     int8_residuals_gain_db: float | None = None  # held-out, of the PTQ model with them quantized over the same without (auto)
+    int8_silus_gain_db: float | None = None  # held-out, of the PTQ model with its SiLUs quantized too over it without (auto)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
     equalization_gain_db: float | None = None  # held-out, of the equalized PTQ model over the same without, where both were built
@@ -213,28 +216,39 @@ FLOAT_REASONS = {
 
 
 def _residual_streams(report: Report) -> list[str]:
-    """What the written model does with its residual streams, and why (``--residuals``)."""
-    gain = "" if report.int8_residuals_gain_db is None else f"{report.int8_residuals_gain_db:+.2f} dB"
+    """What the written model does with its residual streams and SiLUs, and why (``--residuals``)."""
     refit = report.qwt_int8_residuals_gain_db
-    if report.int8_residual_streams:
-        measured = f" (held-out change of the PTQ model by them: {gain})" if gain else ""
-        if report.qwt_applied and refit is not None:
-            measured = f" (QwT fitted on them against float streams: {refit:+.2f} dB held out)"
-        count = report.int8_residual_streams
-        return [f"residual streams quantized for every reader, their Adds in integer kernels: {count}{measured}"]
-    if not report.float_residual_streams:
-        return []
-    if report.qwt_applied:
-        why = "so that QwT's corrections are not rounded away"
-        why += f" (fitted on them quantized it changed by {refit:+.2f} dB held out)" if refit is not None else ""
-    elif gain:
-        why = f"as quantized for every reader they change the PTQ model by {gain} held out, beyond noise"
-    elif report.options.get("residuals") == "float":
-        why = "as --residuals float asks"
-    else:
-        why = "with no held-out samples to measure what quantizing them costs"
-    return [f"residual streams read in float by their shortcuts, {why}: {report.float_residual_streams} (their Adds run in "
-            "float; --residuals int8 runs them in integer kernels, faster between integer convolutions)"]
+    kinds = [
+        (report.int8_residual_streams, report.float_residual_streams, report.int8_residuals_gain_db,
+         "residual streams quantized for every reader, their Adds in integer kernels",
+         "residual streams read in float by their shortcuts, {why}: {count} (their Adds run in float; --residuals int8 runs "
+         "them in integer kernels, faster between integer convolutions)"),
+        (report.int8_silu_gates, report.float_silu_gates, report.int8_silus_gain_db,
+         "SiLUs with their Sigmoids and products quantized, in integer kernels",
+         "SiLUs in float between integer convolutions, {why}: {count} (--residuals int8 runs them in integer kernels, faster)"),
+    ]
+    lines = []
+    # SiLUs are tried on top of the streams kept, and kept only where the model keeps within what auto allows of float streams
+    reasons = ("beyond noise", "more than --residuals auto allows")
+    for (int8, floating, gain, quantized, left_float), beyond in zip(kinds, reasons):
+        gain = "" if gain is None else f"{gain:+.2f} dB"
+        if int8:
+            measured = f" (held-out change of the PTQ model by them: {gain})" if gain else ""
+            if report.qwt_applied and refit is not None:
+                measured = f" (QwT fitted on them against float streams: {refit:+.2f} dB held out)"
+            lines.append(f"{quantized}: {int8}{measured}")
+        elif floating:
+            if report.qwt_applied:
+                why = "so that QwT's corrections are not rounded away"
+                why += f" (fitted on them quantized it changed by {refit:+.2f} dB held out)" if refit is not None else ""
+            elif gain:
+                why = f"as quantized for every reader they change the PTQ model by {gain} held out, {beyond}"
+            elif report.options.get("residuals") == "float":
+                why = "as --residuals float asks"
+            else:
+                why = "with no held-out samples to measure what quantizing them costs"
+            lines.append(left_float.format(why=why, count=floating))
+    return lines
 
 
 def _coverage(report: Report) -> str:

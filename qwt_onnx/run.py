@@ -55,7 +55,7 @@ class Run:
     @functools.cached_property
     def placement(self) -> Placement:
         """Where the FP32 model's Q/DQ pairs go."""
-        return place(self.fp.graph, self.options.target, self.excluded, self.int8_residuals)
+        return place(self.fp.graph, self.options.target, self.excluded, self.int8_residuals, self.int8_residuals)
 
     @functools.cached_property
     def compute_macs(self) -> dict[ir.Node, int]:
@@ -84,13 +84,14 @@ class Run:
         return sum(self.weighted_macs.get(name, 0) for name in names) / total if total else 0.0
 
     @functools.cached_property
-    def stem_observed(self) -> list[str]:
-        """The tensors that a float stem's placements quantize and :attr:`placement` does not (what
-        the first ops after the stem read)."""
+    def variants_observed(self) -> list[str]:
+        """The tensors that the placements of the variants tried quantize and :attr:`placement` does
+        not: what the first ops after a float stem read, and with ``--residuals auto`` a SiLU's Sigmoid."""
         depth = self.options.stem_depth
-        depths = (1, 2) if depth is None else (depth,)
-        names = {n for d in depths
-                 for n in place(self.fp.graph, self.options.target, self.stem_excluded(d), self.int8_residuals).observed_names}
+        depths = (0, 1, 2) if depth is None else (0, depth)
+        streams = {self.int8_residuals, self.options.residuals == Residuals.AUTO}
+        names = {n for d in depths for int8 in streams
+                 for n in place(self.fp.graph, self.options.target, self.stem_excluded(d), int8, int8).observed_names}
         return sorted(names - set(self.placement.observed_names))
 
     @functools.cached_property
@@ -103,15 +104,26 @@ class Run:
         return self.options.residuals == Residuals.INT8
 
     @functools.cached_property
+    def _float_and_int8_streams(self) -> tuple[Placement, Placement]:
+        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals, not self.int8_residuals)
+        return (other, self.placement) if self.int8_residuals else (self.placement, other)
+
+    @functools.cached_property
     def residual_streams(self) -> int:
         """The residual streams that ``--residuals float`` leaves float for some readers, which
         ``int8`` quantizes for all."""
-        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals)
-        floating, quantized = (other, self.placement) if self.int8_residuals else (self.placement, other)
+        floating, quantized = self._float_and_int8_streams
         readers = {site.value: len(site.readers) for site in floating.activations}
-        streams = quantized.activations
-        own = [site for site in streams if site.value is site.observed or site.absorbed is not None]  # not a shortcut's pool
-        return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in own)
+        own = [site for site in quantized.activations if site.value is site.observed or site.absorbed is not None]  # not a pool's
+        sums = [site for site in own if site.value.producer() is None or site.value.producer().op_type != "Mul"]  # not a SiLU's
+        return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in sums)
+
+    @functools.cached_property
+    def silu_gates(self) -> int:
+        """The SiLUs that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
+        floating, quantized = self._float_and_int8_streams
+        added = {site.value for site in quantized.activations} - {site.value for site in floating.activations}
+        return sum(value.producer() is not None and value.producer().op_type == "Sigmoid" for value in added)
 
     @property
     def excluded(self) -> Exclusions:

@@ -712,6 +712,25 @@ def test_int8_residuals_let_onnxruntime_run_the_residual_adds_in_integer_kernels
     assert mean_squared_error(reference, _outputs(int8, test)) < 1e-2 * np.mean([np.mean(v**2) for v in reference.values()])
 
 
+def test_int8_residuals_run_the_silus_on_uint8_and_the_summary_counts_them():
+    model = graphs.detector_neck()
+    calib = graphs.samples(model, 64, seed=1)
+    options = {"qwt": False, "progress": False, "calib_method": "minmax", "rounding": "nearest", "equalization": "off",
+               "float_stem": 0}
+    (floating, told_float), (int8, told_int8) = (quantize_with_report(model, calib, residuals=r, **options)
+                                                 for r in ("float", "int8"))
+    assert (told_float.float_silu_gates, told_float.int8_silu_gates) == (3, 0)
+    assert (told_int8.float_silu_gates, told_int8.int8_silu_gates) == (0, 3)
+    assert "SiLUs in float between integer convolutions, as --residuals float asks: 3" in format_summary(told_float, "m.onnx")
+    assert "SiLUs with their Sigmoids and products quantized, in integer kernels: 3" in format_summary(told_int8, "m.onnx")
+    # auto observes the Sigmoids' outputs too, and decides on held-out samples
+    told_auto = quantize_with_report(model, calib, **options)[1]
+    assert told_auto.int8_silus_gain_db is not None and told_auto.int8_silu_gates + told_auto.float_silu_gates == 3
+    # each product already had a quantizer for the convolutions that read it, now read by every reader
+    quantizers = [sum(n.op_type == "QuantizeLinear" for n in m.graph.node) for m in (floating, int8)]
+    assert quantizers[1] == quantizers[0] + 3
+
+
 def test_auto_residuals_are_int8_where_the_ptq_model_is_written_and_float_under_qwt():
     model = graphs.resnet()
     calib = graphs.samples(model, 96, seed=1)

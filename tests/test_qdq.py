@@ -4,11 +4,14 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qwt_onnx import observe
 from qwt_onnx.analysis.placement import Exclusions, log_front_end, place
+from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics import saturation
+from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.passes import qdq
 from qwt_onnx.runtime import session
 from tests import graphs
@@ -177,6 +180,33 @@ def test_int8_residuals_quantize_a_stream_for_every_reader_through_its_shortcut(
     image = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
     reference, quantized = session(proto).run(None, {"image": image})[0], session(out).run(None, {"image": image})[0]
     assert np.abs(quantized - reference).max() < 0.1 * np.abs(reference).max()
+
+
+def test_int8_silus_run_on_uint8_in_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    proto = graphs.detector_neck()
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    gates = {f"{name}/{part}_out" for name in ("/stem", "/down", "/neck") for part in ("sigmoid", "act")}
+    placement = place(model.graph, "ort", int8_silus=True)
+    assert gates <= set(placement.observed_names)
+    sigmoids = {name for name in gates if "sigmoid" in name}
+    assert not sigmoids & set(place(model.graph, "ort", int8_residuals=True).observed_names)
+    assert not sigmoids & set(place(model.graph, "trt", int8_silus=True).observed_names)  # TensorRT fuses SiLU into its Conv
+    calib = CalibrationSet(graphs.samples(proto, 8, seed=0), prepare.input_specs(model))
+    seen = observe.observe(prepare.to_proto(model), placement.observed_names, calib, 8)
+    ranges = {name: compute_range(observer, "minmax") for name, observer in seen.ranges.items()}
+    qdq.InsertQdqPass(ranges, "ort", int8_silus=True)(model)
+    out = ir.serde.serialize_model(model)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(out.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    kernels = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert kernels.count("QLinearSigmoid") == kernels.count("QLinearMul") == 3
+    assert "Sigmoid" not in kernels and "Mul" not in kernels
+    image = graphs.samples(proto, 4, seed=1)["image"]
+    reference, quantized = session(proto).run(None, {"image": image})[0], session(out).run(None, {"image": image})[0]
+    assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 25
 
 
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
