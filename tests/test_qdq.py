@@ -207,6 +207,47 @@ def test_int8_silus_run_on_uint8_in_onnxruntime(tmp_path):
     image = graphs.samples(proto, 4, seed=1)["image"]
     reference, quantized = session(proto).run(None, {"image": image})[0], session(out).run(None, {"image": image})[0]
     assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 25
+    # a Sigmoid whose output the graph gives out too is left float
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    exposed.graph.output.append(helper.make_tensor_value_info("/neck/sigmoid_out", TensorProto.FLOAT, None))
+    observed = place(prepare.prepare(ir.serde.deserialize_model(exposed)).graph, "ort", int8_silus=True).observed_names
+    assert "/down/sigmoid_out" in observed and "/neck/sigmoid_out" not in observed
+
+
+def test_a_split_of_a_quantized_silu_runs_on_its_uint8_values(tmp_path):
+    # YOLOv8's C2f: a SiLU's product split in two, one part through a conv and SiLU, all three joined
+    import onnxruntime as ort
+
+    b = GraphBuilder()
+
+    def silu(x: str, name: str) -> str:
+        return b.op("Mul", [x, b.op("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/act")
+
+    x = silu(b.op("Conv", ["image", b.weight("w0", (8, 4, 1, 1))], "cv1"), "cv1")
+    b.op("Split", [x, b.const("halves", np.array([4, 4], np.int64))], "split", axis=1)
+    b.nodes[-1].output[:] = ["part0", "part1"]
+    y = silu(b.op("Conv", ["part1", b.weight("w1", (4, 4, 3, 3))], "m", pads=[1, 1, 1, 1]), "m")
+    b.op("Conv", [b.op("Concat", ["part0", "part1", y], "concat", axis=1), b.weight("w2", (2, 12, 1, 1))], "cv2")
+    b.nodes[-1].output[0] = "out"
+    proto = b.model([helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                    [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None] * 4)])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    placement = place(model.graph, "ort", int8_silus=True)
+    parts = {site.value.name: site.observed.name for site in placement.activations if site.value.name.startswith("part")}
+    assert parts == {"part0": "cv1/act_out", "part1": "cv1/act_out"}  # on the product's own grid: no second rounding
+    calib = CalibrationSet(graphs.samples(proto, 8, seed=0), prepare.input_specs(model))
+    seen = observe.observe(prepare.to_proto(model), placement.observed_names, calib, 8)
+    ranges = {name: compute_range(observer, "minmax") for name, observer in seen.ranges.items()}
+    qdq.InsertQdqPass(ranges, "ort", int8_silus=True)(model)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    producers = {o: n.op_type for n in optimized for o in n.output}
+    split = next(n for n in optimized if n.op_type == "Split")
+    assert producers[split.input[0]] != "DequantizeLinear"  # it splits the uint8 product
+    assert [n.op_type for n in optimized].count("QLinearConcat") == 1
 
 
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
