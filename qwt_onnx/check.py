@@ -77,7 +77,7 @@ class Finding:
 class CheckReport:
     model: str
     onnxruntime: str
-    integer_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+    integer_kernels: dict[str, int] = dataclasses.field(default_factory=dict)  # by op type, in the optimized graph
     findings: list[Finding] = dataclasses.field(default_factory=list)
 
     def of(self, category: str) -> list[Finding]:
@@ -92,9 +92,11 @@ def check(model: str | os.PathLike | onnx.ModelProto) -> CheckReport:
         name = source = check_file(model, "model")
     optimized = optimized_model(source, name)
     report = CheckReport(name, ort.__version__)
+    integer = {*KERNELS, *g.integer_kernels(optimized.graph)}  # the matrix kernels, and QLinearAdd, QLinearSigmoid, ...
     for node in optimized.graph:
-        if node.op_type in KERNELS:
+        if node.op_type in integer:
             report.integer_kernels[node.op_type] = report.integer_kernels.get(node.op_type, 0) + 1
+        if node.op_type in KERNELS:
             finding = _saturation(node, KERNELS[node.op_type])
             if finding:
                 report.findings.append(finding)
