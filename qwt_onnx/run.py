@@ -55,7 +55,7 @@ class Run:
     @functools.cached_property
     def placement(self) -> Placement:
         """Where the FP32 model's Q/DQ pairs go."""
-        return place(self.fp.graph, self.options.target, self.excluded, self.int8_residuals, self.int8_residuals)
+        return place(self.fp.graph, self.options.target, self.excluded, self.int8_residuals, self.int8_silus)
 
     @functools.cached_property
     def compute_macs(self) -> dict[ir.Node, int]:
@@ -90,8 +90,9 @@ class Run:
         depth = self.options.stem_depth
         depths = (0, 1, 2) if depth is None else (0, depth)
         streams = {self.int8_residuals, self.options.residuals == Residuals.AUTO}
-        names = {n for d in depths for int8 in streams
-                 for n in place(self.fp.graph, self.options.target, self.stem_excluded(d), int8, int8).observed_names}
+        placements = [place(self.fp.graph, self.options.target, self.stem_excluded(d), int8, int8 and self.silus_fuse)
+                      for d in depths for int8 in streams]
+        names = {n for placement in placements for n in placement.observed_names}
         return sorted(names - set(self.placement.observed_names))
 
     @functools.cached_property
@@ -103,9 +104,20 @@ class Run:
     def int8_residuals(self) -> bool:
         return self.options.residuals == Residuals.INT8
 
+    @property
+    def silus_fuse(self) -> bool:
+        """Whether quantized SiLUs would run in integer kernels: onnxruntime has QLinearSigmoid and
+        QLinearMul for 8-bit tensors only (16-bit ones, or 8-bit ones narrowed by a Clip, stay float)."""
+        return self.options.activation_bits == 8
+
+    @property
+    def int8_silus(self) -> bool:
+        return self.int8_residuals and self.silus_fuse
+
     @functools.cached_property
     def _float_and_int8_streams(self) -> tuple[Placement, Placement]:
-        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals, not self.int8_residuals)
+        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals,
+                      not self.int8_residuals and self.silus_fuse)
         return (other, self.placement) if self.int8_residuals else (self.placement, other)
 
     @functools.cached_property
