@@ -107,8 +107,8 @@ class Run:
     @property
     def silus_fuse(self) -> bool:
         """Whether quantized SiLUs would run in integer kernels: onnxruntime has QLinearSigmoid and
-        QLinearMul for 8-bit tensors only (16-bit ones, or 8-bit ones narrowed by a Clip, stay float)."""
-        return self.options.activation_bits == 8
+        QLinearMul for 8-bit tensors (also where a Clip narrows them to 4 or 6 bits), not 16-bit ones."""
+        return self.options.activation_bits <= 8
 
     @property
     def int8_silus(self) -> bool:

@@ -727,6 +727,8 @@ def test_int8_residuals_run_the_silus_on_uint8_and_the_summary_counts_them():
     told_auto = quantize_with_report(model, calib, **options)[1]
     assert told_auto.int8_silus_gain_db is not None and told_auto.int8_silu_gates + told_auto.float_silu_gates == 3
     # 16-bit activations have no QLinearSigmoid or QLinearMul in onnxruntime: their SiLUs are left as they are
+    # (4-bit ones, uint8 narrowed by a Clip, have them)
+    assert quantize_with_report(model, calib, residuals="int8", activation_bits=4, **options)[1].int8_silu_gates == 3
     a16, told_a16 = quantize_with_report(model, calib, residuals="int8", activation_bits=16, **options)
     assert (told_a16.int8_silu_gates, told_a16.float_silu_gates) == (0, 0) and "SiLU" not in format_summary(told_a16, "m.onnx")
     assert sum(n.op_type == "QuantizeLinear" and n.input[0].endswith("sigmoid_out") for n in a16.graph.node) == 0
