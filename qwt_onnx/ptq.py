@@ -258,7 +258,7 @@ class _Builder:
                   int8_silus: bool | None = None) -> Candidate:
         o, seen = self.run.options, self.seen
         gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
-        int8_residuals = o.residuals == Residuals.INT8 if int8_residuals is None else int8_residuals
+        int8_residuals = self.run.int8_residuals if int8_residuals is None else int8_residuals
         int8_silus = self.run.int8_silus if int8_silus is None else int8_silus
         stem = (o.stem_depth or 0) if stem is None else stem  # auto decides it later, on the chosen model
         model = self.fp.clone()

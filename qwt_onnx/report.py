@@ -218,19 +218,20 @@ FLOAT_REASONS = {
 def _residual_streams(report: Report) -> list[str]:
     """What the written model does with its residual streams and SiLUs, and why (``--residuals``)."""
     refit = report.qwt_int8_residuals_gain_db
-    kinds = [
+    kinds = [  # counts quantized and float, held-out gain, what the line says of each, why auto left them float
         (report.int8_residual_streams, report.float_residual_streams, report.int8_residuals_gain_db,
          "residual streams quantized for every reader, their Adds in integer kernels",
          "residual streams read in float by their shortcuts, {why}: {count} (their Adds run in float; --residuals int8 runs "
-         "them in integer kernels, faster between integer convolutions)"),
+         "them in integer kernels, faster between integer convolutions)",
+         "beyond noise"),
+        # tried on top of the streams kept, and kept only where the model stays within auto's rule of float streams
         (report.int8_silu_gates, report.float_silu_gates, report.int8_silus_gain_db,
          "SiLUs with their Sigmoids and products quantized, in integer kernels",
-         "SiLUs in float between integer convolutions, {why}: {count} (--residuals int8 runs them in integer kernels, faster)"),
+         "SiLUs in float between integer convolutions, {why}: {count} (--residuals int8 runs them in integer kernels, faster)",
+         "more than --residuals auto allows"),
     ]
     lines = []
-    # SiLUs are tried on top of the streams kept, and kept only where the model keeps within what auto allows of float streams
-    reasons = ("beyond noise", "more than --residuals auto allows")
-    for (int8, floating, gain, quantized, left_float), beyond in zip(kinds, reasons):
+    for int8, floating, gain, quantized, left_float, beyond in kinds:
         gain = "" if gain is None else f"{gain:+.2f} dB"
         if int8:
             measured = f" (held-out change of the PTQ model by them: {gain})" if gain else ""

@@ -115,26 +115,24 @@ class Run:
         return self.int8_residuals and self.silus_fuse
 
     @functools.cached_property
-    def _float_and_int8_streams(self) -> tuple[Placement, Placement]:
-        other = place(self.fp.graph, self.options.target, self.excluded, not self.int8_residuals,
-                      not self.int8_residuals and self.silus_fuse)
-        return (other, self.placement) if self.int8_residuals else (self.placement, other)
+    def _float_streams(self) -> Placement:
+        """The placement of ``--residuals float``, which the counts below compare against."""
+        return place(self.fp.graph, self.options.target, self.excluded)
 
     @functools.cached_property
     def residual_streams(self) -> int:
         """The residual streams that ``--residuals float`` leaves float for some readers, which
         ``int8`` quantizes for all."""
-        floating, quantized = self._float_and_int8_streams
-        readers = {site.value: len(site.readers) for site in floating.activations}
+        quantized = place(self.fp.graph, self.options.target, self.excluded, int8_residuals=True)
+        readers = {site.value: len(site.readers) for site in self._float_streams.activations}
         own = [site for site in quantized.activations if site.value is site.observed or site.absorbed is not None]  # not a pool's
-        sums = [site for site in own if site.value.producer() is None or site.value.producer().op_type != "Mul"]  # not a SiLU's
-        return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in sums)
+        return sum(site.observed in readers and len(site.readers) > readers[site.observed] for site in own)
 
     @functools.cached_property
     def silu_gates(self) -> int:
         """The SiLUs that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
-        floating, quantized = self._float_and_int8_streams
-        added = {site.value for site in quantized.activations} - {site.value for site in floating.activations}
+        quantized = place(self.fp.graph, self.options.target, self.excluded, int8_silus=self.silus_fuse)
+        added = {site.value for site in quantized.activations} - {site.value for site in self._float_streams.activations}
         return sum(value.producer() is not None and value.producer().op_type == "Sigmoid" for value in added)
 
     @property

@@ -28,9 +28,8 @@ Placement, per target:
   product are quantized too, for every reader: then as QLinearSigmoid and
   QLinearMul (``int8_silus``): on EfficientWord-Net's EfficientNet embedder that
   took the INT8 model from 1.43x to 0.99x FP32's latency at batch 16 for 0.2 dB
-  (1.80x to 1.11x in another run),
-  but it cost ddddocr's YOLOX detector 1.3 dB of objectness, the products
-  rounded where they were not.
+  (1.80x to 1.11x in another run), but it cost ddddocr's YOLOX detector 1.3 dB
+  of objectness, the products rounded where they were not.
 
 Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
 MatMuls (two activations) stay float. Quantizing them is what onnxruntime's
