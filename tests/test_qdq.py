@@ -246,6 +246,65 @@ def test_a_split_of_a_quantized_silu_runs_on_its_uint8_values(tmp_path):
     assert [n.op_type for n in optimized].count("QLinearConcat") == 1
 
 
+def test_a_concat_joins_its_float_inputs_on_uint8_and_every_reader_reads_what_it_read(tmp_path, monkeypatch):
+    # a bottleneck's Add that only the Concat reads, a coarse map upsampled, a pool of a quantized map
+    import onnxruntime as ort
+
+    from qwt_onnx.analysis import placement as placement_module
+
+    b = GraphBuilder()
+    x = b.op("Relu", [b.op("Conv", ["image", b.weight("w0", (8, 4, 1, 1))], "stem")], "stem_relu")
+    branches = [b.op("Conv", [x, b.weight(f"w{i}", (8, 8, 1, 1))], name) for i, name in ((1, "a"), (2, "b"))]
+    added = b.op("Add", branches, "add")
+    coarse = b.op("Conv", [x, b.weight("w3", (8, 8, 2, 2))], "coarse", strides=[2, 2])
+    up = b.op("Resize", [coarse, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], "up", mode="nearest")
+    pooled = b.op("MaxPool", [b.op("Conv", [x, b.weight("w4", (8, 8, 1, 1))], "c")], "pool", kernel_shape=[3, 3], pads=[1] * 4)
+    b.op("Conv", [b.op("Concat", [added, up, pooled, x], "concat", axis=1), b.weight("w5", (2, 32, 1, 1))], "head")
+    b.nodes[-1].output[0] = "out"
+    proto = b.model([helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                    [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None] * 4)])
+
+    def written(joins: bool) -> onnx.ModelProto:
+        model = prepare.prepare(ir.serde.deserialize_model(proto))
+        if not joins:
+            monkeypatch.setattr(placement_module, "_concat_joins", lambda sites: {})
+        placement = place(model.graph, "ort")
+        joined_inputs = ("add_out", "up_out", "pool_out")
+        grids = {site.value.name: site.observed.name for site in placement.activations if site.value.name in joined_inputs}
+        # on the Concat's grid, the pool on its input's
+        assert grids == ({"add_out": "concat_out", "up_out": "concat_out", "pool_out": "c_out"} if joins else {})
+        calib = CalibrationSet(graphs.samples(proto, 8, seed=0), prepare.input_specs(model))
+        seen = observe.observe(prepare.to_proto(model), placement.observed_names, calib, 8)
+        qdq.InsertQdqPass({name: compute_range(observer, "minmax") for name, observer in seen.ranges.items()}, "ort")(model)
+        monkeypatch.undo()
+        return ir.serde.serialize_model(model)
+
+    joined, before = written(joins=True), written(joins=False)
+    found = check(joined)
+    assert found.integer_kernels["QLinearConcat"] == found.integer_kernels["QLinearAdd"] == 1
+    # only the head's Conv is left: its output is a graph output
+    assert not [f for f in found.of("unfused") if f.op_type in ("Concat", "Add", "MaxPool")]
+    assert "Concat" in {f.op_type for f in check(before).of("unfused")}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(joined.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    producers = {o: n.op_type for n in optimized for o in n.output}
+    pool = next(n for n in optimized if "MaxPool" in n.op_type)
+    assert producers[pool.input[0]] != "DequantizeLinear"  # it pools the uint8 map
+    # in exact QDQ arithmetic the model computes what it computed with a float Concat
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    image = graphs.samples(proto, 4, seed=1)
+    outputs = [ort.InferenceSession(m.SerializeToString(), exact, providers=["CPUExecutionProvider"]).run(None, image)[0]
+               for m in (joined, before)]
+    np.testing.assert_array_equal(*outputs)
+    # where every input is a float op's (float SiLUs, one upsampled), joining would only move the QuantizeLinear
+    neck = prepare.prepare(ir.serde.deserialize_model(graphs.detector_neck())).graph
+    read = {node.op_type for site in place(neck, "ort").activations for node, _ in site.readers}
+    assert "Concat" not in read and "Resize" not in read
+
+
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():
     from tests import graphs
 
