@@ -218,11 +218,15 @@ FLOAT_REASONS = {
 def _residual_streams(report: Report) -> list[str]:
     """What the written model does with its residual streams and SiLUs, and why (``--residuals``)."""
     refit = report.qwt_int8_residuals_gain_db
+    if report.options.get("activation_bits", 8) > 8:  # onnxruntime has QLinearAdd for 8-bit tensors only
+        adds, faster = "their Adds on 16-bit tensors (in float on onnxruntime's CPU)", "quantizes them, as integer-only NPUs need"
+    else:
+        adds, faster = "their Adds in integer kernels", "runs them in integer kernels, faster between integer convolutions"
     kinds = [  # counts quantized and float, held-out gain, what the line says of each, why auto left them float
         (report.int8_residual_streams, report.float_residual_streams, report.int8_residuals_gain_db,
-         "residual streams quantized for every reader, their Adds in integer kernels",
-         "residual streams read in float by their shortcuts, {why}: {count} (their Adds run in float; --residuals int8 runs "
-         "them in integer kernels, faster between integer convolutions)",
+         f"residual streams quantized for every reader, {adds}",
+         "residual streams read in float by their shortcuts, {why}: {count} (their Adds run in float; --residuals int8 "
+         f"{faster})",
          "beyond noise"),
         # tried on top of the streams kept, and kept only where the model stays within auto's rule of float streams
         (report.int8_silu_gates, report.float_silu_gates, report.int8_silus_gain_db,

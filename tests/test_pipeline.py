@@ -753,6 +753,18 @@ def test_auto_residuals_are_int8_where_the_ptq_model_is_written_and_float_under_
     assert "so that QwT's corrections are not rounded away" in format_summary(compensated, "resnet.onnx")
 
 
+def test_the_summary_promises_integer_adds_for_8_bit_streams_only():
+    # onnxruntime has QLinearAdd for 8-bit tensors only
+    model = graphs.resnet()
+    calib = graphs.samples(model, 64, seed=1)
+    options = {"qwt": False, "progress": False, "calib_method": "minmax", "rounding": "nearest", "equalization": "off",
+               "residuals": "int8"}
+    summary = {bits: format_summary(quantize_with_report(model, calib, activation_bits=bits, **options)[1], "m.onnx")
+               for bits in (8, 16)}
+    assert "their Adds in integer kernels" in summary[8]
+    assert "their Adds on 16-bit tensors (in float on onnxruntime's CPU)" in summary[16] and "integer kernels" not in summary[16]
+
+
 def test_auto_residuals_fit_qwt_on_int8_streams_too_and_keep_them_where_qwt_keeps_its_gain():
     # QwT refitted on the PTQ model whose streams are quantized for every reader: on this seed it
     # gains more there than on float streams (on seed 0, above, the sums round its corrections off)
