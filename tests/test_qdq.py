@@ -303,6 +303,16 @@ def test_a_concat_joins_its_float_inputs_on_uint8_and_every_reader_reads_what_it
     neck = prepare.prepare(ir.serde.deserialize_model(graphs.detector_neck())).graph
     read = {node.op_type for site in place(neck, "ort").activations for node, _ in site.readers}
     assert "Concat" not in read and "Resize" not in read
+    # nor where every input is upsampled from a quantized map: a float Resize either way
+    b = GraphBuilder()
+    maps = [b.op("Conv", ["image", b.weight(f"w{i}", (8, 4, 1, 1))], f"c{i}", strides=[2, 2]) for i in range(2)]
+    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+    ups = [b.op("Resize", [m, "", scales], f"up{i}", mode="nearest") for i, m in enumerate(maps)]
+    b.op("Conv", [b.op("Concat", ups, "concat", axis=1), b.weight("w2", (2, 16, 1, 1))], "head")
+    upsampled = b.model([helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                        [helper.make_tensor_value_info("head_out", TensorProto.FLOAT, [None] * 4)])
+    graph = prepare.prepare(ir.serde.deserialize_model(upsampled)).graph
+    assert not {"up0_out", "up1_out"} & {site.value.name for site in place(graph, "ort").activations}
 
 
 def test_excluded_nodes_and_op_types_keep_float_weights_and_inputs():

@@ -300,17 +300,28 @@ def _concat_joins(sites: dict[ir.Value, ActivationSite]) -> dict[ir.Value, Activ
 
 
 def _joining_pays(concat: ir.Node, taken: Container[tuple[ir.Node, int]]) -> bool:
-    """Whether some input of ``concat`` is read through a quantizer already, or made by an op
-    whose computed inputs all are (it then runs on integers). Where every input is a float op's
-    (PP-OCR's FPN joins Adds of upsampled maps), the join only moves the one QuantizeLinear onto
-    each input: measured no faster on onnxruntime (130 against 133 ms at batch 16)."""
+    """Whether some input of ``concat`` is read through a quantizer already, or made from such
+    inputs by an op that then runs on integers (:data:`_INTEGER_WITH_QUANTIZED_OUTPUT`, or one of
+    :data:`_STREAM_MOVERS`, which moves the uint8 values). Where every input is a float op's (PP-OCR's
+    FPN joins Adds of upsampled maps), the join only moves the one QuantizeLinear onto each input:
+    measured no faster on onnxruntime (130 against 133 ms at batch 16)."""
     for index, x in enumerate(concat.inputs):
         producer = x.producer()
-        inputs = [] if producer is None else enumerate(producer.inputs)
-        computed = [i for i, v in inputs if v is not None and not g.is_constant(v)]
-        if (concat, index) in taken or (computed and all((producer, i) in taken for i in computed)):
+        if (concat, index) in taken:
+            return True
+        if producer is None or not (producer.op_type in _INTEGER_WITH_QUANTIZED_OUTPUT and g.is_default_domain(producer)
+                                    or _moves_stream(producer)):
+            continue
+        computed = [i for i, v in enumerate(producer.inputs) if v is not None and not g.is_constant(v)]
+        if computed and all((producer, i) in taken for i in computed):
             return True
     return False
+
+
+# What onnxruntime's CPU provider runs on uint8 once its inputs and output are quantized, whatever
+# their scales: QLinearAdd, QLinearMul, QLinearConcat. Not a Resize: onnxruntime upsamples uint8 only
+# on one scale, and a join quantizes its output on the Concat's.
+_INTEGER_WITH_QUANTIZED_OUTPUT = {"Add", "Mul", "Concat"}
 
 
 def _read_only_quantized(site: ActivationSite) -> bool:
