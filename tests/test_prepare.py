@@ -182,6 +182,25 @@ def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_
     _same_function(proto, model, shape=(2, 5, 3))
 
 
+@pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Div", "Mul"), False)])
+def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantized_tensor_in_an_integer_kernel(readers, folded):
+    # PP-OCR's depthwise conv, its bias Add read by the next conv and a residual Add; a Gelu's Div and Mul keep
+    # one float tensor to share (each reader of a dequantized one gets a DequantizeLinear of its own)
+    b = GraphBuilder(seed=5)
+    conv = b.op("Conv", ["x", b.weight("w", (3, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    biased = b.op("Add", [conv, b.const("shift", np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1))], "bias")
+    if readers == ("Conv", "Add"):
+        b.op("Add", [b.op("Conv", [biased, b.weight("w2", (3, 3, 1, 1))], "next"), biased], "residual")
+    else:
+        b.op("Mul", [biased, b.op("Div", [biased, b.const("two", np.array(2.0, np.float32))], "half")], "product")
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5, 5])])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert ("bias" in [n.name for n in model.graph]) is not folded
+    _same_function(proto, model)
+
+
 def test_a_batch_norm_exported_as_a_per_channel_mul_and_add_is_folded_into_the_conv():
     b = GraphBuilder(seed=6)
     conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3)), b.const("b", np.linspace(-1, 1, 6).astype(np.float32))], "conv",

@@ -57,10 +57,11 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
     exports a separate Add per conv bias, and some exporters write an inference-mode
     BatchNormalization as a Mul and an Add (captcha-whisperer's CRNN).
 
-    A Mul or Add whose output several nodes read stays: the convolution's output will be
-    quantized, and onnxruntime gives each reader of a dequantized tensor a DequantizeLinear
-    of its own, which keeps it from fusing the readers (the Div/Erf/Mul of a Gelu) into one
-    kernel; the folded op's output is the one float tensor they share.
+    A Mul or Add whose output several nodes read stays, unless every reader is a weighted op or
+    an Add: the convolution's output will be quantized, and onnxruntime gives each reader of a
+    dequantized tensor a DequantizeLinear of its own, which keeps it from fusing the readers
+    (the Div/Erf/Mul of a Gelu) into one kernel; the folded op's output is the one float tensor
+    they share. Weighted ops and Adds read a quantized tensor in integer kernels.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -68,7 +69,7 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
         names = g.NameScope(graph)
         folded = 0
         for node in [n for n in graph if n.op_type in ("Mul", "Add") and g.is_default_domain(n)]:
-            if len(node.outputs[0].uses()) > 1:
+            if len(node.outputs[0].uses()) > 1 and not all(_reads_quantized(reader) for reader, _ in node.outputs[0].uses()):
                 continue
             for side in (0, 1):
                 conv, constant = node.inputs[side].producer(), node.inputs[1 - side]
@@ -146,6 +147,11 @@ def _dense_bias(matmul: ir.Node, add: ir.Node) -> np.ndarray | None:
     if array.ndim > 2 or array.size not in (1, channels) or (array.ndim == 2 and array.shape[0] != 1):
         return None
     return np.broadcast_to(array.reshape(-1), (channels,)).astype(matmul.inputs[1].const_value.numpy().dtype)
+
+
+def _reads_quantized(node: ir.Node) -> bool:
+    """A weighted op or an Add: where its input is quantized, onnxruntime reads it in an integer kernel."""
+    return g.is_default_domain(node) and (g.is_weighted(node) or node.op_type == "Add")
 
 
 def _per_channel(array: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
