@@ -182,7 +182,7 @@ def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_
     _same_function(proto, model, shape=(2, 5, 3))
 
 
-@pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Div", "Mul"), False)])
+@pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Conv", "Add 3"), False), (("Div", "Mul"), False)])
 def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantized_tensor_in_an_integer_kernel(readers, folded):
     # PP-OCR's depthwise conv, its bias Add read by the next conv and a residual Add; a Gelu's Div and Mul keep
     # one float tensor to share (each reader of a dequantized one gets a DequantizeLinear of its own)
@@ -191,6 +191,9 @@ def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantize
     biased = b.op("Add", [conv, b.const("shift", np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1))], "bias")
     if readers == ("Conv", "Add"):
         b.op("Add", [b.op("Conv", [biased, b.weight("w2", (3, 3, 1, 1))], "next"), biased], "residual")
+    elif readers == ("Conv", "Add 3"):  # an Add of a constant runs in float
+        b.op("Add", [b.op("Conv", [biased, b.weight("w2", (3, 3, 1, 1))], "next"),
+                     b.op("Add", [biased, b.const("three", np.array(3.0, np.float32))], "plus3")], "sum")
     else:
         b.op("Mul", [biased, b.op("Div", [biased, b.const("two", np.array(2.0, np.float32))], "half")], "product")
     b.nodes[-1].output[0] = "y"
