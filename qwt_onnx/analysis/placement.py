@@ -274,8 +274,7 @@ def _concat_joins(sites: dict[ir.Value, ActivationSite]) -> dict[ir.Value, Activ
     moves them on uint8, and runs an Add that only the Concat reads (the last bottleneck of
     YOLOv8's C2f) as QLinearAdd, where it ran DequantizeLinears, float ops and QuantizeLinears.
     Only where that takes a DequantizeLinear away (:func:`_joining_pays`)."""
-    taken = {reader for site in sites.values() for reader in site.readers}
-    source = {reader: site for site in sites.values() for reader in site.readers}
+    source = {reader: site for site in sites.values() for reader in site.readers}  # the quantizer each edge reads
     joins: dict[ir.Value, ActivationSite] = {}
     pending = list(sites.values())
     while pending:
@@ -283,10 +282,10 @@ def _concat_joins(sites: dict[ir.Value, ActivationSite]) -> dict[ir.Value, Activ
         concat = site.value.producer()
         if concat is None or concat.op_type != "Concat" or not g.is_default_domain(concat) or not _read_only_quantized(site):
             continue
-        if not _joining_pays(concat, taken):
+        if not _joining_pays(concat, source):
             continue
         for index, x in enumerate(concat.inputs):
-            if (concat, index) in taken or x in sites or g.is_constant(x):
+            if (concat, index) in source or x in sites or g.is_constant(x):
                 continue
             mover = x.producer()
             moved = source.get((mover, 0)) if mover is not None and _moves_stream(mover) else None
@@ -294,8 +293,8 @@ def _concat_joins(sites: dict[ir.Value, ActivationSite]) -> dict[ir.Value, Activ
             join = joins.setdefault(x, ActivationSite(x, grid, []))
             if join.observed is grid:  # a tensor that two Concats join on two grids stays float for the second
                 join.readers.append((concat, index))
-                taken.add((concat, index))
-        pending += [join for join in joins.values() if join.value in concat.inputs]  # a Concat of Concats
+                source[(concat, index)] = join
+        pending += [joins[x] for x in concat.inputs if x in joins]  # a Concat of Concats
     return joins
 
 
@@ -386,7 +385,7 @@ def _residual_streams(sites: dict[ir.Value, ActivationSite], absorb: bool) -> di
         producer, clamp = x.producer(), None
         if producer is not None and _clamps_at_zero(producer) and len(producer.inputs[0].uses()) == 1:
             producer, clamp = producer.inputs[0].producer(), producer
-        if producer is None or producer.op_type != "Add" or any(g.is_constant(v) for v in producer.inputs):
+        if producer is None or not g.adds_computed(producer):
             continue
         absorbed = clamp if absorb and clamp is not None and not producer.outputs[0].is_graph_output() else None
         streams[x] = ActivationSite(producer.outputs[0] if absorbed else x, x, list(x.uses()), absorbed=absorbed)

@@ -51,6 +51,11 @@ def is_weighted(node: ir.Node) -> bool:
     return weight_input(node) is not None
 
 
+def adds_computed(node: ir.Node) -> bool:
+    """An Add of computed tensors only (a residual sum), not of a constant (a bias, hard-swish's ``x + 3``)."""
+    return node.op_type == "Add" and not any(is_constant(v) for v in node.inputs)
+
+
 def static_values(graph: ir.Graph) -> set[ir.Value]:
     """Values computable from initializers and Constant nodes alone."""
     static = {v for v in graph.initializers.values()}

@@ -58,10 +58,10 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
     BatchNormalization as a Mul and an Add (captcha-whisperer's CRNN).
 
     A Mul or Add whose output several nodes read stays, unless every reader is a weighted op or
-    an Add of two computed tensors: the convolution's output will be quantized, and onnxruntime gives each reader of a
-    dequantized tensor a DequantizeLinear of its own, which keeps it from fusing the readers
-    (the Div/Erf/Mul of a Gelu) into one kernel; the folded op's output is the one float tensor
-    they share. Weighted ops and Adds read a quantized tensor in integer kernels.
+    an Add of computed tensors, which read a quantized tensor in integer kernels: elsewhere the
+    convolution's output will be quantized, and onnxruntime gives each reader of a dequantized
+    tensor a DequantizeLinear of its own, which keeps it from fusing the readers (the Div/Erf/Mul
+    of a Gelu) into one kernel; the folded op's output is the one float tensor they share.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -150,11 +150,9 @@ def _dense_bias(matmul: ir.Node, add: ir.Node) -> np.ndarray | None:
 
 
 def _reads_quantized(node: ir.Node) -> bool:
-    """A weighted op, or an Add of two computed tensors: where its input is quantized, onnxruntime
-    reads it in an integer kernel (an Add of a constant, hard-swish's ``x + 3``, runs in float)."""
-    if not g.is_default_domain(node):
-        return False
-    return g.is_weighted(node) or node.op_type == "Add" and not any(g.is_constant(v) for v in node.inputs if v is not None)
+    """A weighted op, or an Add of computed tensors: where its input is quantized, onnxruntime reads
+    it in an integer kernel (an Add of a constant, hard-swish's ``x + 3``, runs in float)."""
+    return g.is_default_domain(node) and (g.is_weighted(node) or g.adds_computed(node))
 
 
 def _per_channel(array: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
