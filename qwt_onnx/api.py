@@ -46,8 +46,9 @@ from qwt_onnx.inputs import (
     unselected,
 )
 from qwt_onnx.numerics import metrics
-from qwt_onnx.options import BiasCorrection, CalibMethod, Options
+from qwt_onnx.options import BiasCorrection, CalibMethod, Options, Target
 from qwt_onnx.options import Equalization as EqualizationChoice
+from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.ptq import GIVEN, Candidate, best_candidate, given_candidate, int8_residuals_pay, ptq_candidates
 from qwt_onnx.qwt import (
@@ -151,6 +152,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
     if fp.meta.get("fixed_batch"):  # the user's interface: fed that many samples at a time
         prepare.fix_batch(written, fp.meta["fixed_batch"])
+    if options.target == Target.ORT:
+        FuseDequantizedGeluPass()(written)
 
     proto = prepare.to_proto(written)
     try:

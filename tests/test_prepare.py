@@ -245,3 +245,31 @@ def test_weights_computed_from_constants_alone_become_initializers_and_random_on
     assert mixer.inputs[1].const_value is None  # drawn anew on every run: no constant
     assert quantized.inputs[1].producer().op_type == "DequantizeLinear"
     assert not {"ReduceL2", "Div", "Mul"} & {n.op_type for n in model.graph}
+
+
+@pytest.mark.parametrize("axes, rank, pooled", [((2, 3), 4, True), ((-1, -2), 4, True), ((1, 2), 4, False), ((2,), 4, False),
+                                                ((-1,), 3, False)])
+def test_a_mean_over_every_spatial_axis_of_a_feature_map_becomes_a_global_average_pool(axes, rank, pooled):
+    # a squeeze-and-excitation block's pooling; not a Keras NHWC map's mean over (1, 2), nor a LayerNorm's over tokens' last axis
+    b = GraphBuilder(seed=2)
+    shape = ["N", 3, 5, 5][:rank]
+    b.op("ReduceMean", ["x"], "squeeze", axes=list(axes), keepdims=1)
+    b.nodes[-1].output[0] = "y"
+    reduced = [1 if i in [a % rank for a in axes] else d for i, d in enumerate(shape)]
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, reduced)], opset=17)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph] == ["GlobalAveragePool" if pooled else "ReduceMean"]
+    assert model.graph[0].name == "squeeze" and model.graph.outputs[0].name == "y"
+    _same_function(proto, model, shape=(2, 3, 5, 5)[:rank])
+
+
+def test_a_spatial_mean_with_axes_as_an_input_becomes_a_pool_too():
+    b = GraphBuilder(seed=2)
+    b.op("ReduceMean", ["x", b.const("axes", np.array([2, 3], np.int64))], "squeeze")
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 1, 1])], opset=18)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph] == ["GlobalAveragePool"] and not model.graph.initializers
+    _same_function(proto, model)
