@@ -211,6 +211,41 @@ def test_int8_silus_run_on_uint8_in_onnxruntime():
     assert "/down/sigmoid_out" in observed and "/neck/sigmoid_out" not in observed
 
 
+@pytest.mark.parametrize("gate_op", ["HardSigmoid", "Sigmoid"])
+def test_int8_silus_run_a_squeeze_excitation_gate_as_qlinearmul_and_leave_hard_swish_float(gate_op):
+    # PP-LCNet's and PP-OCRv6's SE block: x · HardSigmoid(conv(relu(conv(pool(x))))), one gate per channel, then a
+    # residual Add; beside it a hard-swish, x · HardSigmoid(x), whose HardSigmoid would stay float on the whole map
+    b = GraphBuilder(seed=7)
+    x = b.op("Conv", ["image", b.weight("w0", (8, 4, 3, 3))], "dw", pads=[1, 1, 1, 1])
+    squeezed = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [x], "pool"), b.weight("w1", (4, 8, 1, 1))], "reduce")],
+                    "relu")
+    gate = b.op(gate_op, [b.op("Conv", [squeezed, b.weight("w2", (8, 4, 1, 1))], "expand")], "gate")
+    scaled = b.op("Mul", [x, gate], "scale")
+    y = b.op("Add", [b.op("Conv", [scaled, b.weight("w3", (8, 8, 1, 1))], "pw"), scaled], "residual")
+    h = b.op("Conv", [y, b.weight("w4", (8, 8, 1, 1))], "next")
+    b.op("Conv", [b.op("Mul", [h, b.op("HardSigmoid", [h], "hard_sigmoid")], "hard_swish"), b.weight("w5", (2, 8, 1, 1))],
+         "head")
+    b.nodes[-1].output[0] = "out"
+    proto = b.model([helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                    [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2, 6, 6])])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    placement = place(model.graph, "ort", int8_residuals=True, int8_silus=True)
+    assert {"gate_out", "scale_out"} <= set(placement.observed_names)
+    assert "hard_sigmoid_out" not in placement.observed_names
+    assert "gate_out" not in place(model.graph, "ort", int8_residuals=True).observed_names
+    calib = CalibrationSet(graphs.samples(proto, 8, seed=0), prepare.input_specs(model))
+    seen = observe.observe(prepare.to_proto(model), placement.observed_names, calib, 8)
+    ranges = {name: compute_range(observer, "minmax") for name, observer in seen.ranges.items()}
+    qdq.InsertQdqPass(ranges, "ort", int8_residuals=True, int8_silus=True)(model)
+    out = ir.serde.serialize_model(model)
+    found = check(out)
+    assert found.integer_kernels["QLinearMul"] == 1 and found.integer_kernels["QLinearAdd"] == 1
+    assert not [f for f in found.of("unfused") if f.node == "scale"]
+    image = graphs.samples(proto, 4, seed=1)["image"]
+    reference, quantized = session(proto).run(None, {"image": image})[0], session(out).run(None, {"image": image})[0]
+    assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 20
+
+
 def test_a_split_of_a_quantized_silu_runs_on_its_uint8_values(tmp_path):
     # YOLOv8's C2f: a SiLU's product split in two, one part through a conv and SiLU, all three joined
     import onnxruntime as ort

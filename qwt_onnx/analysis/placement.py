@@ -31,7 +31,8 @@ Placement, per target:
   QLinearMul (``int8_silus``): on EfficientWord-Net's EfficientNet embedder that
   took the INT8 model from 1.43x to 0.99x FP32's latency at batch 16 for 0.2 dB
   (1.80x to 1.11x in another run), but it cost ddddocr's YOLOX detector 1.3 dB
-  of objectness, the products rounded where they were not.
+  of objectness, the products rounded where they were not. A squeeze-excitation's
+  channel gate (a Sigmoid or HardSigmoid of one value per channel) goes with them.
 
 Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
 MatMuls (two activations) stay float. Quantizing them is what onnxruntime's
@@ -228,7 +229,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), 
           int8_silus: bool = False) -> Placement:
     """Where the quantizers go in ``graph`` for ``target``; with ``int8_residuals``, residual
     streams are quantized for every reader (:func:`_residual_streams`), with ``int8_silus`` and
-    ``ort`` the SiLUs after quantized Conv outputs (:func:`_silu_sites`)."""
+    ``ort`` the SiLUs and channel gates of quantized Conv outputs (:func:`_silu_sites`)."""
     weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
     weights: dict[ir.Value, WeightSite] = {}
     for node in weighted:
@@ -329,24 +330,48 @@ def _read_only_quantized(site: ActivationSite) -> bool:
 
 
 def _silu_sites(quantized: list[ir.Value]) -> list[ActivationSite]:
-    """Quantizers for each SiLU, ``x · Sigmoid(x)``, of a tensor ``x`` in ``quantized`` (a Conv
-    output): on the Sigmoid's output and, for every reader, on the product (carried through
-    :data:`_STREAM_MOVERS` on its range). onnxruntime then runs the SiLU as QLinearSigmoid and
-    QLinearMul on uint8 maps, where in float it is four passes over a float map
-    (DequantizeLinear, Sigmoid, Mul, QuantizeLinear)."""
+    """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output): a
+    SiLU, ``x · Sigmoid(x)``, or a channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of
+    fewer values that broadcast over ``x`` (a squeeze-excitation's, one per channel): on the
+    gate and, for every reader, on the product (carried through :data:`_STREAM_MOVERS` on its
+    range). onnxruntime then runs the product as QLinearMul on uint8 maps, where in float it is
+    three passes over a float map (DequantizeLinear, Mul, QuantizeLinear), and a SiLU's Sigmoid
+    as QLinearSigmoid; a HardSigmoid, which has no integer kernel, runs in float on the few
+    values of the gate. Not ``x · HardSigmoid(x)`` (hard-swish): its HardSigmoid would still
+    run in float on the whole map."""
     found = []
     for x in quantized:
-        for sigmoid in x.consumers():
-            if sigmoid.op_type != "Sigmoid" or not g.is_default_domain(sigmoid) or sigmoid.graph is not x.producer().graph:
+        for mul in dict.fromkeys(x.consumers()):
+            if mul.op_type != "Mul" or not g.is_default_domain(mul) or len(mul.inputs) != 2 or x not in mul.inputs:
                 continue
-            gate = sigmoid.outputs[0]
-            mul = gate.consumers()[0] if len(gate.consumers()) == 1 and not gate.is_graph_output() else None
-            if mul is None or mul.op_type != "Mul" or set(mul.inputs) != {x, gate} or _moved_to_outputs(mul.outputs[0]):
+            gate = mul.inputs[1] if mul.inputs[0] is x else mul.inputs[0]
+            sigma = gate.producer() if gate is not None else None
+            if sigma is None or not g.is_default_domain(sigma) or sigma.graph is not mul.graph:
+                continue
+            silu = sigma.op_type == "Sigmoid" and sigma.inputs[0] is x
+            channel_gate = sigma.op_type in ("Sigmoid", "HardSigmoid") and _broadcasts_over(gate, x)
+            if not (silu or channel_gate) or len(gate.uses()) != 1 or gate.is_graph_output():
+                continue
+            if _moved_to_outputs(mul.outputs[0]):
                 continue
             product = mul.outputs[0]
             carried = ActivationSite(product, product, list(product.uses()))
             found += [ActivationSite(gate, gate, list(gate.uses())), carried, *_moved_on(carried)]
     return found
+
+
+def _broadcasts_over(gate: ir.Value, x: ir.Value) -> bool:
+    """Whether ``gate`` has ``x``'s rank and, on each axis, ``x``'s size or 1, and 1 on some axis
+    where ``x`` has more (an N×C×1×1 gate of an N×C×H×W map, or N×1×1×C of an NHWC one)."""
+    if gate.shape is None or x.shape is None or len(gate.shape) != len(x.shape):
+        return False
+    broadcast = False
+    for ours, theirs in zip(gate.shape, x.shape):
+        if ours == 1 and theirs != 1:
+            broadcast = True
+        elif ours != theirs:
+            return False
+    return broadcast
 
 
 # Ops that carry a stream's values on, on the stream's own scale: a pool of maxima, a padding with
