@@ -10,8 +10,9 @@ optimizations, built on this machine) and reports:
   kernel's output is wrong wherever its inputs are large;
 * unfused: float ops left between a DequantizeLinear and a QuantizeLinear
   (a dequantize, a float op and a requantize where an integer kernel was
-  meant), and weights stored as int8 but dequantized on every run for a float
-  op.
+  meant), weights stored as int8 but dequantized on every run for a float
+  op, and a spelt-out GELU that reads a dequantized tensor (which onnxruntime
+  cannot fuse into its Gelu kernel, :mod:`qwt_onnx.passes.gelu`).
 
 The fusions are those of the installed onnxruntime on the machine that runs
 the check; x86 machines all fuse alike (ARM fuses int8 activations too).
@@ -179,6 +180,13 @@ def _unfused(graph: ir.Graph) -> list[Finding]:
                    if node.op_type == "Conv" and dequantized and not requantized else "")
             findings.append(Finding("unfused", node.op_type, node.name, f"runs in float on {len(weights)} int8 "
                                     f"weight(s) dequantized on every run{why}"))
+    for erf in graph:
+        scaling = erf.inputs[0].producer() if erf.op_type == "Erf" and erf.inputs else None
+        if scaling is not None and scaling.op_type in ("Div", "Mul") and any(map(_is_dequantized_activation, scaling.inputs)):
+            findings.append(Finding("unfused", "Erf", erf.name, "a GELU spelt out in Div, Erf, Add and Muls reads a "
+                                    "DequantizeLinear: onnxruntime gives each of its readers a copy and cannot fuse the "
+                                    "five into one Gelu kernel; written as one Gelu node, it runs as one (qwt_onnx "
+                                    "--target ort writes it so)"))
     for dq in graph:
         if dq.op_type == "DequantizeLinear" and _is_dequantized_activation(dq.outputs[0]):
             if any(c.op_type == "QuantizeLinear" for c in dq.outputs[0].consumers()):

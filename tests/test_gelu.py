@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import qwt_onnx
+from qwt_onnx.check import check
 from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
 from qwt_onnx.runtime import session
 from tests.graphs import GraphBuilder
@@ -68,6 +69,13 @@ def test_a_gelu_of_a_dequantized_tensor_becomes_one_kernel_that_computes_the_sam
     assert "Erf" not in kernels and kernels.count("Gelu") == 1
     x = {"x": np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32) * 3}
     np.testing.assert_allclose(session(fused).run(None, x)[0], session(proto).run(None, x)[0], atol=0.0501)
+
+
+def test_the_checker_tells_a_spelt_out_gelu_of_a_dequantized_tensor():
+    proto = _dequantized_gelu("div")
+    assert [f.op_type for f in check(proto).of("unfused")] == ["Erf"]
+    assert [f.op_type for f in check(_fused(proto)).of("unfused")] == ["Gelu"]  # one float kernel between Q/DQ, as FP32's
+    assert not check(_dequantized_gelu("div", dequantized=False)).of("unfused")
 
 
 def test_from_opset_20_the_gelu_is_onnx_own():

@@ -229,7 +229,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), 
           int8_silus: bool = False) -> Placement:
     """Where the quantizers go in ``graph`` for ``target``; with ``int8_residuals``, residual
     streams are quantized for every reader (:func:`_residual_streams`), with ``int8_silus`` and
-    ``ort`` the SiLUs and channel gates of quantized Conv outputs (:func:`_silu_sites`)."""
+    ``ort`` the SiLUs and channel gates of quantized Conv outputs (:func:`_gated_products`)."""
     weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
     weights: dict[ir.Value, WeightSite] = {}
     for node in weighted:
@@ -251,7 +251,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), 
                 site = _output_site(node.outputs[0])
                 sites[site.value] = site
                 dequantized.add(site.observed)
-        for site in _silu_sites([s.observed for s in sites.values()]) if int8_silus else []:
+        for site in _gated_products([s.observed for s in sites.values()]) if int8_silus else []:
             sites[site.value] = site
             dequantized.add(site.value)
     for node in weighted:
@@ -329,7 +329,7 @@ def _read_only_quantized(site: ActivationSite) -> bool:
     return not site.value.is_graph_output() and set(site.value.uses()) <= set(site.readers)
 
 
-def _silu_sites(quantized: list[ir.Value]) -> list[ActivationSite]:
+def _gated_products(quantized: list[ir.Value]) -> list[ActivationSite]:
     """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output): a
     SiLU, ``x · Sigmoid(x)``, or a channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of
     fewer values that broadcast over ``x`` (a squeeze-excitation's, one per channel): on the
