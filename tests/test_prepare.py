@@ -182,10 +182,12 @@ def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_
     _same_function(proto, model, shape=(2, 5, 3))
 
 
-@pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Conv", "Add 3"), False), (("Div", "Mul"), False)])
+@pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Conv", "Add 3"), False), (("Div", "Mul"), False),
+                                             (("Gelu",), True)])
 def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantized_tensor_in_an_integer_kernel(readers, folded):
-    # PP-OCR's depthwise conv, its bias Add read by the next conv and a residual Add; a Gelu's Div and Mul keep
-    # one float tensor to share (each reader of a dequantized one gets a DequantizeLinear of its own)
+    # PP-OCR's depthwise conv, its bias Add read by the next conv and a residual Add; a Div and a Mul keep one float
+    # tensor to share (each reader of a dequantized one gets a DequantizeLinear of its own, which keeps onnxruntime
+    # from fusing them), but not a GELU's, which is written as one node (passes.gelu)
     b = GraphBuilder(seed=5)
     conv = b.op("Conv", ["x", b.weight("w", (3, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
     biased = b.op("Add", [conv, b.const("shift", np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1))], "bias")
@@ -194,8 +196,12 @@ def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantize
     elif readers == ("Conv", "Add 3"):  # an Add of a constant runs in float
         b.op("Add", [b.op("Conv", [biased, b.weight("w2", (3, 3, 1, 1))], "next"),
                      b.op("Add", [biased, b.const("three", np.array(3.0, np.float32))], "plus3")], "sum")
-    else:
+    elif readers == ("Div", "Mul"):
         b.op("Mul", [biased, b.op("Div", [biased, b.const("two", np.array(2.0, np.float32))], "half")], "product")
+    else:
+        erf = b.op("Erf", [b.op("Div", [biased, b.const("root2", np.array(np.sqrt(2), np.float32))], "scaled")], "erf")
+        plus_one = b.op("Add", [erf, b.const("one", np.array(1.0, np.float32))], "plus_one")
+        b.op("Mul", [b.op("Mul", [biased, plus_one], "product"), b.const("half", np.array(0.5, np.float32))], "gelu")
     b.nodes[-1].output[0] = "y"
     proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5, 5])])

@@ -27,6 +27,7 @@ from onnxscript.rewriter.rules.common import (
 )
 
 from qwt_onnx.graph import query as g
+from qwt_onnx.passes.gelu import exact_gelu_of
 
 FOLDS_BATCH_NORM = ("Conv", "ConvTranspose", "Gemm")
 
@@ -58,10 +59,12 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
     BatchNormalization as a Mul and an Add (captcha-whisperer's CRNN).
 
     A Mul or Add whose output several nodes read stays, unless every reader is a weighted op or
-    an Add of computed tensors, which read a quantized tensor in integer kernels: elsewhere the
-    convolution's output will be quantized, and onnxruntime gives each reader of a dequantized
-    tensor a DequantizeLinear of its own, which keeps it from fusing the readers (the Div/Erf/Mul
-    of a Gelu) into one kernel; the folded op's output is the one float tensor they share.
+    an Add of computed tensors, which read a quantized tensor in integer kernels, or the readers
+    are an exact GELU's, which is written as one node where it reads a quantized tensor
+    (:mod:`qwt_onnx.passes.gelu`): elsewhere the convolution's output will be quantized, and
+    onnxruntime gives each reader of a dequantized tensor a DequantizeLinear of its own, which
+    keeps it from fusing the readers into one kernel; the folded op's output is the one float
+    tensor they share.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -69,7 +72,8 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
         names = g.NameScope(graph)
         folded = 0
         for node in [n for n in graph if n.op_type in ("Mul", "Add") and g.is_default_domain(n)]:
-            if len(node.outputs[0].uses()) > 1 and not all(_reads_quantized(reader) for reader, _ in node.outputs[0].uses()):
+            readers = [reader for reader, _ in node.outputs[0].uses()]
+            if len(readers) > 1 and not all(map(_reads_quantized, readers)) and exact_gelu_of(node.outputs[0]) is None:
                 continue
             for side in (0, 1):
                 conv, constant = node.inputs[side].producer(), node.inputs[1 - side]

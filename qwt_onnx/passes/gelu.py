@@ -47,6 +47,19 @@ class FuseDequantizedGeluPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
+def exact_gelu_of(value: ir.Value) -> list[ir.Node] | None:
+    """The nodes of the exact GELU of ``value`` where they are all that read it, else None."""
+    if value.is_graph_output():
+        return None
+    readers = {node for node, _ in value.uses()}
+    for scaling in readers:
+        erf = _only_reader(scaling.outputs[0]) if scaling.outputs else None
+        found = _exact_gelu(erf) if erf is not None and erf.op_type == "Erf" else None
+        if found is not None and found[0] is value and readers <= set(found[1]):
+            return found[1]
+    return None
+
+
 def _exact_gelu(erf: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Value] | None:
     """``(x, nodes, y)`` where ``erf`` is part of ``y = x · ½(1 + erf(x / √2))`` computed by
     ``nodes`` (in graph order) and read elsewhere only through ``y``; else None. The ½ may
