@@ -183,11 +183,12 @@ def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_
 
 
 @pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Conv", "Add 3"), False), (("Div", "Mul"), False),
-                                             (("Gelu",), True)])
+                                             (("Gelu",), True), (("ReduceMean", "Mul"), True), (("Sigmoid", "Mul"), True)])
 def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantized_tensor_in_an_integer_kernel(readers, folded):
     # PP-OCR's depthwise conv, its bias Add read by the next conv and a residual Add; a Div and a Mul keep one float
     # tensor to share (each reader of a dequantized one gets a DequantizeLinear of its own, which keeps onnxruntime
-    # from fusing them), but not a GELU's, which is written as one node (passes.gelu)
+    # from fusing them), but not a GELU's, which is written as one node (passes.gelu), nor a squeeze-excitation's or a
+    # SiLU's, whose product runs on uint8 once it scales a convolution's output
     b = GraphBuilder(seed=5)
     conv = b.op("Conv", ["x", b.weight("w", (3, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
     biased = b.op("Add", [conv, b.const("shift", np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1))], "bias")
@@ -198,6 +199,12 @@ def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantize
                      b.op("Add", [biased, b.const("three", np.array(3.0, np.float32))], "plus3")], "sum")
     elif readers == ("Div", "Mul"):
         b.op("Mul", [biased, b.op("Div", [biased, b.const("two", np.array(2.0, np.float32))], "half")], "product")
+    elif readers == ("ReduceMean", "Mul"):  # PP-OCRv6's SE block, its pool a ReduceMean over H and W
+        squeezed = b.op("ReduceMean", [biased], "squeeze", axes=[2, 3], keepdims=1)
+        gate = b.op("HardSigmoid", [b.op("Conv", [squeezed, b.weight("w2", (3, 3, 1, 1))], "excite")], "gate")
+        b.op("Mul", [biased, gate], "scale")
+    elif readers == ("Sigmoid", "Mul"):
+        b.op("Mul", [biased, b.op("Sigmoid", [biased], "sigmoid")], "silu")
     else:
         erf = b.op("Erf", [b.op("Div", [biased, b.const("root2", np.array(np.sqrt(2), np.float32))], "scaled")], "erf")
         plus_one = b.op("Add", [erf, b.const("one", np.array(1.0, np.float32))], "plus_one")

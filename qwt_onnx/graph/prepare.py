@@ -167,10 +167,10 @@ def prepare(model: ir.Model) -> ir.Model:
             # Quantizing an op whose output a BatchNormalization rescales per channel wastes the
             # quantizer's range and keeps onnxruntime from fusing the op: every PTQ tool folds first.
             FoldBatchNormPass(),
-            FoldChannelAffinePass(),
             common.ShapeInferencePass(strict_mode=False),
-            DenseAsGemmPass(),  # after shape inference: it needs the rank of a MatMul's input
-            SpatialMeanAsGlobalPoolPass(),  # so does this one, of a ReduceMean's input
+            SpatialMeanAsGlobalPoolPass(),  # after shape inference: it needs the rank of a ReduceMean's input
+            FoldChannelAffinePass(),  # after it: a squeeze-excitation's pool is among the readers it weighs
+            DenseAsGemmPass(),  # it needs the rank of a MatMul's input
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
         ]

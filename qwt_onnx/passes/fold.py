@@ -61,10 +61,11 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
     A Mul or Add whose output several nodes read stays, unless every reader is a weighted op or
     an Add of computed tensors, which read a quantized tensor in integer kernels, or the readers
     are an exact GELU's, which is written as one node where it reads a quantized tensor
-    (:mod:`qwt_onnx.passes.gelu`): elsewhere the convolution's output will be quantized, and
-    onnxruntime gives each reader of a dequantized tensor a DequantizeLinear of its own, which
-    keeps it from fusing the readers into one kernel; the folded op's output is the one float
-    tensor they share.
+    (:mod:`qwt_onnx.passes.gelu`), or a SiLU's or squeeze-excitation's, whose product runs on
+    uint8 once it scales a convolution's output: elsewhere the convolution's output will be
+    quantized, and onnxruntime gives each reader of a dequantized tensor a DequantizeLinear of
+    its own, which keeps it from fusing the readers into one kernel; the folded op's output is
+    the one float tensor they share.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -72,8 +73,7 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
         names = g.NameScope(graph)
         folded = 0
         for node in [n for n in graph if n.op_type in ("Mul", "Add") and g.is_default_domain(n)]:
-            readers = [reader for reader, _ in node.outputs[0].uses()]
-            if len(readers) > 1 and not all(map(_reads_quantized, readers)) and exact_gelu_of(node.outputs[0]) is None:
+            if len(node.outputs[0].uses()) > 1 and not _readers_take_quantized(node.outputs[0]):
                 continue
             for side in (0, 1):
                 conv, constant = node.inputs[side].producer(), node.inputs[1 - side]
@@ -151,6 +151,31 @@ def _dense_bias(matmul: ir.Node, add: ir.Node) -> np.ndarray | None:
     if array.ndim > 2 or array.size not in (1, channels) or (array.ndim == 2 and array.shape[0] != 1):
         return None
     return np.broadcast_to(array.reshape(-1), (channels,)).astype(matmul.inputs[1].const_value.numpy().dtype)
+
+
+def _readers_take_quantized(value: ir.Value) -> bool:
+    """Whether the readers of ``value`` lose nothing by reading it quantized instead: each reads it
+    in an integer kernel (:func:`_reads_quantized`), or they are an exact GELU's (written as one
+    node) or a gated product's (:func:`_gated_product_reads`)."""
+    readers = [reader for reader, _ in value.uses()]
+    return all(map(_reads_quantized, readers)) or exact_gelu_of(value) is not None or _gated_product_reads(value)
+
+
+def _gated_product_reads(value: ir.Value) -> bool:
+    """Whether the two readers of ``value`` are a SiLU's Sigmoid and the Mul of ``value`` by it, or
+    a squeeze-excitation's pool and the Mul of ``value`` by a gate computed from that pool: the
+    products that ``--residuals`` runs on uint8 where they scale a quantized convolution output
+    (PP-OCRv6 det and rec: five such bias sums each)."""
+    readers = [node for node, _ in value.uses()]
+    if len(readers) != 2 or value.is_graph_output() or not all(map(g.is_default_domain, readers)):
+        return False
+    mul = next((node for node in readers if node.op_type == "Mul"), None)
+    other = next((node for node in readers if node is not mul), None)
+    if mul is None or other is None:
+        return False
+    if other.op_type == "Sigmoid":
+        return other.outputs[0] in mul.inputs
+    return other.op_type == "GlobalAveragePool" and mul in g.downstream_nodes(other.outputs)
 
 
 def _reads_quantized(node: ir.Node) -> bool:
