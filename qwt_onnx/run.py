@@ -133,7 +133,7 @@ class Run:
         """The SiLUs and channel gates that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
         quantized = place(self.fp.graph, self.options.target, self.excluded, int8_silus=self.silus_fuse)
         added = {site.value for site in quantized.activations} - {site.value for site in self._float_streams.activations}
-        return sum(value.producer() is not None and value.producer().op_type in ("Sigmoid", "HardSigmoid") for value in added)
+        return sum(value.producer() is not None and value.producer().op_type in g.GATE_OPS for value in added)
 
     @property
     def excluded(self) -> Exclusions:

@@ -330,48 +330,26 @@ def _read_only_quantized(site: ActivationSite) -> bool:
 
 
 def _gated_products(quantized: list[ir.Value]) -> list[ActivationSite]:
-    """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output): a
-    SiLU, ``x · Sigmoid(x)``, or a channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of
-    fewer values that broadcast over ``x`` (a squeeze-excitation's, one per channel): on the
-    gate and, for every reader, on the product (carried through :data:`_STREAM_MOVERS` on its
-    range). onnxruntime then runs the product as QLinearMul on uint8 maps, where in float it is
-    three passes over a float map (DequantizeLinear, Mul, QuantizeLinear), and a SiLU's Sigmoid
-    as QLinearSigmoid; a HardSigmoid, which has no integer kernel, runs in float on the few
-    values of the gate. Not ``x · HardSigmoid(x)`` (hard-swish): its HardSigmoid would still
-    run in float on the whole map."""
+    """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output): a SiLU,
+    ``x · Sigmoid(x)``, or a channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of fewer
+    values that broadcast over ``x`` (a squeeze-excitation's, one per channel;
+    :func:`~qwt_onnx.graph.query.gate_of`): on the gate and, for every reader, on the product
+    (carried through :data:`_STREAM_MOVERS` on its range). onnxruntime then runs the product as
+    QLinearMul on uint8 maps, where in float it is three passes over a float map
+    (DequantizeLinear, Mul, QuantizeLinear), and a SiLU's Sigmoid as QLinearSigmoid; a
+    HardSigmoid, which has no integer kernel, runs in float on the few values of the gate. Not
+    ``x · HardSigmoid(x)`` (hard-swish): its HardSigmoid would still run in float on the whole
+    map."""
     found = []
     for x in quantized:
         for mul in dict.fromkeys(x.consumers()):
-            if mul.op_type != "Mul" or not g.is_default_domain(mul) or len(mul.inputs) != 2 or x not in mul.inputs:
-                continue
-            gate = mul.inputs[1] if mul.inputs[0] is x else mul.inputs[0]
-            sigma = gate.producer() if gate is not None else None
-            if sigma is None or not g.is_default_domain(sigma) or sigma.graph is not mul.graph:
-                continue
-            silu = sigma.op_type == "Sigmoid" and sigma.inputs[0] is x
-            channel_gate = sigma.op_type in ("Sigmoid", "HardSigmoid") and _broadcasts_over(gate, x)
-            if not (silu or channel_gate) or len(gate.uses()) != 1 or gate.is_graph_output():
-                continue
-            if _moved_to_outputs(mul.outputs[0]):
+            gate = g.gate_of(mul, x)
+            if gate is None or _moved_to_outputs(mul.outputs[0]):
                 continue
             product = mul.outputs[0]
             carried = ActivationSite(product, product, list(product.uses()))
             found += [ActivationSite(gate, gate, list(gate.uses())), carried, *_moved_on(carried)]
     return found
-
-
-def _broadcasts_over(gate: ir.Value, x: ir.Value) -> bool:
-    """Whether ``gate`` has ``x``'s rank and, on each axis, ``x``'s size or 1, and 1 on some axis
-    where ``x`` has more (an N×C×1×1 gate of an N×C×H×W map, or N×1×1×C of an NHWC one)."""
-    if gate.shape is None or x.shape is None or len(gate.shape) != len(x.shape):
-        return False
-    broadcast = False
-    for ours, theirs in zip(gate.shape, x.shape):
-        if ours == 1 and theirs != 1:
-            broadcast = True
-        elif ours != theirs:
-            return False
-    return broadcast
 
 
 # Ops that carry a stream's values on, on the stream's own scale: a pool of maxima, a padding with

@@ -56,6 +56,40 @@ def adds_computed(node: ir.Node) -> bool:
     return node.op_type == "Add" and not any(is_constant(v) for v in node.inputs)
 
 
+GATE_OPS = ("Sigmoid", "HardSigmoid")
+
+
+def gate_of(mul: ir.Node, x: ir.Value) -> ir.Value | None:
+    """The gate where ``mul`` computes ``x · gate``, read by ``mul`` alone, and the gate is a SiLU's
+    (``Sigmoid(x)``) or a channel gate (a Sigmoid or HardSigmoid of fewer values that broadcast
+    over ``x``: a squeeze-excitation's, one per channel); else None. Not hard-swish's
+    ``HardSigmoid(x)``, as large as ``x``."""
+    if mul.op_type != "Mul" or not is_default_domain(mul) or len(mul.inputs) != 2 or x not in mul.inputs:
+        return None
+    gate = mul.inputs[1] if mul.inputs[0] is x else mul.inputs[0]
+    sigma = gate.producer() if gate is not None else None
+    if sigma is None or not is_default_domain(sigma) or sigma.graph is not mul.graph or sigma.op_type not in GATE_OPS:
+        return None
+    silu = sigma.op_type == "Sigmoid" and sigma.inputs[0] is x
+    if not (silu or _broadcasts_over(gate, x)) or len(gate.uses()) != 1 or gate.is_graph_output():
+        return None
+    return gate
+
+
+def _broadcasts_over(gate: ir.Value, x: ir.Value) -> bool:
+    """Whether ``gate`` has ``x``'s rank and, on each axis, ``x``'s size or 1, and 1 on some axis
+    where ``x`` has more (an N×C×1×1 gate of an N×C×H×W map, or N×1×1×C of an NHWC one)."""
+    if gate.shape is None or x.shape is None or len(gate.shape) != len(x.shape):
+        return False
+    broadcast = False
+    for ours, theirs in zip(gate.shape, x.shape):
+        if ours == 1 and theirs != 1:
+            broadcast = True
+        elif ours != theirs:
+            return False
+    return broadcast
+
+
 def static_values(graph: ir.Graph) -> set[ir.Value]:
     """Values computable from initializers and Constant nodes alone."""
     static = {v for v in graph.initializers.values()}

@@ -162,20 +162,22 @@ def _readers_take_quantized(value: ir.Value) -> bool:
 
 
 def _gated_product_reads(value: ir.Value) -> bool:
-    """Whether the two readers of ``value`` are a SiLU's Sigmoid and the Mul of ``value`` by it, or
-    a squeeze-excitation's pool and the Mul of ``value`` by a gate computed from that pool: the
-    products that ``--residuals`` runs on uint8 where they scale a quantized convolution output
-    (PP-OCRv6 det and rec: five such bias sums each)."""
+    """Whether the two readers of ``value`` are the Mul of a gated product of it
+    (:func:`~qwt_onnx.graph.query.gate_of`, as ``--residuals`` takes them) and that SiLU's Sigmoid,
+    or the squeeze-excitation's pool the gate is computed from: the products that run on uint8
+    where they scale a quantized convolution output (PP-OCRv6 det and rec: five such bias sums
+    each)."""
     readers = [node for node, _ in value.uses()]
     if len(readers) != 2 or value.is_graph_output() or not all(map(g.is_default_domain, readers)):
         return False
-    mul = next((node for node in readers if node.op_type == "Mul"), None)
-    other = next((node for node in readers if node is not mul), None)
-    if mul is None or other is None:
-        return False
-    if other.op_type == "Sigmoid":
-        return other.outputs[0] in mul.inputs
-    return other.op_type == "GlobalAveragePool" and mul in g.downstream_nodes(other.outputs)
+    for mul, other in (readers, readers[::-1]):
+        gate = g.gate_of(mul, value)
+        if gate is None:
+            continue
+        if other is gate.producer():  # a SiLU
+            return True
+        return other.op_type == "GlobalAveragePool" and mul in g.downstream_nodes(other.outputs)
+    return False
 
 
 def _reads_quantized(node: ir.Node) -> bool:
