@@ -10,7 +10,7 @@
    the branches in: first on the first samples (with bias correction either way), then on
    all of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
 6. write the QwT model where it beats the best PTQ model on held-out samples, else that one,
-   its residual streams and SiLUs quantized for every reader unless held-out samples show that
+   its residual streams, SiLUs and hard-swishes quantized for every reader unless held-out samples show that
    costing fidelity (``--residuals auto``).
 
 Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
@@ -49,6 +49,7 @@ from qwt_onnx.numerics import metrics
 from qwt_onnx.options import BiasCorrection, CalibMethod, Options, Target
 from qwt_onnx.options import Equalization as EqualizationChoice
 from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
+from qwt_onnx.passes.hardsigmoid import IntegerHardSigmoidPass
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.ptq import GIVEN, Candidate, best_candidate, given_candidate, int8_residuals_pay, ptq_candidates
 from qwt_onnx.qwt import (
@@ -154,6 +155,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         prepare.fix_batch(written, fp.meta["fixed_batch"])
     if options.target == Target.ORT:
         FuseDequantizedGeluPass()(written)
+        IntegerHardSigmoidPass()(written)
 
     proto = prepare.to_proto(written)
     try:

@@ -165,11 +165,13 @@ class Options:
     residuals: Residuals = _option(
         Residuals.AUTO,
         "float: a residual stream (the output of an Add of two computed tensors, or of its Relu) is quantized only "
-        "for the weighted ops that read it, and its Adds run in float (as do the SiLUs, x * Sigmoid(x), and channel "
-        "gates, x * HardSigmoid(s) of one value per channel, after convolutions), which keeps QwT's corrections; "
+        "for the weighted ops that read it, and its Adds run in float (as do the SiLUs, x * Sigmoid(x), hard-swishes, "
+        "x * HardSigmoid(x), and channel gates, x * HardSigmoid(s) of one value per channel, after convolutions), "
+        "which keeps QwT's corrections; "
         "int8: for every reader too (the shortcut, through a MaxPool or channel Pad), a Relu after the Add taken into "
-        "the quantizer, and with --target ort (activations of 8 bits or fewer) a SiLU's or gate's Sigmoid and "
-        "product quantized, so that onnxruntime runs the Adds as QLinearAdd and the products as QLinearMul "
+        "the quantizer, and with --target ort (activations of 8 bits or fewer) a SiLU's, hard-swish's or gate's "
+        "Sigmoid (HardSigmoid) and product quantized, so that onnxruntime runs the Adds (and a HardSigmoid, written "
+        "as an Add) as QLinearAdd and the products as QLinearMul "
         "(faster); auto: int8 unless held-out samples "
         "show the model losing 0.5 dB or more by them beyond noise (where QwT is written, QwT fitted again on the "
         "quantized streams against QwT on float ones), else float",

@@ -64,7 +64,7 @@ class Candidate:
     float_stem_gains_db: dict[int, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
     float_model: ir.Model | None = None  # the FP32 model its Q/DQ went into, where not the run's
     int8_residuals: bool = False  # residual streams quantized for every reader (see --residuals)
-    int8_silus: bool = False  # SiLUs' and channel gates' Sigmoids and products quantized too (see --residuals)
+    int8_silus: bool = False  # the gates and products of SiLUs, hard-swishes, channel gates quantized too (--residuals)
     int8_silus_gain_db: float | None = None  # held-out, with --residuals auto: of those over the same without
     # With --residuals auto, the same PTQ with its residual streams quantized for every reader, and its held-out gain
     int8_residuals_variant: Candidate | None = None
@@ -271,7 +271,7 @@ class _Builder:
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
                  f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}"
-                 f"{', int8 SiLUs and gates' if int8_silus and o.residuals == Residuals.AUTO else ''}")
+                 f"{', int8 SiLUs, hard-swishes and gates' if int8_silus and o.residuals == Residuals.AUTO else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
         return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq, float_stem=stem,
                          float_model=self.fp if self.equalized else None, int8_residuals=int8_residuals, int8_silus=int8_silus,

@@ -66,8 +66,8 @@ class Report:
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     float_residual_streams: int = 0  # residual streams a shortcut reads in float (--residuals int8 would quantize them)
     int8_residual_streams: int = 0  # residual streams quantized for every reader: their Adds run in integer kernels
-    float_silu_gates: int = 0  # SiLUs and channel gates run in float between quantized tensors (--residuals int8 would not)
-    int8_silu_gates: int = 0  # SiLUs and channel gates whose gate and product are quantized: they run in integer kernels
+    float_silu_gates: int = 0  # SiLUs, hard-swishes, channel gates in float between quantized tensors (--residuals int8: not)
+    int8_silu_gates: int = 0  # SiLUs, hard-swishes, channel gates with gate and product quantized: in integer kernels
     int8_residuals_gain_db: float | None = None  # held-out, of the PTQ model with them quantized over the same without (auto)
     int8_silus_gain_db: float | None = None  # held-out, of the PTQ model with its SiLUs quantized too over it without (auto)
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
@@ -216,7 +216,7 @@ FLOAT_REASONS = {
 
 
 def _residual_streams(report: Report) -> list[str]:
-    """What the written model does with its residual streams, SiLUs and channel gates, and why (``--residuals``)."""
+    """What the written model does with its residual streams, SiLUs, hard-swishes and channel gates, and why (``--residuals``)."""
     refit = report.qwt_int8_residuals_gain_db
     if report.options.get("activation_bits", 8) > 8:  # onnxruntime has QLinearAdd for 8-bit tensors only
         adds, faster = "their Adds on 16-bit tensors (in float on onnxruntime's CPU)", "quantizes them, as integer-only NPUs need"
@@ -230,9 +230,9 @@ def _residual_streams(report: Report) -> list[str]:
          "beyond noise"),
         # tried on top of the streams kept, and kept only where the model stays within auto's rule of float streams
         (report.int8_silu_gates, report.float_silu_gates, report.int8_silus_gain_db,
-         "SiLUs and channel gates with their gates and products quantized, in integer kernels",
-         "SiLUs and channel gates in float between integer convolutions, {why}: {count} (--residuals int8 runs them in integer "
-         "kernels, faster)",
+         "SiLUs, hard-swishes and channel gates with their gates and products quantized, in integer kernels",
+         "SiLUs, hard-swishes and channel gates in float between integer convolutions, {why}: {count} (--residuals int8 runs "
+         "them in integer kernels, faster)",
          "more than --residuals auto allows"),
     ]
     lines = []

@@ -106,8 +106,9 @@ class Run:
 
     @property
     def silus_fuse(self) -> bool:
-        """Whether quantized SiLUs would run in integer kernels: onnxruntime has QLinearSigmoid and
-        QLinearMul for 8-bit tensors (also where a Clip narrows them to 4 or 6 bits), not 16-bit ones."""
+        """Whether quantized SiLUs and hard-swishes would run in integer kernels: onnxruntime has
+        QLinearSigmoid, QLinearAdd and QLinearMul for 8-bit tensors (also where a Clip narrows them to 4
+        or 6 bits), not 16-bit ones."""
         return self.options.activation_bits <= 8
 
     @property
@@ -130,7 +131,7 @@ class Run:
 
     @functools.cached_property
     def silu_gates(self) -> int:
-        """The SiLUs and channel gates that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
+        """The SiLUs, hard-swishes and channel gates that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
         quantized = place(self.fp.graph, self.options.target, self.excluded, int8_silus=self.silus_fuse)
         added = {site.value for site in quantized.activations} - {site.value for site in self._float_streams.activations}
         return sum(value.producer() is not None and value.producer().op_type in g.GATE_OPS for value in added)

@@ -14,6 +14,7 @@ from qwt_onnx.numerics import quantization as qm
 from qwt_onnx.numerics import saturation
 from qwt_onnx.numerics.ranges import compute_range
 from qwt_onnx.passes import qdq
+from qwt_onnx.passes.hardsigmoid import IntegerHardSigmoidPass
 from qwt_onnx.runtime import session
 from tests import graphs
 from tests.graphs import GraphBuilder
@@ -212,9 +213,9 @@ def test_int8_silus_run_on_uint8_in_onnxruntime():
 
 
 @pytest.mark.parametrize("gate_op", ["HardSigmoid", "Sigmoid"])
-def test_int8_silus_run_a_squeeze_excitation_gate_as_qlinearmul_and_leave_hard_swish_float(gate_op):
+def test_int8_silus_run_a_squeeze_excitation_gate_and_a_hard_swish_as_qlinearmul(gate_op):
     # PP-LCNet's and PP-OCRv6's SE block: x · HardSigmoid(conv(relu(conv(pool(x))))), one gate per channel, then a
-    # residual Add; beside it a hard-swish, x · HardSigmoid(x), whose HardSigmoid would stay float on the whole map
+    # residual Add; after it a hard-swish, x · HardSigmoid(x), whose HardSigmoid then runs as QLinearAdd
     b = GraphBuilder(seed=7)
     x = b.op("Conv", ["image", b.weight("w0", (8, 4, 3, 3))], "dw", pads=[1, 1, 1, 1])
     squeezed = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [x], "pool"), b.weight("w1", (4, 8, 1, 1))], "reduce")],
@@ -230,17 +231,18 @@ def test_int8_silus_run_a_squeeze_excitation_gate_as_qlinearmul_and_leave_hard_s
                     [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2, 6, 6])])
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     placement = place(model.graph, "ort", int8_residuals=True, int8_silus=True)
-    assert {"gate_out", "scale_out"} <= set(placement.observed_names)
-    assert "hard_sigmoid_out" not in placement.observed_names
+    assert {"gate_out", "scale_out", "hard_sigmoid_out", "hard_swish_out"} <= set(placement.observed_names)
     assert "gate_out" not in place(model.graph, "ort", int8_residuals=True).observed_names
     calib = CalibrationSet(graphs.samples(proto, 8, seed=0), prepare.input_specs(model))
     seen = observe.observe(prepare.to_proto(model), placement.observed_names, calib, 8)
     ranges = {name: compute_range(observer, "minmax") for name, observer in seen.ranges.items()}
     qdq.InsertQdqPass(ranges, "ort", int8_residuals=True, int8_silus=True)(model)
+    IntegerHardSigmoidPass()(model)
     out = ir.serde.serialize_model(model)
     found = check(out)
-    assert found.integer_kernels["QLinearMul"] == 1 and found.integer_kernels["QLinearAdd"] == 1
-    assert not [f for f in found.of("unfused") if f.node == "scale"]
+    # QLinearAdds: the residual, the hard-swish's HardSigmoid, and the SE gate where it is a HardSigmoid too
+    assert found.integer_kernels["QLinearMul"] == 2 and found.integer_kernels["QLinearAdd"] == 2 + (gate_op == "HardSigmoid")
+    assert not [f for f in found.of("unfused") if f.node in ("scale", "hard_swish", "hard_sigmoid")]
     image = graphs.samples(proto, 4, seed=1)["image"]
     reference, quantized = session(proto).run(None, {"image": image})[0], session(out).run(None, {"image": image})[0]
     assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 20

@@ -490,16 +490,19 @@ LATENCY_NOTES = """
 The kernel tables in each model's section (one profiled batch-1 run per model) show three causes.
 
 - **Activations that onnxruntime cannot run on uint8.** Its CPU provider fuses a QDQ Conv only
-  into QLinearConv with a quantized output, absorbing at most a Relu. HardSwish (PP-LCNet, in
-  `orientation` and the recogniser), GELU and SiLU (YOLOv8n: a Sigmoid and a Mul after each of
-  its 57 convolutions, 7 ms of its PTQ model's 20 at batch 1) run in float between a
-  DequantizeLinear and a QuantizeLinear: three or four element-wise passes over each feature
-  map that the FP32 model fuses into its convolutions for free (its Conv rows have no such
-  kernels). The INT8
+  into QLinearConv with a quantized output, absorbing at most a Relu. A GELU, and a SiLU or a
+  hard-swish whose gate and product are left float, run between a DequantizeLinear and a
+  QuantizeLinear: three or four element-wise passes over each feature map that the FP32 model
+  fuses into its convolutions for free (its Conv rows have no such kernels). The INT8
   convolutions themselves take a third (batch 16) to two thirds (batch 1) of the FP32 ones'
-  time, and the element-wise passes eat that up. A portable QDQ graph cannot avoid this (a uint8 lookup table via Gather measured 6×
-  slower than DequantizeLinear → HardSwish → QuantizeLinear on a 16×32×112×112 map); the fix is
-  a QLinearConv with fused activation in the runtime, as TensorRT builds them.
+  time, and the element-wise passes eat that up. With the gate and the product quantized
+  (`--residuals auto`, where held-out samples allow) they run on uint8: YOLOv8n's 57 SiLUs as
+  QLinearSigmoid and QLinearMul, PP-LCNet's hard-swishes (`orientation`) as QLinearAdd (the
+  HardSigmoid written as an Add whose quantizer's saturation clips) and QLinearMul, still two
+  passes over the uint8 map where FP32 fuses them into the convolution; a GELU has no such form.
+  A uint8 lookup table via Gather measured 6× slower than DequantizeLinear → HardSwish →
+  QuantizeLinear on a 16×32×112×112 map; the whole fix is a QLinearConv with fused activation
+  in the runtime, as TensorRT builds them.
 - **Float decoders.** `vit-s`'s ConvTranspose and Resize decoder (about 40% of its PTQ time) stays
   float: onnxruntime's CPU provider has no INT8 ConvTranspose kernel (Q/DQ around one measured
   2.5× slower than the float op), so nothing is gained by quantizing it.

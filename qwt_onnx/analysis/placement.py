@@ -31,8 +31,10 @@ Placement, per target:
   QLinearMul (``int8_silus``): on EfficientWord-Net's EfficientNet embedder that
   took the INT8 model from 1.43x to 0.99x FP32's latency at batch 16 for 0.2 dB
   (1.80x to 1.11x in another run), but it cost ddddocr's YOLOX detector 1.3 dB
-  of objectness, the products rounded where they were not. A squeeze-excitation's
-  channel gate (a Sigmoid or HardSigmoid of one value per channel) goes with them.
+  of objectness, the products rounded where they were not. A hard-swish
+  (HardSigmoid and Mul, its HardSigmoid then written as an Add, QLinearAdd) and a
+  squeeze-excitation's channel gate (a Sigmoid or HardSigmoid of one value per
+  channel) go with them.
 
 Nothing else is quantized: LayerNorm, Softmax, GELU and attention-score
 MatMuls (two activations) stay float. Quantizing them is what onnxruntime's
@@ -229,7 +231,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), 
           int8_silus: bool = False) -> Placement:
     """Where the quantizers go in ``graph`` for ``target``; with ``int8_residuals``, residual
     streams are quantized for every reader (:func:`_residual_streams`), with ``int8_silus`` and
-    ``ort`` the SiLUs and channel gates of quantized Conv outputs (:func:`_gated_products`)."""
+    ``ort`` the SiLUs, hard-swishes and channel gates of quantized Conv outputs (:func:`_gated_products`)."""
     weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
     weights: dict[ir.Value, WeightSite] = {}
     for node in weighted:
@@ -336,10 +338,10 @@ def _gated_products(quantized: list[ir.Value]) -> list[ActivationSite]:
     :func:`~qwt_onnx.graph.query.gate_of`): on the gate and, for every reader, on the product
     (carried through :data:`_STREAM_MOVERS` on its range). onnxruntime then runs the product as
     QLinearMul on uint8 maps, where in float it is three passes over a float map
-    (DequantizeLinear, Mul, QuantizeLinear), and a SiLU's Sigmoid as QLinearSigmoid; a
-    HardSigmoid, which has no integer kernel, runs in float on the few values of the gate. Not
-    ``x · HardSigmoid(x)`` (hard-swish): its HardSigmoid would still run in float on the whole
-    map."""
+    (DequantizeLinear, Mul, QuantizeLinear), a SiLU's Sigmoid as QLinearSigmoid, and a
+    hard-swish's HardSigmoid, ``x · HardSigmoid(x)``, as QLinearAdd once written as an Add
+    (:mod:`qwt_onnx.passes.hardsigmoid`); a channel gate's HardSigmoid runs in float on its few
+    values."""
     found = []
     for x in quantized:
         for mul in dict.fromkeys(x.consumers()):

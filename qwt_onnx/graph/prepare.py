@@ -16,6 +16,7 @@ from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
 from qwt_onnx.passes.constants import FoldComputedWeightsPass
 from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldChannelAffinePass
+from qwt_onnx.passes.hardsigmoid import HardSwishAsProductPass
 from qwt_onnx.passes.pool import SpatialMeanAsGlobalPoolPass
 from qwt_onnx.passes.upcast import ComputeInFloat32Pass
 
@@ -152,7 +153,7 @@ def prepare(model: ir.Model) -> ir.Model:
     """At least opset 13, weights no longer listed among the graph inputs, constants as
     initializers, half and double precision computed in float32, Identity dropped, BatchNorm,
     per-channel scales and bias Adds folded into convolutions and dense layers, spatial means
-    written as global pools, shapes inferred, sorted."""
+    written as global pools, hard-swishes as ``x · HardSigmoid(x)``, shapes inferred, sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     passes = ir.passes.PassManager(
@@ -169,6 +170,7 @@ def prepare(model: ir.Model) -> ir.Model:
             FoldBatchNormPass(),
             common.ShapeInferencePass(strict_mode=False),
             SpatialMeanAsGlobalPoolPass(),  # after shape inference: it needs the rank of a ReduceMean's input
+            HardSwishAsProductPass(),
             FoldChannelAffinePass(),  # after it: a squeeze-excitation's pool is among the readers it weighs
             DenseAsGemmPass(),  # it needs the rank of a MatMul's input
             common.RemoveUnusedNodesPass(),

@@ -61,17 +61,16 @@ GATE_OPS = ("Sigmoid", "HardSigmoid")
 
 def gate_of(mul: ir.Node, x: ir.Value) -> ir.Value | None:
     """The gate where ``mul`` computes ``x · gate``, read by ``mul`` alone, and the gate is a SiLU's
-    (``Sigmoid(x)``) or a channel gate (a Sigmoid or HardSigmoid of fewer values that broadcast
-    over ``x``: a squeeze-excitation's, one per channel); else None. Not hard-swish's
-    ``HardSigmoid(x)``, as large as ``x``."""
+    (``Sigmoid(x)``), a hard-swish's (``HardSigmoid(x)``) or a channel gate (a Sigmoid or
+    HardSigmoid of fewer values that broadcast over ``x``: a squeeze-excitation's, one per
+    channel); else None."""
     if mul.op_type != "Mul" or not is_default_domain(mul) or len(mul.inputs) != 2 or x not in mul.inputs:
         return None
     gate = mul.inputs[1] if mul.inputs[0] is x else mul.inputs[0]
     sigma = gate.producer() if gate is not None else None
     if sigma is None or not is_default_domain(sigma) or sigma.graph is not mul.graph or sigma.op_type not in GATE_OPS:
         return None
-    silu = sigma.op_type == "Sigmoid" and sigma.inputs[0] is x
-    if not (silu or _broadcasts_over(gate, x)) or len(gate.uses()) != 1 or gate.is_graph_output():
+    if not (sigma.inputs[0] is x or _broadcasts_over(gate, x)) or len(gate.uses()) != 1 or gate.is_graph_output():
         return None
     return gate
 

@@ -163,10 +163,10 @@ def _readers_take_quantized(value: ir.Value) -> bool:
 
 def _gated_product_reads(value: ir.Value) -> bool:
     """Whether the two readers of ``value`` are the Mul of a gated product of it
-    (:func:`~qwt_onnx.graph.query.gate_of`, as ``--residuals`` takes them) and that SiLU's Sigmoid,
-    or the squeeze-excitation's pool the gate is computed from: the products that run on uint8
-    where they scale a quantized convolution output (PP-OCRv6 det and rec: five such bias sums
-    each)."""
+    (:func:`~qwt_onnx.graph.query.gate_of`, as ``--residuals`` takes them) and that SiLU's Sigmoid
+    or hard-swish's HardSigmoid, or the squeeze-excitation's pool the gate is computed from: the
+    products that run on uint8 where they scale a quantized convolution output (PP-OCRv6 det and
+    rec: five such bias sums each; PP-OCRv4's detector: 24 hard-swishes)."""
     readers = [node for node, _ in value.uses()]
     if len(readers) != 2 or value.is_graph_output() or not all(map(g.is_default_domain, readers)):
         return False
@@ -174,7 +174,7 @@ def _gated_product_reads(value: ir.Value) -> bool:
         gate = g.gate_of(mul, value)
         if gate is None:
             continue
-        if other is gate.producer():  # a SiLU
+        if other is gate.producer():  # a SiLU or hard-swish
             return True
         return other.op_type == "GlobalAveragePool" and mul in g.downstream_nodes(other.outputs)
     return False
@@ -182,7 +182,7 @@ def _gated_product_reads(value: ir.Value) -> bool:
 
 def _reads_quantized(node: ir.Node) -> bool:
     """A weighted op, or an Add of computed tensors: where its input is quantized, onnxruntime reads
-    it in an integer kernel (an Add of a constant, hard-swish's ``x + 3``, runs in float)."""
+    it in an integer kernel (an Add of a constant runs in float)."""
     return g.is_default_domain(node) and (g.is_weighted(node) or g.adds_computed(node))
 
 
