@@ -182,9 +182,19 @@ def _gated_residual() -> onnx.ModelProto:
                    [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 16])])
 
 
+def _hard_swish_residual() -> onnx.ModelProto:
+    b = graphs.GraphBuilder(6)
+    total = b.op("Add", ["x", b.op("MatMul", ["x", b.weight("w", (16, 16))], "fc")], "residual")
+    b.op("Mul", [total, b.op("HardSigmoid", [total], "gate", alpha=1 / 6)], "hard_swish")
+    b.nodes[-1].output[0] = "out"
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 16])])
+
+
 @pytest.mark.parametrize("build, why", [
     (lambda: _normalized_residual("LayerNormalization", axis=2), "normalizes over several axes"),
     (lambda: _gated_residual(), "the block ends in Sigmoid"),
+    (lambda: _hard_swish_residual(), "the block ends in a SiLU, hard-swish or channel gate"),
 ])
 def test_blocks_that_do_not_end_in_a_per_channel_scale_say_why(build, why):
     model = ir.serde.deserialize_model(_ptq(build()))

@@ -171,6 +171,23 @@ def test_a_dense_layer_becomes_one_gemm_named_as_its_matmul(bias):
     _same_function(proto, model, shape=(2, 3))
 
 
+def test_a_dense_layer_after_a_flatten_computed_from_the_input_shape_becomes_a_gemm():
+    # Paddle's classifier head: Reshape(pool, Concat(Slice(Shape(pool), 0, 1), [-1])), its dims declared -1, where
+    # onnx's inference leaves the Reshape's rank unknown (ppocr's text direction classifier)
+    b = GraphBuilder(seed=5)
+    pooled = b.op("GlobalAveragePool", ["x"], "pool")
+    batch = b.op("Slice", [b.op("Shape", [pooled], "shape"), b.const("start", np.array([0])), b.const("end", np.array([1]))],
+                 "batch")
+    flat = b.op("Reshape", [pooled, b.op("Concat", [batch, b.const("rest", np.array([-1]))], "target", axis=0)], "flatten")
+    b.op("Add", [b.op("MatMul", [flat, b.weight("w", (3, 4))], "dense"), b.const("bias", np.arange(4, dtype=np.float32))], "add")
+    b.nodes[-1].output[0] = "y"
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [(n.op_type, n.name) for n in model.graph if n.op_type in ("MatMul", "Gemm", "Add")] == [("Gemm", "dense")]
+    _same_function(proto, model, shape=(2, 3, 5, 5))
+
+
 def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_and_one_on_tokens_stays():
     proto = _dense(["N", 3], np.arange(4, dtype=np.float32), second_reader=True)
     model = prepare.prepare(ir.serde.deserialize_model(proto))
@@ -183,7 +200,8 @@ def test_a_dense_layer_whose_output_is_read_twice_becomes_a_gemm_before_its_add_
 
 
 @pytest.mark.parametrize("readers, folded", [(("Conv", "Add"), True), (("Conv", "Add 3"), False), (("Div", "Mul"), False),
-                                             (("Gelu",), True), (("ReduceMean", "Mul"), True), (("Sigmoid", "Mul"), True)])
+                                             (("Gelu",), True), (("ReduceMean", "Mul"), True), (("Sigmoid", "Mul"), True),
+                                             (("Add 3", "Clip", "Mul", "Div"), True)])
 def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantized_tensor_in_an_integer_kernel(readers, folded):
     # PP-OCR's depthwise conv, its bias Add read by the next conv and a residual Add; a Div and a Mul keep one float
     # tensor to share (each reader of a dequantized one gets a DequantizeLinear of its own, which keeps onnxruntime
@@ -205,6 +223,10 @@ def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantize
         b.op("Mul", [biased, gate], "scale")
     elif readers == ("Sigmoid", "Mul"):
         b.op("Mul", [biased, b.op("Sigmoid", [biased], "sigmoid")], "silu")
+    elif readers == ("Add 3", "Clip", "Mul", "Div"):  # Paddle's hard-swish, x · clip(x + 3, 0, 6) / 6
+        clipped = b.op("Clip", [b.op("Add", [biased, b.const("three", np.float32(3))], "plus3"), b.const("zero", np.float32(0)),
+                                b.const("six", np.float32(6))], "relu6")
+        b.op("Div", [b.op("Mul", [biased, clipped], "product"), b.const("six_again", np.float32(6))], "hard_swish")
     else:
         erf = b.op("Erf", [b.op("Div", [biased, b.const("root2", np.array(np.sqrt(2), np.float32))], "scaled")], "erf")
         plus_one = b.op("Add", [erf, b.const("one", np.array(1.0, np.float32))], "plus_one")
@@ -217,18 +239,25 @@ def test_a_bias_add_read_twice_is_folded_only_where_each_reader_reads_a_quantize
     _same_function(proto, model)
 
 
-def test_a_batch_norm_exported_as_a_per_channel_mul_and_add_is_folded_into_the_conv():
-    b = GraphBuilder(seed=6)
-    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3)), b.const("b", np.linspace(-1, 1, 6).astype(np.float32))], "conv",
-                pads=[1, 1, 1, 1])
-    scaled = b.op("Mul", [b.const("scale", np.linspace(-2, 2, 6).astype(np.float32).reshape(6, 1, 1)), conv], "scale")
-    b.op("Relu", [b.op("Add", [scaled, b.const("shift", np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1))], "shift")], "relu")
+def _prepared_as_conv_and_relu(b: GraphBuilder) -> onnx.ModelProto:
+    """The model ``b`` built, of an N×3×5×5 input and an N×6×5×5 output, checked to prepare into
+    a Conv and a Relu that compute the same; the model."""
     b.nodes[-1].output[0] = "y"
     proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])])
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     assert [n.op_type for n in model.graph] == ["Conv", "Relu"]
     _same_function(proto, model)
+    return proto
+
+
+def test_a_batch_norm_exported_as_a_per_channel_mul_and_add_is_folded_into_the_conv():
+    b = GraphBuilder(seed=6)
+    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3)), b.const("b", np.linspace(-1, 1, 6).astype(np.float32))], "conv",
+                pads=[1, 1, 1, 1])
+    scaled = b.op("Mul", [b.const("scale", np.linspace(-2, 2, 6).astype(np.float32).reshape(6, 1, 1)), conv], "scale")
+    b.op("Relu", [b.op("Add", [scaled, b.const("shift", np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1))], "shift")], "relu")
+    proto = _prepared_as_conv_and_relu(b)
     # a scale along the last axis (per pixel column) is no per-channel one
     proto.graph.initializer[[t.name for t in proto.graph.initializer].index("scale")].CopyFrom(
         onnx.numpy_helper.from_array(np.linspace(-2, 2, 5).astype(np.float32), "scale"))
@@ -258,6 +287,14 @@ def test_weights_computed_from_constants_alone_become_initializers_and_random_on
     assert mixer.inputs[1].const_value is None  # drawn anew on every run: no constant
     assert quantized.inputs[1].producer().op_type == "DequantizeLinear"
     assert not {"ReduceL2", "Div", "Mul"} & {n.op_type for n in model.graph}
+
+
+def test_a_bias_reshaped_at_run_time_is_folded_into_its_convolution():
+    # Paddle's squeeze-excitation convs: Add(Conv(x, w), Reshape(bias, [1, C, 1, 1])), the Reshape left in the graph
+    b = GraphBuilder(seed=5)
+    bias = b.op("Reshape", [b.const("b", np.arange(6, dtype=np.float32)), b.const("to", np.array([1, 6, 1, 1]))], "shaped")
+    b.op("Relu", [b.op("Add", [b.op("Conv", ["x", b.weight("w", (6, 3, 1, 1))], "conv"), bias], "bias")], "relu")
+    _prepared_as_conv_and_relu(b)
 
 
 @pytest.mark.parametrize("axes, rank, pooled", [((2, 3), 4, True), ((-1, -2), 4, True), ((1, 2), 4, False), ((2,), 4, False),

@@ -89,6 +89,20 @@ def _broadcasts_over(gate: ir.Value, x: ir.Value) -> bool:
     return broadcast
 
 
+def rank(value: ir.Value) -> int | None:
+    """``value``'s rank: its shape's, or where shape inference left it unknown, a Reshape's, from
+    the length of its shape input (a classifier's flatten that Paddle computes from the input's
+    Shape, which onnx's inference does not follow); None where it is not known."""
+    if value.shape is not None:
+        return len(value.shape)
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Reshape" and is_default_domain(producer) and len(producer.inputs) == 2:
+        target = producer.inputs[1].shape if producer.inputs[1] is not None else None
+        if target is not None and len(target) == 1 and isinstance(target[0], int):
+            return target[0]
+    return None
+
+
 def static_values(graph: ir.Graph) -> set[ir.Value]:
     """Values computable from initializers and Constant nodes alone."""
     static = {v for v in graph.initializers.values()}

@@ -105,6 +105,8 @@ def _scaled_site(mul: ir.Node) -> FoldSite | str:
     constants = [v for v in mul.inputs if g.is_constant(v)]
     operands = [v for v in mul.inputs if not g.is_constant(v)]
     if len(constants) != 1 or len(operands) != 1:
+        if any(g.gate_of(mul, x) is not None for x in operands):
+            return "the block ends in a SiLU, hard-swish or channel gate (x · gate): a shift after it cannot move before it"
         return "the block ends in a Mul of two computed tensors"
     if not _read_once(operands[0]):
         return f"{operands[0].name} is read elsewhere too"

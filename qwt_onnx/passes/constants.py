@@ -8,8 +8,11 @@ from qwt_onnx.graph import extract
 from qwt_onnx.graph import query as g
 from qwt_onnx.runtime import Runner
 
-# The inputs of each op that hold its weights, bias or per-channel parameters.
-WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2, 3, 4)}
+# The inputs of each op that hold its weights, bias or per-channel parameters: an Add's or Mul's,
+# a bias or scale after a weighted op, which the channel fold takes only as a constant (Paddle
+# reshapes each squeeze-excitation conv's bias at run time).
+WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2, 3, 4),
+                 "Add": (0, 1), "Mul": (0, 1)}
 # Ops a weight computed through stays computed: drawn anew on every run, or quantized already (a
 # QDQ model's int8 weight behind its DequantizeLinear, which the quantized kernels read as such).
 KEPT_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -19,7 +22,7 @@ KEPT_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformL
 class FoldComputedWeightsPass(ir.passes.InPlacePass):
     """Each weight, bias or normalization parameter that the graph computes from constants alone
     (a weight-normalized convolution's ``g · v / ‖v‖`` in a model exported without constant
-    folding, a weight transposed or reshaped at run time) replaced by an initializer holding its
+    folding, a weight or bias transposed or reshaped at run time) replaced by an initializer holding its
     value, as onnxruntime computes it: quantizers, BatchNorm folding and the branches' fits take
     weights as constants, and would leave such ops in float. Weights behind a random op or a
     Q/DQ pair (a given QDQ model's) stay as they are."""

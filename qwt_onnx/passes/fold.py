@@ -132,7 +132,7 @@ def _is_dense(node: ir.Node) -> bool:
     if node.op_type != "MatMul" or not g.is_default_domain(node):
         return False
     x, weight = node.inputs
-    if x is None or x.const_value is not None or x.shape is None or len(x.shape) != 2:
+    if x is None or x.const_value is not None or g.rank(x) != 2:
         return False
     return weight is not None and weight.const_value is not None and weight.const_value.dtype == ir.DataType.FLOAT \
         and len(weight.const_value.shape) == 2
