@@ -127,3 +127,23 @@ def test_a_hard_swish_between_convolutions_runs_on_uint8_for_onnxruntime(target,
         assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 25
     prepared = prepare.prepare(ir.serde.deserialize_model(_conv_hard_swish_conv()))
     assert "HardSwish" not in [n.op_type for n in prepared.graph]
+
+
+def test_a_squeeze_excitation_after_a_hard_swish_runs_on_uint8_too():
+    # MobileNetV3's block: conv, hard-swish, then a squeeze-excitation that scales the hard-swish's product
+    b = GraphBuilder(seed=5)
+    h = b.op("Conv", ["x", b.weight("w1", (8, 4, 3, 3))], "conv1", pads=[1, 1, 1, 1])
+    act = b.op("Mul", [h, b.op("HardSigmoid", [h], "hsig", alpha=1 / 6)], "hswish")
+    squeezed = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [act], "pool"), b.weight("w2", (4, 8, 1, 1))], "reduce")],
+                    "relu")
+    gate = b.op("HardSigmoid", [b.op("Conv", [squeezed, b.weight("w3", (8, 4, 1, 1))], "expand")], "gate", alpha=1 / 6)
+    b.op("Conv", [b.op("Mul", [act, gate], "scale"), b.weight("w4", (4, 8, 1, 1))], "project")
+    fp = _io(b)
+    calib = {"x": np.random.default_rng(1).standard_normal((24, 4, 6, 6)).astype(np.float32)}
+    proto = qwt_onnx.quantize(fp, calib, residuals="int8", qwt=False, progress=False)
+    found = check(proto)
+    assert found.integer_kernels["QLinearMul"] == 2 and found.integer_kernels["QLinearAdd"] == 2  # each HardSigmoid an Add
+    assert not [f for f in found.of("unfused") if f.op_type != "Conv"]
+    x = {"x": np.random.default_rng(2).standard_normal((4, 4, 6, 6)).astype(np.float32)}
+    reference, quantized = session(fp).run(None, x)[0], session(proto).run(None, x)[0]
+    assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 20

@@ -253,9 +253,12 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), 
                 site = _output_site(node.outputs[0])
                 sites[site.value] = site
                 dequantized.add(site.observed)
-        for site in _gated_products([s.observed for s in sites.values()]) if int8_silus else []:
-            sites[site.value] = site
-            dequantized.add(site.value)
+        gated = [s.observed for s in sites.values()] if int8_silus else []
+        while gated:  # a product gated again (MobileNetV3's squeeze-excitation scales a hard-swish's product)
+            found = [site for site in _gated_products(gated) if site.value not in sites]
+            sites.update((site.value, site) for site in found)
+            dequantized.update(site.value for site in found)
+            gated = [site.value for site in found if site.value.producer().op_type == "Mul"]
     for node in weighted:
         x = node.inputs[0]
         if x in dequantized or g.dequantizer(x) is not None:
@@ -332,9 +335,10 @@ def _read_only_quantized(site: ActivationSite) -> bool:
 
 
 def _gated_products(quantized: list[ir.Value]) -> list[ActivationSite]:
-    """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output): a SiLU,
-    ``x · Sigmoid(x)``, or a channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of fewer
-    values that broadcast over ``x`` (a squeeze-excitation's, one per channel;
+    """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output, or
+    such a product): a SiLU, ``x · Sigmoid(x)``, a hard-swish, ``x · HardSigmoid(x)``, or a
+    channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of fewer values that broadcast over
+    ``x`` (a squeeze-excitation's, one per channel;
     :func:`~qwt_onnx.graph.query.gate_of`): on the gate and, for every reader, on the product
     (carried through :data:`_STREAM_MOVERS` on its range). onnxruntime then runs the product as
     QLinearMul on uint8 maps, where in float it is three passes over a float map
