@@ -49,7 +49,7 @@ from qwt_onnx.numerics import metrics
 from qwt_onnx.options import BiasCorrection, CalibMethod, Options, Target
 from qwt_onnx.options import Equalization as EqualizationChoice
 from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
-from qwt_onnx.passes.hardsigmoid import IntegerHardSigmoidPass
+from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHardSigmoidPass
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.ptq import GIVEN, Candidate, best_candidate, given_candidate, int8_residuals_pay, ptq_candidates
 from qwt_onnx.qwt import (
@@ -156,6 +156,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if options.target == Target.ORT:
         FuseDequantizedGeluPass()(written)
         IntegerHardSigmoidPass()(written)
+        FuseDequantizedHardSwishPass()(written)  # the float ones
 
     proto = prepare.to_proto(written)
     try:

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 import qwt_onnx
 from qwt_onnx.check import check
 from qwt_onnx.graph import prepare
-from qwt_onnx.passes.hardsigmoid import HardSwishAsProductPass, IntegerHardSigmoidPass
+from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, HardSwishAsProductPass, IntegerHardSigmoidPass
 from qwt_onnx.runtime import session
 from tests.graphs import GraphBuilder
 
@@ -98,6 +98,18 @@ def test_a_quantized_hard_sigmoid_runs_as_qlinearadd_and_computes_the_same(beta,
     assert np.mean(session(out).run(None, X)[0] == session(proto).run(None, X)[0]) > 0.98
 
 
+def test_a_float_hard_swish_of_a_dequantized_tensor_is_one_node_again_from_opset_14():
+    for opset, written in ((14, ["HardSwish"]), (13, ["HardSigmoid", "Mul"])):
+        b = GraphBuilder()
+        s, z = b.const("s", np.float32(0.05)), b.const("z", np.uint8(128))
+        x = b.op("DequantizeLinear", [b.op("QuantizeLinear", ["x", s, z], "q"), s, z], "dq")
+        b.op("Mul", [x, b.op("HardSigmoid", [x], "gate", alpha=1 / 6)], "hard_swish")
+        proto = _io(b, opset=opset)
+        out = _rewritten(proto, FuseDequantizedHardSwishPass())
+        assert [n.op_type for n in out.graph.node][2:] == written and out.graph.node[-1].output[0] == "y"
+        np.testing.assert_allclose(session(out).run(None, X)[0], session(proto).run(None, X)[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("scale, zero_point", [(2 / 255, 0), (1 / 255, 10)])
 def test_a_hard_sigmoid_whose_grid_does_not_clip_at_0_and_1_stays(scale, zero_point):
     proto = _quantized_hard_sigmoid(scale, zero_point)
@@ -111,9 +123,11 @@ def _conv_hard_swish_conv() -> onnx.ModelProto:
     return _io(b, opset=14)
 
 
-@pytest.mark.parametrize("target, residuals, computed", [("ort", "int8", ["Add", "Mul"]), ("ort", "float", ["HardSigmoid", "Mul"]),
+@pytest.mark.parametrize("target, residuals, computed", [("ort", "int8", ["Add", "Mul"]), ("ort", "float", ["HardSwish"]),
                                                          ("trt", "int8", ["HardSigmoid", "Mul"])])
-def test_a_hard_swish_between_convolutions_runs_on_uint8_for_onnxruntime(target, residuals, computed):
+def test_a_hard_swish_between_convolutions_runs_on_uint8_for_onnxruntime(target, residuals, computed, tmp_path):
+    # left float, it is one HardSwish again for onnxruntime, which dequantizes the map once for it (twice for a
+    # HardSigmoid and a Mul that both read it)
     calib = {"x": np.random.default_rng(1).standard_normal((24, 4, 6, 6)).astype(np.float32)}
     proto = qwt_onnx.quantize(_conv_hard_swish_conv(), calib, target=target, residuals=residuals, qwt=False, progress=False)
     assert [n.op_type for n in proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Conv")] == computed
@@ -125,6 +139,9 @@ def test_a_hard_swish_between_convolutions_runs_on_uint8_for_onnxruntime(target,
         x = {"x": np.random.default_rng(2).standard_normal((4, 4, 6, 6)).astype(np.float32)}
         reference, quantized = session(fp).run(None, x)[0], session(proto).run(None, x)[0]
         assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 25
+    if computed == ["HardSwish"]:
+        # one for the HardSwish's input (where a HardSigmoid and a Mul would read a copy each), conv2's input and weights
+        assert _kernels(proto, tmp_path).count("DequantizeLinear") == 3
     prepared = prepare.prepare(ir.serde.deserialize_model(_conv_hard_swish_conv()))
     assert "HardSwish" not in [n.op_type for n in prepared.graph]
 

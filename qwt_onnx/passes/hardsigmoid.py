@@ -29,6 +29,7 @@ from qwt_onnx.graph import query as g
 _TOLERANCE = 1e-6  # relative, on the top of the output grid (1/255 in float32 times 255)
 _CONSTANT_TOLERANCE = 1e-4  # relative, on an exporter's constants (1/6 written to float32 precision)
 HARD_SWISH = (1 / 6, 0.5)  # HardSwish's HardSigmoid: alpha, beta
+HARD_SWISH_OPSET = 14
 
 
 class HardSwishAsProductPass(ir.passes.InPlacePass):
@@ -100,6 +101,40 @@ def _scalar(value: ir.Value | None) -> float | None:
 def _sole_reader(value: ir.Value) -> ir.Node | None:
     uses = list(value.uses())
     return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
+
+
+class FuseDequantizedHardSwishPass(ir.passes.InPlacePass):
+    """Each ``x · HardSigmoid(x)`` of HardSwish's constants whose gate is float (left so by
+    ``--residuals``) and whose ``x`` is a DequantizeLinear's output written back as one HardSwish
+    node (from opset 14), its output keeping the Mul's name. onnxruntime gives each reader of a
+    DequantizeLinear a copy of its own before it fuses anything: the HardSigmoid and the Mul
+    would each dequantize the map, where a HardSwish, which onnxruntime expands only after, does
+    it once (PP-OCRv5's recogniser: 28 DequantizeLinears more)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)) < HARD_SWISH_OPSET:
+            return ir.passes.PassResult(model, False)
+        graph = model.graph
+        found = [(node, gate) for node in graph if (gate := _dequantized_hard_swish_gate(node)) is not None]
+        for mul, gate in found:
+            fused = ir.node("HardSwish", [gate.inputs[0]], name=mul.name)
+            ir.convenience.replace_nodes_and_values(graph, mul, [gate, mul], [fused], mul.outputs, fused.outputs)
+        return ir.passes.PassResult(model, modified=bool(found))
+
+
+def _dequantized_hard_swish_gate(mul: ir.Node) -> ir.Node | None:
+    """The HardSigmoid of ``mul = x · HardSigmoid(x)`` with HardSwish's constants, read by ``mul``
+    alone, where ``x`` is dequantized; else None."""
+    if mul.op_type != "Mul" or not g.is_default_domain(mul) or len(mul.inputs) != 2:
+        return None
+    for x, gate in (mul.inputs, mul.inputs[::-1]):
+        node = gate.producer() if gate is not None else None
+        if node is None or node.op_type != "HardSigmoid" or not g.is_default_domain(node) or node.inputs[0] is not x:
+            continue
+        constants = (node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5))
+        if all(map(_near, constants, HARD_SWISH)) and _sole_reader(gate) is mul and g.dequantizer(x) is not None:
+            return node
+    return None
 
 
 class IntegerHardSigmoidPass(ir.passes.InPlacePass):
