@@ -215,6 +215,16 @@ def find_blocks(run: Run) -> list[blk.Block]:
     return found
 
 
+def _gated_products(run: Run, ptq: Candidate) -> dict:
+    """The report's counts of SiLUs and channel gates, and of hard-swishes, run on uint8 or in float."""
+    hard_swishes, others = run.hard_swishes, run.silu_gates - run.hard_swishes
+    int8_hard_swishes = ptq.int8_silus and not ptq.float_hard_swishes
+    told = ptq.method != GIVEN  # a given QDQ model's are its own
+    return dict(int8_silu_gates=others if ptq.int8_silus else 0, float_silu_gates=others if told and not ptq.int8_silus else 0,
+                int8_hard_swishes=hard_swishes if int8_hard_swishes else 0,
+                float_hard_swishes=hard_swishes if told and not int8_hard_swishes else 0)
+
+
 def _float_compute(run: Run, stem: list[str]) -> dict:
     """The report's share of the multiply-accumulates in quantized ops, and per reason the compute
     ops left in float: how many, and their share (None inside control flow, whose work is not counted)."""
@@ -277,10 +287,10 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
         float_residual_streams=run.residual_streams if ptq.method != GIVEN and not ptq.int8_residuals else 0,
         int8_residual_streams=run.residual_streams if ptq.int8_residuals else 0,
-        float_silu_gates=run.silu_gates if ptq.method != GIVEN and not ptq.int8_silus else 0,
-        int8_silu_gates=run.silu_gates if ptq.int8_silus else 0,
+        **_gated_products(run, ptq),
         int8_residuals_gain_db=ptq.int8_residuals_gain_db,
         int8_silus_gain_db=ptq.int8_silus_gain_db,
+        int8_hard_swishes_gain_db=ptq.int8_hard_swishes_gain_db,
         equalizable=len(channel_groups(run.fp.graph)) if run.options.equalization != EqualizationChoice.OFF and ptq.method != GIVEN else 0,
         equalized=dict(ptq.equalized),
         equalization_gain_db=ptq.equalization_gain_db,

@@ -66,6 +66,8 @@ class Candidate:
     int8_residuals: bool = False  # residual streams quantized for every reader (see --residuals)
     int8_silus: bool = False  # the gates and products of SiLUs, hard-swishes, channel gates quantized too (--residuals)
     int8_silus_gain_db: float | None = None  # held-out, with --residuals auto: of those over the same without
+    float_hard_swishes: bool = False  # ... the hard-swishes' left float (auto kept the others only)
+    int8_hard_swishes_gain_db: float | None = None  # held-out, of all of them over the same without, where not kept
     # With --residuals auto, the same PTQ with its residual streams quantized for every reader, and its held-out gain
     int8_residuals_variant: Candidate | None = None
     int8_residuals_gain_db: float | None = None
@@ -159,6 +161,11 @@ def _with_int8_residuals_variant(builder: _Builder, candidates: list[Candidate])
         base = variant if variant is not None and _keeps(variant, best) else best
         silus = quantized(base, int8_silus=True)
         gains["int8_silus_gain_db"] = metrics.db_gain(silus.sqnr_db, base.sqnr_db)
+        if not (_keeps(silus, base) and _keeps(silus, best)) and 0 < run.hard_swishes < run.silu_gates:
+            # PP-OCRv5's recogniser lost 4.9 dB by its hard-swishes, and its squeeze-excitation gates nothing
+            gains["int8_hard_swishes_gain_db"] = gains["int8_silus_gain_db"]
+            silus = quantized(base, int8_silus=True, float_hard_swishes=True)
+            gains["int8_silus_gain_db"] = metrics.db_gain(silus.sqnr_db, base.sqnr_db)
         variant = silus if _keeps(silus, base) and _keeps(silus, best) else variant  # the latter is what writes it
     variant = dataclasses.replace(variant, **gains) if variant is not None else None
     attached = dataclasses.replace(best, int8_residuals_variant=variant, **gains)
@@ -255,7 +262,7 @@ class _Builder:
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,
                   scored: bool = True, stem: int | None = None, int8_residuals: bool | None = None,
-                  int8_silus: bool | None = None) -> Candidate:
+                  int8_silus: bool | None = None, float_hard_swishes: bool = False) -> Candidate:
         o, seen = self.run.options, self.seen
         gptq = o.rounding == Rounding.GPTQ if gptq is None else gptq
         int8_residuals = self.run.int8_residuals if int8_residuals is None else int8_residuals
@@ -267,24 +274,28 @@ class _Builder:
             self._feedback[corrected] = {w: rounding.feedback(m.hessian(centered=corrected)) for w, m in seen.second_moments.items()}
         qdq.InsertQdqPass(self.ranges[method], o.target, self.run.stem_excluded(stem), o.weights, seen.means if corrected else None,
                           o.weight_bits, o.activation_bits, seen.powers if weighted else None, o.block_size,
-                          self._feedback[corrected] if gptq else None, int8_residuals, int8_silus)(model)
+                          self._feedback[corrected] if gptq else None, int8_residuals, int8_silus, float_hard_swishes)(model)
         label = (f"{method}{', bias-corrected' if corrected else ''}{'' if weighted else ', plain clipping'}{', GPTQ' if gptq else ''}"
                  f"{', equalized' if self.equalized else ''}{f', float stem {stem}' if stem else ''}"
                  f"{', int8 residual streams' if int8_residuals and o.residuals == Residuals.AUTO else ''}"
-                 f"{', int8 SiLUs, hard-swishes and gates' if int8_silus and o.residuals == Residuals.AUTO else ''}")
+                 f"{', int8 SiLUs, hard-swishes and gates' if int8_silus and o.residuals == Residuals.AUTO else ''}"
+                 f"{' but the hard-swishes' if int8_silus and float_hard_swishes else ''}")
         score = self.run.heldout_score(model, f"evaluating PTQ ({label})") if scored else None
         return Candidate(method.value, model, score, bias_corrected=corrected, weighted_clipping=weighted, gptq=gptq, float_stem=stem,
                          float_model=self.fp if self.equalized else None, int8_residuals=int8_residuals, int8_silus=int8_silus,
+                         float_hard_swishes=int8_silus and float_hard_swishes,
                          equalized={name: choice.alpha for name, choice in self.equalized.choices.items()} if self.equalized else {})
 
     def like(self, other: Candidate, stem: int | None = None, scored: bool = True,
-             int8_residuals: bool | None = None, int8_silus: bool | None = None) -> Candidate:
+             int8_residuals: bool | None = None, int8_silus: bool | None = None,
+             float_hard_swishes: bool | None = None) -> Candidate:
         """``other``'s PTQ (method, bias correction, clipping, rounding, residual streams, SiLUs)
         built on this builder's model, with ``other``'s float stem or ``stem``."""
         return self.candidate(CalibMethod(other.method), other.bias_corrected, other.weighted_clipping, other.gptq, scored,
                               other.float_stem if stem is None else stem,
                               other.int8_residuals if int8_residuals is None else int8_residuals,
-                              other.int8_silus if int8_silus is None else int8_silus)
+                              other.int8_silus if int8_silus is None else int8_silus,
+                              other.float_hard_swishes if float_hard_swishes is None else float_hard_swishes)
 
     def corrected_or_not(self, method: CalibMethod, weighted: bool, gptq: bool, first: Candidate | None = None) -> Candidate:
         """The better of the method's models with and without bias correction."""

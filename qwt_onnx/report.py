@@ -66,10 +66,13 @@ class Report:
     readable_ranges: int = 0  # quantized tensors whose range stops where all their readers saturate (a hard-swish's -3)
     float_residual_streams: int = 0  # residual streams a shortcut reads in float (--residuals int8 would quantize them)
     int8_residual_streams: int = 0  # residual streams quantized for every reader: their Adds run in integer kernels
-    float_silu_gates: int = 0  # SiLUs, hard-swishes, channel gates in float between quantized tensors (--residuals int8: not)
-    int8_silu_gates: int = 0  # SiLUs, hard-swishes, channel gates with gate and product quantized: in integer kernels
+    float_silu_gates: int = 0  # SiLUs and channel gates in float between quantized tensors (--residuals int8 would not)
+    int8_silu_gates: int = 0  # SiLUs and channel gates whose gate and product are quantized: they run in integer kernels
+    float_hard_swishes: int = 0  # hard-swishes likewise
+    int8_hard_swishes: int = 0
     int8_residuals_gain_db: float | None = None  # held-out, of the PTQ model with them quantized over the same without (auto)
     int8_silus_gain_db: float | None = None  # held-out, of the PTQ model with its SiLUs quantized too over it without (auto)
+    int8_hard_swishes_gain_db: float | None = None  # ... with its hard-swishes too, where auto tried them apart and left them
     equalizable: int = 0  # activations whose channels the model lets move into the weights that read them
     equalized: dict[str, float] = dataclasses.field(default_factory=dict)  # of those, the ones moved in the PTQ model written on, α each
     equalization_gain_db: float | None = None  # held-out, of the equalized PTQ model over the same without, where both were built
@@ -216,7 +219,7 @@ FLOAT_REASONS = {
 
 
 def _residual_streams(report: Report) -> list[str]:
-    """What the written model does with its residual streams, SiLUs, hard-swishes and channel gates, and why (``--residuals``)."""
+    """What the written model does with its residual streams, SiLUs, channel gates and hard-swishes, and why (``--residuals``)."""
     refit = report.qwt_int8_residuals_gain_db
     if report.options.get("activation_bits", 8) > 8:  # onnxruntime has QLinearAdd for 8-bit tensors only
         adds, faster = "their Adds on 16-bit tensors (in float on onnxruntime's CPU)", "quantizes them, as integer-only NPUs need"
@@ -230,10 +233,18 @@ def _residual_streams(report: Report) -> list[str]:
          "beyond noise"),
         # tried on top of the streams kept, and kept only where the model stays within auto's rule of float streams
         (report.int8_silu_gates, report.float_silu_gates, report.int8_silus_gain_db,
-         "SiLUs, hard-swishes and channel gates with their gates and products quantized, in integer kernels",
-         "SiLUs, hard-swishes and channel gates in float between integer convolutions, {why}: {count} (--residuals int8 runs "
-         "them in integer kernels, faster)",
+         "SiLUs and channel gates with their gates and products quantized, in integer kernels",
+         "SiLUs and channel gates in float between integer convolutions, {why}: {count} (--residuals int8 runs them in integer "
+         "kernels, faster)",
          "more than --residuals auto allows"),
+        # decided with the SiLUs and gates, and apart from them where all together lost too much
+        (report.int8_hard_swishes, report.float_hard_swishes,
+         report.int8_silus_gain_db if report.int8_hard_swishes_gain_db is None else report.int8_hard_swishes_gain_db,
+         "hard-swishes with their gates and products quantized, in integer kernels",
+         "hard-swishes in float between integer convolutions, {why}: {count} (--residuals int8 runs them in integer kernels, "
+         "faster)",
+         "more than --residuals auto allows" + (" (with the SiLUs and gates, which are kept without them)"
+                                                  if report.int8_hard_swishes_gain_db is not None else "")),
     ]
     lines = []
     for int8, floating, gain, quantized, left_float, beyond in kinds:

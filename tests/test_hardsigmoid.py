@@ -164,3 +164,35 @@ def test_a_squeeze_excitation_after_a_hard_swish_runs_on_uint8_too():
     x = {"x": np.random.default_rng(2).standard_normal((4, 4, 6, 6)).astype(np.float32)}
     reference, quantized = session(fp).run(None, x)[0], session(proto).run(None, x)[0]
     assert 10 * np.log10(np.sum(reference**2) / np.sum((quantized - reference) ** 2)) > 20
+
+
+def _squeeze_excitation_and_hard_swish() -> onnx.ModelProto:
+    # PP-LCNetV3's block: a squeeze-excitation on a convolution's output, then a convolution and its hard-swish
+    b = GraphBuilder(seed=5)
+    h = b.op("Conv", ["x", b.weight("w1", (8, 4, 3, 3))], "conv1", pads=[1, 1, 1, 1])
+    squeezed = b.op("Relu", [b.op("Conv", [b.op("GlobalAveragePool", [h], "pool"), b.weight("w2", (4, 8, 1, 1))], "reduce")],
+                    "relu")
+    gate = b.op("Sigmoid", [b.op("Conv", [squeezed, b.weight("w3", (8, 4, 1, 1))], "expand")], "gate")
+    h2 = b.op("Conv", [b.op("Mul", [h, gate], "scale"), b.weight("w4", (8, 8, 1, 1))], "pointwise")
+    b.op("Conv", [b.op("HardSwish", [h2], "hswish"), b.weight("w5", (4, 8, 1, 1))], "project")
+    return _io(b, opset=14)
+
+
+def test_hard_swishes_can_stay_float_while_the_gates_run_on_uint8_and_the_summary_counts_them_apart():
+    from qwt_onnx.analysis.placement import place
+    from qwt_onnx.api import quantize_with_report
+    from qwt_onnx.report import format_summary
+
+    prepared = prepare.prepare(ir.serde.deserialize_model(_squeeze_excitation_and_hard_swish()))
+    all_gated = set(place(prepared.graph, "ort", int8_silus=True).observed_names)
+    but_hard_swishes = set(place(prepared.graph, "ort", int8_silus=True, float_hard_swishes=True).observed_names)
+    assert {"gate_out", "scale_out"} <= but_hard_swishes and all_gated - but_hard_swishes == {"hswish_out_gate"}
+    calib = {"x": np.random.default_rng(1).standard_normal((24, 4, 6, 6)).astype(np.float32)}
+    options = {"qwt": False, "progress": False, "calib_method": "minmax", "rounding": "nearest", "equalization": "off"}
+    told = {r: quantize_with_report(_squeeze_excitation_and_hard_swish(), calib, residuals=r, **options)[1]
+            for r in ("float", "int8")}
+    assert (told["int8"].int8_silu_gates, told["int8"].int8_hard_swishes, told["int8"].float_hard_swishes) == (1, 1, 0)
+    assert (told["float"].float_silu_gates, told["float"].float_hard_swishes, told["float"].int8_hard_swishes) == (1, 1, 0)
+    assert "hard-swishes with their gates and products quantized, in integer kernels: 1" in format_summary(told["int8"], "m")
+    assert ("hard-swishes in float between integer convolutions, as --residuals float asks: 1"
+            in format_summary(told["float"], "m"))

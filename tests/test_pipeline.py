@@ -722,9 +722,9 @@ def test_int8_residuals_run_the_silus_on_uint8_and_the_summary_counts_them():
     assert (told_float.float_silu_gates, told_float.int8_silu_gates) == (3, 0)
     assert (told_int8.float_silu_gates, told_int8.int8_silu_gates) == (0, 3)
     summaries = format_summary(told_float, "m.onnx"), format_summary(told_int8, "m.onnx")
-    assert ("SiLUs, hard-swishes and channel gates in float between integer convolutions, as --residuals float asks: 3"
+    assert ("SiLUs and channel gates in float between integer convolutions, as --residuals float asks: 3"
             in summaries[0])
-    assert "SiLUs, hard-swishes and channel gates with their gates and products quantized, in integer kernels: 3" in summaries[1]
+    assert "SiLUs and channel gates with their gates and products quantized, in integer kernels: 3" in summaries[1]
     # auto observes the Sigmoids' outputs too, and decides on held-out samples
     told_auto = quantize_with_report(model, calib, **options)[1]
     assert told_auto.int8_silus_gain_db is not None and told_auto.int8_silu_gates + told_auto.float_silu_gates == 3

@@ -228,10 +228,11 @@ def weight_axis(node: ir.Node, weight: ir.Value) -> int | None:
 
 
 def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), int8_residuals: bool = False,
-          int8_silus: bool = False) -> Placement:
+          int8_silus: bool = False, float_hard_swishes: bool = False) -> Placement:
     """Where the quantizers go in ``graph`` for ``target``; with ``int8_residuals``, residual
     streams are quantized for every reader (:func:`_residual_streams`), with ``int8_silus`` and
-    ``ort`` the SiLUs, hard-swishes and channel gates of quantized Conv outputs (:func:`_gated_products`)."""
+    ``ort`` the SiLUs, hard-swishes (not with ``float_hard_swishes``) and channel gates of quantized
+    Conv outputs (:func:`_gated_products`)."""
     weighted = [n for n in graph if g.is_weighted(n) and not excluded.excludes(n)]
     weights: dict[ir.Value, WeightSite] = {}
     for node in weighted:
@@ -255,7 +256,7 @@ def place(graph: ir.Graph, target: Target, excluded: Exclusions = Exclusions(), 
                 dequantized.add(site.observed)
         gated = [s.observed for s in sites.values()] if int8_silus else []
         while gated:  # a product gated again (MobileNetV3's squeeze-excitation scales a hard-swish's product)
-            found = [site for site in _gated_products(gated) if site.value not in sites]
+            found = [site for site in _gated_products(gated, float_hard_swishes) if site.value not in sites]
             sites.update((site.value, site) for site in found)
             dequantized.update(site.value for site in found)
             gated = [site.value for site in found if site.value.producer().op_type == "Mul"]
@@ -334,7 +335,7 @@ def _read_only_quantized(site: ActivationSite) -> bool:
     return not site.value.is_graph_output() and set(site.value.uses()) <= set(site.readers)
 
 
-def _gated_products(quantized: list[ir.Value]) -> list[ActivationSite]:
+def _gated_products(quantized: list[ir.Value], float_hard_swishes: bool = False) -> list[ActivationSite]:
     """Quantizers for each gated product of a tensor ``x`` in ``quantized`` (a Conv output, or
     such a product): a SiLU, ``x · Sigmoid(x)``, a hard-swish, ``x · HardSigmoid(x)``, or a
     channel gate, ``x · σ(z)`` with a Sigmoid or HardSigmoid of fewer values that broadcast over
@@ -350,12 +351,17 @@ def _gated_products(quantized: list[ir.Value]) -> list[ActivationSite]:
     for x in quantized:
         for mul in dict.fromkeys(x.consumers()):
             gate = g.gate_of(mul, x)
-            if gate is None or _moved_to_outputs(mul.outputs[0]):
+            if gate is None or _moved_to_outputs(mul.outputs[0]) or float_hard_swishes and is_hard_swish(gate, x):
                 continue
             product = mul.outputs[0]
             carried = ActivationSite(product, product, list(product.uses()))
             found += [ActivationSite(gate, gate, list(gate.uses())), carried, *_moved_on(carried)]
     return found
+
+
+def is_hard_swish(gate: ir.Value, x: ir.Value) -> bool:
+    """Whether ``gate`` (of ``x · gate``) is ``HardSigmoid(x)``."""
+    return gate.producer().op_type == "HardSigmoid" and gate.producer().inputs[0] is x
 
 
 # Ops that carry a stream's values on, on the stream's own scale: a pool of maxima, a padding with

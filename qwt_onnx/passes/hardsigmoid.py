@@ -39,9 +39,10 @@ class HardSwishAsProductPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        names = g.NameScope(graph)
         found = [match for node in graph if (match := _hard_swish(node) or _spelt_hard_sigmoid(node)) is not None]
         for x, nodes, product, (alpha, beta) in found:
-            gate = ir.node("HardSigmoid", [x], {"alpha": alpha, "beta": beta}, name=f"{nodes[-1].name}/HardSigmoid")
+            gate = names.node("HardSigmoid", [x], f"{nodes[-1].outputs[0].name}_gate", alpha=alpha, beta=beta)
             gate.outputs[0].shape, gate.outputs[0].type = x.shape, x.type
             new = [gate, ir.node("Mul", [x, gate.outputs[0]], name=nodes[-1].name)] if product else [gate]
             ir.convenience.replace_nodes_and_values(graph, nodes[-1], nodes, new, nodes[-1].outputs, new[-1].outputs)

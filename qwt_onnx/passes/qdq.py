@@ -56,6 +56,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
         feedback: Mapping[str, rounding.Feedback] | None = None,
         int8_residuals: bool = False,
         int8_silus: bool = False,
+        float_hard_swishes: bool = False,
     ):
         super().__init__()
         self.ranges = ranges
@@ -68,17 +69,19 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.block_size = block_size  # of 4-bit MatMul weights, along K; 0: per output channel
         self.feedback = feedback or {}  # by weight, from its op's input second moments: rounding with error feedback
         self.int8_residuals = int8_residuals  # residual streams quantized for every reader (analysis.placement)
-        self.int8_silus = int8_silus  # and SiLUs' Sigmoids and products
+        self.int8_silus = int8_silus  # and the gates and products of SiLUs, hard-swishes and channel gates
+        self.float_hard_swishes = float_hard_swishes  # ... but for the hard-swishes
 
     def requires(self, model: ir.Model) -> None:
-        observed = place(model.graph, self.target, self.excluded, self.int8_residuals, self.int8_silus).observed_names
+        observed = place(model.graph, self.target, self.excluded, self.int8_residuals, self.int8_silus,
+                         self.float_hard_swishes).observed_names
         missing = sorted(set(observed) - set(self.ranges))
         if missing:
             raise ir.passes.PreconditionError(f"no calibrated range for {len(missing)} tensor(s) to quantize: {', '.join(missing[:3])}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        placement = place(graph, self.target, self.excluded, self.int8_residuals, self.int8_silus)
+        placement = place(graph, self.target, self.excluded, self.int8_residuals, self.int8_silus, self.float_hard_swishes)
         names = g.NameScope(graph)
         # onnxruntime fuses a blocked int4 weight's DequantizeLinear and its MatMul into MatMulNBits,
         # which quantizes its input itself, and only where that input is float: weight-only
