@@ -215,7 +215,7 @@ def find_blocks(run: Run) -> list[blk.Block]:
     return found
 
 
-def _gated_products(run: Run, ptq: Candidate) -> dict:
+def _gated_counts(run: Run, ptq: Candidate) -> dict:
     """The report's counts of SiLUs and channel gates, and of hard-swishes, run on uint8 or in float."""
     hard_swishes, others = run.hard_swishes, run.silu_gates - run.hard_swishes
     int8_hard_swishes = ptq.int8_silus and not ptq.float_hard_swishes
@@ -287,7 +287,7 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         readable_ranges=len(run.readable) if ptq.method != GIVEN else 0,
         float_residual_streams=run.residual_streams if ptq.method != GIVEN and not ptq.int8_residuals else 0,
         int8_residual_streams=run.residual_streams if ptq.int8_residuals else 0,
-        **_gated_products(run, ptq),
+        **_gated_counts(run, ptq),
         int8_residuals_gain_db=ptq.int8_residuals_gain_db,
         int8_silus_gain_db=ptq.int8_silus_gain_db,
         int8_hard_swishes_gain_db=ptq.int8_hard_swishes_gain_db,

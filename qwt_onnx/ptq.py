@@ -66,7 +66,7 @@ class Candidate:
     int8_residuals: bool = False  # residual streams quantized for every reader (see --residuals)
     int8_silus: bool = False  # the gates and products of SiLUs, hard-swishes, channel gates quantized too (--residuals)
     int8_silus_gain_db: float | None = None  # held-out, with --residuals auto: of those over the same without
-    float_hard_swishes: bool = False  # ... the hard-swishes' left float (auto kept the others only)
+    float_hard_swishes: bool = False  # ... but the hard-swishes', left float (auto kept the others alone)
     int8_hard_swishes_gain_db: float | None = None  # held-out, of all of them over the same without, where not kept
     # With --residuals auto, the same PTQ with its residual streams quantized for every reader, and its held-out gain
     int8_residuals_variant: Candidate | None = None

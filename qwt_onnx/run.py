@@ -132,14 +132,14 @@ class Run:
     @functools.cached_property
     def silu_gates(self) -> int:
         """The SiLUs, hard-swishes and channel gates that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
-        return self._gated_products()
+        return self._gated_count()
 
     @functools.cached_property
     def hard_swishes(self) -> int:
         """Of :attr:`silu_gates`, the hard-swishes."""
-        return self.silu_gates - self._gated_products(float_hard_swishes=True)
+        return self.silu_gates - self._gated_count(float_hard_swishes=True)
 
-    def _gated_products(self, float_hard_swishes: bool = False) -> int:
+    def _gated_count(self, float_hard_swishes: bool = False) -> int:
         quantized = place(self.fp.graph, self.options.target, self.excluded, int8_silus=self.silus_fuse,
                           float_hard_swishes=float_hard_swishes)
         added = {site.value for site in quantized.activations} - {site.value for site in self._float_streams.activations}
