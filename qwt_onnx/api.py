@@ -218,11 +218,11 @@ def find_blocks(run: Run) -> list[blk.Block]:
 def _gated_counts(run: Run, ptq: Candidate) -> dict:
     """The report's counts of SiLUs and channel gates, and of hard-swishes, run on uint8 or in float."""
     hard_swishes, others = run.hard_swishes, run.silu_gates - run.hard_swishes
-    int8_hard_swishes = ptq.int8_silus and not ptq.float_hard_swishes
+    int8_hard_swishes = hard_swishes if ptq.int8_silus and not ptq.float_hard_swishes else 0
+    int8_others = (run.gates_beside_float_hard_swishes if ptq.float_hard_swishes else others) if ptq.int8_silus else 0
     told = ptq.method != GIVEN  # a given QDQ model's are its own
-    return dict(int8_silu_gates=others if ptq.int8_silus else 0, float_silu_gates=others if told and not ptq.int8_silus else 0,
-                int8_hard_swishes=hard_swishes if int8_hard_swishes else 0,
-                float_hard_swishes=hard_swishes if told and not int8_hard_swishes else 0)
+    return dict(int8_silu_gates=int8_others, float_silu_gates=others - int8_others if told else 0,
+                int8_hard_swishes=int8_hard_swishes, float_hard_swishes=hard_swishes - int8_hard_swishes if told else 0)
 
 
 def _float_compute(run: Run, stem: list[str]) -> dict:

@@ -161,7 +161,7 @@ def _with_int8_residuals_variant(builder: _Builder, candidates: list[Candidate])
         base = variant if variant is not None and _keeps(variant, best) else best
         silus = quantized(base, int8_silus=True)
         gains["int8_silus_gain_db"] = metrics.db_gain(silus.sqnr_db, base.sqnr_db)
-        if not (_keeps(silus, base) and _keeps(silus, best)) and 0 < run.hard_swishes < run.silu_gates:
+        if not (_keeps(silus, base) and _keeps(silus, best)) and run.hard_swishes and run.gates_beside_float_hard_swishes:
             # PP-OCRv5's recogniser lost 4.9 dB by its hard-swishes, and its squeeze-excitation gates nothing
             gains["int8_hard_swishes_gain_db"] = gains["int8_silus_gain_db"]
             silus = quantized(base, int8_silus=True, float_hard_swishes=True)

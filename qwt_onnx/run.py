@@ -132,18 +132,24 @@ class Run:
     @functools.cached_property
     def silu_gates(self) -> int:
         """The SiLUs, hard-swishes and channel gates that ``--residuals float`` leaves in float, which ``int8`` runs on uint8."""
-        return self._gated_count()
+        return len(self._gates())
 
     @functools.cached_property
     def hard_swishes(self) -> int:
         """Of :attr:`silu_gates`, the hard-swishes."""
-        return self.silu_gates - self._gated_count(float_hard_swishes=True)
+        return sum(map(g.is_hard_swish_gate, self._gates()))
 
-    def _gated_count(self, float_hard_swishes: bool = False) -> int:
+    @functools.cached_property
+    def gates_beside_float_hard_swishes(self) -> int:
+        """The SiLUs and channel gates that run on uint8 where the hard-swishes stay float (not those
+        that scale a hard-swish's product, as MobileNetV3's squeeze-excitations do)."""
+        return len(self._gates(float_hard_swishes=True))
+
+    def _gates(self, float_hard_swishes: bool = False) -> list[ir.Value]:
         quantized = place(self.fp.graph, self.options.target, self.excluded, int8_silus=self.silus_fuse,
                           float_hard_swishes=float_hard_swishes)
         added = {site.value for site in quantized.activations} - {site.value for site in self._float_streams.activations}
-        return sum(value.producer() is not None and value.producer().op_type in g.GATE_OPS for value in added)
+        return [value for value in added if value.producer() is not None and value.producer().op_type in g.GATE_OPS]
 
     @property
     def excluded(self) -> Exclusions:

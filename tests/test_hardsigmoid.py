@@ -157,7 +157,10 @@ def test_a_squeeze_excitation_after_a_hard_swish_runs_on_uint8_too():
     b.op("Conv", [b.op("Mul", [act, gate], "scale"), b.weight("w4", (4, 8, 1, 1))], "project")
     fp = _io(b)
     calib = {"x": np.random.default_rng(1).standard_normal((24, 4, 6, 6)).astype(np.float32)}
-    proto = qwt_onnx.quantize(fp, calib, residuals="int8", qwt=False, progress=False)
+    from qwt_onnx.api import quantize_with_report
+
+    proto, told = quantize_with_report(fp, calib, residuals="int8", qwt=False, progress=False)
+    assert (told.int8_hard_swishes, told.int8_silu_gates) == (1, 1)  # the gate after the hard-swish counted as a gate
     found = check(proto)
     assert found.integer_kernels["QLinearMul"] == 2 and found.integer_kernels["QLinearAdd"] == 2  # each HardSigmoid an Add
     assert not [f for f in found.of("unfused") if f.op_type != "Conv"]

@@ -351,17 +351,12 @@ def _gated_products(quantized: list[ir.Value], float_hard_swishes: bool = False)
     for x in quantized:
         for mul in dict.fromkeys(x.consumers()):
             gate = g.gate_of(mul, x)
-            if gate is None or _moved_to_outputs(mul.outputs[0]) or float_hard_swishes and _is_hard_swish(gate, x):
+            if gate is None or _moved_to_outputs(mul.outputs[0]) or float_hard_swishes and g.is_hard_swish_gate(gate):
                 continue
             product = mul.outputs[0]
             carried = ActivationSite(product, product, list(product.uses()))
             found += [ActivationSite(gate, gate, list(gate.uses())), carried, *_moved_on(carried)]
     return found
-
-
-def _is_hard_swish(gate: ir.Value, x: ir.Value) -> bool:
-    """Whether ``gate`` (of ``x · gate``) is ``HardSigmoid(x)``."""
-    return gate.producer().op_type == "HardSigmoid" and gate.producer().inputs[0] is x
 
 
 # Ops that carry a stream's values on, on the stream's own scale: a pool of maxima, a padding with

@@ -75,6 +75,12 @@ def gate_of(mul: ir.Node, x: ir.Value) -> ir.Value | None:
     return gate
 
 
+def is_hard_swish_gate(gate: ir.Value) -> bool:
+    """Whether ``gate`` is a hard-swish's, ``HardSigmoid(x)`` read by a Mul of ``x`` and it."""
+    sigma, readers = gate.producer(), [node for node, _ in gate.uses()]
+    return sigma is not None and sigma.op_type == "HardSigmoid" and any(sigma.inputs[0] in mul.inputs for mul in readers)
+
+
 def _broadcasts_over(gate: ir.Value, x: ir.Value) -> bool:
     """Whether ``gate`` has ``x``'s rank and, on each axis, ``x``'s size or 1, and 1 on some axis
     where ``x`` has more (an N×C×1×1 gate of an N×C×H×W map, or N×1×1×C of an NHWC one)."""
