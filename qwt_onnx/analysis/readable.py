@@ -83,7 +83,7 @@ def _reader_interval(node: ir.Node, index: int, depth: int, bits: int) -> Interv
     if op == "Clip" and index == 0:
         return _clip_bounds(node)
     if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2:
-        other = _scalar(node.inputs[1 - index])
+        other = g.scalar(node.inputs[1 - index])
         if other is not None:
             return _through_affine(op, index, other, _value_interval(node.outputs[0], depth - 1, bits))
         if op == "Mul":
@@ -132,7 +132,7 @@ def _zero_below(gate: ir.Value, x: ir.Value, depth: int) -> float | None:
     if node is None or depth <= 0 or not g.is_default_domain(node) or not node.inputs:
         return None
     if node.op_type in ("Mul", "Div") and len(node.inputs) == 2:  # clip(x + 3, 0, 6) / 6
-        k = _scalar(node.inputs[1])
+        k = g.scalar(node.inputs[1])
         return _zero_below(node.inputs[0], x, depth - 1) if k is not None and k > 0 else None
     if node.op_type == "Relu":
         threshold = 0.0
@@ -149,7 +149,7 @@ def _zero_below(gate: ir.Value, x: ir.Value, depth: int) -> float | None:
     if shift is None or not g.is_default_domain(shift) or shift.op_type not in ("Add", "Sub") or len(shift.inputs) != 2:
         return None
     if shift.inputs[0] is x or (shift.op_type == "Add" and shift.inputs[1] is x):
-        c = _scalar(shift.inputs[1] if shift.inputs[0] is x else shift.inputs[0])
+        c = g.scalar(shift.inputs[1] if shift.inputs[0] is x else shift.inputs[0])
         if c is not None:
             return threshold - c if shift.op_type == "Add" else threshold + c
     return None
@@ -162,22 +162,10 @@ def _clip_bounds(node: ir.Node) -> Interval:
     bounds = []
     for position, default in ((1, -math.inf), (2, math.inf)):
         value = node.inputs[position] if len(node.inputs) > position else None
-        bound = default if value is None else _scalar(value)
+        bound = default if value is None else g.scalar(value)
         if bound is None:
             return UNBOUNDED
         bounds.append(bound)
     return bounds[0], bounds[1]
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    """The one number a constant holds; None for anything else."""
-    if value is None:
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-    except ValueError:  # a malformed Constant node: not a number we can rely on
-        return None
-    if tensor is None or tensor.size != 1:
-        return None
-    number = float(tensor.numpy().reshape(()))
-    return number if math.isfinite(number) else None

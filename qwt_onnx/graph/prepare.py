@@ -14,6 +14,7 @@ from onnx_ir.passes import common
 
 from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
+from qwt_onnx.graph import query as g
 from qwt_onnx.passes.constants import FoldComputedWeightsPass
 from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldChannelAffinePass
 from qwt_onnx.passes.hardsigmoid import HardSwishAsProductPass
@@ -214,7 +215,7 @@ def fix_batch(model: ir.Model, size: int) -> None:
 def upgrade_opset(model: ir.Model, minimum: int = MIN_OPSET, why: str = "") -> ir.Model:
     """The model converted to opset ``minimum`` when it is older (onnx's version converter);
     ``why``: what needs that opset, for the error where it cannot be converted."""
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", minimum))
+    version = g.opset(model, default=minimum)
     if version >= minimum:
         return model
     try:

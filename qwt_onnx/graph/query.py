@@ -19,6 +19,11 @@ SHAPE_OPS = {"Shape", "Size"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
+def opset(model: ir.Model, default: int = 1) -> int:
+    """The version of the default ONNX domain that ``model`` imports."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", default))
+
+
 def is_default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
@@ -32,6 +37,26 @@ def is_constant(value: ir.Value | None) -> bool:
         return True
     producer = value.producer()
     return producer is not None and producer.op_type == "Constant" and is_default_domain(producer)
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """The one finite number a constant holds; None for anything else."""
+    if value is None:
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node: not a number we can rely on
+        return None
+    if tensor is None or tensor.size != 1:
+        return None
+    number = float(tensor.numpy().reshape(()))
+    return number if math.isfinite(number) else None
+
+
+def only_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads ``value``, once, where nothing else (a graph output) does."""
+    uses = list(value.uses())
+    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def weight_input(node: ir.Node) -> ir.Value | None:

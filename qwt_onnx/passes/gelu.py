@@ -33,8 +33,7 @@ class FuseDequantizedGeluPass(ir.passes.InPlacePass):
         found = [(x, nodes, y) for x, nodes, y in found if g.dequantizer(x) is not None]
         if not found:
             return ir.passes.PassResult(model, False)
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-        domain = "" if opset >= GELU_OPSET else MS_DOMAIN
+        domain = "" if g.opset(model) >= GELU_OPSET else MS_DOMAIN
         if domain == MS_DOMAIN:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         for x, nodes, y in found:
@@ -53,7 +52,7 @@ def exact_gelu_of(value: ir.Value) -> list[ir.Node] | None:
         return None
     readers = {node for node, _ in value.uses()}
     for scaling in readers:
-        erf = _only_reader(scaling.outputs[0]) if scaling.outputs else None
+        erf = g.only_reader(scaling.outputs[0]) if scaling.outputs else None
         found = _exact_gelu(erf) if erf is not None and erf.op_type == "Erf" else None
         if found is not None and found[0] is value and readers <= set(found[1]):
             return found[1]
@@ -66,23 +65,23 @@ def _exact_gelu(erf: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Value] | None
     multiply the product, the sum or ``x``."""
     scaling = erf.inputs[0].producer()
     x = _scaled_input(scaling)
-    plus_one = _only_reader(erf.outputs[0])
-    if x is None or _only_reader(scaling.outputs[0]) is not erf or not _is_binary(plus_one, "Add", 1.0):
+    plus_one = g.only_reader(erf.outputs[0])
+    if x is None or g.only_reader(scaling.outputs[0]) is not erf or not _is_binary(plus_one, "Add", 1.0):
         return None
-    product = _only_reader(plus_one.outputs[0])
+    product = g.only_reader(plus_one.outputs[0])
     if not _is_binary(product, "Mul"):
         return None
     other = _operand_beside(product, plus_one.outputs[0])
     if other is x:  # (x · (1 + erf)) · ½
-        half = _only_reader(product.outputs[0])
+        half = g.only_reader(product.outputs[0])
         return (x, [scaling, erf, plus_one, product, half], half.outputs[0]) if _is_binary(half, "Mul", 0.5) else None
     if _equals(other, 0.5):  # x · ((1 + erf) · ½)
-        last = _only_reader(product.outputs[0])
+        last = g.only_reader(product.outputs[0])
         if _is_binary(last, "Mul") and _operand_beside(last, product.outputs[0]) is x:
             return x, [scaling, erf, plus_one, product, last], last.outputs[0]
         return None
     halving = other.producer()  # (x · ½) · (1 + erf)
-    if _is_binary(halving, "Mul", 0.5) and x in halving.inputs and _only_reader(other) is product:
+    if _is_binary(halving, "Mul", 0.5) and x in halving.inputs and g.only_reader(other) is product:
         return x, [scaling, erf, plus_one, halving, product], product.outputs[0]
     return None
 
@@ -104,17 +103,10 @@ def _is_binary(node: ir.Node | None, op_type: str, constant: float | None = None
 
 
 def _equals(value: ir.Value | None, target: float) -> bool:
-    tensor = ir.convenience.get_const_tensor(value) if g.is_constant(value) else None
-    if tensor is None or tensor.size != 1:
-        return False
-    return abs(float(tensor.numpy().reshape(-1)[0]) - target) <= _TOLERANCE * abs(target)
+    number = g.scalar(value)
+    return number is not None and abs(number - target) <= _TOLERANCE * abs(target)
 
 
 def _operand_beside(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return node.inputs[1] if node.inputs[0] is value else node.inputs[0]
 
-
-def _only_reader(value: ir.Value) -> ir.Node | None:
-    """The one node that reads ``value``, once, where nothing else (a graph output) does."""
-    uses = list(value.uses())
-    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None

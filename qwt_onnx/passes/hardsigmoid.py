@@ -62,21 +62,21 @@ def _spelt_hard_sigmoid(clip: ir.Node) -> Match | None:
     """``clip(x + b, 0, c)`` read only by a division by ``c``, or by ``x · `` and then that division."""
     if clip.op_type != "Clip" or not g.is_default_domain(clip) or len(clip.inputs) != 3:
         return None
-    low, high = (_scalar(v) for v in clip.inputs[1:])
+    low, high = (g.scalar(v) for v in clip.inputs[1:])
     add = clip.inputs[0].producer()
     if low != 0 or high is None or high <= 0 or add is None or add.op_type != "Add" or not g.is_default_domain(add):
         return None
-    offsets = [_scalar(v) for v in add.inputs]
-    if len(add.inputs) != 2 or sum(b is not None for b in offsets) != 1 or _sole_reader(add.outputs[0]) is not clip:
+    offsets = [g.scalar(v) for v in add.inputs]
+    if len(add.inputs) != 2 or sum(b is not None for b in offsets) != 1 or g.only_reader(add.outputs[0]) is not clip:
         return None
     x, offset = (add.inputs[0], offsets[1]) if offsets[1] is not None else (add.inputs[1], offsets[0])
     gate = (1 / high, offset / high)
-    reader = _sole_reader(clip.outputs[0])
+    reader = g.only_reader(clip.outputs[0])
     if _divides_by(reader, clip.outputs[0], high):
         return x, [add, clip, reader], False, gate
     if reader is None or reader.op_type != "Mul" or not g.is_default_domain(reader) or list(reader.inputs).count(x) != 1:
         return None
-    last = _sole_reader(reader.outputs[0])
+    last = g.only_reader(reader.outputs[0])
     return (x, [add, clip, reader, last], True, gate) if _divides_by(last, reader.outputs[0], high) else None
 
 
@@ -85,23 +85,14 @@ def _divides_by(node: ir.Node | None, value: ir.Value, c: float) -> bool:
     if node is None or not g.is_default_domain(node) or len(node.inputs) != 2:
         return False
     if node.op_type == "Div":
-        return node.inputs[0] is value and _near(_scalar(node.inputs[1]), c)
+        return node.inputs[0] is value and _near(g.scalar(node.inputs[1]), c)
     other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
-    return node.op_type == "Mul" and value in node.inputs and _near(_scalar(other), 1 / c)
+    return node.op_type == "Mul" and value in node.inputs and _near(g.scalar(other), 1 / c)
 
 
 def _near(value: float | None, target: float) -> bool:
     return value is not None and abs(value - target) <= _CONSTANT_TOLERANCE * abs(target)
 
-
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if g.is_constant(value) else None
-    return float(tensor.numpy().reshape(-1)[0]) if tensor is not None and tensor.size == 1 else None
-
-
-def _sole_reader(value: ir.Value) -> ir.Node | None:
-    uses = list(value.uses())
-    return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
 
 
 class FuseDequantizedHardSwishPass(ir.passes.InPlacePass):
@@ -113,7 +104,7 @@ class FuseDequantizedHardSwishPass(ir.passes.InPlacePass):
     it once (PP-OCRv5's recogniser: 28 DequantizeLinears more)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)) < HARD_SWISH_OPSET:
+        if g.opset(model) < HARD_SWISH_OPSET:
             return ir.passes.PassResult(model, False)
         graph = model.graph
         found = [(node, gate) for node in graph if (gate := _dequantized_hard_swish_gate(node)) is not None]
@@ -133,7 +124,7 @@ def _dequantized_hard_swish_gate(mul: ir.Node) -> ir.Node | None:
         if node is None or node.op_type != "HardSigmoid" or not g.is_default_domain(node) or node.inputs[0] is not x:
             continue
         constants = (node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5))
-        if all(map(_near, constants, HARD_SWISH)) and _sole_reader(gate) is mul and g.dequantizer(x) is not None:
+        if all(map(_near, constants, HARD_SWISH)) and g.only_reader(gate) is mul and g.dequantizer(x) is not None:
             return node
     return None
 
