@@ -11,7 +11,9 @@
    all of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
 6. write the QwT model where it beats the best PTQ model on held-out samples, else that one,
    its residual streams, SiLUs and hard-swishes quantized for every reader unless held-out samples show that
-   costing fidelity (``--residuals auto``).
+   costing fidelity (``--residuals auto``);
+7. fold a channel-wise affine into each of its quantized weighted ops, layer by layer, where
+   held-out samples show the model gaining by them (QwT-v2, :mod:`qwt_onnx.layer_folds`).
 
 Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
 the end.
@@ -45,8 +47,10 @@ from qwt_onnx.inputs import (
     load_quantized,
     unselected,
 )
+from qwt_onnx.layer_folds import LayerFolds, fold_layers
 from qwt_onnx.numerics import metrics
 from qwt_onnx.options import BiasCorrection, CalibMethod, Options, Target
+from qwt_onnx.options import Compensation as CompensationKind
 from qwt_onnx.options import Equalization as EqualizationChoice
 from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
 from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHardSigmoidPass
@@ -130,7 +134,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         warnings.warn(f"exclusion {pattern!r} matches no Conv, MatMul or Gemm node of the model")
     if quantized is None and not run.placement.weights and not run.placement.activations:
         raise InputError(_nothing_to_quantize(run))
-    found = find_blocks(run) if options.qwt else []
+    found = find_blocks(run) if options.qwt and options.compensation != CompensationKind.AFFINE else []
     _warn_of_few_heldout_samples(run, quantized is not None)
 
     candidates = given_candidate(run, given) if given is not None else ptq_candidates(run)
@@ -149,6 +153,11 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if on_int8_streams is not None:
         compensation, gain_interval = on_int8_streams, qwt_gain_interval(on_int8_streams, ptq)
     written = compensation.model if applied else ptq.model
+    folds = None
+    if options.qwt and options.compensation != CompensationKind.BRANCH:
+        base, before = (selection.candidate, compensation.score) if applied else (ptq, ptq.score)
+        folds = fold_layers(run, written, base.float_model or run.fp, before, exact=ptq.method != GIVEN)
+        written = folds.model if folds.written else written
     for name in exposed:  # scored, not the user's
         written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
     if fp.meta.get("fixed_batch"):  # the user's interface: fed that many samples at a time
@@ -166,7 +175,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if output is not None:
         prepare.save_atomically(written, output)
     result = _report(run, candidates, ptq, selection, compensation, applied, gain_interval, output, started,
-                     qwt_int8_residuals_gain)
+                     qwt_int8_residuals_gain, folds)
     if report is not None:
         with open(report, "w") as f:
             f.write(result.to_json())
@@ -239,6 +248,16 @@ def _float_compute(run: Run, stem: list[str]) -> dict:
     return {"quantized_mac_share": 1.0 - sum(share for _, share in left.values() if share is not None), "float_ops": left}
 
 
+def _layer_folds(folds: LayerFolds) -> dict:
+    """The report's figures of the layer folds tried."""
+    return dict(
+        layer_fold_layers=folds.layers, layer_folds=folds.folded, layer_fold_samples=folds.samples,
+        layer_folds_gain_db=folds.gain_db, layer_folds_interval_db=list(folds.interval_db) if folds.interval_db else None,
+        layer_folds_worse=folds.worse, layer_folds_written=folds.written,
+        sqnr_layer_folds_db=folds.score.db if folds.score is not None else None,
+    )
+
+
 def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] | None:
     """The 95% interval of the best PTQ model's held-out lead over the next best method's: where
     it holds zero, which of the two is closer to FP32 on other data is a toss-up."""
@@ -251,7 +270,7 @@ def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] |
 
 def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensation: Compensation | None,
             applied: bool, gain_interval: tuple[float, float] | None, output, started: float,
-            qwt_int8_residuals_gain: float | None = None) -> Report:
+            qwt_int8_residuals_gain: float | None = None, folds: LayerFolds | None = None) -> Report:
     """The run's report, from what its steps returned."""
     fp32_parameters = sum(v.const_value.size for v in run.fp.graph.initializers.values() if v.const_value is not None)
     blocks = compensation.blocks if compensation is not None else []
@@ -308,6 +327,7 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         qwt_outputs_gaining=outputs_gaining(compensation, ptq),
         qwt_int8_residuals_gain_db=qwt_int8_residuals_gain,
         qwt_applied=applied,
+        **(_layer_folds(folds) if folds is not None else {}),
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,
         seconds=time.perf_counter() - started,

@@ -50,9 +50,9 @@ class Residuals(Choice):
 
 
 class Compensation(Choice):
-    AUTO = "auto"  # per block: the fold where it removes --min-gain and nearly all a branch would, else the branch
+    AUTO = "auto"  # per block: the fold where it removes --min-gain and nearly all a branch would, else the branch; then AFFINE
     BRANCH = "branch"  # QwT: a linear branch in parallel to each block
-    AFFINE = "affine"  # QwT-v2's channel-wise affine, folded into each block's last weighted op: no new nodes
+    AFFINE = "affine"  # QwT-v2's channel-wise affine, folded into every quantized weighted op: no new nodes
 
 
 class FitError(Choice):
@@ -139,10 +139,11 @@ class Options:
     kernel_size: int = _option(1, "kernel size of a feature-map branch, odd (1: a 1x1 conv)", metavar="K")
     compensation: Compensation = _option(
         Compensation.AUTO,
-        "branch: a linear branch beside each block (QwT); affine: a per-channel scale and shift folded into each "
-        "block's last Conv/Gemm/MatMul (weight scales and bias) or normalization (QwT-v2), no added nodes or latency; "
-        "auto: per block, the fold where it removes at least --min-gain of the block's held-out error and 0.95 of "
-        "what a branch would, else the branch",
+        "branch: a linear branch beside each block (QwT); affine: a per-channel scale and shift of every quantized "
+        "Conv/Gemm/MatMul's output, fitted layer by layer to the FP32 model's and folded into its weight scales and bias "
+        "(QwT-v2), no added nodes or latency, written where held-out samples show a gain; auto: per block, a fold "
+        "into the block's last weighted op or normalization where it removes at least --min-gain of the block's held-out "
+        "error and 0.95 of what a branch would, else the branch, then the layer folds of affine on top",
     )
     fit_error: FitError = _option(
         FitError.AUTO,

@@ -93,6 +93,18 @@ class Report:
     # where QwT leaves some chosen outputs as PTQ has them: the others, which QwT against PTQ was decided on
     qwt_decided_on: list[str] = dataclasses.field(default_factory=list)
     qwt_applied: bool = False
+    # QwT-v2's layer folds, where tried (--compensation auto or affine): the quantized weighted ops a
+    # fold could compensate, those it brings closer to FP32, the samples they were fitted on, the folded
+    # model's held-out SQNR, its gain over the model before with the gain's 95% interval, a chosen
+    # output of several that they make worse beyond noise, and whether they were written
+    layer_fold_layers: int = 0
+    layer_folds: int = 0
+    layer_fold_samples: int = 0
+    sqnr_layer_folds_db: float | None = None
+    layer_folds_gain_db: float | None = None
+    layer_folds_interval_db: list[float] | None = None
+    layer_folds_worse: str = ""
+    layer_folds_written: bool = False
     fp32_parameters: int = 0
     added_parameters: int = 0
     seconds: float = 0.0
@@ -190,6 +202,8 @@ def format_summary(report: Report, source: str) -> str:
                 line += f"; beyond noise on {', '.join(report.qwt_outputs_gaining)}"
             line += ")"
         lines.append(line)
+    if report.layer_fold_layers:
+        lines.append(_layer_folds(report))
     if len(report.output_sqnr_ptq_db) > 1:
         chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"
         line = f"held-out SQNR per output ({chosen} decides): PTQ " + _scores(report.output_sqnr_ptq_db, None)
@@ -199,8 +213,8 @@ def format_summary(report: Report, source: str) -> str:
     if report.added_parameters:
         share = 100.0 * report.added_parameters / max(report.fp32_parameters, 1)
         lines.append(f"added parameters: {report.added_parameters:,} ({share:.1f}% of the FP32 model)")
-    written = "QwT" if report.qwt_applied else "PTQ"
-    lines.append(f"done in {report.seconds:.1f} s; wrote the {written} model to {report.output}")
+    written = ("QwT" if report.qwt_applied else "PTQ") + (" model with layer folds" if report.layer_folds_written else " model")
+    lines.append(f"done in {report.seconds:.1f} s; wrote the {written} to {report.output}")
     return "\n".join(lines)
 
 
@@ -284,6 +298,23 @@ def _percent(share: float) -> str:
     if 0 < share < 0.001 or 0.999 < share < 1:
         return "under 0.1%" if share < 0.5 else "over 99.9%"
     return f"{100 * share:.{1 if 0 < share < 0.01 or 0.99 < share < 1 else 0}f}%"
+
+
+def _layer_folds(report: Report) -> str:
+    line = (f"layer folds (QwT-v2: each quantized Conv/Gemm/MatMul's output scaled and shifted per channel, in its weight "
+            f"scales and bias), fitted on the first {report.layer_fold_samples} samples: {report.layer_folds} of "
+            f"{report.layer_fold_layers} layers")
+    if not report.layer_folds:
+        return f"{line} (none brought its output closer to FP32 on held-out samples)"
+    if report.layer_folds_gain_db is None:
+        return f"{line}: written (no held-out samples to judge the model by)"
+    before = "QwT" if report.qwt_applied else "PTQ"
+    line += f"; held-out SQNR {report.sqnr_layer_folds_db:.2f} dB, {report.layer_folds_gain_db:+.2f} dB over the {before} model"
+    if report.layer_folds_interval_db is not None:
+        line += " (95% interval {:+.2f} to {:+.2f} dB)".format(*report.layer_folds_interval_db)
+    if report.layer_folds_worse:
+        return f"{line}; not written: {report.layer_folds_worse} worse beyond noise"
+    return f"{line}: {'written' if report.layer_folds_written else 'not written'}"
 
 
 def _float_stem(report: Report) -> str:

@@ -214,21 +214,6 @@ def test_a_block_that_ends_in_a_float_weighted_op_says_so():
                       "(left float, or shared)")
 
 
-@pytest.mark.slow
-def test_affine_compensation_keeps_the_ptq_graph_and_tracks_fp32_closer_on_heldout_samples():
-    model = graphs.resnet(size=16)
-    calib = graphs.samples(model, 320, 0)
-    # the streams QwT's model keeps; each block's own error, whose folds and branches are measured here
-    options = dict(progress=False, residuals="float", fit_error="own", **graphs.SYSTEMATIC_ERROR)
-    ptq, _ = quantize_with_report(model, calib, qwt=False, **options)
-    folded, report = quantize_with_report(model, calib, compensation="affine", **options)
-    assert report.qwt_applied, report.warnings
-    assert report.sqnr_qwt_db > report.sqnr_ptq_db
-    kept = [b for b in report.blocks if b.kept]
-    assert kept and all(b.fold_site and b.parameters == 0 for b in kept)
-    assert sorted(n.op_type for n in folded.graph.node) == sorted(n.op_type for n in ptq.graph.node)
-
-
 @pytest.mark.parametrize("fold_gain, branch_gain, replaces", [
     (0.50, 0.52, True),  # nearly as much as the branch, and free
     (0.50, 0.54, False),  # the branch removes more than a twentieth more

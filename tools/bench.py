@@ -713,7 +713,10 @@ def _model_section(r: dict) -> list[str]:
         outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ beyond the noise of the held-out samples, so the PTQ model was written"
         weights = ", bias-corrected weights" if qwt.get("qwt_bias_corrected") else ""
         fitted = f"fitted on {qwt.get('qwt_method') or qwt['method']} calibration{weights}, {qwt.get('fit_samples', qwt['samples'])} samples"
-        lines += ["", f"QwT: {len(qwt['blocks'])} blocks, {fitted}{outcome}."]
+        gain = qwt.get("layer_folds_gain_db")
+        folds = (f" Layer folds (QwT-v2, step 7): {qwt['layer_folds']} of {qwt['layer_fold_layers']} layers, written"
+                 + (f" ({gain:+.2f} dB held out)." if gain is not None else ".") if qwt.get("layer_folds_written") else "")
+        lines += ["", f"QwT: {len(qwt['blocks'])} blocks, {fitted}{outcome}.{folds}"]
     return lines + _kernel_lines(r)
 
 

@@ -8,8 +8,9 @@ Per zoo model, on the same calibration and evaluation data, each quantizer in it
 qwt_onnx PTQ (``--no-qwt``, its default search); then QwT on that same PTQ model (the
 calibration method, bias correction, rounding, equalization and float stem its report chose, pinned, so
 that the three differ in the compensation alone) with ``--compensation branch`` (QwT's
-branches), ``affine`` (folds only: the PTQ graph's ops) and ``auto`` (the default: per block the
-fold where it removes nearly as much as the branch, else the branch). Scored on evaluation
+branches), ``affine`` (QwT-v2's folds into every quantized layer, written where held-out samples
+show a gain: the PTQ graph's ops) and ``auto`` (the default: per block the fold where it removes
+nearly as much as the branch, else the branch; then the layer folds on top). Scored on evaluation
 samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
 needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
 interleaved rounds (tools/speed.py), a model written twice timed once. Writes
@@ -71,10 +72,15 @@ def bench_model(name: str, samples: int, folder: str, log) -> dict:
             written = json.load(f)
         if key == "ptq":
             same_ptq = pinned(written)
+        layers = written.get("layer_folds_written", False)
         variants[key].update(applied=written["qwt_applied"], added_parameters=written["added_parameters"],
                              folds=sum(1 for b in written["blocks"] if b["kept"] and b["fold_site"]),
                              branches=sum(1 for b in written["blocks"] if b["kept"] and not b["fold_site"]),
-                             heldout_db=written["sqnr_qwt_db"] if written["qwt_applied"] else written["sqnr_ptq_db"])
+                             layer_folds=written.get("layer_folds", 0) if layers else 0,
+                             layer_folds_tried=written.get("layer_fold_layers", 0),
+                             layer_folds_gain_db=written.get("layer_folds_gain_db"),
+                             heldout_db=written["sqnr_layer_folds_db"] if layers else
+                             written["sqnr_qwt_db"] if written["qwt_applied"] else written["sqnr_ptq_db"])
     timed = {key: bench.Variant(key, paths[key], scores=variants[key]) for key in TIMED if "error" not in variants[key]}
     bench.measure_speed(timed, feeds, quick=False)
     return {"name": name, "metric": entry.metric_name, "fp32": bench.score(entry, reference, prepared.model, feeds, labels),
@@ -112,6 +118,9 @@ def markdown(results: list[dict]) -> str:
              "Targets (issue 15): `auto` at most 1.02× the PTQ model's latency at batch 1 and 16 and, on the "
              "transformers, within 0.2 dB of the branches-only model; folds only: the PTQ model's latency (1.02×, "
              "the noise of these timings) and fidelity above PTQ.", "",
+             "`affine` is QwT-v2's folds into every quantized layer since 2026-12-06 (README, How it works, step 7), "
+             "and `auto` writes them on top of its blocks' compensation; a row measured before then (its date in its "
+             "heading) has the block folds of step 6 alone in its `affine` row.", "",
              "How far to trust the latency columns: rows of one model written twice (QwT rejected: the PTQ model) are "
              "timed once and read 1.00 by construction. MiniLM's folds-only model has the PTQ model's ops and read "
              "0.96, 1.05 and then 1.02, 0.75 in two runs on 2026-12-04 (this project's shared 2-core machine); the "
@@ -128,7 +137,9 @@ def markdown(results: list[dict]) -> str:
                 continue
             written = ""
             if key in COMPENSATIONS:
-                written = f"QwT: {x['folds']} folds, {x['branches']} branches" if x["applied"] else "PTQ"
+                written = f"QwT: {x['folds']} block folds, {x['branches']} branches" if x["applied"] else "PTQ"
+                if x.get("layer_folds"):
+                    written += f", {x['layer_folds']} of {x['layer_folds_tried']} layers folded"
             held = f"{x['heldout_db']:.2f} dB" if x.get("heldout_db") is not None else ""
             params = f"{x['added_parameters']:,}" if "added_parameters" in x else ""
             latency = _latency(x, v["ptq"]) if key in TIMED else ""

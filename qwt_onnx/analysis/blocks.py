@@ -92,6 +92,8 @@ class Block:
     output: str
     channels_first: bool  # its weighted ops are convolutions: features on axis 1
     divisible: bool = False  # no linear branch maps it, and rule 7 would cut it into weighted units
+    # one weighted op, compensated where it computes its output: before the quantizer that may follow
+    layer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +250,18 @@ def find_blocks(model: ir.Model, granularity: Granularity = Granularity.LAYER, u
     found += _weighted_units(joins) if units else []
     position = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
     return _named_apart(sorted(found, key=lambda b: position.get(b.output, -1)))
+
+
+def weighted_layers(model: ir.Model) -> list[Block]:
+    """Every weighted op of ``model`` (a Conv, Gemm or MatMul with a constant weight), in graph
+    order, as a block of its own from its data input to its output: where QwT-v2 compensates a
+    quantized model, layer by layer."""
+    layers = [
+        Block(node.name or node.outputs[0].name, node.inputs[0].name, node.outputs[0].name,
+              node.op_type == "Conv", layer=True)
+        for node in model.graph if g.is_weighted(node)
+    ]
+    return _named_apart(layers)
 
 
 def _named_apart(blocks: list[Block]) -> list[Block]:

@@ -518,8 +518,9 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             fp_lead_in = ex.extract(fp, produced or feeds, [block.input], only_read=True) if whole_error else None
         # An output read only through Q/DQ is compensated after its DequantizeLinear (the
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
-        # block is judged there too.
-        output_view = g.quantized_only_view(q_values[block.output])
+        # block is judged there too; a layer's fold, before the quantizer, which rounds what
+        # any fold leaves and clips what none can mend.
+        output_view = None if block.layer else g.quantized_only_view(q_values[block.output])
         plan = BlockPlan(
             block,
             branch_input.name,
