@@ -50,7 +50,7 @@ class Residuals(Choice):
 
 
 class Compensation(Choice):
-    AUTO = "auto"  # per block: the fold where it removes --min-gain and nearly all a branch would, else the branch; then AFFINE
+    AUTO = "auto"  # per block: the fold where it removes --min-gain and nearly all a branch would, else the branch; else AFFINE
     BRANCH = "branch"  # QwT: a linear branch in parallel to each block
     AFFINE = "affine"  # QwT-v2's channel-wise affine, folded into every quantized weighted op: no new nodes
 
@@ -143,7 +143,8 @@ class Options:
         "Conv/Gemm/MatMul's output, fitted layer by layer to the FP32 model's and folded into its weight scales and bias "
         "(QwT-v2), no added nodes or latency, written where held-out samples show a gain; auto: per block, a fold "
         "into the block's last weighted op or normalization where it removes at least --min-gain of the block's held-out "
-        "error and 0.95 of what a branch would, else the branch, then the layer folds of affine on top",
+        "error and 0.95 of what a branch would, else the branch; where held-out samples keep none, the layer folds of "
+        "affine",
     )
     fit_error: FitError = _option(
         FitError.AUTO,

@@ -93,10 +93,10 @@ class Report:
     # where QwT leaves some chosen outputs as PTQ has them: the others, which QwT against PTQ was decided on
     qwt_decided_on: list[str] = dataclasses.field(default_factory=list)
     qwt_applied: bool = False
-    # QwT-v2's layer folds, where tried (--compensation auto or affine): the quantized weighted ops a
-    # fold could compensate, those it brings closer to FP32, the samples they were fitted on, the folded
-    # model's held-out SQNR, its gain over the model before with the gain's 95% interval, a chosen
-    # output of several that they make worse beyond noise, and whether they were written
+    # QwT-v2's layer folds, where tried (--compensation affine, or auto where no block's compensation is
+    # written): the quantized weighted ops a fold could compensate, those it brings closer to FP32, the
+    # samples they were fitted on, the folded model's held-out SQNR, its gain over the PTQ model with the
+    # gain's 95% interval, chosen outputs of several that they make worse beyond noise, and whether written
     layer_fold_layers: int = 0
     layer_folds: int = 0
     layer_fold_samples: int = 0
@@ -308,8 +308,7 @@ def _layer_folds(report: Report) -> str:
         return f"{line} (none brought its output closer to FP32 on held-out samples)"
     if report.layer_folds_gain_db is None:
         return f"{line}: written (no held-out samples to judge the model by)"
-    before = "QwT" if report.qwt_applied else "PTQ"
-    line += f"; held-out SQNR {report.sqnr_layer_folds_db:.2f} dB, {report.layer_folds_gain_db:+.2f} dB over the {before} model"
+    line += f"; held-out SQNR {report.sqnr_layer_folds_db:.2f} dB, {report.layer_folds_gain_db:+.2f} dB over the PTQ model"
     if report.layer_folds_interval_db is not None:
         line += " (95% interval {:+.2f} to {:+.2f} dB)".format(*report.layer_folds_interval_db)
     if report.layer_folds_worse:

@@ -242,6 +242,7 @@ def test_auto_compensation_writes_a_fold_where_it_suffices_and_a_branch_elsewher
     assert [name for name, b in kept.items() if b.fold_site] == ["/layer2", "/layer3"]
     assert kept["/layer1"].fold_site is None and kept["/layer1"].parameters > 0
     assert "the fold would remove about 10%" in kept["/layer1"].note
+    assert report.layer_fold_layers == 0  # folded after the branches, the layers' corrections would count twice
     assert all("a branch would remove" in kept[name].note for name in ("/layer2", "/layer3"))
     added = collections.Counter(n.op_type for n in written.graph.node) - collections.Counter(n.op_type for n in ptq.graph.node)
     branch_nodes = [n for n in written.graph.node if n.name.startswith("qwt/")]

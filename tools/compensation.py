@@ -10,7 +10,7 @@ calibration method, bias correction, rounding, equalization and float stem its r
 that the three differ in the compensation alone) with ``--compensation branch`` (QwT's
 branches), ``affine`` (QwT-v2's folds into every quantized layer, written where held-out samples
 show a gain: the PTQ graph's ops) and ``auto`` (the default: per block the fold where it removes
-nearly as much as the branch, else the branch; then the layer folds on top). Scored on evaluation
+nearly as much as the branch, else the branch; where no block keeps either, the layer folds). Scored on evaluation
 samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
 needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
 interleaved rounds (tools/speed.py), a model written twice timed once. Writes
@@ -119,8 +119,10 @@ def markdown(results: list[dict]) -> str:
              "transformers, within 0.2 dB of the branches-only model; folds only: the PTQ model's latency (1.02×, "
              "the noise of these timings) and fidelity above PTQ.", "",
              "`affine` is QwT-v2's folds into every quantized layer since 2026-12-06 (README, How it works, step 7), "
-             "and `auto` writes them on top of its blocks' compensation; a row measured before then (its date in its "
-             "heading) has the block folds of step 6 alone in its `affine` row.", "",
+             "and `auto` tries them where it writes no block's compensation; a row measured before then (its date in its "
+             "heading) has the block folds of step 6 alone in its `affine` row. The `auto` rows of 2026-12-06 were "
+             "measured while `auto` also tried the folds on top of branches (written on none): where it wrote branches, "
+             "their time includes that capture.", "",
              "How far to trust the latency columns: rows of one model written twice (QwT rejected: the PTQ model) are "
              "timed once and read 1.00 by construction. MiniLM's folds-only model has the PTQ model's ops and read "
              "0.96, 1.05 and then 1.02, 0.75 in two runs on 2026-12-04 (this project's shared 2-core machine); the "
