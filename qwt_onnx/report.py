@@ -213,7 +213,7 @@ def format_summary(report: Report, source: str) -> str:
     if report.added_parameters:
         share = 100.0 * report.added_parameters / max(report.fp32_parameters, 1)
         lines.append(f"added parameters: {report.added_parameters:,} ({share:.1f}% of the FP32 model)")
-    written = ("QwT" if report.qwt_applied else "PTQ") + (" model with layer folds" if report.layer_folds_written else " model")
+    written = "QwT model" if report.qwt_applied else "PTQ model with layer folds" if report.layer_folds_written else "PTQ model"
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} to {report.output}")
     return "\n".join(lines)
 
