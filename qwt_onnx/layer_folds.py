@@ -72,7 +72,7 @@ def fold_layers(run: Run, model: ir.Model, float_model: ir.Model, before: Score 
         return dataclasses.replace(found, written=True)
     new, old = metrics.where_they_differ(score, before)
     gain, interval = metrics.db_gain(new.db, old.db), metrics.gain_interval(new, old)
-    worse = [name for name, (_, high) in metrics.output_gain_intervals(score, before).items() if high < 0.0]
+    worse = metrics.outputs_worse(score, before)
     return dataclasses.replace(found, gain_db=gain, interval_db=interval, worse=", ".join(worse),
                                written=gain > 0.0 and not worse)
 

@@ -260,8 +260,7 @@ def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[
             "branches; writing the PTQ model"
         )
         return False
-    worse = {name: (low, high) for name, (low, high) in metrics.output_gain_intervals(compensation.score, ptq.score).items()
-             if high < 0.0}
+    worse = metrics.outputs_worse(compensation.score, ptq.score)
     if worse:  # the worst output gained, another lost beyond noise: a detector's boxes for its objectness
         name, (low, high) = min(worse.items(), key=lambda item: item[1][1])
         run.warnings.warn(

@@ -99,6 +99,12 @@ def output_gain_intervals(new: Score, old: Score, confidence: float = 0.95,
     return {name: _interval(gains[k], confidence) for k, name in enumerate(names) if np.all(np.isfinite(gains[k]))}
 
 
+def outputs_worse(new: Score, old: Score) -> dict[str, tuple[float, float]]:
+    """The chosen outputs that ``new`` makes worse than ``old`` beyond noise (the upper end of
+    their gain's 95% interval below zero), with those intervals."""
+    return {name: (low, high) for name, (low, high) in output_gain_intervals(new, old).items() if high < 0.0}
+
+
 def _bootstrap_db(new: Score, old: Score, resamples: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """The chosen outputs both scores have, and per output (rows) and bootstrap draw (columns)
     the dB of ``new`` and of ``old`` on the same draws; None where they cannot be paired."""

@@ -148,11 +148,10 @@ def _written_as_add(node: ir.Node) -> bool:
         return False
     if node.attributes.get_float("beta", 0.5) == 0:  # nothing to add: a rescaling, which no integer kernel runs
         return False
-    dq, output = g.dequantizer(node.inputs[0]), node.outputs[0]
+    dq, q = g.dequantizer(node.inputs[0]), g.only_reader(node.outputs[0])
     read = _per_tensor(dq) if dq is not None else None
-    if read is None or output.is_graph_output() or len(output.uses()) != 1:
+    if read is None or q is None:
         return False
-    q = output.uses()[0][0]
     params = g.quantizer_params(q) if q.op_type == "QuantizeLinear" else None
     if params is None or params.dtype != read[2]:  # onnxruntime adds two tensors of one type
         return False
