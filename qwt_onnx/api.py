@@ -6,15 +6,16 @@
    held-out samples, then decide bias correction, rounding, equalization and a float stem on
    the best one the same way (:mod:`qwt_onnx.ptq`); or take the user's QDQ model;
 4. find the residual / transformer blocks;
-5. fit one compensation branch per block on the best PTQ model's quantized stream and splice
-   the branches in: first on the first samples (with bias correction either way), then on
-   all of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
-6. write the QwT model where it beats the best PTQ model on held-out samples, else that one,
-   its residual streams, SiLUs and hard-swishes quantized for every reader unless held-out samples show that
-   costing fidelity (``--residuals auto``);
-7. where the PTQ model is written, fold a channel-wise affine into each of its quantized weighted
-   ops, layer by layer, where held-out samples show the model gaining by them (QwT-v2,
-   :mod:`qwt_onnx.layer_folds`).
+5. fold a channel-wise affine into each quantized weighted op of the best PTQ model, layer by
+   layer, where held-out samples show the model gaining by them (QwT-v2, :mod:`qwt_onnx.layer_folds`;
+   ``--compensation auto`` and ``affine``);
+6. fit one compensation per block on that model's quantized stream and splice it in: first on
+   the first samples (with bias correction either way, where no layer is folded), then on all
+   of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
+7. write the QwT model where it beats the model without it on held-out samples (by at least
+   1 dB with ``--compensation auto``: branches cost latency), else that one, its residual
+   streams, SiLUs and hard-swishes quantized for every reader unless held-out samples show that
+   costing fidelity (``--residuals auto``).
 
 Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
 the end.
@@ -58,6 +59,8 @@ from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHar
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.ptq import GIVEN, Candidate, best_candidate, given_candidate, int8_residuals_pay, ptq_candidates
 from qwt_onnx.qwt import (
+    AUTO_MIN_BRANCH_GAIN_DB,
+    MIN_QWT_GAIN_DB,
     Compensation,
     Selection,
     beats,
@@ -141,26 +144,28 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     candidates = given_candidate(run, given) if given is not None else ptq_candidates(run)
     ptq = best_candidate(candidates)
     candidates = [c if c is ptq else dataclasses.replace(c, other_correction=None) for c in candidates]  # only PTQ's is tried
+    folds, base = None, ptq  # base: the model QwT's branches are fitted on and measured against
+    if options.qwt and options.compensation != CompensationKind.BRANCH:
+        folds, streams = _fold_layers(run, ptq)
+        if folds.written:
+            candidates, ptq = [streams if c is ptq else c for c in candidates], streams
+            base = dataclasses.replace(streams, model=folds.model, score=folds.score, layer_folds=folds.folded,
+                                       other_correction=None, int8_residuals_variant=None)
     selection, compensation = Selection(), None
     if found:
-        selection, compensation = compensate(run, ptq, found)
-    gain_interval = qwt_gain_interval(compensation, ptq)
-    applied = compensation is not None and compensation.model is not None and beats(run, compensation, ptq, gain_interval)
-    on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found) if applied
-                                                else (None, None))
-    if on_int8_streams is not None or (not applied and int8_residuals_pay(ptq)):
+        selection, compensation = compensate(run, base, found)
+    gain_interval = qwt_gain_interval(compensation, base)
+    min_gain = AUTO_MIN_BRANCH_GAIN_DB if options.compensation == CompensationKind.AUTO else MIN_QWT_GAIN_DB
+    applied = (compensation is not None and compensation.model is not None
+               and beats(run, compensation, base, gain_interval, min_gain))
+    on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found, min_gain)
+                                                if applied else (None, None))
+    if on_int8_streams is not None or (not applied and int8_residuals_pay(ptq)):  # only where base is ptq
         candidates = [ptq.int8_residuals_variant if c is ptq else c for c in candidates]
-        ptq = ptq.int8_residuals_variant
+        ptq = base = ptq.int8_residuals_variant
     if on_int8_streams is not None:
         compensation, gain_interval = on_int8_streams, qwt_gain_interval(on_int8_streams, ptq)
-    written = compensation.model if applied else ptq.model
-    folds = None
-    # Not after QwT's compensation: each block's was fitted to what the layers inside it leave, and
-    # folded after it those layers' corrections count twice (ViT-S -2.74 dB held out, an unseen
-    # PicoDet layout detector -1.52; on YOLOv8n, MiniLM and Silero VAD the folds were not written)
-    if options.qwt and options.compensation != CompensationKind.BRANCH and not applied:
-        folds = fold_layers(run, written, ptq.float_model or run.fp, ptq.score, exact=ptq.method != GIVEN)
-        written = folds.model if folds.written else written
+    written = compensation.model if applied else base.model
     for name in exposed:  # scored, not the user's
         written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
     if fp.meta.get("fixed_batch"):  # the user's interface: fed that many samples at a time
@@ -183,6 +188,17 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         with open(report, "w") as f:
             f.write(result.to_json())
     return proto, result
+
+
+def _fold_layers(run: Run, ptq: Candidate) -> tuple[LayerFolds, Candidate]:
+    """The layer folds fitted on the PTQ model as it would be written without QwT (its residual
+    streams decided), and that model. They are fitted before QwT's branches, which are then
+    fitted to what the folds leave: the other way round each layer's correction counts twice,
+    the branches having been fitted to what the layers inside their blocks left (ViT-S -2.74 dB
+    held out, an unseen PicoDet layout detector -1.52)."""
+    streams = ptq.int8_residuals_variant if int8_residuals_pay(ptq) else ptq
+    folds = fold_layers(run, streams.model, streams.float_model or run.fp, streams.score, exact=ptq.method != GIVEN)
+    return folds, streams
 
 
 def _warn_of_few_heldout_samples(run: Run, given: bool) -> None:
@@ -258,6 +274,7 @@ def _layer_folds(folds: LayerFolds) -> dict:
         layer_folds_gain_db=folds.gain_db, layer_folds_interval_db=list(folds.interval_db) if folds.interval_db else None,
         layer_folds_worse=folds.worse, layer_folds_written=folds.written,
         sqnr_layer_folds_db=folds.score.db if folds.score is not None else None,
+        output_sqnr_layer_folds_db=dict(folds.score.outputs_db) if folds.score is not None else {},
     )
 
 
@@ -331,6 +348,7 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         qwt_int8_residuals_gain_db=qwt_int8_residuals_gain,
         qwt_applied=applied,
         **(_layer_folds(folds) if folds is not None else {}),
+        qwt_on_layer_folds=compensation is not None and folds is not None and folds.written,
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,
         seconds=time.perf_counter() - started,

@@ -1,4 +1,4 @@
-"""Step 7: QwT-v2's channel-wise affine at every quantized layer, folded into its weights.
+"""Step 5: QwT-v2's channel-wise affine at every quantized layer, folded into its weights.
 
 QwT-v2 (arXiv 2505.20932) compensates a quantized model layer by layer: each quantized
 Conv, Gemm or MatMul's output ``z`` becomes ``a ⊙ z + b``, one scale and one shift per
@@ -25,6 +25,7 @@ from qwt_onnx.analysis import capture
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.metrics import Score
+from qwt_onnx.options import Target
 from qwt_onnx.passes import affine
 from qwt_onnx.run import Run
 
@@ -65,7 +66,7 @@ def fold_layers(run: Run, model: ir.Model, float_model: ir.Model, before: Score 
     if not folds:
         return LayerFolds(None, len(layers), 0, calib.num_samples)
     folded = model.clone()
-    affine.FoldAffinePass(folds)(folded)
+    affine.FoldAffinePass(folds, int32_biases=run.options.target == Target.ORT)(folded)
     score = run.heldout_score(folded, "evaluating the layer folds")
     found = LayerFolds(folded, len(layers), len(folds), calib.num_samples, score)
     if score is None or before is None:  # nothing held out to judge by: the folds' own held-out errors decided

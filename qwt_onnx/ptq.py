@@ -74,6 +74,7 @@ class Candidate:
     # The same ranges with bias correction the other way, where both were built: which of the
     # two QwT compensates better is tried apart from which PTQ prefers.
     other_correction: Candidate | None = None
+    layer_folds: int = 0  # quantized weighted ops with a channel-wise affine folded in (qwt_onnx.layer_folds)
 
     @property
     def sqnr_db(self) -> float | None:

@@ -1,5 +1,6 @@
-"""Steps 5 and 6: QwT fitted on the best PTQ model's quantized stream, tried on the first samples,
-fitted on all where the trial says it can pay, and written where it beats PTQ on held-out samples."""
+"""Steps 6 and 7: QwT fitted on the quantized stream of the best PTQ model (with its layer folds,
+where written), tried on the first samples, fitted on all where the trial says it can pay, and
+written where it beats that model on held-out samples."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.affine import AffineFit
 from qwt_onnx.numerics.metrics import Score
-from qwt_onnx.options import FitError
+from qwt_onnx.options import FitError, Target
 from qwt_onnx.passes import affine, splice
 from qwt_onnx.ptq import GIVEN, Candidate, int8_streams_keep
 from qwt_onnx.report import BlockReport
@@ -38,6 +39,12 @@ OTHER_CORRECTION_REACH_DB = 0.5
 # The least held-out gain that pays for QwT's branches (a tenth of a dB is 2.3% of the error
 # energy): openWakeWord's mel spectrogram gained 0.004 dB, beyond noise, for 8,256 parameters.
 MIN_QWT_GAIN_DB = 0.1
+# The least held-out gain for which ``--compensation auto`` writes branches over the model without
+# them (the PTQ model, with its layer folds where those are written): a fifth of the error energy
+# left. Branches cost latency (1.06 to 1.22x the PTQ model at batch 1 on this project's CPU: ocr-det,
+# ocr-rec, YOLOv8n, Silero VAD), layer folds nothing; ``--compensation branch`` writes them from
+# MIN_QWT_GAIN_DB.
+AUTO_MIN_BRANCH_GAIN_DB = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +101,7 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Select
     if not selection.sqnr_db:
         run.warnings.warn(
             f"QwT kept no branch on the held-out samples of the first {selection.samples}; "
-            "not fitting it on all samples, writing the PTQ model"
+            f"not fitting it on all samples, writing {_without_branches(ptq)}"
         )
         return selection, selection.compensation
     if selection.compensation.samples == run.calib.num_samples:  # the trial saw every sample: it is the fit
@@ -103,13 +110,13 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Select
     if selection.cannot_pay:
         run.warnings.warn(
             f"QwT fitted on the first {selection.samples} samples {selection.cannot_pay}; not fitting it on all samples, "
-            "writing the PTQ model"
+            f"writing {_without_branches(ptq)}"
             + "".join(f" (not tried: QwT on {label})" for label in selection.untried)
         )
         return selection, dataclasses.replace(selection.compensation, model=None, score=None)
     compensation = _fit(run, chosen, found, run.calib, selection.whole_error)
     if compensation.model is None:
-        run.warnings.warn("QwT lowered the error of no block on held-out samples; writing the PTQ model")
+        run.warnings.warn(f"QwT lowered the error of no block on held-out samples; writing {_without_branches(ptq)}")
         return selection, compensation
     score = run.heldout_score(compensation.model, f"evaluating QwT ({chosen.method})")
     return selection, dataclasses.replace(compensation, score=score)
@@ -125,12 +132,13 @@ def _why_the_trial_cannot_pay(trial: Score, ptq: Candidate) -> str | None:
     gain, interval = shortfall
     if gain < MIN_QWT_GAIN_DB:
         return (
-            f"gains {gain:+.2f} dB over PTQ ({ptq.method}) on held-out samples, under the {MIN_QWT_GAIN_DB} dB a written "
-            "QwT needs (from trial to full fit a gain moved by -2.29 to +1.05 dB on the models measured)"
+            f"gains {gain:+.2f} dB over {_without_branches(ptq)} ({ptq.method}) on held-out samples, under the "
+            f"{MIN_QWT_GAIN_DB} dB a trial needs to be fitted on all samples "
+            "(from trial to full fit a gain moved by -2.29 to +1.05 dB on the models measured)"
         )
     return (
-        f"gains {gain:+.2f} dB over PTQ ({ptq.method}) on held-out samples, 95% interval {interval[0]:+.2f} to "
-        f"{interval[1]:+.2f} dB: all samples would not lift it clear of the noise"
+        f"gains {gain:+.2f} dB over {_without_branches(ptq)} ({ptq.method}) on held-out samples, 95% interval "
+        f"{interval[0]:+.2f} to {interval[1]:+.2f} dB: all samples would not lift it clear of the noise"
     )
 
 
@@ -228,9 +236,11 @@ def _trial_choice(scores: dict[str, Score], on_ptq: list[str], paying: list[str]
     return best if interval is None or interval[0] > 0.0 else ptq_best
 
 
-def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None) -> bool:
+def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None,
+          min_gain: float = MIN_QWT_GAIN_DB) -> bool:
     """The QwT model is written only where held-out samples show that it tracks FP32 better than
-    the best PTQ model: its gain at least :data:`MIN_QWT_GAIN_DB`, beyond noise (the lower end
+    the best PTQ model (``ptq``, with layer folds where auto wrote them): its gain at least
+    ``min_gain`` (:data:`MIN_QWT_GAIN_DB`, or :data:`AUTO_MIN_BRANCH_GAIN_DB`), beyond noise (the lower end
     of the gain's 95% interval above zero) where it can be told, or else on some chosen output
     of several, and no chosen output worse beyond noise. Branches cost latency and parameters,
     and a gain within the noise of the scoring samples did not pay for them on unseen models (a
@@ -244,20 +254,22 @@ def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[
     if gain <= 0.0:
         run.warnings.warn(
             f"QwT ({compensation.method}) reaches {qwt_score.db:.2f} dB on held-out samples, no better than "
-            f"PTQ ({ptq.method}) at {ptq_score.db:.2f} dB; writing the PTQ model"
+            f"{_without_branches(ptq)} ({ptq.method}) at {ptq_score.db:.2f} dB; writing {_without_branches(ptq)}"
         )
         return False
     if interval is not None and interval[0] <= 0.0 and not outputs_gaining(compensation, ptq):
         run.warnings.warn(
-            f"QwT's held-out gain over PTQ, {gain:+.2f} dB, is within the noise of its {int(run.calib.scoring_mask.sum())} "
-            f"scoring samples (95% interval {interval[0]:+.2f} to {interval[1]:+.2f} dB); writing the PTQ model, which "
+            f"QwT's held-out gain over {_without_branches(ptq)}, {gain:+.2f} dB, is within the noise of its "
+            f"{int(run.calib.scoring_mask.sum())} scoring samples (95% interval {interval[0]:+.2f} to {interval[1]:+.2f} dB); "
+            f"writing {_without_branches(ptq)}, which "
             "needs no branches: more calibration samples would settle it"
         )
         return False
-    if gain < MIN_QWT_GAIN_DB:
+    if gain < min_gain:
+        cheaper = f" (--compensation branch writes them from {MIN_QWT_GAIN_DB} dB)" if min_gain > MIN_QWT_GAIN_DB else ""
         run.warnings.warn(
-            f"QwT's held-out gain over PTQ, {gain:+.3f} dB, is under {MIN_QWT_GAIN_DB} dB, too little to pay for its "
-            "branches; writing the PTQ model"
+            f"QwT's held-out gain over {_without_branches(ptq)}, {gain:+.3f} dB, is under {min_gain} dB, too little to pay "
+            f"for its branches{cheaper}; writing {_without_branches(ptq)}"
         )
         return False
     worse = metrics.outputs_worse(compensation.score, ptq.score)
@@ -266,10 +278,15 @@ def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[
         run.warnings.warn(
             f"QwT lifts the worst output but makes {name} worse on held-out samples: "
             f"{ptq.score.outputs_db[name]:.2f} -> {compensation.score.outputs_db[name]:.2f} dB (95% interval {low:+.2f} "
-            f"to {high:+.2f} dB); writing the PTQ model"
+            f"to {high:+.2f} dB); writing {_without_branches(ptq)}"
         )
         return False
     return True
+
+
+def _without_branches(ptq: Candidate) -> str:
+    """What is written where QwT's branches are not: the PTQ model, with its layer folds where auto wrote them."""
+    return "the PTQ model with layer folds" if ptq.layer_folds else "the PTQ model"
 
 
 def outputs_gaining(compensation: Compensation | None, ptq: Candidate) -> list[str]:
@@ -281,12 +298,12 @@ def outputs_gaining(compensation: Compensation | None, ptq: Candidate) -> list[s
     return sorted(name for name, (low, _) in intervals.items() if low > 0.0) if len(intervals) > 1 else []
 
 
-def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensation,
-                         found: list[blk.Block]) -> tuple[Compensation | None, float | None]:
+def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensation, found: list[blk.Block],
+                        min_gain: float = MIN_QWT_GAIN_DB) -> tuple[Compensation | None, float | None]:
     """QwT fitted again on the PTQ model with its residual streams quantized for every reader
     (``--residuals auto`` built it), where that keeps QwT's gain: kept against QwT on float
     streams as the PTQ model's streams are (:func:`int8_streams_keep`), and still gaining at
-    least :data:`MIN_QWT_GAIN_DB` over the PTQ model it is fitted on. On YOLOv8n it kept
+    least ``min_gain`` (as :func:`beats` asks) over the PTQ model it is fitted on. On YOLOv8n it kept
     the gain (class scores 13.69 against 13.78 dB on the evaluation photos), its latency within
     this machine's noise of QwT on float streams (its two Adds are little of its time); on a small
     ResNet the quantized sums rounded the corrections off (2.6 -> 1.6 dB). Also its held-out gain
@@ -300,7 +317,7 @@ def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensati
     fitted = dataclasses.replace(fitted, score=run.heldout_score(fitted.model, "evaluating QwT on int8 residual streams"))
     gain = metrics.db_gain(fitted.sqnr_db, compensation.sqnr_db)
     keeps = int8_streams_keep(gain, fitted.score, compensation.score)
-    return (fitted if keeps and metrics.db_gain(fitted.sqnr_db, variant.sqnr_db) >= MIN_QWT_GAIN_DB else None), gain
+    return (fitted if keeps and metrics.db_gain(fitted.sqnr_db, variant.sqnr_db) >= min_gain else None), gain
 
 
 def decided_on(compensation: Compensation | None, ptq: Candidate) -> list[str]:
@@ -349,7 +366,8 @@ def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: Calibrat
         return Compensation(candidate.method, None, reports, calib.num_samples, bias_corrected=candidate.bias_corrected,
                             whole_error=whole_error)
     compensated = candidate.model.clone()
-    passes = ([affine.FoldAffinePass(folds)] if folds else []) + ([splice.SpliceCompensationPass(branches)] if branches else [])
+    passes = [affine.FoldAffinePass(folds, int32_biases=run.options.target == Target.ORT)] if folds else []
+    passes += [splice.SpliceCompensationPass(branches)] if branches else []
     ir.passes.PassManager([*passes, TopologicalSortPass()])(compensated)
     return Compensation(candidate.method, compensated, reports, calib.num_samples, bias_corrected=candidate.bias_corrected,
                         whole_error=whole_error)

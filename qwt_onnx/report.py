@@ -87,16 +87,17 @@ class Report:
     output_parts: list[str] = dataclasses.field(default_factory=list)
     output_sqnr_ptq_db: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out, per output
     output_sqnr_qwt_db: dict[str, float] = dataclasses.field(default_factory=dict)
-    qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain over PTQ
+    qwt_gain_interval_db: list[float] | None = None  # 95% paired-bootstrap interval of QwT's held-out gain (on PTQ or its folds)
     qwt_outputs_gaining: list[str] = dataclasses.field(default_factory=list)  # of several, those gaining beyond noise
     qwt_int8_residuals_gain_db: float | None = None  # QwT refitted on int8 residual streams, against float ones, held out
     # where QwT leaves some chosen outputs as PTQ has them: the others, which QwT against PTQ was decided on
     qwt_decided_on: list[str] = dataclasses.field(default_factory=list)
     qwt_applied: bool = False
-    # QwT-v2's layer folds, where tried (--compensation affine, or auto where no block's compensation is
-    # written): the quantized weighted ops a fold could compensate, those it brings closer to FP32, the
-    # samples they were fitted on, the folded model's held-out SQNR, its gain over the PTQ model with the
-    # gain's 95% interval, chosen outputs of several that they make worse beyond noise, and whether written
+    # QwT-v2's layer folds, where tried (--compensation affine or auto, before QwT's branches): the
+    # quantized weighted ops a fold could compensate, those it brings closer to FP32, the samples they
+    # were fitted on, the folded model's held-out SQNR (and per output), its gain over the PTQ model with
+    # the gain's 95% interval, chosen outputs of several that they make worse beyond noise, whether
+    # written, and whether QwT's branches were fitted on the folded model (and its gain is over that)
     layer_fold_layers: int = 0
     layer_folds: int = 0
     layer_fold_samples: int = 0
@@ -105,12 +106,26 @@ class Report:
     layer_folds_interval_db: list[float] | None = None
     layer_folds_worse: str = ""
     layer_folds_written: bool = False
+    output_sqnr_layer_folds_db: dict[str, float] = dataclasses.field(default_factory=dict)
+    qwt_on_layer_folds: bool = False
     fp32_parameters: int = 0
     added_parameters: int = 0
     seconds: float = 0.0
     output: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     options: dict = dataclasses.field(default_factory=dict)  # every option of the run, defaults resolved
+
+    @property
+    def compensated(self) -> bool:
+        """Whether the written model is compensated: QwT's branches or folds, or the layer folds."""
+        return self.qwt_applied or self.layer_folds_written
+
+    @property
+    def sqnr_written_db(self) -> float | None:
+        """The written model's held-out SQNR."""
+        if self.qwt_applied:
+            return self.sqnr_qwt_db
+        return self.sqnr_layer_folds_db if self.layer_folds_written else self.sqnr_ptq_db
 
     def to_json(self) -> str:
         """Strict JSON: a figure that is not finite (the SQNR of an exact output) is ``null``."""
@@ -190,11 +205,15 @@ def format_summary(report: Report, source: str) -> str:
             lines.append(f"  {k:>2}  {name:<40} {r2} {change} {gain}  {kept} {b.note}".rstrip())
     if report.sqnr_ptq_db is not None:
         line = f"held-out output SQNR: PTQ ({report.ptq_method}) {report.sqnr_ptq_db:.2f} dB"
+        before, before_outputs, over = report.sqnr_ptq_db, report.output_sqnr_ptq_db, ""
+        if report.qwt_on_layer_folds:  # QwT's branches were fitted on the folded model, and measured against it
+            line += f" -> with layer folds {report.sqnr_layer_folds_db:.2f} dB"
+            before, before_outputs, over = report.sqnr_layer_folds_db, report.output_sqnr_layer_folds_db, " over the layer folds"
         if report.qwt_applied and report.sqnr_qwt_db is not None:
-            line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - report.sqnr_ptq_db:+.2f} dB"
+            line += f" -> QwT ({report.method}) {report.sqnr_qwt_db:.2f} dB ({report.sqnr_qwt_db - before:+.2f} dB{over}"
             if report.qwt_decided_on:  # the worst output is the same in both: the gain is that of the outputs QwT changes
                 decided = report.qwt_decided_on
-                gain = min(report.output_sqnr_qwt_db[n] for n in decided) - min(report.output_sqnr_ptq_db[n] for n in decided)
+                gain = min(report.output_sqnr_qwt_db[n] for n in decided) - min(before_outputs[n] for n in decided)
                 line += f"; {gain:+.2f} dB on {', '.join(decided)}, the outputs it changes"
             if report.qwt_gain_interval_db is not None:
                 line += ", 95% interval {:+.2f} to {:+.2f} dB".format(*report.qwt_gain_interval_db)
@@ -207,13 +226,17 @@ def format_summary(report: Report, source: str) -> str:
     if len(report.output_sqnr_ptq_db) > 1:
         chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"
         line = f"held-out SQNR per output ({chosen} decides): PTQ " + _scores(report.output_sqnr_ptq_db, None)
+        if report.output_sqnr_layer_folds_db and report.layer_folds_written:
+            line += "; with layer folds " + _scores(report.output_sqnr_layer_folds_db, None)
         if report.output_sqnr_qwt_db:
             line += "; QwT " + _scores(report.output_sqnr_qwt_db, None)
         lines.append(line)
     if report.added_parameters:
         share = 100.0 * report.added_parameters / max(report.fp32_parameters, 1)
         lines.append(f"added parameters: {report.added_parameters:,} ({share:.1f}% of the FP32 model)")
-    written = "QwT model" if report.qwt_applied else "PTQ model with layer folds" if report.layer_folds_written else "PTQ model"
+    folded = "PTQ model with layer folds" if report.layer_folds_written else "PTQ model"
+    on_folds = f" (its branches on the {folded})" if report.qwt_on_layer_folds else ""
+    written = f"QwT model{on_folds}" if report.qwt_applied else folded
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} to {report.output}")
     return "\n".join(lines)
 

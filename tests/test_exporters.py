@@ -45,7 +45,8 @@ def test_blocks_of_exported_graphs(name):
 def test_exported_graphs_quantize_end_to_end(name):
     path = os.path.join(DATA, f"{name}.onnx")
     # random weights: GPTQ rounding would leave QwT little to fit (see graphs.SYSTEMATIC_ERROR)
-    quantized, report = quantize_with_report(path, _images(96, seed=1), calib_method="entropy", progress=False, rounding="nearest")
+    quantized, report = quantize_with_report(path, _images(96, seed=1), calib_method="entropy", rounding="nearest",
+                                             compensation="branch", progress=False)
     onnx.checker.check_model(quantized)
     assert report.qwt_applied
     test = _images(5, seed=2)

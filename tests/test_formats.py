@@ -37,7 +37,8 @@ def test_weights_in_constant_nodes_are_quantized_per_channel_and_compensated():
     assert not model.graph.initializer
     calib = graphs.samples(model, 96, seed=1)
     ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
-    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", compensation="branch", progress=False,
+                                       **graphs.SYSTEMATIC_ERROR)
     dequantizers = _weight_dequantizers(qwt)
     assert len(dequantizers) == 9  # eight Convs and the Gemm
     inits = {t.name: numpy_helper.to_array(t) for t in qwt.graph.initializer}
@@ -81,7 +82,8 @@ def test_external_data_is_read_and_written_and_the_input_is_untouched(tmp_path, 
     out = tmp_path / "out.onnx"
     monkeypatch.setattr(prepare, "EXTERNAL_DATA_THRESHOLD", 1024)  # force external data for this small model
     written, report = quantize_with_report(
-        source / "model.onnx", calib, out, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR
+        source / "model.onnx", calib, out, calib_method="percentile", compensation="branch", progress=False,
+        **graphs.SYSTEMATIC_ERROR
     )
     assert _digest(source) == before
     assert sorted(os.listdir(tmp_path)) == ["in", "out.onnx", "out.onnx.data"]  # no staging folder left behind
@@ -105,7 +107,8 @@ def test_opsets_13_to_21(opset):
     model = graphs.resnet(opset=opset)
     calib = graphs.samples(model, 64, seed=1)
     ptq = quantize(model, calib, qwt=False, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
-    qwt, report = quantize_with_report(model, calib, calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
+    qwt, report = quantize_with_report(model, calib, calib_method="percentile", compensation="branch", progress=False,
+                                       **graphs.SYSTEMATIC_ERROR)
     for quantized in (ptq, qwt):
         onnx.checker.check_model(quantized, full_check=True)
         assert next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")) == opset
@@ -153,7 +156,7 @@ def test_batches_shrink_until_a_batch_of_the_largest_activation_fits_the_memory_
     sizes, batches = [], CalibrationSet.batches
     monkeypatch.setattr(CalibrationSet, "batches", lambda self, size, *a, **k: sizes.append(size) or batches(self, size, *a, **k))
     with caplog.at_level(logging.INFO, logger="qwt_onnx"):
-        _, report = quantize_with_report(model, calib, progress=False, **graphs.SYSTEMATIC_ERROR)
+        _, report = quantize_with_report(model, calib, compensation="branch", progress=False, **graphs.SYSTEMATIC_ERROR)
     assert "using batches of 5" in caplog.text
     assert max(sizes) == 5 and sizes.count(5) > 10  # the observation, the evaluations and the capture
     assert report.qwt_applied and report.batch_size == 5 and "24 samples, 4 held out, 5 a batch)" in format_summary(report, "m")
@@ -249,7 +252,7 @@ def test_old_exports_that_list_their_weights_among_the_graph_inputs(opset):
     calib = graphs.samples(graphs.resnet(), 64, seed=1)
     options = dict(calib_method="percentile", progress=False, **graphs.SYSTEMATIC_ERROR)
     ptq = quantize(model, calib, qwt=False, **options)
-    qwt, report = quantize_with_report(model, calib, **options)
+    qwt, report = quantize_with_report(model, calib, compensation="branch", **options)
     assert model.SerializeToString() == before
     for quantized in (ptq, qwt):
         onnx.checker.check_model(quantized, full_check=True)

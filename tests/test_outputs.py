@@ -102,7 +102,8 @@ def test_qwt_that_lifts_the_worst_output_and_sinks_another_beyond_noise_is_not_w
     run = SimpleNamespace(warnings=warnings, calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
 
     def guard(new: metrics.Score) -> bool:
-        compensation, candidate = SimpleNamespace(score=new, method="minmax"), SimpleNamespace(score=ptq, method="minmax")
+        compensation = SimpleNamespace(score=new, method="minmax")
+        candidate = SimpleNamespace(score=ptq, method="minmax", layer_folds=0)
         return beats(run, compensation, candidate, metrics.gain_interval(new, ptq))
 
     assert not guard(qwt) and "makes boxes worse" in list(warnings)[-1]
@@ -129,7 +130,7 @@ def test_qwt_that_lifts_other_outputs_beyond_noise_is_written_though_the_worst_m
     assert qwt.db > ptq.db + MIN_QWT_GAIN_DB and low <= 0 < high
     assert metrics.output_gain_intervals(qwt, ptq)["landmarks"][0] > 5.0
     run = SimpleNamespace(warnings=Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(100, bool)))
-    compensation, candidate = SimpleNamespace(score=qwt, method="mse"), SimpleNamespace(score=ptq, method="mse")
+    compensation, candidate = SimpleNamespace(score=qwt, method="mse"), SimpleNamespace(score=ptq, method="mse", layer_folds=0)
     assert beats(run, compensation, candidate, (low, high)) and not list(run.warnings)
     assert outputs_gaining(compensation, candidate) == ["landmarks"]
     report = Report(target="ort", method="mse", samples=500, heldout_samples=100, qwt_applied=True, ptq_method="mse",
@@ -138,7 +139,7 @@ def test_qwt_that_lifts_other_outputs_beyond_noise_is_written_though_the_worst_m
     assert gain in format_summary(report, "m")
     alone = {"handedness": reference["handedness"]}  # the one output: its noise decides
     one = [metrics.score(alone, {"handedness": noisy(e, 0.0)["handedness"]}) for e in (fixed, errors)]
-    assert not beats(run, SimpleNamespace(score=one[0], method="mse"), SimpleNamespace(score=one[1], method="mse"),
+    assert not beats(run, SimpleNamespace(score=one[0], method="mse"), SimpleNamespace(score=one[1], method="mse", layer_folds=0),
                           metrics.gain_interval(*one))
 
 
@@ -223,7 +224,8 @@ def test_branches_checked_at_the_outputs_are_checked_on_the_chosen_part():
     model = _concatenated()
     calib = graphs.samples(model, 160, seed=1)
     _, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, check_outputs=True,
-                                     outputs="joined[:, :10]", progress=False, **graphs.SYSTEMATIC_ERROR)
+                                     outputs="joined[:, :10]", compensation="branch", progress=False,
+                                     **graphs.SYSTEMATIC_ERROR)
     checked = [b for b in report.blocks if b.output_gain_db is not None]
     assert checked and all(b.kept == (b.output_gain_db > 0) for b in checked)
     assert report.sqnr_ptq_db == report.output_sqnr_ptq_db["joined[:, :10]"]

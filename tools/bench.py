@@ -710,7 +710,9 @@ def _model_section(r: dict) -> list[str]:
         lines.append(f"| {LABELS[key]} | {why} |" + " |" * (len(columns) - 2))
     qwt = v["qwt"]["report"]
     if qwt:
-        outcome = "" if qwt["qwt_applied"] else "; QwT did not beat PTQ beyond the noise of the held-out samples, so the PTQ model was written"
+        without = "the PTQ model with layer folds" if qwt.get("layer_folds_written") else "the PTQ model"
+        outcome = "" if qwt["qwt_applied"] else (f"; QwT did not beat {without} by what a written QwT needs on the held-out "
+                                                 f"samples, so {without} was written")
         weights = ", bias-corrected weights" if qwt.get("qwt_bias_corrected") else ""
         fitted = f"fitted on {qwt.get('qwt_method') or qwt['method']} calibration{weights}, {qwt.get('fit_samples', qwt['samples'])} samples"
         gain = qwt.get("layer_folds_gain_db")

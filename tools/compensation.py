@@ -9,8 +9,9 @@ qwt_onnx PTQ (``--no-qwt``, its default search); then QwT on that same PTQ model
 calibration method, bias correction, rounding, equalization and float stem its report chose, pinned, so
 that the three differ in the compensation alone) with ``--compensation branch`` (QwT's
 branches), ``affine`` (QwT-v2's folds into every quantized layer, written where held-out samples
-show a gain: the PTQ graph's ops) and ``auto`` (the default: per block the fold where it removes
-nearly as much as the branch, else the branch; where no block keeps either, the layer folds). Scored on evaluation
+show a gain: the PTQ graph's ops) and ``auto`` (the default: the layer folds where they gain, then
+QwT's branches fitted to what they leave, per block the fold where it removes nearly as much as the
+branch, written where they gain at least 1 dB over the model without them). Scored on evaluation
 samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
 needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
 interleaved rounds (tools/speed.py), a model written twice timed once. Writes
@@ -79,8 +80,8 @@ def bench_model(name: str, samples: int, folder: str, log) -> dict:
                              layer_folds=written.get("layer_folds", 0) if layers else 0,
                              layer_folds_tried=written.get("layer_fold_layers", 0),
                              layer_folds_gain_db=written.get("layer_folds_gain_db"),
-                             heldout_db=written["sqnr_layer_folds_db"] if layers else
-                             written["sqnr_qwt_db"] if written["qwt_applied"] else written["sqnr_ptq_db"])
+                             heldout_db=written["sqnr_qwt_db"] if written["qwt_applied"] else
+                             written["sqnr_layer_folds_db"] if layers else written["sqnr_ptq_db"])
     timed = {key: bench.Variant(key, paths[key], scores=variants[key]) for key in TIMED if "error" not in variants[key]}
     bench.measure_speed(timed, feeds, quick=False)
     return {"name": name, "metric": entry.metric_name, "fp32": bench.score(entry, reference, prepared.model, feeds, labels),
@@ -118,16 +119,15 @@ def markdown(results: list[dict]) -> str:
              "Targets (issue 15): `auto` at most 1.02× the PTQ model's latency at batch 1 and 16 and, on the "
              "transformers, within 0.2 dB of the branches-only model; folds only: the PTQ model's latency (1.02×, "
              "the noise of these timings) and fidelity above PTQ.", "",
-             "`affine` is QwT-v2's folds into every quantized layer since 2026-12-06 (README, How it works, step 7), "
-             "and `auto` tries them where it writes no block's compensation; a row measured before then (its date in its "
-             "heading) has the block folds of step 6 alone in its `affine` row. The `auto` rows of 2026-12-06 were "
-             "measured while `auto` also tried the folds on top of branches (written on none): where it wrote branches, "
-             "their time includes that capture.", "",
+             "`affine` is QwT-v2's folds into every quantized layer (README, How it works, step 7); `auto` fits them "
+             "first and QwT's branches on what they leave, and writes branches only where they gain at least 1 dB over "
+             "the model without them (README, step 6).", "",
              "How far to trust the latency columns: rows of one model written twice (QwT rejected: the PTQ model) are "
              "timed once and read 1.00 by construction. MiniLM's folds-only model has the PTQ model's ops and read "
              "0.96, 1.05 and then 1.02, 0.75 in two runs on 2026-12-04 (this project's shared 2-core machine); the "
-             "same branches-only model of YOLOv8n read 1.47, 1.04 and then 1.04, 1.32. Differences of a few percent "
-             "are not resolved here.", ""]
+             "same branches-only model of YOLOv8n read 1.47, 1.04 and then 1.04, 1.32 (and 1.14, 1.07 on 2026-12-06, when "
+             "PP-OCRv6 rec's folds-only model read 0.86, 1.06 and MTCNN ONet's 0.99, 0.61). Differences of a few "
+             "percent are not resolved here.", ""]
     for r in results:
         v = r["variants"]
         lines += [*bench.model_heading(r), f"QwT rows on the PTQ model rebuilt with `{' '.join(r['pinned'])}`.", "",

@@ -72,7 +72,8 @@ class BranchOptions:
     see each branch as it will run; ``pair_safe`` as the portable weight range rounds them) or
     float ones; and the least share of its block's held-out error a branch must remove to be
     kept (each one costs latency). ``symmetric``: activations are quantized symmetrically
-    (TensorRT), where an int8 branch's output stays float. ``affine``: a channel-wise affine
+    (TensorRT), where an int8 branch's output stays float and a bias a fold adds to a Gemm too
+    (onnxruntime's QGemm takes one on int32, TensorRT a float one). ``affine``: a channel-wise affine
     folded into each block's last weighted op is tried; ``branches``: branches are tried; with
     both, each block gets the one that pays (the fold where it removes at least ``min_gain``
     of the block's held-out error and nearly as much as the branch, else the branch)."""
@@ -591,14 +592,15 @@ def _fit(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.nda
     if not options.affine:
         return _fit_block(stream, models, plan, heldout, options)
     if not options.branches:
-        return _fit_affine(stream, models, plan, heldout)
+        return _fit_affine(stream, models, plan, heldout, options)
     fold = _FoldCapture(models, plan, heldout) if models.fold_site is not None else None
     branch = _fit_block(stream, models, plan, heldout, options, fold)
-    return _paying(stream, models, branch, fold, options.min_gain)
+    return _paying(stream, models, branch, fold, options)
 
 
-def _paying(stream: _Stream, models: _BlockModels, branch: BlockResult, fold: _FoldCapture | None, min_gain: float) -> BlockResult:
-    """The fold, free at run time, where it removes at least ``min_gain`` of the block's held-out
+def _paying(stream: _Stream, models: _BlockModels, branch: BlockResult, fold: _FoldCapture | None,
+            options: BranchOptions) -> BlockResult:
+    """The fold, free at run time, where it removes at least ``options.min_gain`` of the block's held-out
     error and nearly as much as the branch would (all but :data:`rank.TOLERANCE` of it, as a
     low-rank branch must); else the branch, where it is kept. A fold is judged on its statistics
     first, and exactly as it runs only where those say it may be chosen."""
@@ -606,11 +608,12 @@ def _paying(stream: _Stream, models: _BlockModels, branch: BlockResult, fold: _F
     branch_gain = 1.0 - fit.error_ratio_heldout if fit is not None and not fit.not_finite else 0.0
 
     def suffices(fit: AffineFit) -> bool:
-        return fold_suffices(1.0 - fit.error_ratio_heldout, branch_gain, min_gain, rank.TOLERANCE)
+        return fold_suffices(1.0 - fit.error_ratio_heldout, branch_gain, options.min_gain, rank.TOLERANCE)
 
     affine, judged = fold.fit() if fold is not None else None, False
     if affine is not None and affine.kept and suffices(affine):
-        folded = _judge_fold(stream, models, branch.plan, fold, affine, BlockResult(branch.plan, input_range=branch.input_range))
+        folded = _judge_fold(stream, models, branch.plan, fold, affine, BlockResult(branch.plan, input_range=branch.input_range),
+                             options)
         if folded.affine is not None and suffices(folded.result):
             return dataclasses.replace(folded, skipped=f"a branch would remove {100 * branch_gain:.0f}%")
         affine = folded.result
@@ -730,7 +733,8 @@ class _FoldCapture:
         return fit_channel_affine(self.every.without(self.held), self.held) if self.every is not None else None
 
 
-def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray) -> BlockResult:
+def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray,
+                options: BranchOptions) -> BlockResult:
     """Capture the block, fit the channel-wise affine of its fold site's output, and judge the
     folded block on its exact held-out output."""
     block, site = plan.block, plan.fold_site
@@ -751,17 +755,17 @@ def _fit_affine(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout:
         return dataclasses.replace(result, skipped=fold.skipped) if fold is not None else result
     if not fit.kept:
         return dataclasses.replace(result, result=fit, skipped=f"not folded: {fit.reason}")
-    return _judge_fold(stream, models, plan, fold, fit, result)
+    return _judge_fold(stream, models, plan, fold, fit, result, options)
 
 
 def _judge_fold(stream: _Stream, models: _BlockModels, plan: BlockPlan, fold: _FoldCapture, fit: AffineFit,
-                result: BlockResult) -> BlockResult:
+                result: BlockResult, options: BranchOptions) -> BlockResult:
     """``result`` with the fold ``fit`` where the folded block, run exactly as written, gets
     closer to FP32 on held-out samples; its error ratio is that run's. The stream keeps the
     folded block's output."""
     affine = af.ChannelAffine(fold.site, fit.scale, fit.shift)
     folded = ir.serde.deserialize_model(models.q.proto)
-    af.FoldAffinePass([affine])(folded)
+    af.FoldAffinePass([affine], int32_biases=not options.symmetric)(folded)
     folded_run = Runner(ir.serde.serialize_model(folded))
     error, before = 0.0, 0.0  # of the folded and the unfolded block, exactly as they run, held out
     for i, batch, pool in stream.batches(f"folding into {plan.block.name}"):

@@ -6,8 +6,9 @@ channel (QwT-v2's CWAC). The op computes ``z = W x + c`` with ``W`` dequantized
 per output channel from int8, so ``a`` multiplies the weight's DequantizeLinear
 scale (the int8 weights stay as they are; a per-tensor scale becomes
 per-channel) and the bias becomes ``a ⊙ c + b``: a Conv's, ConvTranspose's or
-Gemm's own (given one where it has none; an int32 bias behind a
-DequantizeLinear keeps the accumulator's scale, multiplied by ``a`` too), or a
+Gemm's own (given one where it has none, to a quantized Gemm on int32 behind a
+DequantizeLinear as the Q/DQ pass gives one, unless the target takes float biases; an
+int32 bias keeps the accumulator's scale, multiplied by ``a`` too), or a
 MatMul's bias Add (an Add is added only where a MatMul has none). A block that
 ends in a normalization (post-LN transformers, a BatchNormalization left unfused)
 folds into its per-channel scale and shift instead: ``a ⊙ (γ ⊙ n + β) + b =
@@ -25,6 +26,7 @@ import onnx_ir as ir
 
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import quantization as qm
+from qwt_onnx.passes.qdq import int32_bias_dequantizer
 
 FOLDABLE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # Normalizations ending in a per-channel scale (input 1) and shift (input 2), and their channels' axis.
@@ -220,11 +222,14 @@ def _bias_of(node: ir.Node) -> ir.Value | None:
 
 
 class FoldAffinePass(ir.passes.InPlacePass):
-    """Fold each fitted :class:`ChannelAffine` into its op's weight scales and bias."""
+    """Fold each fitted :class:`ChannelAffine` into its op's weight scales and bias;
+    ``int32_biases``: a quantized Gemm given a bias gets it on int32 (onnxruntime fuses a QDQ
+    Gemm into QGemm only so; TensorRT takes a float one)."""
 
-    def __init__(self, folds: list[ChannelAffine]):
+    def __init__(self, folds: list[ChannelAffine], int32_biases: bool = True):
         super().__init__()
         self.folds = folds
+        self.int32_biases = int32_biases
 
     def requires(self, model: ir.Model) -> None:
         nodes = {n.name for n in model.graph}
@@ -244,6 +249,10 @@ class FoldAffinePass(ir.passes.InPlacePass):
                 continue
             _scale_weight(graph, names, node, scale)
             _shift_bias(graph, names, node, scale, shift)
+            if node.op_type == "Gemm" and self.int32_biases and g.dequantizer(node.inputs[2]) is None:
+                dq = int32_bias_dequantizer(graph, names, node)
+                if dq is not None:
+                    graph.insert_before(node, dq)
         return ir.passes.PassResult(model, modified=bool(self.folds))
 
 
