@@ -12,10 +12,9 @@
 6. fit one compensation per block on that model's quantized stream and splice it in: first on
    the first samples (with bias correction either way, where no layer is folded), then on all
    of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
-7. write the QwT model where it beats the model without it on held-out samples (by at least
-   1 dB with ``--compensation auto``: branches cost latency), else that one, its residual
-   streams, SiLUs and hard-swishes quantized for every reader unless held-out samples show that
-   costing fidelity (``--residuals auto``).
+7. write the QwT model where it beats the model without it on held-out samples, else that one,
+   its residual streams, SiLUs and hard-swishes quantized for every reader unless held-out
+   samples show that costing fidelity (``--residuals auto``).
 
 Each step returns plain data (models, scores, fits); the :class:`Report` is built from them at
 the end.
@@ -59,8 +58,6 @@ from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHar
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.ptq import GIVEN, Candidate, best_candidate, given_candidate, int8_residuals_pay, ptq_candidates
 from qwt_onnx.qwt import (
-    AUTO_MIN_BRANCH_GAIN_DB,
-    MIN_QWT_GAIN_DB,
     Compensation,
     Selection,
     beats,
@@ -155,11 +152,9 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if found:
         selection, compensation = compensate(run, base, found)
     gain_interval = qwt_gain_interval(compensation, base)
-    min_gain = AUTO_MIN_BRANCH_GAIN_DB if options.compensation == CompensationKind.AUTO else MIN_QWT_GAIN_DB
-    applied = (compensation is not None and compensation.model is not None
-               and beats(run, compensation, base, gain_interval, min_gain))
-    on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found, min_gain)
-                                                if applied else (None, None))
+    applied = compensation is not None and compensation.model is not None and beats(run, compensation, base, gain_interval)
+    on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found) if applied
+                                                else (None, None))
     if on_int8_streams is not None or (not applied and int8_residuals_pay(ptq)):  # only where base is ptq
         candidates = [ptq.int8_residuals_variant if c is ptq else c for c in candidates]
         ptq = base = ptq.int8_residuals_variant

@@ -39,12 +39,6 @@ OTHER_CORRECTION_REACH_DB = 0.5
 # The least held-out gain that pays for QwT's branches (a tenth of a dB is 2.3% of the error
 # energy): openWakeWord's mel spectrogram gained 0.004 dB, beyond noise, for 8,256 parameters.
 MIN_QWT_GAIN_DB = 0.1
-# The least held-out gain for which ``--compensation auto`` writes branches over the model without
-# them (the PTQ model, with its layer folds where those are written): a fifth of the error energy
-# left. Branches cost latency (1.06 to 1.22x the PTQ model at batch 1 on this project's CPU: ocr-det,
-# ocr-rec, YOLOv8n, Silero VAD), layer folds nothing; ``--compensation branch`` writes them from
-# MIN_QWT_GAIN_DB.
-AUTO_MIN_BRANCH_GAIN_DB = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,11 +230,10 @@ def _trial_choice(scores: dict[str, Score], on_ptq: list[str], paying: list[str]
     return best if interval is None or interval[0] > 0.0 else ptq_best
 
 
-def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None,
-          min_gain: float = MIN_QWT_GAIN_DB) -> bool:
+def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[float, float] | None) -> bool:
     """The QwT model is written only where held-out samples show that it tracks FP32 better than
     the best PTQ model (``ptq``, with layer folds where auto wrote them): its gain at least
-    ``min_gain`` (:data:`MIN_QWT_GAIN_DB`, or :data:`AUTO_MIN_BRANCH_GAIN_DB`), beyond noise (the lower end
+    :data:`MIN_QWT_GAIN_DB`, beyond noise (the lower end
     of the gain's 95% interval above zero) where it can be told, or else on some chosen output
     of several, and no chosen output worse beyond noise. Branches cost latency and parameters,
     and a gain within the noise of the scoring samples did not pay for them on unseen models (a
@@ -265,11 +258,10 @@ def beats(run: Run, compensation: Compensation, ptq: Candidate, interval: tuple[
             "needs no branches: more calibration samples would settle it"
         )
         return False
-    if gain < min_gain:
-        cheaper = f" (--compensation branch writes them from {MIN_QWT_GAIN_DB} dB)" if min_gain > MIN_QWT_GAIN_DB else ""
+    if gain < MIN_QWT_GAIN_DB:
         run.warnings.warn(
-            f"QwT's held-out gain over {_without_branches(ptq)}, {gain:+.3f} dB, is under {min_gain} dB, too little to pay "
-            f"for its branches{cheaper}; writing {_without_branches(ptq)}"
+            f"QwT's held-out gain over {_without_branches(ptq)}, {gain:+.3f} dB, is under {MIN_QWT_GAIN_DB} dB, too little "
+            f"to pay for its branches; writing {_without_branches(ptq)}"
         )
         return False
     worse = metrics.outputs_worse(compensation.score, ptq.score)
@@ -298,12 +290,12 @@ def outputs_gaining(compensation: Compensation | None, ptq: Candidate) -> list[s
     return sorted(name for name, (low, _) in intervals.items() if low > 0.0) if len(intervals) > 1 else []
 
 
-def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensation, found: list[blk.Block],
-                        min_gain: float = MIN_QWT_GAIN_DB) -> tuple[Compensation | None, float | None]:
+def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensation,
+                        found: list[blk.Block]) -> tuple[Compensation | None, float | None]:
     """QwT fitted again on the PTQ model with its residual streams quantized for every reader
     (``--residuals auto`` built it), where that keeps QwT's gain: kept against QwT on float
     streams as the PTQ model's streams are (:func:`int8_streams_keep`), and still gaining at
-    least ``min_gain`` (as :func:`beats` asks) over the PTQ model it is fitted on. On YOLOv8n it kept
+    least :data:`MIN_QWT_GAIN_DB` over the PTQ model it is fitted on. On YOLOv8n it kept
     the gain (class scores 13.69 against 13.78 dB on the evaluation photos), its latency within
     this machine's noise of QwT on float streams (its two Adds are little of its time); on a small
     ResNet the quantized sums rounded the corrections off (2.6 -> 1.6 dB). Also its held-out gain
@@ -317,7 +309,7 @@ def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensati
     fitted = dataclasses.replace(fitted, score=run.heldout_score(fitted.model, "evaluating QwT on int8 residual streams"))
     gain = metrics.db_gain(fitted.sqnr_db, compensation.sqnr_db)
     keeps = int8_streams_keep(gain, fitted.score, compensation.score)
-    return (fitted if keeps and metrics.db_gain(fitted.sqnr_db, variant.sqnr_db) >= min_gain else None), gain
+    return (fitted if keeps and metrics.db_gain(fitted.sqnr_db, variant.sqnr_db) >= MIN_QWT_GAIN_DB else None), gain
 
 
 def decided_on(compensation: Compensation | None, ptq: Candidate) -> list[str]:

@@ -17,7 +17,6 @@ from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
 from qwt_onnx.ptq import Candidate, int8_residuals_pay
 from qwt_onnx.qwt import (
-    AUTO_MIN_BRANCH_GAIN_DB,
     MIN_QWT_GAIN_DB,
     SELECTION_SAMPLES,
     Compensation,
@@ -230,16 +229,13 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     assert any("within the noise" in w for w in report.warnings) == (low < 0 < high)
 
 
-@pytest.mark.parametrize("qwt_db, interval, min_gain, written, warning", [
-    (24.0, (1.0, 3.0), MIN_QWT_GAIN_DB, True, None),
-    (22.5, (-0.5, 1.5), MIN_QWT_GAIN_DB, False, "within the noise"),
-    (22.004, (0.003, 0.005), MIN_QWT_GAIN_DB, False, "too little to pay for its branches; writing the PTQ model"),
-    (21.9, (-0.2, 0.0), MIN_QWT_GAIN_DB, False, "no better than the PTQ model"),
-    # beyond noise, but under what auto asks of branches
-    (22.8, (0.3, 1.3), AUTO_MIN_BRANCH_GAIN_DB, False, "under 1.0 dB, too little to pay for its branches (--compensation branch"),
-    (23.2, (0.7, 1.7), AUTO_MIN_BRANCH_GAIN_DB, True, None),
+@pytest.mark.parametrize("qwt_db, interval, written, warning", [
+    (24.0, (1.0, 3.0), True, None),
+    (22.5, (-0.5, 1.5), False, "within the noise"),
+    (22.004, (0.003, 0.005), False, "too little to pay for its branches; writing the PTQ model"),
+    (21.9, (-0.2, 0.0), False, "no better than the PTQ model"),
 ])
-def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(qwt_db, interval, min_gain, written, warning):
+def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(qwt_db, interval, written, warning):
     from types import SimpleNamespace
 
     from qwt_onnx.numerics.metrics import Score
@@ -247,7 +243,7 @@ def test_qwt_is_written_only_for_a_gain_beyond_noise_that_pays_for_its_branches(
     run = SimpleNamespace(warnings=Warnings(), calib=SimpleNamespace(scoring_mask=np.ones(102, bool)))
     ptq = Candidate("mse", None, Score({"y": 22.0}))
     compensation = Compensation("mse", None, [], 512, Score({"y": qwt_db}))
-    assert beats(run, compensation, ptq, interval, min_gain) is written
+    assert beats(run, compensation, ptq, interval) is written
     assert [warning in w for w in run.warnings] == ([True] if warning else [])
 
 

@@ -11,7 +11,7 @@ that the three differ in the compensation alone) with ``--compensation branch`` 
 branches), ``affine`` (QwT-v2's folds into every quantized layer, written where held-out samples
 show a gain: the PTQ graph's ops) and ``auto`` (the default: the layer folds where they gain, then
 QwT's branches fitted to what they leave, per block the fold where it removes nearly as much as the
-branch, written where they gain at least 1 dB over the model without them). Scored on evaluation
+branch, written where they beat the folded model beyond noise). Scored on evaluation
 samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
 needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
 interleaved rounds (tools/speed.py), a model written twice timed once. Writes
@@ -120,8 +120,8 @@ def markdown(results: list[dict]) -> str:
              "transformers, within 0.2 dB of the branches-only model; folds only: the PTQ model's latency (1.02×, "
              "the noise of these timings) and fidelity above PTQ.", "",
              "`affine` is QwT-v2's folds into every quantized layer (README, How it works, step 7); `auto` fits them "
-             "first and QwT's branches on what they leave, and writes branches only where they gain at least 1 dB over "
-             "the model without them (README, step 6).", "",
+             "first and QwT's branches on what they leave, and writes the branches where they beat the folded model "
+             "(README, step 6).", "",
              "How far to trust the latency columns: rows of one model written twice (QwT rejected: the PTQ model) are "
              "timed once and read 1.00 by construction. MiniLM's folds-only model has the PTQ model's ops and read "
              "0.96, 1.05 and then 1.02, 0.75 in two runs on 2026-12-04 (this project's shared 2-core machine); the "

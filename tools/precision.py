@@ -67,8 +67,9 @@ def bench_model(name: str, samples: int, folder: str, log, precisions=PRECISIONS
             row[key] = bench.measured(command, out, entry, reference, feeds, labels)
             if "error" not in row[key]:
                 with open(report) as f:
-                    row[key]["applied"] = json.load(f)["qwt_applied"]
-        rows[label(precision)] = row
+                    written = json.load(f)
+                row[key].update(applied=written["qwt_applied"], folds=written.get("layer_folds_written", False))
+        rows[label(precision)] = dict(row, measured=datetime.date.today().isoformat())
         log(f"  {label(precision)}: " + ", ".join(f"{k} {bench.cell(v)}" for k, v in row.items()))
     return {"name": name, "metric": entry.metric_name, "fp32": fp32, "samples": samples, "rows": rows,
             "run": f"{datetime.date.today().isoformat()}, {bench.machine()}"}
@@ -77,20 +78,31 @@ def bench_model(name: str, samples: int, folder: str, log, precisions=PRECISIONS
 def markdown(results: list[dict]) -> str:
     lines = ["# Precisions", "", "From `python tools/precision.py`. " + __doc__.split("\n\n")[2].replace("\n", " "), "",
              "Cells: evaluation SQNR to FP32 and, where the model has one, its task metric (FP32's in the heading). "
-             "\"QwT\" is what qwt_onnx writes: the QwT model where held-out calibration samples show it beats "
-             "PTQ beyond noise, else the PTQ model (marked PTQ). \"fails\": the quantizer cannot write that "
-             "precision, or onnxruntime cannot run what it wrote (the error is in docs/precision.json).", ""]
+             "\"QwT\" is what qwt_onnx writes by default (`--compensation auto`): the PTQ model with QwT-v2's "
+             "layer folds where held-out samples show them gaining, and QwT's branches on that where they beat it "
+             "(marked QwT), else the PTQ model (marked PTQ) or the PTQ model with layer folds (marked "
+             "so). \"fails\": the quantizer cannot write that precision, or onnxruntime cannot run what it wrote "
+             "(the error is in docs/precision.json). Each row says when it was measured: the rows of one model "
+             "come from several runs.", ""]
     for r in results:
         lines += [*bench.model_heading(r),
-                  "| precision | quantize_static (min-max) | qwt_onnx PTQ | qwt_onnx QwT | QwT − PTQ |", "|---|---|---|---|---|"]
+                  "| precision | quantize_static (min-max) | qwt_onnx PTQ | qwt_onnx QwT | QwT − PTQ | measured |",
+                  "|---|---|---|---|---|---|"]
         for name, row in r["rows"].items():
             ort = bench.cell(row["ort"], True) if "ort" in row else "cannot write it"
             ptq, qwt = row["ptq"], row["qwt"]
-            written = "" if "error" in qwt else (" (QwT)" if qwt.get("applied") else " (PTQ)")
             gain = f"{qwt['sqnr_db'] - ptq['sqnr_db']:+.2f} dB" if "error" not in ptq and "error" not in qwt else "—"
-            lines.append(f"| {name} | {ort} | {bench.cell(ptq, True)} | {bench.cell(qwt, True)}{written} | {gain} |")
+            lines.append(f"| {name} | {ort} | {bench.cell(ptq, True)} | {bench.cell(qwt, True)}{_written(qwt)} | {gain} | "
+                         f"{row.get('measured', '')} |")
         lines.append("")
     return "\n".join(lines + [PAPER, ""])
+
+
+def _written(qwt: dict) -> str:
+    """What the default command wrote: QwT's branches, the PTQ model with layer folds, or the PTQ model."""
+    if "error" in qwt:
+        return ""
+    return " (QwT)" if qwt.get("applied") else " (PTQ, layer folds)" if qwt.get("folds") else " (PTQ)"
 
 
 def main() -> None:
