@@ -266,6 +266,7 @@ def _layer_folds(folds: LayerFolds) -> dict:
     """The report's figures of the layer folds tried."""
     return dict(
         layer_fold_layers=folds.layers, layer_folds=folds.folded, layer_fold_samples=folds.samples,
+        layer_fold_judged_samples=folds.judged_samples,
         layer_folds_gain_db=folds.gain_db, layer_folds_interval_db=list(folds.interval_db) if folds.interval_db else None,
         layer_folds_worse=folds.worse, layer_folds_written=folds.written,
         sqnr_layer_folds_db=folds.score.db if folds.score is not None else None,

@@ -1,4 +1,4 @@
-"""Run models over the calibration data: activation statistics and held-out outputs."""
+"""Run models over the calibration data: activation statistics, held-out outputs and scores."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.hessian import InputGeometry, SecondMoments
 from qwt_onnx.numerics.ranges import UNBOUNDED, RangeObserver
 from qwt_onnx.runtime import Runner, concatenate_samples, move_samples, samples_axes, with_outputs
@@ -153,6 +154,20 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
             if _scored(value):
                 parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
     return {name: concatenate_samples(chunks) for name, chunks in parts.items()}
+
+
+def scores_on(fp: onnx.ModelProto, models: Sequence[onnx.ModelProto], calib: CalibrationSet, indices: np.ndarray,
+              batch_size: int, chosen: tuple[str, ...], description: str | None) -> list[metrics.Score]:
+    """Each of ``models``' :class:`~qwt_onnx.numerics.metrics.Score` against the FP32 model ``fp``
+    on the calibration samples ``indices``, batch by batch: no output is kept."""
+    runners = [(Runner(model), samples_axes(model)[1]) for model in (fp, *models)]
+    energies: list[list[dict]] = [[] for _ in models]
+    for batch in calib.batches(batch_size, indices, description):
+        reference, *outputs = ({name: move_samples(value, axes[name], batch.size) for name, value in run(batch.feeds).items()
+                                if _scored(value)} for run, axes in runners)
+        for kept, output in zip(energies, outputs):
+            kept.append(metrics.sample_energies(reference, output, chosen))
+    return [metrics.score_of(batches, chosen) for batches in energies]
 
 
 def _scored(output: np.ndarray) -> bool:

@@ -96,11 +96,13 @@ class Report:
     # QwT-v2's layer folds, where tried (--compensation affine or auto, before QwT's branches): the
     # quantized weighted ops a fold could compensate, those it brings closer to FP32, the samples they
     # were fitted on, the folded model's held-out SQNR (and per output), its gain over the PTQ model with
-    # the gain's 95% interval, chosen outputs of several that they make worse beyond noise, whether
-    # written, and whether QwT's branches were fitted on the folded model (and its gain is over that)
+    # the gain's 95% interval on the samples past the fitted ones (how many; 0: on the held-out ones),
+    # chosen outputs of several that they make worse beyond noise there, whether written, and whether
+    # QwT's branches were fitted on the folded model (and its gain is over that)
     layer_fold_layers: int = 0
     layer_folds: int = 0
     layer_fold_samples: int = 0
+    layer_fold_judged_samples: int = 0
     sqnr_layer_folds_db: float | None = None
     layer_folds_gain_db: float | None = None
     layer_folds_interval_db: list[float] | None = None
@@ -331,9 +333,15 @@ def _layer_folds(report: Report) -> str:
         return f"{line} (none brought its output closer to FP32 on held-out samples)"
     if report.layer_folds_gain_db is None:
         return f"{line}: written (no held-out samples to judge the model by)"
-    line += f"; held-out SQNR {report.sqnr_layer_folds_db:.2f} dB, {report.layer_folds_gain_db:+.2f} dB over the PTQ model"
-    if report.layer_folds_interval_db is not None:
-        line += " (95% interval {:+.2f} to {:+.2f} dB)".format(*report.layer_folds_interval_db)
+    interval = (" (95% interval {:+.2f} to {:+.2f} dB)".format(*report.layer_folds_interval_db)
+                if report.layer_folds_interval_db is not None else "")
+    if report.layer_fold_judged_samples:  # the held-out samples chose the PTQ model: they flatter it
+        line += (f"; on the {report.layer_fold_judged_samples} samples past those {report.layer_folds_gain_db:+.2f} dB over "
+                 f"the PTQ model{interval}; held out, where the PTQ model was chosen, {report.sqnr_layer_folds_db:.2f} dB "
+                 f"against {report.sqnr_ptq_db:.2f}")
+    else:
+        line += (f"; held-out SQNR {report.sqnr_layer_folds_db:.2f} dB, {report.layer_folds_gain_db:+.2f} dB over the PTQ "
+                 f"model{interval}")
     if report.layer_folds_worse:
         return f"{line}; not written: {report.layer_folds_worse} worse beyond noise"
     return f"{line}: {'written' if report.layer_folds_written else 'not written'}"

@@ -55,6 +55,8 @@ def test_affine_compensation_folds_into_the_ptq_graphs_scales_and_biases_and_tra
     folded, report = quantize_with_report(model, calib, compensation="affine", **options)
     assert report.layer_folds_written and 0 < report.layer_folds <= report.layer_fold_layers == 9, report.warnings
     assert report.sqnr_layer_folds_db > report.sqnr_ptq_db and report.layer_folds_gain_db > 0
+    # judged on samples neither the folds nor the choice of the PTQ model saw: all past the 64 fitted, at most 256
+    assert report.layer_fold_judged_samples == 256 and "on the 256 samples past those" in format_summary(report, "resnet.onnx")
     assert not report.blocks and not report.qwt_applied and report.added_parameters == 0
     assert _op_types(folded) == _op_types(ptq)
     assert _int8_weights(folded) == _int8_weights(ptq)

@@ -9,9 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import TopologicalSortPass
 
-from qwt_onnx import quantize_with_report
+from qwt_onnx import observe, quantize_with_report
 from qwt_onnx.api import load_fp32
+from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
+from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.compensation import Layout
 from qwt_onnx.numerics.metrics import Score, sqnr_db_per_output
@@ -54,6 +56,20 @@ def test_a_score_keeps_each_samples_energies_and_pools_them_as_sqnr_does():
     assert score.outputs_db == pytest.approx(pooled, abs=1e-4) and score.db == score.outputs_db["logits"]
     assert score.energies["boxes"].noise.shape == (40,)
     assert score.energies["boxes"].noise[3] == pytest.approx(np.sum((reference["boxes"][3] - test["boxes"][3]) ** 2), rel=1e-3)  # in float32
+
+
+def test_scores_taken_batch_by_batch_are_those_of_all_the_samples_together():
+    model = _two_scales()
+    calib = graphs.samples(model, 24, 0)
+    quantized, _ = quantize_with_report(model, calib, qwt=False, progress=False)
+    indices = np.arange(5, 24)
+    samples = CalibrationSet.load(calib, prepare.input_specs(load_fp32(model)))
+    score, = observe.scores_on(model, [quantized], samples, indices, 4, ("logits",), None)
+    outputs = [dict(zip(["logits", "features"], session(m).run(["logits", "features"], {"image": calib["image"][indices]})))
+               for m in (model, quantized)]
+    whole = metrics.score(*outputs, ("logits",))
+    assert score.outputs_db == pytest.approx(whole.outputs_db, abs=1e-4) and score.db == pytest.approx(whole.db, abs=1e-4)
+    assert score.energies["features"].noise == pytest.approx(whole.energies["features"].noise, rel=1e-5)
 
 
 def _noisy(reference: dict, scale: np.ndarray, seed: int) -> dict:

@@ -8,10 +8,11 @@ Per zoo model, on the same calibration and evaluation data, each quantizer in it
 qwt_onnx PTQ (``--no-qwt``, its default search); then QwT on that same PTQ model (the
 calibration method, bias correction, rounding, equalization and float stem its report chose, pinned, so
 that the three differ in the compensation alone) with ``--compensation branch`` (QwT's
-branches), ``affine`` (QwT-v2's folds into every quantized layer, written where held-out samples
-show a gain: the PTQ graph's ops) and ``auto`` (the default: the layer folds where they gain, then
-QwT's branches fitted to what they leave, per block the fold where it removes nearly as much as the
-branch, written where they beat the folded model beyond noise). Scored on evaluation
+branches), ``affine`` (QwT-v2's folds into every quantized layer, fitted on the first 64 samples
+and written where up to 256 samples past those show a gain: the PTQ graph's ops) and ``auto`` (the
+default: the layer folds where they gain, then QwT's branches fitted to what they leave, per block
+the fold where it removes nearly as much as the branch, written where they beat the folded model
+beyond noise). Scored on evaluation
 samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
 needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
 interleaved rounds (tools/speed.py), a model written twice timed once. Writes

@@ -79,8 +79,8 @@ def markdown(results: list[dict]) -> str:
     lines = ["# Precisions", "", "From `python tools/precision.py`. " + __doc__.split("\n\n")[2].replace("\n", " "), "",
              "Cells: evaluation SQNR to FP32 and, where the model has one, its task metric (FP32's in the heading). "
              "\"QwT\" is what qwt_onnx writes by default (`--compensation auto`): the PTQ model with QwT-v2's "
-             "layer folds where held-out samples show them gaining, and QwT's branches on that where they beat it "
-             "(marked QwT), else the PTQ model (marked PTQ) or the PTQ model with layer folds (marked "
+             "layer folds where the samples past the 64 they are fitted on show them gaining, and QwT's branches "
+             "on that where they beat it (marked QwT), else the PTQ model (marked PTQ) or the PTQ model with layer folds (marked "
              "so). \"fails\": the quantizer cannot write that precision, or onnxruntime cannot run what it wrote "
              "(the error is in docs/precision.json). Each row says when it was measured: the rows of one model "
              "come from several runs.", ""]

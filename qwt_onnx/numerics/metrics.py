@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -57,9 +57,21 @@ def _same_output(a: Score, b: Score, name: str) -> bool:
 def score(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], chosen: tuple[str, ...] = ()) -> Score:
     """The :class:`Score` of ``test`` (samples on axis 0, as in ``reference``), with its per-sample
     energies; a chosen part of an output (:func:`parts`) is scored beside the whole."""
+    return score_of([sample_energies(reference, test, chosen)], chosen)
+
+
+def sample_energies(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
+                    chosen: tuple[str, ...] = ()) -> dict[str, SampleEnergies]:
+    """Each float output's (and chosen part's) energies per sample of ``test`` against ``reference``."""
     labels = (*reference, *chosen)
     reference, test = parts(reference, labels), parts(test, labels)
-    energies = {name: _sample_energies(ref, test[name]) for name, ref in float_outputs(reference)}
+    return {name: _sample_energies(ref, test[name]) for name, ref in float_outputs(reference)}
+
+
+def score_of(batches: Sequence[Mapping[str, SampleEnergies]], chosen: tuple[str, ...] = ()) -> Score:
+    """The :class:`Score` of the samples of ``batches`` (:func:`sample_energies` of each) together."""
+    energies = {name: SampleEnergies(*(np.concatenate([getattr(b[name], part) for b in batches]) for part in ("signal", "noise")))
+                for name in batches[0]}
     outputs_db = {name: _db(e.signal.sum(), e.noise.sum()) for name, e in energies.items() if e.signal.sum() > 0}
     return Score(outputs_db, chosen, {name: energies[name] for name in outputs_db})
 
