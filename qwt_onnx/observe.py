@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 
-from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.calibration import Batch, CalibrationSet
 from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.hessian import InputGeometry, SecondMoments
 from qwt_onnx.numerics.ranges import UNBOUNDED, RangeObserver
@@ -145,14 +145,11 @@ def observe(
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:
     """The model's outputs on the scoring samples (held out from every fit), samples on axis 0."""
-    runner = Runner(model)
-    axes = samples_axes(model)[1]
-    indices = np.flatnonzero(calib.scoring_mask)
+    run = _ScoredOutputs(model)
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in calib.batches(batch_size, indices, description):
-        for name, value in runner(batch.feeds).items():
-            if _scored(value):
-                parts.setdefault(name, []).append(move_samples(value, axes[name], batch.size))
+    for batch in calib.batches(batch_size, np.flatnonzero(calib.scoring_mask), description):
+        for name, value in run(batch).items():
+            parts.setdefault(name, []).append(value)
     return {name: concatenate_samples(chunks) for name, chunks in parts.items()}
 
 
@@ -160,14 +157,24 @@ def scores_on(fp: onnx.ModelProto, models: Sequence[onnx.ModelProto], calib: Cal
               batch_size: int, chosen: tuple[str, ...], description: str | None) -> list[metrics.Score]:
     """Each of ``models``' :class:`~qwt_onnx.numerics.metrics.Score` against the FP32 model ``fp``
     on the calibration samples ``indices``, batch by batch: no output is kept."""
-    runners = [(Runner(model), samples_axes(model)[1]) for model in (fp, *models)]
+    reference_run, runs = _ScoredOutputs(fp), [_ScoredOutputs(model) for model in models]
     energies: list[list[dict]] = [[] for _ in models]
     for batch in calib.batches(batch_size, indices, description):
-        reference, *outputs = ({name: move_samples(value, axes[name], batch.size) for name, value in run(batch.feeds).items()
-                                if _scored(value)} for run, axes in runners)
-        for kept, output in zip(energies, outputs):
-            kept.append(metrics.sample_energies(reference, output, chosen))
+        reference = reference_run(batch)
+        for kept, run in zip(energies, runs):
+            kept.append(metrics.sample_energies(reference, run(batch), chosen))
     return [metrics.score_of(batches, chosen) for batches in energies]
+
+
+class _ScoredOutputs:
+    """A model's scored outputs on a batch, samples on axis 0."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.runner, self.axes = Runner(model), samples_axes(model)[1]
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        return {name: move_samples(value, self.axes[name], batch.size) for name, value in self.runner(batch.feeds).items()
+                if _scored(value)}
 
 
 def _scored(output: np.ndarray) -> bool:

@@ -70,10 +70,13 @@ def sample_energies(reference: Mapping[str, np.ndarray], test: Mapping[str, np.n
 
 def score_of(batches: Sequence[Mapping[str, SampleEnergies]], chosen: tuple[str, ...] = ()) -> Score:
     """The :class:`Score` of the samples of ``batches`` (:func:`sample_energies` of each) together."""
-    energies = {name: SampleEnergies(*(np.concatenate([getattr(b[name], part) for b in batches]) for part in ("signal", "noise")))
-                for name in batches[0]}
+    energies = {name: _joined([b[name] for b in batches]) for name in batches[0]}
     outputs_db = {name: _db(e.signal.sum(), e.noise.sum()) for name, e in energies.items() if e.signal.sum() > 0}
     return Score(outputs_db, chosen, {name: energies[name] for name in outputs_db})
+
+
+def _joined(parts: Sequence[SampleEnergies]) -> SampleEnergies:
+    return SampleEnergies(np.concatenate([p.signal for p in parts]), np.concatenate([p.noise for p in parts]))
 
 
 def db_gain(new: float, old: float) -> float:
