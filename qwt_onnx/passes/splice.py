@@ -71,6 +71,11 @@ class Branch:
         return self.weight.size // self.layout.groups + self.bias.size + (0 if self.up is None else self.up.size)
 
 
+def name_prefix(branch: Branch) -> str:
+    """The prefix of the names of every node the branch adds."""
+    return f"{PREFIX}{branch.name}/"
+
+
 class SpliceCompensationPass(ir.passes.InPlacePass):
     """Add each branch in parallel to its block."""
 
@@ -127,6 +132,8 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch, f"{scope}/branch")
     else:
         weight = _weight(names, branch, scope, nodes)
+        if not layout.matrix and _bias_absorbed(names, y, branch.bias, scope):
+            bias = None  # a kernel less: the block output already adds a constant that can take it
         if branch.up is not None:
             nodes += _low_rank(names, x, weight, bias, y, branch, scope)
         elif layout.matrix:  # a dense layer's: onnxruntime would make the Gemm itself
@@ -135,11 +142,11 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
             nodes += [gemm] if dq is None else [dq, gemm]
             _typed_like(gemm.outputs[0], y)
         else:
-            matmul = names.node("MatMul", [x, weight], f"{scope}/matmul")
-            add = names.node("Add", [matmul.outputs[0], bias], f"{scope}/branch")
-            nodes += [matmul, add]
-            _typed_like(matmul.outputs[0], y)
-            _typed_like(add.outputs[0], y)
+            nodes.append(names.node("MatMul", [x, weight], f"{scope}/matmul"))
+            if bias is not None:
+                nodes.append(names.node("Add", [nodes[-1].outputs[0], bias], f"{scope}/branch"))
+            for node in nodes[-2:] if bias is not None else nodes[-1:]:
+                _typed_like(node.outputs[0], y)
 
     readers = list(y.uses())
     total = names.node("Add", [y, nodes[-1].outputs[0]], f"{scope}/output")
@@ -173,17 +180,64 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
     result.name = original
 
 
-def _low_rank(names: g.NameScope, x: ir.Value, down: ir.Value, bias: ir.Value, y: ir.Value, branch: Branch,
+def _low_rank(names: g.NameScope, x: ir.Value, down: ir.Value, bias: ir.Value | None, y: ir.Value, branch: Branch,
               scope: str) -> list[ir.Node]:
     """``(x @ down) @ up + bias``: the down projection in the branch's precision (an int8 one
     fuses into MatMulIntegerToFloat), the small up projection in float, which needs no quantizer
     for its input."""
     projected = names.node("MatMul", [x, down], f"{scope}/down")
     up = names.node("MatMul", [projected.outputs[0], names.initializer(f"{scope}/up_weight", branch.up.astype(np.float32))], f"{scope}/up")
-    add = names.node("Add", [up.outputs[0], bias], f"{scope}/branch")
-    for node in (projected, up, add):
+    nodes = [projected, up] + ([names.node("Add", [up.outputs[0], bias], f"{scope}/branch")] if bias is not None else [])
+    for node in nodes:
         _typed_like(node.outputs[0], y)
-    return [projected, up, add]
+    return nodes
+
+
+def _bias_absorbed(names: g.NameScope, y: ir.Value, bias: np.ndarray, scope: str) -> bool:
+    """Whether ``bias`` (along the last axis) was added to a constant that ``y`` sums: the bias
+    of the LayerNormalization or Add that computes it, or of one reached through Adds and through
+    multiplications by constants, each read by nothing else (a transformer layer's ``x + λ ⊙
+    (h @ W + c)``: ``c`` takes ``bias / λ``)."""
+    found = _bias_slot(y, np.ones_like(bias, dtype=np.float64))
+    if found is None:
+        return False
+    node, index, scale = found
+    constant = ir.convenience.get_const_tensor(node.inputs[index]).numpy()
+    summed = (constant.astype(np.float64) + (bias * scale).reshape(constant.shape)).astype(constant.dtype)
+    node.replace_input_with(index, names.initializer(f"{scope}/absorbed_bias", summed))
+    return True
+
+
+def _bias_slot(value: ir.Value, scale: np.ndarray) -> tuple[ir.Node, int, np.ndarray] | None:
+    """The node and input index of a constant that adds ``scale ⊙ bias`` to ``value`` when the
+    bias is added to it, where there is one (see :func:`_bias_absorbed`)."""
+    node, size = value.producer(), scale.size
+    if node is None or not g.is_default_domain(node):
+        return None
+    constants = {i: ir.convenience.get_const_tensor(v) for i, v in enumerate(node.inputs) if g.is_constant(v)}
+    along_last = {i: c for i, c in constants.items()
+                  if c is not None and c.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) and c.shape[-1:] == (size,)
+                  and c.size == size}
+    if node.op_type == "LayerNormalization" and len(node.inputs) == 3 and 2 in along_last:
+        axis = node.attributes.get_int("axis", -1)
+        rank = g.rank(node.inputs[0])
+        return (node, 2, scale) if axis == -1 or (rank is not None and axis == rank - 1) else None
+    if node.op_type == "Add" and along_last:
+        return node, next(iter(along_last)), scale
+    if node.op_type == "Mul" and len(constants) == 1:
+        (i, factor), = constants.items()
+        if factor is None or not (factor.size == 1 or i in along_last):
+            return None
+        factor = factor.numpy().astype(np.float64).reshape(-1)
+        return _bias_slot_through(node.inputs[1 - i], node, scale / factor) if np.all(factor != 0) else None
+    if node.op_type == "Add" and not constants:
+        return next((slot for operand in node.inputs if (slot := _bias_slot_through(operand, node, scale))), None)
+    return None
+
+
+def _bias_slot_through(operand: ir.Value, reader: ir.Node, scale: np.ndarray) -> tuple[ir.Node, int, np.ndarray] | None:
+    """:func:`_bias_slot` of ``operand``, where ``reader`` is all that reads it."""
+    return _bias_slot(operand, scale) if g.only_reader(operand) is reader else None
 
 
 def _cropped(names: g.NameScope, x: ir.Value, layout: Layout, base: str, nodes: list[ir.Node]) -> ir.Value:
