@@ -151,14 +151,17 @@ IR_VERSION_OF_OPSET = {21: 10}
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """At least opset 13, weights no longer listed among the graph inputs, constants as
-    initializers, half and double precision computed in float32, Identity dropped, BatchNorm,
-    per-channel scales and bias Adds folded into convolutions and dense layers, spatial means
-    written as global pools, hard-swishes as ``x · HardSigmoid(x)``, shapes inferred, sorted."""
+    """Every node and value named, at least opset 13, weights no longer listed among the graph
+    inputs, constants as initializers, half and double precision computed in float32, Identity
+    dropped, BatchNorm, per-channel scales and bias Adds folded into convolutions and dense
+    layers, spatial means written as global pools, hard-swishes as ``x · HardSigmoid(x)``,
+    shapes inferred, sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     passes = ir.passes.PassManager(
         [
+            # Every node named, once: the passes after this one find the ops they rewrite by name.
+            common.NameFixPass(),
             # Exporters before IR version 4 list every weight as a graph input too (a default a
             # caller could override): a quantizer takes the weights as the constants they are.
             common.RemoveInitializersFromInputsPass(),
