@@ -58,6 +58,7 @@ from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHar
 from qwt_onnx.progress import shown as progress_shown
 from qwt_onnx.ptq import GIVEN, Candidate, best_candidate, given_candidate, int8_residuals_pay, ptq_candidates
 from qwt_onnx.qwt import (
+    BranchBudget,
     Compensation,
     Selection,
     beats,
@@ -274,6 +275,14 @@ def _layer_folds(folds: LayerFolds) -> dict:
     )
 
 
+def _branch_budget(budget: BranchBudget | None) -> dict:
+    if budget is None:
+        return {}
+    return dict(branches_slowdown={str(size): x for size, x in budget.slowdown.items()},
+                kept_branches_slowdown={str(size): x for size, x in budget.kept_slowdown.items()},
+                branches_left_out=dict(budget.left_out))
+
+
 def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] | None:
     """The 95% interval of the best PTQ model's held-out lead over the next best method's: where
     it holds zero, which of the two is closer to FP32 on other data is a toss-up."""
@@ -345,6 +354,7 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         qwt_applied=applied,
         **(_layer_folds(folds) if folds is not None else {}),
         qwt_on_layer_folds=compensation is not None and folds is not None and folds.written,
+        **_branch_budget(compensation.budget if compensation is not None else None),
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,
         seconds=time.perf_counter() - started,

@@ -50,7 +50,9 @@ class Residuals(Choice):
 
 
 class Compensation(Choice):
-    AUTO = "auto"  # per block: the fold where it removes --min-gain and nearly all a branch would, else the branch; else AFFINE
+    # the layer folds of AFFINE where they gain, then per block the fold where it removes --min-gain and nearly all a
+    # branch would, else the branch, within --max-slowdown
+    AUTO = "auto"
     BRANCH = "branch"  # QwT: a linear branch in parallel to each block
     AFFINE = "affine"  # QwT-v2's channel-wise affine, folded into every quantized weighted op: no new nodes
 
@@ -143,8 +145,8 @@ class Options:
         "Conv/Gemm/MatMul's output, fitted layer by layer to the FP32 model's and folded into its weight scales and bias "
         "(QwT-v2), no added nodes or latency, written where held-out samples show a gain; auto: per block, a fold "
         "into the block's last weighted op or normalization where it removes at least --min-gain of the block's held-out "
-        "error and 0.95 of what a branch would, else the branch; where held-out samples keep none, the layer folds of "
-        "affine",
+        "error and 0.95 of what a branch would, else the branch (within --max-slowdown), fitted on the layer folds of "
+        "affine where those gain",
     )
     fit_error: FitError = _option(
         FitError.AUTO,
@@ -159,6 +161,12 @@ class Options:
     branch_rank: str = _option(
         "auto", "rank of a token branch (MatMul/Gemm): auto (the lowest of 4, 8, 16, ... that keeps 0.95 of the full "
         "branch's held-out error reduction and costs at most half as much; else full), full, or a number", metavar="R",
+    )
+    max_slowdown: float = _option(
+        1.02, "with --compensation auto, --target ort and 8-bit weights and activations, give QwT's branches only to "
+        "blocks whose branches keep onnxruntime's run of the model on this CPU within this many times its run without "
+        "them (profiled at batch 1 and 16; those that remove the least of their block's error per time left out "
+        "first); --compensation branch keeps them all", metavar="X",
     )
     # on ocr-rec (128 samples) dropping the branches under 10% raised SQNR 17.1 -> 17.7 dB and cut latency
     min_gain: float = _option(
@@ -249,6 +257,7 @@ class Options:
                f"--branch-rank must be auto, full or a positive integer, got {self.branch_rank!r}")
         _check(self.float_stem == "auto" or self.float_stem.isdigit(),
                f"--float-stem must be auto or a depth 0, 1, 2, ..., got {self.float_stem!r}")
+        _check(self.max_slowdown >= 1.0, f"--max-slowdown must be at least 1 (a factor of the run time), got {self.max_slowdown}")
         _check(0.0 <= self.min_gain < 1.0, f"--min-gain must be at least 0 and below 1 (a share of a block's error), got {self.min_gain}")
         for flag, patterns in (("--exclude-nodes", self.exclude_nodes), ("--exclude-op-types", self.exclude_op_types)):
             for pattern in patterns:

@@ -110,6 +110,12 @@ class Report:
     layer_folds_written: bool = False
     output_sqnr_layer_folds_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_on_layer_folds: bool = False
+    # auto: onnxruntime's run of the trial's model with all of QwT's branches over that without them, on this CPU,
+    # per batch size profiled (str), and with those within --max-slowdown; the blocks whose branch it leaves out,
+    # with what each would add
+    branches_slowdown: dict[str, float] = dataclasses.field(default_factory=dict)
+    kept_branches_slowdown: dict[str, float] = dataclasses.field(default_factory=dict)
+    branches_left_out: dict[str, float] = dataclasses.field(default_factory=dict)
     fp32_parameters: int = 0
     added_parameters: int = 0
     seconds: float = 0.0
@@ -233,6 +239,8 @@ def format_summary(report: Report, source: str) -> str:
         if report.output_sqnr_qwt_db:
             line += "; QwT " + _scores(report.output_sqnr_qwt_db, None)
         lines.append(line)
+    if report.branches_slowdown:
+        lines.append(_branch_time(report))
     if report.added_parameters:
         share = 100.0 * report.added_parameters / max(report.fp32_parameters, 1)
         lines.append(f"added parameters: {report.added_parameters:,} ({share:.1f}% of the FP32 model)")
@@ -241,6 +249,22 @@ def format_summary(report: Report, source: str) -> str:
     written = f"QwT model{on_folds}" if report.qwt_applied else folded
     lines.append(f"done in {report.seconds:.1f} s; wrote the {written} to {report.output}")
     return "\n".join(lines)
+
+
+def _branch_time(report: Report) -> str:
+    """What QwT's branches add to onnxruntime's run time, and what --max-slowdown made of it."""
+    def added(slowdown: dict[str, float]) -> str:
+        return " and ".join(f"+{100 * (factor - 1):.1f}% at batch {size}" for size, factor in slowdown.items())
+
+    line = f"QwT's branches, all fitted: {added(report.branches_slowdown)} to onnxruntime's run time on this CPU (profiled)"
+    budget, left_out = report.options.get("max_slowdown"), report.branches_left_out
+    if not left_out:
+        return line + f", within --max-slowdown {budget:g}"
+    kept = len([b for b in report.blocks if b.kept and b.fold_site is None and b.name not in left_out])
+    line += f"; over --max-slowdown {budget:g}: "
+    if not kept:
+        return line + f"all {len(left_out)} left out (--compensation branch keeps them)"
+    return line + f"{len(left_out)} left out, the {kept} kept {added(report.kept_branches_slowdown)}"
 
 
 # Why a compute op stays float, by the key :func:`qwt_onnx.analysis.placement.left_float` gives.

@@ -23,6 +23,7 @@ from qwt_onnx.options import Compensation as CompensationKind
 from qwt_onnx.runtime import Runner, samples_axes, with_outputs
 
 logger = logging.getLogger("qwt_onnx")
+LATENCY_BATCH = 16  # the larger batch a written model's run time is weighed at, besides 1
 
 
 class Warnings(list):
@@ -159,6 +160,15 @@ class Run:
         """:attr:`excluded`, and the weighted ops nearest the inputs up to ``depth`` (see ``--float-stem``)."""
         stem = set(self.placement.stem(self.fp.graph, depth))
         return dataclasses.replace(self.excluded, kept_float=self.excluded.kept_float | stem)
+
+    @property
+    def latency_batches(self) -> list[int]:
+        """The batch sizes a written model's run time is weighed at: the one its batch dimension
+        is fixed to, else 1 and 16 (as many as the model and the calibration set allow)."""
+        fixed = self.fp.meta.get("fixed_batch")
+        if fixed:
+            return [fixed] if fixed <= self.calib.num_samples else []
+        return sorted({1, min(LATENCY_BATCH, self.batch_size, self.calib.num_samples)})
 
     def branch_options(self, whole_error: bool = False) -> capture.BranchOptions:
         """The compensations asked for, fitted to the whole error or to each block's own."""

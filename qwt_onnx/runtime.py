@@ -14,20 +14,23 @@ from qwt_onnx.numerics.metrics import zero_padded
 
 
 def session(model: onnx.ModelProto | bytes | str, optimized_model: str | None = None, quiet: bool = False,
-            **config: str) -> ort.InferenceSession:
+            profile_prefix: str | None = None, **config: str) -> ort.InferenceSession:
     """A CPU session with ORT_ENABLE_ALL, so quantized ops run in onnxruntime's INT8 kernels;
     ``optimized_model``: where to write the graph it runs; ``quiet``: no error logs (a run that
-    may fail by design); ``config``: session config entries."""
+    may fail by design); ``profile_prefix``: profile its runs into a file named so; ``config``:
+    session config entries."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 4 if quiet else 3
     # Between runs numpy does the solver's work on the same cores; spinning ORT threads would
     # starve it (and it them): measured 1.7x slower block runs with spinning on 2 cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    for key, value in config.items():
+    for key, value in {"session.intra_op.allow_spinning": "0", **config}.items():
         options.add_session_config_entry(key, value)
     if optimized_model is not None:
         options.optimized_model_filepath = optimized_model
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

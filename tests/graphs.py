@@ -11,6 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 # error (tests/test_pipeline.py measures by how much), and so, mostly, do GPTQ rounding and
 # channel equalization: QwT would find nothing left to fit.
 SYSTEMATIC_ERROR = {"bias_correction": "off", "rounding": "nearest", "equalization": "off"}
+# What tests of QwT's branches under --compensation auto pass: on these small models a branch is
+# a large share of onnxruntime's run, which the default --max-slowdown would not keep.
+ANY_RUN_TIME = {"max_slowdown": 10.0}
 
 
 class GraphBuilder:

@@ -25,6 +25,7 @@ def test_the_weight_range_follows_the_target_unless_it_is_given():
     ({"samples": 0}, "--samples must be at least 1"),
     ({"kernel_size": 2}, "--kernel-size must be a positive odd number"),
     ({"min_gain": 1.0}, "--min-gain must be at least 0 and below 1"),
+    ({"max_slowdown": 0.9}, "--max-slowdown must be at least 1"),
     ({"exclude_op_types": "Conv("}, "--exclude-op-types: 'Conv(' is not a valid regular expression"),
     ({"batch_size": "16"}, "--batch-size must be an integer"),
     ({"branch_rank": "half"}, "--branch-rank must be auto, full or a positive integer"),

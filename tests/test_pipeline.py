@@ -200,7 +200,7 @@ def test_auto_never_writes_a_model_worse_than_plain_ptq_on_heldout_samples():
     model = graphs.transformer()
     calib = graphs.samples(model, 160, seed=1)
     options = {"min_gain": 0.0, "rounding": "nearest", "progress": False}  # GPTQ would leave QwT's trial too little
-    written, report = quantize_with_report(model, calib, **options)
+    written, report = quantize_with_report(model, calib, **options, **graphs.ANY_RUN_TIME)
     assert set(report.method_sqnr_db) == {"minmax", "percentile", "mse"}
     # QwT is tried on the best PTQ model and on its weights with bias correction the other way
     # (and scored where it kept a branch)
@@ -548,7 +548,8 @@ def test_a_neck_no_branch_maps_is_reported_with_the_fix_and_with_units_its_units
     _, whole = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False)
     neck = whole.blocks[-1]
     assert not neck.kept and "no linear branch maps" in neck.note and "--units" in neck.note
-    written, units = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, units=True, progress=False)
+    written, units = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, units=True, progress=False,
+                                          **graphs.ANY_RUN_TIME)
     assert [b.name for b in units.blocks][1:] == ["/down/conv", "/neck/conv", "/head.0/conv", "/head.1/conv"]
     assert sum(b.kept for b in units.blocks[1:]) >= 2
     if units.qwt_applied:
@@ -605,7 +606,8 @@ def test_blocks_after_a_recurrent_layer_on_time_major_tensors_get_branches():
     model = graphs.time_major_tagger()
     calib = graphs.samples(model, 160, seed=1)
     ptq = quantize(model, calib, qwt=False, progress=False, **graphs.SYSTEMATIC_ERROR)
-    qwt, report = quantize_with_report(model, calib, min_gain=0.0, progress=False, **graphs.SYSTEMATIC_ERROR)
+    qwt, report = quantize_with_report(model, calib, min_gain=0.0, progress=False, **graphs.ANY_RUN_TIME,
+                                       **graphs.SYSTEMATIC_ERROR)
     after = [b for b in report.blocks if b.name in ("/dense", "/classifier")]
     assert len(after) == 2 and all(b.r2_heldout is not None for b in after) and any(b.kept for b in after)
     test = graphs.samples(model, 40, seed=2)  # another batch size than the steps and the calibration batches

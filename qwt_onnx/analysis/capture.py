@@ -93,6 +93,7 @@ class BranchOptions:
     # fitted to the block output's whole error against the FP32 model's own activation (error
     # inherited from earlier blocks included), not to the block's own error on its quantized input
     whole_error: bool = False
+    fold_only: frozenset[str] = frozenset()  # blocks (by name) where no branch is tried, a fold only where affine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,7 +592,7 @@ def _fit(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: np.nda
     """The block's compensation: a branch, a fold, or where both are asked for the one that pays."""
     if not options.affine:
         return _fit_block(stream, models, plan, heldout, options)
-    if not options.branches:
+    if not options.branches or plan.block.name in options.fold_only:
         return _fit_affine(stream, models, plan, heldout, options)
     fold = _FoldCapture(models, plan, heldout) if models.fold_site is not None else None
     branch = _fit_block(stream, models, plan, heldout, options, fold)

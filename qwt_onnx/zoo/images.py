@@ -15,18 +15,11 @@ import tempfile
 
 import numpy as np
 
+from qwt_onnx.cache import cache_dir
 from qwt_onnx.errors import InputError
 
 MIN_SIDE = 128  # smaller pictures in the docs are icons and thumbnails
 EVAL_SHARE = 4  # one source image in four goes to the evaluation set
-
-
-def cache_dir() -> str:
-    base = os.environ.get("QWT_ONNX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qwt_onnx"
-    )
-    os.makedirs(base, exist_ok=True)
-    return base
 
 
 def opencv_doc_dir() -> str:

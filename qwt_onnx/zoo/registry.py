@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qwt_onnx.cache import cache_dir
 from qwt_onnx.errors import InputError
-from qwt_onnx.zoo.images import cache_dir
 
 CALIBRATION_SAMPLES = 512
 LABELS = "__labels__"  # the key of the evaluation labels in the cached .npz

@@ -28,6 +28,7 @@ import zipfile
 
 import numpy as np
 
+from qwt_onnx.cache import cache_dir
 from qwt_onnx.errors import InputError
 from qwt_onnx.zoo import images
 from qwt_onnx.zoo.registry import ZooEntry, decision_f1
@@ -39,7 +40,7 @@ FRAMES_PER_RECORDING = 2
 
 
 def _model() -> str:
-    path = os.path.join(images.cache_dir(), "silero-vad", os.path.basename(MODEL))
+    path = os.path.join(cache_dir(), "silero-vad", os.path.basename(MODEL))
     if os.path.isfile(path):
         return path
     with tempfile.TemporaryDirectory() as tmp:
