@@ -70,7 +70,7 @@ class Compensation:
     bias_corrected: bool = False
     whole_error: bool = False  # fitted to the whole error at each block output, not the block's own
     branches: tuple[splice.Branch, ...] = ()
-    budget: BranchBudget | None = None  # what --max-slowdown made of the trial's branches (auto)
+    budget: BranchBudget | None = None  # what --max-slowdown made of the fitted branches (auto)
 
     @property
     def sqnr_db(self) -> float | None:
