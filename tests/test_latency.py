@@ -3,10 +3,14 @@
 import numpy as np
 import pytest
 
-from qwt_onnx import latency, quantize_with_report
+from qwt_onnx import api, latency, quantize_with_report
+from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.graph import prepare
 from qwt_onnx.latency import RunTimes
 from qwt_onnx.layer_folds import LayerFolds
+from qwt_onnx.options import Options
 from qwt_onnx.report import format_summary
+from qwt_onnx.run import Run, Warnings
 from tests import graphs
 
 # QwT on its own: the branches of this model's blocks, each fitted to its block's own error
@@ -32,6 +36,15 @@ def test_the_slowdown_of_some_scopes_is_over_the_run_without_any():
     spent = np.array([50.0, 100.0, 50.0])
     times = RunTimes(np.array([1100.0, 1200.0, 1100.0]), {"a/": spent, "b/": spent})
     assert times.slowdown() == pytest.approx(1.1) and times.slowdown(["a/"]) == pytest.approx(1.05)
+
+
+def test_the_run_is_weighed_at_batch_1_and_16_or_at_the_batch_the_model_is_fixed_to():
+    fp = api.load_fp32(graphs.resnet())
+    calib = CalibrationSet.load(graphs.samples(graphs.resnet(), 24, seed=0), prepare.input_specs(fp), 24)
+    assert Run(fp, calib, 16, Options(), Warnings()).latency_batches == [1, 16]
+    assert Run(fp, calib.take(8), 16, Options(), Warnings()).latency_batches == [1, 8]  # as many as there are
+    fp.meta["fixed_batch"] = 4  # as load_fp32 records a fixed batch it frees
+    assert Run(fp, calib, 4, Options(), Warnings()).latency_batches == [4]
 
 
 @pytest.fixture
