@@ -1,11 +1,12 @@
 """What added nodes cost at run time, measured: their share of a profiled onnxruntime run.
 
 Two models timed against each other on a shared CPU differ by more than the few percent that
-matter here: the same model, timed against a copy of itself in interleaved rounds, read 0.78
-to 1.02 times its own latency on this project's 2-core machine. The kernels of one run share
-its conditions, so the share of that run that some of them take is steady: MiniLM's two QwT
-branches 1.7-1.9% of the kernel time at batch 16 in three profiles, Silero VAD's four 8.8-9.0%
-at batch 1.
+matter here: on this project's 2-core machine MiniLM's INT8 model, timed against a copy of
+itself, read 1.00-1.02 times its own latency in interleaved rounds of ten runs and 0.78-0.88
+times run for run in turn, and the same model with QwT's two branches 1.02-1.08 times. The
+kernels of one run share its conditions, so the share of that run that some of them take is
+steady: those two branches 1.7-1.9% of the kernel time at batch 16 in three profiles, Silero
+VAD's four 8.8-9.0% at batch 1.
 
 Measured times still differ from run to run, and a branch whose cost is within their noise of
 ``--max-slowdown`` would be kept by one run and dropped by the next. So, as TensorRT keeps a
@@ -68,8 +69,8 @@ def run_times(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], scopes: S
     path = os.path.join(cache_dir("run-times"), key.hexdigest() + ".json")
     if os.path.exists(path):
         with open(path) as f:
-            cached = json.load(f)
-        return RunTimes(np.array(cached["runs_us"]), {s: np.array(us) for s, us in cached["scopes_us"].items()})
+            stored = json.load(f)
+        return RunTimes(np.array(stored["runs_us"]), {s: np.array(us) for s, us in stored["scopes_us"].items()})
     measured = _profiled(model, feeds, scopes, runs)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
         json.dump({"runs_us": measured.runs_us.tolist(), "scopes_us": {s: t.tolist() for s, t in measured.scopes_us.items()}}, f)
@@ -89,6 +90,7 @@ def _cpu() -> str:
 
 def _profiled(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], scopes: Sequence[str], runs: int) -> RunTimes:
     with tempfile.TemporaryDirectory() as folder:
+        # spinning as deployed: no solver shares the cores while it runs
         session = runtime.session(model, profile_prefix=os.path.join(folder, "profile"),
                                   **{"session.intra_op.allow_spinning": "1"})
         for _ in range(1 + runs):

@@ -110,7 +110,7 @@ class Report:
     layer_folds_written: bool = False
     output_sqnr_layer_folds_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_on_layer_folds: bool = False
-    # auto: onnxruntime's run of the trial's model with all of QwT's branches over that without them, on this CPU,
+    # auto: onnxruntime's run of the fitted model with all of QwT's branches over that without them, on this CPU,
     # per batch size profiled (str), and with those within --max-slowdown; the blocks whose branch it leaves out,
     # with what each would add
     branches_slowdown: dict[str, float] = dataclasses.field(default_factory=dict)
