@@ -260,11 +260,10 @@ def _branch_time(report: Report) -> str:
     budget, left_out = report.options.get("max_slowdown"), report.branches_left_out
     if not left_out:
         return line + f", within --max-slowdown {budget:g}"
-    kept = len([b for b in report.blocks if b.kept and b.fold_site is None and b.name not in left_out])
     line += f"; over --max-slowdown {budget:g}: "
-    if not kept:
+    if all(factor == 1.0 for factor in report.kept_branches_slowdown.values()):
         return line + f"all {len(left_out)} left out (--compensation branch keeps them)"
-    return line + f"{len(left_out)} left out, the {kept} kept {added(report.kept_branches_slowdown)}"
+    return line + f"{len(left_out)} left out, the others {added(report.kept_branches_slowdown)}"
 
 
 # Why a compute op stays float, by the key :func:`qwt_onnx.analysis.placement.left_float` gives.

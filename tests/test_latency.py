@@ -81,7 +81,7 @@ def test_auto_fits_again_with_the_branches_that_remove_the_most_error_per_time_w
                for b in report.blocks if b.name in report.branches_left_out)
     summary = format_summary(report, "model.onnx")
     left_out = len(with_branch) - 1
-    assert f"over --max-slowdown 1.05: {left_out} left out, the 1 kept +3.0% at batch 1 and +3.0% at batch 16" in summary
+    assert f"over --max-slowdown 1.05: {left_out} left out, the others +3.0% at batch 1 and +3.0% at batch 16" in summary
 
 
 def test_branches_over_max_slowdown_are_left_out_and_branch_keeps_them(resnet_and_calib, monkeypatch):
