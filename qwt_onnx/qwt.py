@@ -419,7 +419,8 @@ def branch_budget(run: Run, fitted: Compensation) -> BranchBudget | None:
     kernels (at other precisions it dequantizes to float ops, a stand-in for an NPU's run)."""
     o = run.options
     timed = o.target == Target.ORT and o.weight_bits == 8 and o.activation_bits == 8
-    if o.compensation != CompensationKind.AUTO or not timed or fitted.model is None or not fitted.branches:
+    if o.compensation != CompensationKind.AUTO or not timed or fitted.model is None or not fitted.branches \
+            or not run.latency_batches:  # a fixed batch larger than the calibration set: nothing to time it on
         return None
     scopes = {b.name: splice.name_prefix(b) for b in fitted.branches}
     proto = prepare.to_proto(fitted.model)
