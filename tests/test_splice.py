@@ -62,3 +62,5 @@ def test_a_token_branch_adds_its_bias_in_a_constant_of_the_block_where_there_is_
     np.testing.assert_array_equal(after[other], before[other])
     branch_ops = [n.op_type for n in written.graph.node if n.name.startswith(splice.name_prefix(branch))]
     assert branch_ops.count("Add") == (1 if absorbed else 2)
+    read = {name for n in written.graph.node for name in n.input}
+    assert [i.name for i in written.graph.initializer if i.name not in read] == []  # no constant left behind

@@ -313,6 +313,12 @@ class NameScope:
         return ir.node(op_type, inputs, attributes or None, outputs=[out], name=self.fresh(out.name + "/" + op_type))
 
 
+def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove ``value`` from the graph's initializers where nothing reads it any more."""
+    if value is not None and not value.uses() and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+
+
 def replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """Where ``old`` is a graph output, ``new`` takes its slot (its name is the caller's to give)."""
     for i, value in enumerate(graph.outputs):

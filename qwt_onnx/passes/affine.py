@@ -302,7 +302,7 @@ def _shift_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.nd
         if slot >= len(holder.inputs):
             holder.resize_inputs(slot + 1)
         holder.replace_input_with(slot, names.initializer(f"{bias.name if bias is not None else node.name + '_bias'}_compensated", new))
-        _drop_if_unused(graph, bias)
+        g.drop_if_unused(graph, bias)
     if node.op_type == "Gemm":
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
@@ -319,8 +319,8 @@ def _fold_into_normalization(graph: ir.Graph, names: g.NameScope, node: ir.Node,
         node.resize_inputs(3)
     new_shift = (scale * old_shift + shift).astype(dtype)
     node.replace_input_with(2, names.initializer(f"{beta.name if beta is not None else node.name + '_shift'}_compensated", new_shift))
-    _drop_if_unused(graph, gamma)
-    _drop_if_unused(graph, beta)
+    g.drop_if_unused(graph, gamma)
+    g.drop_if_unused(graph, beta)
 
 
 def _rewire(graph: ir.Graph, dq: ir.Node, inputs: list[ir.Value], axis: int) -> None:
@@ -330,14 +330,9 @@ def _rewire(graph: ir.Graph, dq: ir.Node, inputs: list[ir.Value], axis: int) -> 
         dq.replace_input_with(index, value)
     dq.attributes["axis"] = ir.AttrInt64("axis", axis)
     for value in old[1:]:
-        _drop_if_unused(graph, value)
+        g.drop_if_unused(graph, value)
     if old[0] is not inputs[0]:
-        _drop_if_unused(graph, old[0])
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    if value is not None and not value.uses() and value.name in graph.initializers:
-        graph.initializers.pop(value.name)
+        g.drop_if_unused(graph, old[0])
 
 
 def _const(value: ir.Value) -> np.ndarray | None:

@@ -104,7 +104,10 @@ class SpliceCompensationPass(ir.passes.InPlacePass):
 
 def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branch: Branch) -> None:
     scope = PREFIX + branch.name
-    bias = names.initializer(f"{scope}/bias", branch.bias.astype(np.float32))
+    # a token branch's bias joins a constant the block output already adds where there is one: a kernel less
+    tokens = not branch.layout.channels_first and not branch.layout.matrix
+    absorbed = tokens and _bias_absorbed(graph, names, y, branch.bias, scope)
+    bias = None if absorbed else names.initializer(f"{scope}/bias", branch.bias.astype(np.float32))
     nodes: list[ir.Node] = []
     if branch.int8 and g.dequantizer(x) is None:
         nodes += _quantizer(names, x, branch.input_range, branch, f"{scope}/input")
@@ -132,8 +135,6 @@ def _splice(graph: ir.Graph, names: g.NameScope, x: ir.Value, y: ir.Value, branc
             nodes += _quantizer(names, conv.outputs[0], branch.output_range, branch, f"{scope}/branch")
     else:
         weight = _weight(names, branch, scope, nodes)
-        if not layout.matrix and _bias_absorbed(names, y, branch.bias, scope):
-            bias = None  # a kernel less: the block output already adds a constant that can take it
         if branch.up is not None:
             nodes += _low_rank(names, x, weight, bias, y, branch, scope)
         elif layout.matrix:  # a dense layer's: onnxruntime would make the Gemm itself
@@ -193,7 +194,7 @@ def _low_rank(names: g.NameScope, x: ir.Value, down: ir.Value, bias: ir.Value | 
     return nodes
 
 
-def _bias_absorbed(names: g.NameScope, y: ir.Value, bias: np.ndarray, scope: str) -> bool:
+def _bias_absorbed(graph: ir.Graph, names: g.NameScope, y: ir.Value, bias: np.ndarray, scope: str) -> bool:
     """Whether ``bias`` (along the last axis) was added to a constant that ``y`` sums: the bias
     of the LayerNormalization or Add that computes it, or of one reached through Adds and through
     multiplications by constants, each read by nothing else (a transformer layer's ``x + λ ⊙
@@ -202,9 +203,11 @@ def _bias_absorbed(names: g.NameScope, y: ir.Value, bias: np.ndarray, scope: str
     if found is None:
         return False
     node, index, scale = found
-    constant = ir.convenience.get_const_tensor(node.inputs[index]).numpy()
+    old = node.inputs[index]
+    constant = ir.convenience.get_const_tensor(old).numpy()
     summed = (constant.astype(np.float64) + (bias * scale).reshape(constant.shape)).astype(constant.dtype)
     node.replace_input_with(index, names.initializer(f"{scope}/absorbed_bias", summed))
+    g.drop_if_unused(graph, old)
     return True
 
 
