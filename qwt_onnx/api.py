@@ -63,6 +63,7 @@ from qwt_onnx.qwt import (
     Selection,
     beats,
     compensate,
+    compensate_without_folds,
     decided_on,
     outputs_gaining,
     qwt_gain_interval,
@@ -154,6 +155,12 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         selection, compensation = compensate(run, base, found)
     gain_interval = qwt_gain_interval(compensation, base)
     applied = compensation is not None and compensation.model is not None and beats(run, compensation, base, gain_interval)
+    alone = compensate_without_folds(run, ptq, found, compensation) if applied and base is not ptq else None
+    if alone is not None:
+        folds = dataclasses.replace(folds, written=False, superseded=f"QwT's branches on the PTQ model alone reach "
+                                    f"{alone[1].sqnr_db:.2f} dB held out, those on the folds {compensation.sqnr_db:.2f}")
+        (selection, compensation), base = alone, ptq
+        gain_interval = qwt_gain_interval(compensation, base)
     on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found) if applied
                                                 else (None, None))
     if on_int8_streams is not None or (not applied and int8_residuals_pay(ptq)):  # only where base is ptq
@@ -269,7 +276,7 @@ def _layer_folds(folds: LayerFolds) -> dict:
         layer_fold_layers=folds.layers, layer_folds=folds.folded, layer_fold_samples=folds.samples,
         layer_fold_judged_samples=folds.judged_samples,
         layer_folds_gain_db=folds.gain_db, layer_folds_interval_db=list(folds.interval_db) if folds.interval_db else None,
-        layer_folds_worse=folds.worse, layer_folds_written=folds.written,
+        layer_folds_worse=folds.worse, layer_folds_written=folds.written, layer_folds_superseded=folds.superseded,
         sqnr_layer_folds_db=folds.score.db if folds.score is not None else None,
         output_sqnr_layer_folds_db=dict(folds.score.outputs_db) if folds.score is not None else {},
     )

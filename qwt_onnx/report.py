@@ -108,6 +108,7 @@ class Report:
     layer_folds_interval_db: list[float] | None = None
     layer_folds_worse: str = ""
     layer_folds_written: bool = False
+    layer_folds_superseded: str = ""
     output_sqnr_layer_folds_db: dict[str, float] = dataclasses.field(default_factory=dict)
     qwt_on_layer_folds: bool = False
     # auto: onnxruntime's run of the fitted model with all of QwT's branches over that without them, on this CPU,
@@ -367,6 +368,8 @@ def _layer_folds(report: Report) -> str:
                  f"model{interval}")
     if report.layer_folds_worse:
         return f"{line}; not written: {report.layer_folds_worse} worse beyond noise"
+    if report.layer_folds_superseded:
+        return f"{line}: not written, {report.layer_folds_superseded}"
     return f"{line}: {'written' if report.layer_folds_written else 'not written'}"
 
 

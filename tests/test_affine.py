@@ -156,6 +156,25 @@ def test_the_fold_computes_the_fitted_affine_and_adds_no_op_but_a_missing_bias_a
     assert unfused[1] <= unfused[0]
 
 
+def test_a_fold_at_a_matmuls_own_output_adds_its_shift_to_the_bias_after_it_unscaled():
+    # fitted on z = h @ W, before the bias c that the Add after it adds: a ⊙ z + b + c, not a ⊙ (z + c) + b
+    proto = _ptq(_residual_dense("MatMul", True, 3))
+    model = ir.serde.deserialize_model(proto)
+    site = af.fold_site(model.graph, "fc2_out")
+    assert isinstance(site, af.FoldSite) and site.output == "fc2_out" and not site.bias_inside
+    scale, shift = np.linspace(0.5, 1.5, 16).astype(np.float32), np.linspace(-0.3, 0.3, 16).astype(np.float32)
+    af.FoldAffinePass([af.ChannelAffine(site, scale, shift)])(model)
+
+    def run(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("fc2_out", "fc2_bias_out"))
+        return session(m).run(["fc2_out", "fc2_bias_out"], graphs.samples(m, 4, 1))
+
+    (z, biased), (_, folded) = run(proto), run(ir.serde.serialize_model(model))
+    np.testing.assert_allclose(folded, biased + (scale - 1) * z + shift, rtol=1e-4, atol=1e-4 * np.abs(biased).max())
+    assert af.fold_site(ir.serde.deserialize_model(proto).graph, "fc2_bias_out").bias_inside
+
+
 def test_a_per_tensor_weight_scale_from_onnxruntime_becomes_per_channel(tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 

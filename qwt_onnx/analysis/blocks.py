@@ -257,11 +257,21 @@ def weighted_layers(model: ir.Model) -> list[Block]:
     order, as a block of its own from its data input to its output: where QwT-v2 compensates a
     quantized model, layer by layer."""
     layers = [
-        Block(node.name or node.outputs[0].name, node.inputs[0].name, node.outputs[0].name,
+        Block(node.name or node.outputs[0].name, node.inputs[0].name, _layer_output(node).name,
               node.op_type == "Conv", layer=True)
         for node in model.graph if g.is_weighted(node)
     ]
     return _named_apart(layers)
+
+
+def _layer_output(node: ir.Node) -> ir.Value:
+    """A weighted op's output; a MatMul's, its bias Add's where only that reads it: the layer as
+    a Linear computes it, its bias being where a fold's shift goes."""
+    reader = g.only_reader(node.outputs[0])
+    if node.op_type == "MatMul" and reader is not None and reader.op_type == "Add" and g.is_default_domain(reader) \
+            and any(g.is_constant(v) for v in reader.inputs):
+        return reader.outputs[0]
+    return node.outputs[0]
 
 
 def _named_apart(blocks: list[Block]) -> list[Block]:

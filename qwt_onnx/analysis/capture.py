@@ -191,6 +191,10 @@ class _BlockModels:
     kept_after: tuple[str, ...] = ()
     fold_site: ex.SubModel | None = None  # quantized graph from the block input to the output an affine folds into
     fp_lead_in: ex.SubModel | None = None  # FP32 graph from the FP32 stream's values to the block input (whole error)
+    # a layer's fold is judged where the next ops read its output (:func:`_judges`): the
+    # quantized graph from the stream to there, and the FP32 graph from the FP32 stream
+    judge: ex.SubModel | None = None
+    fp_judge: ex.SubModel | None = None
 
 
 class _SpillFiles:
@@ -228,7 +232,8 @@ class _SpillFiles:
 
 def stream_order(calib: CalibrationSet, checked: bool) -> np.ndarray:
     """The order in which the stream takes the samples: where branches are ``checked`` at the
-    outputs, held-out ones last, so that what runs on them alone runs on whole batches."""
+    outputs or layer folds where the next ops read, held-out ones last, so that what runs on
+    them alone runs on whole batches."""
     if not checked:
         return np.arange(calib.num_samples)
     held = calib.heldout_mask
@@ -444,7 +449,8 @@ def fit_blocks(
     results = []
     budget, ceiling = (DEFAULT_MEMORY_BUDGET, memory.peak()) if memory_budget is None else (memory_budget, None)
     with tempfile.TemporaryDirectory(prefix="qwt-capture-") as folder, contextlib.closing(
-        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, ceiling, checked=check is not None,
+        _Stream(folder, calib, batch_size, _ContextSource(fp, q, models), budget, ceiling,
+                checked=check is not None or any(m.judge for m in models),
                 whole_error=whole)
     ) as stream:
         stream.start(models[0], blocks[0].input)
@@ -520,8 +526,9 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             fp_lead_in = ex.extract(fp, produced or feeds, [block.input], only_read=True) if whole_error else None
         # An output read only through Q/DQ is compensated after its DequantizeLinear (the
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
-        # block is judged there too; a layer's fold, before the quantizer, which rounds what
-        # any fold leaves and clips what none can mend.
+        # block is judged there too; a layer's fold is fitted before the quantizer, which rounds
+        # what any fold leaves and clips what none can mend, and judged where the next ops read
+        # the layer output (:func:`_judges`).
         output_view = None if block.layer else g.quantized_only_view(q_values[block.output])
         plan = BlockPlan(
             block,
@@ -549,12 +556,29 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 # apart from the block: read as an output, the fold site's op would not be fused with its quantizers
                 fold_site=ex.extract(q, [block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
                 fp_lead_in=fp_lead_in,
+                **(_judges(fp, q, block, earlier) if block.layer and affine and whole_error else {}),
             )
         )
         plans.append(plan)
         produced.append(block.output)
     _mark_kept_values(blocks, models)
     return plans, models
+
+
+def _judges(fp: ir.Model, q: ir.Model, block: Block, earlier: list[str]) -> dict[str, ex.SubModel]:
+    """Where a layer's fold is judged: the tensors the next ops read of its output, as they read
+    them (after a quantizer: a fold that a quantizer's clipping undoes gains nothing; after a
+    normalization: what it removes of an error the normalization would have removed anyway
+    gains nothing either), the quantized graph from the stream to them and the FP32 graph from
+    the FP32 stream to the tensors they view. Neither where they are the layer output itself,
+    or the FP32 graph lacks one (a given QDQ model named otherwise)."""
+    reads = g.next_reads(g.values_by_name(q.graph)[block.output])
+    fp_values = g.values_by_name(fp.graph)
+    if all(view.name == block.output for view, _ in reads) or any(viewed.name not in fp_values for _, viewed in reads):
+        return {}
+    cut = [block.output, *earlier]
+    return {"judge": ex.extract(q, cut, [view.name for view, _ in reads], only_read=True),
+            "fp_judge": ex.extract(fp, cut, [viewed.name for _, viewed in reads], only_read=True)}
 
 
 def _mark_kept_values(blocks: list[Block], models: list[_BlockModels]) -> None:
@@ -574,6 +598,10 @@ def _mark_kept_values(blocks: list[Block], models: list[_BlockModels]) -> None:
                 needed(name, j - 2)
         for name in m.tail.inputs[1:] if m.tail else ():
             needed(name, j - 1)
+        for judge in (m.judge, m.fp_judge) if m.judge else ():
+            for name in judge.inputs:
+                if name != block.output:
+                    needed(name, j - 1)
     for k, m in enumerate(models):
         m.kept_after = tuple(name for name, until in last_needed.items() if produced_at[name] <= k <= until)
 
@@ -768,15 +796,19 @@ def _judge_fold(stream: _Stream, models: _BlockModels, plan: BlockPlan, fold: _F
     folded = ir.serde.deserialize_model(models.q.proto)
     af.FoldAffinePass([affine], int32_biases=not options.symmetric)(folded)
     folded_run = Runner(ir.serde.serialize_model(folded))
+    judge = _NextReads(models) if models.judge is not None else None
     error, before = 0.0, 0.0  # of the folded and the unfolded block, exactly as they run, held out
     for i, batch, pool in stream.batches(f"folding into {plan.block.name}"):
         y_q, y_fp = stream.load("block", i)["y"], stream.load("fold", i)["fp_held"]
         y_folded = folded_run(pool)[plan.output_in_q]
         stream.save("fold", i, {"folded": y_folded})
         rows = np.flatnonzero(fold.heldout[batch.indices])
+        if judge is not None:
+            judge.add(stream, i, batch.size, rows, pool, plan.output_in_q, y_q, y_folded)
+            continue
         error += float(np.square(y_fp - np.take(y_folded, rows, axis=fold.samples), dtype=np.float64).sum())
         before += float(np.square(y_fp - np.take(y_q, rows, axis=fold.samples), dtype=np.float64).sum())
-    ratio = error / before if before > 0 else 1.0
+    ratio = judge.ratio() if judge is not None else error / before if before > 0 else 1.0
     fit = dataclasses.replace(fit, error_ratio_heldout=ratio)
     if ratio >= 1.0:
         return dataclasses.replace(result, result=dataclasses.replace(fit, kept_targets=0),
@@ -784,11 +816,42 @@ def _judge_fold(stream: _Stream, models: _BlockModels, plan: BlockPlan, fold: _F
     return dataclasses.replace(result, result=fit, affine=affine)
 
 
+class _NextReads:
+    """A layer fold's held-out error where the next ops read the layer output (``models.judge``),
+    folded and not, each tensor's relative to its FP32 energy, gathered batch by batch."""
+
+    def __init__(self, models: _BlockModels):
+        self.q, self.fp = Runner(models.judge.proto), Runner(models.fp_judge.proto)
+        self.pairs = list(zip(models.judge.outputs, models.fp_judge.outputs))
+        self.sums = np.zeros((3, len(self.pairs)))  # per tensor: folded error, unfolded error, FP32 energy
+
+    def add(self, stream: _Stream, i: int, size: int, rows: np.ndarray, pool: dict[str, np.ndarray], output: str,
+            unfolded: np.ndarray, folded: np.ndarray) -> None:
+        if not rows.size:
+            return
+        reference = self.fp({**pool, **stream.load("fp32", i)})
+        runs = self.q({**pool, output: folded}), self.q({**pool, output: unfolded})
+        for t, (name, fp_name) in enumerate(self.pairs):
+            axis = next((a for a, n in enumerate(reference[fp_name].shape) if n == size), None)
+            if axis is None:  # no samples axis to take the held-out rows from: not judged there
+                continue
+            ref = np.take(reference[fp_name], rows, axis=axis).astype(np.float64)
+            errors = [np.square(ref - np.take(run[name], rows, axis=axis)).sum() for run in runs]
+            self.sums[:, t] += [*errors, np.square(ref).sum()]
+
+    def ratio(self) -> float:
+        folded, unfolded, energy = self.sums
+        judged = energy > 0
+        before = float((unfolded[judged] / energy[judged]).sum())
+        return float((folded[judged] / energy[judged]).sum()) / before if before > 0 else 1.0
+
+
 class _ContextSource:
     """Values the sub-models need from outside themselves, computed once per batch."""
 
     def __init__(self, fp: ir.Model, q: ir.Model, models: list[_BlockModels]):
-        subs = [sub for m in models for sub in (m.fp, m.q, m.lead_in, m.tail, m.fold_site, m.fp_lead_in) if sub]
+        subs = [sub for m in models for sub in (m.fp, m.q, m.lead_in, m.tail, m.fold_site, m.fp_lead_in, m.judge, m.fp_judge)
+                if sub]
         needed = {name for sub in subs for name in sub.context}
         fp_names = g.values_by_name(fp.graph)
         from_fp = sorted(n for n in needed if n in fp_names)

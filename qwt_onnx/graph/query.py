@@ -251,6 +251,51 @@ def quantized_only_view(value: ir.Value) -> ir.Value | None:
     return None
 
 
+def next_reads(value: ir.Value) -> list[tuple[ir.Value, ir.Value]]:
+    """Where the next ops read what ``value`` computes: walking forward through ops that neither
+    quantize nor weigh it, each tensor a quantizer reads, as its DequantizeLinear view (the walk
+    goes no further there), and each one a weighted op, a subgraph or the graph outputs read, or
+    an op that joins it with what later weighted ops computed from ``value`` (a pre-LN
+    transformer's next residual sum: past it, the walk would follow the residual stream through
+    every later block); each paired with the tensor it views (itself where it is no quantizer's)."""
+    weighted = [node for node in downstream_nodes([value]) if _weighs(node)]
+    weighed_later = set(weighted) | downstream_nodes([out for node in weighted for out in node.outputs])
+    found: list[tuple[ir.Value, ir.Value]] = []
+    seen: set[ir.Value] = set()
+    frontier = [value]
+    while frontier:
+        v = frontier.pop(0)
+        if v in seen:
+            continue
+        seen.add(v)
+        view = dequantized_view(v)
+        if view is not None:
+            found.append((view, v))
+            continue
+        passed = [reader for reader in v.consumers() if not _read_as_a_layer_reads(reader, v, weighed_later)]
+        if v.is_graph_output() or len(passed) < len(v.consumers()):
+            found.append((v, v))
+        frontier.extend(out for reader in passed for out in reader.outputs)
+    return found
+
+
+def _read_as_a_layer_reads(node: ir.Node, value: ir.Value, weighed_later: set[ir.Node]) -> bool:
+    """Whether ``node`` reads ``value`` as a next layer does: as a weighted op's data, in a
+    subgraph, or joined with a tensor that ``weighed_later`` ops computed."""
+    if node.graph is not value.graph or (_weighs(node) and node.inputs[0] is value):
+        return True
+    return any(other is not value and other.producer() in weighed_later for other in reads(node))
+
+
+def _weighs(node: ir.Node) -> bool:
+    """A Conv, MatMul or Gemm with a constant weight, float or dequantized."""
+    if not is_default_domain(node) or node.op_type not in WEIGHTED_OPS or len(node.inputs) <= WEIGHTED_OPS[node.op_type]:
+        return False
+    weight = node.inputs[WEIGHTED_OPS[node.op_type]]
+    dq = dequantizer(weight)
+    return is_constant(dq.inputs[0] if dq is not None else weight) and not is_constant(node.inputs[0])
+
+
 def dequantizer(value: ir.Value | None) -> ir.Node | None:
     """The DequantizeLinear that produces ``value``, if one does."""
     producer = value.producer() if value is not None else None

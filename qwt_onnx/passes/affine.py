@@ -48,6 +48,7 @@ class FoldSite:
     output: str
     axis: int  # channels' axis of ``output``; negative counts from the end
     gain: np.ndarray  # [channels]
+    bias_inside: bool = True  # ``z`` holds the op's bias (not so a MatMul's output before its bias Add)
 
     @property
     def channels(self) -> int:
@@ -74,7 +75,9 @@ def _site_before(value: ir.Value) -> FoldSite | str:
     if node is None:
         return "the block output is a graph input"
     if _foldable(node):
-        return _weighted_site(node, node.outputs[0])
+        site = _weighted_site(node, node.outputs[0])
+        outside = node.op_type == "MatMul" and _bias_of(node) is not None  # in the Add after it
+        return dataclasses.replace(site, bias_inside=False) if outside and isinstance(site, FoldSite) else site
     if g.is_default_domain(node) and node.op_type in FOLDABLE_OPS:
         return (f"the block ends in {node.op_type} {node.name}, whose weight has no DequantizeLinear of its own "
                 "(left float, or shared)")
@@ -120,7 +123,7 @@ def _scaled_site(mul: ir.Node) -> FoldSite | str:
         return f"{mul.name} scales by a constant that is not one nonzero value per channel"
     if gain.size > 1 and not _along_axis(gain.shape, site.axis, mul.outputs[0].shape):
         return f"{mul.name} scales along another axis than the channels of {site.node}"
-    return FoldSite(site.node, mul.outputs[0].name, site.axis, site.gain * gain.reshape(-1).astype(np.float32))
+    return dataclasses.replace(site, output=mul.outputs[0].name, gain=site.gain * gain.reshape(-1).astype(np.float32))
 
 
 def _along_axis(shape: tuple[int, ...], axis: int, output_shape: ir.Shape | None) -> bool:
@@ -248,7 +251,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
                 _fold_into_normalization(graph, names, node, scale, shift)
                 continue
             _scale_weight(graph, names, node, scale)
-            _shift_bias(graph, names, node, scale, shift)
+            _shift_bias(graph, names, node, scale, shift, fold.site.bias_inside)
             if node.op_type == "Gemm" and self.int32_biases and g.dequantizer(node.inputs[2]) is None:
                 dq = int32_bias_dequantizer(graph, names, node)
                 if dq is not None:
@@ -269,8 +272,10 @@ def _scale_weight(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.
     _rewire(graph, dq, inputs, axis=axis)
 
 
-def _shift_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.ndarray, shift: np.ndarray) -> None:
-    """Make the op's bias ``scale ⊙ bias + shift``, in the form it has (float, or int32 behind a DequantizeLinear)."""
+def _shift_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.ndarray, shift: np.ndarray,
+                bias_inside: bool = True) -> None:
+    """Make the op's bias ``scale ⊙ bias + shift`` (``bias + shift`` where the compensated output
+    did not hold it), in the form it has (float, or int32 behind a DequantizeLinear)."""
     bias = _bias_of(node)
     if node.op_type == "MatMul":
         if bias is None:  # the one node a fold adds; it takes over the MatMul output's name
@@ -288,7 +293,7 @@ def _shift_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, scale: np.nd
         holder, slot = node, 2
     beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
     old = beta * _constant_vector(bias) if bias is not None else np.zeros(shift.shape, np.float32)
-    new = (scale * old + shift).astype(np.float32)
+    new = ((scale * old if bias_inside else old) + shift).astype(np.float32)
     dq = g.dequantizer(bias)
     if dq is not None:  # int32 on the accumulator's scale, which the weight's scale carries
         bias_scale = np.broadcast_to(_const(dq.inputs[1]).reshape(-1), scale.shape) * scale
