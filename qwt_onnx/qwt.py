@@ -140,7 +140,7 @@ def compensate_without_folds(run: Run, ptq: Candidate, found: list[blk.Block],
     """QwT's branches fitted on the PTQ model alone, where on held-out samples they beat those
     fitted on its layer folds (``on_folds``); else None. The folds change what the branches
     find to fit and which of them fit within --max-slowdown: on MiniLM the folds gained 0.10 dB
-    and the branches on them reached 25.72 dB held out, those on the PTQ model alone 26.76. Its
+    and the branches on them reached 25.72 dB held out, those on the PTQ model alone 26.77. Its
     warnings are the run's only where it is chosen."""
     heard, run.warnings = run.warnings, _Unlogged()
     try:
