@@ -59,17 +59,19 @@ def only_reader(value: ir.Value) -> ir.Node | None:
     return uses[0][0] if len(uses) == 1 and not value.is_graph_output() else None
 
 
-def weight_input(node: ir.Node) -> ir.Value | None:
-    """The constant weight of a Conv / MatMul / Gemm whose other operand is computed, else None."""
+def weight_input(node: ir.Node, dequantized: bool = False) -> ir.Value | None:
+    """The constant weight of a Conv / MatMul / Gemm whose other operand is computed, else None;
+    with ``dequantized``, also a weight that a DequantizeLinear of a constant gives."""
     if not is_default_domain(node) or node.op_type not in WEIGHTED_OPS:
         return None
     index = WEIGHTED_OPS[node.op_type]
     if len(node.inputs) <= index:
         return None
     data, weight = node.inputs[0], node.inputs[index]
-    if weight is None or weight.const_value is None or is_constant(data):
+    if weight is None or is_constant(data):
         return None
-    return weight
+    dq = dequantizer(weight) if dequantized else None
+    return weight if weight.const_value is not None or (dq is not None and dq.inputs[0].const_value is not None) else None
 
 
 def is_weighted(node: ir.Node) -> bool:
@@ -258,7 +260,7 @@ def next_reads(value: ir.Value) -> list[tuple[ir.Value, ir.Value]]:
     an op that joins it with what later weighted ops computed from ``value`` (a pre-LN
     transformer's next residual sum: past it, the walk would follow the residual stream through
     every later block); each paired with the tensor it views (itself where it is no quantizer's)."""
-    weighted = [node for node in downstream_nodes([value]) if _weighs(node)]
+    weighted = [node for node in downstream_nodes([value]) if weight_input(node, dequantized=True) is not None]
     weighed_later = set(weighted) | downstream_nodes([out for node in weighted for out in node.outputs])
     found: list[tuple[ir.Value, ir.Value]] = []
     seen: set[ir.Value] = set()
@@ -282,18 +284,9 @@ def next_reads(value: ir.Value) -> list[tuple[ir.Value, ir.Value]]:
 def _read_as_a_layer_reads(node: ir.Node, value: ir.Value, weighed_later: set[ir.Node]) -> bool:
     """Whether ``node`` reads ``value`` as a next layer does: as a weighted op's data, in a
     subgraph, or joined with a tensor that ``weighed_later`` ops computed."""
-    if node.graph is not value.graph or (_weighs(node) and node.inputs[0] is value):
+    if node.graph is not value.graph or (weight_input(node, dequantized=True) is not None and node.inputs[0] is value):
         return True
     return any(other is not value and other.producer() in weighed_later for other in reads(node))
-
-
-def _weighs(node: ir.Node) -> bool:
-    """A Conv, MatMul or Gemm with a constant weight, float or dequantized."""
-    if not is_default_domain(node) or node.op_type not in WEIGHTED_OPS or len(node.inputs) <= WEIGHTED_OPS[node.op_type]:
-        return False
-    weight = node.inputs[WEIGHTED_OPS[node.op_type]]
-    dq = dequantizer(weight)
-    return is_constant(dq.inputs[0] if dq is not None else weight) and not is_constant(node.inputs[0])
 
 
 def dequantizer(value: ir.Value | None) -> ir.Node | None:
