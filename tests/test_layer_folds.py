@@ -146,24 +146,53 @@ def test_auto_fits_the_branches_on_the_layer_folds_and_writes_them_where_they_ga
 
 
 @pytest.mark.slow
-def test_branches_on_the_ptq_model_alone_replace_those_on_the_folds_where_they_beat_them_held_out(monkeypatch):
+def test_branches_on_the_ptq_model_alone_replace_those_on_the_folds_where_their_trial_beats_them(monkeypatch):
     # the folds change which branches pay and fit within --max-slowdown: on MiniLM the branches
     # on its folds reached 25.72 dB held out, on the PTQ model alone 26.77
     model = graphs.transformer()
     calib = graphs.samples(model, 160, seed=1)
-    options = dict(calib_method="entropy", min_gain=0.0, progress=False, **graphs.SYSTEMATIC_ERROR)
-    fit, alone = qwt.compensate, []
+    options = dict(calib_method="entropy", min_gain=0.0, max_slowdown=10.0, progress=False, **graphs.SYSTEMATIC_ERROR)
+    select, fit, fitted = qwt._select, qwt._fit_trial, []
 
-    def better_alone(run, candidate, found):  # qwt.compensate is only called so for the PTQ model alone
-        selection, compensation = fit(run, candidate, found)
-        score = dataclasses.replace(compensation.score, outputs_db={k: v + 20 for k, v in compensation.score.outputs_db.items()})
-        alone.append(dataclasses.replace(compensation, score=score))
-        return selection, alone[-1]
+    def alone_ahead(run, candidate, found):  # the trial on the PTQ model alone (no layer folds) 20 dB ahead
+        selection = select(run, candidate, found)
+        if candidate.layer_folds or not selection.scores:
+            return selection
+        return dataclasses.replace(selection, scores={label: dataclasses.replace(score, outputs_db={
+            k: v + 20 for k, v in score.outputs_db.items()}) for label, score in selection.scores.items()})
 
-    monkeypatch.setattr(qwt, "compensate", better_alone)
+    def fit_trial(run, selection, candidate, found):
+        fitted.append((candidate, *fit(run, selection, candidate, found)))
+        return fitted[-1][1:]
+
+    monkeypatch.setattr(qwt, "_select", alone_ahead)
+    monkeypatch.setattr(qwt, "_fit_trial", fit_trial)
     written, report = quantize_with_report(model, calib, **options)
+    assert len(fitted) == 1 and not fitted[0][0].layer_folds  # only the trial ahead is fitted on every sample
     assert report.qwt_applied and not report.qwt_on_layer_folds and not report.layer_folds_written
     assert report.layer_folds_superseded.startswith("QwT's branches on the PTQ model alone reach")
     assert "not written, QwT's branches on the PTQ model alone" in format_summary(report, "m.onnx")
-    assert len(alone) == 1 and report.sqnr_qwt_db == alone[0].sqnr_db
-    assert written.SerializeToString() == prepare.to_proto(alone[0].model).SerializeToString()
+    assert report.sqnr_qwt_db == fitted[0][2].sqnr_db
+    assert written.SerializeToString() == prepare.to_proto(fitted[0][2].model).SerializeToString()
+
+
+@pytest.mark.slow
+def test_trials_within_noise_of_each_other_fit_both_and_keep_the_better(monkeypatch):
+    model = graphs.transformer()
+    calib = graphs.samples(model, 160, seed=1)
+    options = dict(calib_method="entropy", min_gain=0.0, max_slowdown=10.0, progress=False, **graphs.SYSTEMATIC_ERROR)
+    fit, fitted = qwt._fit_trial, []
+
+    def fit_trial(run, selection, candidate, found):
+        fitted.append((candidate, *fit(run, selection, candidate, found)))
+        return fitted[-1][1:]
+
+    monkeypatch.setattr(qwt, "_trials_told_apart", lambda a, b: False)
+    monkeypatch.setattr(qwt, "_fit_trial", fit_trial)
+    written, report = quantize_with_report(model, calib, **options)
+    assert [bool(candidate.layer_folds) for candidate, *_ in fitted] == [True, False]
+    (_, _, on_folds), (_, _, alone) = fitted
+    kept = alone if alone.sqnr_db > on_folds.sqnr_db else on_folds
+    assert report.qwt_applied and report.sqnr_qwt_db == kept.sqnr_db
+    assert report.layer_folds_written == (kept is on_folds)
+    assert written.SerializeToString() == prepare.to_proto(kept.model).SerializeToString()
