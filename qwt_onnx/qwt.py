@@ -117,8 +117,9 @@ def compensate_either(run: Run, folded: Candidate, ptq: Candidate,
                       found: list[blk.Block]) -> tuple[Selection, Compensation, Candidate, str]:
     """QwT on the PTQ model with its layer folds (``folded``) or on the PTQ model alone, with the
     model it is fitted on and, where that is the PTQ model alone, why. Each is tried on the first
-    samples; where the trials tell them apart beyond noise, the one ahead is fitted on every
-    sample, else both are and the better is kept (the folds where they tie). The folds change what
+    samples; where the trials tell them apart (one may pay and the other not, or both may and one
+    scores higher beyond noise), the one ahead is fitted on every sample, else both are and the
+    better is kept (the folds where they tie). The folds change what
     the branches find to fit and which of them fit within --max-slowdown: on MiniLM the folds
     gained 0.10 dB and the branches on them reached 25.72 dB held out, those on the PTQ model
     alone 26.77, from trials 0.06 dB apart. Only the chosen one's warnings are the run's."""
@@ -126,7 +127,7 @@ def compensate_either(run: Run, folded: Candidate, ptq: Candidate,
     (_, on_folds, _), (_, alone, _) = trials
     told_apart = _trials_told_apart(alone, on_folds)
     if told_apart:
-        trials = [trials[1] if _trial_db(alone) > _trial_db(on_folds) else trials[0]]
+        trials = [trials[1] if _trial_rank(alone) > _trial_rank(on_folds) else trials[0]]
     fitted = []
     for base, selection, heard in trials:
         (selection, compensation), fit_heard = _quietly(run, _fit_trial, run, selection, base, found)
@@ -139,7 +140,8 @@ def compensate_either(run: Run, folded: Candidate, ptq: Candidate,
     if told_apart:
         return selection, compensation, base, (
             f"QwT's branches on the PTQ model alone reach {_trial_db(alone):.2f} dB held out in their trial on the first "
-            f"{alone.samples} samples, those on the folds {_trial_db(on_folds):.2f}")
+            f"{alone.samples} samples, those on the folds {_trial_db(on_folds):.2f}"
+            + ("" if _trial_rank(on_folds)[0] else ", too little over the folds to pay"))
     return selection, compensation, base, (f"QwT's branches on the PTQ model alone reach {_fitted_db(compensation):.2f} dB "
                                            f"held out, those on the folds {_fitted_db(fitted[0][2]):.2f}")
 
@@ -153,10 +155,16 @@ def _quietly(run: Run, call, *args):
         run.warnings = heard
 
 
+def _trial_rank(selection: Selection) -> tuple[bool, float]:
+    """A trial's claim to be fitted on every sample: whether it may pay, then its held-out SQNR."""
+    return selection.chosen is not None and not selection.cannot_pay, _trial_db(selection)
+
+
 def _trials_told_apart(a: Selection, b: Selection) -> bool:
-    """Whether two trials' held-out scores differ beyond the noise of the scoring samples (the
-    95% interval of the gain of one over the other excludes zero), or only one kept a branch."""
-    if a.chosen is None or b.chosen is None:
+    """Whether one of two trials is ahead: only one may pay, or only one kept a branch, or their
+    held-out scores differ beyond the noise of the scoring samples (the 95% interval of the gain
+    of one over the other excludes zero)."""
+    if _trial_rank(a)[0] != _trial_rank(b)[0] or a.chosen is None or b.chosen is None:
         return True
     interval = metrics.gain_interval(a.scores[a.chosen], b.scores[b.chosen])
     return interval is not None and (interval[0] > 0.0 or interval[1] < 0.0)

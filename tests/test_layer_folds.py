@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
@@ -13,6 +14,7 @@ from qwt_onnx.analysis import capture
 from qwt_onnx.api import quantize_with_report
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
+from qwt_onnx.numerics import metrics
 from qwt_onnx.qwt import MIN_QWT_GAIN_DB
 from qwt_onnx.report import format_summary
 from tests import graphs
@@ -196,3 +198,20 @@ def test_trials_within_noise_of_each_other_fit_both_and_keep_the_better(monkeypa
     assert report.qwt_applied and report.sqnr_qwt_db == kept.sqnr_db
     assert report.layer_folds_written == (kept is on_folds)
     assert written.SerializeToString() == prepare.to_proto(kept.model).SerializeToString()
+
+
+def test_a_trial_is_ahead_where_only_it_may_pay_or_it_scores_higher_beyond_noise():
+    rng = np.random.default_rng(0)
+    reference = {"y": rng.normal(size=(64, 16))}
+
+    def trial(noise: float, cannot_pay: str | None = None) -> qwt.Selection:
+        score = metrics.score(reference, {"y": reference["y"] + noise * rng.normal(size=(64, 16))})
+        return qwt.Selection(64, {"mse": score}, "mse", cannot_pay=cannot_pay)
+
+    close, far, clear = trial(0.10), trial(0.101), trial(0.03)
+    assert not qwt._trials_told_apart(close, far) and qwt._trials_told_apart(close, clear)
+    assert qwt._trial_rank(clear) > qwt._trial_rank(close)
+    # one that may pay is ahead of one that scores higher and may not
+    short = trial(0.03, cannot_pay="gains +0.05 dB")
+    assert qwt._trials_told_apart(close, short) and qwt._trial_rank(close) > qwt._trial_rank(short)
+    assert qwt._trials_told_apart(close, qwt.Selection(64)) and qwt._trial_rank(close) > qwt._trial_rank(qwt.Selection(64))
