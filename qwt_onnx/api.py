@@ -63,7 +63,7 @@ from qwt_onnx.qwt import (
     Selection,
     beats,
     compensate,
-    compensate_either,
+    compensate_without_folds,
     decided_on,
     outputs_gaining,
     qwt_gain_interval,
@@ -150,16 +150,17 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
             candidates, ptq = [streams if c is ptq else c for c in candidates], streams
             base = dataclasses.replace(streams, model=folds.model, score=folds.score, layer_folds=folds.folded,
                                        other_correction=None, int8_residuals_variant=None)
-    selection, compensation, fitted_on, superseded = Selection(), None, base, ""
-    if found and base is not ptq:
-        selection, compensation, fitted_on, superseded = compensate_either(run, base, ptq, found)
-    elif found:
+    selection, compensation = Selection(), None
+    if found:
         selection, compensation = compensate(run, base, found)
     gain_interval = qwt_gain_interval(compensation, base)
     applied = compensation is not None and compensation.model is not None and beats(run, compensation, base, gain_interval)
-    if applied and fitted_on is not base:  # QwT on the PTQ model alone beats the folds, with or without branches
-        folds = dataclasses.replace(folds, written=False, superseded=superseded)
-        base, gain_interval = ptq, qwt_gain_interval(compensation, ptq)
+    alone = compensate_without_folds(run, ptq, found, compensation) if applied and base is not ptq else None
+    if alone is not None:
+        folds = dataclasses.replace(folds, written=False, superseded=f"QwT's branches on the PTQ model alone reach "
+                                    f"{alone[1].sqnr_db:.2f} dB held out, those on the folds {compensation.sqnr_db:.2f}")
+        (selection, compensation), base = alone, ptq
+        gain_interval = qwt_gain_interval(compensation, base)
     on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found) if applied
                                                 else (None, None))
     if on_int8_streams is not None or (not applied and int8_residuals_pay(ptq)):  # only where base is ptq

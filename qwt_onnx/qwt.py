@@ -110,79 +110,7 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block]) -> tuple[Select
     """QwT on the best PTQ model: tried on the first samples (with bias correction either way
     and fitted to either error, where those are to be chosen), then fitted on every calibration
     sample where the trial says it can pay."""
-    return _fit_trial(run, _select(run, ptq, found), ptq, found)
-
-
-def compensate_either(run: Run, folded: Candidate, ptq: Candidate,
-                      found: list[blk.Block]) -> tuple[Selection, Compensation, Candidate, str]:
-    """QwT on the PTQ model with its layer folds (``folded``) or on the PTQ model alone, with the
-    model it is fitted on and, where that is the PTQ model alone, why. Each is tried on the first
-    samples; where the trials tell them apart (one may pay and the other not, or both may and one
-    scores higher beyond noise), the one ahead is fitted on every sample, else both are and the
-    better is kept (the folds where they tie). The folds change what
-    the branches find to fit and which of them fit within --max-slowdown: on MiniLM the folds
-    gained 0.10 dB and the branches on them reached 25.72 dB held out, those on the PTQ model
-    alone 26.77, from trials 0.06 dB apart. Only the chosen one's warnings are the run's."""
-    trials = [(base, *_quietly(run, _select, run, base, found)) for base in (folded, ptq)]
-    (_, on_folds, _), (_, alone, _) = trials
-    told_apart = _trials_told_apart(alone, on_folds)
-    if told_apart:
-        trials = [trials[1] if _trial_rank(alone) > _trial_rank(on_folds) else trials[0]]
-    fitted = []
-    for base, selection, heard in trials:
-        (selection, compensation), fit_heard = _quietly(run, _fit_trial, run, selection, base, found)
-        fitted.append((base, selection, compensation, [*heard, *fit_heard]))
-    base, selection, compensation, heard = max(fitted, key=lambda f: _fitted_db(f[2]))  # the first of equals: the folds
-    for message in heard:
-        run.warnings.warn(message)
-    if base is not ptq:
-        return selection, compensation, base, ""
-    if told_apart:
-        return selection, compensation, base, (
-            f"QwT's branches on the PTQ model alone reach {_trial_db(alone):.2f} dB held out in their trial on the first "
-            f"{alone.samples} samples, those on the folds {_trial_db(on_folds):.2f}"
-            + ("" if _trial_rank(on_folds)[0] else ", too little over the folds to pay"))
-    return selection, compensation, base, (f"QwT's branches on the PTQ model alone reach {_fitted_db(compensation):.2f} dB "
-                                           f"held out, those on the folds {_fitted_db(fitted[0][2]):.2f}")
-
-
-def _quietly(run: Run, call, *args):
-    """``call(*args)``, and the warnings it gave, which are not the run's."""
-    heard, run.warnings = run.warnings, _Unlogged()
-    try:
-        return call(*args), run.warnings
-    finally:
-        run.warnings = heard
-
-
-def _trial_rank(selection: Selection) -> tuple[bool, float]:
-    """A trial's claim to be fitted on every sample: whether it may pay, then its held-out SQNR."""
-    return selection.chosen is not None and not selection.cannot_pay, _trial_db(selection)
-
-
-def _trials_told_apart(a: Selection, b: Selection) -> bool:
-    """Whether one of two trials is ahead: only one may pay, or only one kept a branch, or their
-    held-out scores differ beyond the noise of the scoring samples (the 95% interval of the gain
-    of one over the other excludes zero)."""
-    if _trial_rank(a)[0] != _trial_rank(b)[0] or a.chosen is None or b.chosen is None:
-        return True
-    interval = metrics.gain_interval(a.scores[a.chosen], b.scores[b.chosen])
-    return interval is not None and (interval[0] > 0.0 or interval[1] < 0.0)
-
-
-def _trial_db(selection: Selection) -> float:
-    """The held-out SQNR of the trial chosen, -inf where no trial kept a branch."""
-    return selection.scores[selection.chosen].db if selection.chosen is not None else -np.inf
-
-
-def _fitted_db(compensation: Compensation) -> float:
-    """The held-out SQNR of a compensated model, -inf where there is none."""
-    return compensation.sqnr_db if compensation.model is not None and compensation.sqnr_db is not None else -np.inf
-
-
-def _fit_trial(run: Run, selection: Selection, ptq: Candidate, found: list[blk.Block]) -> tuple[Selection, Compensation]:
-    """QwT as its trial on ``ptq`` chose, fitted on every calibration sample where the trial says it
-    can pay (and within --max-slowdown); where it cannot, the trial's compensation without a model."""
+    selection = _select(run, ptq, found)
     if not selection.sqnr_db:
         run.warnings.warn(
             f"QwT kept no branch on the held-out samples of the first {selection.samples}; "
@@ -205,6 +133,25 @@ def _fit_trial(run: Run, selection: Selection, ptq: Candidate, found: list[blk.B
         return selection, compensation
     score = run.heldout_score(compensation.model, f"evaluating QwT ({chosen.method})")
     return selection, _within_budget(run, dataclasses.replace(compensation, score=score), chosen, found, ptq)
+
+
+def compensate_without_folds(run: Run, ptq: Candidate, found: list[blk.Block],
+                             on_folds: Compensation) -> tuple[Selection, Compensation] | None:
+    """QwT's branches fitted on the PTQ model alone, where on held-out samples they beat those
+    fitted on its layer folds (``on_folds``); else None. The folds change what the branches
+    find to fit and which of them fit within --max-slowdown: on MiniLM the folds gained 0.10 dB
+    and the branches on them reached 25.72 dB held out, those on the PTQ model alone 26.77. Its
+    warnings are the run's only where it is chosen."""
+    heard, run.warnings = run.warnings, _Unlogged()
+    try:
+        selection, alone = compensate(run, ptq, found)
+    finally:
+        heard, run.warnings = run.warnings, heard
+    if alone.model is None or alone.score is None or on_folds.score is None or alone.sqnr_db <= on_folds.sqnr_db:
+        return None
+    for message in heard:
+        run.warnings.warn(message)
+    return selection, alone
 
 
 class _Unlogged(Warnings):
