@@ -260,8 +260,8 @@ def next_reads(value: ir.Value) -> list[tuple[ir.Value, ir.Value]]:
     an op that joins it with what later weighted ops computed from ``value`` (a pre-LN
     transformer's next residual sum: past it, the walk would follow the residual stream through
     every later block); each paired with the tensor it views (itself where it is no quantizer's)."""
-    weighted = [node for node in downstream_nodes([value]) if weight_input(node, dequantized=True) is not None]
-    weighed_later = set(weighted) | downstream_nodes([out for node in weighted for out in node.outputs])
+    weighted = {node for node in downstream_nodes([value]) if weight_input(node, dequantized=True) is not None}
+    weighed_later = weighted | downstream_nodes([out for node in weighted for out in node.outputs])
     found: list[tuple[ir.Value, ir.Value]] = []
     seen: set[ir.Value] = set()
     frontier = [value]
@@ -274,17 +274,17 @@ def next_reads(value: ir.Value) -> list[tuple[ir.Value, ir.Value]]:
         if view is not None:
             found.append((view, v))
             continue
-        passed = [reader for reader in v.consumers() if not _read_as_a_layer_reads(reader, v, weighed_later)]
+        passed = [reader for reader in v.consumers() if not _read_as_a_layer_reads(reader, v, weighted, weighed_later)]
         if v.is_graph_output() or len(passed) < len(v.consumers()):
             found.append((v, v))
         frontier.extend(out for reader in passed for out in reader.outputs)
     return found
 
 
-def _read_as_a_layer_reads(node: ir.Node, value: ir.Value, weighed_later: set[ir.Node]) -> bool:
-    """Whether ``node`` reads ``value`` as a next layer does: as a weighted op's data, in a
-    subgraph, or joined with a tensor that ``weighed_later`` ops computed."""
-    if node.graph is not value.graph or (weight_input(node, dequantized=True) is not None and node.inputs[0] is value):
+def _read_as_a_layer_reads(node: ir.Node, value: ir.Value, weighted: set[ir.Node], weighed_later: set[ir.Node]) -> bool:
+    """Whether ``node`` reads ``value`` as a next layer does: as the data of one of the ``weighted``
+    ops, in a subgraph, or joined with a tensor that ``weighed_later`` ops computed."""
+    if node.graph is not value.graph or (node in weighted and node.inputs[0] is value):
         return True
     return any(other is not value and other.producer() in weighed_later for other in reads(node))
 
