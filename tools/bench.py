@@ -182,6 +182,11 @@ def measured(command: list[str], out: str, entry, reference: list[dict], feeds, 
         return {"error": str(failed).strip().splitlines()[-1][:160]}
 
 
+def verdicts(checks: list[tuple[str, bool]]) -> str:
+    """A model's targets as one line: each label, met or **missed**."""
+    return "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks)
+
+
 def cell(v: dict, metric: bool = False, digits: int = 1) -> str:
     """A scored variant as a table cell: its SQNR (and task metric), or "fails" where it has an error."""
     if "error" in v:
@@ -559,7 +564,7 @@ def _portable_lines(results: list[dict]) -> list[str]:
                          f"{pair('qwt')} | {pair('qwt-full')} | {cost[0]:+.2f}, {cost[1]:+.2f} dB | {gain} |")
             drift = max(abs(v[k]["scores"]["sqnr_db_native_subset"] - v[k]["scores"]["sqnr_db_avx2"]) for k in ("qwt-ptq", "qwt"))
             checks.insert(0, ("PTQ and QwT within 0.3 dB on AVX2", drift <= 0.3))
-        targets.append(f"- **{r['name']}**: " + "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks))
+        targets.append(f"- **{r['name']}**: " + verdicts(checks))
     return lines + ["", "Targets (issue 11): the written PTQ and QwT models score within 0.3 dB of their native score on",
                     "the AVX2-only CPU; the portable default costs at most 0.5 dB (CNNs) or 1 dB (transformers) on the",
                     "QwT model against full-range weights on a VNNI CPU.", ""] + targets
@@ -623,7 +628,7 @@ def _target_lines(results: list[dict]) -> list[str]:
         if "qwt-affine" in v:
             checks.append(("folds above PTQ", v["qwt-affine"]["scores"]["sqnr_db"] > v["qwt-ptq"]["scores"]["sqnr_db"]))
             checks.append(("folds ≤ 1.02× PTQ latency", max(_ratios(v, "qwt-affine", "qwt-ptq")) <= 1.02))
-        out.append(f"- **{r['name']}**: " + "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks))
+        out.append(f"- **{r['name']}**: " + verdicts(checks))
     return out
 
 

@@ -135,7 +135,7 @@ def _targets(r: dict) -> str:
               ("folds above PTQ", v["affine"]["sqnr_db"] > v["ptq"]["sqnr_db"])]
     if r["name"] in bench.TRANSFORMERS:
         checks.append(("auto within 0.2 dB of branches", v["auto"]["sqnr_db"] >= v["branch"]["sqnr_db"] - 0.2))
-    return "; ".join(f"{label} {'met' if ok else '**missed**'}" for label, ok in checks)
+    return bench.verdicts(checks)
 
 
 def markdown(results: list[dict]) -> str:
