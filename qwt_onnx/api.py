@@ -114,7 +114,7 @@ def quantize_with_report(
 
 
 def _quantize(model, calib, output, quantized, options: Options, report) -> tuple[onnx.ModelProto, Report]:
-    started = time.perf_counter()
+    clock = Stopwatch()
     check_output(model, output)
     warnings = Warnings()
     fp = load_fp32(model)
@@ -126,8 +126,9 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     output_parts = () if options.outputs else parts.output_parts(fp.graph)
     options = options.replace(outputs=options.outputs or unselected(fp, output_parts, selected) or output_parts)
     if selected:
-        warnings.warn(f"outputs computed from NonMaxSuppression's selections ({', '.join(selected)}) are not scored, as "
-                      f"which boxes it keeps flips with a step in a score: what it reads is ({', '.join(options.outputs)})")
+        warnings.warn(f"outputs computed from selections ({', '.join(selected)}: a NonMaxSuppression, or a comparison or "
+                      f"Sign after the last weighted op) are not scored, as what they keep flips with a step in what they "
+                      f"read: what is scored is ({', '.join(options.outputs)})")
     calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
     for name in calib_set.unscaled:
         warnings.warn(f"calibration array {name!r} holds {calib_set.arrays[name].dtype} values for a float input: they are fed "
@@ -140,12 +141,15 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     found = find_blocks(run) if options.qwt and options.compensation != CompensationKind.AFFINE else []
     _warn_of_few_heldout_samples(run, quantized is not None)
 
+    clock.lap("loading")
     candidates = given_candidate(run, given) if given is not None else ptq_candidates(run)
     ptq = best_candidate(candidates)
+    clock.lap("PTQ")
     candidates = [c if c is ptq else dataclasses.replace(c, other_correction=None) for c in candidates]  # only PTQ's is tried
     folds, base = None, ptq  # base: the model QwT's branches are fitted on and measured against
     if options.qwt and options.compensation != CompensationKind.BRANCH:
         folds, streams = _fold_layers(run, ptq)
+        clock.lap("layer folds")
         if folds.written:
             candidates, ptq = [streams if c is ptq else c for c in candidates], streams
             base = dataclasses.replace(streams, model=folds.model, score=folds.score, layer_folds=folds.folded,
@@ -168,6 +172,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         ptq = base = ptq.int8_residuals_variant
     if on_int8_streams is not None:
         compensation, gain_interval = on_int8_streams, qwt_gain_interval(on_int8_streams, ptq)
+    clock.lap("QwT")
     written = compensation.model if applied else base.model
     for name in exposed:  # scored, not the user's
         written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
@@ -185,12 +190,30 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         raise RuntimeError(f"the written model fails onnx.checker: {exc}") from exc
     if output is not None:
         prepare.save_atomically(written, output)
-    result = _report(run, candidates, ptq, selection, compensation, applied, gain_interval, output, started,
+    clock.lap("writing")
+    result = _report(run, candidates, ptq, selection, compensation, applied, gain_interval, output, clock,
                      qwt_int8_residuals_gain, folds)
     if report is not None:
         with open(report, "w") as f:
             f.write(result.to_json())
     return proto, result
+
+
+class Stopwatch:
+    """Wall time of the run and of each of its steps."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, step: str) -> None:
+        """Count the time since the last lap to ``step``."""
+        now = time.perf_counter()
+        self.laps[step] = self.laps.get(step, 0.0) + now - self.last
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _fold_layers(run: Run, ptq: Candidate) -> tuple[LayerFolds, Candidate]:
@@ -301,7 +324,7 @@ def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] |
 
 
 def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensation: Compensation | None,
-            applied: bool, gain_interval: tuple[float, float] | None, output, started: float,
+            applied: bool, gain_interval: tuple[float, float] | None, output, clock: Stopwatch,
             qwt_int8_residuals_gain: float | None = None, folds: LayerFolds | None = None) -> Report:
     """The run's report, from what its steps returned."""
     fp32_parameters = sum(v.const_value.size for v in run.fp.graph.initializers.values() if v.const_value is not None)
@@ -364,7 +387,8 @@ def _report(run: Run, candidates, ptq: Candidate, selection: Selection, compensa
         **_branch_budget(compensation.budget if compensation is not None else None),
         fp32_parameters=int(fp32_parameters),
         added_parameters=sum(b.parameters for b in blocks) if applied else 0,
-        seconds=time.perf_counter() - started,
+        seconds=clock.elapsed(),
+        step_seconds=dict(clock.laps),
         output=os.fspath(output) if output is not None else None,
         warnings=list(run.warnings),
         options=dataclasses.asdict(run.options),

@@ -9,6 +9,7 @@ import os
 import onnx
 import onnx_ir as ir
 
+from qwt_onnx.analysis import parts
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
@@ -63,23 +64,28 @@ def _prepared(model: ModelLike, role: str) -> ir.Model:
 
 
 def expose_what_selections_read(fp: ir.Model) -> tuple[list[str], list[str]]:
-    """A detector's outputs after its NonMaxSuppression hold the boxes it kept, which a step in a
-    score flips in or out: the tensors it reads (boxes, scores) are made outputs of ``fp`` to be
-    scored instead, and taken out of the written model. Their names, and the selections'."""
-    read, selected = g.selections(fp.graph)
+    """A detector's outputs after its selections (a NonMaxSuppression's boxes, a max-pool NMS's
+    peaks, an atan2's angle) flip with a step in what they read: the tensors the selecting ops
+    read (boxes, scores, the peaks' heat map) are made outputs of ``fp`` to be scored instead,
+    and taken out of the written model. Their names, and the labels of the outputs and parts
+    (:mod:`qwt_onnx.analysis.parts`) computed from the selections."""
+    read, selecting = g.selections(fp.graph)
+    selected = parts.labels_computed_from(fp.graph, [v for node in selecting for v in node.outputs])
+    if not selected:
+        return [], []
     present = {v.name for v in fp.graph.outputs}
-    exposed = [v for v in dict.fromkeys(read) if v.name not in present]
+    exposed = [v for v in read if v.name not in present]
     fp.graph.outputs.extend(exposed)
     return [v.name for v in exposed], selected
 
 
 def unselected(fp: ir.Model, output_parts: tuple[str, ...], selected: list[str]) -> tuple[str, ...]:
-    """The labels to score where some outputs are NonMaxSuppression's selections: every float
-    output or part but those; () where there are none."""
+    """The labels to score where some outputs or parts are selections: every float output or
+    part but those; () where there are none."""
     if not selected:
         return ()
     labels = output_parts or tuple(v.name for v in fp.graph.outputs if v.dtype is not None and v.dtype.is_floating_point())
-    return tuple(label for label in labels if metrics.part_of(label)[0] not in selected)
+    return tuple(label for label in labels if label not in selected and metrics.part_of(label)[0] not in selected)
 
 
 def check_outputs(fp: ir.Model, chosen: tuple[str, ...]) -> None:

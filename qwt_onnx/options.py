@@ -203,7 +203,8 @@ class Options:
         (), "graph outputs whose held-out SQNR to FP32 decides (the worst of them), comma-separated; a part of "
         "one as NAME[INDEX], numpy-style with the samples' axis first (a detector's class scores: output0[:, 4:]); "
         "default: every float output, one that a Concat of different ops builds scored part by part, and in place "
-        "of those computed from a NonMaxSuppression's selections the boxes and scores it reads", metavar="NAMES",
+        "of those computed from selections what the selecting ops read (a NonMaxSuppression's boxes and scores; "
+        "a max-pool NMS's heat map, an atan2's operands: comparisons and Sign after the last weighted op)", metavar="NAMES",
     )
     check_outputs: bool = _option(
         False, "experimental: keep a branch only where it also brings the held-out outputs closer to FP32 (each "

@@ -120,6 +120,7 @@ class Report:
     fp32_parameters: int = 0
     added_parameters: int = 0
     seconds: float = 0.0
+    step_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # loading, PTQ, layer folds, QwT, writing
     output: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     options: dict = dataclasses.field(default_factory=dict)  # every option of the run, defaults resolved
@@ -248,7 +249,8 @@ def format_summary(report: Report, source: str) -> str:
     folded = "PTQ model with layer folds" if report.layer_folds_written else "PTQ model"
     on_folds = f" (its branches on the {folded})" if report.qwt_on_layer_folds else ""
     written = f"QwT model{on_folds}" if report.qwt_applied else folded
-    lines.append(f"done in {report.seconds:.1f} s; wrote the {written} to {report.output}")
+    steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in report.step_seconds.items())
+    lines.append(f"done in {report.seconds:.1f} s{f' ({steps})' if steps else ''}; wrote the {written} to {report.output}")
     return "\n".join(lines)
 
 

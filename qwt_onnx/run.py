@@ -16,7 +16,6 @@ from qwt_onnx.analysis.placement import Exclusions, Placement, log_front_end, pl
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
-from qwt_onnx.numerics import metrics
 from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.options import BranchPrecision, Options, Residuals, Target, WeightRange
 from qwt_onnx.options import Compensation as CompensationKind
@@ -207,6 +206,5 @@ class Run:
         calib = calib or self.calib
         if not calib.scoring_mask.any():
             return None
-        reference = self._scoring_reference(calib)
-        outputs = observe.heldout_outputs(prepare.to_proto(model), calib, self.batch_size, description)
-        return metrics.score(reference, outputs, self.options.outputs)
+        return observe.heldout_score(prepare.to_proto(model), calib, self.batch_size, self._scoring_reference(calib),
+                                     self.options.outputs, description)

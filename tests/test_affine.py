@@ -38,6 +38,19 @@ def test_the_fit_recovers_each_channels_scale_and_shift_and_keeps_only_channels_
     assert fit.kept_targets == 5 and fit.error_ratio_heldout < 0.5 and fit.r2_heldout > 0.5
 
 
+@pytest.mark.parametrize("shape, axis", [((7, 5, 3, 4), 1), ((7, 3, 4, 5), 3), ((7, 5), -1), ((0, 5, 2), 1)])
+def test_channel_statistics_sum_each_channel_in_any_layout(shape, axis, monkeypatch):
+    monkeypatch.setattr("qwt_onnx.numerics.affine.UPDATE_CHUNK", 16)  # several chunks of rows
+    rng = np.random.default_rng(2)
+    z, r = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    stats = ChannelStatistics(shape[axis])
+    stats.update(z, r, axis)
+    zc, rc = (np.moveaxis(a, axis, 0).reshape(shape[axis], -1).astype(np.float64) for a in (z, r))
+    expected = [zc.sum(1), rc.sum(1), (zc * zc).sum(1), (zc * rc).sum(1), (rc * rc).sum(1)]
+    np.testing.assert_allclose(stats.sums, np.stack(expected), rtol=1e-12, atol=1e-12)
+    assert stats.count == zc.shape[1]
+
+
 def test_a_fit_that_would_flip_a_channels_sign_is_not_kept():
     rng = np.random.default_rng(1)
     z = rng.standard_normal((500, 3)).astype(np.float32)

@@ -198,6 +198,17 @@ def _heldout_sqnr(model, check, calib):
     return min(metrics.sqnr_db_per_output(check.reference, outputs).values())
 
 
+@pytest.mark.parametrize("batch_size", [8, 5])  # 5 does not divide the scoring samples
+def test_a_held_out_score_taken_batch_by_batch_equals_the_score_of_the_joined_outputs(batch_size):
+    fp, q, calib = _min_max_quantized(graphs.resnet())
+    reference = observe.heldout_outputs(prepare.to_proto(fp), calib, 8, "reference")
+    joined = metrics.score(reference, observe.heldout_outputs(prepare.to_proto(q), calib, 8, "scoring"))
+    streamed = observe.heldout_score(prepare.to_proto(q), calib, batch_size, reference, (), "scoring")
+    assert streamed.outputs_db == pytest.approx(joined.outputs_db, rel=1e-12) and np.isfinite(streamed.db)
+    for name, energies in joined.energies.items():
+        np.testing.assert_allclose(streamed.energies[name].noise, energies.noise, rtol=1e-12)
+
+
 def test_branches_checked_at_the_outputs_add_up_to_the_written_models_gain():
     fp, q, calib = _min_max_quantized(graphs.resnet())
     check = _output_check(fp, calib)

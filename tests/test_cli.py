@@ -76,6 +76,9 @@ def test_quantizes_with_a_summary_and_a_report(files):
     assert len(figures["blocks"]) == 4 and figures["samples"] == 48 and figures["method"] == "minmax"
     assert set(figures["gptq_gain_db"]) == {"minmax"} and figures["options"]["rounding"] == "auto"
     assert figures["equalizable"] == 3 and figures["options"]["equalization"] == "auto"
+    steps = figures["step_seconds"]
+    assert list(steps) == ["loading", "PTQ", "layer folds", "QwT", "writing"] and sum(steps.values()) <= figures["seconds"]
+    assert f"(loading {steps['loading']:.1f} s, PTQ {steps['PTQ']:.1f} s" in result.stdout
 
 
 @pytest.mark.slow

@@ -62,3 +62,43 @@ def test_each_part_decides_by_default_and_the_user_can_score_the_output_whole():
     _, whole = quantize_with_report(model, calib, outputs=("output",), **fast)
     assert whole.output_parts == [] and whole.sqnr_ptq_db == pytest.approx(sqnr_db_per_output(reference, test)["output"], abs=1e-3)
 
+
+
+def _keypoint_head(mask_then_conv: bool = False):
+    """A keypoint head, channels last: a Conv's offsets beside a Sigmoid heat map and that map's
+    peaks (a max-pool NMS: the map where it equals its 3x3 max, else 0), one Concat; or, with
+    ``mask_then_conv``, the peaks' mask applied inside the network, a Conv after it."""
+    b = graphs.GraphBuilder(seed=3)
+    features = b.op("Relu", [b.op("Conv", ["x", b.weight("c1", (8, 3, 3, 3))], "/c1", pads=[1] * 4)], "/relu")
+    heat = b.op("Sigmoid", [b.op("Conv", [features, b.weight("heat", (1, 8, 1, 1))], "/heat")], "/sigmoid")
+    pooled = b.op("MaxPool", [heat], "/pool", kernel_shape=[3, 3], pads=[1] * 4, strides=[1, 1])
+    peaks = b.op("Mul", [heat, b.op("Cast", [b.op("Equal", [heat, pooled], "/peak")], "/mask", to=TensorProto.FLOAT)], "/nms")
+    if mask_then_conv:
+        b.op("Conv", [b.op("Mul", [features, peaks], "/gate"), b.weight("out", (2, 8, 1, 1))], "/out")
+        channels = 2
+    else:
+        offsets = b.op("Conv", [features, b.weight("offsets", (2, 8, 1, 1))], "/offsets")
+        b.op("Concat", [offsets, heat, peaks], "/join", axis=1)
+        channels = 4
+    b.op("Transpose", [b.nodes[-1].output[0]], "/nhwc", perm=[0, 2, 3, 1])
+    b.nodes[-1].output[0] = "y"
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8, channels])])
+
+
+def test_a_part_computed_through_a_max_pool_nms_is_scored_on_the_heat_map_it_reads():
+    model = _keypoint_head()
+    written, report = quantize_with_report(model, graphs.samples(model, 40, seed=1), qwt=False, calib_method="minmax",
+                                           progress=False)
+    # the peaks flip with a step in the heat map: the map and its max-pool are scored instead of them
+    assert report.output_parts == ["y[:, :, :, 0:2]", "y[:, :, :, 2:3]", "y[:, :, :, 3:4]", "/sigmoid_out", "/pool_out"]
+    assert report.outputs == ["y[:, :, :, 0:2]", "y[:, :, :, 2:3]", "/sigmoid_out", "/pool_out"]
+    assert any("y[:, :, :, 3:4]: a NonMaxSuppression, or a comparison" in w for w in report.warnings)
+    assert [o.name for o in written.graph.output] == ["y"]
+
+
+def test_a_comparison_that_a_weighted_op_follows_is_part_of_the_network_and_not_a_selection():
+    model = _keypoint_head(mask_then_conv=True)
+    _, report = quantize_with_report(model, graphs.samples(model, 40, seed=1), qwt=False, calib_method="minmax",
+                                     progress=False)
+    assert report.outputs == [] and not any("selections" in w for w in report.warnings)  # every output, whole

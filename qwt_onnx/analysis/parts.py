@@ -23,6 +23,7 @@ import math
 import onnx_ir as ir
 
 from qwt_onnx.graph import prepare
+from qwt_onnx.graph import query as g
 
 # Cast too: a half-precision model's outputs are cast back from the float32 they are computed in (passes.upcast)
 SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
@@ -45,8 +46,46 @@ def output_parts(graph: ir.Graph) -> tuple[str, ...]:
             continue
         axis, bounds = split
         split_any = True
-        labels += [f"{value.name}[{', '.join([':'] * axis + [f'{start}:{stop}'])}]" for start, stop in bounds]
+        labels += [_label(value.name, axis, start, stop) for start, stop in bounds]
     return tuple(labels) if split_any else ()
+
+
+def labels_computed_from(graph: ir.Graph, values: list[ir.Value]) -> list[str]:
+    """The float outputs computed from any of ``values``, and of an output with parts (as
+    :func:`output_parts` labels them) the parts: those of its parts computed from them."""
+    downstream = g.downstream_nodes(values)
+
+    def reached(value: ir.Value) -> bool:
+        return value in values or value.producer() in downstream
+
+    labels = []
+    for output in graph.outputs:
+        if output.dtype is None or not output.dtype.is_floating_point() or not reached(output):
+            continue
+        split = split_of(output)
+        if split is None:
+            labels.append(output.name)
+            continue
+        axis, bounds = split
+        labels += [_label(output.name, axis, start, stop)
+                   for (start, stop), made_of in zip(bounds, _part_sources(output)) if any(reached(v) for v in made_of)]
+    return labels
+
+
+def _label(name: str, axis: int, start: int, stop: int) -> str:
+    return f"{name}[{', '.join([':'] * axis + [f'{start}:{stop}'])}]"
+
+
+def _part_sources(value: ir.Value) -> list[list[ir.Value]]:
+    """Per part of ``value`` (which :func:`split_of` splits), the tensors it is made of: a Concat's
+    input, or that input of each of several Concats split alike (a head's levels)."""
+    node = value.producer()
+    if node.op_type in SHAPE_ONLY:
+        return _part_sources(node.inputs[0])
+    if len({_maker(x) for x in node.inputs}) > 1:
+        return [[x] for x in node.inputs]
+    inner = [_part_sources(x) for x in node.inputs]
+    return [[v for parts in inner for v in parts[k]] for k in range(len(inner[0]))]
 
 
 def split_of(value: ir.Value) -> Split | None:

@@ -193,14 +193,33 @@ def outputs_reached(graph: ir.Graph, value: ir.Value) -> list[str]:
     return [o.name for o in graph.outputs if o is value or o.producer() in downstream]
 
 
-def selections(graph: ir.Graph) -> tuple[list[ir.Value], list[str]]:
-    """The computed float tensors that NonMaxSuppression nodes read (boxes, scores), and the names
-    of the graph outputs computed from what they select: where outputs of both exist."""
-    nms = [n for n in graph if n.op_type == "NonMaxSuppression" and is_default_domain(n)]
-    read = [v for n in nms for v in n.inputs[:2]
-            if v is not None and not is_constant(v) and v.dtype is not None and v.dtype.is_floating_point()]
-    selected = sorted({name for n in nms for value in n.outputs for name in outputs_reached(graph, value)})
-    return (read, selected) if read and selected else ([], [])
+# Ops whose output steps as what they read crosses a value: an output computed from them flips
+# with a small change there (a max-pool NMS's mask, where x == MaxPool(x); atan2's quadrant).
+STEP_OPS = frozenset({"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sign"})
+
+
+def selections(graph: ir.Graph) -> tuple[list[ir.Value], list[ir.Node]]:
+    """The computed float tensors that the model's selections read, and the selecting nodes: a
+    NonMaxSuppression (the boxes and scores it reads), and a comparison or Sign of a computed
+    float tensor after the last weighted op (the head's post-processing: a max-pool NMS, an
+    atan2). Where a weighted op follows, the step is part of the network (a mask it computes
+    with), and what the outputs read of it is scored as they are. ([], []) where none selects."""
+    read, selecting = [], []
+    for node in graph:
+        if not is_default_domain(node):
+            continue
+        if node.op_type == "NonMaxSuppression":
+            inputs = node.inputs[:2]
+        elif node.op_type in STEP_OPS and not any(n.op_type in WEIGHTED_OPS for n in downstream_nodes(node.outputs)):
+            inputs = node.inputs
+        else:
+            continue
+        floats = [v for v in inputs if v is not None and not is_constant(v) and v.producer() is not None
+                  and v.dtype is not None and v.dtype.is_floating_point()]
+        if floats:
+            read += floats
+            selecting.append(node)
+    return list(dict.fromkeys(read)), selecting
 
 
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
