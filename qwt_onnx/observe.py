@@ -134,6 +134,7 @@ def observe(
             for name in output_names:
                 if _scored(values[name]):
                     kept.setdefault(name, []).append(move_samples(values[name], axes[name], batch.size)[scoring])
+            values = None  # let go before the next batch's run: else two batches of every observed tensor are held at its peak
     # Outputs whose shape depends on their batch (a decoder that runs until every sequence of its
     # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
