@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", help="FP32 ONNX model, or zoo:NAME for a zoo model with its own calibration data")
     parser.add_argument("output", help="where to write the quantized model")
-    parser.add_argument("--calib", help=".npz keyed by input name (or .npy for one input), samples on axis 0")
+    parser.add_argument("--calib", help=".npz keyed by input name (or .npy for one input), samples on axis 0 (for a model "
+                        "whose inputs hold one sample and no batch axis, whole inputs stacked on a new axis 0)")
     parser.add_argument("--quantized", metavar="Q.onnx", help="apply QwT on top of this QDQ model instead of our Q/DQ pass")
     options.add_arguments(parser)
     parser.add_argument("--report", metavar="FILE.json", help="write per-block figures as JSON")

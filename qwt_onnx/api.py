@@ -35,7 +35,7 @@ from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import parts
 from qwt_onnx.analysis.equalization import channel_groups
 from qwt_onnx.analysis.placement import left_float
-from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet
+from qwt_onnx.calibration import HELDOUT_EVERY, CalibrationSet, read_arrays, stacks_whole_inputs
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.inputs import (
@@ -53,6 +53,7 @@ from qwt_onnx.numerics import metrics
 from qwt_onnx.options import BiasCorrection, CalibMethod, Options, Target
 from qwt_onnx.options import Compensation as CompensationKind
 from qwt_onnx.options import Equalization as EqualizationChoice
+from qwt_onnx.passes import samples_axis
 from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
 from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHardSigmoidPass
 from qwt_onnx.progress import shown as progress_shown
@@ -122,6 +123,12 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if quantized is None and (options.weight_bits == 4 or options.activation_bits == 16):
         fp = prepare.upgrade_opset(fp, prepare.LOW_BIT_OPSET, " (int4 weights and 16-bit activations need it)")
     check_outputs(fp, options.outputs)
+    arrays = read_arrays(calib, prepare.input_specs(fp))
+    one_sample = None  # the input shapes of a model fed whole inputs, given a samples axis while the passes run
+    if stacks_whole_inputs(arrays, prepare.input_specs(fp)):
+        one_sample = samples_axis.shapes(fp)
+        for each in filter(None, (fp, given)):
+            samples_axis.AddSamplesAxisPass()(each)
     exposed, selected = ([], []) if quantized is not None or options.outputs else expose_what_selections_read(fp)
     output_parts = () if options.outputs else parts.output_parts(fp.graph)
     options = options.replace(outputs=options.outputs or unselected(fp, output_parts, selected) or output_parts)
@@ -129,7 +136,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         warnings.warn(f"outputs computed from selections ({', '.join(selected)}: a NonMaxSuppression, or a comparison or "
                       f"Sign after the last weighted op) are not scored, as what they keep flips with a step in what they "
                       f"read: what is scored is ({', '.join(options.outputs)})")
-    calib_set = CalibrationSet.load(calib, prepare.input_specs(fp), options.samples)
+    calib_set = CalibrationSet.load(arrays, prepare.input_specs(fp), options.samples)
     for name in calib_set.unscaled:
         warnings.warn(f"calibration array {name!r} holds {calib_set.arrays[name].dtype} values for a float input: they are fed "
                       "unscaled; if the model expects them scaled (to 0..1, or by a mean and deviation), scale the samples first")
@@ -178,6 +185,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         written.graph.outputs.pop(next(i for i, v in enumerate(written.graph.outputs) if v.name == name))
     if fp.meta.get("fixed_batch"):  # the user's interface: fed that many samples at a time
         prepare.fix_batch(written, fp.meta["fixed_batch"])
+    if one_sample is not None:  # ... or one whole input
+        samples_axis.RemoveSamplesAxisPass(one_sample)(written)
     if options.target == Target.ORT:
         FuseDequantizedGeluPass()(written)
         IntegerHardSigmoidPass()(written)

@@ -96,29 +96,7 @@ class CalibrationSet:
     ) -> CalibrationSet:
         """The first ``num_samples`` samples (default: all) of a ``.npz`` (keys are input names), a
         ``.npy`` (single input) or a dict; only those are read and checked for NaN and Inf."""
-        if isinstance(source, Mapping):
-            return cls(_first(source, num_samples, specs), specs)
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
-        try:
-            arrays = _map_file(path)
-        except _PythonObjects as exc:
-            raise InputError(
-                f"calibration file {path}: {exc} holds Python objects, as numpy saves samples of different shapes; save "
-                "each input's samples as one numeric array, stacked on axis 0 at one shape (resize or pad them to it)"
-            ) from None
-        except Exception as exc:  # numpy and zipfile raise several types for unreadable files
-            raise InputError(f"cannot read calibration file {path} ({exc}); write it with numpy.savez or numpy.save") from None
-        if isinstance(arrays, np.ndarray):
-            if len(specs) != 1:
-                names = ", ".join(s.name for s in specs)
-                raise InputError(
-                    f"{path} holds one array but the model has {len(specs)} inputs ({names}); "
-                    "save a .npz with one key per input"
-                )
-            arrays = {specs[0].name: arrays}
-        return cls(_first(arrays, num_samples, specs), specs)
+        return cls(_first(read_arrays(source, specs), num_samples, specs), specs)
 
     @property
     def unscaled(self) -> list[str]:
@@ -189,6 +167,41 @@ class CalibrationSet:
     def num_batches(self, batch_size: int, indices: np.ndarray | None = None) -> int:
         count = self.num_samples if indices is None else len(indices)
         return -(-count // batch_size)
+
+
+def read_arrays(source: str | os.PathLike | Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` (keys are input names) or a ``.npy`` (single input), memory-mapped
+    where stored uncompressed (:func:`_map_file`), or of a dict, keyed by input name."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise InputError(f"calibration file {path} does not exist; pass --calib an existing .npz or .npy file")
+    try:
+        arrays = _map_file(path)
+    except _PythonObjects as exc:
+        raise InputError(
+            f"calibration file {path}: {exc} holds Python objects, as numpy saves samples of different shapes; save "
+            "each input's samples as one numeric array, stacked on axis 0 at one shape (resize or pad them to it)"
+        ) from None
+    except Exception as exc:  # numpy and zipfile raise several types for unreadable files
+        raise InputError(f"cannot read calibration file {path} ({exc}); write it with numpy.savez or numpy.save") from None
+    if isinstance(arrays, np.ndarray):
+        if len(specs) != 1:
+            names = ", ".join(s.name for s in specs)
+            raise InputError(
+                f"{path} holds one array but the model has {len(specs)} inputs ({names}); "
+                "save a .npz with one key per input"
+            )
+        arrays = {specs[0].name: arrays}
+    return arrays
+
+
+def stacks_whole_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
+    """Whether every input's array has one axis more than the input: whole inputs stacked on a
+    new axis 0, for a model whose inputs hold one sample each (a sequence [T, F] and no batch)."""
+    return bool(specs) and all(isinstance(arrays.get(spec.name), np.ndarray) and arrays[spec.name].ndim == len(spec.shape) + 1
+                               for spec in specs)
 
 
 def _moments(array: np.ndarray, axis: int, num_samples: int, chunk: int = 64) -> list[tuple[float, ...]]:

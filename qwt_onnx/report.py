@@ -235,11 +235,15 @@ def format_summary(report: Report, source: str) -> str:
         lines.append(_layer_folds(report))
     if len(report.output_sqnr_ptq_db) > 1:
         chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"
-        line = f"held-out SQNR per output ({chosen} decides): PTQ " + _scores(report.output_sqnr_ptq_db, None)
-        if report.output_sqnr_layer_folds_db and report.layer_folds_written:
-            line += "; with layer folds " + _scores(report.output_sqnr_layer_folds_db, None)
-        if report.output_sqnr_qwt_db:
-            line += "; QwT " + _scores(report.output_sqnr_qwt_db, None)
+        listed = {"PTQ": report.output_sqnr_ptq_db, "with layer folds": report.output_sqnr_layer_folds_db
+                  if report.layer_folds_written else {}, "QwT": report.output_sqnr_qwt_db}
+        # outputs no quantized op reaches (a float LSTM's final states) are exact in every model: named once
+        exact = [name for name in report.output_sqnr_ptq_db if all(s.get(name, math.inf) == math.inf for s in listed.values())]
+        measured = [f"{label} " + _scores({n: db for n, db in scores.items() if n not in exact}, None)
+                    for label, scores in listed.items() if scores]
+        line = f"held-out SQNR per output ({chosen} decides): " + "; ".join(measured)
+        if exact:
+            line += f"; exact in each: {_names(exact)}"
         lines.append(line)
     if report.branches_slowdown:
         lines.append(_branch_time(report))
@@ -425,6 +429,12 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _names(names: list[str], shown: int = 2) -> str:
+    """``names`` joined, the first ``shown`` of a longer list and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _scores(scores: dict[str, float], chosen: str | None) -> str:

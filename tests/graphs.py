@@ -309,6 +309,24 @@ def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8, conv_head: 
     )
 
 
+def unbatched_tagger(seed: int = 0, features: int = 8, hidden: int = 16, classes: int = 4) -> onnx.ModelProto:
+    """One whole sequence in, no batch (madmom's beat trackers, [T, F]): a residual MLP on the
+    frames, per-frame scores [T, classes] and their mean over the sequence [classes]."""
+    b = GraphBuilder(seed)
+    h = b.op("Relu", [b.op("Add", [b.op("MatMul", ["frames", b.weight("/up/weight", (features, hidden))], "/up/MatMul"),
+                                   b.const("/up/bias", np.full(hidden, 0.1, np.float32))], "/up/Add")], "/up/relu")
+    down = b.op("Add", [b.op("MatMul", [h, b.weight("/down/weight", (hidden, features))], "/down/MatMul"),
+                        b.const("/down/bias", np.full(features, -0.1, np.float32))], "/down/Add")
+    mixed = b.op("Add", ["frames", down], "/residual")
+    b.op("MatMul", [mixed, b.weight("/head/weight", (features, classes))], "/head/MatMul")
+    b.nodes[-1].output[0] = "scores"
+    b.op("ReduceMean", ["scores"], "/summary", axes=[0], keepdims=0)
+    b.nodes[-1].output[0] = "summary"
+    return b.model([helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["T", features])],
+                   [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["T", classes]),
+                    helper.make_tensor_value_info("summary", TensorProto.FLOAT, [classes])])
+
+
 def time_major_tagger(seed: int = 0, steps: int = 12, features: int = 16, hidden: int = 16, classes: int = 10) -> onnx.ModelProto:
     """A recurrent tagger as PyTorch exports one without ``batch_first`` (a CRNN's head): the
     input [batch, T, C] transposed to time-major [T, batch, C], a float LSTM, then two dense

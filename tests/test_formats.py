@@ -15,6 +15,7 @@ from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.metrics import mean_squared_error
+from qwt_onnx.passes import samples_axis
 from qwt_onnx.report import format_summary
 from qwt_onnx.runtime import run_in_batches, session
 from tests import graphs
@@ -325,3 +326,47 @@ def test_a_conv_head_after_an_if_of_unknown_output_shape_gets_its_branch():
     _, report = quantize_with_report(model, calib, calib_method="minmax", min_gain=0.0, progress=False, **graphs.ANY_RUN_TIME)
     head = report.blocks[-1]
     assert (head.input, head.output) == ("/to_frames_out", "prob") and head.r2_heldout is not None, head.note
+
+
+def test_a_model_fed_one_whole_sequence_is_calibrated_on_sequences_stacked_on_a_new_axis():
+    # madmom's beat trackers take one spectrogram [T, F] and no batch: their sequences come stacked
+    # [N, T, F], each fed whole (frames as samples would cut them into batches of frames)
+    model = graphs.unbatched_tagger()
+    rng = np.random.default_rng(0)
+    sequences = (rng.standard_normal((60, 24, 8)) * np.linspace(0.5, 2.0, 8)).astype(np.float32)
+    quantized, report = quantize_with_report(model, {"frames": sequences}, calib_method="minmax", compensation="branch",
+                                             progress=False, **graphs.SYSTEMATIC_ERROR, **graphs.ANY_RUN_TIME)
+    assert report.batch_size == 1 and report.samples == 60
+    interface = [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                 for v in [*quantized.graph.input, *quantized.graph.output]]
+    assert interface == [("frames", ["T", 8]), ("scores", ["T", 4]), ("summary", [4])]
+    assert not any(n.name.startswith(samples_axis.PREFIX) for n in quantized.graph.node)
+    # the residual block's tokens [T, C] have no samples axis; fitted as one sample's [1, T, C]
+    assert any(b.kept for b in report.blocks) and not any("no common axis" in b.note for b in report.blocks)
+    for length in (24, 37):  # any length, as the FP32 model takes
+        test = (rng.standard_normal((length, 8)) * np.linspace(0.5, 2.0, 8)).astype(np.float32)
+        reference, written = session(model).run(None, {"frames": test}), session(quantized).run(None, {"frames": test})
+        assert [w.shape for w in written] == [(length, 4), (4,)]
+        assert all(np.allclose(r, w, atol=0.1) for r, w in zip(reference, written))
+
+
+def test_the_samples_axis_given_to_a_model_fed_whole_inputs_is_taken_out_around_what_the_passes_added():
+    model = prepare.ir.serde.deserialize_model(graphs.unbatched_tagger())
+    shapes = samples_axis.shapes(model)
+    samples_axis.AddSamplesAxisPass()(model)
+    frames = model.graph.inputs[0]
+    assert list(frames.shape) == [1, "T", 8] and [list(v.shape) for v in model.graph.outputs] == [["T", 4], [4]]
+    doubled = prepare.ir.node("Add", [frames, frames], name="/doubled")  # a pass's reader of the input as fed to it
+    doubled.outputs[0].name, doubled.outputs[0].dtype, doubled.outputs[0].shape = "frames_doubled", frames.dtype, frames.shape
+    model.graph.insert_before(model.graph[0], doubled)
+    model.graph.outputs.append(doubled.outputs[0])
+    samples_axis.RemoveSamplesAxisPass(shapes)(model)
+    written = prepare.to_proto(model)
+    onnx.checker.check_model(written)
+    assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in written.graph.input] == [["T", 8]]
+    test = {"frames": np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)}
+    scores, summary, doubled = session(written).run(None, test)
+    reference = session(graphs.unbatched_tagger()).run(None, test)
+    np.testing.assert_allclose(scores, reference[0], rtol=1e-5)
+    np.testing.assert_allclose(summary, reference[1], rtol=1e-5)
+    np.testing.assert_allclose(doubled, 2 * test["frames"][np.newaxis], rtol=1e-6)

@@ -248,6 +248,14 @@ def _samples_axis(x_shape: tuple[int, ...], y_shape: tuple[int, ...], count: int
     return next((a for a in candidates if x_shape[a] == y_shape[a] == count), None)
 
 
+def _without_samples_axis(x_shape: tuple[int, ...], y_shape: tuple[int, ...], count: int, channels_first: bool) -> bool:
+    """Whether a block's input and output are one sample's tokens with no axis for it (a model fed
+    whole inputs, [T, C]): they are then fitted as [1, T, C]. Not feature maps, whose branch, a
+    convolution, needs the batch axis that its graph tensors lack."""
+    common = range(min(len(x_shape), len(y_shape)) - 1)
+    return count == 1 and not channels_first and not any(x_shape[a] == y_shape[a] == 1 for a in common)
+
+
 class _Stream:
     """The quantized stream, batch by batch.
 
@@ -664,10 +672,15 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
     fp32, q_run = stream.fp32_outputs(models, block), Runner(models.q.proto)
     result = BlockResult(plan, input_range=stream.ranges[block.input])
     layout = groups = slices = samples = None
+    one_sample = False  # the block's tensors are one sample's, with no axis for it: given one
     for i, batch, pool in stream.batches(f"capturing {block.name}"):
         out = q_run(pool)
         y_q, x = out[plan.output_in_q], out.get(plan.branch_input, pool[block.input])
         stream.save("block", i, {"y": y_q} if plan.branch_input == block.input else {"y": y_q, "x": x})
+        if i == 0:
+            one_sample = _without_samples_axis(x.shape, y_q.shape, batch.size, block.channels_first)
+        if one_sample:
+            x, y_q = x[np.newaxis], y_q[np.newaxis]
         if i == 0:
             layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
             samples = _samples_axis(x.shape, y_q.shape, batch.size, layout) if layout is not None else None
@@ -678,9 +691,11 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
                 result = dataclasses.replace(result, skipped=f"the samples are on no common axis of {list(x.shape)} and {list(y_q.shape)}")
         if layout is None and (fold is None or fold.skipped):  # nothing to fit: the stream needs only the quantized output
             continue
-        y_fp = fp32(i, pool, x if plan.quantized_input else None)
+        y_fp = fp32(i, pool, (x[0] if one_sample else x) if plan.quantized_input else None)
         if fold is not None:
-            fold.add(stream, i, batch, pool, y_q, y_fp)
+            fold.add(stream, i, batch, pool, y_q[0] if one_sample else y_q, y_fp)
+        if one_sample:
+            y_fp = y_fp[np.newaxis]
         if layout is None:
             continue
         # the fit takes rows and holds samples out along axis 0; a token branch maps each row alike
@@ -748,14 +763,15 @@ class _FoldCapture:
         z = self.run(pool)[self.site.output]
         if self.every is None:
             self.samples = next((a for a in range(z.ndim) if z.shape[a] == batch.size and a != self.site.axis % z.ndim), None)
-            if self.samples is None or z.shape != y_q.shape:
+            one_sample = batch.size == 1 and self.site.axis < 0  # one sample's tokens, no axis for it (see _held)
+            if (self.samples is None and not one_sample) or z.shape != y_q.shape:
                 self.skipped = f"not folded: {self.site.output} is shaped {list(z.shape)}, the block output {list(y_q.shape)}"
                 return
             self.every, self.held = ChannelStatistics(self.site.channels), ChannelStatistics(self.site.channels)
         residual, rows = y_fp - y_q, np.flatnonzero(self.heldout[batch.indices])
-        stream.save("fold", i, {"fp_held": np.take(y_fp, rows, axis=self.samples)})
+        stream.save("fold", i, {"fp_held": _held(y_fp, rows, self.samples)})
         self.every.update(z, residual, self.site.axis)
-        self.held.update(np.take(z, rows, axis=self.samples), np.take(residual, rows, axis=self.samples), self.site.axis)
+        self.held.update(_held(z, rows, self.samples), _held(residual, rows, self.samples), self.site.axis)
 
     def fit(self) -> AffineFit | None:
         """The fold fitted on the training rows and scored on the held-out ones, by its statistics."""
@@ -806,14 +822,22 @@ def _judge_fold(stream: _Stream, models: _BlockModels, plan: BlockPlan, fold: _F
         if judge is not None:
             judge.add(stream, i, batch.size, rows, pool, plan.output_in_q, y_q, y_folded)
             continue
-        error += float(np.square(y_fp - np.take(y_folded, rows, axis=fold.samples), dtype=np.float64).sum())
-        before += float(np.square(y_fp - np.take(y_q, rows, axis=fold.samples), dtype=np.float64).sum())
+        error += float(np.square(y_fp - _held(y_folded, rows, fold.samples), dtype=np.float64).sum())
+        before += float(np.square(y_fp - _held(y_q, rows, fold.samples), dtype=np.float64).sum())
     ratio = judge.ratio() if judge is not None else error / before if before > 0 else 1.0
     fit = dataclasses.replace(fit, error_ratio_heldout=ratio)
     if ratio >= 1.0:
         return dataclasses.replace(result, result=dataclasses.replace(fit, kept_targets=0),
                                    skipped="folded, it gains nothing on held-out samples")
     return dataclasses.replace(result, result=fit, affine=affine)
+
+
+def _held(array: np.ndarray, rows: np.ndarray, axis: int | None) -> np.ndarray:
+    """The held-out ``rows`` of a batch's ``array``, whose samples are on ``axis``; None: a batch
+    of one sample whose tensors have no axis for it (a model fed whole inputs), held out or not."""
+    if axis is not None:
+        return np.take(array, rows, axis=axis)
+    return array[np.newaxis][: rows.size]
 
 
 class _NextReads:
@@ -833,10 +857,10 @@ class _NextReads:
         runs = self.q({**pool, output: folded}), self.q({**pool, output: unfolded})
         for t, (name, fp_name) in enumerate(self.pairs):
             axis = next((a for a, n in enumerate(reference[fp_name].shape) if n == size), None)
-            if axis is None:  # no samples axis to take the held-out rows from: not judged there
+            if axis is None and size != 1:  # no samples axis to take the held-out rows from: not judged there
                 continue
-            ref = np.take(reference[fp_name], rows, axis=axis).astype(np.float64)
-            errors = [np.square(ref - np.take(run[name], rows, axis=axis)).sum() for run in runs]
+            ref = _held(reference[fp_name], rows, axis).astype(np.float64)
+            errors = [np.square(ref - _held(run[name], rows, axis)).sum() for run in runs]
             self.sums[:, t] += [*errors, np.square(ref).sum()]
 
     def ratio(self) -> float:
