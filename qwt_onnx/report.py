@@ -243,7 +243,7 @@ def format_summary(report: Report, source: str) -> str:
                     for label, scores in listed.items() if scores]
         line = f"held-out SQNR per output ({chosen} decides): " + "; ".join(measured)
         if exact:
-            line += f"; exact in each: {_names(exact)}"
+            line += f"; exact in every model, no quantized op reaching them: {_names(exact)}"
         lines.append(line)
     if report.branches_slowdown:
         lines.append(_branch_time(report))
