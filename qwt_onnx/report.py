@@ -235,8 +235,8 @@ def format_summary(report: Report, source: str) -> str:
         lines.append(_layer_folds(report))
     if len(report.output_sqnr_ptq_db) > 1:
         chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"
-        listed = {"PTQ": report.output_sqnr_ptq_db, "with layer folds": report.output_sqnr_layer_folds_db
-                  if report.layer_folds_written else {}, "QwT": report.output_sqnr_qwt_db}
+        folds = report.output_sqnr_layer_folds_db if report.layer_folds_written else {}
+        listed = {"PTQ": report.output_sqnr_ptq_db, "with layer folds": folds, "QwT": report.output_sqnr_qwt_db}
         # outputs no quantized op reaches (a float LSTM's final states) are exact in every model: named once
         exact = [name for name in report.output_sqnr_ptq_db if all(s.get(name, math.inf) == math.inf for s in listed.values())]
         measured = [f"{label} " + _scores({n: db for n, db in scores.items() if n not in exact}, None)
