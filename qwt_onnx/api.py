@@ -123,9 +123,10 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     if quantized is None and (options.weight_bits == 4 or options.activation_bits == 16):
         fp = prepare.upgrade_opset(fp, prepare.LOW_BIT_OPSET, " (int4 weights and 16-bit activations need it)")
     check_outputs(fp, options.outputs)
-    arrays = read_arrays(calib, prepare.input_specs(fp))
+    specs = prepare.input_specs(fp)
+    arrays = read_arrays(calib, specs)
     one_sample = None  # the input shapes of a model fed whole inputs, given a samples axis while the passes run
-    if stacks_whole_inputs(arrays, prepare.input_specs(fp)):
+    if stacks_whole_inputs(arrays, specs):
         one_sample = samples_axis.shapes(fp)
         for each in filter(None, (fp, given)):
             samples_axis.AddSamplesAxisPass()(each)

@@ -95,7 +95,7 @@ def extract(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str], only
 
 def context_model(model: ir.Model, values: Sequence[str]) -> SubModel:
     """A model computing ``values`` from the full model's inputs."""
-    feeds = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    feeds = [v.name for v in g.fed_inputs(model.graph)]
     return extract(model, feeds, values)
 
 

@@ -194,7 +194,7 @@ def free_fixed_batch(model: ir.Model) -> int | None:
     redo: calibration runs batches of any size, a last or held-out batch partial. Returns the
     size, for :func:`fix_batch` to give back to the written model; None where it is not so fixed."""
     graph = model.graph
-    inputs = [v for v in graph.inputs if v.name not in graph.initializers]
+    inputs = g.fed_inputs(graph)
     leading = {dims(v)[0] if dims(v) else None for v in inputs}
     size = leading.pop() if len(leading) == 1 else None
     if not isinstance(size, int) or size <= 1:
@@ -236,7 +236,7 @@ def upgrade_opset(model: ir.Model, minimum: int = MIN_OPSET, why: str = "") -> i
 def input_specs(model: ir.Model) -> list[InputSpec]:
     """The graph inputs that must be fed (initializers listed as inputs excluded), each with its
     samples axis (:func:`qwt_onnx.calibration.samples_axis`)."""
-    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    inputs = g.fed_inputs(model.graph)
     batch = leading_batch([dims(v) for v in inputs])
     specs = []
     for value in inputs:

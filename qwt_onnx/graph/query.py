@@ -222,6 +222,11 @@ def selections(graph: ir.Graph) -> tuple[list[ir.Value], list[ir.Node]]:
     return list(dict.fromkeys(read)), selecting
 
 
+def fed_inputs(graph: ir.Graph) -> list[ir.Value]:
+    """The graph inputs that are fed (not initializers listed among them, as old exports list their weights)."""
+    return [v for v in graph.inputs if v.name not in graph.initializers]
+
+
 def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     """All named values of the main graph: inputs, initializers and node outputs."""
     return ir.convenience.create_value_mapping(graph, include_subgraphs=False)

@@ -25,7 +25,7 @@ class AddSamplesAxisPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         axes = _axes(graph)
-        for value in fed_inputs(model):
+        for value in g.fed_inputs(graph):
             one = ir.node("Squeeze", [value, axes], name=PREFIX + value.name)
             one.outputs[0].name, one.outputs[0].dtype, one.outputs[0].shape = f"{value.name}/one_sample", value.dtype, value.shape
             for node, index in list(value.uses()):
@@ -66,14 +66,9 @@ class RemoveSamplesAxisPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def fed_inputs(model: ir.Model) -> list[ir.Value]:
-    """The graph inputs that are fed (not initializers listed among them)."""
-    return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
-
-
 def shapes(model: ir.Model) -> dict[str, ir.Shape | None]:
     """The fed inputs' shapes by name, for :class:`RemoveSamplesAxisPass` to give back."""
-    return {v.name: v.shape.copy() if v.shape is not None else None for v in fed_inputs(model)}
+    return {v.name: v.shape.copy() if v.shape is not None else None for v in g.fed_inputs(model.graph)}
 
 
 def _axes(graph: ir.Graph) -> ir.Value:
