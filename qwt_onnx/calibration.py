@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from qwt_onnx import progress
-from qwt_onnx.errors import InputError
+from qwt_onnx.errors import InputError, some_names
 
 HELDOUT_EVERY = 5  # every fifth sample is held out to validate the fits
 KEY_DIGITS = 12  # significant digits of the moments that tell samples apart (float64 sums differ past them by order)
@@ -199,9 +199,17 @@ def read_arrays(source: str | os.PathLike | Mapping[str, np.ndarray], specs: Seq
 
 def stacks_whole_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> bool:
     """Whether every input's array has one axis more than the input: whole inputs stacked on a
-    new axis 0, for a model whose inputs hold one sample each (a sequence [T, F] and no batch)."""
-    return bool(specs) and all(isinstance(arrays.get(spec.name), np.ndarray) and arrays[spec.name].ndim == len(spec.shape) + 1
-                               for spec in specs)
+    new axis 0, for a model whose inputs hold one sample each (a sequence [T, F] and no batch).
+    Where some are stacked so and others not, the calibration data is refused, naming both."""
+    stacked = [spec.name for spec in specs
+               if isinstance(arrays.get(spec.name), np.ndarray) and arrays[spec.name].ndim == len(spec.shape) + 1]
+    if stacked and len(stacked) < len(specs):
+        others = [spec.name for spec in specs if spec.name not in stacked]
+        raise InputError(
+            f"calibration arrays {some_names(stacked)} stack whole inputs on a new axis 0 (one axis more than the model input) "
+            f"but {some_names(others)} {'does' if len(others) == 1 else 'do'} not; stack every input's samples the same way"
+        )
+    return bool(stacked)
 
 
 def _moments(array: np.ndarray, axis: int, num_samples: int, chunk: int = 64) -> list[tuple[float, ...]]:

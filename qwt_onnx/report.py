@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+from qwt_onnx.errors import some_names
 from qwt_onnx.options import MAX_FLOAT_STEM_MACS, MIN_FLOAT_STEM_GAIN_DB
 
 
@@ -243,7 +244,7 @@ def format_summary(report: Report, source: str) -> str:
                     for label, scores in listed.items() if scores]
         line = f"held-out SQNR per output ({chosen} decides): " + "; ".join(measured)
         if exact:
-            line += f"; exact in every model, no quantized op reaching them: {_names(exact)}"
+            line += f"; exact in every model, no quantized op reaching them: {some_names(exact, 2)}"
         lines.append(line)
     if report.branches_slowdown:
         lines.append(_branch_time(report))
@@ -429,12 +430,6 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
-
-
-def _names(names: list[str], shown: int = 2) -> str:
-    """``names`` joined, the first ``shown`` of a longer list and how many more."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def _scores(scores: dict[str, float], chosen: str | None) -> str:

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qwt_onnx import check, inputs, quantize, quantize_with_report
-from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx import calibration, check, inputs, quantize, quantize_with_report
+from qwt_onnx.calibration import CalibrationSet, InputSpec
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.metrics import mean_squared_error
@@ -343,6 +343,10 @@ def test_a_model_fed_one_whole_sequence_is_calibrated_on_sequences_stacked_on_a_
     assert not any(n.name.startswith(samples_axis.PREFIX) for n in quantized.graph.node)
     # the residual block's tokens [T, C] have no samples axis; fitted as one sample's [1, T, C]
     assert any(b.kept for b in report.blocks) and not any("no common axis" in b.note for b in report.blocks)
+    with pytest.raises(InputError, match="frames stack whole inputs .* but state does not; stack every input's samples the same way"):
+        calibration.stacks_whole_inputs({"frames": sequences, "state": np.zeros(4, np.float32)},
+                                        [InputSpec("frames", np.dtype(np.float32), (None, 8)),
+                                         InputSpec("state", np.dtype(np.float32), (4,), None)])
     for length in (24, 37):  # any length, as the FP32 model takes
         test = (rng.standard_normal((length, 8)) * np.linspace(0.5, 2.0, 8)).astype(np.float32)
         reference, written = session(model).run(None, {"frames": test}), session(quantized).run(None, {"frames": test})
