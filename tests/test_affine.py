@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from qwt_onnx import check
 from qwt_onnx.api import quantize_with_report
 from qwt_onnx.layer_folds import LayerFolds
-from qwt_onnx.numerics.affine import ChannelStatistics, fit_channel_affine, fold_suffices
+from qwt_onnx.numerics.affine import ChannelStatistics, fit_channel_affine, fold_suffices, passed_share
 from qwt_onnx.passes import affine as af
 from qwt_onnx.runtime import session
 from tests import graphs
@@ -39,16 +39,49 @@ def test_the_fit_recovers_each_channels_scale_and_shift_and_keeps_only_channels_
 
 
 @pytest.mark.parametrize("shape, axis", [((7, 5, 3, 4), 1), ((7, 3, 4, 5), 3), ((7, 5), -1), ((0, 5, 2), 1)])
-def test_channel_statistics_sum_each_channel_in_any_layout(shape, axis, monkeypatch):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_channel_statistics_sum_each_channel_in_any_layout(shape, axis, weighted, monkeypatch):
     monkeypatch.setattr("qwt_onnx.numerics.affine.UPDATE_CHUNK", 16)  # several chunks of rows
     rng = np.random.default_rng(2)
     z, r = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    w = rng.uniform(0, 1, shape).astype(np.float32) if weighted else None
     stats = ChannelStatistics(shape[axis])
-    stats.update(z, r, axis)
-    zc, rc = (np.moveaxis(a, axis, 0).reshape(shape[axis], -1).astype(np.float64) for a in (z, r))
-    expected = [zc.sum(1), rc.sum(1), (zc * zc).sum(1), (zc * rc).sum(1), (rc * rc).sum(1)]
+    stats.update(z, r, axis, w)
+    zc, rc, wc = (np.moveaxis(a, axis, 0).reshape(shape[axis], -1).astype(np.float64)
+                  for a in (z, r, w if weighted else np.ones(shape)))
+    expected = [wc.sum(1), (wc * zc).sum(1), (wc * rc).sum(1), (wc * zc * zc).sum(1), (wc * zc * rc).sum(1), (wc * rc * rc).sum(1)]
     np.testing.assert_allclose(stats.sums, np.stack(expected), rtol=1e-12, atol=1e-12)
-    assert stats.count == zc.shape[1]
+
+
+def test_passed_share_is_the_squared_secant_slope_of_the_activation():
+    relu = lambda x: np.maximum(x, 0)  # noqa: E731
+    z = np.array([2.0, -3.0, 1.0, -1.0, 5.0], np.float32)
+    reference = np.array([1.0, -1.0, -1.0, 3.0, 5.0], np.float32)  # passed, clipped, straddling twice, equal
+    np.testing.assert_allclose(passed_share(z, reference, relu(z), relu(reference)), [1.0, 0.0, 0.25, 0.5625, 1.0])
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    z, reference = np.array([0.01, 6.0]), np.array([0.0, 6.01])
+    np.testing.assert_allclose(passed_share(z, reference, sigmoid(z), sigmoid(reference)), [0.0625, 0.0025**2 / 1.0], rtol=0.05)
+
+
+def test_a_fold_fitted_through_a_relu_mends_what_the_relu_passes_and_ignores_what_it_clips():
+    # the quantized layer scales its positive outputs wrong and shifts its negative ones, which the
+    # Relu after it zeroes anyway: fitted on every output the fold mends neither, through the Relu
+    # it mends the first exactly
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((600, 4, 6)).astype(np.float32)
+    z = np.where(reference > 0, 0.9 * reference + 0.05, reference - 0.8).astype(np.float32)
+    relu = lambda x: np.maximum(x, 0)  # noqa: E731
+    weight = passed_share(z, reference, relu(z), relu(reference))
+    errors = []
+    for w in (None, weight):
+        every, held = ChannelStatistics(4), ChannelStatistics(4)
+        every.update(z, reference - z, 1, w)
+        held.update(z[::5], (reference - z)[::5], 1, None if w is None else w[::5])
+        fit = fit_channel_affine(every.without(held), held)
+        folded = fit.scale[None, :, None] * z + fit.shift[None, :, None]
+        errors.append(float(np.square(relu(folded) - relu(reference)).mean()))
+    unweighted, through_relu = errors
+    assert through_relu < 1e-6 < 0.01 < unweighted
 
 
 def test_a_fit_that_would_flip_a_channels_sign_is_not_kept():

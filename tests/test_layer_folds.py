@@ -3,9 +3,11 @@
 import collections
 import dataclasses
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qwt_onnx import qwt
 from qwt_onnx.analysis import blocks as blk
@@ -73,6 +75,37 @@ def test_a_layer_fold_is_judged_where_the_next_ops_read_the_layer_output():
     }
     for layer, viewed in expected.items():
         assert judged[layer] == ((read_as(viewed),), (viewed,)), (layer, judged.get(layer))
+
+
+def test_a_layer_fold_is_fitted_through_the_activation_the_next_ops_read_element_by_element():
+    # what a Relu zeroes needs no mending: the fold weighs each output element by how much of its error the activation passes on
+    model = graphs.resnet(size=8)
+    q, _ = quantize_with_report(model, graphs.samples(model, 20, 0), qwt=False, residuals="int8", progress=False)
+    q, fp = ir.serde.deserialize_model(q), ir.serde.deserialize_model(model)
+    plans, models = capture._plan(fp, q, blk.weighted_layers(fp), ["image"], True, None, affine=True, whole_error=True)
+    through = {plan.block.name: m.activation.outputs if m.activation else () for plan, m in zip(plans, models)}
+    assert through["/stem/conv"] == ("/stem/relu_out",)  # its quantizer holds the Relu, its view the Relu's name
+    assert through["/layer1/conv1"] == ("/layer1/relu1_out",)
+    assert through["/layer1/conv2"] == ()  # a residual sum joins it with the shortcut: not element by element
+    assert through["/fc"] == ()  # the output itself
+
+
+def test_an_activation_is_computed_element_by_element_from_one_tensor_and_constants():
+    b = graphs.GraphBuilder()
+    z = b.op("Conv", ["x", b.weight("w", (4, 4, 1, 1))], "conv")
+    silu = b.op("Mul", [z, b.op("Sigmoid", [z], "sigmoid")], "silu")
+    scaled = b.op("Mul", [silu, b.const("gain", np.ones((1, 4, 1, 1), np.float32))], "scaled")
+    wide = b.op("Add", [z, b.const("wide", np.ones((2, 1, 4, 1, 1), np.float32))], "wide")
+    summed = b.op("Add", [silu, "x"], "residual")
+    normed = b.op("InstanceNormalization", [z, b.const("s", np.ones(4, np.float32)), b.const("b", np.zeros(4, np.float32))],
+                  "norm")
+    info = lambda name, rank: helper.make_tensor_value_info(  # noqa: E731
+        name, TensorProto.FLOAT, ["n", 4, 3, 3][:rank] + [1] * (rank - 4))
+    proto = b.model([info("x", 4)], [info(scaled, 4), info(wide, 5), info(summed, 4), info(normed, 4)])
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    values = g.values_by_name(model.graph)
+    found = {name: g.is_elementwise_of(values[z], values[name]) for name in (silu, scaled, wide, summed, normed, z)}
+    assert found == {silu: True, scaled: True, wide: False, summed: False, normed: False, z: False}
 
 
 def test_a_pre_ln_layer_fold_is_judged_at_the_residual_sum_and_at_the_next_layer_norm_not_beyond():

@@ -47,7 +47,7 @@ from qwt_onnx.graph import extract as ex
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics, rank
 from qwt_onnx.numerics import quantization as qm
-from qwt_onnx.numerics.affine import AffineFit, ChannelStatistics, fit_channel_affine, fold_suffices
+from qwt_onnx.numerics.affine import AffineFit, ChannelStatistics, fit_channel_affine, fold_suffices, passed_share
 from qwt_onnx.numerics.compensation import Layout, infer_layout
 from qwt_onnx.numerics.ranges import value_range
 from qwt_onnx.numerics.solver import CompensationFit, NormalEquations, fit_grouped_compensation, with_stored_weights
@@ -195,6 +195,9 @@ class _BlockModels:
     # quantized graph from the stream to there, and the FP32 graph from the FP32 stream
     judge: ex.SubModel | None = None
     fp_judge: ex.SubModel | None = None
+    # the FP32 graph from a layer's output to the activation the next ops read of it, element by
+    # element (:func:`_activation`), through which the layer's fold is fitted
+    activation: ex.SubModel | None = None
 
 
 class _SpillFiles:
@@ -565,6 +568,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 fold_site=ex.extract(q, [block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
                 fp_lead_in=fp_lead_in,
                 **(_judges(fp, q, block, earlier) if block.layer and affine and whole_error else {}),
+                activation=_activation(fp, q, block) if block.layer and affine else None,
             )
         )
         plans.append(plan)
@@ -580,13 +584,33 @@ def _judges(fp: ir.Model, q: ir.Model, block: Block, earlier: list[str]) -> dict
     gains nothing either), the quantized graph from the stream to them and the FP32 graph from
     the FP32 stream to the tensors they view. Neither where they are the layer output itself,
     or the FP32 graph lacks one (a given QDQ model named otherwise)."""
-    reads = g.next_reads(g.values_by_name(q.graph)[block.output])
-    fp_values = g.values_by_name(fp.graph)
-    if all(view.name == block.output for view, _ in reads) or any(viewed.name not in fp_values for _, viewed in reads):
+    reads = _next_reads(fp, q, block)
+    if all(view.name == block.output for view, _ in reads) or any(meant is None for _, meant in reads):
         return {}
     cut = [block.output, *earlier]
     return {"judge": ex.extract(q, cut, [view.name for view, _ in reads], only_read=True),
-            "fp_judge": ex.extract(fp, cut, [viewed.name for _, viewed in reads], only_read=True)}
+            "fp_judge": ex.extract(fp, cut, [meant.name for _, meant in reads], only_read=True)}
+
+
+def _next_reads(fp: ir.Model, q: ir.Model, block: Block) -> list[tuple[ir.Value, ir.Value | None]]:
+    """Where the next ops read a layer's output in the quantized graph (:func:`g.next_reads`),
+    each with the FP32 tensor it means: the one of its name (onnxruntime's quantizer, and ours,
+    fold a Relu into the quantizer after it, whose view takes the Relu's name), or else the one
+    that it views (None where the FP32 graph has neither)."""
+    fp_values = g.values_by_name(fp.graph)
+    return [(view, fp_values.get(view.name) or fp_values.get(viewed.name))
+            for view, viewed in g.next_reads(g.values_by_name(q.graph)[block.output])]
+
+
+def _activation(fp: ir.Model, q: ir.Model, block: Block) -> ex.SubModel | None:
+    """The FP32 graph from a layer's output to what the next ops read of it, where they read one
+    tensor computed from it element by element (a Relu, a SiLU; not a residual sum, nor a
+    normalization)."""
+    reads = _next_reads(fp, q, block)
+    if len(reads) != 1 or reads[0][1] is None:
+        return None
+    output, read = g.values_by_name(fp.graph)[block.output], reads[0][1]
+    return ex.extract(fp, [output.name], [read.name]) if g.is_elementwise_of(output, read) else None
 
 
 def _mark_kept_values(blocks: list[Block], models: list[_BlockModels]) -> None:
@@ -754,6 +778,7 @@ class _FoldCapture:
     def __init__(self, models: _BlockModels, plan: BlockPlan, heldout: np.ndarray):
         self.site, self.heldout = plan.fold_site, heldout
         self.run = Runner(models.fold_site.proto)
+        self.activation = Runner(models.activation.proto) if models.activation is not None else None
         self.every = self.held = self.samples = None
         self.skipped = ""
 
@@ -770,8 +795,18 @@ class _FoldCapture:
             self.every, self.held = ChannelStatistics(self.site.channels), ChannelStatistics(self.site.channels)
         residual, rows = y_fp - y_q, np.flatnonzero(self.heldout[batch.indices])
         stream.save("fold", i, {"fp_held": _held(y_fp, rows, self.samples)})
-        self.every.update(z, residual, self.site.axis)
-        self.held.update(_held(z, rows, self.samples), _held(residual, rows, self.samples), self.site.axis)
+        weight = self._passed(y_q, y_fp)
+        self.every.update(z, residual, self.site.axis, weight)
+        held_weight = _held(weight, rows, self.samples) if weight is not None else None
+        self.held.update(_held(z, rows, self.samples), _held(residual, rows, self.samples), self.site.axis, held_weight)
+
+    def _passed(self, y_q: np.ndarray, y_fp: np.ndarray) -> np.ndarray | None:
+        """How much of each element's error the activation after the layer passes on (None: all)."""
+        if self.activation is None:
+            return None
+        (z,), (a,) = self.activation.input_names, self.activation.output_names
+        a_q, a_fp = self.activation({z: y_q})[a], self.activation({z: y_fp})[a]
+        return passed_share(y_q, y_fp, a_q, a_fp) if a_q.shape == y_q.shape else None
 
     def fit(self) -> AffineFit | None:
         """The fold fitted on the training rows and scored on the held-out ones, by its statistics."""

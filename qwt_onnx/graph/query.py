@@ -193,6 +193,37 @@ def outputs_reached(graph: ir.Graph, value: ir.Value) -> list[str]:
     return [o.name for o in graph.outputs if o is value or o.producer() in downstream]
 
 
+# Ops that compute each element of their output from the same element of what they read (and
+# of constants that broadcast to it): a chain of them from one tensor is an activation of it.
+ELEMENTWISE_OPS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Gelu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Erf", "Exp", "Abs", "Neg", "Sqrt", "Identity",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min",
+})
+
+
+def is_elementwise_of(source: ir.Value, value: ir.Value) -> bool:
+    """Whether ``value`` is computed from ``source`` element by element: through
+    :data:`ELEMENTWISE_OPS` alone, each reading only ``source``, what it computes, and constants
+    of no higher rank (a SiLU, ``x · Sigmoid(x)``, is; a residual sum or a LayerNorm is not)."""
+    if value is source:
+        return False
+    frontier, seen = [value], set()
+    while frontier:
+        v = frontier.pop()
+        if v is source or v in seen or is_constant(v):
+            continue
+        seen.add(v)
+        node = v.producer()
+        if node is None or not is_default_domain(node) or node.op_type not in ELEMENTWISE_OPS:
+            return False
+        for operand in node.inputs:
+            if operand is not None and is_constant(operand) and (rank(operand) or 0) > (rank(source) or 0):
+                return False
+            frontier.extend(x for x in (operand,) if x is not None)
+    return True
+
+
 # Ops whose output steps as what they read crosses a value: an output computed from them flips
 # with a small change there (a max-pool NMS's mask, where x == MaxPool(x); atan2's quadrant).
 STEP_OPS = frozenset({"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Sign"})
