@@ -52,9 +52,9 @@ class ChannelStatistics:
         with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf are caught when fitting
             for start in range(0, rows, step):
                 a, b, *w = (x[start : start + step].astype(np.float64) for x in arrays)
-                w = w[0] if w else np.ones_like(a)
-                wa, wb = w * a, w * b
-                self.sums += np.stack([w.sum(axis=(0, 2)), wa.sum(axis=(0, 2)), wb.sum(axis=(0, 2)),
+                total = w[0].sum(axis=(0, 2)) if w else np.full(self.channels, float(a.shape[0] * a.shape[2]))
+                wa, wb = (w[0] * a, w[0] * b) if w else (a, b)
+                self.sums += np.stack([total, wa.sum(axis=(0, 2)), wb.sum(axis=(0, 2)),
                                        *(np.einsum("ncp,ncp->c", x, y) for x, y in ((wa, a), (wa, b), (wb, b)))])
 
     def without(self, other: ChannelStatistics) -> ChannelStatistics:
@@ -99,10 +99,9 @@ def passed_share(z: np.ndarray, reference: np.ndarray, f_z: np.ndarray, f_refere
     ``reference``: the share of the squared error ``(z - reference)²`` that reaches ``f``'s output
     (0 where a Relu clips both, 1 where it passes both). Where ``z`` is within rounding of
     ``reference``, 1: the slope is not resolved there, and such an element's error is nil anyway."""
-    z, reference = z.astype(np.float64), reference.astype(np.float64)
     step = z - reference
-    resolved = np.abs(step) > 1e-3 * np.sqrt(np.mean(np.square(step)))
-    slope = np.divide(f_z.astype(np.float64) - f_reference, step, out=np.ones_like(step), where=resolved)
+    resolved = np.abs(step) > 1e-3 * np.sqrt(np.mean(np.square(step, dtype=np.float64)))
+    slope = np.divide(f_z - f_reference, step, out=np.ones_like(step), where=resolved)
     return np.square(slope)
 
 
