@@ -74,13 +74,6 @@ GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool"}
 RANK_OPS = {"Squeeze", "Unsqueeze", "Flatten"}  # layout ops that add or remove axes
 MAX_PERIOD = 4
 UPSAMPLING_OPS = {"Resize", "Upsample", "ConvTranspose", "DepthToSpace"}
-# Ops that map each element on its own (given constants or values of the same unit): an
-# activation after a weighted op, however the exporter spells it (SiLU as Sigmoid and Mul).
-ELEMENTWISE_OPS = {
-    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
-    "Gelu", "Erf", "Clip", "Mul", "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Pow", "Identity",
-    "BatchNormalization",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,7 +574,7 @@ def _activation_end(node: ir.Node, within: set[ir.Node]) -> ir.Value:
         changed = False
         for value in list(values):
             for reader in value.consumers():
-                elementwise = reader.op_type in ELEMENTWISE_OPS and g.is_default_domain(reader)
+                elementwise = reader.op_type in g.ELEMENTWISE_OPS and g.is_default_domain(reader)
                 if reader in absorbed or reader not in within or not elementwise:
                     continue
                 if all(v is None or v in values or g.is_constant(v) for v in reader.inputs):

@@ -520,7 +520,7 @@ def _checked_at_outputs(
 
 def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exact_boundaries: bool, check: OutputCheck | None,
           affine: bool = False, whole_error: bool = False):
-    q_values = g.values_by_name(q.graph)
+    q_values, fp_values = g.values_by_name(q.graph), g.values_by_name(fp.graph)
     missing = [name for b in blocks for name in (b.input, b.output) if name not in q_values]
     if missing:
         raise InputError(
@@ -555,6 +555,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             tail_input=_before_quantizer(q_values[block.output]).name,
             fold_site=af.fold_site(q.graph, output_view.name if output_view is not None else block.output) if affine else None,
         )
+        reads = _next_reads(fp_values, q_values[block.output]) if block.layer and affine else []
         outputs = [plan.output_in_q] + ([plan.branch_input] if plan.branch_input != block.input else [])
         after = [name for name in plan.outputs_reached if name != block.output]
         earlier = [name for name in produced if name != block.output]
@@ -567,8 +568,8 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
                 # apart from the block: read as an output, the fold site's op would not be fused with its quantizers
                 fold_site=ex.extract(q, [block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
                 fp_lead_in=fp_lead_in,
-                **(_judges(fp, q, block, earlier) if block.layer and affine and whole_error else {}),
-                activation=_activation(fp, q, block) if block.layer and affine else None,
+                **(_judges(fp, q, block, earlier, reads) if whole_error else {}),
+                activation=_activation(fp, fp_values[block.output], reads) if reads else None,
             )
         )
         plans.append(plan)
@@ -577,39 +578,37 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
     return plans, models
 
 
-def _judges(fp: ir.Model, q: ir.Model, block: Block, earlier: list[str]) -> dict[str, ex.SubModel]:
-    """Where a layer's fold is judged: the tensors the next ops read of its output, as they read
+def _judges(fp: ir.Model, q: ir.Model, block: Block, earlier: list[str],
+            reads: list[tuple[ir.Value, ir.Value | None]]) -> dict[str, ex.SubModel]:
+    """Where a layer's fold is judged: the tensors the next ops read of its output (``reads``,
+    :func:`_next_reads`), as they read
     them (after a quantizer: a fold that a quantizer's clipping undoes gains nothing; after a
     normalization: what it removes of an error the normalization would have removed anyway
     gains nothing either), the quantized graph from the stream to them and the FP32 graph from
     the FP32 stream to the tensors they view. Neither where they are the layer output itself,
     or the FP32 graph lacks one (a given QDQ model named otherwise)."""
-    reads = _next_reads(fp, q, block)
-    if all(view.name == block.output for view, _ in reads) or any(meant is None for _, meant in reads):
+    if not reads or all(view.name == block.output for view, _ in reads) or any(meant is None for _, meant in reads):
         return {}
     cut = [block.output, *earlier]
     return {"judge": ex.extract(q, cut, [view.name for view, _ in reads], only_read=True),
             "fp_judge": ex.extract(fp, cut, [meant.name for _, meant in reads], only_read=True)}
 
 
-def _next_reads(fp: ir.Model, q: ir.Model, block: Block) -> list[tuple[ir.Value, ir.Value | None]]:
-    """Where the next ops read a layer's output in the quantized graph (:func:`g.next_reads`),
+def _next_reads(fp_values: dict[str, ir.Value], output: ir.Value) -> list[tuple[ir.Value, ir.Value | None]]:
+    """Where the next ops read a layer's ``output`` in the quantized graph (:func:`g.next_reads`),
     each with the FP32 tensor it means: the one of its name (onnxruntime's quantizer, and ours,
     fold a Relu into the quantizer after it, whose view takes the Relu's name), or else the one
     that it views (None where the FP32 graph has neither)."""
-    fp_values = g.values_by_name(fp.graph)
-    return [(view, fp_values.get(view.name) or fp_values.get(viewed.name))
-            for view, viewed in g.next_reads(g.values_by_name(q.graph)[block.output])]
+    return [(view, fp_values.get(view.name) or fp_values.get(viewed.name)) for view, viewed in g.next_reads(output)]
 
 
-def _activation(fp: ir.Model, q: ir.Model, block: Block) -> ex.SubModel | None:
-    """The FP32 graph from a layer's output to what the next ops read of it, where they read one
-    tensor computed from it element by element (a Relu, a SiLU; not a residual sum, nor a
-    normalization)."""
-    reads = _next_reads(fp, q, block)
+def _activation(fp: ir.Model, output: ir.Value, reads: list[tuple[ir.Value, ir.Value | None]]) -> ex.SubModel | None:
+    """The FP32 graph from a layer's ``output`` to what the next ops read of it (``reads``), where
+    they read one tensor computed from it element by element (a Relu, a SiLU; not a residual
+    sum, nor a normalization over several elements)."""
     if len(reads) != 1 or reads[0][1] is None:
         return None
-    output, read = g.values_by_name(fp.graph)[block.output], reads[0][1]
+    read = reads[0][1]
     return ex.extract(fp, [output.name], [read.name]) if g.is_elementwise_of(output, read) else None
 
 

@@ -193,12 +193,12 @@ def outputs_reached(graph: ir.Graph, value: ir.Value) -> list[str]:
     return [o.name for o in graph.outputs if o is value or o.producer() in downstream]
 
 
-# Ops that compute each element of their output from the same element of what they read (and
-# of constants that broadcast to it): a chain of them from one tensor is an activation of it.
+# Ops that map each element on its own (given constants or values of the same unit): an
+# activation after a weighted op, however the exporter spells it (SiLU as Sigmoid and Mul).
 ELEMENTWISE_OPS = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
-    "Gelu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Erf", "Exp", "Abs", "Neg", "Sqrt", "Identity",
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min",
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+    "Gelu", "Erf", "Clip", "Mul", "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Pow", "Identity",
+    "BatchNormalization",
 })
 
 
@@ -217,10 +217,10 @@ def is_elementwise_of(source: ir.Value, value: ir.Value) -> bool:
         node = v.producer()
         if node is None or not is_default_domain(node) or node.op_type not in ELEMENTWISE_OPS:
             return False
-        for operand in node.inputs:
-            if operand is not None and is_constant(operand) and (rank(operand) or 0) > (rank(source) or 0):
+        for operand in filter(None, node.inputs):
+            if is_constant(operand) and (rank(operand) or 0) > (rank(source) or 0):
                 return False
-            frontier.extend(x for x in (operand,) if x is not None)
+            frontier.append(operand)
     return True
 
 
