@@ -307,6 +307,7 @@ def _layer_folds(folds: LayerFolds) -> dict:
     """The report's figures of the layer folds tried."""
     return dict(
         layer_fold_layers=folds.layers, layer_folds=folds.folded, layer_fold_samples=folds.samples,
+        layer_folds_gained=folds.gained, layer_folds_together_gain_db=folds.together_gain_db, layer_fold_trials=folds.trials,
         layer_fold_judged_samples=folds.judged_samples,
         layer_folds_gain_db=folds.gain_db, layer_folds_interval_db=list(folds.interval_db) if folds.interval_db else None,
         layer_folds_worse=folds.worse, layer_folds_written=folds.written, layer_folds_superseded=folds.superseded,

@@ -101,7 +101,10 @@ class Report:
     # chosen outputs of several that they make worse beyond noise there, whether written, and whether
     # QwT's branches were fitted on the folded model (and its gain is over that)
     layer_fold_layers: int = 0
-    layer_folds: int = 0
+    layer_folds: int = 0  # written, where they are
+    layer_folds_gained: int = 0  # layers whose fold brought their next reads closer to FP32
+    layer_folds_together_gain_db: float | None = None  # those folds' gain together, where a part of them was chosen
+    layer_fold_trials: int = 0  # models judged at the output to choose that part
     layer_fold_samples: int = 0
     layer_fold_judged_samples: int = 0
     sqnr_layer_folds_db: float | None = None
@@ -358,21 +361,26 @@ def _percent(share: float) -> str:
 
 def _layer_folds(report: Report) -> str:
     line = (f"layer folds (QwT-v2: each quantized Conv/Gemm/MatMul's output scaled and shifted per channel, in its weight "
-            f"scales and bias), fitted on the first {report.layer_fold_samples} samples: {report.layer_folds} of "
+            f"scales and bias), fitted on the first {report.layer_fold_samples} samples: {report.layer_folds_gained} of "
             f"{report.layer_fold_layers} layers")
-    if not report.layer_folds:
+    if not report.layer_folds_gained:
         return f"{line} (none brought its output closer to FP32 on held-out samples)"
     if report.layer_folds_gain_db is None:
         return f"{line}: written (no held-out samples to judge the model by)"
     interval = (" (95% interval {:+.2f} to {:+.2f} dB)".format(*report.layer_folds_interval_db)
                 if report.layer_folds_interval_db is not None else "")
-    if report.layer_fold_judged_samples:  # the held-out samples chose the PTQ model: they flatter it
-        line += (f"; on the {report.layer_fold_judged_samples} samples past those {report.layer_folds_gain_db:+.2f} dB over "
-                 f"the PTQ model{interval}; held out, where the PTQ model was chosen, {report.sqnr_layer_folds_db:.2f} dB "
-                 f"against {report.sqnr_ptq_db:.2f}")
+    where = f"on the {report.layer_fold_judged_samples} samples past those" if report.layer_fold_judged_samples else "held out"
+    if report.layer_folds_together_gain_db is not None:  # a part of them chosen at the output
+        line += (f"; together {report.layer_folds_together_gain_db:+.2f} dB over the PTQ model {where}; {report.layer_folds} of "
+                 f"them, chosen there in {report.layer_fold_trials} models judged, {report.layer_folds_gain_db:+.2f} dB{interval}")
     else:
-        line += (f"; held-out SQNR {report.sqnr_layer_folds_db:.2f} dB, {report.layer_folds_gain_db:+.2f} dB over the PTQ "
-                 f"model{interval}")
+        line += f"; {where} {report.layer_folds_gain_db:+.2f} dB over the PTQ model{interval}"
+        if report.layer_fold_trials:
+            line += f", and no part of them gained there in {report.layer_fold_trials} models judged"
+    if report.layer_fold_judged_samples:  # the held-out samples chose the PTQ model: they flatter it
+        line += f"; held out, where the PTQ model was chosen, {report.sqnr_layer_folds_db:.2f} dB against {report.sqnr_ptq_db:.2f}"
+    else:
+        line += f" (held-out SQNR {report.sqnr_layer_folds_db:.2f} dB)"
     if report.layer_folds_worse:
         return f"{line}; not written: {report.layer_folds_worse} worse beyond noise"
     if report.layer_folds_superseded:

@@ -9,12 +9,13 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qwt_onnx import qwt
+from qwt_onnx import layer_folds, qwt
 from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import capture
 from qwt_onnx.api import quantize_with_report
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
+from qwt_onnx.numerics.metrics import Score
 from qwt_onnx.qwt import MIN_QWT_GAIN_DB
 from qwt_onnx.report import format_summary
 from tests import graphs
@@ -200,3 +201,59 @@ def test_branches_on_the_ptq_model_alone_replace_those_on_the_folds_where_they_b
     assert "not written, QwT's branches on the PTQ model alone" in format_summary(report, "m.onnx")
     assert len(alone) == 1 and report.sqnr_qwt_db == alone[0].sqnr_db
     assert written.SerializeToString() == prepare.to_proto(alone[0].model).SerializeToString()
+
+
+def _additive_judge(effects):
+    """A judge whose model scores the sum of its folds' effects in dB, and what it was asked."""
+    asked = []
+
+    def judge(chosen, description):
+        asked.append(list(chosen))
+        return Score({"y": float(sum(effects[f] for f in chosen))})
+
+    return judge, asked
+
+
+def test_folds_that_lose_together_are_halved_until_those_that_gain_at_the_output_remain():
+    effects = {"a": 0.3, "b": 0.2, "c": 0.4, "d": -2.0, "e": 0.1, "f": 0.2, "g": 0.3, "h": 0.1}
+    judge, asked = _additive_judge(effects)
+    together = Score({"y": sum(effects.values())})
+    kept, score, trials = layer_folds._chosen_at_the_output(list(effects), judge, Score({"y": 0.0}), together)
+    assert kept == ["a", "b", "c", "e", "f", "g", "h"] and score.db == pytest.approx(1.6)
+    # all together, a-d, a-b, a-c (a-d again is known to lose), a-c + e-h: no set judged twice
+    assert trials == len(asked) + 1 == 5 and len({tuple(s) for s in asked}) == len(asked)
+    assert asked[0] == ["a", "b", "c", "d"] and ["a", "b", "c", "d"] not in asked[1:]
+
+
+def test_the_search_for_folds_that_gain_at_the_output_stops_at_its_budget():
+    effects = {f"layer{i}": -1.0 for i in range(64)}  # none gains: every group is halved down to single folds
+    judge, asked = _additive_judge(effects)
+    together = Score({"y": sum(effects.values())})
+    kept, score, trials = layer_folds._chosen_at_the_output(list(effects), judge, Score({"y": 0.0}), together)
+    assert kept == [] and score.db == 0.0 and trials == layer_folds.MAX_FOLD_TRIALS == len(asked) + 1
+
+
+@pytest.mark.slow
+def test_a_fold_that_gains_at_its_next_reads_and_loses_at_the_output_is_left_out(monkeypatch):
+    # one fold made to lose (its channels tripled), as Silero VAD's first encoder convolution's
+    # does through the float LSTM after it: the others are written without it
+    model = graphs.resnet(size=16)
+    calib = graphs.samples(model, 320, 0)
+    options = dict(progress=False, **graphs.SYSTEMATIC_ERROR)
+    fit, broken = capture.fit_blocks, "/layer1/conv1"
+
+    def one_fold_broken(*args, **kwargs):
+        results = fit(*args, **kwargs)
+        return [dataclasses.replace(r, affine=dataclasses.replace(r.affine, scale=3 * r.affine.scale))
+                if r.affine is not None and r.affine.site.node == broken else r for r in results]
+
+    monkeypatch.setattr(capture, "fit_blocks", one_fold_broken)
+    folded, report = quantize_with_report(model, calib, compensation="affine", **options)
+    assert report.layer_fold_trials > 1 and report.layer_folds_together_gain_db < 0, format_summary(report, "m.onnx")
+    assert report.layer_folds_written and 0 < report.layer_folds < report.layer_folds_gained
+    assert report.layer_folds_gain_db > 0 and report.sqnr_layer_folds_db > report.sqnr_ptq_db
+    assert f"{report.layer_folds} of them, chosen there in {report.layer_fold_trials} models judged" in format_summary(
+        report, "m.onnx")
+    node = next(n for n in folded.graph.node if n.name == broken)
+    weight_dq = next(n for n in folded.graph.node if n.output[0] == node.input[1])
+    assert not weight_dq.input[1].endswith("_compensated")  # its scale as the PTQ model has it
