@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from qwt_onnx import observe
@@ -60,6 +61,10 @@ LAYER_FOLD_SAMPLES = 64
 # them are judged there instead, halved where they lose: finding one fold of 128 that loses takes
 # about 2 · 7 model runs on the judging samples.
 MAX_FOLD_TRIALS = 16
+# ... and the FP32 outputs on those samples kept for them where they take at most this, so that each
+# model judged runs alone (NudeNet's YOLOv8n detector: 47 MB for 256 images, half of a judgement's
+# time; PP-OCRv6 rec's would take 2.3 GB, and are computed again for each).
+MAX_KEPT_REFERENCE_BYTES = 512 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +112,6 @@ def fold_layers(run: Run, model: ir.Model, float_model: ir.Model, before: Score 
     unseen = np.arange(calib.num_samples, min(run.calib.num_samples, calib.num_samples + SCORING_SAMPLES))
     judged = len(unseen) >= int(run.calib.scoring_mask.sum())
     fp = prepare.to_proto(run.fp)
-
-    def judge(chosen: list[affine.ChannelAffine], description: str) -> Score:  # the model with ``chosen`` folded
-        candidate = _folded(run, model, chosen)
-        if judged:
-            return observe.scores_on(fp, [prepare.to_proto(candidate)], run.calib, unseen, run.batch_size, run.options.outputs,
-                                     description)[0]
-        return run.heldout_score(candidate, description)
-
     new, old = (observe.scores_on(fp, [prepare.to_proto(m) for m in (folded, model)], run.calib, unseen, run.batch_size,
                                   run.options.outputs, "judging the layer folds") if judged else (score, before))
     gain, interval, worse = _verdict(new, old)
@@ -122,7 +119,7 @@ def fold_layers(run: Run, model: ir.Model, float_model: ir.Model, before: Score 
                                 judged_samples=len(unseen) if judged else 0)
     if (gain > 0.0 and not worse) or len(folds) == 1:
         return dataclasses.replace(found, written=gain > 0.0 and not worse)
-    chosen, chosen_score, trials = _chosen_at_the_output(folds, judge, old, new)
+    chosen, chosen_score, trials = _chosen_at_the_output(folds, _judge(run, model, unseen if judged else None), old, new)
     if not chosen:
         return dataclasses.replace(found, trials=trials)
     gain, interval, _ = _verdict(chosen_score, old)
@@ -136,6 +133,33 @@ def _folded(run: Run, model: ir.Model, folds: list[affine.ChannelAffine]) -> ir.
     folded = model.clone()
     affine.FoldAffinePass(folds, int32_biases=run.options.target == Target.ORT)(folded)
     return folded
+
+
+def _judge(run: Run, model: ir.Model, samples: np.ndarray | None):
+    """``judge(folds, description)``: the :class:`Score` of ``model`` with ``folds`` folded, on the
+    calibration ``samples`` (on the held-out ones where None)."""
+    if samples is None:
+        return lambda folds, description: run.heldout_score(_folded(run, model, folds), description)
+    fp = prepare.to_proto(run.fp)
+    reference = _kept_reference(run, fp, samples)
+
+    def judge(folds: list[affine.ChannelAffine], description: str) -> Score:
+        candidate = prepare.to_proto(_folded(run, model, folds))
+        if reference is None:
+            return observe.scores_on(fp, [candidate], run.calib, samples, run.batch_size, run.options.outputs, description)[0]
+        return observe.score_on(candidate, run.calib, samples, run.batch_size, reference, run.options.outputs, description)
+
+    return judge
+
+
+def _kept_reference(run: Run, fp: onnx.ModelProto, samples: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The FP32 outputs on ``samples``, where they take at most :data:`MAX_KEPT_REFERENCE_BYTES`
+    (judged by the held-out ones, already kept); None where they would take more."""
+    held = run.reference()
+    per_sample = sum(v.nbytes for v in held.values()) / max(1, int(run.calib.scoring_mask.sum()))
+    if per_sample * len(samples) > MAX_KEPT_REFERENCE_BYTES:
+        return None
+    return observe.outputs_on(fp, run.calib, samples, run.batch_size, "FP32 outputs to judge the layer folds by")
 
 
 def _verdict(new: Score, old: Score) -> tuple[float, tuple[float, float] | None, list[str]]:

@@ -146,9 +146,15 @@ def observe(
 
 def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, description: str) -> dict[str, np.ndarray]:
     """The model's outputs on the scoring samples (held out from every fit), samples on axis 0."""
+    return outputs_on(model, calib, np.flatnonzero(calib.scoring_mask), batch_size, description)
+
+
+def outputs_on(model: onnx.ModelProto, calib: CalibrationSet, indices: np.ndarray, batch_size: int,
+               description: str) -> dict[str, np.ndarray]:
+    """The model's scored outputs on the calibration samples ``indices``, samples on axis 0."""
     run = _ScoredOutputs(model)
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in calib.batches(batch_size, np.flatnonzero(calib.scoring_mask), description):
+    for batch in calib.batches(batch_size, indices, description):
         for name, value in run(batch).items():
             parts.setdefault(name, []).append(value)
     return {name: concatenate_samples(chunks) for name, chunks in parts.items()}
@@ -157,11 +163,18 @@ def heldout_outputs(model: onnx.ModelProto, calib: CalibrationSet, batch_size: i
 def heldout_score(model: onnx.ModelProto, calib: CalibrationSet, batch_size: int, reference: Mapping[str, np.ndarray],
                   chosen: tuple[str, ...], description: str) -> metrics.Score:
     """The model's :class:`~qwt_onnx.numerics.metrics.Score` on the scoring samples against
-    ``reference``, the FP32 outputs on them (:func:`heldout_outputs`), batch by batch: no output
+    ``reference``, the FP32 outputs on them (:func:`heldout_outputs`)."""
+    return score_on(model, calib, np.flatnonzero(calib.scoring_mask), batch_size, reference, chosen, description)
+
+
+def score_on(model: onnx.ModelProto, calib: CalibrationSet, indices: np.ndarray, batch_size: int,
+             reference: Mapping[str, np.ndarray], chosen: tuple[str, ...], description: str | None) -> metrics.Score:
+    """The model's :class:`~qwt_onnx.numerics.metrics.Score` on the calibration samples ``indices``
+    against ``reference``, the FP32 outputs on them (:func:`outputs_on`), batch by batch: no output
     is kept (PP-OCRv6 rec's 102 held-out outputs are 0.9 GB, and joining them took as long as
     computing them)."""
     run, energies, start = _ScoredOutputs(model), [], 0
-    for batch in calib.batches(batch_size, np.flatnonzero(calib.scoring_mask), description):
+    for batch in calib.batches(batch_size, indices, description):
         rows = slice(start, start + batch.size)
         energies.append(metrics.sample_energies({name: value[rows] for name, value in reference.items()}, run(batch), chosen))
         start += batch.size
