@@ -101,7 +101,7 @@ def fold_layers(run: Run, model: ir.Model, float_model: ir.Model, before: Score 
     options = capture.BranchOptions(affine=True, branches=False, whole_error=True)
     results = capture.fit_blocks(float_model, model, layers, calib, run.batch_size, exact_boundaries=exact,
                                  branch_options=options)
-    folds = [r.affine for r in results if r.affine is not None and r.kept]
+    folds = [r.affine for r in results if r.kept and r.affine is not None]
     if not folds:
         return LayerFolds(None, len(layers), 0, calib.num_samples)
     folded = _folded(run, model, folds)

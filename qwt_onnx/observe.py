@@ -105,12 +105,14 @@ def observe(
     hessian_inputs: Mapping[str, tuple[str, InputGeometry]] | None = None,
     sampled: Mapping[str, int] | None = None,
     readable: Mapping[str, tuple[float, float]] | None = None,
+    keep_outputs: bool = True,
 ) -> Observation:
     """Range statistics of ``tensors``, per-channel means and mean squares of the tensors in
     ``channel_axes``, per weight in ``hessian_inputs`` the second moments of the rows its op reads
     from its input (sampled), and rows and per-channel extremes of the tensors in ``sampled``
-    (with their channel axes), over all samples; and the model outputs on the scoring samples (None where
-    their shapes depend on the batch). A tensor in ``readable`` is observed clamped to its interval."""
+    (with their channel axes), over all samples; and, with ``keep_outputs``, the model outputs on the
+    scoring samples (None where their shapes depend on the batch). A tensor in ``readable`` is
+    observed clamped to its interval."""
     channel_axes, hessian_inputs, sampled = channel_axes or {}, hessian_inputs or {}, sampled or {}
     output_names = [o.name for o in model.graph.output]
     axes = samples_axes(model)[1]  # a time-major recurrent model writes [T, batch, C]
@@ -121,7 +123,7 @@ def observe(
     batches = calib.num_batches(batch_size)
     moments = {weight: SecondMoments(geometry, batches, seed) for seed, (weight, (_, geometry)) in enumerate(hessian_inputs.items())}
     samples = {name: ChannelSample(axis, batches, seed=seed) for seed, (name, axis) in enumerate(sampled.items())}
-    heldout = calib.scoring_mask
+    heldout, kept_outputs = calib.scoring_mask, output_names if keep_outputs else []
     kept: dict[str, list[np.ndarray]] = {}
     statistics = [*observers.items(), *means.items(), *((hessian_inputs[w][0], m) for w, m in moments.items()), *samples.items()]
     with ThreadPoolExecutor(STATISTICS_THREADS) as pool:
@@ -131,14 +133,14 @@ def observe(
             for _ in pool.map(lambda item: item[1].update(values[item[0]]), statistics):
                 pass
             scoring = heldout[batch.indices]
-            for name in output_names:
+            for name in kept_outputs:
                 if _scored(values[name]):
                     kept.setdefault(name, []).append(move_samples(values[name], axes[name], batch.size)[scoring])
             values = None  # let go before the next batch's run: else two batches of every observed tensor are held at its peak
     # Outputs whose shape depends on their batch (a decoder that runs until every sequence of its
     # batch has ended) are compared only as the evaluations batch the scoring samples: not here.
     batch_dependent = any(len({part.shape[1:] for part in parts}) > 1 for parts in kept.values())
-    reference = None if batch_dependent else {name: np.concatenate(parts) for name, parts in kept.items()}
+    reference = None if batch_dependent or not keep_outputs else {name: np.concatenate(parts) for name, parts in kept.items()}
     return Observation(observers, {name: m.mean for name, m in means.items()}, {name: m.power for name, m in means.items()},
                        reference, moments, {name: s.sample for name, s in samples.items()},
                        {name: (s.low, s.high) for name, s in samples.items()})

@@ -214,7 +214,7 @@ def _observe_equalized(run: Run, equalized: _Equalized, seen: observe.Observatio
     are ``seen``'s, rescaled, and every other tensor's are as they were."""
     scaled = equalized.scaled
     again = observe.observe(prepare.to_proto(equalized.model), [n for n in placement.observed_names if n in scaled], run.calib,
-                            run.batch_size, readable=run.readable)
+                            run.batch_size, readable=run.readable, keep_outputs=False)  # the outputs are ``seen``'s
     inputs = placement.hessian_inputs(observe.HESSIAN_INPUTS)
 
     def rescaled(statistics: dict, power: int = 1) -> dict:
