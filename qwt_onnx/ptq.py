@@ -17,7 +17,7 @@ from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import equalization as eqn
 from qwt_onnx.numerics import metrics, rounding
 from qwt_onnx.numerics.metrics import Score
-from qwt_onnx.numerics.ranges import compute_range
+from qwt_onnx.numerics.ranges import RangeObserver, compute_range
 from qwt_onnx.options import (
     MAX_FLOAT_STEM_MACS,
     MIN_FLOAT_STEM_GAIN_DB,
@@ -129,7 +129,7 @@ def ptq_candidates(run: Run) -> list[Candidate]:
         equalized = _equalized(run, groups, seen, CalibMethod(best.method))
         if equalized is not None:
             seen = _observe_equalized(run, equalized, seen, placement)
-            builder = _Builder(run, (CalibMethod(best.method),), equalized.model, seen, equalized)
+            builder = _Builder(run, (CalibMethod(best.method),), equalized.model, seen, equalized, plain)
             chosen = _better_equalization(builder, best)
             candidates = [chosen if c is best else c for c in candidates]
             if chosen.equalized:
@@ -253,12 +253,19 @@ class _Builder:
     fp: ir.Model
     seen: observe.Observation
     equalized: _Equalized | None = None
+    plain: _Builder | None = None  # the FP32 model's, whose ranges of the tensors observed alike are reused
     _feedback: dict[bool, dict[str, rounding.Feedback]] = dataclasses.field(default_factory=dict)  # by whether bias correction centres the moments
 
     def __post_init__(self) -> None:
         o = self.run.options
         symmetric = o.target == Target.TRT
-        self.ranges = {method: {name: compute_range(obs, method.value, symmetric, o.activation_bits) for name, obs in self.seen.ranges.items()}
+
+        def range_of(method: CalibMethod, name: str, observed: RangeObserver) -> tuple[float, float]:
+            if self.plain is not None and self.plain.seen.ranges.get(name) is observed and method in self.plain.ranges:
+                return self.plain.ranges[method][name]
+            return compute_range(observed, method.value, symmetric, o.activation_bits)
+
+        self.ranges = {method: {name: range_of(method, name, observed) for name, observed in self.seen.ranges.items()}
                        for method in self.methods}
 
     def candidate(self, method: CalibMethod, corrected: bool, weighted: bool = True, gptq: bool | None = None,

@@ -230,6 +230,22 @@ def test_equalization_lifts_a_transformer_whose_layer_norms_have_outlier_channel
     assert ops[0] == ops[1]  # nothing added
 
 
+def test_equalization_auto_computes_each_tensors_range_once_per_observation(monkeypatch):
+    # the equalized model's builder takes the FP32 model's ranges of the tensors it did not observe again
+    computed, alive = collections.Counter(), []  # the observers kept alive, so that no id is reused
+
+    def counted(observer, method, *args, **kwargs):
+        computed[id(observer), method] += 1
+        alive.append(observer)
+        return compute_range(observer, method, *args, **kwargs)
+
+    monkeypatch.setattr(ptq, "compute_range", counted)
+    model = graphs.transformer(layers=2, dim=32, tokens=8)
+    _, report = api.quantize_with_report(model, graphs.samples(model, 160, seed=0), qwt=False, progress=False,
+                                         rounding="nearest", bias_correction="off", calib_method="minmax", equalization="auto")
+    assert report.equalized and computed and max(computed.values()) == 1
+
+
 def test_the_equalized_models_statistics_are_the_models_rescaled_where_not_observed_again():
     """Only the quantized tensors that carry a scale are observed again; every other statistic
     (means, powers, the second moments GPTQ needs) is rescaled: as observing it would be."""
