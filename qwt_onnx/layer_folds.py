@@ -119,7 +119,7 @@ def fold_layers(run: Run, model: ir.Model, float_model: ir.Model, before: Score 
                                 judged_samples=len(unseen) if judged else 0)
     if (gain > 0.0 and not worse) or len(folds) == 1:
         return dataclasses.replace(found, written=gain > 0.0 and not worse)
-    chosen, chosen_score, trials = _chosen_at_the_output(folds, _judge(run, model, unseen if judged else None), old, new)
+    chosen, chosen_score, trials = _chosen_at_the_output(folds, _judge(run, fp, model, unseen if judged else None), old, new)
     if not chosen:
         return dataclasses.replace(found, trials=trials)
     gain, interval, _ = _verdict(chosen_score, old)
@@ -135,12 +135,11 @@ def _folded(run: Run, model: ir.Model, folds: list[affine.ChannelAffine]) -> ir.
     return folded
 
 
-def _judge(run: Run, model: ir.Model, samples: np.ndarray | None):
-    """``judge(folds, description)``: the :class:`Score` of ``model`` with ``folds`` folded, on the
-    calibration ``samples`` (on the held-out ones where None)."""
+def _judge(run: Run, fp: onnx.ModelProto, model: ir.Model, samples: np.ndarray | None):
+    """``judge(folds, description)``: the :class:`Score` of ``model`` with ``folds`` folded against
+    ``fp`` (``run.fp``'s proto), on the calibration ``samples`` (on the held-out ones where None)."""
     if samples is None:
         return lambda folds, description: run.heldout_score(_folded(run, model, folds), description)
-    fp = prepare.to_proto(run.fp)
     reference = _kept_reference(run, fp, samples)
 
     def judge(folds: list[affine.ChannelAffine], description: str) -> Score:
