@@ -100,13 +100,19 @@ def test_an_activation_is_computed_element_by_element_from_one_tensor_and_consta
     summed = b.op("Add", [silu, "x"], "residual")
     normed = b.op("InstanceNormalization", [z, b.const("s", np.ones(4, np.float32)), b.const("b", np.zeros(4, np.float32))],
                   "norm")
+    relu6 = b.op("Min", [b.op("Max", [z, b.const("zero", np.zeros((), np.float32))], "max"),
+                         b.const("six", np.full((), 6, np.float32))], "relu6")
+    mish = b.op("Mish", [z], "mish")
+    joined = b.op("Max", [z, "x"], "joined")
     info = lambda name, rank: helper.make_tensor_value_info(  # noqa: E731
         name, TensorProto.FLOAT, ["n", 4, 3, 3][:rank] + [1] * (rank - 4))
-    proto = b.model([info("x", 4)], [info(scaled, 4), info(wide, 5), info(summed, 4), info(normed, 4)])
-    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
+    outputs = [info(scaled, 4), info(wide, 5), info(summed, 4), info(normed, 4), info(relu6, 4), info(mish, 4), info(joined, 4)]
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(b.model([info("x", 4)], outputs, opset=18)))
     values = g.values_by_name(model.graph)
-    found = {name: g.is_elementwise_of(values[z], values[name]) for name in (silu, scaled, wide, summed, normed, z)}
-    assert found == {silu: True, scaled: True, wide: False, summed: False, normed: False, z: False}
+    names = (silu, scaled, wide, summed, normed, relu6, mish, joined, z)
+    found = {name: g.is_elementwise_of(values[z], values[name]) for name in names}
+    assert found == {silu: True, scaled: True, wide: False, summed: False, normed: False, relu6: True, mish: True, joined: False,
+                     z: False}
 
 
 def test_a_pre_ln_layer_fold_is_judged_at_the_residual_sum_and_at_the_next_layer_norm_not_beyond():

@@ -194,11 +194,12 @@ def outputs_reached(graph: ir.Graph, value: ir.Value) -> list[str]:
 
 
 # Ops that map each element on its own (given constants or values of the same unit): an
-# activation after a weighted op, however the exporter spells it (SiLU as Sigmoid and Mul).
+# activation after a weighted op, however the exporter spells it (SiLU as Sigmoid and Mul, a
+# ReLU6 as Max and Min, Mish as one op from opset 18).
 ELEMENTWISE_OPS = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
-    "Gelu", "Erf", "Clip", "Mul", "Add", "Sub", "Div", "Neg", "Abs", "Exp", "Log", "Sqrt", "Pow", "Identity",
-    "BatchNormalization",
+    "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+    "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Clip", "Max", "Min", "Mul", "Add", "Sub", "Div", "Neg", "Abs", "Exp",
+    "Log", "Sqrt", "Reciprocal", "Pow", "Identity", "BatchNormalization",
 })
 
 
