@@ -208,4 +208,4 @@ def _foldable_layers(float_model: ir.Model, model: ir.Model) -> list[blk.Block]:
     values = g.values_by_name(model.graph)
     return [layer for layer in blk.weighted_layers(float_model)
             if layer.input in values and layer.output in values
-            and isinstance(affine.fold_site(model.graph, layer.output), affine.FoldSite)]
+            and isinstance(affine.fold_site(values[layer.output]), affine.FoldSite)]

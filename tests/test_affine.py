@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from qwt_onnx import check
 from qwt_onnx.api import quantize_with_report
+from qwt_onnx.graph import query as g
 from qwt_onnx.layer_folds import LayerFolds
 from qwt_onnx.numerics.affine import ChannelStatistics, fit_channel_affine, fold_suffices, passed_share
 from qwt_onnx.passes import affine as af
@@ -171,7 +172,7 @@ def test_the_fold_computes_the_fitted_affine_and_adds_no_op_but_a_missing_bias_a
     build, block_output = CASES[case]
     proto = build()
     model = ir.serde.deserialize_model(proto)
-    site = af.fold_site(model.graph, block_output)
+    site = af.fold_site(g.values_by_name(model.graph)[block_output])
     assert isinstance(site, af.FoldSite), site
     rng = np.random.default_rng(2)
     scale = rng.uniform(0.8, 1.2, site.channels).astype(np.float32)
@@ -206,7 +207,7 @@ def test_a_fold_at_a_matmuls_own_output_adds_its_shift_to_the_bias_after_it_unsc
     # fitted on z = h @ W, before the bias c that the Add after it adds: a ⊙ z + b + c, not a ⊙ (z + c) + b
     proto = _ptq(_residual_dense("MatMul", True, 3))
     model = ir.serde.deserialize_model(proto)
-    site = af.fold_site(model.graph, "fc2_out")
+    site = af.fold_site(g.values_by_name(model.graph)["fc2_out"])
     assert isinstance(site, af.FoldSite) and site.output == "fc2_out" and not site.bias_inside
     scale, shift = np.linspace(0.5, 1.5, 16).astype(np.float32), np.linspace(-0.3, 0.3, 16).astype(np.float32)
     af.FoldAffinePass([af.ChannelAffine(site, scale, shift)])(model)
@@ -218,7 +219,7 @@ def test_a_fold_at_a_matmuls_own_output_adds_its_shift_to_the_bias_after_it_unsc
 
     (z, biased), (_, folded) = run(proto), run(ir.serde.serialize_model(model))
     np.testing.assert_allclose(folded, biased + (scale - 1) * z + shift, rtol=1e-4, atol=1e-4 * np.abs(biased).max())
-    assert af.fold_site(ir.serde.deserialize_model(proto).graph, "fc2_bias_out").bias_inside
+    assert af.fold_site(g.values_by_name(ir.serde.deserialize_model(proto).graph)["fc2_bias_out"]).bias_inside
 
 
 def test_a_per_tensor_weight_scale_from_onnxruntime_becomes_per_channel(tmp_path):
@@ -238,7 +239,7 @@ def test_a_per_tensor_weight_scale_from_onnxruntime_becomes_per_channel(tmp_path
 
     quantize_static(str(path), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=False)
     model = ir.load(tmp_path / "q.onnx")
-    site = af.fold_site(model.graph, "out")
+    site = af.fold_site(g.values_by_name(model.graph)["out"])
     assert isinstance(site, af.FoldSite), site
     af.FoldAffinePass([af.ChannelAffine(site, np.linspace(0.9, 1.1, 16), np.zeros(16))])(model)
     fc2 = next(n for n in model.graph if n.name == site.node)
@@ -269,7 +270,7 @@ def _hard_swish_residual() -> onnx.ModelProto:
 ])
 def test_blocks_that_do_not_end_in_a_per_channel_scale_say_why(build, why):
     model = ir.serde.deserialize_model(_ptq(build()))
-    reason = af.fold_site(model.graph, model.graph.outputs[0].name)
+    reason = af.fold_site(model.graph.outputs[0])
     assert isinstance(reason, str) and why in reason, reason
 
 
@@ -280,7 +281,7 @@ def test_a_block_that_ends_in_a_float_weighted_op_says_so():
     b.nodes[-1].output[0] = "out"
     model = ir.serde.deserialize_model(b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
                                                [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 16])]))
-    reason = af.fold_site(model.graph, "out")
+    reason = af.fold_site(g.values_by_name(model.graph)["out"])
     assert reason == ("not folded: the block ends in MatMul fc, whose weight has no DequantizeLinear of its own "
                       "(left float, or shared)")
 

@@ -520,7 +520,8 @@ def _checked_at_outputs(
 
 def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exact_boundaries: bool, check: OutputCheck | None,
           affine: bool = False, whole_error: bool = False):
-    q_values, fp_values = g.values_by_name(q.graph), g.values_by_name(fp.graph)
+    q_cut, fp_cut = ex.Extractor(q), ex.Extractor(fp)
+    q_values, fp_values = q_cut.values, fp_cut.values
     missing = [name for b in blocks for name in (b.input, b.output) if name not in q_values]
     if missing:
         raise InputError(
@@ -533,8 +534,8 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         branch_input = branch if branch is not None else q_values[block.input]
         lead_in = fp_lead_in = None
         if block.input not in produced and block.input not in feeds:
-            lead_in = ex.extract(q, produced or feeds, [block.input], only_read=True)
-            fp_lead_in = ex.extract(fp, produced or feeds, [block.input], only_read=True) if whole_error else None
+            lead_in = q_cut(produced or feeds, [block.input], only_read=True)
+            fp_lead_in = fp_cut(produced or feeds, [block.input], only_read=True) if whole_error else None
         # An output read only through Q/DQ is compensated after its DequantizeLinear (the
         # splice adds the branch there, so that the quantized op keeps its fusion), so the
         # block is judged there too; a layer's fold is fitted before the quantizer, which rounds
@@ -553,7 +554,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             dequantized_input=g.dequantizer(branch_input) is not None,
             outputs_reached=check.decisive(g.outputs_reached(q.graph, q_values[block.output])) if check else (),
             tail_input=_before_quantizer(q_values[block.output]).name,
-            fold_site=af.fold_site(q.graph, output_view.name if output_view is not None else block.output) if affine else None,
+            fold_site=af.fold_site(output_view if output_view is not None else q_values[block.output]) if affine else None,
         )
         reads = _next_reads(fp_values, q_values[block.output]) if block.layer and affine else []
         outputs = [plan.output_in_q] + ([plan.branch_input] if plan.branch_input != block.input else [])
@@ -561,15 +562,15 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
         earlier = [name for name in produced if name != block.output]
         models.append(
             _BlockModels(
-                fp=ex.extract(fp, [block.input], [block.output]),
-                q=ex.extract(q, [block.input], outputs),
+                fp=fp_cut([block.input], [block.output]),
+                q=q_cut([block.input], outputs),
                 lead_in=lead_in,
-                tail=ex.extract(q, [plan.tail_input, *earlier], after, only_read=True) if after else None,
+                tail=q_cut([plan.tail_input, *earlier], after, only_read=True) if after else None,
                 # apart from the block: read as an output, the fold site's op would not be fused with its quantizers
-                fold_site=ex.extract(q, [block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
+                fold_site=q_cut([block.input], [plan.fold_site.output]) if isinstance(plan.fold_site, af.FoldSite) else None,
                 fp_lead_in=fp_lead_in,
-                **(_judges(fp, q, block, earlier, reads) if whole_error else {}),
-                activation=_activation(fp, fp_values[block.output], reads) if reads else None,
+                **(_judges(fp_cut, q_cut, block, earlier, reads) if whole_error else {}),
+                activation=_activation(fp_cut, fp_values[block.output], reads) if reads else None,
             )
         )
         plans.append(plan)
@@ -578,7 +579,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
     return plans, models
 
 
-def _judges(fp: ir.Model, q: ir.Model, block: Block, earlier: list[str],
+def _judges(fp: ex.Extractor, q: ex.Extractor, block: Block, earlier: list[str],
             reads: list[tuple[ir.Value, ir.Value | None]]) -> dict[str, ex.SubModel]:
     """Where a layer's fold is judged: the tensors the next ops read of its output (``reads``,
     :func:`_next_reads`), as they read
@@ -590,8 +591,8 @@ def _judges(fp: ir.Model, q: ir.Model, block: Block, earlier: list[str],
     if not reads or all(view.name == block.output for view, _ in reads) or any(meant is None for _, meant in reads):
         return {}
     cut = [block.output, *earlier]
-    return {"judge": ex.extract(q, cut, [view.name for view, _ in reads], only_read=True),
-            "fp_judge": ex.extract(fp, cut, [meant.name for _, meant in reads], only_read=True)}
+    return {"judge": q(cut, [view.name for view, _ in reads], only_read=True),
+            "fp_judge": fp(cut, [meant.name for _, meant in reads], only_read=True)}
 
 
 def _next_reads(fp_values: dict[str, ir.Value], output: ir.Value) -> list[tuple[ir.Value, ir.Value | None]]:
@@ -602,14 +603,14 @@ def _next_reads(fp_values: dict[str, ir.Value], output: ir.Value) -> list[tuple[
     return [(view, fp_values.get(view.name) or fp_values.get(viewed.name)) for view, viewed in g.next_reads(output)]
 
 
-def _activation(fp: ir.Model, output: ir.Value, reads: list[tuple[ir.Value, ir.Value | None]]) -> ex.SubModel | None:
+def _activation(fp: ex.Extractor, output: ir.Value, reads: list[tuple[ir.Value, ir.Value | None]]) -> ex.SubModel | None:
     """The FP32 graph from a layer's ``output`` to what the next ops read of it (``reads``), where
     they read one tensor computed from it element by element (a Relu, a SiLU; not a residual
     sum, nor a normalization over several elements)."""
     if len(reads) != 1 or reads[0][1] is None:
         return None
     read = reads[0][1]
-    return ex.extract(fp, [output.name], [read.name]) if g.is_elementwise_of(output, read) else None
+    return fp([output.name], [read.name]) if g.is_elementwise_of(output, read) else None
 
 
 def _mark_kept_values(blocks: list[Block], models: list[_BlockModels]) -> None:

@@ -64,9 +64,9 @@ class ChannelAffine:
     shift: np.ndarray
 
 
-def fold_site(graph: ir.Graph, output: str) -> FoldSite | str:
+def fold_site(output: ir.Value) -> FoldSite | str:
     """The weighted op whose output the block ``output`` adds up, or why there is none."""
-    found = _site_before(g.values_by_name(graph)[output])
+    found = _site_before(output)
     return found if isinstance(found, FoldSite) else f"not folded: {found}"
 
 
