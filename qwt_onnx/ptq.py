@@ -13,6 +13,7 @@ import onnx_ir as ir
 from qwt_onnx import check, observe
 from qwt_onnx.analysis.equalization import ChannelGroup, channel_groups, consumer_weights
 from qwt_onnx.analysis.placement import Placement
+from qwt_onnx.graph import extract as ex
 from qwt_onnx.graph import prepare
 from qwt_onnx.numerics import equalization as eqn
 from qwt_onnx.numerics import metrics, rounding
@@ -213,8 +214,11 @@ def _observe_equalized(run: Run, equalized: _Equalized, seen: observe.Observatio
     channel); their per-channel statistics and the second moments of the ops that read them
     are ``seen``'s, rescaled, and every other tensor's are as they were."""
     scaled = equalized.scaled
-    again = observe.observe(prepare.to_proto(equalized.model), [n for n in placement.observed_names if n in scaled], run.calib,
-                            run.batch_size, readable=run.readable, keep_outputs=False)  # the outputs are ``seen``'s
+    names = [n for n in placement.observed_names if n in scaled]
+    # the part of the model that computes them: PP-OCRv6 rec's scaled tensors lie before its
+    # classifier, which takes most of its run (the outputs are ``seen``'s)
+    again = observe.observe(ex.context_model(equalized.model, names).proto, names, run.calib, run.batch_size,
+                            readable=run.readable, keep_outputs=False)
     inputs = placement.hessian_inputs(observe.HESSIAN_INPUTS)
 
     def rescaled(statistics: dict, power: int = 1) -> dict:
