@@ -24,7 +24,7 @@ HISTOGRAM_SAMPLE = 1 << 20  # elements of each batch that enter the histogram; m
 ENTROPY_LEVELS = 128  # positive int8 levels the distribution is quantized to (2^(bits-1) at other widths)
 ENTROPY_CANDIDATES = 480  # thresholds tried at most
 MSE_CANDIDATES = 256  # thresholds tried at most, spaced geometrically
-MSE_GROUPS = 8
+MSE_GROUPS = 8  # of thresholds, each group computed over the bins below its largest only
 UNBOUNDED = (-np.inf, np.inf)  # an observer's readable interval where its readers read every value
 
 
