@@ -241,13 +241,15 @@ def format_summary(report: Report, source: str) -> str:
         chosen = f"the worst of {', '.join(report.outputs)}" if report.outputs else "the worst"
         folds = report.output_sqnr_layer_folds_db if report.layer_folds_written else {}
         listed = {"PTQ": report.output_sqnr_ptq_db, "with layer folds": folds, "QwT": report.output_sqnr_qwt_db}
-        # outputs no quantized op reaches (a float LSTM's final states) are exact in every model: named once
+        # outputs that no quantized op reaches (a float LSTM's final states), or none that changes them on these
+        # samples (DeepFilterNet3's deep-filter coefficients: their one quantized path ends in a Relu that is 0 on
+        # every sample), are exact in every model: named once
         exact = [name for name in report.output_sqnr_ptq_db if all(s.get(name, math.inf) == math.inf for s in listed.values())]
         measured = [f"{label} " + _scores({n: db for n, db in scores.items() if n not in exact}, None)
                     for label, scores in listed.items() if scores]
         line = f"held-out SQNR per output ({chosen} decides): " + "; ".join(measured)
         if exact:
-            line += f"; exact in every model, no quantized op reaching them: {some_names(exact, 2)}"
+            line += f"; exact in every model, no quantized op changing them: {some_names(exact, 2)}"
         lines.append(line)
     if report.branches_slowdown:
         lines.append(_branch_time(report))

@@ -165,7 +165,7 @@ def test_outputs_exact_in_every_model_are_named_once_in_the_summary():
     report = Report(target="ort", method="minmax", samples=100, heldout_samples=20, qwt_applied=True, sqnr_ptq_db=20.0,
                     sqnr_qwt_db=21.3, output_sqnr_ptq_db={"beats": 20.0, **states}, output_sqnr_qwt_db={"beats": 21.3, **states})
     line = next(line for line in format_summary(report, "m").splitlines() if "per output" in line)
-    assert line.endswith("PTQ beats 20.0 dB; QwT beats 21.3 dB; exact in every model, no quantized op reaching them: state_0, state_1 and 2 more")
+    assert line.endswith("PTQ beats 20.0 dB; QwT beats 21.3 dB; exact in every model, no quantized op changing them: state_0, state_1 and 2 more")
 
 
 def test_the_worst_output_decides_and_the_report_lists_each_measured_on_held_out_samples():
