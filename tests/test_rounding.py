@@ -33,6 +33,19 @@ def test_error_feedback_leaves_less_output_error_than_nearest_on_the_same_grid(t
     assert _output_error(weight, fed_back, step, x) < 0.5 * _output_error(weight, nearest, step, x)
 
 
+@pytest.mark.parametrize("width", [20, 300])  # one block, and blocks inverted by halves
+def test_the_feedback_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(width):
+    rng = np.random.default_rng(width)
+    x = _correlated_inputs(rng, 4 * width, width)
+    hessian = np.stack([x.T @ x, np.diag(rng.uniform(1, 2, width))]) / len(x)
+    fed_back = rounding.feedback(hessian)
+    for h, order, factor in zip(hessian, fed_back.order, fed_back.factor.astype(np.float64)):
+        ordered = h[np.ix_(order, order)]
+        damped = ordered + rounding.DAMPING * np.mean(np.diag(ordered)) * np.eye(width)
+        assert np.array_equal(factor, np.triu(factor))
+        np.testing.assert_allclose(factor.T @ factor @ damped, np.eye(width), atol=1e-4)
+
+
 def test_the_same_weights_on_the_same_grid_are_rounded_once():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((256, 12)) @ rng.standard_normal((12, 12))
