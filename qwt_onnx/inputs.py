@@ -132,11 +132,11 @@ def _load(model: ModelLike, role: str) -> ir.Model:
 
 
 def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet, warnings: Warnings) -> int:
-    """Models exported with a fixed batch dimension of 1 are fed one sample at a time (a fixed
-    batch over 1 was freed by :func:`load_fp32`); models whose outputs do not hold one row per
-    sample of a batch (:func:`batching_fault`), one; others at most as many as keep a batch's
-    largest activation within :data:`BATCH_ACTIVATION_BYTES`. A model that onnxruntime cannot
-    load, or run on the first calibration samples, is refused."""
+    """Models whose outputs do not hold one row per sample of a batch, the row each sample gives
+    alone (:func:`batching_fault`), are fed one sample at a time, as are those exported with a
+    batch dimension fixed to 1 that their graph holds (a fixed batch was freed by :func:`load_fp32`);
+    others at most as many as keep a batch's largest activation within :data:`BATCH_ACTIVATION_BYTES`.
+    A model that onnxruntime cannot load, or run on the first calibration samples, is refused."""
     specs = [spec for spec in prepare.input_specs(model) if spec.samples_axis is not None]
     fixed = {spec.shape[spec.samples_axis] for spec in specs if spec.shape[spec.samples_axis] is not None}
     only = fixed.pop() if len(fixed) == 1 else None
@@ -163,7 +163,11 @@ def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet
         return only
     if batch_size == 1 or calib.num_samples < 2:
         return batch_size
-    fault = batching_fault(runner, outputs, next(calib.batches(2)).feeds)
+    second = runner(next(calib.batches(1, indices=[1])).feeds)
+    fault = batching_fault(runner, [outputs, second], next(calib.batches(2)).feeds)
+    if fault is not None and model.meta.get("fixed_batch") == 1:
+        logger.info("the model's batch dimension is fixed to 1 and its graph runs one sample at a time (%s)", fault)
+        return 1
     if fault is not None:
         warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
         return 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -91,22 +91,42 @@ def count_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None
     return next(array.shape[axes.get(name, 0)] for name, array in feeds.items() if axes.get(name, 0) is not None)
 
 
-def batching_fault(runner: Runner, single: Mapping[str, np.ndarray], two: Mapping[str, np.ndarray]) -> str | None:
-    """Why ``runner``'s model cannot run several samples at once, from its outputs on one sample
-    (``single``) and on the feeds of ``two``: None where each output holds one row per sample (one
-    axis going from 1 to 2, the others unchanged). A declared dynamic batch does not say it: a
-    graph can fix a batch of one inside (a Reshape to [1, -1]), or merge the batch into another axis."""
+# Two samples run at once must give each output row as run alone to within this share of the
+# output's largest magnitude: kernels blocked for another batch size round differently (float32),
+# while samples mixed in a batch (a mean over it) differ by the size of the signal.
+BATCHED_ROWS_TOLERANCE = 1e-3
+
+
+def batching_fault(runner: Runner, singles: Sequence[Mapping[str, np.ndarray]], two: Mapping[str, np.ndarray]) -> str | None:
+    """Why ``runner``'s model cannot run several samples at once, from its outputs on each of two
+    samples alone (``singles``) and on the feeds of both (``two``): None where each output holds one
+    row per sample (one axis going from 1 to 2, the others unchanged), the row each sample gives
+    alone. A declared dynamic batch does not say it: a graph can fix a batch of one inside (a
+    Reshape to [1, -1]), merge the batch into another axis, or mix the samples at the right shapes."""
     try:
         double = runner(two)
     except Exception as exc:  # onnxruntime raises its own Fail, InvalidArgument, RuntimeException
         node = re.search(r"running (\w+) node", str(exc))
         return f"onnxruntime fails on two samples at once{f', in a {node.group(1)} node' if node else ''}"
     for name in runner.output_names:
-        a, b = single[name].shape, double[name].shape
+        a, b = singles[0][name].shape, double[name].shape
         changed = [axis for axis in range(len(a)) if len(a) == len(b) and a[axis] != b[axis]]
         if len(a) != len(b) or len(changed) != 1 or (a[changed[0]], b[changed[0]]) != (1, 2):
             return f"output {name!r} is {list(a)} for one sample and {list(b)} for two"
+        rows = np.split(double[name], 2, axis=changed[0])
+        if not all(_same_rows(row, single[name]) for row, single in zip(rows, singles)):
+            return f"output {name!r} of two samples at once is not what each gives alone"
     return None
+
+
+def _same_rows(batched: np.ndarray, alone: np.ndarray) -> bool:
+    if batched.shape != alone.shape:  # the second sample alone gave another shape (a sequence that ends sooner)
+        return False
+    if not np.issubdtype(alone.dtype, np.floating):
+        return bool(np.array_equal(batched, alone))
+    finite = np.abs(alone[np.isfinite(alone)])
+    scale = float(finite.max()) if finite.size else 0.0
+    return bool(np.allclose(batched, alone, rtol=0.0, atol=BATCHED_ROWS_TOLERANCE * scale, equal_nan=True))
 
 
 def concatenate_samples(chunks: list[np.ndarray], axis: int = 0) -> np.ndarray:

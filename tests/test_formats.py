@@ -147,6 +147,19 @@ def test_a_declared_dynamic_batch_the_graph_does_not_keep_is_run_one_sample_at_a
     assert session(quantized).run(None, one)[0].shape == (1, 10)
 
 
+def test_a_declared_dynamic_batch_whose_samples_mix_is_run_one_sample_at_a_time():
+    # every output one row per sample, as a batch should give them, but each row depends on the
+    # other samples of its batch (here less their mean): only the rows' values tell
+    model = graphs.resnet()
+    model.graph.node.append(onnx.helper.make_node("ReduceMean", ["logits"], ["batch_mean"], axes=[0], keepdims=1))
+    model.graph.node.append(onnx.helper.make_node("Sub", ["logits", "batch_mean"], ["centred"]))
+    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("centred", onnx.TensorProto.FLOAT, ["n", 10]))
+    calib = graphs.samples(model, 24, seed=1)
+    _, report = quantize_with_report(model, calib, qwt=False, progress=False)
+    assert report.batch_size == 1
+    assert any("output 'centred' of two samples at once is not what each gives alone" in w for w in report.warnings)
+
+
 def test_batches_shrink_until_a_batch_of_the_largest_activation_fits_the_memory_bound(monkeypatch, caplog):
     # DNSMOS's 128 x 900 x 161 feature maps (71 MiB a sample) took the capture past 24 GB, and the
     # process killed, at 16 samples a batch. Here the largest activation, the stem's 16 x 16 x 16

@@ -140,6 +140,30 @@ def test_a_batch_fixed_over_one_is_run_at_any_size_and_given_back_to_the_written
     assert session(written).run(None, {"x": calib["x"][:4]})[0].shape == (4, 4)
 
 
+def test_a_batch_fixed_to_one_is_calibrated_several_samples_at_a_time_and_given_back():
+    # PyTorch's exporter fixes the batch it traced at, 1 most often; fed one sample a run, the
+    # calibration of DeepFilterNet3's encoder took 76 s, 48 s at 16 (its outputs the same bit for bit)
+    from qwt_onnx import quantize_with_report
+
+    calib = {"x": np.random.default_rng(2).standard_normal((42, 8)).astype(np.float32)}
+    written, report = quantize_with_report(_fixed_batch_mlp(1), calib, qwt=False, progress=False)
+    assert report.batch_size == 16 and not any("batch" in w for w in report.warnings)
+    assert [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim] == [1, 8]
+    assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim] == [1, 4]
+    inside = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in written.graph.value_info}
+    assert inside["relu_out"] == [1, 16] and not any("batch" in dims for dims in inside.values())
+    assert session(written).run(None, {"x": calib["x"][:1]})[0].shape == (1, 4)
+
+
+def test_a_batch_fixed_to_one_in_the_graph_itself_is_run_one_sample_at_a_time_without_a_warning():
+    from qwt_onnx import quantize_with_report
+
+    calib = {"x": np.random.default_rng(2).standard_normal((40, 2, 4)).astype(np.float32)}
+    written, report = quantize_with_report(_fixed_batch_mlp(1, reshape_to_batch=True), calib, qwt=False, progress=False)
+    assert report.batch_size == 1 and not any("batch" in w for w in report.warnings) and report.sqnr_ptq_db > 20
+    assert [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim] == [1, 2, 4]
+
+
 def test_a_batch_fixed_in_the_graph_itself_is_refused_with_the_export_fix():
     from qwt_onnx import quantize_with_report
 

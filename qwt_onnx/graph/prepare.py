@@ -188,16 +188,18 @@ FREED_BATCH = "batch"  # the name a fixed batch dimension takes while the passes
 
 
 def free_fixed_batch(model: ir.Model) -> int | None:
-    """Where every fed input leads with one static batch size over 1 (an export traced at that
-    batch without dynamic axes), that dimension made dynamic on the inputs and on the outputs
-    that lead with it, and the shapes declared between them dropped for shape inference to
-    redo: calibration runs batches of any size, a last or held-out batch partial. Returns the
-    size, for :func:`fix_batch` to give back to the written model; None where it is not so fixed."""
+    """Where every fed input leads with one static batch size (an export traced at that batch
+    without dynamic axes), that dimension made dynamic on the inputs and on the outputs that lead
+    with it, and the shapes declared between them dropped for shape inference to redo:
+    calibration runs batches of any size, a last or held-out batch partial (a batch of 1 where
+    the graph runs several samples at once, as :func:`qwt_onnx.runtime.batching_fault` checks).
+    Returns the size, for :func:`fix_batch` to give back to the written model; None where it is
+    not so fixed."""
     graph = model.graph
     inputs = g.fed_inputs(graph)
     leading = {dims(v)[0] if dims(v) else None for v in inputs}
     size = leading.pop() if len(leading) == 1 else None
-    if not isinstance(size, int) or size <= 1:
+    if not isinstance(size, int) or size < 1:
         return None
     for value in [*inputs, *(v for v in graph.outputs if dims(v)[:1] == [size])]:
         value.shape = ir.Shape([ir.SymbolicDim(FREED_BATCH), *value.shape[1:]])
@@ -209,10 +211,13 @@ def free_fixed_batch(model: ir.Model) -> int | None:
 
 
 def fix_batch(model: ir.Model, size: int) -> None:
-    """Give the inputs and outputs that :func:`free_fixed_batch` freed their static batch ``size`` back."""
-    for value in [*model.graph.inputs, *model.graph.outputs]:
-        if dims(value)[:1] == [FREED_BATCH]:
-            value.shape = ir.Shape([size, *value.shape[1:]])
+    """Give the dimension that :func:`free_fixed_batch` freed its static ``size`` back, on the inputs
+    and outputs and on every shape that shape inference carried it to."""
+    graph = model.graph
+    computed = (value for node in ir.traversal.RecursiveGraphIterator(graph) for value in node.outputs)
+    for value in [*graph.inputs, *graph.outputs, *computed]:
+        if FREED_BATCH in dims(value):
+            value.shape = ir.Shape([size if d == FREED_BATCH else d for d in value.shape])
 
 
 def upgrade_opset(model: ir.Model, minimum: int = MIN_OPSET, why: str = "") -> ir.Model:
