@@ -127,6 +127,24 @@ def test_a_relu_whose_output_is_a_graph_output_is_absorbed_and_the_output_is_deq
         assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_a_graph_output_whose_relu_is_absorbed_keeps_its_declared_shape():
+    # it took the shape inferred for the Conv output before the Relu: DeepFilterNet3's written
+    # encoder declared e0 as [unk__0, 64, unk__4, unk__5], not the [Relue0_dim_0, 64, S, ...] it was given
+    b = GraphBuilder()
+    b.op("Relu", [b.op("Conv", ["x", b.weight("w1", (8, 4, 1, 1))], "conv1")], "relu1")
+    b.nodes[-1].output[0] = "features"
+    b.op("Conv", ["features", b.weight("w2", (8, 8, 1, 1))], "conv2")
+    b.nodes[-1].output[0] = "y"
+    declared = ["N", 8, "frames", "bands"]
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "T", "F"])],
+                    [helper.make_tensor_value_info(name, TensorProto.FLOAT, declared) for name in ("features", "y")])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    qdq.InsertQdqPass({"features": (0.0, 5.0), "x": (-5.0, 5.0)}, "ort")(model)
+    out = ir.serde.serialize_model(model)
+    assert "Relu" not in [n.op_type for n in out.graph.node]
+    assert [d.dim_param or d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == declared
+
+
 def test_a_head_conv_whose_output_only_moves_to_a_graph_output_keeps_a_float_output():
     # an SSD-style detector (BlazeFace from mediapipe via tf2onnx): each scale's score conv is
     # reshaped into anchors and concatenated into the output; quantized there, the raw logits'

@@ -160,7 +160,8 @@ class InsertQdqPass(ir.passes.InPlacePass):
         if site.absorbed is not None:
             g.replace_graph_output(graph, site.observed, dq.outputs[0])
             graph.remove(site.absorbed, safe=True)
-            dq.outputs[0].name = site.observed.name  # the tensor keeps its name, now quantized
+            # the tensor keeps its name and its declared shape (a graph output's: the user's interface), now quantized
+            dq.outputs[0].name, dq.outputs[0].shape = site.observed.name, site.observed.shape
 
 
 def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.ndarray) -> None:
