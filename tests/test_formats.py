@@ -17,7 +17,7 @@ from qwt_onnx.graph import prepare
 from qwt_onnx.numerics.metrics import mean_squared_error
 from qwt_onnx.passes import samples_axis
 from qwt_onnx.report import format_summary
-from qwt_onnx.runtime import run_in_batches, session
+from qwt_onnx.runtime import batching_fault, run_in_batches, session
 from tests import graphs
 
 
@@ -158,6 +158,26 @@ def test_a_declared_dynamic_batch_whose_samples_mix_is_run_one_sample_at_a_time(
     _, report = quantize_with_report(model, calib, qwt=False, progress=False)
     assert report.batch_size == 1
     assert any("output 'centred' of two samples at once is not what each gives alone" in w for w in report.warnings)
+
+
+class _Outputs:
+    """A runner that gives ``double`` for two samples at once."""
+
+    output_names = ["y"]
+
+    def __init__(self, double):
+        self.double = double
+
+    def __call__(self, feeds):
+        return {"y": self.double}
+
+
+def test_a_batched_output_is_checked_row_by_row_against_each_sample_alone():
+    alone = [np.array([[1.0, 2.0, 3.0]]), np.array([[4.0, 5.0]])]  # the second sequence ends sooner
+    assert batching_fault(_Outputs(np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]])), [{"y": a} for a in alone], {}) is None
+    mixed = np.array([[1.0, 2.0, 3.0], [4.0, 5.5, 9.0]])
+    assert "is not what each gives alone" in batching_fault(_Outputs(mixed), [{"y": a} for a in alone], {})
+    assert batching_fault(_Outputs(np.array([[1.0, 2.0, 3.0], [4.0, 5.0 + 1e-4, 9.0]])), [{"y": a} for a in alone], {}) is None
 
 
 def test_batches_shrink_until_a_batch_of_the_largest_activation_fits_the_memory_bound(monkeypatch, caplog):
