@@ -52,6 +52,9 @@ def files(tmp_path_factory):
     from qwt_onnx import quantize
 
     quantize(model, graphs.samples(model, 16, seed=1), folder / "quantized.onnx", qwt=False, progress=False)
+    old_opset = onnx.load(folder / "quantized.onnx")  # quantize_static's per-channel weights of an opset-12 model
+    old_opset.opset_import[0].version = 12
+    onnx.save(old_opset, folder / "per_channel_opset12.onnx")
     class Reader(CalibrationDataReader):
         def __init__(self):
             self.feeds = iter([{"image": graphs.samples(model, 1, seed=k)["image"]} for k in range(4)])
@@ -128,6 +131,8 @@ def test_no_qwt_writes_the_plain_ptq_model(files):
         (["quantized.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized"),
         (["qoperator.onnx", "out.onnx", "--calib", "calib.npz"], "already quantized, in onnxruntime's QOperator format"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "qoperator.onnx"], "onnxruntime's QOperator format"),
+        (["model.onnx", "out.onnx", "--calib", "calib.npz", "--quantized", "per_channel_opset12.onnx"],
+         "per-channel QuantizeLinear and DequantizeLinear (their axis) need opset 13"),
         (["no_weights.onnx", "out.onnx", "--calib", "calib.npz"], "nothing to quantize: the model has no Conv"),
         (["zipmap.onnx", "out.onnx", "--calib", "features.npz"], "'probabilities' is a map or a sequence of maps"),
         (["model.onnx", "out.onnx", "--calib", "calib.npz", "--exclude-op-types", "Conv,Gemm"], "every compute op of the model"),

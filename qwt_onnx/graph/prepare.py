@@ -87,6 +87,10 @@ def _fix(reason: str) -> str:
     """What to do about the checker's ``reason``: an op that the model's opset lacks is either
     newer than the opset its exporter declared or no ONNX op at all (a converter's own op: tf2onnx
     1.17 writes TensorFlow's Erfc for Keras' exact GELU)."""
+    if re.search(r"Unrecognized attribute: axis for operator (Quantize|Dequantize)Linear", reason):
+        return ("per-channel QuantizeLinear and DequantizeLinear (their axis) need opset 13 or later, which onnxruntime's "
+                "quantize_static does not raise the model to: convert the FP32 model first "
+                "(onnx.version_converter.convert_version(model, 13)) and quantize that")
     unknown = re.search(r"No Op registered for (\S+) with domain_version of (\d+)", reason)
     if unknown is None:
         return "re-export it"
