@@ -99,17 +99,22 @@ def test_ort_target_quantizes_conv_outputs_and_absorbs_a_following_relu():
     assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()
 
 
-def test_a_relu_whose_output_is_a_graph_output_is_absorbed_and_the_output_is_dequantized_once():
-    # DeepFilterNet's encoder returns each conv stage's Relu output (e0..e3) and feeds it on: left
-    # in float, the Relu ran between a DequantizeLinear and a second QuantizeLinear of the same
-    # values, with the layout transposes around it, as onnxruntime's quantize_static does not
+def _relu_output_fed_on(input_dims: list, output_dims: list) -> onnx.ModelProto:
+    """x -> Conv -> Relu, whose output ``features`` is a graph output and read by a second Conv
+    (``y``), as DeepFilterNet's encoder returns each conv stage's Relu output and feeds it on."""
     b = GraphBuilder()
     b.op("Relu", [b.op("Conv", ["x", b.weight("w1", (8, 4, 1, 1))], "conv1")], "relu1")
     b.nodes[-1].output[0] = "features"
     b.op("Conv", ["features", b.weight("w2", (8, 8, 1, 1))], "conv2")
     b.nodes[-1].output[0] = "y"
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * 4) for name in ("features", "y")]
-    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])], outputs)
+    return b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, input_dims)],
+                   [helper.make_tensor_value_info(name, TensorProto.FLOAT, output_dims) for name in ("features", "y")])
+
+
+def test_a_relu_whose_output_is_a_graph_output_is_absorbed_and_the_output_is_dequantized_once():
+    # left in float, the Relu ran between a DequantizeLinear and a second QuantizeLinear of the
+    # same values, with the layout transposes around it, as onnxruntime's quantize_static does not
+    proto = _relu_output_fed_on(["N", 4, 3, 3], [None] * 4)
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     assert sorted(place(model.graph, "ort").observed_names) == ["features", "x"]
     qdq.InsertQdqPass({"features": (0.0, 5.0), "x": (-5.0, 5.0)}, "ort")(model)
@@ -130,15 +135,8 @@ def test_a_relu_whose_output_is_a_graph_output_is_absorbed_and_the_output_is_deq
 def test_a_graph_output_whose_relu_is_absorbed_keeps_its_declared_shape():
     # it took the shape inferred for the Conv output before the Relu: DeepFilterNet3's written
     # encoder declared e0 as [unk__0, 64, unk__4, unk__5], not the [Relue0_dim_0, 64, S, ...] it was given
-    b = GraphBuilder()
-    b.op("Relu", [b.op("Conv", ["x", b.weight("w1", (8, 4, 1, 1))], "conv1")], "relu1")
-    b.nodes[-1].output[0] = "features"
-    b.op("Conv", ["features", b.weight("w2", (8, 8, 1, 1))], "conv2")
-    b.nodes[-1].output[0] = "y"
     declared = ["N", 8, "frames", "bands"]
-    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, "T", "F"])],
-                    [helper.make_tensor_value_info(name, TensorProto.FLOAT, declared) for name in ("features", "y")])
-    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    model = prepare.prepare(ir.serde.deserialize_model(_relu_output_fed_on(["N", 4, "T", "F"], declared)))
     qdq.InsertQdqPass({"features": (0.0, 5.0), "x": (-5.0, 5.0)}, "ort")(model)
     out = ir.serde.serialize_model(model)
     assert "Relu" not in [n.op_type for n in out.graph.node]
