@@ -165,11 +165,11 @@ def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet
         return batch_size
     second = runner(next(calib.batches(1, indices=[1])).feeds)
     fault = batching_fault(runner, [outputs, second], next(calib.batches(2)).feeds)
-    if fault is not None and model.meta.get("fixed_batch") == 1:
-        logger.info("the model's batch dimension is fixed to 1 and its graph runs one sample at a time (%s)", fault)
-        return 1
     if fault is not None:
-        warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
+        if model.meta.get("fixed_batch") == 1:  # as exported: no warning
+            logger.info("the model's batch dimension is fixed to 1 and its graph runs one sample at a time (%s)", fault)
+        else:
+            warnings.warn(f"the model declares a dynamic batch but does not batch samples ({fault}); running one sample at a time")
         return 1
     per_sample = largest_value_bytes(proto, first)
     fitting = max(1, BATCH_ACTIVATION_BYTES // max(per_sample, 1))

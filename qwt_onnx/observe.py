@@ -135,11 +135,12 @@ def observe(
             values = {**batch.feeds, **runner(batch.feeds)}
             # numpy's reductions let go of the GIL: the large tensors' statistics are updated side by
             # side (submitted at once), the small ones' on this thread meanwhile
-            large = [item for item in statistics if values[item[0]].size >= THREADED_UPDATE_ELEMENTS]
+            large, small = [], []
+            for item in statistics:
+                (large if values[item[0]].size >= THREADED_UPDATE_ELEMENTS else small).append(item)
             updating = pool.map(lambda item: item[1].update(values[item[0]]), large)
-            for name, statistic in statistics:
-                if values[name].size < THREADED_UPDATE_ELEMENTS:
-                    statistic.update(values[name])
+            for name, statistic in small:
+                statistic.update(values[name])
             for _ in updating:
                 pass
             scoring = heldout[batch.indices]
