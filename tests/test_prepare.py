@@ -347,3 +347,70 @@ def test_a_spatial_mean_with_axes_as_an_input_becomes_a_pool_too():
     model = prepare.prepare(ir.serde.deserialize_model(proto))
     assert [n.op_type for n in model.graph] == ["GlobalAveragePool"] and not model.graph.initializers
     _same_function(proto, model)
+
+
+def _learning_phase_batch_norm(learning_phase: np.ndarray | None) -> onnx.ModelProto:
+    """A Conv -> BatchNormalization as a TensorFlow 1 Keras export writes it (tf2onnx): the batch
+    statistics of the training form computed in the main graph, and an If on the learning phase
+    between the training form (then) and the inference form (else), which is a graph output
+    (each branch's node named as the main graph's convolution: names are unique per graph);
+    ``learning_phase`` a constant, or None for an input that the caller feeds."""
+    b = GraphBuilder(seed=5)
+    conv = b.op("Conv", ["x", b.weight("w", (6, 3, 3, 3))], "conv", pads=[1, 1, 1, 1])
+    batch_mean = b.op("ReduceMean", [conv], "batch_mean", axes=[0, 2, 3], keepdims=0)
+    stats = [b.const(n, np.random.default_rng(i).uniform(0.5, 1.5, 6).astype(np.float32))
+             for i, n in enumerate(("gamma", "beta", "mean", "var"))]
+    then_branch = helper.make_graph(
+        [helper.make_node("BatchNormalization", [conv, "gamma", "beta", batch_mean, "var"], ["trained"], "conv", epsilon=1e-3)],
+        "training", [], [helper.make_tensor_value_info("trained", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph(
+        [helper.make_node("BatchNormalization", [conv, *stats], ["inferred"], "conv", epsilon=1e-3)],
+        "inference", [], [helper.make_tensor_value_info("inferred", TensorProto.FLOAT, None)])
+    phase = "phase" if learning_phase is None else b.const("phase", learning_phase)
+    b.op("If", [phase], "bn/cond", then_branch=then_branch, else_branch=else_branch)
+    b.nodes[-1].output[0] = "y"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])]
+    if learning_phase is None:
+        inputs.append(helper.make_tensor_value_info("phase", TensorProto.BOOL, []))
+    return b.model(inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 5, 5])])
+
+
+@pytest.mark.parametrize("learning_phase", [np.array(False), np.array([True])])
+def test_an_if_on_a_constant_is_replaced_by_its_branch_and_what_only_the_other_read_goes(learning_phase):
+    proto = _learning_phase_batch_norm(learning_phase)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    ops = [n.op_type for n in model.graph]
+    # inference: the normalization follows the convolution alone and folds into it, the batch mean is gone
+    assert ops == (["Conv"] if not learning_phase.any() else ["Conv", "ReduceMean", "BatchNormalization"])
+    assert len({n.name for n in model.graph}) == len(ops)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    expected = session(proto).run(None, {"x": x})[0]
+    np.testing.assert_allclose(session(prepare.to_proto(model)).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_if_on_an_input_stays():
+    model = prepare.prepare(ir.serde.deserialize_model(_learning_phase_batch_norm(None)))
+    assert "If" in [n.op_type for n in model.graph]
+
+
+def test_a_taken_branch_that_gives_a_constant_gives_it_the_if_output_name():
+    # the branch's Constant becomes an initializer of the branch before the If is replaced
+    b = GraphBuilder(seed=6)
+    relu = b.op("Relu", ["x"], "relu")
+    constant = helper.make_tensor("c", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    given = helper.make_graph([helper.make_node("Constant", [], ["c"], value=constant)], "given", [],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", [relu], ["negated"])], "other", [],
+                              [helper.make_tensor_value_info("negated", TensorProto.FLOAT, None)])
+    b.op("If", [b.const("cond", np.array(True))], "if", then_branch=given, else_branch=other)
+    b.nodes[-1].output[0] = "y"
+    b.op("Add", [relu, "y"], "add")
+    proto = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]),
+                     helper.make_tensor_value_info("add_out", TensorProto.FLOAT, ["N", 4])])
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert "If" not in [n.op_type for n in model.graph] and [v.name for v in model.graph.outputs] == ["y", "add_out"]
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    for got, wanted in zip(session(prepare.to_proto(model)).run(None, {"x": x}), session(proto).run(None, {"x": x})):
+        np.testing.assert_array_equal(got, wanted)

@@ -16,6 +16,7 @@ from qwt_onnx.calibration import InputSpec, leading_batch, samples_axis
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import query as g
 from qwt_onnx.passes.constants import FoldComputedWeightsPass
+from qwt_onnx.passes.control_flow import InlineConstantIfPass
 from qwt_onnx.passes.fold import DenseAsGemmPass, FoldBatchNormPass, FoldChannelAffinePass
 from qwt_onnx.passes.hardsigmoid import HardSwishAsProductPass
 from qwt_onnx.passes.pool import SpatialMeanAsGlobalPoolPass
@@ -156,10 +157,10 @@ IR_VERSION_OF_OPSET = {21: 10}
 
 def prepare(model: ir.Model) -> ir.Model:
     """Every node and value named, at least opset 13, weights no longer listed among the graph
-    inputs, constants as initializers, half and double precision computed in float32, Identity
-    dropped, BatchNorm, per-channel scales and bias Adds folded into convolutions and dense
-    layers, spatial means written as global pools, hard-swishes as ``x · HardSigmoid(x)``,
-    shapes inferred, sorted."""
+    inputs, constants as initializers, If nodes on a constant replaced by their branch, half and
+    double precision computed in float32, Identity dropped, BatchNorm, per-channel scales and
+    bias Adds folded into convolutions and dense layers, spatial means written as global pools,
+    hard-swishes as ``x · HardSigmoid(x)``, shapes inferred, sorted."""
     model = upgrade_opset(model)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     passes = ir.passes.PassManager(
@@ -170,6 +171,11 @@ def prepare(model: ir.Model) -> ir.Model:
             # caller could override): a quantizer takes the weights as the constants they are.
             common.RemoveInitializersFromInputsPass(),
             common.LiftConstantsToInitializersPass(size_limit=0),
+            # A TensorFlow 1 Keras export's learning phase, a constant, picks each BatchNorm's
+            # inference form in an If; what only the other branch read goes with it, so that the
+            # normalization follows its convolution alone and folds into it.
+            InlineConstantIfPass(),
+            common.RemoveUnusedNodesPass(),
             ComputeInFloat32Pass(),
             FoldComputedWeightsPass(),
             _IdentityEliminationPass(),
