@@ -34,6 +34,7 @@ def _constant_if(graph: ir.Graph) -> ir.Node | None:
 
 
 def _condition(node: ir.Node) -> bool | None:
+    """The If's condition where it is a constant; None where it is computed or fed."""
     cond = node.inputs[0] if node.inputs else None
     if cond is None or cond.const_value is None or cond.is_graph_input() or cond.const_value.size != 1:
         return None
@@ -60,7 +61,7 @@ def _inline(node: ir.Node) -> None:
         if moved.name in names:
             moved.name = f"{node.name}/{moved.name}"
     graph.insert_before(node, nodes)
-    for result, output in zip(results, node.outputs):  # onnxruntime refuses a branch output that is not the branch's own
+    for result, output in zip(results, node.outputs):  # each the branch's own (onnxruntime refuses an enclosing graph's value)
         name = output.name
         result.type, result.shape = result.type or output.type, result.shape or output.shape
         output.replace_all_uses_with(result, replace_graph_outputs=True)
