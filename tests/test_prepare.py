@@ -414,3 +414,29 @@ def test_a_taken_branch_that_gives_a_constant_gives_it_the_if_output_name():
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
     for got, wanted in zip(session(prepare.to_proto(model)).run(None, {"x": x}), session(proto).run(None, {"x": x})):
         np.testing.assert_array_equal(got, wanted)
+
+
+def test_an_if_on_a_constant_inside_a_loop_body_is_replaced_there():
+    # a Loop whose body doubles its carried value through an If on a constant of the main graph
+    then_branch = helper.make_graph([helper.make_node("Add", ["v_in", "v_in"], ["doubled"])], "then", [],
+                                    [helper.make_tensor_value_info("doubled", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["v_in"], ["negated"])], "else", [],
+                                    [helper.make_tensor_value_info("negated", TensorProto.FLOAT, None)])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("If", ["flag"], ["v_out"], then_branch=then_branch, else_branch=else_branch)],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [onnx.numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                               onnx.numpy_helper.from_array(np.array(True), "flag")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = prepare.prepare(ir.serde.deserialize_model(proto))
+    assert [n.op_type for n in model.graph[0].attributes["body"].as_graph()] == ["Identity", "Add"]
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(session(prepare.to_proto(model)).run(None, {"x": x})[0], 8 * x)
