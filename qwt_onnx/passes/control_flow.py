@@ -47,19 +47,19 @@ def _inline(node: ir.Node) -> None:
     taken, dropped = ("then_branch", "else_branch") if _condition(node) else ("else_branch", "then_branch")
     graph, branch = node.graph, node.attributes[taken].as_graph()
     _detach(node.attributes[dropped].as_graph())
+    names = g.NameScope(graph)  # node names are unique within a graph only
     for name in list(branch.initializers):
         initializer = branch.initializers.pop(name)
         if initializer.name in graph.initializers:
-            initializer.name = f"{node.name}/{initializer.name}"
+            initializer.name = names.fresh(initializer.name)
         graph.register_initializer(initializer)
     results = list(branch.outputs)
     branch.outputs.clear()
     nodes = list(branch)
     branch.remove(nodes)
-    names = {n.name for n in graph}
-    for moved in nodes:  # node names are unique within a graph only
-        if moved.name in names:
-            moved.name = f"{node.name}/{moved.name}"
+    for moved in nodes:
+        if moved.name in names.taken:
+            moved.name = names.fresh(moved.name)
     graph.insert_before(node, nodes)
     for result, output in zip(results, node.outputs):  # each the branch's own (onnxruntime refuses an enclosing graph's value)
         name = output.name
