@@ -11,7 +11,9 @@
    ``--compensation auto`` and ``affine``);
 6. fit one compensation per block on that model's quantized stream and splice it in: first on
    the first samples (with bias correction either way, where no layer is folded), then on all
-   of them where that trial says it can pay (:mod:`qwt_onnx.qwt`);
+   of them where that trial says it can pay (:mod:`qwt_onnx.qwt`); where layers are folded and
+   its branches beat them, or none does and the folds' gain is within noise, fit it on the PTQ
+   model alone too, to replace both where it does better;
 7. write the QwT model where it beats the model without it on held-out samples, else that one,
    its residual streams, SiLUs and hard-swishes quantized for every reader unless held-out
    samples show that costing fidelity (``--residuals auto``).
@@ -64,6 +66,7 @@ from qwt_onnx.qwt import (
     Selection,
     beats,
     compensate,
+    compensate_instead_of_folds,
     compensate_without_folds,
     decided_on,
     outputs_gaining,
@@ -167,11 +170,17 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         selection, compensation = compensate(run, base, found)
     gain_interval = qwt_gain_interval(compensation, base)
     applied = compensation is not None and compensation.model is not None and beats(run, compensation, base, gain_interval)
-    alone = compensate_without_folds(run, ptq, found, compensation) if applied and base is not ptq else None
+    alone = why = None  # QwT's branches on the PTQ model without the folds, where they replace both
+    if applied and base is not ptq:
+        alone = compensate_without_folds(run, ptq, found, compensation)
+        why = alone and f"reach {alone[1].sqnr_db:.2f} dB held out, those on the folds {compensation.sqnr_db:.2f}"
+    elif found and base is not ptq and _within_noise(folds):
+        alone = compensate_instead_of_folds(run, ptq, found, folds.gain_db)
+        why = alone and (f"reach {alone[1].sqnr_db:.2f} dB held out against its {ptq.score.db:.2f}, beyond noise; "
+                         f"the folds gained {folds.gain_db:+.2f} dB, within noise")
     if alone is not None:
-        folds = dataclasses.replace(folds, written=False, superseded=f"QwT's branches on the PTQ model alone reach "
-                                    f"{alone[1].sqnr_db:.2f} dB held out, those on the folds {compensation.sqnr_db:.2f}")
-        (selection, compensation), base = alone, ptq
+        folds = dataclasses.replace(folds, written=False, superseded=f"QwT's branches on the PTQ model alone {why}")
+        (selection, compensation), base, applied = alone, ptq, True
         gain_interval = qwt_gain_interval(compensation, base)
     on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found) if applied
                                                 else (None, None))
@@ -235,6 +244,11 @@ def _fold_layers(run: Run, ptq: Candidate) -> tuple[LayerFolds, Candidate]:
     streams = ptq.int8_residuals_variant if int8_residuals_pay(ptq) else ptq
     folds = fold_layers(run, streams.model, streams.float_model or run.fp, streams.score, exact=ptq.method != GIVEN)
     return folds, streams
+
+
+def _within_noise(folds: LayerFolds) -> bool:
+    """Whether the layer folds' gain over the model before them is within the noise of the samples that judged it."""
+    return folds.interval_db is not None and folds.interval_db[0] <= 0.0
 
 
 def _warn_of_few_heldout_samples(run: Run, given: bool) -> None:

@@ -28,7 +28,8 @@ looks worse there than it is. PP-LCNet's PTQ model scored 24.9 dB on its held-ou
 17.8 dB on the other calibration samples; its folds lost 4.3 dB on the first, and gained 2.0 dB
 on the second and 2.1 dB on its evaluation images. Where QwT's branches follow and beat it,
 branches fitted on the PTQ model alone replace both where they do better on the held-out
-samples (:func:`qwt_onnx.qwt.compensate_without_folds`).
+samples (:func:`qwt_onnx.qwt.compensate_without_folds`); where none follow and the folds' gain
+is within noise, where those branches gain more (:func:`qwt_onnx.qwt.compensate_instead_of_folds`).
 """
 
 from __future__ import annotations

@@ -209,6 +209,48 @@ def test_branches_on_the_ptq_model_alone_replace_those_on_the_folds_where_they_b
     assert written.SerializeToString() == prepare.to_proto(alone[0].model).SerializeToString()
 
 
+@pytest.mark.parametrize("folds_interval_db, folds_gain_db, replaced", [
+    ((-1.0, 1.0), 0.0, True),  # within noise, the branches gain more: they replace the folds
+    ((0.1, 1.0), 0.0, False),  # beyond noise: the folds stay, costing nothing
+    ((-1.0, 99.0), 50.0, False),  # within noise, but gaining more than the branches
+])
+@pytest.mark.slow
+def test_branches_on_the_ptq_model_alone_replace_folds_that_gain_within_noise_where_no_branch_on_them_pays(
+        monkeypatch, folds_interval_db, folds_gain_db, replaced):
+    # MiniLM at W4A8: its folds gained +0.07 dB (interval -0.01 to +0.14) and left each block's
+    # branch too little to remove; the branches on the PTQ model alone gained +0.95 dB on its evaluation sentences
+    model = graphs.transformer()
+    calib = graphs.samples(model, 160, seed=1)
+    options = dict(calib_method="entropy", min_gain=0.0, progress=False, **graphs.SYSTEMATIC_ERROR, **graphs.ANY_RUN_TIME)
+    folds_only, _ = quantize_with_report(model, calib, compensation="affine", **options)
+    fold_layers, fit, alone = layer_folds.fold_layers, qwt.compensate, []
+
+    def judged_so(*args, **kwargs):
+        return dataclasses.replace(fold_layers(*args, **kwargs), interval_db=folds_interval_db, gain_db=folds_gain_db)
+
+    def fitted_alone(run, candidate, found, bar):  # qwt.compensate is only called so for the PTQ model alone
+        assert bar == qwt.Bar(max(MIN_QWT_GAIN_DB, folds_gain_db), 0.0)  # its trial must gain beyond noise
+        selection, compensation = fit(run, candidate, found, bar)
+        alone.append(compensation)
+        return selection, compensation
+
+    no_branch = qwt.Compensation("entropy", None, [], len(calib["tokens"]))
+    monkeypatch.setattr("qwt_onnx.api.fold_layers", judged_so)
+    monkeypatch.setattr("qwt_onnx.api.compensate", lambda run, base, found: (qwt.Selection(), no_branch))  # on the folds
+    monkeypatch.setattr(qwt, "compensate", fitted_alone)
+    written, report = quantize_with_report(model, calib, **options)
+    assert len(alone) == (folds_interval_db[0] <= 0)  # tried only where the folds' gain is within noise
+    if alone:  # ... there fitted on all samples only where the trial gains more than the folds
+        assert (alone[0].model is not None) is replaced
+    if replaced:
+        assert alone[0].sqnr_db - report.sqnr_ptq_db > 1.0
+    assert report.layer_folds_written is not replaced and report.qwt_applied is replaced, report.warnings
+    assert written.SerializeToString() == (prepare.to_proto(alone[0].model) if replaced else folds_only).SerializeToString()
+    if replaced:
+        assert "the folds gained +0.00 dB, within noise" in report.layer_folds_superseded
+        assert "QwT's branches on the PTQ model alone reach" in format_summary(report, "m.onnx")
+
+
 def _additive_judge(effects):
     """A judge whose model scores the sum of its folds' effects in dB, and what it was asked."""
     asked = []
