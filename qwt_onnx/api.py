@@ -44,10 +44,12 @@ from qwt_onnx.inputs import (
     ModelLike,
     check_output,
     check_outputs,
+    dispatched_branch,
     effective_batch_size,
     expose_what_selections_read,
     load_fp32,
     load_quantized,
+    specialized,
     unselected,
 )
 from qwt_onnx.layer_folds import LayerFolds, fold_layers
@@ -55,7 +57,7 @@ from qwt_onnx.numerics import metrics
 from qwt_onnx.options import BiasCorrection, CalibMethod, Options, Target
 from qwt_onnx.options import Compensation as CompensationKind
 from qwt_onnx.options import Equalization as EqualizationChoice
-from qwt_onnx.passes import samples_axis
+from qwt_onnx.passes import dispatch, samples_axis
 from qwt_onnx.passes.gelu import FuseDequantizedGeluPass
 from qwt_onnx.passes.hardsigmoid import FuseDequantizedHardSwishPass, IntegerHardSigmoidPass
 from qwt_onnx.progress import shown as progress_shown
@@ -128,6 +130,13 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     check_outputs(fp, options.outputs)
     specs = prepare.input_specs(fp)
     arrays = read_arrays(calib, specs)
+    dispatcher, taken = fp, dispatched_branch(fp, arrays, specs) if quantized is None else None
+    if taken is not None:  # the model is one If on its inputs: quantized in the branch the samples take
+        fp = specialized(fp, taken)
+        on = ", ".join(dispatch.condition_inputs(dispatcher.graph))
+        warnings.warn(f"the model is one If on its inputs ({on}) and every calibration sample takes its "
+                      f"{dispatch.branch_name(taken)}: that branch is quantized, the other kept float (calibrate on samples "
+                      "that take it to quantize that one instead)")
     one_sample = None  # the input shapes of a model fed whole inputs, given a samples axis while the passes run
     if stacks_whole_inputs(arrays, specs):
         one_sample = samples_axis.shapes(fp)
@@ -201,6 +210,8 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         FuseDequantizedGeluPass()(written)
         IntegerHardSigmoidPass()(written)
         FuseDequantizedHardSwishPass()(written)  # the float ones
+    if taken is not None:
+        dispatch.redispatch(written, dispatcher, taken)
 
     proto = prepare.to_proto(written)
     try:

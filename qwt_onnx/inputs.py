@@ -6,15 +6,18 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes import common
 
 from qwt_onnx.analysis import parts
-from qwt_onnx.calibration import CalibrationSet
+from qwt_onnx.calibration import CalibrationSet, InputSpec
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics
+from qwt_onnx.passes import dispatch
 from qwt_onnx.run import Warnings
 from qwt_onnx.runtime import Runner, batching_fault, largest_value_bytes
 
@@ -181,3 +184,44 @@ def effective_batch_size(model: ir.Model, batch_size: int, calib: CalibrationSet
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+def dispatched_branch(fp: ir.Model, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> bool | None:
+    """Where ``fp`` is one If on its inputs (:mod:`qwt_onnx.passes.dispatch`) and every calibration
+    sample feeds its condition the same values: whether they take its then branch. None for any
+    other model, or samples that take different branches."""
+    node = dispatch.dispatch_if(fp.graph)
+    if node is None:
+        return None
+    condition, read = node.inputs[0], set(dispatch.condition_inputs(fp.graph))
+    feeds = {spec.name: _fed_alike(arrays[spec.name], spec) for spec in specs if spec.name in read and spec.name in arrays}
+    if len(feeds) != len(read) or any(value is None for value in feeds.values()):
+        return None
+    if condition.is_graph_input():
+        return bool(feeds[condition.name].reshape(-1)[0])
+    computing = fp.clone()  # the condition's computation alone
+    computing.graph.outputs[:] = [g.values_by_name(computing.graph)[condition.name]]
+    computing.graph.inputs[:] = [v for v in computing.graph.inputs if v.name in read]
+    common.RemoveUnusedNodesPass()(computing)
+    return bool(Runner(prepare.to_proto(computing))(feeds)[condition.name].reshape(-1)[0])
+
+
+def specialized(fp: ir.Model, taken: bool) -> ir.Model:
+    """``fp``, a dispatch (:func:`dispatched_branch`), as the branch ``taken`` alone, prepared."""
+    branch = fp.clone()
+    dispatch.SpecializeDispatchPass(taken)(branch)
+    prepared = prepare.prepare(branch)
+    prepared.meta["fixed_batch"] = fp.meta.get("fixed_batch")
+    return prepared
+
+
+def _fed_alike(array: np.ndarray, spec: InputSpec) -> np.ndarray | None:
+    """What every sample feeds ``spec``'s input: ``array`` where it is fed whole with every batch,
+    else its first sample where all samples are alike; None where they differ."""
+    if spec.samples_axis is None and array.ndim == len(spec.shape):
+        return array
+    batched = array.ndim == len(spec.shape)  # samples on the input's own axis, else stacked on a new axis 0
+    first = np.take(array, [0], axis=spec.samples_axis if batched else 0)
+    if not (array == first).all():
+        return None
+    return first if batched else first[0]

@@ -92,6 +92,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
             site = dataclasses.replace(site, readers=[(node, i) for node, i in site.readers if node not in blocked])
             if site.readers:
                 self._quantize_activation(graph, names, site)
+        _requantize_reads_in_subgraphs(graph, names)
         if self.target == Target.ORT:
             for node in dict.fromkeys(node for site in placement.weights for node, _ in site.readers):
                 if node.op_type in ("Gemm", "Conv"):  # a Conv's float bias onnxruntime quantizes itself, where it can
@@ -162,6 +163,38 @@ class InsertQdqPass(ir.passes.InPlacePass):
             graph.remove(site.absorbed, safe=True)
             # the tensor keeps its name and its declared shape (a graph output's: the user's interface), now quantized
             dq.outputs[0].name, dq.outputs[0].shape = site.observed.name, site.observed.shape
+
+
+# The ops that onnxruntime's QDQPropagationTransformer moves a DequantizeLinear past, as it moves
+# the op into the integer domain.
+_PROPAGATED_PAST = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
+
+
+def _requantize_reads_in_subgraphs(graph: ir.Graph, names: g.NameScope) -> None:
+    """Where a dequantized tensor reaches a subgraph (an If's branch, a Loop's body) through ops
+    that only move its values (a Transpose, a Reshape, ...), the subgraph reads those ops' output
+    through a QuantizeLinear/DequantizeLinear pair of the same parameters, lossless. onnxruntime
+    (1.32) moves a DequantizeLinear forward past such ops until it meets a QuantizeLinear, and
+    where it meets a subgraph's read instead it aborts the process (Silero VAD v4's LSTM branch
+    reads its encoder's last convolution output, transposed)."""
+    for dq in [node for node in graph if node.op_type == "DequantizeLinear" and len(node.inputs) > 1]:
+        pending = [dq.outputs[0]]
+        while pending:
+            value = pending.pop()
+            moved = [use.node for use in value.uses() if use.node.graph is graph and use.node.op_type in _PROPAGATED_PAST
+                     and use.idx == 0 and g.is_default_domain(use.node)]
+            for node in moved:
+                output = node.outputs[0]
+                inside = [(use.node, use.idx) for use in output.uses() if use.node.graph is not graph]
+                if inside:
+                    base = names.fresh(f"{output.name}_requantized")
+                    q = names.node("QuantizeLinear", [output, *dq.inputs[1:]], f"{base}_quantized")
+                    again = names.node("DequantizeLinear", [q.outputs[0], *dq.inputs[1:]], f"{base}_dequantized")
+                    q.outputs[0].dtype, again.outputs[0].dtype = dq.inputs[0].dtype, output.dtype
+                    graph.insert_after(node, [q, again])
+                    for reader, index in inside:
+                        reader.replace_input_with(index, again.outputs[0])
+                pending.append(output)
 
 
 def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.ndarray) -> None:
