@@ -59,14 +59,17 @@ def leading_batch(input_shapes: Sequence[Dims]) -> int | str | None:
 def samples_axis(dims: Dims, batch: int | str | None) -> int | None:
     """Where a tensor of shape ``dims`` holds its samples, given the :func:`leading_batch`: the
     axis of that name, or where the batch is a static 1 the first axis of size 1 (a recurrent
-    state [layers, batch, C] holds them on axis 1); else axis 0. None, one value fed with every
-    batch, for a scalar (a sample rate) and for a fully static tensor beside a named batch (an
-    initial recurrent state [4, 1, 64] that a model with a dynamic batch declares)."""
+    state [layers, batch, C] holds them on axis 1); where the batch is not found so, a tensor
+    that starts with a static size and has one dynamic dimension holds them there (the same
+    state exported with its dimensions unnamed, [2, ?, 128]); else axis 0. None, one value fed
+    with every batch, for a scalar (a sample rate) and for a fully static tensor beside a named
+    batch (an initial recurrent state [4, 1, 64] that a model with a dynamic batch declares)."""
     if not dims or (isinstance(batch, str) and all(isinstance(d, int) and d > 0 for d in dims)):
         return None
-    if batch is None or not any(d == batch for d in dims):
-        return 0
-    return list(dims).index(batch)
+    if batch is not None and any(d == batch for d in dims):
+        return list(dims).index(batch)
+    dynamic = [axis for axis, d in enumerate(dims) if not (isinstance(d, int) and d > 0)]
+    return dynamic[0] if isinstance(dims[0], int) and dims[0] > 1 and len(dynamic) == 1 else 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,3 +235,7 @@ def test_the_samples_axis_of_each_input_follows_the_batch_dimension_that_leads_t
     shapes = (["N", 4], [2, "N", 128], [], [3, 4], [None, 4])  # a static [3, 4] beside batch N: one value for all
     assert [calibration.samples_axis(dims, "N") for dims in shapes] == [0, 1, None, None, 0]
     assert [calibration.samples_axis(dims, 1) for dims in ([1, 576], [2, 1, 128])] == [0, 1]
+    # no batch named (a spox export: every dynamic dimension unnamed): a state [2, ?, 128] holds them on its dynamic axis
+    unnamed = ([None, None], [2, None, 128], [2, None, None], [])
+    assert calibration.leading_batch(unnamed) is None
+    assert [calibration.samples_axis(dims, None) for dims in unnamed] == [0, 1, 0, None]

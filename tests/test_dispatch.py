@@ -20,25 +20,28 @@ def _branch(name: str, seed: int) -> onnx.GraphProto:
     h = b.op("Conv", [h, b.weight(f"{name}/w2", (8, 8, 3, 3)), b.const(f"{name}/b2", np.zeros(8, np.float32))], f"{name}/conv2",
              pads=[1, 1, 1, 1])
     y = b.op("Add", [h, "x"], f"{name}/add")
-    return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], b.initializers)
+    echo = b.op("Identity", ["x"], f"{name}/echo")  # an output that is an input as it is
+    outputs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in (y, echo)]
+    return helper.make_graph(b.nodes, name, [], outputs, b.initializers)
 
 
 def dispatch_model() -> onnx.ModelProto:
     """``y = rate == 16000 ? block_a(x) : block_b(x)``: every op but the condition inside the If."""
     rate = numpy_helper.from_array(np.array(16000, np.int64), "expected_rate")
     nodes = [helper.make_node("Equal", ["rate", "expected_rate"], ["is_16k"], name="equal"),
-             helper.make_node("If", ["is_16k"], ["y"], name="dispatch", then_branch=_branch("a", 0), else_branch=_branch("b", 1))]
+             helper.make_node("If", ["is_16k"], ["y", "echo"], name="dispatch", then_branch=_branch("a", 0),
+                              else_branch=_branch("b", 1))]
     graph = helper.make_graph(nodes, "dispatch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8, 8]),
                                                   helper.make_tensor_value_info("rate", TensorProto.INT64, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])], [rate])
+                              [helper.make_tensor_value_info(v, TensorProto.FLOAT, ["n", 8, 8, 8]) for v in ("y", "echo")], [rate])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, rate: int) -> np.ndarray:
-    return session(model).run(None, {"x": x, "rate": np.array(rate, np.int64)})[0]
+def _run(model: onnx.ModelProto, x: np.ndarray, rate: int) -> list[np.ndarray]:
+    return session(model).run(None, {"x": x, "rate": np.array(rate, np.int64)})
 
 
 @pytest.mark.parametrize("rate, quantized, kept", [(16000, "then_branch", "else_branch"), (8000, "else_branch", "then_branch")])
@@ -48,17 +51,19 @@ def test_the_branch_the_calibration_samples_take_is_quantized_and_the_other_kept
     written, report = quantize_with_report(model, {"x": x, "rate": np.array(rate)}, qwt=False, progress=False)
     onnx.checker.check_model(written, full_check=True)
     assert [n.op_type for n in written.graph.node] == ["Equal", "If"]
-    assert [v.name for v in written.graph.input] == ["x", "rate"] and [v.name for v in written.graph.output] == ["y"]
+    assert [v.name for v in written.graph.input] == ["x", "rate"] and [v.name for v in written.graph.output] == ["y", "echo"]
     branches = {a.name: a.g for a in written.graph.node[1].attribute}
     original = {a.name: a.g for a in model.graph.node[1].attribute}
     assert Counter(n.op_type for n in branches[quantized].node)["QuantizeLinear"] >= 3
     assert [n.op_type for n in branches[kept].node] == [n.op_type for n in original[kept].node]  # no Q/DQ
     assert any(f"every calibration sample takes its {quantized}" in w for w in report.warnings), report.warnings
     # the branch taken runs quantized; fed what calibration never showed, the model computes the other in float
-    reference, other = _run(model, x, rate), 24000 - rate
-    error = _run(written, x, rate) - reference
-    assert 0 < np.mean(error**2) < 1e-3 * np.mean(reference**2)
-    np.testing.assert_array_equal(_run(written, x, other), _run(model, x, other))
+    (reference, echo), other = _run(model, x, rate), 24000 - rate
+    (y, echoed) = _run(written, x, rate)
+    assert 0 < np.mean((y - reference) ** 2) < 1e-3 * np.mean(reference**2)
+    np.testing.assert_array_equal(echoed, echo)
+    for computed, expected in zip(_run(written, x, other), _run(model, x, other)):
+        np.testing.assert_array_equal(computed, expected)
 
 
 def test_a_model_that_is_not_only_an_if_on_its_inputs_still_says_what_stays_float():
