@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from qwt_onnx.analysis import blocks as blk
 from qwt_onnx.analysis import parts
@@ -133,10 +134,7 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
     dispatcher, taken = fp, dispatched_branch(fp, arrays, specs) if quantized is None else None
     if taken is not None:  # the model is one If on its inputs: quantized in the branch the samples take
         fp = specialized(fp, taken)
-        on = ", ".join(dispatch.condition_inputs(dispatcher.graph))
-        warnings.warn(f"the model is one If on its inputs ({on}) and every calibration sample takes its "
-                      f"{dispatch.branch_name(taken)}: that branch is quantized, the other kept float (calibrate on samples "
-                      "that take it to quantize that one instead)")
+        warnings.warn(_dispatched(dispatcher, taken))
     one_sample = None  # the input shapes of a model fed whole inputs, given a samples axis while the passes run
     if stacks_whole_inputs(arrays, specs):
         one_sample = samples_axis.shapes(fp)
@@ -179,18 +177,11 @@ def _quantize(model, calib, output, quantized, options: Options, report) -> tupl
         selection, compensation = compensate(run, base, found)
     gain_interval = qwt_gain_interval(compensation, base)
     applied = compensation is not None and compensation.model is not None and beats(run, compensation, base, gain_interval)
-    alone = why = None  # QwT's branches on the PTQ model without the folds, where they replace both
-    if applied and base is not ptq:
-        alone = compensate_without_folds(run, ptq, found, compensation)
-        why = alone and f"reach {alone[1].sqnr_db:.2f} dB held out, those on the folds {compensation.sqnr_db:.2f}"
-    elif found and base is not ptq and _within_noise(folds):
-        alone = compensate_instead_of_folds(run, ptq, found, folds.gain_db)
-        why = alone and (f"reach {alone[1].sqnr_db:.2f} dB held out against its {ptq.score.db:.2f}, beyond noise; "
-                         f"the folds gained {folds.gain_db:+.2f} dB, within noise")
+    alone = _instead_of_folds(run, ptq, found, folds, compensation if applied else None) if base is not ptq else None
     if alone is not None:
+        (selection, compensation), why = alone
         folds = dataclasses.replace(folds, written=False, superseded=f"QwT's branches on the PTQ model alone {why}")
-        (selection, compensation), base, applied = alone, ptq, True
-        gain_interval = qwt_gain_interval(compensation, base)
+        base, applied, gain_interval = ptq, True, qwt_gain_interval(compensation, ptq)
     on_int8_streams, qwt_int8_residuals_gain = (qwt_on_int8_streams(run, selection, compensation, found) if applied
                                                 else (None, None))
     if on_int8_streams is not None or (not applied and int8_residuals_pay(ptq)):  # only where base is ptq
@@ -257,9 +248,24 @@ def _fold_layers(run: Run, ptq: Candidate) -> tuple[LayerFolds, Candidate]:
     return folds, streams
 
 
-def _within_noise(folds: LayerFolds) -> bool:
-    """Whether the layer folds' gain over the model before them is within the noise of the samples that judged it."""
-    return folds.interval_db is not None and folds.interval_db[0] <= 0.0
+def _dispatched(dispatcher: ir.Model, taken: bool) -> str:
+    on = ", ".join(dispatch.condition_inputs(dispatcher.graph))
+    return (f"the model is one If on its inputs ({on}) and every calibration sample takes its {dispatch.branch_name(taken)}: "
+            "that branch is quantized, the other kept float (calibrate on samples that take it to quantize that one instead)")
+
+
+def _instead_of_folds(run: Run, ptq: Candidate, found: list[blk.Block], folds: LayerFolds,
+                      on_folds: Compensation | None) -> tuple[tuple[Selection, Compensation], str] | None:
+    """QwT fitted on the PTQ model alone where it replaces the layer folds written (and QwT's
+    branches on them, ``on_folds``, where those are written), and why; else None."""
+    if on_folds is not None:
+        alone = compensate_without_folds(run, ptq, found, on_folds)
+        return alone and (alone, f"reach {alone[1].sqnr_db:.2f} dB held out, those on the folds {on_folds.sqnr_db:.2f}")
+    if not found or folds.interval_db is None or folds.interval_db[0] > 0.0:  # no blocks, or the folds gain beyond noise
+        return None
+    alone = compensate_instead_of_folds(run, ptq, found, folds.gain_db)
+    return alone and (alone, f"reach {alone[1].sqnr_db:.2f} dB held out against its {ptq.score.db:.2f}, beyond noise; "
+                             f"the folds gained {folds.gain_db:+.2f} dB, within noise")
 
 
 def _warn_of_few_heldout_samples(run: Run, given: bool) -> None:

@@ -12,7 +12,9 @@ branches), ``affine`` (QwT-v2's folds into every quantized layer, fitted on the 
 and written where up to 256 samples past those show a gain: the PTQ graph's ops) and ``auto`` (the
 default: the layer folds where they gain, then QwT's branches fitted to what they leave, per block
 the fold where it removes nearly as much as the branch, the branches within ``--max-slowdown``,
-written where they beat the folded model beyond noise). Scored on evaluation
+written where they beat the folded model beyond noise; QwT fitted on the PTQ model alone
+instead where it does better, or where no branch on the folds pays and their gain is within
+noise). Scored on evaluation
 samples that calibration never sees: output SQNR to FP32 (the worst part where the model's task
 needs parts) and the task metric; latency of the qwt_onnx models at batch 1 and 16, timed in
 interleaved rounds (tools/speed.py), a model written twice timed once; and, where a written model
