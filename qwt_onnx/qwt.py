@@ -171,9 +171,9 @@ def compensate_instead_of_folds(run: Run, ptq: Candidate, found: list[blk.Block]
     MiniLM at W4A8 the folds gained +0.07 dB and left the branches fitted on them 6-9% of each
     block's error to remove, under --min-gain; the branches on the PTQ model alone gained +0.95 dB
     on its evaluation sentences. The folds cost nothing at run time, so the branches must show
-    their gain beyond noise from their trial on: at W8A8 YOLOv8n's (+0.41 dB, interval -0.09 to
-    +1.23) was fitted on all samples for 58 s and lost. PP-OCRv6 rec's (+1.34, +0.05 to +2.81)
-    is, for 93 s, and loses within noise (+0.79, -0.55 to +2.23). Their
+    their gain beyond noise from their trial on: at W8A8 YOLOv8n's trial (+0.41 dB, interval
+    -0.09 to +1.23) had been fitted on all samples for 58 s and lost; PP-OCRv6 rec's (+1.34,
+    +0.05 to +2.81) still is, for 93 s, and loses within noise (+0.79, -0.55 to +2.23). Their
     gain is measured on the held-out samples, where the PTQ model was chosen and looks better
     than it is, so the comparison errs towards the folds. Its warnings are the run's only where
     it is chosen."""

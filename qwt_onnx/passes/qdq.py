@@ -177,7 +177,7 @@ def _requantize_reads_in_subgraphs(graph: ir.Graph, names: g.NameScope) -> None:
     (1.32) moves a DequantizeLinear forward past such ops until it meets a QuantizeLinear, and
     where it meets a subgraph's read instead it aborts the process (Silero VAD v4's LSTM branch
     reads its encoder's last convolution output, transposed)."""
-    for dq in [node for node in graph if node.op_type == "DequantizeLinear" and len(node.inputs) > 1]:
+    for dq in [node for node in graph if node.op_type == "DequantizeLinear" and _per_tensor(node)]:  # as onnxruntime moves
         pending = [dq.outputs[0]]
         while pending:
             value = pending.pop()
@@ -195,6 +195,11 @@ def _requantize_reads_in_subgraphs(graph: ir.Graph, names: g.NameScope) -> None:
                     for reader, index in inside:
                         reader.replace_input_with(index, again.outputs[0])
                 pending.append(output)
+
+
+def _per_tensor(dq: ir.Node) -> bool:
+    scale = dq.inputs[1] if len(dq.inputs) > 1 else None
+    return scale is not None and scale.const_value is not None and scale.const_value.size == 1
 
 
 def _add_to_bias(graph: ir.Graph, names: g.NameScope, node: ir.Node, delta: np.ndarray) -> None:
