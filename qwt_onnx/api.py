@@ -249,7 +249,7 @@ def _fold_layers(run: Run, ptq: Candidate) -> tuple[LayerFolds, Candidate]:
 
 
 def _dispatched(dispatcher: ir.Model, taken: bool) -> str:
-    on = ", ".join(dispatch.condition_inputs(dispatcher.graph))
+    on = ", ".join(dispatch.condition_inputs(dispatch.dispatch_if(dispatcher.graph)))
     return (f"the model is one If on its inputs ({on}) and every calibration sample takes its {dispatch.branch_name(taken)}: "
             "that branch is quantized, the other kept float (calibrate on samples that take it to quantize that one instead)")
 

@@ -193,7 +193,7 @@ def dispatched_branch(fp: ir.Model, arrays: dict[str, np.ndarray], specs: list[I
     node = dispatch.dispatch_if(fp.graph)
     if node is None:
         return None
-    condition, read = node.inputs[0], set(dispatch.condition_inputs(fp.graph))
+    condition, read = node.inputs[0], set(dispatch.condition_inputs(node))
     feeds = {spec.name: _fed_alike(arrays[spec.name], spec) for spec in specs if spec.name in read and spec.name in arrays}
     if len(feeds) != len(read) or any(value is None for value in feeds.values()):
         return None

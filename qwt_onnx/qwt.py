@@ -132,7 +132,7 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block], bar: Bar | None
         return selection, selection.compensation
     chosen = selection.candidate
     if selection.compensation.samples == run.calib.num_samples:  # the trial saw every sample: it is the fit
-        return selection, _within_budget(run, selection.compensation, chosen, found, ptq, bar.gain_db)
+        return selection, _within_budget(run, selection.compensation, chosen, found, ptq, bar)
     if selection.cannot_pay:
         run.warnings.warn(
             f"QwT fitted on the first {selection.samples} samples {selection.cannot_pay}; not fitting it on all samples, "
@@ -145,7 +145,7 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block], bar: Bar | None
         run.warnings.warn(f"QwT lowered the error of no block on held-out samples; writing {_without_branches(ptq)}")
         return selection, compensation
     score = run.heldout_score(compensation.model, f"evaluating QwT ({chosen.method})")
-    return selection, _within_budget(run, dataclasses.replace(compensation, score=score), chosen, found, ptq, bar.gain_db)
+    return selection, _within_budget(run, dataclasses.replace(compensation, score=score), chosen, found, ptq, bar)
 
 
 def compensate_without_folds(run: Run, ptq: Candidate, found: list[blk.Block],
@@ -214,13 +214,13 @@ def _gain_db(compensation: Compensation, ptq: Candidate) -> float:
 
 
 def _within_budget(run: Run, compensation: Compensation, candidate: Candidate, found: list[blk.Block],
-                   base: Candidate, needs_db: float) -> Compensation:
+                   base: Candidate, bar: Bar) -> Compensation:
     """``compensation``, or where its branches make the model run longer than ``--max-slowdown``
     allows (:func:`branch_budget`), QwT fitted again with branches on the blocks that fit only:
     each branch was fitted on the stream the others compensate, and without them it no longer
     matches (a test ResNet's last branch alone: -0.8 dB against PTQ where all four gained +2.8).
-    Not where the compensation does not gain ``needs_db`` over ``base`` anyway."""
-    if compensation.score is not None and base.score is not None and compensation.sqnr_db - base.sqnr_db < needs_db:
+    Not where the compensation does not gain ``bar``'s gain over ``base`` anyway."""
+    if compensation.score is not None and base.score is not None and compensation.sqnr_db - base.sqnr_db < bar.gain_db:
         return compensation
     budget = branch_budget(run, compensation)
     if budget is None or not budget.left_out:

@@ -41,10 +41,16 @@ def _condition(node: ir.Node) -> bool | None:
     return bool(cond.const_value.numpy().reshape(-1)[0])
 
 
+def branch_name(taken: bool) -> str:
+    """The If attribute holding the branch taken where its condition is ``taken``."""
+    return "then_branch" if taken else "else_branch"
+
+
 def _inline(node: ir.Node) -> None:
     """Move the taken branch's initializers and nodes before ``node``; its outputs take the place,
     names and readers of ``node``'s; ``node`` is removed."""
-    taken, dropped = ("then_branch", "else_branch") if _condition(node) else ("else_branch", "then_branch")
+    condition = _condition(node)
+    taken, dropped = branch_name(condition), branch_name(not condition)
     graph, branch = node.graph, node.attributes[taken].as_graph()
     _detach(node.attributes[dropped].as_graph())
     names = g.NameScope(graph)  # node names are unique within a graph only

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qwt_onnx.graph import query as g
+from qwt_onnx.passes.control_flow import branch_name
 
 
 def dispatch_if(graph: ir.Graph) -> ir.Node | None:
@@ -38,10 +39,9 @@ def condition_nodes(node: ir.Node) -> list[ir.Node]:
     return [n for n in node.graph if n in found]
 
 
-def condition_inputs(graph: ir.Graph) -> list[str]:
-    """The names of the graph inputs that the condition of ``graph``'s dispatch If is computed from."""
-    node = dispatch_if(graph)
-    read = [node.inputs[0], *(v for n in condition_nodes(node) for v in n.inputs)] if node is not None else []
+def condition_inputs(node: ir.Node) -> list[str]:
+    """The names of the graph inputs that ``node``'s condition is computed from."""
+    read = [node.inputs[0], *(v for n in condition_nodes(node) for v in n.inputs)]
     return list(dict.fromkeys(v.name for v in read if v is not None and v.is_graph_input()))
 
 
@@ -59,10 +59,6 @@ class SpecializeDispatchPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         node.replace_input_with(0, g.NameScope(model.graph).initializer(f"{node.name}/taken", np.array(self.taken)))
         return ir.passes.PassResult(model, True)
-
-
-def branch_name(taken: bool) -> str:
-    return "then_branch" if taken else "else_branch"
 
 
 def redispatch(written: ir.Model, dispatcher: ir.Model, taken: bool) -> None:
