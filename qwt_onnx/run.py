@@ -176,6 +176,7 @@ class Run:
             o.kernel_size, o.groups_factor, o.branch_precision == BranchPrecision.INT8, o.min_gain,
             o.weights == WeightRange.PORTABLE, o.target == Target.TRT, o.compensation != CompensationKind.BRANCH,
             o.compensation != CompensationKind.AFFINE, o.activation_bits, o.rank, whole_error,
+            max_macs=sum(self.compute_macs.values()) or None,
         )
 
     def reference(self, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

@@ -545,6 +545,22 @@ def spectrogram_classifier(seed: int = 0, length: int = 512, bins: int = 32, mel
                    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
 
 
+def resampler(seed: int = 0, length: int | str = "N", taps: int = 9) -> onnx.ModelProto:
+    """A waveform resampled to twice its rate, as speech toolkits ship it (onnx_asr's
+    resample_8_16): [batch, N] samples through a Conv1d of two polyphase filters, interleaved to
+    [batch, 2N]. Its tensors have no channel axis beside the samples; ``length`` a size exports
+    it for one length only."""
+    b = GraphBuilder(seed)
+    x = b.op("Unsqueeze", ["waveform", b.const("/axis1", np.array([1], np.int64))], "/to_channels")
+    phases = b.op("Conv", [x, b.weight("/filters", (2, 1, taps))], "/filters", pads=[taps // 2, taps // 2])
+    interleaved = b.op("Transpose", [phases], "/interleave", perm=[0, 2, 1])
+    b.op("Reshape", [interleaved, b.const("/flat", np.array([0, -1], np.int64))], "/flatten")
+    b.nodes[-1].output[0] = "resampled"
+    doubled = 2 * length if isinstance(length, int) else "M"
+    return b.model([helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", length])],
+                   [helper.make_tensor_value_info("resampled", TensorProto.FLOAT, ["batch", doubled])])
+
+
 def tones(count: int, length: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
     """Audio for :func:`spectrogram_classifier`: one to three tones of random pitch and loudness
     and faint noise, so that most of each spectrum is near zero, as a real one is."""

@@ -361,6 +361,29 @@ def test_a_conv_head_after_an_if_of_unknown_output_shape_gets_its_branch():
     assert (head.input, head.output) == ("/to_frames_out", "prob") and head.r2_heldout is not None, head.note
 
 
+def test_a_waveform_whose_length_holds_the_features_gets_no_branch_and_runs_at_any_length():
+    # onnx_asr's resample_8_16: [batch, N] in, [batch, 2N] out; a dense branch over N would fit
+    # one length only (and at 8000 samples took hours)
+    model = graphs.resampler()
+    calib = {"waveform": graphs.tones(64, 256)["audio"]}
+    written, report = quantize_with_report(model, calib, compensation="branch", min_gain=0.0, progress=False)
+    (block,) = [b for b in report.blocks if b.output == "resampled"]
+    assert block.r2_heldout is None and "dynamic axis 'N'" in block.note, block.note
+    longer = {"waveform": graphs.tones(8, 384, seed=3)["audio"]}
+    reference, quantized = (session(m).run(None, longer)[0] for m in (model, written))
+    assert quantized.shape == (8, 768) and 10 * np.log10((reference**2).sum() / ((reference - quantized) ** 2).sum()) > 20
+
+
+def test_a_branch_costing_more_than_the_whole_model_is_not_fitted():
+    # the same resampler exported for one length: its samples are static "features" now, and a
+    # dense branch over them would cost 256 x 512 multiply-accumulates against the filters' 2 x 9 x 256
+    model = graphs.resampler(length=256)
+    calib = {"waveform": graphs.tones(64, 256)["audio"]}
+    _, report = quantize_with_report(model, calib, compensation="branch", min_gain=0.0, progress=False)
+    (block,) = [b for b in report.blocks if b.output == "resampled"]
+    assert block.r2_heldout is None and "more than the whole model's 4,608" in block.note, block.note
+
+
 def test_a_model_fed_one_whole_sequence_is_calibrated_on_sequences_stacked_on_a_new_axis():
     # madmom's beat trackers take one spectrogram [T, F] and no batch: their sequences come stacked
     # [N, T, F], each fed whole (frames as samples would cut them into batches of frames)

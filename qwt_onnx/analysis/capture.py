@@ -44,6 +44,7 @@ from qwt_onnx.analysis.blocks import Block
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.errors import InputError
 from qwt_onnx.graph import extract as ex
+from qwt_onnx.graph import prepare
 from qwt_onnx.graph import query as g
 from qwt_onnx.numerics import metrics, rank
 from qwt_onnx.numerics import quantization as qm
@@ -94,6 +95,9 @@ class BranchOptions:
     # inherited from earlier blocks included), not to the block's own error on its quantized input
     whole_error: bool = False
     fold_only: frozenset[str] = frozenset()  # blocks (by name) where no branch is tried, a fold only where affine
+    # the most multiply-accumulates per sample a branch may cost (the whole model's: a branch that
+    # doubles the model's compute mixes what its block does not, time steps taken for features)
+    max_macs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,8 @@ class BlockPlan:
     # scored 4 dB lower cut than whole)
     tail_input: str = ""
     fold_site: af.FoldSite | str | None = None  # with affine compensation: where it folds, or why nowhere
+    # the block input's and output's sizes as the FP32 graph declares them, a dynamic one by its name
+    declared: tuple[tuple[int | str | None, ...], ...] = ()
 
     @property
     def output_in_q(self) -> str:
@@ -249,6 +255,14 @@ def _samples_axis(x_shape: tuple[int, ...], y_shape: tuple[int, ...], count: int
     [T, batch, C]); None where no such axis is common to both."""
     candidates = range(len(x_shape) - 1) if not layout.channels_first else range(1)
     return next((a for a in candidates if x_shape[a] == y_shape[a] == count), None)
+
+
+def _varying_features(plan: BlockPlan, layout: Layout, rank: int) -> str | None:
+    """The name of the dynamic dimension that holds the features of the block's input or output
+    (a waveform's samples, [batch, N]), where the graph declares one there; else None."""
+    axis = layout.feature_axis if layout.feature_axis < 0 else layout.feature_axis - rank  # as counted from the end
+    names = [dims[axis] for dims in plan.declared if len(dims) >= -axis]
+    return next((name for name in names if isinstance(name, str)), None)
 
 
 def _without_samples_axis(x_shape: tuple[int, ...], y_shape: tuple[int, ...], count: int, channels_first: bool) -> bool:
@@ -555,6 +569,7 @@ def _plan(fp: ir.Model, q: ir.Model, blocks: list[Block], feeds: list[str], exac
             outputs_reached=check.decisive(g.outputs_reached(q.graph, q_values[block.output])) if check else (),
             tail_input=_before_quantizer(q_values[block.output]).name,
             fold_site=af.fold_site(output_view if output_view is not None else q_values[block.output]) if affine else None,
+            declared=tuple(tuple(prepare.dims(fp_values[name])) for name in (block.input, block.output) if name in fp_values),
         )
         reads = _next_reads(fp_values, q_values[block.output]) if block.layer and affine else []
         outputs = [plan.output_in_q] + ([plan.branch_input] if plan.branch_input != block.input else [])
@@ -708,8 +723,13 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
         if i == 0:
             layout = infer_layout(x.shape, y_q.shape, block.channels_first, options.kernel, options.groups_factor)
             samples = _samples_axis(x.shape, y_q.shape, batch.size, layout) if layout is not None else None
+            varying = _varying_features(plan, layout, x.ndim) if layout is not None else None
             if layout is None:
                 result = dataclasses.replace(result, skipped=f"no linear branch maps {list(x.shape)} to {list(y_q.shape)}")
+            elif varying is not None:
+                layout = None
+                result = dataclasses.replace(result, skipped=f"its features are on dynamic axis {varying!r}, which a branch's "
+                                             "weights would fix to the calibration data's size")
             elif samples is None:
                 layout = None
                 result = dataclasses.replace(result, skipped=f"the samples are on no common axis of {list(x.shape)} and {list(y_q.shape)}")
@@ -726,8 +746,14 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
         x, residual = np.moveaxis(x, samples, 0), np.moveaxis(y_fp - y_q, samples, 0)
         if groups is None:  # all rows and the held-out ones share a shift, so one can be taken from the other
             rows = layout.rows(x[:1])
-            shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
             slices = layout.group_slices(rows.shape[1], residual.shape[layout.feature_axis])
+            macs = rows.shape[0] * sum((f.stop - f.start) * (t.stop - t.start) for f, t in slices)
+            if options.max_macs is not None and macs > options.max_macs:
+                layout, slices = None, None
+                result = dataclasses.replace(result, skipped=f"a branch would cost {macs:,} multiply-accumulates per sample, "
+                                             f"more than the whole model's {options.max_macs:,}")
+                continue
+            shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
             groups = [
                 tuple(NormalEquations(f.stop - f.start, t.stop - t.start, shift[f]) for _ in range(2))
                 for f, t in slices
