@@ -309,6 +309,23 @@ def streaming_vad(seed: int = 0, frame: int = 32, channels: int = 8, conv_head: 
     )
 
 
+def framed_encoder(seed: int = 0, frame: int = 32, channels: int = 8) -> onnx.ModelProto:
+    """A model fed one whole recording as frames, as Silero VAD's sequence export is
+    ([frames, samples], no batch axis): its 1-D convolutions run the frames as their batch
+    ([frames, C, L]), then a mean over each frame and a per-frame speech logit."""
+    b = GraphBuilder(seed)
+    x = b.op("Unsqueeze", ["frames", b.const("/axis1", np.array([1], np.int64))], "/to_channels")
+    for i, c_in in enumerate((1, channels, channels)):
+        weight = b.weight(f"/conv{i}.weight", (channels, c_in, 3))
+        conv = b.op("Conv", [x, weight, b.const(f"/conv{i}.bias", np.full(channels, 0.1, np.float32))], f"/conv{i}", pads=[1, 1])
+        x = b.op("Relu", [conv], f"/relu{i}")
+    pooled = b.op("ReduceMean", [x], "/pool", axes=[2], keepdims=0)
+    b.op("Gemm", [pooled, b.weight("/head.weight", (channels, 1)), b.const("/head.bias", np.zeros(1, np.float32))], "/head")
+    b.nodes[-1].output[0] = "logit"
+    return b.model([helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["count", frame])],
+                   [helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["count", 1])])
+
+
 def unbatched_tagger(seed: int = 0, features: int = 8, hidden: int = 16, classes: int = 4) -> onnx.ModelProto:
     """One whole sequence in, no batch (madmom's beat trackers, [T, F]): a residual MLP on the
     frames, per-frame scores [T, classes] and their mean over the sequence [classes]."""

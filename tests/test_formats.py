@@ -384,6 +384,15 @@ def test_a_branch_costing_more_than_the_whole_model_is_not_fitted():
     assert block.r2_heldout is None and "more than the whole model's 4,608" in block.note, block.note
 
 
+def test_feature_maps_that_hold_one_whole_inputs_frames_on_their_batch_axis_get_branches():
+    # Silero VAD's sequence export: one recording a run, its frames the convolutions' batch
+    model = graphs.framed_encoder()
+    recordings = graphs.tones(64 * 12, 32, seed=1)["audio"].reshape(64, 12, 32)  # [recording, frame, sample]
+    _, report = quantize_with_report(model, {"frames": recordings}, compensation="branch", min_gain=0.0, progress=False)
+    maps = [b for b in report.blocks if b.input.startswith("/relu")]  # the first reads the frames, not a map
+    assert maps and all(b.r2_heldout is not None for b in maps), [b.note for b in maps]
+
+
 def test_a_model_fed_one_whole_sequence_is_calibrated_on_sequences_stacked_on_a_new_axis():
     # madmom's beat trackers take one spectrogram [T, F] and no batch: their sequences come stacked
     # [N, T, F], each fed whole (frames as samples would cut them into batches of frames)

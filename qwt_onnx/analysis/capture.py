@@ -252,9 +252,14 @@ def stream_order(calib: CalibrationSet, checked: bool) -> np.ndarray:
 def _samples_axis(x_shape: tuple[int, ...], y_shape: tuple[int, ...], count: int, layout: Layout) -> int | None:
     """The axis of a block's input and output that holds the batch's ``count`` samples: the
     first, or for a branch on tokens any but the features (a recurrent layer's time-major
-    [T, batch, C]); None where no such axis is common to both."""
+    [T, batch, C]); None where no such axis is common to both. Feature maps of a batch of one
+    sample may stack that sample's frames on their first axis (Silero VAD's sequence model,
+    [frames, C, L]): all of them are its rows."""
     candidates = range(len(x_shape) - 1) if not layout.channels_first else range(1)
-    return next((a for a in candidates if x_shape[a] == y_shape[a] == count), None)
+    axis = next((a for a in candidates if x_shape[a] == y_shape[a] == count), None)
+    if axis is None and count == 1 and layout.channels_first and x_shape[0] == y_shape[0]:
+        return 0
+    return axis
 
 
 def _varying_features(plan: BlockPlan, layout: Layout, rank: int) -> str | None:
@@ -761,7 +766,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
         # every row, and the held-out ones again (a fifth): the training rows are the difference,
         # which spares copying the other four fifths out of the batch
         layout.accumulate([every for every, _ in groups], x, residual)
-        is_held = heldout[batch.indices]
+        is_held = np.repeat(heldout[batch.indices], x.shape[0] // batch.size)  # a sample's frames share its lot
         if is_held.any():
             layout.accumulate([held for _, held in groups], x[is_held], residual[is_held])
     if groups is None:
