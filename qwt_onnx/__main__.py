@@ -13,6 +13,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import errno  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -24,6 +25,15 @@ from qwt_onnx.report import format_summary  # noqa: E402
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_OUT_OF_RESOURCES = 0, 1, 2, 4
 ZOO_PREFIX = "zoo:"
 OPTION_NAMES = {f.name for f in dataclasses.fields(options.Options)}
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's, ``timeout``'s), raised where the run is, so that it unwinds as
+    from Ctrl-C: the capture's spill folder and the output's staging folder are removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         model, calib = resolve_inputs(args)
         settings = {k: v for k, v in vars(args).items() if k in OPTION_NAMES}
@@ -74,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERNAL
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else EXIT_INTERNAL
     except Exception as exc:  # anything else is our bug (say so, briefly), or the machine's limits
         if args.verbose:
             traceback.print_exc()

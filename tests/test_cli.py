@@ -224,6 +224,27 @@ def test_a_run_out_of_disk_or_memory_exits_4_with_what_to_change_and_writes_noth
     assert not out.exists() and os.listdir(spill) == []
 
 
+def test_a_terminated_run_removes_its_spill_folder_and_writes_nothing(files, tmp_path):
+    # a run stopped by `timeout` or a job scheduler's SIGTERM left its capture folder in /tmp:
+    # here the signal comes as the capture keeps its first batch
+    spill, out = tmp_path / "tmp", tmp_path / "out.onnx"
+    spill.mkdir()
+    code = (
+        "import os, signal, sys\n"
+        "from qwt_onnx import __main__ as cli\n"
+        "from qwt_onnx.analysis import capture\n"
+        "keep = capture._Stream.save\n"
+        "def save(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    keep(*args)\n"
+        "capture._Stream.save = save\n"
+        f"sys.exit(cli.main([{str(files / 'model.onnx')!r}, {str(out)!r}, '--calib', {str(files / 'calib.npz')!r}, '-q']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(spill)})
+    assert result.returncode == 128 + 15 and result.stderr.strip().splitlines()[-1] == "terminated; nothing was written"
+    assert not out.exists() and not [name for name in os.listdir(spill) if name.startswith("qwt-")]  # onnxruntime's .ses stays
+
+
 def test_a_full_device_under_the_spill_files_is_reported_as_no_space_left(tmp_path):
     # numpy's tofile reports a full device as a bare OSError ("Not enough free space to write ...",
     # no errno): a DNSMOS run with TMPDIR on a 1.5 GB tmpfs ended as an "internal error" that way.
