@@ -749,10 +749,11 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
             continue
         # the fit takes rows and holds samples out along axis 0; a token branch maps each row alike
         x, residual = np.moveaxis(x, samples, 0), np.moveaxis(y_fp - y_q, samples, 0)
+        frames = x.shape[0] // batch.size  # entries of axis 0 per sample: more than one where it stacks a sample's frames
         if groups is None:  # all rows and the held-out ones share a shift, so one can be taken from the other
             rows = layout.rows(x[:1])
             slices = layout.group_slices(rows.shape[1], residual.shape[layout.feature_axis])
-            macs = rows.shape[0] * sum((f.stop - f.start) * (t.stop - t.start) for f, t in slices)
+            macs = frames * rows.shape[0] * sum((f.stop - f.start) * (t.stop - t.start) for f, t in slices)
             if options.max_macs is not None and macs > options.max_macs:
                 layout, slices = None, None
                 result = dataclasses.replace(result, skipped=f"a branch would cost {macs:,} multiply-accumulates per sample, "
@@ -766,7 +767,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
         # every row, and the held-out ones again (a fifth): the training rows are the difference,
         # which spares copying the other four fifths out of the batch
         layout.accumulate([every for every, _ in groups], x, residual)
-        is_held = np.repeat(heldout[batch.indices], x.shape[0] // batch.size)  # a sample's frames share its lot
+        is_held = np.repeat(heldout[batch.indices], frames)  # a sample's frames share its lot
         if is_held.any():
             layout.accumulate([held for _, held in groups], x[is_held], residual[is_held])
     if groups is None:
