@@ -755,7 +755,7 @@ def _fit_block(stream: _Stream, models: _BlockModels, plan: BlockPlan, heldout: 
             slices = layout.group_slices(rows.shape[1], residual.shape[layout.feature_axis])
             macs = frames * rows.shape[0] * sum((f.stop - f.start) * (t.stop - t.start) for f, t in slices)
             if options.max_macs is not None and macs > options.max_macs:
-                layout, slices = None, None
+                layout = None
                 result = dataclasses.replace(result, skipped=f"a branch would cost {macs:,} multiply-accumulates per sample, "
                                              f"more than the whole model's {options.max_macs:,}")
                 continue
