@@ -391,6 +391,9 @@ def test_feature_maps_that_hold_one_whole_inputs_frames_on_their_batch_axis_get_
     _, report = quantize_with_report(model, {"frames": recordings}, compensation="branch", min_gain=0.0, progress=False)
     maps = [b for b in report.blocks if b.input.startswith("/relu")]  # the first reads the frames, not a map
     assert maps and all(b.r2_heldout is not None for b in maps), [b.note for b in maps]
+    # and the layer folds are fitted on the convolutions' outputs too (only the head's was, before)
+    _, folded = quantize_with_report(model, {"frames": recordings}, compensation="affine", progress=False)
+    assert folded.layer_fold_layers == 4 and folded.layer_folds_gained >= 3, folded.warnings
 
 
 def test_a_model_fed_one_whole_sequence_is_calibrated_on_sequences_stacked_on_a_new_axis():

@@ -820,7 +820,7 @@ class _FoldCapture:
         z = self.run(pool)[self.site.output]
         if self.every is None:
             self.samples = next((a for a in range(z.ndim) if z.shape[a] == batch.size and a != self.site.axis % z.ndim), None)
-            one_sample = batch.size == 1 and self.site.axis < 0  # one sample's tokens, no axis for it (see _held)
+            one_sample = batch.size == 1  # one sample's tokens, or its frames stacked on the first axis (see _held)
             if (self.samples is None and not one_sample) or z.shape != y_q.shape:
                 self.skipped = f"not folded: {self.site.output} is shaped {list(z.shape)}, the block output {list(y_q.shape)}"
                 return
@@ -901,10 +901,11 @@ def _judge_fold(stream: _Stream, models: _BlockModels, plan: BlockPlan, fold: _F
 
 def _held(array: np.ndarray, rows: np.ndarray, axis: int | None) -> np.ndarray:
     """The held-out ``rows`` of a batch's ``array``, whose samples are on ``axis``; None: a batch
-    of one sample whose tensors have no axis for it (a model fed whole inputs), held out or not."""
+    of one sample whose tensors have no axis for it (a model fed whole inputs), all of it held
+    out or none (its first axis emptied: the others, its channels among them, keep their place)."""
     if axis is not None:
         return np.take(array, rows, axis=axis)
-    return array[np.newaxis][: rows.size]
+    return array if rows.size else array[:0]
 
 
 class _NextReads:
