@@ -121,7 +121,8 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block], bar: Bar | None
     """QwT on the best PTQ model: tried on the first samples (with bias correction either way
     and fitted to either error, where those are to be chosen), then fitted on every calibration
     sample where the trial clears ``bar`` (by default: gains :data:`MIN_QWT_GAIN_DB`, within
-    :data:`PAYS_MARGIN_DB` of clearing the noise)."""
+    :data:`PAYS_MARGIN_DB` of clearing the noise): the blocks the trial compensated, on which it
+    was judged; the others keep its report and are not captured again."""
     bar = bar or Bar(MIN_QWT_GAIN_DB, PAYS_MARGIN_DB)
     selection = _select(run, ptq, found, bar)
     if not selection.sqnr_db:
@@ -140,7 +141,7 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block], bar: Bar | None
             + "".join(f" (not tried: QwT on {label})" for label in selection.untried)
         )
         return selection, dataclasses.replace(selection.compensation, model=None, score=None)
-    compensation = _fit(run, chosen, found, run.calib, selection.whole_error)
+    compensation = _fit(run, chosen, found, run.calib, selection.whole_error, chosen_by=selection.compensation)
     if compensation.model is None:
         run.warnings.warn(f"QwT lowered the error of no block on held-out samples; writing {_without_branches(ptq)}")
         return selection, compensation
@@ -225,7 +226,7 @@ def _within_budget(run: Run, compensation: Compensation, candidate: Candidate, f
     budget = branch_budget(run, compensation)
     if budget is None or not budget.left_out:
         return dataclasses.replace(compensation, budget=budget)
-    fitted = _fit(run, candidate, found, run.calib, compensation.whole_error, budget)
+    fitted = _fit(run, candidate, found, run.calib, compensation.whole_error, budget, chosen_by=compensation)
     if fitted.model is None:
         return fitted
     score = run.heldout_score(fitted.model, f"evaluating QwT within --max-slowdown ({candidate.method})")
@@ -419,7 +420,8 @@ def qwt_on_int8_streams(run: Run, selection: Selection, compensation: Compensati
     variant = selection.candidate.int8_residuals_variant if selection.candidate is not None else None
     if variant is None or compensation.score is None:
         return None, None
-    fitted = _fit(run, variant, found, run.calib, selection.whole_error, compensation.budget)  # the branches that fit
+    fitted = _fit(run, variant, found, run.calib, selection.whole_error, compensation.budget,  # the branches that fit
+                  chosen_by=compensation)
     if fitted.model is None:
         return None, None
     fitted = dataclasses.replace(fitted, score=run.heldout_score(fitted.model, "evaluating QwT on int8 residual streams"))
@@ -444,20 +446,28 @@ def qwt_gain_interval(compensation: Compensation | None, ptq: Candidate) -> tupl
 
 
 def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: CalibrationSet, whole_error: bool,
-         budget: BranchBudget | None = None) -> Compensation:
+         budget: BranchBudget | None = None, chosen_by: Compensation | None = None) -> Compensation:
     """``candidate``'s model with fitted compensations spliced in (a copy; None if no block gained)
     and the per-block reports; each fitted to the whole error at its block output, or to the block's
-    own; where ``budget`` leaves branches out, only the blocks whose branch it keeps get one."""
+    own; where ``budget`` leaves branches out, only the blocks whose branch it keeps get one. Where
+    ``chosen_by`` is given (a fit on fewer samples, its reports one per block of ``found``), only the
+    blocks it compensated are fitted: the others are reported as it found them."""
     # Our own Q/DQ pass keeps the FP32 meaning of every boundary tensor; a given QDQ model may not.
     exact = candidate.method != GIVEN
+    chosen = {r.name for r in chosen_by.blocks if r.kept} if chosen_by is not None else {b.name for b in found}
+    fitted = [b for b in found if b.name in chosen]
     left_out = budget.left_out if budget is not None else {}
-    fold_only = frozenset(b.name for b in found if b.name not in budget.kept) if left_out else frozenset()
-    results = capture.fit_blocks(
-        candidate.float_model or run.fp, candidate.model, found, calib, run.batch_size, exact_boundaries=exact,
+    fold_only = frozenset(b.name for b in fitted if b.name not in budget.kept) if left_out else frozenset()
+    results = iter(capture.fit_blocks(
+        candidate.float_model or run.fp, candidate.model, fitted, calib, run.batch_size, exact_boundaries=exact,
         branch_options=dataclasses.replace(run.branch_options(whole_error), fold_only=fold_only), check=run.output_check(calib),
-    )
+    ) if fitted else ())
     branches, folds, reports = [], [], []
-    for k, res in enumerate(results):
+    for k, block in enumerate(found):
+        if block.name not in chosen:
+            reports.append(_as_chosen_by(chosen_by, k, calib.num_samples))
+            continue
+        res = next(results)
         entry = _block_report(res)
         if res.block.name in left_out:
             note = f"no branch: it would add {100 * (left_out[res.block.name] - 1):.1f}% to the run, over --max-slowdown"
@@ -486,6 +496,15 @@ def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: Calibrat
     passes += [splice.SpliceCompensationPass(branches)] if branches else []
     ir.passes.PassManager([*passes, TopologicalSortPass()])(compensated)
     return dataclasses.replace(compensation, model=compensated)
+
+
+def _as_chosen_by(fit: Compensation, k: int, samples: int) -> BlockReport:
+    """Block ``k``'s report in ``fit``, where it is left uncompensated and not fitted again on ``samples``."""
+    entry = fit.blocks[k]
+    if fit.samples == samples:
+        return entry
+    note = f"as fitted on the first {fit.samples} samples"
+    return dataclasses.replace(entry, note="; ".join(n for n in (entry.note, note) if n))
 
 
 def branch_budget(run: Run, fitted: Compensation) -> BranchBudget | None:

@@ -9,6 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from qwt_onnx import check, layer_folds, quantize, quantize_with_report
+from qwt_onnx import qwt as qwt_module
 from qwt_onnx.analysis import capture
 from qwt_onnx.analysis.placement import Exclusions, left_float, place
 from qwt_onnx.graph import prepare
@@ -457,6 +458,31 @@ def test_qwt_stops_after_the_trial_where_it_keeps_no_branch(monkeypatch):
     assert written.SerializeToString() == quantize(model, calib, qwt=False, progress=False).SerializeToString()
 
 
+def test_qwt_on_all_samples_fits_again_only_the_blocks_its_trial_compensated(monkeypatch):
+    model = graphs.transformer()
+    calib = graphs.samples(model, 160, seed=1)
+    # the first layer's branch removes a third of its error, under --min-gain; the others more
+    options = dict(calib_method="entropy", rounding="nearest", equalization="off", compensation="branch", min_gain=0.5,
+                   progress=False)
+    fitted = []
+    fit_blocks = capture.fit_blocks
+    monkeypatch.setattr(capture, "fit_blocks",
+                        lambda *a, **k: fitted.append((a[3].num_samples, [b.name for b in a[2]])) or fit_blocks(*a, **k))
+    written, report = quantize_with_report(model, calib, **options)
+    assert report.qwt_applied and report.fit_samples == 160
+    refitted, = [names for samples, names in fitted if samples == 160]
+    assert refitted == [b.name for b in report.blocks if b.kept] and 0 < len(refitted) < len(report.blocks)
+    assert all(b.note.endswith(f"as fitted on the first {SELECTION_SAMPLES} samples") for b in report.blocks if not b.kept)
+    assert {n.name.split("/")[1] for n in written.graph.node if n.name.startswith("qwt/")} == {
+        f"block{k}" for k, b in enumerate(report.blocks) if b.kept}  # named by their place among all blocks
+    # the same model as a fit of every block on all samples, which keeps the same blocks here
+    fit = qwt_module._fit
+    monkeypatch.setattr(qwt_module, "_fit", lambda *a, chosen_by=None, **k: fit(*a, **k))
+    everything, report = quantize_with_report(model, calib, **options)
+    assert [b.kept for b in report.blocks] == [b.name in refitted for b in report.blocks]
+    assert everything.SerializeToString() == written.SerializeToString()
+
+
 def _optimized_ops(model, folder) -> list[str]:
     """The kernels onnxruntime runs for ``model`` (its optimized graph, all optimizations)."""
     import onnxruntime as ort
@@ -475,7 +501,9 @@ def _optimized_ops(model, folder) -> list[str]:
 def test_int8_branches_run_in_integer_kernels_and_track_fp32_like_float_ones(name, build, method, integer_kernel, tmp_path):
     model = build()
     calib = graphs.samples(model, 160, seed=1)
-    options = {"calib_method": method, "progress": False, "branch_rank": "full", "compensation": "branch", **graphs.SYSTEMATIC_ERROR}
+    # every branch that gains kept: the more branches, the more of the int8 ones' rounding to compare
+    options = {"calib_method": method, "progress": False, "branch_rank": "full", "compensation": "branch", "min_gain": 0.0,
+               **graphs.SYSTEMATIC_ERROR}
     ptq = quantize(model, calib, qwt=False, **options)
     int8, report = quantize_with_report(model, calib, **options)
     floating = quantize(model, calib, branch_precision="float", **options)
