@@ -52,6 +52,22 @@ def test_the_directions_are_the_fitted_outputs_principal_ones_found_without_an_m
     np.testing.assert_allclose(found @ found.T, expected @ expected.T, atol=1e-8)  # the same subspace
 
 
+def test_the_directions_of_a_map_to_fewer_channels_than_it_reads_decompose_only_the_output_covariance(monkeypatch):
+    rng = np.random.default_rng(5)
+    x, r, _ = _residuals(rng, 3, n=800, d=40, m=24)
+    eq = solver.NormalEquations(40, 24)
+    eq.update(x, r)
+    mapping = solver.LinearMap(rng.standard_normal((40, 24)), np.zeros(24))
+    b = np.linalg.cholesky(eq.covariance()).T @ mapping.weight  # Bᵀ B = Wᵀ C W
+    expected = np.linalg.svd(b, full_matrices=False)[2][:5].T
+    sizes = []
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda a: sizes.append(a.shape[0]) or eigh(a))
+    found = rank.principal_directions(eq, mapping, 5)
+    np.testing.assert_allclose(found @ found.T, expected @ expected.T, atol=1e-8)  # the same subspace
+    assert sizes == [24]
+
+
 def test_a_low_rank_residual_gets_the_lowest_rank_that_holds_nearly_all_of_the_full_fits_gain():
     rng = np.random.default_rng(1)
     x, r, heldout = _residuals(rng, true_rank=3)

@@ -40,12 +40,16 @@ class LowRankFit:
 
 def principal_directions(eq: NormalEquations, mapping: LinearMap, rank: int) -> np.ndarray:
     """``[m, rank]``: the orthonormal target directions holding most of the variance of
-    ``mapping``'s output on ``eq``'s rows."""
-    values, vectors = np.linalg.eigh(eq.covariance())
-    # The output's covariance Wᵀ C W is m × m, and m can be a vocabulary (a text recogniser's
-    # head: thousands): as Bᵀ B with B = C^½ W (d × m), its eigenvectors are B's right singular
-    # vectors, which cost d·m·min(d, m) rather than m³.
-    b = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T @ mapping.weight
+    ``mapping``'s output on ``eq``'s rows: the eigenvectors of its covariance ``Wᵀ C W``, m × m,
+    decomposed where m is the smaller side."""
+    covariance, weight = eq.covariance(), mapping.weight
+    if weight.shape[1] < weight.shape[0]:  # a 3264-feature input mapped to 128 channels: 128², not 3264²
+        _, vectors = np.linalg.eigh(weight.T @ covariance @ weight)
+        return vectors[:, ::-1][:, :rank]
+    # m can be a vocabulary (a text recogniser's head: thousands): as Bᵀ B with B = C^½ W
+    # (d × m), its eigenvectors are B's right singular vectors, which cost d·m·min(d, m) rather than m³.
+    values, vectors = np.linalg.eigh(covariance)
+    b = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T @ weight
     _, _, right = np.linalg.svd(b, full_matrices=False)  # singular values descending
     return right[:rank].T
 
