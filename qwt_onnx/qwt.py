@@ -471,7 +471,7 @@ def _fit(run: Run, candidate: Candidate, found: list[blk.Block], calib: Calibrat
         entry = _block_report(res)
         if res.block.name in left_out:
             note = f"no branch: it would add {100 * (left_out[res.block.name] - 1):.1f}% to the run, over --max-slowdown"
-            entry = dataclasses.replace(entry, note="; ".join(n for n in (note, entry.note) if n))
+            entry = _noted(entry, note, entry.note)
         if res.result is not None and res.result.not_finite:
             run.warnings.warn(f"block {res.block.name}: NaN or Inf in its statistics or fit; its compensation is dropped")
         if res.kept and res.affine is not None:
@@ -503,8 +503,12 @@ def _as_chosen_by(fit: Compensation, k: int, samples: int) -> BlockReport:
     entry = fit.blocks[k]
     if fit.samples == samples:
         return entry
-    note = f"as fitted on the first {fit.samples} samples"
-    return dataclasses.replace(entry, note="; ".join(n for n in (entry.note, note) if n))
+    return _noted(entry, entry.note, f"as fitted on the first {fit.samples} samples")
+
+
+def _noted(entry: BlockReport, *notes: str) -> BlockReport:
+    """``entry`` with ``notes`` for its note, the empty ones left out."""
+    return dataclasses.replace(entry, note="; ".join(n for n in notes if n))
 
 
 def branch_budget(run: Run, fitted: Compensation) -> BranchBudget | None:
