@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import numpy as np
+import onnx
 import pytest
 
 from qwt_onnx import quantize
@@ -38,3 +40,16 @@ def test_int8_share_of_a_model_is_read_from_its_profile(quantized, share, tmp_pa
     # eight convolutions and a Gemm: all of them in integer kernels once quantized
     assert sum(k["macs"] for k in kernels) > 0
     assert speed.int8_share(kernels) == pytest.approx(share, abs=0.01)
+
+
+def test_float_convolutions_count_the_models_channels_not_the_layouts_padding(tmp_path):
+    # a 1-channel strided filter, as a spectrogram front end downsamples audio: onnxruntime runs it in
+    # its NCHWc layout, 8 or 16 channels wide
+    weight = onnx.numpy_helper.from_array(np.ones((1, 1, 1, 256), np.float32) / 256, "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="filter", strides=[1, 16])
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 1, 4096])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 1, 241])], [weight])
+    path = tmp_path / "filter.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    kernels = speed.profile(str(path), {"x": np.random.default_rng(0).standard_normal((1, 1, 1, 4096), np.float32)}, runs=1)
+    assert sum(k["macs"] for k in kernels) == 241 * 256

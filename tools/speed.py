@@ -37,6 +37,10 @@ SECOND_OPERAND = {"Conv": 1, "FusedConv": 1, "NhwcFusedConv": 1, "ConvInteger": 
                   "DynamicQuantizeMatMul": 1, "QLinearMatMul": 3, "Gemm": 1, "QGemm": 3, "ConvTranspose": 1,
                   "LSTM": 1, "GRU": 1, "RNN": 1}
 CONVOLUTIONS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvInteger", "QLinearConv", "ConvTranspose"}
+# onnxruntime runs float convolutions in its NCHWc layout (the node named after the output it computes and
+# this) with the channels padded to the vector width: basic-pitch's 1-channel downsampling filters profile
+# as 16 channels, and its float front end's MACs as 5.5 times what the model computes
+NCHWC_SUFFIX = "_nchwc"
 
 
 def session(model: str, profile_in: str | None = None) -> ort.InferenceSession:
@@ -100,9 +104,10 @@ def kernel_macs(op: str, inputs: list[list[int]], outputs: list[list[int]], weig
     return out * inputs[0][-1]
 
 
-def _weight_shapes(optimized: str) -> dict[str, list[int]]:
-    """Node name -> shape of its constant second operand, in an optimized graph and the If,
-    Loop and Scan bodies in it (an LSTM inside an If's branches runs there too)."""
+def _weight_shapes(optimized: str, by_output: bool = False) -> dict[str, list[int]]:
+    """Node name (or with ``by_output`` its first output's) -> shape of its constant second operand,
+    in an optimized graph and the If, Loop and Scan bodies in it (an LSTM inside an If's branches
+    runs there too)."""
     graphs = [onnx.load(optimized, load_external_data=False).graph]
     shapes, found = {}, {}
     while graphs:
@@ -114,7 +119,7 @@ def _weight_shapes(optimized: str) -> dict[str, list[int]]:
             graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
             graphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
             if node.op_type in SECOND_OPERAND and len(node.input) > SECOND_OPERAND[node.op_type]:
-                found[node.name] = node.input[SECOND_OPERAND[node.op_type]]
+                found[node.output[0] if by_output else node.name] = node.input[SECOND_OPERAND[node.op_type]]
     return {name: shapes.get(weight) for name, weight in found.items()}
 
 
@@ -129,6 +134,7 @@ def profile(model: str, feeds: dict[str, np.ndarray], batch: int = 1, runs: int 
         with open(sess.end_profiling()) as f:
             events = json.load(f)
         weights = _weight_shapes(os.path.join(folder, "optimized.onnx"))
+    own_weights = _weight_shapes(model, by_output=True)
     kernels, seen = {}, collections.Counter()
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
@@ -142,7 +148,11 @@ def profile(model: str, feeds: dict[str, np.ndarray], batch: int = 1, runs: int 
         name = event["name"][: -len("_kernel_time")]
         macs = 0
         if op in SECOND_OPERAND:
-            macs = kernel_macs(op, shapes("input_type_shape"), shapes("output_type_shape"), weights.get(name))
+            outputs, weight = shapes("output_type_shape"), weights.get(name)
+            own = own_weights.get(name.removesuffix(NCHWC_SUFFIX)) if name.endswith(NCHWC_SUFFIX) else None
+            if own and outputs:  # the model's own channels, not the padded ones
+                outputs, weight = [[outputs[0][0], own[0], *outputs[0][2:]]], own
+            macs = kernel_macs(op, shapes("input_type_shape"), outputs, weight)
         previous = kernels.get(name)
         kernels[name] = {"op": op, "macs": macs, "us": min(event["dur"], previous["us"]) if previous else event["dur"]}
     return [{"node": name, **k} for name, k in kernels.items()]
