@@ -352,7 +352,7 @@ def _branch_budget(budget: BranchBudget | None) -> dict:
         return {}
     return dict(branches_slowdown={str(size): x for size, x in budget.slowdown.items()},
                 kept_branches_slowdown={str(size): x for size, x in budget.kept_slowdown.items()},
-                branches_left_out=dict(budget.left_out))
+                branches_left_out=dict(budget.left_out), branches_timed_samples=budget.samples)
 
 
 def _lead_interval(candidates: list[Candidate], ptq: Candidate) -> list[float] | None:

@@ -61,12 +61,13 @@ class BranchBudget:
     """What QwT's branches add to onnxruntime's run of the model on this CPU, per batch size
     weighed (:attr:`Run.latency_batches`): all of them, and those that fit within
     ``--max-slowdown``; the blocks whose branch does (by name), and those whose branch does not,
-    with what it adds."""
+    with what it adds; the samples the timed branches were fitted on (QwT's trial's, or all)."""
 
     slowdown: dict[int, float]
     kept_slowdown: dict[int, float]
     kept: frozenset[str] = frozenset()
     left_out: dict[str, float] = dataclasses.field(default_factory=dict)
+    samples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +142,18 @@ def compensate(run: Run, ptq: Candidate, found: list[blk.Block], bar: Bar | None
             + "".join(f" (not tried: QwT on {label})" for label in selection.untried)
         )
         return selection, dataclasses.replace(selection.compensation, model=None, score=None)
-    compensation = _fit(run, chosen, found, run.calib, selection.whole_error, chosen_by=selection.compensation)
+    # --max-slowdown is judged on the trial's branches: a fit on all samples left to drop some of them would
+    # be made twice (ViT-S's ten, MiniLM's three)
+    budget = branch_budget(run, selection.compensation, then="fitting QwT on all samples")
+    compensation = _fit(run, chosen, found, run.calib, selection.whole_error, budget, chosen_by=selection.compensation)
     if compensation.model is None:
         run.warnings.warn(f"QwT lowered the error of no block on held-out samples; writing {_without_branches(ptq)}")
         return selection, compensation
     score = run.heldout_score(compensation.model, f"evaluating QwT ({chosen.method})")
-    return selection, _within_budget(run, dataclasses.replace(compensation, score=score), chosen, found, ptq, bar)
+    compensation = dataclasses.replace(compensation, score=score)
+    if _timed_by(compensation, selection.compensation.branches):
+        return selection, compensation
+    return selection, _within_budget(run, compensation, chosen, found, ptq, bar)
 
 
 def compensate_without_folds(run: Run, ptq: Candidate, found: list[blk.Block],
@@ -225,12 +232,29 @@ def _within_budget(run: Run, compensation: Compensation, candidate: Candidate, f
         return compensation
     budget = branch_budget(run, compensation)
     if budget is None or not budget.left_out:
-        return dataclasses.replace(compensation, budget=budget)
+        return dataclasses.replace(compensation, budget=_timed_again(compensation.budget, budget))
+    budget = _timed_again(compensation.budget, budget)
     fitted = _fit(run, candidate, found, run.calib, compensation.whole_error, budget, chosen_by=compensation)
     if fitted.model is None:
         return fitted
     score = run.heldout_score(fitted.model, f"evaluating QwT within --max-slowdown ({candidate.method})")
     return dataclasses.replace(fitted, score=score)
+
+
+def _timed_again(earlier: BranchBudget | None, budget: BranchBudget | None) -> BranchBudget | None:
+    """``budget``, a fit's branches timed, stated after ``earlier``'s timing of its trial's branches
+    left some out: all the trial's branches' time, those left out by either, the others' time now."""
+    if earlier is None or budget is None or not earlier.left_out:
+        return budget
+    return dataclasses.replace(budget, slowdown=earlier.slowdown, left_out={**earlier.left_out, **budget.left_out},
+                               samples=earlier.samples)
+
+
+def _timed_by(fitted: Compensation, trial_branches: Sequence[splice.Branch]) -> bool:
+    """Whether the trial's branches, timed against --max-slowdown (``fitted.budget``), hold ``fitted``'s:
+    each of its branches is on a block where the trial had one as large or larger, so it adds no more time."""
+    timed = {b.name: b.num_parameters for b in trial_branches}
+    return fitted.budget is not None and all(b.num_parameters <= timed.get(b.name, -1) for b in fitted.branches)
 
 
 def _why_the_trial_cannot_pay(trial: Score, ptq: Candidate, bar: Bar) -> str | None:
@@ -511,7 +535,7 @@ def _noted(entry: BlockReport, *notes: str) -> BlockReport:
     return dataclasses.replace(entry, note="; ".join(n for n in notes if n))
 
 
-def branch_budget(run: Run, fitted: Compensation) -> BranchBudget | None:
+def branch_budget(run: Run, fitted: Compensation, then: str = "fitting QwT again") -> BranchBudget | None:
     """With ``--compensation auto``, what the fitted branches add to onnxruntime's run of the
     model on this CPU (:mod:`qwt_onnx.latency`), at each batch size weighed, and the blocks
     whose branch is left out so that the rest fit within ``--max-slowdown``: those that remove
@@ -543,11 +567,11 @@ def branch_budget(run: Run, fitted: Compensation) -> BranchBudget | None:
     left_out = {names[b.output]: slowdown([b]) for b in fitted.branches if b.name not in kept_names}
     budget = BranchBudget({size: t.slowdown() for size, t in zip(run.latency_batches, times)},
                           {size: t.slowdown([scopes[b.name] for b in kept]) for size, t in zip(run.latency_batches, times)},
-                          frozenset(names[b.output] for b in kept), left_out)
+                          frozenset(names[b.output] for b in kept), left_out, fitted.samples)
     if left_out:
         run.warnings.warn(
             f"QwT's {len(fitted.branches)} branches make onnxruntime's run on this CPU {_slowdowns(budget.slowdown)} as long, "
-            f"over --max-slowdown {run.options.max_slowdown:g}: fitting QwT again with "
+            f"over --max-slowdown {run.options.max_slowdown:g}: {then} with "
             + (f"the {len(kept)} that fit ({_slowdowns(budget.kept_slowdown)})" if kept else "no branch")
             + ", those that remove the least of their block's error per time left out first "
             "(--compensation branch keeps them all)"

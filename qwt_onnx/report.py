@@ -117,10 +117,11 @@ class Report:
     qwt_on_layer_folds: bool = False
     # auto: onnxruntime's run of the fitted model with all of QwT's branches over that without them, on this CPU,
     # per batch size profiled (str), and with those within --max-slowdown; the blocks whose branch it leaves out,
-    # with what each would add
+    # with what each would add; the samples the timed branches were fitted on (QwT's trial's, or all)
     branches_slowdown: dict[str, float] = dataclasses.field(default_factory=dict)
     kept_branches_slowdown: dict[str, float] = dataclasses.field(default_factory=dict)
     branches_left_out: dict[str, float] = dataclasses.field(default_factory=dict)
+    branches_timed_samples: int = 0
     fp32_parameters: int = 0
     added_parameters: int = 0
     seconds: float = 0.0
@@ -269,7 +270,9 @@ def _branch_time(report: Report) -> str:
     def added(slowdown: dict[str, float]) -> str:
         return " and ".join(f"+{100 * (factor - 1):.1f}% at batch {size}" for size, factor in slowdown.items())
 
-    line = f"QwT's branches, all fitted: {added(report.branches_slowdown)} to onnxruntime's run time on this CPU (profiled)"
+    fitted = (f"as fitted on the first {report.branches_timed_samples} samples" if report.branches_timed_samples < report.samples
+              else "all fitted")
+    line = f"QwT's branches, {fitted}: {added(report.branches_slowdown)} to onnxruntime's run time on this CPU (profiled)"
     budget, left_out = report.options.get("max_slowdown"), report.branches_left_out
     if not left_out:
         return line + f", within --max-slowdown {budget:g}"

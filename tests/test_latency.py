@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from qwt_onnx import api, latency, quantize_with_report
+from qwt_onnx import api, latency, quantize_with_report, qwt
+from qwt_onnx.analysis import capture
 from qwt_onnx.calibration import CalibrationSet
 from qwt_onnx.graph import prepare
 from qwt_onnx.latency import RunTimes
@@ -93,3 +94,30 @@ def test_branches_over_max_slowdown_are_left_out_and_branch_keeps_them(resnet_an
     assert any("--compensation branch keeps them all" in w for w in report.warnings)
     _, forced = quantize_with_report(model, calib, max_slowdown=1.02, **{**OPTIONS, "compensation": "branch"})
     assert forced.qwt_applied and not forced.branches_slowdown and not forced.branches_left_out
+
+
+def test_max_slowdown_is_judged_on_the_trials_branches_so_all_samples_are_captured_once(resnet_and_calib, monkeypatch):
+    model, calib = resnet_and_calib
+    _each_branch_adds_3_percent(monkeypatch)
+    captured, fit_blocks = [], capture.fit_blocks
+
+    def counted(fp, quantized, blocks, samples, *args, **kwargs):
+        captured.append(samples.num_samples)
+        return fit_blocks(fp, quantized, blocks, samples, *args, **kwargs)
+
+    monkeypatch.setattr(capture, "fit_blocks", counted)
+    _, report = quantize_with_report(model, calib, max_slowdown=1.05, **OPTIONS)
+    assert report.branches_left_out and report.qwt_applied, report.warnings
+    assert captured == [64, 160]  # the trial, then all samples once: with the branches that fit only
+    assert any("over --max-slowdown 1.05: fitting QwT on all samples with the 1 that fit" in w for w in report.warnings)
+    summary = format_summary(report, "model.onnx")
+    assert "QwT's branches, as fitted on the first 64 samples: +" in summary
+    # where a branch of the fit on all samples is larger than the trial's, the fit is timed again and
+    # the report keeps what the trial's timing left out
+    monkeypatch.setattr(qwt, "_timed_by", lambda *_: False)
+    captured.clear()
+    _, again = quantize_with_report(model, calib, max_slowdown=1.05, **OPTIONS)
+    assert captured == [64, 160] and again.branches_left_out == report.branches_left_out
+    line = [x for x in summary.splitlines() if x.startswith("QwT's branches")]
+    assert again.branches_slowdown == report.branches_slowdown
+    assert [x for x in format_summary(again, "model.onnx").splitlines() if x.startswith("QwT's branches")] == line
