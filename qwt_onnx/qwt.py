@@ -230,10 +230,10 @@ def _within_budget(run: Run, compensation: Compensation, candidate: Candidate, f
     Not where the compensation does not gain ``bar``'s gain over ``base`` anyway."""
     if compensation.score is not None and base.score is not None and compensation.sqnr_db - base.sqnr_db < bar.gain_db:
         return compensation
-    budget = branch_budget(run, compensation)
-    if budget is None or not budget.left_out:
-        return dataclasses.replace(compensation, budget=_timed_again(compensation.budget, budget))
-    budget = _timed_again(compensation.budget, budget)
+    timed = branch_budget(run, compensation)
+    budget = _timed_again(compensation.budget, timed)
+    if timed is None or not timed.left_out:
+        return dataclasses.replace(compensation, budget=budget)
     fitted = _fit(run, candidate, found, run.calib, compensation.whole_error, budget, chosen_by=compensation)
     if fitted.model is None:
         return fitted

@@ -104,11 +104,11 @@ def kernel_macs(op: str, inputs: list[list[int]], outputs: list[list[int]], weig
     return out * inputs[0][-1]
 
 
-def _weight_shapes(optimized: str, by_output: bool = False) -> dict[str, list[int]]:
+def _weight_shapes(model: str, by_output: bool = False) -> dict[str, list[int]]:
     """Node name (or with ``by_output`` its first output's) -> shape of its constant second operand,
-    in an optimized graph and the If, Loop and Scan bodies in it (an LSTM inside an If's branches
-    runs there too)."""
-    graphs = [onnx.load(optimized, load_external_data=False).graph]
+    in a model's graph (the one given, or onnxruntime's optimized one) and the If, Loop and Scan
+    bodies in it (an LSTM inside an If's branches runs there too)."""
+    graphs = [onnx.load(model, load_external_data=False).graph]
     shapes, found = {}, {}
     while graphs:
         graph = graphs.pop()
