@@ -292,9 +292,7 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
         raise InputError(f"calibration array {spec.name!r} is empty; give at least one sample")
     for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
         if axis != spec.samples_axis and want is not None and got != want:
-            order = _transposition(array.shape, spec)
-            fix = (f"save np.transpose(samples, {order}): its axes are in another order" if order
-                   else "resize the samples to match")
+            fix = _fix_for_shape(array.shape, spec)
             raise InputError(
                 f"calibration array {spec.name!r} has shape {array.shape} but the model input is "
                 f"{_format_shape(spec.shape)} (axis {axis}); {fix}"
@@ -313,13 +311,28 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
                 raise InputError(f"calibration array {spec.name!r} contains NaN or Inf; remove or fix those samples")
 
 
-def _transposition(shape: tuple[int, ...], spec: InputSpec) -> tuple[int, ...] | None:
-    """The first order of ``shape``'s axes that fits ``spec`` (samples axis kept in place; a
-    channels-first array for a channels-last model), None where there is none."""
+def _fix_for_shape(shape: tuple[int, ...], spec: InputSpec) -> str:
+    """How to make an array of ``shape`` fit ``spec``: the transposition that does (a channels-first
+    array for a channels-last model; a recurrent state with its samples on the axis of its layers),
+    or a resize."""
+    order = _transposition(shape, spec, samples_kept=True)
+    if order:
+        return f"save np.transpose(samples, {order}): its axes are in another order"
+    order = _transposition(shape, spec, samples_kept=False)
+    if order:
+        wanted = tuple(shape[a] for a in order)
+        return (f"its samples look to be on axis {order[spec.samples_axis]}: save np.transpose(samples, {order}), shaped "
+                f"{wanted}, with the samples on axis {spec.samples_axis}")
+    return "resize the samples to match"
+
+
+def _transposition(shape: tuple[int, ...], spec: InputSpec, samples_kept: bool) -> tuple[int, ...] | None:
+    """The first order of ``shape``'s axes that fits ``spec``, the samples axis kept in place or
+    taken from any axis, None where there is none."""
     if len(shape) > 6:  # 720 orders
         return None
     for order in itertools.permutations(range(len(shape))):
-        if spec.samples_axis is not None and order[spec.samples_axis] != spec.samples_axis:
+        if spec.samples_axis is not None and (order[spec.samples_axis] == spec.samples_axis) != samples_kept:
             continue
         if all(want is None or axis == spec.samples_axis or shape[order[axis]] == want for axis, want in enumerate(spec.shape)):
             return order

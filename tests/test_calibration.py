@@ -230,6 +230,17 @@ def test_images_in_another_axis_order_or_as_bytes_are_named_as_such():
     assert any("'image' holds uint8 values for a float input: they are fed unscaled" in w for w in report.warnings)
 
 
+def test_a_state_with_its_samples_on_another_axis_is_named_with_the_transposition_that_fits():
+    # a GRU state [batch, 1, 128] of a streaming VAD (akiki), saved as [1, N, 128] as onnxruntime's GRU holds it
+    spec = InputSpec("h", np.dtype(np.float32), (None, 1, 128), samples_axis=0)
+    states = np.zeros((1, 512, 128), np.float32)
+    fix = (r"its samples look to be on axis 1: save np.transpose\(samples, \(1, 0, 2\)\), shaped \(512, 1, 128\), "
+           "with the samples on axis 0")
+    with pytest.raises(InputError, match=fix):
+        CalibrationSet({"h": states}, [spec])
+    assert CalibrationSet({"h": states.transpose(1, 0, 2)}, [spec]).num_samples == 512
+
+
 def test_the_samples_axis_of_each_input_follows_the_batch_dimension_that_leads_the_inputs():
     assert calibration.leading_batch([[], ["N", 4]]) == "N" and calibration.leading_batch([[1, 576], [2, 1, 128]]) == 1
     shapes = (["N", 4], [2, "N", 128], [], [3, 4], [None, 4])  # a static [3, 4] beside batch N: one value for all
