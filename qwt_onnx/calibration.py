@@ -210,9 +210,21 @@ def stacks_whole_inputs(arrays: Mapping[str, np.ndarray], specs: Sequence[InputS
         others = [spec.name for spec in specs if spec.name not in stacked]
         raise InputError(
             f"calibration arrays {some_names(stacked)} stack whole inputs on a new axis 0 (one axis more than the model input) "
-            f"but {some_names(others)} {'does' if len(others) == 1 else 'do'} not; stack every input's samples the same way"
+            f"but {some_names(others)} {'does' if len(others) == 1 else 'do'} not; {_fix_for_stacking(arrays, specs, stacked)}"
         )
     return bool(stacked)
+
+
+def _fix_for_stacking(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], stacked: list[str]) -> str:
+    """How to feed arrays where ``stacked`` ones stack whole inputs and the others do not: where
+    each stacked one repeats one value (a recurrent model's zero initial state beside its batched
+    features), that value once, fed with every batch."""
+    if not all(len(arrays[name]) and (arrays[name] == arrays[name][:1]).all() for name in stacked):
+        return "stack every input's samples the same way"
+    shapes = {spec.name: _format_shape(spec.shape) for spec in specs}
+    holds = "holds" if len(stacked) == 1 else "each hold"
+    return (f"{some_names(stacked)} {holds} one value for every sample: save that value once, shaped as the model input "
+            f"({', '.join(shapes[name] for name in stacked)}), and it is fed with every batch")
 
 
 def _moments(array: np.ndarray, axis: int, num_samples: int, chunk: int = 64) -> list[tuple[float, ...]]:

@@ -415,6 +415,16 @@ def test_a_model_fed_one_whole_sequence_is_calibrated_on_sequences_stacked_on_a_
         calibration.stacks_whole_inputs({"frames": sequences, "state": np.zeros(4, np.float32)},
                                         [InputSpec("frames", np.dtype(np.float32), (None, 8)),
                                          InputSpec("state", np.dtype(np.float32), (4,), None)])
+    # AECMOS: features batched [N, 3, T, 160] beside a GRU state [4, 1, 64] stacked per sample, all zeros
+    specs = [InputSpec("input", np.dtype(np.float32), (None, 3, 290, 160)),
+             InputSpec("h0", np.dtype(np.float32), (4, 1, 64), None)]
+    features = np.zeros((5, 3, 290, 160), np.float32)
+    with pytest.raises(InputError, match=r"h0 holds one value for every sample: save that value once, shaped as the model "
+                                         r"input \(\[4, 1, 64\]\), and it is fed with every batch"):
+        calibration.stacks_whole_inputs({"input": features, "h0": np.zeros((5, 4, 1, 64), np.float32)}, specs)
+    with pytest.raises(InputError, match="stack every input's samples the same way"):  # states that differ: no one value
+        calibration.stacks_whole_inputs({"input": features, "h0": rng.standard_normal((5, 4, 1, 64))}, specs)
+    assert not calibration.stacks_whole_inputs({"input": features, "h0": np.zeros((4, 1, 64), np.float32)}, specs)
     for length in (24, 37):  # any length, as the FP32 model takes
         test = (rng.standard_normal((length, 8)) * np.linspace(0.5, 2.0, 8)).astype(np.float32)
         reference, written = session(model).run(None, {"frames": test}), session(quantized).run(None, {"frames": test})
