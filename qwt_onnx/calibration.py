@@ -219,12 +219,17 @@ def _fix_for_stacking(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpe
     """How to feed arrays where ``stacked`` ones stack whole inputs and the others do not: where
     each stacked one repeats one value (a recurrent model's zero initial state beside its batched
     features), that value once, fed with every batch."""
-    if not all(len(arrays[name]) and (arrays[name] == arrays[name][:1]).all() for name in stacked):
+    if not all(_one_value(arrays[name]) for name in stacked):
         return "stack every input's samples the same way"
     shapes = {spec.name: _format_shape(spec.shape) for spec in specs}
     holds = "holds" if len(stacked) == 1 else "each hold"
     return (f"{some_names(stacked)} {holds} one value for every sample: save that value once, shaped as the model input "
             f"({', '.join(shapes[name] for name in stacked)}), and it is fed with every batch")
+
+
+def _one_value(stacked: np.ndarray) -> bool:
+    """Whether every sample of ``stacked`` (on axis 0) equals the first, read until one does not."""
+    return len(stacked) > 0 and all(np.array_equal(stacked[i], stacked[0]) for i in range(1, len(stacked)))
 
 
 def _moments(array: np.ndarray, axis: int, num_samples: int, chunk: int = 64) -> list[tuple[float, ...]]:
@@ -325,8 +330,8 @@ def _validate_array(spec: InputSpec, array: np.ndarray) -> None:
 
 def _fix_for_shape(shape: tuple[int, ...], spec: InputSpec) -> str:
     """How to make an array of ``shape`` fit ``spec``: the transposition that does (a channels-first
-    array for a channels-last model; a recurrent state with its samples on the axis of its layers),
-    or a resize."""
+    array for a channels-last model; a recurrent state saved as onnxruntime's GRU holds it,
+    ``[layers, samples, hidden]``, for an input with its batch first), or a resize."""
     order = _transposition(shape, spec, samples_kept=True)
     if order:
         return f"save np.transpose(samples, {order}): its axes are in another order"
