@@ -4,7 +4,8 @@
 
 QDQ format, per-channel int8 weights, uint8 activations (onnxruntime's CPU
 defaults; ``--weight-bits 4`` and ``--activation-bits 16`` or ``4`` for the
-low-bit precisions it writes), every quantizable op. Calibration data is fed in batches and, with
+low-bit precisions it writes), every quantizable op. Calibration data is fed in batches (one
+sample at a time to a model that does not batch samples, as its users feed it) and, with
 onnxruntime's own ``CalibStridedMinMax`` option, collected one batch at a
 time: without it the histogram calibrators (percentile, entropy) hold every
 intermediate tensor of every sample at once and run out of memory on a ViT
@@ -20,7 +21,7 @@ import onnx
 import onnx.version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from qwt_onnx.runtime import count_samples, samples_axes, take
+from qwt_onnx.runtime import Runner, batching_fault, count_samples, samples_axes, take
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
 BATCHES_PER_CHUNK = 1
@@ -31,9 +32,7 @@ ACTIVATION_TYPES = {8: QuantType.QUInt8, 16: QuantType.QUInt16, 4: QuantType.QUI
 class NpzReader(CalibrationDataReader):
     """Batches of the first ``samples`` calibration samples; supports onnxruntime's strided collection."""
 
-    def __init__(self, path: str, samples: int, batch_size: int, axes: dict[str, int | None]):
-        with np.load(path) as data:
-            arrays = take({k: data[k] for k in data.files}, axes, slice(None, samples))
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, axes: dict[str, int | None]):
         starts = range(0, count_samples(arrays, axes), batch_size)
         self.batches = [take(arrays, axes, slice(i, i + batch_size)) for i in starts]
         self.set_range(0, len(self.batches))
@@ -51,8 +50,7 @@ class NpzReader(CalibrationDataReader):
 def quantize(model: str, output: str, calib: str, method: str, samples: int = 512, batch_size: int = 16,
              weight_bits: int = 8, activation_bits: int = 8) -> None:
     model = at_least_opset_13(model, output)
-    axes = samples_axes(model)[0]
-    reader = NpzReader(calib, samples, fixed_batch(model) or batch_size, axes)
+    reader = calibration_reader(model, calib, samples, batch_size)
     stride = max(d for d in range(1, BATCHES_PER_CHUNK + 1) if len(reader) % d == 0)
     quantize_static(
         model,
@@ -65,6 +63,26 @@ def quantize(model: str, output: str, calib: str, method: str, samples: int = 51
         calibrate_method=METHODS[method],
         extra_options={"CalibStridedMinMax": stride},
     )
+
+
+def calibration_reader(model: str, calib: str, samples: int, batch_size: int) -> NpzReader:
+    """The first ``samples`` of ``calib`` in batches that ``model`` runs (:func:`batch_size_for`)."""
+    axes = samples_axes(model)[0]
+    with np.load(calib) as data:
+        arrays = take({k: data[k] for k in data.files}, axes, slice(None, samples))
+    return NpzReader(arrays, batch_size_for(model, arrays, axes, batch_size), axes)
+
+
+def batch_size_for(model: str, arrays: dict[str, np.ndarray], axes: dict[str, int | None], batch_size: int) -> int:
+    """``batch_size``; the model's batch where it is fixed; 1 where two samples at once do not give
+    the outputs of each alone (qwt_onnx.runtime.batching_fault: AECMOS's GRU state has a batch of
+    one, PLCMOS squeezes its batch of one to a scalar), as a user of such a model feeds it."""
+    fixed = fixed_batch(model)
+    if fixed or batch_size == 1 or count_samples(arrays, axes) < 2:
+        return fixed or batch_size
+    runner = Runner(model, quiet=True)
+    singles = [runner(take(arrays, axes, slice(i, i + 1))) for i in (0, 1)]
+    return 1 if batching_fault(runner, singles, take(arrays, axes, slice(0, 2))) else batch_size
 
 
 def fixed_batch(model: str) -> int | None:

@@ -34,9 +34,7 @@ from quark.onnx.quantization.config.spec import CalibMethod, Int8Spec, QLayerCon
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ort_baseline import NpzReader, at_least_opset_13, fixed_batch  # noqa: E402  (as quantize_static gets them)
-
-from qwt_onnx.runtime import samples_axes  # noqa: E402
+from ort_baseline import at_least_opset_13, calibration_reader  # noqa: E402  (as quantize_static gets them)
 
 RECIPES = ("percentile", "layerwise-percentile", "adaround", "smoothquant")
 
@@ -66,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     output = os.path.abspath(args.output)
     model = at_least_opset_13(args.model, output)  # Quark's per-channel QDQ needs opset 13 too
-    reader = NpzReader(args.calib, args.samples, fixed_batch(model) or args.batch_size, samples_axes(model)[0])
+    reader = calibration_reader(model, args.calib, args.samples, args.batch_size)
     os.chdir(os.path.dirname(output))  # Quark writes a quantized_info.csv into the working directory
     started = time.perf_counter()
     ModelQuantizer(config(args.recipe, args)).quantize_model(onnx.load(model), output, reader)
