@@ -221,10 +221,10 @@ def _fix_for_stacking(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpe
     features), that value once, fed with every batch."""
     if not all(_one_value(arrays[name]) for name in stacked):
         return "stack every input's samples the same way"
-    shapes = {spec.name: _format_shape(spec.shape) for spec in specs}
+    shapes = ", ".join(_format_shape(spec.shape) for spec in specs if spec.name in stacked)
     holds = "holds" if len(stacked) == 1 else "each hold"
     return (f"{some_names(stacked)} {holds} one value for every sample: save that value once, shaped as the model input "
-            f"({', '.join(shapes[name] for name in stacked)}), and it is fed with every batch")
+            f"({shapes}), and it is fed with every batch")
 
 
 def _one_value(stacked: np.ndarray) -> bool:
